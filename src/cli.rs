@@ -1,0 +1,61 @@
+//! The command line: `kobe <command>`. Help text comes from these doc comments.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Kobe: a reliable task-execution service. Submit tasks over HTTP, run them on workers fed by
+/// RabbitMQ, keep the truth about every task in MongoDB.
+///
+/// Settings come from the environment and an optional .env file; see .env.example.
+#[derive(Debug, Parser)]
+#[command(name = "kobe", version, about, long_about)]
+pub struct Cli {
+    /// Read settings from this file instead of ./.env (variables already set win).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API (submit tasks, read their status, health, metrics).
+    Serve(ServeArgs),
+    /// Consume tasks from RabbitMQ and run them.
+    Worker(WorkerArgs),
+    /// Create MongoDB collections and indexes from migrations/ (idempotent).
+    InitDb,
+    /// Check RabbitMQ, MongoDB, Redis and the AMQP topology; exit 0 only if all hold.
+    Healthcheck,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: KOBE_HTTP_ADDR, or 127.0.0.1:8000].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Tasks run at the same time.
+    #[arg(long, env = "KOBE_CONCURRENCY", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub concurrency: u16,
+
+    /// Messages prefetched per concurrency slot: prefetch = concurrency × multiplier.
+    #[arg(long, env = "KOBE_PREFETCH_MULTIPLIER", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub prefetch_multiplier: u16,
+
+    /// Routes to consume, comma-separated (queue `<prefix>.<route>` each) [default: every route
+    /// in KOBE_TASK_ROUTES, plus `default`].
+    #[arg(
+        long,
+        env = "KOBE_QUEUES",
+        value_delimiter = ',',
+        value_name = "ROUTE,..."
+    )]
+    pub queues: Vec<String>,
+}

@@ -1,0 +1,424 @@
+//! Settings: read once at start-up from the environment (and an optional `.env`), parsed into typed
+//! values, and rejected with a message naming the variable when a value is malformed.
+//!
+//! Every setting has a default that matches `docker-compose.yml` run on one machine, so `kobe serve`
+//! works against local services with no configuration at all.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::amqp::QueueKind;
+
+/// A configuration error, naming the variable so the operator knows what to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {var}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub reason: String,
+}
+
+/// A connection URL that may carry a password. `Display` and `Debug` print it with the password
+/// replaced by `***`; only [`ServiceUrl::expose`] hands out the real thing, to the client that
+/// connects with it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceUrl(String);
+
+impl ServiceUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its credentials, for the one client that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for ServiceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceUrl({self})")
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host…` with `***`. Works on URLs the `url`
+/// crate refuses (MongoDB's `host1,host2` seed lists), and leaves URLs without a password alone.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let rest = &url[authority_start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The last '@' of the authority ends the credentials: a password may itself contain '@'.
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..authority_start],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "pretty" => Ok(Self::Pretty),
+            "json" => Ok(Self::Json),
+            other => Err(format!("expected `pretty` or `json`, got `{other}`")),
+        }
+    }
+}
+
+/// Everything Kobe can be told from outside, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// RabbitMQ, `amqp://user:password@host:port/vhost`.
+    pub rabbitmq_url: ServiceUrl,
+    /// MongoDB connection string.
+    pub mongodb_uri: ServiceUrl,
+    /// Database holding Kobe's collections.
+    pub mongodb_db: String,
+    /// Redis, `redis://[:password@]host:port/db`.
+    pub redis_url: ServiceUrl,
+    /// Where `kobe serve` listens.
+    pub http_addr: SocketAddr,
+    /// A `tracing` filter directive such as `info` or `kobe=debug,info`.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// Prefix of every AMQP exchange and queue name, so several deployments (or tests) can share
+    /// one broker without touching each other's messages.
+    pub amqp_prefix: String,
+    /// Classic queues (one broker) or quorum queues (a cluster).
+    pub queue_kind: QueueKind,
+    /// Prefix of every Redis key Kobe writes.
+    pub redis_prefix: String,
+    /// How long a publish may wait for the broker's confirm before the caller gets an error.
+    pub publish_timeout: Duration,
+    /// How long a readiness or health probe waits for one dependency.
+    pub dependency_timeout: Duration,
+    /// Task name → route (queue suffix); unrouted tasks go to `default`.
+    pub task_routes: BTreeMap<String, String>,
+    /// How long a stopping worker lets in-flight tasks finish.
+    pub shutdown_grace: Duration,
+    /// Overrides of every task's retry policy, where set.
+    pub retry: RetryOverrides,
+}
+
+/// Deployment-wide overrides of the retry policies tasks declare.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RetryOverrides {
+    pub max_retries: Option<u32>,
+    pub base_delay: Option<Duration>,
+    pub factor: Option<f64>,
+    pub max_delay: Option<Duration>,
+}
+
+impl Settings {
+    /// Reads settings from the process environment (after `.env`, which `main` loads).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Reads settings through `lookup`, so tests can pass a map instead of mutating the
+    /// environment of the whole test process.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |var: &'static str, default: &str| -> String {
+            lookup(var)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default.to_owned())
+        };
+
+        let rabbitmq_url = url_setting(
+            "RABBITMQ_URL",
+            &get("RABBITMQ_URL", defaults::RABBITMQ_URL),
+            &["amqp"],
+        )?;
+        let mongodb_uri = url_setting(
+            "MONGODB_URI",
+            &get("MONGODB_URI", defaults::MONGODB_URI),
+            &["mongodb", "mongodb+srv"],
+        )?;
+        let redis_url = url_setting(
+            "REDIS_URL",
+            &get("REDIS_URL", defaults::REDIS_URL),
+            &["redis", "rediss"],
+        )?;
+        let mongodb_db = name_setting("MONGODB_DB", &get("MONGODB_DB", defaults::MONGODB_DB))?;
+        let http_addr = get("KOBE_HTTP_ADDR", defaults::HTTP_ADDR)
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError {
+                var: "KOBE_HTTP_ADDR",
+                reason: format!("expected host:port such as 127.0.0.1:8000 ({e})"),
+            })?;
+        let log_level = get("KOBE_LOG_LEVEL", defaults::LOG_LEVEL);
+        tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| ConfigError {
+            var: "KOBE_LOG_LEVEL",
+            reason: format!("not a log filter such as `info` or `kobe=debug,warn` ({e})"),
+        })?;
+        let log_format = get("KOBE_LOG_FORMAT", "pretty")
+            .parse::<LogFormat>()
+            .map_err(|reason| ConfigError {
+                var: "KOBE_LOG_FORMAT",
+                reason,
+            })?;
+        let amqp_prefix = name_setting("KOBE_AMQP_PREFIX", &get("KOBE_AMQP_PREFIX", "kobe"))?;
+        let queue_kind = get("KOBE_QUEUE_TYPE", "classic")
+            .parse::<QueueKind>()
+            .map_err(|reason| ConfigError {
+                var: "KOBE_QUEUE_TYPE",
+                reason,
+            })?;
+        let redis_prefix = name_setting("KOBE_REDIS_PREFIX", &get("KOBE_REDIS_PREFIX", "kobe"))?;
+        let publish_timeout = duration_ms(
+            "KOBE_PUBLISH_TIMEOUT_MS",
+            &get("KOBE_PUBLISH_TIMEOUT_MS", "5000"),
+        )?;
+        let dependency_timeout = duration_ms(
+            "KOBE_DEPENDENCY_TIMEOUT_MS",
+            &get("KOBE_DEPENDENCY_TIMEOUT_MS", "3000"),
+        )?;
+        let task_routes = parse_routes(&get("KOBE_TASK_ROUTES", ""))?;
+        let shutdown_grace =
+            duration_secs("KOBE_SHUTDOWN_GRACE", &get("KOBE_SHUTDOWN_GRACE", "30"))?;
+
+        let optional = |var: &'static str| {
+            lookup(var)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let retry = RetryOverrides {
+            max_retries: optional("KOBE_RETRY_MAX")
+                .map(|v| {
+                    v.parse::<u32>().map_err(|_| ConfigError {
+                        var: "KOBE_RETRY_MAX",
+                        reason: format!("expected a non-negative integer, got `{v}`"),
+                    })
+                })
+                .transpose()?,
+            base_delay: optional("KOBE_RETRY_BASE_MS")
+                .map(|v| duration_ms("KOBE_RETRY_BASE_MS", &v))
+                .transpose()?,
+            factor: optional("KOBE_RETRY_FACTOR")
+                .map(|v| match v.parse::<f64>() {
+                    Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
+                    _ => Err(ConfigError {
+                        var: "KOBE_RETRY_FACTOR",
+                        reason: format!("expected a number of at least 1, got `{v}`"),
+                    }),
+                })
+                .transpose()?,
+            max_delay: optional("KOBE_RETRY_MAX_DELAY_MS")
+                .map(|v| duration_ms("KOBE_RETRY_MAX_DELAY_MS", &v))
+                .transpose()?,
+        };
+
+        Ok(Self {
+            rabbitmq_url,
+            mongodb_uri,
+            mongodb_db,
+            redis_url,
+            http_addr,
+            log_level,
+            log_format,
+            amqp_prefix,
+            queue_kind,
+            redis_prefix,
+            publish_timeout,
+            dependency_timeout,
+            task_routes,
+            shutdown_grace,
+            retry,
+        })
+    }
+}
+
+/// Defaults shared with `docker-compose.yml` and `.env.example`.
+pub mod defaults {
+    pub const RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    pub const MONGODB_URI: &str = "mongodb://127.0.0.1:27017";
+    pub const MONGODB_DB: &str = "kobe";
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+    pub const HTTP_ADDR: &str = "127.0.0.1:8000";
+    pub const LOG_LEVEL: &str = "info";
+}
+
+fn url_setting(
+    var: &'static str,
+    value: &str,
+    schemes: &[&str],
+) -> Result<ServiceUrl, ConfigError> {
+    let scheme = value.split("://").next().unwrap_or_default();
+    if !value.contains("://") || !schemes.contains(&scheme) {
+        return Err(ConfigError {
+            var,
+            reason: format!(
+                "expected a URL starting with {} (got `{}`)",
+                schemes
+                    .iter()
+                    .map(|s| format!("{s}://"))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                redact_url(value)
+            ),
+        });
+    }
+    Ok(ServiceUrl::new(value))
+}
+
+/// Names end up in queue names, database names and Redis keys: keep them to a safe alphabet.
+fn name_setting(var: &'static str, value: &str) -> Result<String, ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(ConfigError {
+            var,
+            reason: format!(
+                "`{value}` must be 1–64 characters of letters, digits, `_`, `-` or `.`"
+            ),
+        })
+    }
+}
+
+fn duration_ms(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+        _ => Err(ConfigError {
+            var,
+            reason: format!("expected a positive number of milliseconds, got `{value}`"),
+        }),
+    }
+}
+
+fn duration_secs(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(ConfigError {
+            var,
+            reason: format!("expected a number of seconds, got `{value}`"),
+        }),
+    }
+}
+
+/// `task=route,task2=route2` → map. Routes become queue names, so they use the name alphabet.
+fn parse_routes(value: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    const VAR: &str = "KOBE_TASK_ROUTES";
+    let mut routes = BTreeMap::new();
+    for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (task, route) = pair.split_once('=').ok_or_else(|| ConfigError {
+            var: VAR,
+            reason: format!("`{pair}` is not `task_name=route`"),
+        })?;
+        let route = name_setting(VAR, route.trim())?;
+        routes.insert(task.trim().to_owned(), route);
+    }
+    Ok(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_local_stack() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8000");
+        assert_eq!(s.mongodb_db, "kobe");
+        assert_eq!(s.log_format, LogFormat::Pretty);
+        assert_eq!(s.rabbitmq_url.expose(), defaults::RABBITMQ_URL);
+        assert_eq!(s.amqp_prefix, "kobe");
+    }
+
+    #[test]
+    fn malformed_values_name_their_variable() {
+        for (var, value) in [
+            ("KOBE_HTTP_ADDR", "not-an-address"),
+            ("KOBE_LOG_FORMAT", "xml"),
+            ("RABBITMQ_URL", "http://localhost"),
+            ("MONGODB_URI", "localhost:27017"),
+            ("REDIS_URL", "127.0.0.1:6379"),
+            ("MONGODB_DB", "bad/name"),
+            ("KOBE_PUBLISH_TIMEOUT_MS", "soon"),
+            ("KOBE_TASK_ROUTES", "demo_long_io"),
+            ("KOBE_SHUTDOWN_GRACE", "-1"),
+            ("KOBE_QUEUE_TYPE", "stream"),
+            ("KOBE_RETRY_FACTOR", "0.5"),
+            ("KOBE_RETRY_MAX", "many"),
+        ] {
+            let err = settings(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var, "{value}");
+            assert!(err.to_string().contains(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn routes_parse_into_a_map() {
+        let s = settings(&[("KOBE_TASK_ROUTES", "demo_long_io=io, other=bulk")]).unwrap();
+        assert_eq!(s.task_routes.get("demo_long_io").unwrap(), "io");
+        assert_eq!(s.task_routes.get("other").unwrap(), "bulk");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cr@t@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("mongodb://u:pw@h1:1,h2:2/?replicaSet=x"),
+            "mongodb://u:***@h1:1,h2:2/?replicaSet=x"
+        );
+        assert_eq!(
+            redact_url("redis://:pw@localhost/0"),
+            "redis://:***@localhost/0"
+        );
+        assert_eq!(redact_url("redis://localhost/0"), "redis://localhost/0");
+        let url = ServiceUrl::new("amqp://a:hunter2@x/");
+        assert!(!format!("{url} {url:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_bad_url_error_does_not_echo_its_password() {
+        let err = settings(&[("RABBITMQ_URL", "http://u:hunter2@x")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}

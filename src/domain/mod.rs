@@ -1,0 +1,175 @@
+//! Domain vocabulary: task ids, task states and priorities, parsed once at the edge. No I/O here.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A task's identity: the `_id` of its `Tasks` document and the AMQP `message_id`.
+///
+/// Kobe generates UUIDv4 ids; ids from Celery clients are accepted too, so the only rules are the
+/// ones that keep an id safe in a URL path, a Redis key and a log line.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(String);
+
+impl TaskId {
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::new_v4().to_string())
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let ok = !raw.is_empty()
+            && raw.len() <= 128
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        if ok {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err("a task id is 1–128 characters of letters, digits, `-`, `_`, `.` or `:`".into())
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The one normalized state a client sees. States only move forward:
+/// `PENDING → STARTED → (RETRY → STARTED)* → SUCCESS | FAILURE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskState {
+    /// Recorded and published; no worker has taken it yet.
+    Pending,
+    /// A worker is running it.
+    Started,
+    /// An attempt failed with a retryable error; the next attempt waits in a delay queue.
+    Retry,
+    /// Finished; the result is recorded.
+    Success,
+    /// Finished without a result: retries spent, a permanent error, a time limit, or never
+    /// published.
+    Failure,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 5] = [
+        Self::Pending,
+        Self::Started,
+        Self::Retry,
+        Self::Success,
+        Self::Failure,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Started => "STARTED",
+            Self::Retry => "RETRY",
+            Self::Success => "SUCCESS",
+            Self::Failure => "FAILURE",
+        }
+    }
+
+    /// Finished states never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Success | Self::Failure)
+    }
+
+    /// The states a task may be in for a transition to `self` to be allowed.
+    pub fn allowed_predecessors(self) -> &'static [TaskState] {
+        match self {
+            Self::Pending => &[],
+            // A redelivery after a crash finds the task STARTED and starts it again.
+            Self::Started => &[Self::Pending, Self::Started, Self::Retry],
+            Self::Retry => &[Self::Pending, Self::Started],
+            Self::Success | Self::Failure => &[Self::Pending, Self::Started, Self::Retry],
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| format!("unknown task state `{s}`"))
+    }
+}
+
+/// AMQP message priority, 0 (lowest) to 9 (highest), as RabbitMQ recommends for classic queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Priority(u8);
+
+impl Priority {
+    pub const MAX: u8 = 9;
+
+    pub fn new(value: i64) -> Result<Self, String> {
+        u8::try_from(value)
+            .ok()
+            .filter(|v| *v <= Self::MAX)
+            .map(Self)
+            .ok_or_else(|| format!("priority must be between 0 and {}", Self::MAX))
+    }
+
+    pub fn value(self) -> u8 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_parse() {
+        let id = TaskId::generate();
+        assert_eq!(TaskId::parse(id.as_str()).unwrap(), id);
+    }
+
+    #[test]
+    fn unsafe_ids_are_refused() {
+        for bad in ["", "a/b", "a b", "x\n", &"a".repeat(129)] {
+            assert!(TaskId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn states_round_trip_and_only_move_forward() {
+        for state in TaskState::ALL {
+            assert_eq!(state.as_str().parse::<TaskState>().unwrap(), state);
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+        }
+        for target in TaskState::ALL {
+            for from in target.allowed_predecessors() {
+                assert!(!from.is_final(), "{from} -> {target}");
+            }
+        }
+    }
+
+    #[test]
+    fn priority_is_bounded() {
+        assert_eq!(Priority::new(9).unwrap().value(), 9);
+        assert!(Priority::new(10).is_err());
+        assert!(Priority::new(-1).is_err());
+    }
+}
