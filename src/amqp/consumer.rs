@@ -1,0 +1,324 @@
+//! A manual-ack consumer on its own thread.
+//!
+//! The thread owns the connection and channel, forwards each delivery to the async side (body and
+//! properties moved out, the amiquip `Delivery` kept back for its ack), and settles deliveries
+//! when the async side says how. After a lost connection it reconnects with backoff, redeclares
+//! the topology and consumes again; settlements for deliveries of the old connection are dropped,
+//! since the broker has already returned those messages to their queues.
+
+use std::collections::HashMap;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use amiquip::{AmqpProperties, Channel, ConsumerMessage, ConsumerOptions};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender};
+use tokio::sync::mpsc;
+
+use super::connection::Endpoint;
+use super::{AmqpError, Backoff, Topology};
+use crate::config::ServiceUrl;
+
+/// What a consumer connects to and reads.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub url: ServiceUrl,
+    pub topology: Topology,
+    /// Queue names (not routes) to consume.
+    pub queues: Vec<String>,
+    /// Unacknowledged deliveries the broker may push to each queue's consumer.
+    pub prefetch: u16,
+}
+
+/// Identifies a delivery across reconnections: tags restart at 1 on every channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeliveryTag {
+    generation: u64,
+    tag: u64,
+}
+
+/// A message handed to the async side.
+#[derive(Debug)]
+pub struct Delivery {
+    pub tag: DeliveryTag,
+    pub redelivered: bool,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub properties: AmqpProperties,
+}
+
+/// How a delivery ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: remove it from the queue.
+    Ack,
+    /// `basic.nack(requeue=false)`: the broker dead-letters it.
+    DeadLetter,
+    /// Put it back for another consumer.
+    Requeue,
+}
+
+enum Command {
+    Settle(DeliveryTag, Settlement),
+    StopConsuming,
+    Close,
+}
+
+/// Handle to the consuming thread.
+pub struct Consumer {
+    commands: Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Consumer {
+    /// Starts consuming; deliveries arrive on `deliveries`. Connection failures are retried with
+    /// backoff forever (logged), so a worker started before its broker simply waits for it.
+    pub fn start(
+        config: ConsumerConfig,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+    ) -> Result<Self, AmqpError> {
+        let endpoint = Endpoint::parse(&config.url)?;
+        let (commands, inbox) = crossbeam_channel::unbounded();
+        let thread = thread::Builder::new()
+            .name("kobe-consumer".into())
+            .spawn(move || ConsumerThread::new(endpoint, config, deliveries, inbox).run())
+            .map_err(|e| AmqpError::Unavailable(format!("cannot start consumer thread: {e}")))?;
+        Ok(Self {
+            commands,
+            thread: Some(thread),
+        })
+    }
+
+    /// Acks or nacks a delivery. Settling a delivery of a connection that has since been lost is
+    /// a no-op: the broker already requeued it.
+    pub fn settle(&self, tag: DeliveryTag, settlement: Settlement) {
+        let _ = self.commands.send(Command::Settle(tag, settlement));
+    }
+
+    /// A cheap handle that can only settle, for task futures.
+    pub fn settler(&self) -> Settler {
+        Settler(self.commands.clone())
+    }
+
+    /// Cancels the consumers: no new deliveries; in-flight ones can still be settled.
+    pub fn stop_consuming(&self) {
+        let _ = self.commands.send(Command::StopConsuming);
+    }
+
+    /// Closes the connection; unsettled deliveries return to their queues.
+    pub fn close(mut self) {
+        let _ = self.commands.send(Command::Close);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Close);
+    }
+}
+
+/// Settles deliveries from any thread or task.
+#[derive(Clone)]
+pub struct Settler(Sender<Command>);
+
+impl Settler {
+    pub fn settle(&self, tag: DeliveryTag, settlement: Settlement) {
+        let _ = self.0.send(Command::Settle(tag, settlement));
+    }
+}
+
+struct ConsumerThread {
+    endpoint: Endpoint,
+    config: ConsumerConfig,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    inbox: Receiver<Command>,
+    generation: u64,
+    stopped: bool,
+}
+
+/// Why one connection's session ended.
+enum SessionEnd {
+    /// Close was asked for (or every handle dropped): leave the thread.
+    Close,
+    /// The connection or channel failed: reconnect.
+    Lost(String),
+}
+
+impl ConsumerThread {
+    fn new(
+        endpoint: Endpoint,
+        config: ConsumerConfig,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+        inbox: Receiver<Command>,
+    ) -> Self {
+        Self {
+            endpoint,
+            config,
+            deliveries,
+            inbox,
+            generation: 0,
+            stopped: false,
+        }
+    }
+
+    fn run(mut self) {
+        let mut backoff = Backoff::new(Duration::from_secs(10));
+        loop {
+            let error = match self.endpoint.connect(Duration::from_secs(5)) {
+                Ok(mut connection) => {
+                    backoff.reset();
+                    let end = match connection.open_channel(None) {
+                        Ok(channel) => self.session(&channel),
+                        Err(e) => SessionEnd::Lost(e.to_string()),
+                    };
+                    match end {
+                        SessionEnd::Close => {
+                            let _ = connection.close();
+                            return;
+                        }
+                        SessionEnd::Lost(reason) => reason,
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            let delay = backoff.next_delay();
+            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "consumer lost RabbitMQ; reconnecting");
+            // Wait out the backoff, still answering commands: a close must not wait for a broker.
+            let until = std::time::Instant::now() + delay;
+            loop {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match self.inbox.recv_timeout(left) {
+                    Ok(Command::Close) | Err(RecvTimeoutError::Disconnected) => return,
+                    Ok(Command::StopConsuming) => self.stopped = true,
+                    Ok(Command::Settle(..)) => {} // that connection is gone
+                    Err(RecvTimeoutError::Timeout) => break,
+                }
+            }
+            if self.stopped {
+                // Stopping, and nothing can be settled on a new connection: just wait for close.
+                let _ = self.inbox.recv();
+                return;
+            }
+        }
+    }
+
+    fn session(&mut self, channel: &Channel) -> SessionEnd {
+        if let Err(e) = self.config.topology.declare(channel) {
+            return SessionEnd::Lost(e.to_string());
+        }
+        if let Err(e) = channel.qos(0, self.config.prefetch, false) {
+            return SessionEnd::Lost(e.to_string());
+        }
+        let mut consumers = Vec::new();
+        if !self.stopped {
+            for queue in &self.config.queues {
+                match channel.basic_consume(queue.as_str(), ConsumerOptions::default()) {
+                    Ok(consumer) => consumers.push(consumer),
+                    Err(e) => return SessionEnd::Lost(format!("cannot consume {queue}: {e}")),
+                }
+            }
+        }
+        self.generation += 1;
+        tracing::info!(endpoint = %self.endpoint.display, queues = ?self.config.queues, prefetch = self.config.prefetch, "consuming");
+        let mut held: HashMap<u64, amiquip::Delivery> = HashMap::new();
+        let mut active: Vec<bool> = vec![true; consumers.len()];
+
+        loop {
+            let mut select = Select::new();
+            let mut receivers = Vec::new();
+            for (i, consumer) in consumers.iter().enumerate() {
+                if active[i] {
+                    receivers.push((select.recv(consumer.receiver()), i));
+                }
+            }
+            let command_index = select.recv(&self.inbox);
+            let op = select.select();
+            let index = op.index();
+
+            if index == command_index {
+                let command = match op.recv(&self.inbox) {
+                    Ok(command) => command,
+                    Err(_) => return SessionEnd::Close,
+                };
+                match command {
+                    Command::Settle(tag, settlement) => {
+                        if tag.generation != self.generation {
+                            tracing::debug!(
+                                "settlement for a delivery of a lost connection ignored"
+                            );
+                            continue;
+                        }
+                        let Some(delivery) = held.remove(&tag.tag) else {
+                            continue;
+                        };
+                        let result = match settlement {
+                            Settlement::Ack => delivery.ack(channel),
+                            Settlement::DeadLetter => delivery.nack(channel, false),
+                            Settlement::Requeue => delivery.nack(channel, true),
+                        };
+                        if let Err(e) = result {
+                            return SessionEnd::Lost(e.to_string());
+                        }
+                    }
+                    Command::StopConsuming => {
+                        self.stopped = true;
+                        for consumer in &consumers {
+                            let _ = consumer.cancel();
+                        }
+                    }
+                    Command::Close => return SessionEnd::Close,
+                }
+                continue;
+            }
+
+            let Some(&(_, consumer_index)) = receivers.iter().find(|(i, _)| *i == index) else {
+                continue;
+            };
+            let message = match op.recv(consumers[consumer_index].receiver()) {
+                Ok(message) => message,
+                Err(_) => {
+                    active[consumer_index] = false;
+                    continue;
+                }
+            };
+            match message {
+                ConsumerMessage::Delivery(mut delivery) => {
+                    let tag = DeliveryTag {
+                        generation: self.generation,
+                        tag: delivery.delivery_tag(),
+                    };
+                    let forwarded = Delivery {
+                        tag,
+                        redelivered: delivery.redelivered,
+                        routing_key: std::mem::take(&mut delivery.routing_key),
+                        body: std::mem::take(&mut delivery.body),
+                        properties: std::mem::take(&mut delivery.properties),
+                    };
+                    held.insert(tag.tag, delivery);
+                    if self.deliveries.send(forwarded).is_err() {
+                        // Nobody will run it: give it back at once.
+                        if let Some(delivery) = held.remove(&tag.tag) {
+                            let _ = delivery.nack(channel, true);
+                        }
+                    }
+                }
+                ConsumerMessage::ClientCancelled => active[consumer_index] = false,
+                ConsumerMessage::ServerCancelled => {
+                    return SessionEnd::Lost("the broker cancelled the consumer".into())
+                }
+                ConsumerMessage::ServerClosedChannel(e)
+                | ConsumerMessage::ServerClosedConnection(e) => {
+                    return SessionEnd::Lost(e.to_string())
+                }
+                ConsumerMessage::ClientClosedChannel | ConsumerMessage::ClientClosedConnection => {
+                    return SessionEnd::Lost("channel closed".into())
+                }
+            }
+        }
+    }
+}

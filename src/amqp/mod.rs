@@ -1,0 +1,137 @@
+//! RabbitMQ transport: connections, topology, the Celery v2 wire format, a pipelined confirming
+//! publisher and a manual-ack consumer.
+//!
+//! amiquip is blocking, so every connection lives on a thread of its own; the async side talks to
+//! it over channels (requests in, `oneshot` replies out). Nothing here knows about MongoDB, Redis
+//! or HTTP.
+
+mod connection;
+pub mod consumer;
+pub mod message;
+pub mod publisher;
+pub mod topology;
+
+use std::time::Duration;
+
+pub use consumer::{Consumer, ConsumerConfig, Delivery, DeliveryTag, Settlement};
+pub use message::{MessageError, TaskMessage};
+pub use publisher::{Outgoing, Publisher};
+pub use topology::{QueueKind, Topology};
+
+use crate::config::ServiceUrl;
+
+/// What went wrong talking to the broker, phrased so the caller knows what to do: a connection or
+/// topology error means "the broker is not usable now" (503, reconnect); a nack or a confirm
+/// timeout means "this message may not be stored" (report it, retry the publish).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AmqpError {
+    #[error("cannot connect to RabbitMQ at {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("RabbitMQ is unavailable: {0}")]
+    Unavailable(String),
+    #[error("cannot declare {what}: {reason}")]
+    Topology { what: String, reason: String },
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("RabbitMQ did not confirm the message within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("the connection to RabbitMQ was lost before the message was confirmed: {0}")]
+    ConnectionLost(String),
+    #[error("AMQP channel error: {0}")]
+    Channel(String),
+}
+
+/// A queue as the broker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueReport {
+    pub name: String,
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+/// Connects, declares the topology (which fails if a queue exists non-durable or with other
+/// arguments) and reports each task queue and the dead-letter queue. Used by `healthcheck`.
+pub fn check_topology(
+    url: &ServiceUrl,
+    topology: &Topology,
+    timeout: Duration,
+) -> Result<Vec<QueueReport>, AmqpError> {
+    let endpoint = connection::Endpoint::parse(url)?;
+    let mut connection = endpoint.connect(timeout)?;
+    let channel = connection
+        .open_channel(None)
+        .map_err(|e| AmqpError::Channel(e.to_string()))?;
+    topology.declare(&channel)?;
+    let mut names: Vec<String> = topology
+        .routes()
+        .iter()
+        .map(|r| topology.queue(r))
+        .collect();
+    names.push(topology.dead_letter_queue());
+    let mut reports = Vec::new();
+    for name in names {
+        let queue =
+            channel
+                .queue_declare_passive(name.clone())
+                .map_err(|e| AmqpError::Topology {
+                    what: format!("queue {name}"),
+                    reason: e.to_string(),
+                })?;
+        reports.push(QueueReport {
+            name,
+            messages: queue.declared_message_count().unwrap_or(0),
+            consumers: queue.declared_consumer_count().unwrap_or(0),
+        });
+    }
+    let _ = connection.close();
+    Ok(reports)
+}
+
+/// Deletes every exchange and queue of a topology. For tests and for tearing down a deployment
+/// on purpose; never called by `serve` or `worker`.
+pub fn delete_topology(url: &ServiceUrl, topology: &Topology) -> Result<(), AmqpError> {
+    let endpoint = connection::Endpoint::parse(url)?;
+    let mut connection = endpoint.connect(Duration::from_secs(5))?;
+    let channel = connection
+        .open_channel(None)
+        .map_err(|e| AmqpError::Channel(e.to_string()))?;
+    for queue in topology.all_queues() {
+        channel
+            .queue_delete(queue, Default::default())
+            .map_err(|e| AmqpError::Channel(e.to_string()))?;
+    }
+    for exchange in topology.all_exchanges() {
+        channel
+            .exchange_delete(exchange, false)
+            .map_err(|e| AmqpError::Channel(e.to_string()))?;
+    }
+    let _ = connection.close();
+    Ok(())
+}
+
+/// Reconnection delays: exponential from 100 ms, capped, so a broker restart is survived without
+/// hammering it.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(cap: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(100),
+            cap,
+        }
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        delay
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}

@@ -1,0 +1,350 @@
+//! The AMQP topology: names and declarations of every exchange and queue Kobe uses.
+//!
+//! ```text
+//!   publish ──▶ {p}.tasks (direct) ──route──▶ {p}.{route}  ──consume──▶ worker
+//!                    ▲                           │ nack / dead-letter
+//!                    │ after the delay           ▼
+//!   retry ──▶ {p}.retry (headers) ──level──▶ {p}.retry.{ms}     {p}.dlx (fanout) ──▶ {p}.dlq
+//! ```
+//!
+//! `{p}` is the configured prefix (`kobe` by default); tests use their own prefix so they can run in
+//! parallel on one broker. A delay queue has a message TTL and dead-letters into `{p}.tasks`
+//! keeping the message's routing key, so a retried message comes back to its own queue. Every
+//! declaration is idempotent: `serve`, `worker` and `healthcheck` all declare what they use.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use amiquip::{
+    AmqpValue, Channel, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions,
+};
+
+use super::AmqpError;
+use crate::domain::Priority;
+
+/// The route of tasks no route names.
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// Header naming the delay level a retried message waits in (matched by the retry exchange).
+pub(crate) const RETRY_LEVEL_HEADER: &str = "kobe-retry-level";
+
+/// Delays of the retry levels. A retry waits in the smallest level at least as long as its
+/// (jittered) delay, with its own per-message TTL, so the wait is exact up to head-of-line
+/// effects within one level.
+pub const RETRY_LEVELS_MS: [u64; 16] = [
+    100, 250, 500, 1_000, 2_000, 4_000, 8_000, 15_000, 30_000, 60_000, 120_000, 300_000, 600_000,
+    1_200_000, 3_600_000, 21_600_000,
+];
+
+/// Classic queues for one broker; quorum queues for a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueKind {
+    Classic,
+    Quorum,
+}
+
+impl FromStr for QueueKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "classic" => Ok(Self::Classic),
+            "quorum" => Ok(Self::Quorum),
+            other => Err(format!("expected `classic` or `quorum`, got `{other}`")),
+        }
+    }
+}
+
+/// Names and routes of one deployment's exchanges and queues.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    prefix: String,
+    kind: QueueKind,
+    /// Task name → route.
+    routes: BTreeMap<String, String>,
+}
+
+impl Topology {
+    pub fn new(prefix: &str, kind: QueueKind, routes: BTreeMap<String, String>) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            kind,
+            routes,
+        }
+    }
+
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.prefix)
+    }
+
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dlq", self.prefix)
+    }
+
+    /// The queue a route's messages wait in.
+    pub fn queue(&self, route: &str) -> String {
+        format!("{}.{route}", self.prefix)
+    }
+
+    pub fn retry_queue(&self, level_ms: u64) -> String {
+        format!("{}.retry.{level_ms}", self.prefix)
+    }
+
+    /// The route (routing key) of a task.
+    pub fn route_of<'a>(&'a self, task_name: &str) -> &'a str {
+        self.routes
+            .get(task_name)
+            .map(String::as_str)
+            .unwrap_or(DEFAULT_ROUTE)
+    }
+
+    /// Every route some task is sent to, `default` included.
+    pub fn routes(&self) -> Vec<String> {
+        let mut routes: Vec<String> = self.routes.values().cloned().collect();
+        routes.push(DEFAULT_ROUTE.to_owned());
+        routes.sort();
+        routes.dedup();
+        routes
+    }
+
+    /// The retry level for a delay: the smallest level that is not shorter.
+    pub fn retry_level_for(delay: Duration) -> u64 {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        RETRY_LEVELS_MS
+            .into_iter()
+            .find(|level| *level >= ms)
+            .unwrap_or(RETRY_LEVELS_MS[RETRY_LEVELS_MS.len() - 1])
+    }
+
+    fn task_queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::new();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AmqpValue::LongString(self.dead_letter_exchange()),
+        );
+        match self.kind {
+            QueueKind::Classic => {
+                args.insert(
+                    "x-max-priority".into(),
+                    AmqpValue::ShortShortUInt(Priority::MAX),
+                );
+            }
+            QueueKind::Quorum => self.insert_quorum_arguments(&mut args),
+        }
+        args
+    }
+
+    fn insert_quorum_arguments(&self, args: &mut FieldTable) {
+        args.insert(
+            "x-queue-type".into(),
+            AmqpValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AmqpValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AmqpValue::LongString("reject-publish".into()),
+        );
+    }
+
+    fn dead_letter_queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::new();
+        if self.kind == QueueKind::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AmqpValue::LongString("quorum".into()),
+            );
+        }
+        args
+    }
+
+    fn retry_queue_arguments(&self, level_ms: u64) -> FieldTable {
+        let mut args = FieldTable::new();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AmqpValue::LongString(self.tasks_exchange()),
+        );
+        args.insert(
+            "x-message-ttl".into(),
+            AmqpValue::LongLongInt(i64::try_from(level_ms).unwrap_or(i64::MAX)),
+        );
+        args
+    }
+
+    /// Declares everything, idempotently. A queue that exists with other arguments (say, declared
+    /// by an older version without a dead-letter exchange) makes the broker close the channel with
+    /// PRECONDITION_FAILED, which surfaces here as an error naming the queue.
+    pub fn declare(&self, channel: &Channel) -> Result<(), AmqpError> {
+        let durable_exchange = |kind: ExchangeType, name: String| {
+            channel
+                .exchange_declare(
+                    kind,
+                    name.clone(),
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                )
+                .map(drop)
+                .map_err(|e| AmqpError::Topology {
+                    what: format!("exchange {name}"),
+                    reason: e.to_string(),
+                })
+        };
+        durable_exchange(ExchangeType::Direct, self.tasks_exchange())?;
+        durable_exchange(ExchangeType::Headers, self.retry_exchange())?;
+        durable_exchange(ExchangeType::Fanout, self.dead_letter_exchange())?;
+
+        self.declare_queue(
+            channel,
+            &self.dead_letter_queue(),
+            self.dead_letter_queue_arguments(),
+        )?;
+        self.bind(
+            channel,
+            &self.dead_letter_queue(),
+            &self.dead_letter_exchange(),
+            "",
+            FieldTable::new(),
+        )?;
+
+        for route in self.routes() {
+            let queue = self.queue(&route);
+            self.declare_queue(channel, &queue, self.task_queue_arguments())?;
+            self.bind(
+                channel,
+                &queue,
+                &self.tasks_exchange(),
+                &route,
+                FieldTable::new(),
+            )?;
+        }
+
+        for level in RETRY_LEVELS_MS {
+            let queue = self.retry_queue(level);
+            self.declare_queue(channel, &queue, self.retry_queue_arguments(level))?;
+            let mut matching = FieldTable::new();
+            matching.insert("x-match".into(), AmqpValue::LongString("all".into()));
+            matching.insert(
+                RETRY_LEVEL_HEADER.into(),
+                AmqpValue::LongString(level.to_string()),
+            );
+            self.bind(channel, &queue, &self.retry_exchange(), "", matching)?;
+        }
+        Ok(())
+    }
+
+    fn declare_queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        arguments: FieldTable,
+    ) -> Result<(), AmqpError> {
+        channel
+            .queue_declare(
+                name,
+                QueueDeclareOptions {
+                    durable: true,
+                    arguments,
+                    ..Default::default()
+                },
+            )
+            .map(drop)
+            .map_err(|e| AmqpError::Topology {
+                what: format!("queue {name}"),
+                reason: e.to_string(),
+            })
+    }
+
+    fn bind(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), AmqpError> {
+        channel
+            .queue_bind(queue, exchange, routing_key, arguments)
+            .map_err(|e| AmqpError::Topology {
+                what: format!("binding {exchange} → {queue}"),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Every queue name this topology declares, for checks and for deleting a test's topology.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut queues: Vec<String> = self.routes().iter().map(|r| self.queue(r)).collect();
+        queues.push(self.dead_letter_queue());
+        queues.extend(RETRY_LEVELS_MS.iter().map(|l| self.retry_queue(*l)));
+        queues
+    }
+
+    /// Every exchange name this topology declares.
+    pub fn all_exchanges(&self) -> Vec<String> {
+        vec![
+            self.tasks_exchange(),
+            self.retry_exchange(),
+            self.dead_letter_exchange(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Topology {
+        let routes = BTreeMap::from([("demo_long_io".to_owned(), "io".to_owned())]);
+        Topology::new("kobe", QueueKind::Classic, routes)
+    }
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let t = topology();
+        assert_eq!(t.tasks_exchange(), "kobe.tasks");
+        assert_eq!(t.dead_letter_queue(), "kobe.dlq");
+        assert_eq!(t.queue("default"), "kobe.default");
+        assert_eq!(t.retry_queue(1000), "kobe.retry.1000");
+    }
+
+    #[test]
+    fn unrouted_tasks_go_to_default() {
+        let t = topology();
+        assert_eq!(t.route_of("demo_long_io"), "io");
+        assert_eq!(t.route_of("anything_else"), DEFAULT_ROUTE);
+        assert_eq!(t.routes(), vec!["default".to_owned(), "io".to_owned()]);
+    }
+
+    #[test]
+    fn retry_level_is_the_smallest_not_shorter() {
+        assert_eq!(Topology::retry_level_for(Duration::from_millis(1)), 100);
+        assert_eq!(Topology::retry_level_for(Duration::from_millis(100)), 100);
+        assert_eq!(Topology::retry_level_for(Duration::from_millis(101)), 250);
+        assert_eq!(
+            Topology::retry_level_for(Duration::from_secs(86_400)),
+            21_600_000
+        );
+    }
+
+    #[test]
+    fn quorum_queues_get_the_safe_dead_letter_strategy() {
+        let t = Topology::new("kobe", QueueKind::Quorum, BTreeMap::new());
+        let args = t.task_queue_arguments();
+        assert_eq!(
+            args.get("x-dead-letter-strategy"),
+            Some(&AmqpValue::LongString("at-least-once".into()))
+        );
+        assert!(!args.contains_key("x-max-priority"));
+    }
+}
