@@ -1,0 +1,311 @@
+//! Collection and index specs from `migrations/`, applied by `kobe init-db` and checked by
+//! `kobe healthcheck`.
+//!
+//! Each file describes one collection; each index is written as MongoDB's `listIndexes` shows it
+//! (`key`, `name`, `unique`, `expireAfterSeconds`, …). The specs are compiled into the binary, so a
+//! container image needs no extra files. Applying them is idempotent: an index that exists with the
+//! same keys and options is left alone; one that exists with a different definition is reported as
+//! a conflict rather than silently kept or dropped.
+
+use std::fmt;
+
+use futures_util::TryStreamExt;
+use mongodb::bson::{self, Bson, Document};
+use mongodb::{Database, IndexModel};
+use serde::Deserialize;
+
+use super::StoreError;
+
+/// The spec files, in the order they are applied.
+const SPEC_FILES: [(&str, &str); 7] = [
+    ("Tasks.json", include_str!("../../migrations/Tasks.json")),
+    (
+        "TaskDedup.json",
+        include_str!("../../migrations/TaskDedup.json"),
+    ),
+    (
+        "TaskCheckpoint.json",
+        include_str!("../../migrations/TaskCheckpoint.json"),
+    ),
+    (
+        "PendingTasks.json",
+        include_str!("../../migrations/PendingTasks.json"),
+    ),
+    (
+        "TaskErrorLog.json",
+        include_str!("../../migrations/TaskErrorLog.json"),
+    ),
+    (
+        "RawPayload.json",
+        include_str!("../../migrations/RawPayload.json"),
+    ),
+    (
+        "ShardMeta.json",
+        include_str!("../../migrations/ShardMeta.json"),
+    ),
+];
+
+/// One collection's spec.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CollectionSpec {
+    pub collection: String,
+    #[serde(default)]
+    pub description: String,
+    /// `bson::Document` keeps key order, which a compound index depends on.
+    indexes: Vec<Document>,
+}
+
+impl CollectionSpec {
+    /// The index models, named.
+    pub fn indexes(&self) -> Result<Vec<(String, IndexModel)>, StoreError> {
+        self.indexes
+            .iter()
+            .map(|raw| {
+                let model: IndexModel = bson::from_document(raw.clone()).map_err(|e| {
+                    StoreError::Migration(format!("{}: bad index spec {raw}: {e}", self.collection))
+                })?;
+                let name = model
+                    .options
+                    .as_ref()
+                    .and_then(|o| o.name.clone())
+                    .ok_or_else(|| {
+                        StoreError::Migration(format!(
+                            "{}: index spec without a name",
+                            self.collection
+                        ))
+                    })?;
+                Ok((name, model))
+            })
+            .collect()
+    }
+}
+
+/// Every spec compiled into the binary.
+pub fn specs() -> Result<Vec<CollectionSpec>, StoreError> {
+    SPEC_FILES
+        .iter()
+        .map(|(file, text)| {
+            serde_json::from_str(text)
+                .map_err(|e| StoreError::Migration(format!("migrations/{file}: {e}")))
+        })
+        .collect()
+}
+
+/// What applying one item did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Created,
+    Found,
+    /// Exists with another definition; left untouched.
+    Conflict(String),
+}
+
+/// One line of `init-db`'s report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub collection: String,
+    /// `None` for the collection itself.
+    pub index: Option<String>,
+    pub change: Change,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match &self.index {
+            Some(index) => format!("index {}.{index}", self.collection),
+            None => format!("collection {}", self.collection),
+        };
+        match &self.change {
+            Change::Created => write!(f, "created {what}"),
+            Change::Found => write!(f, "found   {what}"),
+            Change::Conflict(why) => write!(f, "CONFLICT {what}: {why}"),
+        }
+    }
+}
+
+/// Creates what is missing; reports every collection and index.
+#[tracing::instrument(name = "store.migrations.apply", skip_all, fields(db = %db.name()))]
+pub async fn apply(db: &Database) -> Result<Vec<Outcome>, StoreError> {
+    let specs = specs()?;
+    let existing_collections = db.list_collection_names().await?;
+    let mut outcomes = Vec::new();
+    for spec in &specs {
+        let exists = existing_collections.contains(&spec.collection);
+        if !exists {
+            db.create_collection(&spec.collection).await?;
+        }
+        outcomes.push(Outcome {
+            collection: spec.collection.clone(),
+            index: None,
+            change: if exists {
+                Change::Found
+            } else {
+                Change::Created
+            },
+        });
+        let existing = existing_indexes(db, &spec.collection).await?;
+        for (name, wanted) in spec.indexes()? {
+            let change = match existing.iter().find(|m| index_name(m) == Some(&name)) {
+                Some(found) => match difference(found, &wanted) {
+                    None => Change::Found,
+                    Some(why) => Change::Conflict(why),
+                },
+                None => {
+                    db.collection::<Document>(&spec.collection)
+                        .create_index(wanted)
+                        .await?;
+                    Change::Created
+                }
+            };
+            outcomes.push(Outcome {
+                collection: spec.collection.clone(),
+                index: Some(name),
+                change,
+            });
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Indexes of the specs that are missing or differ, as `Collection.index` with the reason.
+pub async fn missing_indexes(db: &Database) -> Result<Vec<String>, StoreError> {
+    let mut problems = Vec::new();
+    for spec in specs()? {
+        let existing = existing_indexes(db, &spec.collection).await?;
+        for (name, wanted) in spec.indexes()? {
+            match existing.iter().find(|m| index_name(m) == Some(&name)) {
+                None => problems.push(format!("{}.{name} missing", spec.collection)),
+                Some(found) => {
+                    if let Some(why) = difference(found, &wanted) {
+                        problems.push(format!("{}.{name} differs: {why}", spec.collection));
+                    }
+                }
+            }
+        }
+    }
+    Ok(problems)
+}
+
+async fn existing_indexes(db: &Database, collection: &str) -> Result<Vec<IndexModel>, StoreError> {
+    match db.collection::<Document>(collection).list_indexes().await {
+        Ok(cursor) => Ok(cursor.try_collect().await?),
+        // A missing collection has no indexes (NamespaceNotFound, code 26).
+        Err(e) if matches!(*e.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == 26) => {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn index_name(model: &IndexModel) -> Option<&String> {
+    model.options.as_ref().and_then(|o| o.name.as_ref())
+}
+
+/// Why `found` is not `wanted`, or `None` when they agree on keys (in order), uniqueness and TTL.
+fn difference(found: &IndexModel, wanted: &IndexModel) -> Option<String> {
+    let keys = |m: &IndexModel| -> Vec<(String, String)> {
+        m.keys
+            .iter()
+            .map(|(k, v)| (k.clone(), normalize(v)))
+            .collect()
+    };
+    if keys(found) != keys(wanted) {
+        return Some(format!("keys {} instead of {}", found.keys, wanted.keys));
+    }
+    let unique = |m: &IndexModel| m.options.as_ref().and_then(|o| o.unique).unwrap_or(false);
+    if unique(found) != unique(wanted) {
+        return Some(format!(
+            "unique is {} instead of {}",
+            unique(found),
+            unique(wanted)
+        ));
+    }
+    let ttl = |m: &IndexModel| m.options.as_ref().and_then(|o| o.expire_after);
+    if ttl(found) != ttl(wanted) {
+        return Some(format!(
+            "expireAfterSeconds is {:?} instead of {:?}",
+            ttl(found),
+            ttl(wanted)
+        ));
+    }
+    None
+}
+
+/// Index directions come back as int32, int64 or double depending on the server: compare numbers
+/// as numbers.
+fn normalize(value: &Bson) -> String {
+    match value {
+        Bson::Int32(n) => n.to_string(),
+        Bson::Int64(n) => n.to_string(),
+        Bson::Double(f) if f.fract() == 0.0 => (*f as i64).to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spec_parses_and_names_its_indexes() {
+        let specs = specs().unwrap();
+        let names: Vec<&str> = specs.iter().map(|s| s.collection.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "Tasks",
+                "TaskDedup",
+                "TaskCheckpoint",
+                "PendingTasks",
+                "TaskErrorLog",
+                "RawPayload",
+                "ShardMeta"
+            ]
+        );
+        for spec in &specs {
+            assert!(!spec.indexes().unwrap().is_empty(), "{}", spec.collection);
+        }
+    }
+
+    #[test]
+    fn compound_keys_keep_their_order() {
+        let specs = specs().unwrap();
+        let pending = specs
+            .iter()
+            .find(|s| s.collection == "PendingTasks")
+            .unwrap();
+        let (_, model) = pending
+            .indexes()
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| n == "queue_lease_until")
+            .unwrap();
+        let keys: Vec<&String> = model.keys.keys().collect();
+        assert_eq!(keys, ["queue", "done", "lease_until"]);
+    }
+
+    #[test]
+    fn unique_and_ttl_indexes_are_declared() {
+        let specs = specs().unwrap();
+        let all: Vec<IndexModel> = specs
+            .iter()
+            .flat_map(|s| s.indexes().unwrap().into_iter().map(|(_, m)| m))
+            .collect();
+        assert!(all
+            .iter()
+            .any(|m| m.options.as_ref().and_then(|o| o.unique) == Some(true)));
+        assert!(all
+            .iter()
+            .any(|m| m.options.as_ref().and_then(|o| o.expire_after).is_some()));
+    }
+
+    #[test]
+    fn differences_are_explained() {
+        let a: IndexModel = bson::from_document(bson::doc! {"key": {"a": 1}, "name": "a"}).unwrap();
+        let b: IndexModel =
+            bson::from_document(bson::doc! {"key": {"a": 1.0}, "name": "a", "unique": true})
+                .unwrap();
+        assert_eq!(difference(&a, &a), None);
+        assert!(difference(&a, &b).unwrap().contains("unique"));
+    }
+}

@@ -1,0 +1,97 @@
+//! `demo_long_io`: stands in for an I/O-bound job. It waits `duration_ms` without blocking a
+//! thread, and fails its first `fail_attempts` attempts with a retryable error so retries can be
+//! exercised end to end.
+
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use super::{optional_u64, InvalidInput, Invocation, Task, TaskError, TaskFuture};
+
+/// Longest simulated wait: an hour is already beyond any sensible demo.
+const MAX_DURATION_MS: u64 = 3_600_000;
+
+pub struct DemoLongIo;
+
+struct Params {
+    duration_ms: u64,
+    fail_attempts: u64,
+}
+
+fn params(kwargs: &Map<String, Value>) -> Result<Params, InvalidInput> {
+    let duration_ms = optional_u64(kwargs, "duration_ms", 1000)?;
+    if duration_ms > MAX_DURATION_MS {
+        return Err(InvalidInput {
+            field: "kwargs.duration_ms".into(),
+            reason: format!("must be at most {MAX_DURATION_MS}"),
+        });
+    }
+    let fail_attempts = optional_u64(kwargs, "fail_attempts", 0)?;
+    Ok(Params {
+        duration_ms,
+        fail_attempts,
+    })
+}
+
+impl Task for DemoLongIo {
+    fn name(&self) -> &'static str {
+        "demo_long_io"
+    }
+
+    fn validate(&self, _args: &[Value], kwargs: &Map<String, Value>) -> Result<(), InvalidInput> {
+        params(kwargs).map(drop)
+    }
+
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        Box::pin(async move {
+            let params =
+                params(&invocation.kwargs).map_err(|e| TaskError::Permanent(e.to_string()))?;
+            tokio::time::sleep(Duration::from_millis(params.duration_ms)).await;
+            if u64::from(invocation.attempt) <= params.fail_attempts {
+                return Err(TaskError::Retryable(format!(
+                    "simulated I/O failure on attempt {} of {} planned failures",
+                    invocation.attempt, params.fail_attempts
+                )));
+            }
+            Ok(json!({"slept_ms": params.duration_ms, "attempt": invocation.attempt}))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::TaskId;
+
+    fn invocation(attempt: u32, kwargs: Value) -> Invocation {
+        Invocation {
+            task_id: TaskId::generate(),
+            attempt,
+            args: vec![],
+            kwargs: kwargs.as_object().cloned().unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn fails_the_planned_attempts_then_succeeds() {
+        let kwargs = json!({"duration_ms": 1, "fail_attempts": 2});
+        for attempt in 1..=2 {
+            let result = DemoLongIo.run(invocation(attempt, kwargs.clone())).await;
+            assert!(matches!(result, Err(TaskError::Retryable(_))), "{result:?}");
+        }
+        let result = DemoLongIo.run(invocation(3, kwargs)).await.unwrap();
+        assert_eq!(result["attempt"], 3);
+    }
+
+    #[test]
+    fn bad_kwargs_name_the_field() {
+        let err = DemoLongIo
+            .validate(&[], json!({"duration_ms": "soon"}).as_object().unwrap())
+            .unwrap_err();
+        assert_eq!(err.field, "kwargs.duration_ms");
+        let err = DemoLongIo
+            .validate(&[], json!({"fail_attempts": -1}).as_object().unwrap())
+            .unwrap_err();
+        assert_eq!(err.field, "kwargs.fail_attempts");
+    }
+}

@@ -1,0 +1,197 @@
+//! Units of work: the [`Task`] trait, the errors a task reports, and the [`Registry`] of tasks a
+//! process knows. Nothing here knows how a task arrived or where its outcome goes.
+
+mod demo_long_io;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+pub use demo_long_io::DemoLongIo;
+
+use crate::domain::TaskId;
+
+/// What a handler's future resolves to.
+pub type TaskResult = Result<Value, TaskError>;
+pub type TaskFuture = Pin<Box<dyn Future<Output = TaskResult> + Send + 'static>>;
+
+/// A task's failure, saying what the worker should do next.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TaskError {
+    /// Transient (a timeout, a dependency down): try again after a backoff.
+    #[error("{0}")]
+    Retryable(String),
+    /// Will fail the same way every time (bad input, a bug): dead-letter now.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// One attempt of one task, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub task_id: TaskId,
+    /// 1 on the first attempt.
+    pub attempt: u32,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+}
+
+/// Input a task refuses at submission time, naming the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidInput {
+    /// A path such as `kwargs.duration_ms`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// How often and how patiently a task is retried.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt; 3 means up to 4 attempts.
+    pub max_retries: u32,
+    pub base_delay: Duration,
+    pub factor: f64,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            base_delay: Duration::from_secs(1),
+            factor: 2.0,
+            max_delay: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1 for the first retry): exponential, capped, with
+    /// "equal jitter": half the delay is fixed and half is random, so delays still grow from one
+    /// retry to the next while retries of many tasks do not arrive in lockstep. `jitter` is a
+    /// uniform sample from [0, 1).
+    pub fn delay_for(&self, retry: u32, jitter: f64) -> Duration {
+        let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
+        let nominal = self.base_delay.as_secs_f64() * self.factor.powi(exponent);
+        let capped = nominal.min(self.max_delay.as_secs_f64());
+        Duration::from_secs_f64(capped / 2.0 + capped / 2.0 * jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// A named unit of work.
+pub trait Task: Send + Sync + 'static {
+    /// The name clients submit it by; unique in a registry.
+    fn name(&self) -> &'static str;
+
+    /// Checks arguments before the task is accepted, so bad input is a 422 at submission
+    /// instead of a dead letter later.
+    fn validate(&self, _args: &[Value], _kwargs: &Map<String, Value>) -> Result<(), InvalidInput> {
+        Ok(())
+    }
+
+    /// Runs one attempt. Handlers must be idempotent: delivery is at least once.
+    fn run(&self, invocation: Invocation) -> TaskFuture;
+
+    /// Retries for retryable errors.
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+    }
+
+    /// Hard time limit when the message carries none.
+    fn time_limit(&self) -> Duration {
+        Duration::from_secs(300)
+    }
+}
+
+/// A registry that refused a task.
+#[derive(Debug, thiserror::Error)]
+#[error("a task named `{0}` is already registered")]
+pub struct DuplicateTask(pub &'static str);
+
+/// The tasks a process can run, fixed at start-up.
+#[derive(Clone, Default)]
+pub struct Registry {
+    tasks: BTreeMap<&'static str, Arc<dyn Task>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Kobe's built-in tasks.
+    pub fn with_builtin_tasks() -> Self {
+        let mut registry = Self::new();
+        registry
+            .register(DemoLongIo)
+            .expect("built-in task names are unique");
+        registry
+    }
+
+    pub fn register(&mut self, task: impl Task) -> Result<(), DuplicateTask> {
+        let name = task.name();
+        if self.tasks.contains_key(name) {
+            return Err(DuplicateTask(name));
+        }
+        self.tasks.insert(name, Arc::new(task));
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Task>> {
+        self.tasks.get(name).cloned()
+    }
+
+    /// Registered names, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.tasks.keys().copied().collect()
+    }
+}
+
+/// Reads an optional non-negative integer kwarg, naming it when it has the wrong type.
+pub(crate) fn optional_u64(
+    kwargs: &Map<String, Value>,
+    name: &str,
+    default: u64,
+) -> Result<u64, InvalidInput> {
+    match kwargs.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => value.as_u64().ok_or_else(|| InvalidInput {
+            field: format!("kwargs.{name}"),
+            reason: "expected a non-negative integer".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_are_capped() {
+        let policy = RetryPolicy {
+            max_retries: 10,
+            base_delay: Duration::from_millis(100),
+            factor: 2.0,
+            max_delay: Duration::from_millis(1000),
+        };
+        assert_eq!(policy.delay_for(1, 0.0), Duration::from_millis(50));
+        assert_eq!(policy.delay_for(1, 1.0), Duration::from_millis(100));
+        // The slowest second retry is no faster than the fastest... of the next one.
+        for retry in 1..4 {
+            assert!(policy.delay_for(retry + 1, 0.0) >= policy.delay_for(retry, 1.0));
+        }
+        assert_eq!(policy.delay_for(30, 1.0), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let mut registry = Registry::with_builtin_tasks();
+        assert!(registry.register(DemoLongIo).is_err());
+        assert_eq!(registry.names(), vec!["demo_long_io"]);
+    }
+}
