@@ -1,0 +1,120 @@
+//! `kobe healthcheck`: one line per dependency, exit 0 only when all hold. Every check is bounded,
+//! so the command answers within its budget even when a dependency does not answer at all.
+
+use std::time::Duration;
+
+use crate::config::Settings;
+use crate::store::{self, migrations, Cache};
+
+/// The result of one check.
+pub struct Check {
+    pub name: &'static str,
+    pub outcome: Result<String, String>,
+}
+
+/// Runs every check concurrently; each gets `settings.dependency_timeout` (capped so the whole
+/// command stays under 10 s).
+pub async fn checks(settings: &Settings) -> Vec<Check> {
+    let budget = settings.dependency_timeout.min(Duration::from_secs(8));
+    let (rabbitmq, mongodb, redis) = tokio::join!(
+        bounded(budget, rabbitmq(settings, budget)),
+        bounded(budget, mongodb(settings, budget)),
+        bounded(budget, redis(settings, budget)),
+    );
+    vec![
+        Check {
+            name: "rabbitmq",
+            outcome: rabbitmq,
+        },
+        Check {
+            name: "mongodb",
+            outcome: mongodb,
+        },
+        Check {
+            name: "redis",
+            outcome: redis,
+        },
+    ]
+}
+
+/// Prints the checks and returns whether all passed.
+pub async fn run(settings: &Settings) -> bool {
+    let mut healthy = true;
+    for check in checks(settings).await {
+        match check.outcome {
+            Ok(detail) => println!("ok    {:<8} {detail}", check.name),
+            Err(reason) => {
+                healthy = false;
+                println!("FAIL  {:<8} {reason}", check.name);
+            }
+        }
+    }
+    healthy
+}
+
+async fn bounded(
+    budget: Duration,
+    check: impl std::future::Future<Output = Result<String, String>>,
+) -> Result<String, String> {
+    // A little more than the budget: the check's own timeouts should fire first and say more.
+    tokio::time::timeout(budget + Duration::from_millis(500), check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {budget:?}")))
+}
+
+async fn rabbitmq(settings: &Settings, budget: Duration) -> Result<String, String> {
+    let url = settings.rabbitmq_url.clone();
+    let topology = super::topology(settings);
+    // amiquip blocks: run it on the blocking pool, and let `bounded` give up on it if need be.
+    let reports =
+        tokio::task::spawn_blocking(move || crate::amqp::check_topology(&url, &topology, budget))
+            .await
+            .map_err(|e| format!("check panicked: {e}"))?
+            .map_err(|e| e.to_string())?;
+    let queues: Vec<String> = reports
+        .iter()
+        .map(|q| {
+            format!(
+                "{} ({} ready, {} consumers)",
+                q.name, q.messages, q.consumers
+            )
+        })
+        .collect();
+    Ok(format!(
+        "{} reachable; durable queues: {}",
+        settings.rabbitmq_url,
+        queues.join(", ")
+    ))
+}
+
+async fn mongodb(settings: &Settings, budget: Duration) -> Result<String, String> {
+    let db = store::connect(&settings.mongodb_uri, &settings.mongodb_db, budget)
+        .await
+        .map_err(|e| e.to_string())?;
+    store::ping(&db)
+        .await
+        .map_err(|e| format!("{} does not answer ping: {e}", settings.mongodb_uri))?;
+    let missing = migrations::missing_indexes(&db)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !missing.is_empty() {
+        return Err(format!(
+            "indexes not as in migrations/ (run `kobe init-db`): {}",
+            missing.join("; ")
+        ));
+    }
+    Ok(format!(
+        "{} answers; database {} has every index of migrations/",
+        settings.mongodb_uri, settings.mongodb_db
+    ))
+}
+
+async fn redis(settings: &Settings, budget: Duration) -> Result<String, String> {
+    let cache = Cache::new(&settings.redis_url, &settings.redis_prefix, budget)
+        .map_err(|e| e.to_string())?;
+    cache
+        .ping()
+        .await
+        .map_err(|e| format!("{} does not answer PING: {e}", settings.redis_url))?;
+    Ok(format!("{} answers PING", settings.redis_url))
+}

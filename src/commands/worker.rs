@@ -1,0 +1,443 @@
+//! `kobe worker`: consume task messages, run them, record the outcome, then settle the message.
+//!
+//! One delivery's life: decode → mark `STARTED` (a task already finished is acked and skipped) →
+//! run under the hard time limit, panics caught → write the outcome to MongoDB → only then ack,
+//! retry (publish to the delay queue, confirmed, then ack) or dead-letter.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mongodb::bson::DateTime;
+use serde_json::Value;
+use tokio::sync::{mpsc, Semaphore};
+use tracing::Instrument;
+
+use crate::amqp::consumer::Settler;
+use crate::amqp::topology::RETRY_LEVEL_HEADER;
+use crate::amqp::{
+    Consumer, ConsumerConfig, Delivery, Outgoing, Publisher, Settlement, TaskMessage, Topology,
+};
+use crate::cli::WorkerArgs;
+use crate::config::{RetryOverrides, Settings};
+use crate::store::tasks::Applied;
+use crate::store::{self, Decision, ErrorLogRepository, ErrorRecord, TaskRepository, Transition};
+use crate::tasks::{Invocation, Registry, RetryPolicy, Task, TaskError};
+use crate::telemetry::metrics::Metrics;
+
+/// How long to wait before handing a message back when MongoDB is down, so an outage is not a
+/// redelivery storm.
+const STORE_OUTAGE_PAUSE: Duration = Duration::from_secs(1);
+
+/// What a worker process runs with.
+pub struct WorkerOptions {
+    pub concurrency: u16,
+    pub prefetch_multiplier: u16,
+    /// Routes to consume; empty means every configured route.
+    pub routes: Vec<String>,
+}
+
+impl From<WorkerArgs> for WorkerOptions {
+    fn from(args: WorkerArgs) -> Self {
+        Self {
+            concurrency: args.concurrency,
+            prefetch_multiplier: args.prefetch_multiplier,
+            routes: args.queues,
+        }
+    }
+}
+
+/// Everything one delivery needs; shared by the task futures.
+pub struct Worker {
+    registry: Registry,
+    tasks: TaskRepository,
+    errors: ErrorLogRepository,
+    publisher: Publisher,
+    topology: Topology,
+    settler: Settler,
+    retry: RetryOverrides,
+    metrics: Metrics,
+}
+
+/// The outcome of one attempt, before it is recorded.
+enum Outcome {
+    Success(Value),
+    Retry { cause: String },
+    Fail { cause: String },
+}
+
+impl Worker {
+    /// Handles one delivery to the end, settling it.
+    pub async fn handle(&self, delivery: Delivery) {
+        let message = match TaskMessage::decode(&delivery.properties, &delivery.body) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(redelivered = delivery.redelivered, root_cause = %error, decision = "dead_letter", "malformed message");
+                self.dead_letter(&delivery, None, &format!("malformed message: {error}"))
+                    .await;
+                return;
+            }
+        };
+        let attempt = message.retries + 1;
+        let span = tracing::info_span!(
+            "task",
+            task_id = %message.id,
+            task = %message.task,
+            attempt,
+            redelivered = delivery.redelivered,
+        );
+        self.run_message(delivery, message).instrument(span).await;
+    }
+
+    async fn run_message(&self, delivery: Delivery, message: TaskMessage) {
+        let attempt = message.retries + 1;
+        let Some(task) = self.registry.get(&message.task) else {
+            let cause = format!("unknown task `{}`", message.task);
+            self.record_failure(&message, &cause, Decision::DeadLetter, None)
+                .await;
+            let _ = self
+                .tasks
+                .transition(
+                    message.id.as_str(),
+                    Transition::Failure {
+                        root_cause: cause.clone(),
+                    },
+                )
+                .await;
+            tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "dead_letter", "task failed");
+            self.dead_letter(&delivery, Some(&message), &cause).await;
+            return;
+        };
+
+        let started = self
+            .tasks
+            .transition(
+                message.id.as_str(),
+                Transition::Started {
+                    task_name: message.task.clone(),
+                    retries: message.retries,
+                },
+            )
+            .await;
+        match started {
+            Ok(Applied::Yes) => {}
+            Ok(Applied::No) => {
+                tracing::info!(
+                    retry_count = message.retries,
+                    "task already finished; duplicate delivery acked without running"
+                );
+                self.settler.settle(delivery.tag, Settlement::Ack);
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot mark task STARTED; message returns to the queue");
+                tokio::time::sleep(STORE_OUTAGE_PAUSE).await;
+                self.settler.settle(delivery.tag, Settlement::Requeue);
+                return;
+            }
+        }
+
+        let outcome = self.execute(task.as_ref(), &message, attempt).await;
+        let policy = self.policy(task.as_ref());
+        let (transition, settlement) = match outcome {
+            Outcome::Success(result) => (Transition::Success { result }, Settled::Ack),
+            Outcome::Retry { cause } if message.retries < policy.max_retries => {
+                let delay = policy.delay_for(attempt, fastrand::f64());
+                (
+                    Transition::Retry {
+                        retries: attempt,
+                        root_cause: cause.clone(),
+                    },
+                    Settled::Retry { cause, delay },
+                )
+            }
+            Outcome::Retry { cause } => {
+                let cause = format!("retries exhausted after {attempt} attempts: {cause}");
+                (
+                    Transition::Failure {
+                        root_cause: cause.clone(),
+                    },
+                    Settled::DeadLetter { cause },
+                )
+            }
+            Outcome::Fail { cause } => (
+                Transition::Failure {
+                    root_cause: cause.clone(),
+                },
+                Settled::DeadLetter { cause },
+            ),
+        };
+        let state = transition.target();
+        if let Err(error) = self.tasks.transition(message.id.as_str(), transition).await {
+            // The outcome is not recorded, so the message must not be settled as done.
+            tracing::warn!(error = %error, "cannot record the outcome; message returns to the queue");
+            tokio::time::sleep(STORE_OUTAGE_PAUSE).await;
+            self.settler.settle(delivery.tag, Settlement::Requeue);
+            return;
+        }
+        self.metrics
+            .task_outcomes
+            .with_label_values(&[message.task.as_str(), state.as_str()])
+            .inc();
+
+        match settlement {
+            Settled::Ack => {
+                tracing::info!(retry_count = message.retries, state = %state, "task succeeded");
+                self.settler.settle(delivery.tag, Settlement::Ack);
+            }
+            Settled::Retry { cause, delay } => {
+                self.record_failure(&message, &cause, Decision::Retry, Some(delay))
+                    .await;
+                tracing::warn!(root_cause = %cause, retry_count = attempt, retry_in_ms = delay.as_millis() as u64, decision = "retry", "task will be retried");
+                self.retry(&delivery, message, delay).await;
+            }
+            Settled::DeadLetter { cause } => {
+                self.record_failure(&message, &cause, Decision::DeadLetter, None)
+                    .await;
+                tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "dead_letter", "task failed");
+                self.dead_letter(&delivery, Some(&message), &cause).await;
+            }
+        }
+    }
+
+    /// Runs the handler on its own task, so a panic is caught, under the hard time limit.
+    async fn execute(&self, task: &dyn Task, message: &TaskMessage, attempt: u32) -> Outcome {
+        let limit = message
+            .hard_time_limit
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .unwrap_or_else(|| task.time_limit());
+        let invocation = Invocation {
+            task_id: message.id.clone(),
+            attempt,
+            args: message.args.clone(),
+            kwargs: message.kwargs.clone(),
+        };
+        let handle = tokio::spawn(task.run(invocation));
+        let abort = handle.abort_handle();
+        match tokio::time::timeout(limit, handle).await {
+            Ok(Ok(Ok(value))) => Outcome::Success(value),
+            Ok(Ok(Err(TaskError::Retryable(cause)))) => Outcome::Retry { cause },
+            Ok(Ok(Err(TaskError::Permanent(cause)))) => Outcome::Fail { cause },
+            Ok(Err(join_error)) => {
+                let cause = match join_error.try_into_panic() {
+                    Ok(payload) => format!(
+                        "handler panicked: {}",
+                        payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "non-string payload".into())
+                    ),
+                    Err(e) => format!("handler was cancelled: {e}"),
+                };
+                Outcome::Retry { cause }
+            }
+            Err(_) => {
+                abort.abort();
+                Outcome::Fail {
+                    cause: format!("time limit exceeded ({limit:?})"),
+                }
+            }
+        }
+    }
+
+    fn policy(&self, task: &dyn Task) -> RetryPolicy {
+        let mut policy = task.retry_policy();
+        let o = &self.retry;
+        policy.max_retries = o.max_retries.unwrap_or(policy.max_retries);
+        policy.base_delay = o.base_delay.unwrap_or(policy.base_delay);
+        policy.factor = o.factor.unwrap_or(policy.factor);
+        policy.max_delay = o.max_delay.unwrap_or(policy.max_delay);
+        policy
+    }
+
+    async fn record_failure(
+        &self,
+        message: &TaskMessage,
+        cause: &str,
+        decision: Decision,
+        delay: Option<Duration>,
+    ) {
+        let record = ErrorRecord {
+            task_id: message.id.to_string(),
+            task_name: message.task.clone(),
+            attempt: message.retries + 1,
+            root_cause: cause.to_owned(),
+            decision,
+            retry_delay_ms: delay.map(|d| d.as_millis() as u64),
+            at: DateTime::now(),
+        };
+        if let Err(error) = self.errors.record(&record).await {
+            tracing::error!(error = %error, "cannot write TaskErrorLog record");
+        }
+    }
+
+    /// Publishes the next attempt to the delay queue and acks this one once the broker confirmed
+    /// it; if the publish fails the message goes back to its queue and this attempt runs again.
+    async fn retry(&self, delivery: &Delivery, mut message: TaskMessage, delay: Duration) {
+        message.retries += 1;
+        let level = Topology::retry_level_for(delay);
+        let mut headers = message.headers();
+        headers.insert(
+            RETRY_LEVEL_HEADER.into(),
+            amiquip::AmqpValue::LongString(level.to_string()),
+        );
+        let properties = message
+            .properties()
+            .with_headers(headers)
+            .with_expiration(delay.as_millis().max(1).to_string());
+        let outgoing = Outgoing {
+            exchange: self.topology.retry_exchange(),
+            routing_key: delivery.routing_key.clone(),
+            body: message.body(),
+            properties,
+        };
+        match self.publisher.publish(outgoing).await {
+            Ok(()) => self.settler.settle(delivery.tag, Settlement::Ack),
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot publish the retry; message returns to the queue");
+                self.settler.settle(delivery.tag, Settlement::Requeue);
+            }
+        }
+    }
+
+    /// Sends the message to the dead-letter exchange with the reason in its headers, then acks it.
+    /// If that publish fails, `basic.nack(requeue=false)` lets the broker dead-letter it instead
+    /// (without Kobe's reason headers, which the error log still has).
+    async fn dead_letter(&self, delivery: &Delivery, message: Option<&TaskMessage>, reason: &str) {
+        let mut properties = delivery.properties.clone();
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-kobe-reason".into(),
+            amiquip::AmqpValue::LongString(reason.to_owned()),
+        );
+        headers.insert(
+            "x-kobe-original-routing-key".into(),
+            amiquip::AmqpValue::LongString(delivery.routing_key.clone()),
+        );
+        if let Some(message) = message {
+            headers.insert(
+                "x-kobe-attempts".into(),
+                amiquip::AmqpValue::LongLongInt(i64::from(message.retries + 1)),
+            );
+        }
+        properties = properties.with_headers(headers);
+        let outgoing = Outgoing {
+            exchange: self.topology.dead_letter_exchange(),
+            routing_key: delivery.routing_key.clone(),
+            body: delivery.body.clone(),
+            properties,
+        };
+        match self.publisher.publish(outgoing).await {
+            Ok(()) => self.settler.settle(delivery.tag, Settlement::Ack),
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot publish to the dead-letter exchange; nacking instead");
+                self.settler.settle(delivery.tag, Settlement::DeadLetter);
+            }
+        }
+    }
+}
+
+enum Settled {
+    Ack,
+    Retry { cause: String, delay: Duration },
+    DeadLetter { cause: String },
+}
+
+/// Runs a worker until `shutdown` resolves, then stops consuming, lets in-flight tasks finish
+/// within the grace period and closes the connection (unfinished messages return to the queue).
+pub async fn run(
+    settings: Settings,
+    options: WorkerOptions,
+    registry: Registry,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let db = store::connect(
+        &settings.mongodb_uri,
+        &settings.mongodb_db,
+        settings.dependency_timeout,
+    )
+    .await
+    .context("failed to configure the MongoDB client")?;
+    let topology = super::topology(&settings);
+    let routes = if options.routes.is_empty() {
+        topology.routes()
+    } else {
+        options.routes.clone()
+    };
+    let queues: Vec<String> = routes.iter().map(|r| topology.queue(r)).collect();
+    let prefetch = options
+        .concurrency
+        .saturating_mul(options.prefetch_multiplier);
+    let publisher = Publisher::start(
+        &settings.rabbitmq_url,
+        topology.clone(),
+        settings.publish_timeout,
+    )
+    .context("failed to start the publisher")?;
+    let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
+    let consumer = Consumer::start(
+        ConsumerConfig {
+            url: settings.rabbitmq_url.clone(),
+            topology: topology.clone(),
+            queues: queues.clone(),
+            prefetch,
+        },
+        deliveries_tx,
+    )
+    .context("failed to start the consumer")?;
+    let worker = Arc::new(Worker {
+        registry,
+        tasks: TaskRepository::new(&db),
+        errors: ErrorLogRepository::new(&db),
+        publisher,
+        topology,
+        settler: consumer.settler(),
+        retry: settings.retry.clone(),
+        metrics: Metrics::new(),
+    });
+    tracing::info!(concurrency = options.concurrency, prefetch, queues = ?queues, "worker started");
+
+    let slots = Arc::new(Semaphore::new(usize::from(options.concurrency)));
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.context("semaphore closed")?,
+        };
+        let delivery = tokio::select! {
+            () = &mut shutdown => break,
+            delivery = deliveries.recv() => match delivery {
+                Some(delivery) => delivery,
+                None => break,
+            },
+        };
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            worker.handle(delivery).await;
+            drop(slot);
+        });
+    }
+
+    tracing::info!(
+        grace_s = settings.shutdown_grace.as_secs_f64(),
+        "stopping: no new tasks; waiting for in-flight ones"
+    );
+    consumer.stop_consuming();
+    let all = u32::from(options.concurrency);
+    match tokio::time::timeout(settings.shutdown_grace, slots.acquire_many(all)).await {
+        Ok(_) => tracing::info!("all in-flight tasks finished"),
+        Err(_) => tracing::warn!(
+            unfinished = all as usize - slots.available_permits(),
+            "grace period over; unfinished tasks are not acked and return to the queue"
+        ),
+    }
+    // Let the settlements just sent reach the consumer thread before it closes.
+    tokio::task::spawn_blocking(move || consumer.close())
+        .await
+        .context("consumer thread panicked")?;
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! API errors: every failure the API reports becomes one `application/problem+json` body
+//! (RFC 9457) with the same shape, naming the offending field where there is one.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::amqp::AmqpError;
+use crate::store::StoreError;
+
+/// What went wrong, and so which status the client gets.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Input that cannot be accepted: 422, naming the field.
+    #[error("{field}: {reason}")]
+    Validation { field: String, reason: String },
+    /// The body is not JSON at all: 400.
+    #[error("malformed JSON body: {0}")]
+    MalformedBody(String),
+    /// The body is larger than the configured limit: 413.
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// No such resource: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// A dependency is down or refused: 503 with the reason.
+    #[error("{dependency} unavailable: {reason}")]
+    Unavailable {
+        dependency: &'static str,
+        reason: String,
+        /// Set when a task document exists for the failed request, so the client can look.
+        task_id: Option<String>,
+    },
+    /// A bug: 500. The cause is logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Validation {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn mongodb(error: StoreError) -> Self {
+        match error {
+            StoreError::Malformed(e) => Self::Internal(e),
+            other => Self::Unavailable {
+                dependency: "MongoDB",
+                reason: other.to_string(),
+                task_id: None,
+            },
+        }
+    }
+
+    pub fn broker(error: AmqpError, task_id: Option<String>) -> Self {
+        Self::Unavailable {
+            dependency: "RabbitMQ",
+            reason: error.to_string(),
+            task_id,
+        }
+    }
+
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Validation { .. } => ("validation-error", "The request is invalid"),
+            Self::MalformedBody(_) => ("malformed-body", "The body is not valid JSON"),
+            Self::PayloadTooLarge { .. } => ("payload-too-large", "The body is too large"),
+            Self::NotFound(_) => ("not-found", "Not found"),
+            Self::Unavailable { .. } => ("dependency-unavailable", "A dependency is unavailable"),
+            Self::Internal(_) => ("internal-error", "Internal error"),
+        }
+    }
+}
+
+/// The one error body shape.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::MalformedBody(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        let (kind, title) = self.kind();
+        let detail = match self {
+            Self::Internal(cause) => {
+                tracing::error!(cause = %cause, "internal error");
+                "internal error; see the server log".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let (field, task_id) = match self {
+            Self::Validation { field, .. } => (Some(field.clone()), None),
+            Self::Unavailable { task_id, .. } => (None, task_id.clone()),
+            _ => (None, None),
+        };
+        let mut response = HttpResponse::build(status);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header(("Retry-After", "5"));
+        }
+        response
+            .content_type("application/problem+json")
+            .json(Problem {
+                kind: format!("urn:kobe:problem:{kind}"),
+                title,
+                status: status.as_u16(),
+                detail,
+                field,
+                task_id,
+            })
+    }
+}

@@ -1,0 +1,114 @@
+//! The HTTP API (actix-web): the app, its shared state, routes and error mapping.
+//!
+//! [`Application::build`] binds the listener (port 0 in tests) and returns the running server and
+//! its port; stopping is the caller's business, so tests and `kobe serve` drive it the same way.
+
+pub mod error;
+pub mod routes;
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use actix_web::dev::{Server, ServerHandle, Service};
+use actix_web::{web, App, HttpServer};
+use futures_util::FutureExt;
+use mongodb::Database;
+use tracing::Instrument;
+
+pub use error::ApiError;
+
+use crate::amqp::{Publisher, Topology};
+use crate::store::{Cache, TaskRepository};
+use crate::tasks::Registry;
+use crate::telemetry::metrics::Metrics;
+
+/// Largest accepted request body.
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub registry: Registry,
+    pub tasks: TaskRepository,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub metrics: Metrics,
+    pub db: Database,
+    pub cache: Cache,
+    /// Bound on each readiness probe.
+    pub dependency_timeout: Duration,
+}
+
+/// A bound, running HTTP server.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Binds `addr` and builds the server; it runs when awaited.
+    pub fn build(
+        state: AppState,
+        addr: SocketAddr,
+        shutdown_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let port = listener.local_addr()?.port();
+        let state = web::Data::new(state);
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(DEFAULT_BODY_LIMIT))
+                .wrap_fn(|request, service| {
+                    let metrics = request
+                        .app_data::<web::Data<AppState>>()
+                        .map(|s| s.metrics.clone());
+                    let method = request.method().to_string();
+                    let route = request
+                        .match_pattern()
+                        .unwrap_or_else(|| "unmatched".to_owned());
+                    let span = tracing::info_span!("http.request", http.method = %method, http.route = %route);
+                    let started = Instant::now();
+                    service
+                        .call(request)
+                        .instrument(span)
+                        .map(move |result| {
+                            if let (Some(metrics), Ok(response)) = (metrics, &result) {
+                                let status = response.status().as_u16().to_string();
+                                metrics
+                                    .http_requests
+                                    .with_label_values(&[&route, &method, &status])
+                                    .inc();
+                                metrics
+                                    .http_request_duration
+                                    .with_label_values(&[&route, &method])
+                                    .observe(started.elapsed().as_secs_f64());
+                            }
+                            result
+                        })
+                })
+                .route("/task/start", web::post().to(routes::tasks::start))
+                .route("/task/status/{id}", web::get().to(routes::tasks::status))
+                .route("/health", web::get().to(routes::health::health))
+                .route("/ready", web::get().to(routes::health::ready))
+                .route("/metrics", web::get().to(routes::metrics::metrics))
+        })
+        .listen(listener)?
+        .disable_signals()
+        .shutdown_timeout(shutdown_timeout.as_secs().max(1))
+        .run();
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle to stop the server (gracefully: in-flight requests finish).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}

@@ -1,0 +1,61 @@
+//! Liveness (`/health`: the process answers) and readiness (`/ready`: every dependency answers
+//! within the probe timeout).
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use crate::http::AppState;
+
+#[tracing::instrument(name = "http.health", skip_all)]
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+#[tracing::instrument(name = "http.ready", skip_all)]
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let timeout = state.dependency_timeout;
+    let (rabbitmq, mongodb, redis) = tokio::join!(
+        bounded(timeout, "rabbitmq", async {
+            state.publisher.connected().map_err(|e| e.to_string())
+        }),
+        bounded(timeout, "mongodb", async {
+            crate::store::ping(&state.db)
+                .await
+                .map_err(|e| e.to_string())
+        }),
+        bounded(timeout, "redis", async {
+            state.cache.ping().await.map_err(|e| e.to_string())
+        }),
+    );
+    let checks = [rabbitmq, mongodb, redis];
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|(_, e)| e.is_some())
+        .map(|(n, _)| *n)
+        .collect();
+    let body = json!({
+        "status": if failed.is_empty() { "ready" } else { "unavailable" },
+        "failed": failed,
+        "checks": checks
+            .iter()
+            .map(|(name, error)| (name.to_string(), json!({"ok": error.is_none(), "error": error})))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    if failed.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn bounded(
+    timeout: std::time::Duration,
+    name: &'static str,
+    check: impl std::future::Future<Output = Result<(), String>>,
+) -> (&'static str, Option<String>) {
+    match tokio::time::timeout(timeout, check).await {
+        Ok(Ok(())) => (name, None),
+        Ok(Err(e)) => (name, Some(e)),
+        Err(_) => (name, Some(format!("no answer within {timeout:?}"))),
+    }
+}
