@@ -1,0 +1,156 @@
+//! The HTTP API against live RabbitMQ, MongoDB and Redis.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::TestEnv;
+use mongodb::bson::doc;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_travels_from_the_api_through_the_worker_to_success() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(10);
+
+    let id = api
+        .submit(json!({"task_name": "demo_long_io", "args": [], "kwargs": {"duration_ms": 200}}))
+        .await;
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    let (status, seen) = api.wait_for_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(status["state"], "SUCCESS", "{status}");
+    assert_eq!(status["task_id"], id.as_str());
+    assert_eq!(status["task_name"], "demo_long_io");
+    assert!(status["finished_at"].is_string(), "{status}");
+    assert_eq!(seen.last().map(String::as_str), Some("SUCCESS"));
+
+    // The document holds the result the handler returned.
+    let stored = env
+        .db
+        .collection::<mongodb::bson::Document>("Tasks")
+        .find_one(doc! {"_id": &id})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored
+            .get_document("result")
+            .unwrap()
+            .get_i64("slept_ms")
+            .unwrap(),
+        200
+    );
+
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_id_never_submitted_is_not_found() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    for id in [
+        uuid::Uuid::new_v4().to_string(),
+        "not a valid id".to_owned(),
+    ] {
+        let response = api.status(&id).await;
+        assert_eq!(response.status(), 404, "{id}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_task_name_is_422_naming_the_field_and_writes_nothing() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let response = api.start_task(json!({"task_name": "no_such_task"})).await;
+    assert_eq!(response.status(), 422);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["field"], "task_name", "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("demo_long_io"));
+    let written = env
+        .db
+        .collection::<mongodb::bson::Document>("Tasks")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(written, 0);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn bad_kwargs_are_422_naming_the_kwarg() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let response = api
+        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": "long"}}))
+        .await;
+    assert_eq!(response.status(), 422);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["field"], "kwargs.duration_ms", "{problem}");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_503_with_a_reason_and_the_task_is_closed() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!("amqp://guest:guest@127.0.0.1:{closed_port}/%2f");
+    let env = TestEnv::with(&[("RABBITMQ_URL", &url), ("KOBE_PUBLISH_TIMEOUT_MS", "2000")]).await;
+    let api = env.spawn_api_unready().await;
+    let response = api
+        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .await;
+    assert_eq!(response.status(), 503);
+    let problem: Value = response.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("RabbitMQ"), "{problem}");
+    // The client was told "not accepted", so the task must never run: it is recorded as FAILURE.
+    let task_id = problem["task_id"]
+        .as_str()
+        .expect("503 names the task it closed");
+    let status: Value = api.status(task_id).await.json().await.unwrap();
+    assert_eq!(status["state"], "FAILURE", "{status}");
+    assert!(status["root_cause"]
+        .as_str()
+        .unwrap()
+        .contains("not published"));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn health_answers_and_ready_reports_each_dependency() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api_unready().await;
+    let health = api
+        .client
+        .get(format!("{}/health", api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // The publisher connects in the background: ready once it has.
+    let body = common::eventually(Duration::from_secs(10), "ready", || async {
+        let response = api
+            .client
+            .get(format!("{}/ready", api.address))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())?;
+        response.json::<Value>().await.ok()
+    })
+    .await;
+    assert_eq!(body["checks"]["mongodb"]["ok"], true);
+    assert_eq!(body["checks"]["redis"]["ok"], true);
+    api.stop().await;
+}

@@ -1,0 +1,244 @@
+//! The `kobe` binary as an operator runs it: `init-db`, `healthcheck`, start-up errors.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use futures_util::TryStreamExt;
+
+fn kobe(env: &TestEnv, args: &[&str], overrides: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kobe"));
+    command
+        .env_clear()
+        .args(["--env-file", "/dev/null"])
+        .args(args);
+    for (k, v) in &env.vars {
+        command.env(k, v);
+    }
+    for (k, v) in overrides {
+        command.env(k, v);
+    }
+    command
+        .env("KOBE_LOG_LEVEL", "warn")
+        .output()
+        .expect("run kobe")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn index_names(env: &TestEnv) -> Vec<String> {
+    let mut names = Vec::new();
+    for spec in kobe::store::migrations::specs().unwrap() {
+        let cursor = env
+            .db
+            .collection::<mongodb::bson::Document>(&spec.collection)
+            .list_indexes()
+            .await
+            .unwrap();
+        let models: Vec<mongodb::IndexModel> = cursor.try_collect().await.unwrap();
+        for model in models {
+            let name = model.options.and_then(|o| o.name).unwrap_or_default();
+            names.push(format!("{}.{name}", spec.collection));
+        }
+    }
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn init_db_creates_every_index_once() {
+    let env = TestEnv::new().await;
+    let first = kobe(&env, &["init-db"], &[]);
+    assert!(first.status.success(), "{first:?}");
+    let after_first = index_names(&env).await;
+    for spec in kobe::store::migrations::specs().unwrap() {
+        for (name, _) in spec.indexes().unwrap() {
+            let full = format!("{}.{name}", spec.collection);
+            assert!(
+                after_first.contains(&full),
+                "{full} missing from {after_first:?}"
+            );
+            assert!(
+                stdout(&first).contains(&format!("created index {full}")),
+                "{}",
+                stdout(&first)
+            );
+        }
+    }
+
+    let second = kobe(&env, &["init-db"], &[]);
+    assert!(second.status.success(), "{second:?}");
+    let report = stdout(&second);
+    assert!(!report.contains("created index"), "{report}");
+    assert!(!report.contains("created collection"), "{report}");
+    assert!(report.contains(" 0 created"), "{report}");
+    assert_eq!(index_names(&env).await, after_first);
+}
+
+#[tokio::test]
+async fn healthcheck_passes_when_everything_holds() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let output = kobe(&env, &["healthcheck"], &[]);
+    let report = stdout(&output);
+    assert!(
+        output.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for name in ["rabbitmq", "mongodb", "redis"] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(name)),
+            "{report}"
+        );
+    }
+    assert!(
+        report.contains(&env.topology.dead_letter_queue()),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_fails_when_indexes_are_missing() {
+    let env = TestEnv::new().await;
+    let output = kobe(&env, &["healthcheck"], &[]);
+    assert!(!output.status.success());
+    let report = stdout(&output);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("mongodb") && l.contains("init-db")),
+        "{report}"
+    );
+}
+
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn healthcheck_names_the_dependency_on_a_closed_port() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let port = closed_port();
+    for (var, url, name) in [
+        (
+            "RABBITMQ_URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            "rabbitmq",
+        ),
+        (
+            "MONGODB_URI",
+            format!("mongodb://127.0.0.1:{port}"),
+            "mongodb",
+        ),
+        ("REDIS_URL", format!("redis://127.0.0.1:{port}/0"), "redis"),
+    ] {
+        let output = kobe(
+            &env,
+            &["healthcheck"],
+            &[(var, &url), ("KOBE_DEPENDENCY_TIMEOUT_MS", "2000")],
+        );
+        assert!(!output.status.success(), "{var}");
+        let report = stdout(&output);
+        let failed: Vec<&str> = report.lines().filter(|l| l.starts_with("FAIL")).collect();
+        assert_eq!(failed.len(), 1, "{report}");
+        assert!(failed[0].contains(name), "{report}");
+    }
+}
+
+#[tokio::test]
+async fn healthcheck_answers_within_ten_seconds_when_nothing_answers() {
+    let env = TestEnv::new().await;
+    // Accepts connections and never says a word.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().take(16).flatten() {
+            held.push(stream);
+        }
+    });
+    let started = Instant::now();
+    let output = kobe(
+        &env,
+        &["healthcheck"],
+        &[
+            (
+                "RABBITMQ_URL",
+                &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            ),
+            ("MONGODB_URI", &format!("mongodb://127.0.0.1:{port}")),
+            ("REDIS_URL", &format!("redis://127.0.0.1:{port}/0")),
+            // The default probe timeout: the 10 s promise must hold without tuning.
+        ],
+    );
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    assert!(!output.status.success());
+    let report = stdout(&output);
+    for name in ["rabbitmq", "mongodb", "redis"] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with("FAIL") && l.contains(name)),
+            "{report}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_setting_stops_start_up_naming_the_variable() {
+    let env = TestEnv::new().await;
+    let output = kobe(&env, &["serve"], &[("KOBE_HTTP_ADDR", "localhost-8000")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("KOBE_HTTP_ADDR"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_password_in_a_bad_url_is_not_printed() {
+    let env = TestEnv::new().await;
+    let output = kobe(
+        &env,
+        &["healthcheck"],
+        &[("RABBITMQ_URL", "amqp://guest:hunter2@127.0.0.1:1/%2f")],
+    );
+    assert!(!output.status.success());
+    let all = format!(
+        "{}{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!all.contains("hunter2"), "{all}");
+    assert!(all.contains("***"), "{all}");
+}
+
+#[test]
+fn help_lists_the_four_commands() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kobe"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for command in ["serve", "worker", "init-db", "healthcheck"] {
+        assert!(help.contains(command), "{help}");
+    }
+    let version = Command::new(env!("CARGO_BIN_EXE_kobe"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("kobe "));
+}
