@@ -1,0 +1,21 @@
+# Multi-stage build: compile in the Rust image, run in a slim Debian with only the binary.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+# Dependencies first, so source edits do not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked && rm -rf src
+COPY src ./src
+COPY migrations ./migrations
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home kobe
+COPY --from=build /src/target/release/kobe /usr/local/bin/kobe
+USER kobe
+ENV KOBE_HTTP_ADDR=0.0.0.0:8000 KOBE_LOG_FORMAT=json
+EXPOSE 8000
+ENTRYPOINT ["kobe"]
+CMD ["serve"]
