@@ -127,6 +127,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Overrides of every task's retry policy, where set.
     pub retry: RetryOverrides,
+    /// Overrides for one task each, applied after `retry`.
+    pub task_retry: BTreeMap<String, RetryOverrides>,
 }
 
 /// Deployment-wide overrides of the retry policies tasks declare.
@@ -214,29 +216,19 @@ impl Settings {
         };
         let retry = RetryOverrides {
             max_retries: optional("KOBE_RETRY_MAX")
-                .map(|v| {
-                    v.parse::<u32>().map_err(|_| ConfigError {
-                        var: "KOBE_RETRY_MAX",
-                        reason: format!("expected a non-negative integer, got `{v}`"),
-                    })
-                })
+                .map(|v| parse_retries("KOBE_RETRY_MAX", &v))
                 .transpose()?,
             base_delay: optional("KOBE_RETRY_BASE_MS")
                 .map(|v| duration_ms("KOBE_RETRY_BASE_MS", &v))
                 .transpose()?,
             factor: optional("KOBE_RETRY_FACTOR")
-                .map(|v| match v.parse::<f64>() {
-                    Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
-                    _ => Err(ConfigError {
-                        var: "KOBE_RETRY_FACTOR",
-                        reason: format!("expected a number of at least 1, got `{v}`"),
-                    }),
-                })
+                .map(|v| parse_factor("KOBE_RETRY_FACTOR", &v))
                 .transpose()?,
             max_delay: optional("KOBE_RETRY_MAX_DELAY_MS")
                 .map(|v| duration_ms("KOBE_RETRY_MAX_DELAY_MS", &v))
                 .transpose()?,
         };
+        let task_retry = parse_task_retry(&get("KOBE_TASK_RETRY", ""))?;
 
         Ok(Self {
             rabbitmq_url,
@@ -254,6 +246,7 @@ impl Settings {
             task_routes,
             shutdown_grace,
             retry,
+            task_retry,
         })
     }
 }
@@ -330,6 +323,56 @@ fn duration_secs(var: &'static str, value: &str) -> Result<Duration, ConfigError
     }
 }
 
+fn parse_retries(var: &'static str, value: &str) -> Result<u32, ConfigError> {
+    value.parse::<u32>().map_err(|_| ConfigError {
+        var,
+        reason: format!("expected a non-negative integer, got `{value}`"),
+    })
+}
+
+fn parse_factor(var: &'static str, value: &str) -> Result<f64, ConfigError> {
+    match value.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
+        _ => Err(ConfigError {
+            var,
+            reason: format!("expected a number of at least 1, got `{value}`"),
+        }),
+    }
+}
+
+/// `task:max=5,base_ms=100,factor=2,cap_ms=2000;other:max=0` → per-task overrides.
+fn parse_task_retry(value: &str) -> Result<BTreeMap<String, RetryOverrides>, ConfigError> {
+    const VAR: &str = "KOBE_TASK_RETRY";
+    let mut policies = BTreeMap::new();
+    for entry in value.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (task, settings) = entry.split_once(':').ok_or_else(|| ConfigError {
+            var: VAR,
+            reason: format!("`{entry}` is not `task:key=value,…`"),
+        })?;
+        let mut o = RetryOverrides::default();
+        for pair in settings.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, v) = pair.split_once('=').ok_or_else(|| ConfigError {
+                var: VAR,
+                reason: format!("`{pair}` is not `key=value`"),
+            })?;
+            match key.trim() {
+                "max" => o.max_retries = Some(parse_retries(VAR, v.trim())?),
+                "base_ms" => o.base_delay = Some(duration_ms(VAR, v.trim())?),
+                "factor" => o.factor = Some(parse_factor(VAR, v.trim())?),
+                "cap_ms" => o.max_delay = Some(duration_ms(VAR, v.trim())?),
+                other => {
+                    return Err(ConfigError {
+                        var: VAR,
+                        reason: format!("unknown key `{other}` (max, base_ms, factor, cap_ms)"),
+                    })
+                }
+            }
+        }
+        policies.insert(task.trim().to_owned(), o);
+    }
+    Ok(policies)
+}
+
 /// `task=route,task2=route2` → map. Routes become queue names, so they use the name alphabet.
 fn parse_routes(value: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     const VAR: &str = "KOBE_TASK_ROUTES";
@@ -395,6 +438,23 @@ mod tests {
         let s = settings(&[("KOBE_TASK_ROUTES", "demo_long_io=io, other=bulk")]).unwrap();
         assert_eq!(s.task_routes.get("demo_long_io").unwrap(), "io");
         assert_eq!(s.task_routes.get("other").unwrap(), "bulk");
+    }
+
+    #[test]
+    fn per_task_retry_policies_parse() {
+        let s = settings(&[(
+            "KOBE_TASK_RETRY",
+            "demo_long_io:max=5,base_ms=100,factor=3,cap_ms=2000; other:max=0",
+        )])
+        .unwrap();
+        let demo = &s.task_retry["demo_long_io"];
+        assert_eq!(demo.max_retries, Some(5));
+        assert_eq!(demo.base_delay, Some(Duration::from_millis(100)));
+        assert_eq!(demo.factor, Some(3.0));
+        assert_eq!(demo.max_delay, Some(Duration::from_secs(2)));
+        assert_eq!(s.task_retry["other"].max_retries, Some(0));
+        let err = settings(&[("KOBE_TASK_RETRY", "demo_long_io:tries=5")]).unwrap_err();
+        assert_eq!(err.var, "KOBE_TASK_RETRY");
     }
 
     #[test]

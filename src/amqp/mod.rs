@@ -41,6 +41,12 @@ pub enum AmqpError {
     Channel(String),
 }
 
+/// Opens a connection the way Kobe's own threads do (TCP_NODELAY, bounded connect time), for
+/// tools, benchmarks and tests that need a raw amiquip connection.
+pub fn connect(url: &ServiceUrl, timeout: Duration) -> Result<amiquip::Connection, AmqpError> {
+    connection::Endpoint::parse(url)?.connect(timeout)
+}
+
 /// A queue as the broker reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueReport {

@@ -4,6 +4,7 @@
 //! run under the hard time limit, panics caught → write the outcome to MongoDB → only then ack,
 //! retry (publish to the delay queue, confirmed, then ack) or dead-letter.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +24,9 @@ use crate::cli::WorkerArgs;
 use crate::config::{RetryOverrides, Settings};
 use crate::store::tasks::Applied;
 use crate::store::{self, Decision, ErrorLogRepository, ErrorRecord, TaskRepository, Transition};
-use crate::tasks::{Invocation, Registry, RetryPolicy, Task, TaskError};
+use crate::tasks::{Invocation, Registry, RetryPolicy, SoftLimit, Task, TaskError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::TraceContext;
 
 /// How long to wait before handing a message back when MongoDB is down, so an outage is not a
 /// redelivery storm.
@@ -57,6 +59,7 @@ pub struct Worker {
     topology: Topology,
     settler: Settler,
     retry: RetryOverrides,
+    task_retry: BTreeMap<String, RetryOverrides>,
     metrics: Metrics,
 }
 
@@ -80,12 +83,19 @@ impl Worker {
             }
         };
         let attempt = message.retries + 1;
+        let trace_id = message
+            .traceparent
+            .as_deref()
+            .and_then(TraceContext::parse)
+            .map(|t| t.trace_id_hex())
+            .unwrap_or_default();
         let span = tracing::info_span!(
             "task",
             task_id = %message.id,
             task = %message.task,
             attempt,
             redelivered = delivery.redelivered,
+            trace_id = %trace_id,
         );
         self.run_message(delivery, message).instrument(span).await;
     }
@@ -96,15 +106,13 @@ impl Worker {
             let cause = format!("unknown task `{}`", message.task);
             self.record_failure(&message, &cause, Decision::DeadLetter, None)
                 .await;
-            let _ = self
+            if let Err(error) = self
                 .tasks
-                .transition(
-                    message.id.as_str(),
-                    Transition::Failure {
-                        root_cause: cause.clone(),
-                    },
-                )
-                .await;
+                .reject(message.id.as_str(), &message.task, &cause)
+                .await
+            {
+                tracing::warn!(error = %error, "cannot record the rejected task");
+            }
             tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "dead_letter", "task failed");
             self.dead_letter(&delivery, Some(&message), &cause).await;
             return;
@@ -208,15 +216,37 @@ impl Worker {
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(Duration::from_secs_f64)
             .unwrap_or_else(|| task.time_limit());
+        let soft = message
+            .soft_time_limit
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .or_else(|| task.soft_time_limit())
+            .filter(|soft| *soft < limit);
+        let (trip, soft_limit) = SoftLimit::pair();
         let invocation = Invocation {
             task_id: message.id.clone(),
             attempt,
             args: message.args.clone(),
             kwargs: message.kwargs.clone(),
+            soft_limit,
         };
         let handle = tokio::spawn(task.run(invocation));
         let abort = handle.abort_handle();
-        match tokio::time::timeout(limit, handle).await {
+        let soft_timer = soft.map(|soft| {
+            tokio::spawn(async move {
+                tokio::time::sleep(soft).await;
+                tracing::warn!(
+                    soft_limit_ms = soft.as_millis() as u64,
+                    "soft time limit reached; handler told to wrap up"
+                );
+                let _ = trip.send(true);
+            })
+        });
+        let outcome = tokio::time::timeout(limit, handle).await;
+        if let Some(timer) = soft_timer {
+            timer.abort();
+        }
+        match outcome {
             Ok(Ok(Ok(value))) => Outcome::Success(value),
             Ok(Ok(Err(TaskError::Retryable(cause)))) => Outcome::Retry { cause },
             Ok(Ok(Err(TaskError::Permanent(cause)))) => Outcome::Fail { cause },
@@ -243,13 +273,18 @@ impl Worker {
         }
     }
 
+    /// The task's own policy, under the deployment-wide overrides, under the task's overrides.
     fn policy(&self, task: &dyn Task) -> RetryPolicy {
         let mut policy = task.retry_policy();
-        let o = &self.retry;
-        policy.max_retries = o.max_retries.unwrap_or(policy.max_retries);
-        policy.base_delay = o.base_delay.unwrap_or(policy.base_delay);
-        policy.factor = o.factor.unwrap_or(policy.factor);
-        policy.max_delay = o.max_delay.unwrap_or(policy.max_delay);
+        for o in [Some(&self.retry), self.task_retry.get(task.name())]
+            .into_iter()
+            .flatten()
+        {
+            policy.max_retries = o.max_retries.unwrap_or(policy.max_retries);
+            policy.base_delay = o.base_delay.unwrap_or(policy.base_delay);
+            policy.factor = o.factor.unwrap_or(policy.factor);
+            policy.max_delay = o.max_delay.unwrap_or(policy.max_delay);
+        }
         policy
     }
 
@@ -396,6 +431,7 @@ pub async fn run(
         topology,
         settler: consumer.settler(),
         retry: settings.retry.clone(),
+        task_retry: settings.task_retry.clone(),
         metrics: Metrics::new(),
     });
     tracing::info!(concurrency = options.concurrency, prefetch, queues = ?queues, "worker started");

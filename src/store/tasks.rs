@@ -214,6 +214,50 @@ impl TaskRepository {
         })
     }
 
+    /// Closes a task the worker refuses to run (unknown task name), creating its document if no
+    /// client wrote one, so its status says why. A task already finished is left alone.
+    #[tracing::instrument(name = "store.tasks.reject", skip(self))]
+    pub async fn reject(
+        &self,
+        id: &str,
+        task_name: &str,
+        root_cause: &str,
+    ) -> Result<Applied, StoreError> {
+        let now = DateTime::now();
+        let from: Vec<&str> = TaskState::Failure
+            .allowed_predecessors()
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        let update = doc! {
+            "$set": {
+                "state": TaskState::Failure.as_str(),
+                "updated_at": now,
+                "finished_at": now,
+                "root_cause": root_cause,
+            },
+            "$setOnInsert": {
+                "task_name": task_name,
+                "created_at": now,
+                "args": [],
+                "kwargs": {},
+                "route": "",
+                "priority": 0,
+                "retries": 0,
+            },
+        };
+        match self
+            .collection
+            .update_one(doc! {"_id": id, "state": {"$in": from}}, update)
+            .upsert(true)
+            .await
+        {
+            Ok(_) => Ok(Applied::Yes),
+            Err(e) if is_duplicate_key(&e) => Ok(Applied::No),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Deletes the collection (tests only).
     pub async fn drop_all(&self) -> Result<(), StoreError> {
         self.collection.drop().await?;

@@ -46,7 +46,17 @@ impl Task for DemoLongIo {
         Box::pin(async move {
             let params =
                 params(&invocation.kwargs).map_err(|e| TaskError::Permanent(e.to_string()))?;
-            tokio::time::sleep(Duration::from_millis(params.duration_ms)).await;
+            let mut soft_limit = invocation.soft_limit.clone();
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(params.duration_ms)) => {}
+                () = soft_limit.reached() => {
+                    // A real handler would close files or roll back here.
+                    tracing::info!("soft time limit reached; stopping early");
+                    return Err(TaskError::Permanent(
+                        "soft time limit exceeded; stopped early".into(),
+                    ));
+                }
+            }
             if u64::from(invocation.attempt) <= params.fail_attempts {
                 return Err(TaskError::Retryable(format!(
                     "simulated I/O failure on attempt {} of {} planned failures",
@@ -69,6 +79,7 @@ mod tests {
             attempt,
             args: vec![],
             kwargs: kwargs.as_object().cloned().unwrap(),
+            soft_limit: crate::tasks::SoftLimit::never(),
         }
     }
 
@@ -81,6 +92,22 @@ mod tests {
         }
         let result = DemoLongIo.run(invocation(3, kwargs)).await.unwrap();
         assert_eq!(result["attempt"], 3);
+    }
+
+    #[tokio::test]
+    async fn stops_early_at_the_soft_limit() {
+        let (trip, soft_limit) = crate::tasks::SoftLimit::pair();
+        let mut call = invocation(1, json!({"duration_ms": 60_000}));
+        call.soft_limit = soft_limit;
+        let running = tokio::spawn(DemoLongIo.run(call));
+        trip.send(true).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(result, Err(TaskError::Permanent(ref m)) if m.contains("soft time limit"))
+        );
     }
 
     #[test]

@@ -38,6 +38,38 @@ pub struct Invocation {
     pub attempt: u32,
     pub args: Vec<Value>,
     pub kwargs: Map<String, Value>,
+    /// Fires when the soft time limit passes: the handler should wrap up. The hard limit follows
+    /// and abandons the attempt whatever the handler does.
+    pub soft_limit: SoftLimit,
+}
+
+/// The soft time limit as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct SoftLimit(tokio::sync::watch::Receiver<bool>);
+
+impl SoftLimit {
+    /// A limit and the switch that trips it.
+    pub fn pair() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (trip, limit) = tokio::sync::watch::channel(false);
+        (trip, Self(limit))
+    }
+
+    /// A limit that never trips.
+    pub fn never() -> Self {
+        Self::pair().1
+    }
+
+    pub fn is_reached(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the soft limit has passed; never, if there is none.
+    pub async fn reached(&mut self) {
+        if self.0.wait_for(|reached| *reached).await.is_err() {
+            // The switch is gone without tripping: no limit will come.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Input a task refuses at submission time, naming the field.
@@ -102,9 +134,14 @@ pub trait Task: Send + Sync + 'static {
         RetryPolicy::default()
     }
 
-    /// Hard time limit when the message carries none.
+    /// Hard time limit when the message carries none: the attempt is abandoned and fails.
     fn time_limit(&self) -> Duration {
         Duration::from_secs(300)
+    }
+
+    /// Soft time limit when the message carries none: the handler is told and may clean up.
+    fn soft_time_limit(&self) -> Option<Duration> {
+        None
     }
 }
 

@@ -2,6 +2,7 @@
 //! that routes panics through it, and the Prometheus registry.
 
 pub mod metrics;
+pub mod trace;
 
 use std::backtrace::Backtrace;
 use std::io::IsTerminal;

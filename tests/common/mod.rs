@@ -287,3 +287,253 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A message read back from a queue.
+#[derive(Debug)]
+pub struct QueuedMessage {
+    pub headers: amiquip::FieldTable,
+    pub body: Vec<u8>,
+    pub priority: Option<u8>,
+}
+
+impl QueuedMessage {
+    pub fn header_text(&self, name: &str) -> Option<String> {
+        match self.headers.get(name)? {
+            amiquip::AmqpValue::LongString(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl TestEnv {
+    /// A publisher of this test's own, for messages the API would not send.
+    pub fn publisher(&self) -> kobe::amqp::Publisher {
+        kobe::amqp::Publisher::start(
+            &self.settings.rabbitmq_url,
+            self.topology.clone(),
+            Duration::from_secs(5),
+        )
+        .expect("publisher")
+    }
+
+    /// Publishes a task message to its route, as a Celery client would.
+    pub async fn publish_message(
+        &self,
+        publisher: &kobe::amqp::Publisher,
+        message: &kobe::amqp::TaskMessage,
+    ) {
+        self.publish_raw(publisher, message.properties(), message.body())
+            .await;
+    }
+
+    pub async fn publish_raw(
+        &self,
+        publisher: &kobe::amqp::Publisher,
+        properties: amiquip::AmqpProperties,
+        body: Vec<u8>,
+    ) {
+        publisher
+            .publish(kobe::amqp::Outgoing {
+                exchange: self.topology.tasks_exchange(),
+                routing_key: kobe::amqp::topology::DEFAULT_ROUTE.into(),
+                body,
+                properties,
+            })
+            .await
+            .expect("publish confirmed");
+    }
+
+    /// Takes every message now in `queue` (acking them).
+    pub async fn drain(&self, queue: String) -> Vec<QueuedMessage> {
+        let url = self.settings.rabbitmq_url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection =
+                kobe::amqp::connect(&url, Duration::from_secs(5)).expect("connect");
+            let channel = connection.open_channel(None).expect("channel");
+            let mut messages = Vec::new();
+            while let Some(get) = channel.basic_get(queue.as_str(), true).expect("basic.get") {
+                messages.push(QueuedMessage {
+                    headers: get
+                        .delivery
+                        .properties
+                        .headers()
+                        .clone()
+                        .unwrap_or_default(),
+                    priority: *get.delivery.properties.priority(),
+                    body: get.delivery.body,
+                });
+            }
+            let _ = connection.close();
+            messages
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Messages ready in `queue`, as the broker reports them.
+    pub async fn queue_depth(&self, queue: String) -> Option<u32> {
+        let url = self.settings.rabbitmq_url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = kobe::amqp::connect(&url, Duration::from_secs(5)).ok()?;
+            let channel = connection.open_channel(None).ok()?;
+            let depth = channel
+                .queue_declare_passive(queue)
+                .ok()?
+                .declared_message_count();
+            let _ = connection.close();
+            depth
+        })
+        .await
+        .ok()?
+    }
+
+    /// Waits until the dead-letter queue holds `count` messages, and takes them.
+    pub async fn dead_letters(&self, count: usize) -> Vec<QueuedMessage> {
+        let mut all = Vec::new();
+        let started = Instant::now();
+        while all.len() < count {
+            all.extend(self.drain(self.topology.dead_letter_queue()).await);
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{} of {count} dead letters: {all:?}",
+                all.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        all
+    }
+
+    pub fn tasks(&self) -> kobe::store::TaskRepository {
+        kobe::store::TaskRepository::new(&self.db)
+    }
+
+    /// Waits until the task's document is in a final state.
+    pub async fn wait_final(&self, id: &str, deadline: Duration) -> kobe::store::TaskDocument {
+        let tasks = self.tasks();
+        eventually(deadline, &format!("task {id} finished"), || async {
+            tasks
+                .get(id)
+                .await
+                .ok()
+                .flatten()
+                .filter(|t| t.state.is_final())
+        })
+        .await
+    }
+
+    /// The `kobe` binary with this test's settings.
+    pub fn kobe_command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kobe"));
+        command
+            .env_clear()
+            .args(["--env-file", "/dev/null"])
+            .args(args);
+        for (k, v) in &self.vars {
+            command.env(k, v);
+        }
+        command.env("KOBE_LOG_LEVEL", "info");
+        command
+    }
+}
+
+/// A RabbitMQ node of the test's own, on its own port, that the test may stop and start: the
+/// machine's shared broker is never touched.
+pub struct PrivateRabbit {
+    pub node: String,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRabbit {
+    pub fn start() -> Self {
+        let port = free_port();
+        let dist_port = free_port();
+        let node = format!("{}@localhost", unique("kobetest").replace('-', "_"));
+        let dir = std::env::temp_dir().join(unique("kobetest-rabbit"));
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        // The machine's rabbitmq.conf pins the listener to 5672: this node gets its own file.
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .unwrap();
+        let status = std::process::Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown of {dir:?} failed");
+        let rabbit = Self { node, port, dir };
+        rabbit.launch(dist_port);
+        rabbit
+    }
+
+    fn launch(&self, dist_port: u16) {
+        let d = &self.dir;
+        let status = std::process::Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_FEATURE_FLAGS_FILE", d.join("feature_flags"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .status()
+            .expect("rabbitmq-server");
+        assert!(status.success());
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "private RabbitMQ {} did not start; see {:?}",
+                self.node,
+                d.join("log")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub fn stop(&self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.node, "stop"])
+            .output();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "private RabbitMQ did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts the node again on the same port, with the same data (durable queues survive).
+    pub fn restart(&self) {
+        self.launch(free_port());
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,6 +1,6 @@
 //! `/task/*`: submit a task, read its status.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use mongodb::bson::DateTime;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -9,6 +9,7 @@ use crate::amqp::{Outgoing, TaskMessage};
 use crate::domain::{Priority, TaskId};
 use crate::http::{ApiError, AppState};
 use crate::store::{TaskDocument, Transition};
+use crate::telemetry::trace::TraceContext;
 
 /// Body of `POST /task/start`.
 #[derive(Debug, Deserialize)]
@@ -60,11 +61,24 @@ struct Accepted {
 
 /// `POST /task/start`: record the task (`PENDING`), publish it, wait for the broker's confirm,
 /// answer `202 {"task_id"}`.
-#[tracing::instrument(name = "http.task.start", skip_all, fields(task = tracing::field::Empty, task_id = tracing::field::Empty))]
-pub async fn start(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+#[tracing::instrument(name = "http.task.start", skip_all, fields(task = tracing::field::Empty, task_id = tracing::field::Empty, trace_id = tracing::field::Empty))]
+pub async fn start(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    // Join the caller's trace if it sent one; the task's message continues it.
+    let trace = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .map(|parent| parent.child())
+        .unwrap_or_else(TraceContext::new_root);
     let request: TaskStart = parse_body(&body)?;
     let span = tracing::Span::current();
     span.record("task", request.task_name.as_str());
+    span.record("trace_id", trace.trace_id_hex());
 
     let task = state.registry.get(&request.task_name).ok_or_else(|| {
         ApiError::validation(
@@ -86,7 +100,7 @@ pub async fn start(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpR
     let id = TaskId::generate();
     span.record("task_id", id.as_str());
     let route = state.topology.route_of(task.name()).to_owned();
-    let document = TaskDocument::pending(
+    let mut document = TaskDocument::pending(
         &id,
         task.name(),
         request.args.clone(),
@@ -94,6 +108,7 @@ pub async fn start(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpR
         &route,
         priority.value(),
     );
+    document.trace_id = Some(trace.trace_id_hex());
     state
         .tasks
         .insert(&document)
@@ -102,6 +117,7 @@ pub async fn start(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpR
 
     let mut message = TaskMessage::new(id.clone(), task.name(), request.args, request.kwargs);
     message.priority = priority;
+    message.traceparent = Some(trace.to_string());
     let outgoing = Outgoing {
         exchange: state.topology.tasks_exchange(),
         routing_key: route,
