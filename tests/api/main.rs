@@ -154,3 +154,42 @@ async fn health_answers_and_ready_reports_each_dependency() {
     assert_eq!(body["checks"]["redis"]["ok"], true);
     api.stop().await;
 }
+
+#[tokio::test]
+async fn with_mongodb_down_the_api_answers_503_naming_it() {
+    let closed = common::free_port();
+    let env = TestEnv::with(&[
+        ("MONGODB_URI", &format!("mongodb://127.0.0.1:{closed}")),
+        ("KOBE_DEPENDENCY_TIMEOUT_MS", "500"),
+    ])
+    .await;
+    let api = env.spawn_api_unready().await;
+    let response = api
+        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .await;
+    assert_eq!(response.status(), 503);
+    let problem: Value = response.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("MongoDB"),
+        "{problem}"
+    );
+    let response = api.status(&uuid::Uuid::new_v4().to_string()).await;
+    assert_eq!(response.status(), 503);
+    let ready = api
+        .client
+        .get(format!("{}/ready", api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert!(
+        body["failed"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("mongodb")),
+        "{body}"
+    );
+    assert_eq!(body["checks"]["redis"]["ok"], true, "{body}");
+    api.stop().await;
+}

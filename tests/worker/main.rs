@@ -409,3 +409,36 @@ async fn routed_tasks_travel_through_their_own_queue() {
     io.stop().await;
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_run_and_dead_letter_tasks_too() {
+    let env = TestEnv::with(&[("KOBE_QUEUE_TYPE", "quorum")]).await;
+    env.init_db().await;
+    let publisher = env.publisher();
+    let mut registry = Registry::with_builtin_tasks();
+    registry.register(AlwaysPermanent).unwrap();
+    let worker = env.spawn_worker_on(2, vec![], registry);
+
+    let ok = demo(json!({"duration_ms": 1}));
+    env.publish_message(&publisher, &ok).await;
+    let doomed = TaskMessage::new(TaskId::generate(), "always_permanent", vec![], Map::new());
+    env.publish_message(&publisher, &doomed).await;
+    assert_eq!(
+        env.wait_final(ok.id.as_str(), Duration::from_secs(20))
+            .await
+            .state,
+        TaskState::Success
+    );
+    assert_eq!(
+        env.wait_final(doomed.id.as_str(), Duration::from_secs(20))
+            .await
+            .state,
+        TaskState::Failure
+    );
+    let dead = env.dead_letters(1).await;
+    assert_eq!(
+        dead[0].header_text("id").as_deref(),
+        Some(doomed.id.as_str())
+    );
+    worker.stop().await;
+}
