@@ -125,6 +125,14 @@ pub struct Settings {
     pub task_routes: BTreeMap<String, String>,
     /// How long a stopping worker lets in-flight tasks finish.
     pub shutdown_grace: Duration,
+    /// How long a dedup fingerprint keeps answering with its first task.
+    pub dedup_window: Duration,
+    /// Arguments and results larger than this many bytes (as JSON) go to `RawPayload`.
+    pub payload_inline_limit: usize,
+    /// The outbox publishes unconfirmed tasks older than this...
+    pub outbox_age: Duration,
+    /// ...looking this often.
+    pub outbox_interval: Duration,
     /// Overrides of every task's retry policy, where set.
     pub retry: RetryOverrides,
     /// Overrides for one task each, applied after `retry`.
@@ -229,6 +237,21 @@ impl Settings {
                 .transpose()?,
         };
         let task_retry = parse_task_retry(&get("KOBE_TASK_RETRY", ""))?;
+        let dedup_window =
+            duration_secs("KOBE_DEDUP_WINDOW_S", &get("KOBE_DEDUP_WINDOW_S", "86400"))?;
+        let payload_inline_limit = get("KOBE_PAYLOAD_INLINE_LIMIT", "16384")
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (256..=8 * 1024 * 1024).contains(n))
+            .ok_or_else(|| ConfigError {
+                var: "KOBE_PAYLOAD_INLINE_LIMIT",
+                reason: "expected a number of bytes between 256 and 8388608".into(),
+            })?;
+        let outbox_age = duration_ms("KOBE_OUTBOX_AGE_MS", &get("KOBE_OUTBOX_AGE_MS", "30000"))?;
+        let outbox_interval = duration_ms(
+            "KOBE_OUTBOX_INTERVAL_MS",
+            &get("KOBE_OUTBOX_INTERVAL_MS", "5000"),
+        )?;
 
         Ok(Self {
             rabbitmq_url,
@@ -245,6 +268,10 @@ impl Settings {
             dependency_timeout,
             task_routes,
             shutdown_grace,
+            dedup_window,
+            payload_inline_limit,
+            outbox_age,
+            outbox_interval,
             retry,
             task_retry,
         })
@@ -426,6 +453,8 @@ mod tests {
             ("KOBE_QUEUE_TYPE", "stream"),
             ("KOBE_RETRY_FACTOR", "0.5"),
             ("KOBE_RETRY_MAX", "many"),
+            ("KOBE_PAYLOAD_INLINE_LIMIT", "1"),
+            ("KOBE_OUTBOX_AGE_MS", "0"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{value}");

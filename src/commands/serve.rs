@@ -4,10 +4,15 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 
+use super::outbox::Outbox;
+use super::submit::Submitter;
 use crate::amqp::Publisher;
 use crate::config::Settings;
 use crate::http::{AppState, Application};
-use crate::store::{self, Cache, TaskRepository};
+use crate::store::{
+    self, Cache, DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository,
+    TaskRepository,
+};
 use crate::tasks::Registry;
 use crate::telemetry::metrics::Metrics;
 
@@ -35,11 +40,22 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         settings.publish_timeout,
     )
     .context("failed to start the publisher")?;
+    let submitter = Submitter::new(
+        TaskRepository::new(&db),
+        PayloadRepository::new(&db),
+        publisher,
+        topology,
+        settings.payload_inline_limit,
+    );
     Ok(AppState {
         registry,
         tasks: TaskRepository::new(&db),
-        publisher,
-        topology,
+        errors: ErrorLogRepository::new(&db),
+        dedup: DedupRepository::new(&db),
+        shards: ShardRepository::new(&db),
+        payloads: PayloadRepository::new(&db),
+        submitter,
+        dedup_window: settings.dedup_window,
         metrics: Metrics::new(),
         db,
         cache,
@@ -51,6 +67,15 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
 pub async fn run(settings: Settings, addr: Option<SocketAddr>) -> anyhow::Result<()> {
     let addr = addr.unwrap_or(settings.http_addr);
     let state = state(&settings, Registry::with_builtin_tasks()).await?;
+    let outbox = Outbox {
+        tasks: state.tasks.clone(),
+        submitter: state.submitter.clone(),
+        age: settings.outbox_age,
+    };
+    let (outbox_stop, outbox_stopped) = tokio::sync::oneshot::channel::<()>();
+    let outbox = tokio::spawn(outbox.run(settings.outbox_interval, async move {
+        let _ = outbox_stopped.await;
+    }));
     let app = Application::build(state, addr, settings.shutdown_grace)
         .with_context(|| format!("failed to listen on {addr}"))?;
     tracing::info!(addr = %addr, port = app.port(), "serving the HTTP API");
@@ -62,6 +87,8 @@ pub async fn run(settings: Settings, addr: Option<SocketAddr>) -> anyhow::Result
     app.run_until_stopped()
         .await
         .context("HTTP server failed")?;
+    let _ = outbox_stop.send(());
+    let _ = outbox.await;
     tracing::info!("HTTP API stopped");
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
+use super::submit::{NewTask, SubmitError, Submitter, PAYLOAD_HEADER};
 use crate::amqp::consumer::Settler;
 use crate::amqp::topology::RETRY_LEVEL_HEADER;
 use crate::amqp::{
@@ -22,9 +24,15 @@ use crate::amqp::{
 };
 use crate::cli::WorkerArgs;
 use crate::config::{RetryOverrides, Settings};
-use crate::store::tasks::Applied;
-use crate::store::{self, Decision, ErrorLogRepository, ErrorRecord, TaskRepository, Transition};
-use crate::tasks::{Invocation, Registry, RetryPolicy, SoftLimit, Task, TaskError};
+use crate::store::payloads::reference_value;
+use crate::store::tasks::{Applied, Takeover};
+use crate::store::{
+    self, CheckpointRepository, Decision, ErrorLogRepository, ErrorRecord, LeaseRepository,
+    PayloadRepository, ShardRepository, StoreError, TaskRepository, Transition,
+};
+use crate::tasks::{
+    ChildTask, Invocation, Registry, RetryPolicy, SoftLimit, Spawner, Task, TaskContext, TaskError,
+};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::TraceContext;
 
@@ -55,6 +63,10 @@ pub struct Worker {
     registry: Registry,
     tasks: TaskRepository,
     errors: ErrorLogRepository,
+    payloads: PayloadRepository,
+    context: Arc<TaskContext>,
+    /// Results larger than this (JSON bytes) go to `RawPayload`.
+    inline_limit: usize,
     publisher: Publisher,
     topology: Topology,
     settler: Settler,
@@ -118,6 +130,17 @@ impl Worker {
             return;
         };
 
+        let limit = hard_limit(task.as_ref(), &message);
+        let takeover = if delivery.redelivered {
+            Takeover::Redelivered
+        } else {
+            // A fresh copy of a task another attempt started (a duplicate publish) waits until
+            // that attempt must be over: never two copies side by side.
+            let grace = limit + Duration::from_secs(30);
+            Takeover::StartedBefore(DateTime::from_millis(
+                DateTime::now().timestamp_millis() - grace.as_millis() as i64,
+            ))
+        };
         let started = self
             .tasks
             .transition(
@@ -125,6 +148,7 @@ impl Worker {
                 Transition::Started {
                     task_name: message.task.clone(),
                     retries: message.retries,
+                    takeover,
                 },
             )
             .await;
@@ -146,10 +170,50 @@ impl Worker {
             }
         }
 
-        let outcome = self.execute(task.as_ref(), &message, attempt).await;
+        let mut message = message;
+        if let Some(reference) = payload_reference(&delivery) {
+            match self.payloads.get(&reference).await {
+                Ok(Some(value)) => {
+                    message.args = value["args"].as_array().cloned().unwrap_or_default();
+                    message.kwargs = value["kwargs"].as_object().cloned().unwrap_or_default();
+                }
+                Ok(None) => {
+                    let cause = format!("payload {reference} is missing from RawPayload");
+                    let _ = self
+                        .tasks
+                        .transition(
+                            message.id.as_str(),
+                            Transition::Failure {
+                                root_cause: cause.clone(),
+                            },
+                        )
+                        .await;
+                    self.record_failure(&message, &cause, Decision::DeadLetter, None)
+                        .await;
+                    tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "dead_letter", "task failed");
+                    self.dead_letter(&delivery, Some(&message), &cause).await;
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot load the task's payload; message returns to the queue");
+                    tokio::time::sleep(STORE_OUTAGE_PAUSE).await;
+                    self.settler.settle(delivery.tag, Settlement::Requeue);
+                    return;
+                }
+            }
+        }
+        let outcome = self.execute(task.as_ref(), &message, attempt, limit).await;
         let policy = self.policy(task.as_ref());
         let (transition, settlement) = match outcome {
-            Outcome::Success(result) => (Transition::Success { result }, Settled::Ack),
+            Outcome::Success(result) => match self.offload(message.id.as_str(), result).await {
+                Ok(result) => (Transition::Success { result }, Settled::Ack),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot store the large result; message returns to the queue");
+                    tokio::time::sleep(STORE_OUTAGE_PAUSE).await;
+                    self.settler.settle(delivery.tag, Settlement::Requeue);
+                    return;
+                }
+            },
             Outcome::Retry { cause } if message.retries < policy.max_retries => {
                 let delay = policy.delay_for(attempt, fastrand::f64());
                 (
@@ -210,12 +274,13 @@ impl Worker {
     }
 
     /// Runs the handler on its own task, so a panic is caught, under the hard time limit.
-    async fn execute(&self, task: &dyn Task, message: &TaskMessage, attempt: u32) -> Outcome {
-        let limit = message
-            .hard_time_limit
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .unwrap_or_else(|| task.time_limit());
+    async fn execute(
+        &self,
+        task: &dyn Task,
+        message: &TaskMessage,
+        attempt: u32,
+        limit: Duration,
+    ) -> Outcome {
         let soft = message
             .soft_time_limit
             .filter(|s| s.is_finite() && *s > 0.0)
@@ -229,6 +294,7 @@ impl Worker {
             args: message.args.clone(),
             kwargs: message.kwargs.clone(),
             soft_limit,
+            context: Some(self.context.clone()),
         };
         let handle = tokio::spawn(task.run(invocation));
         let abort = handle.abort_handle();
@@ -271,6 +337,20 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Keeps a large result in `RawPayload`, leaving a reference in its place.
+    async fn offload(
+        &self,
+        task_id: &str,
+        result: Value,
+    ) -> Result<Value, crate::store::StoreError> {
+        let size = serde_json::to_vec(&result).map_or(0, |v| v.len());
+        if size <= self.inline_limit {
+            return Ok(result);
+        }
+        let reference = self.payloads.put(task_id, "result", &result).await?;
+        Ok(reference_value(&reference))
     }
 
     /// The task's own policy, under the deployment-wide overrides, under the task's overrides.
@@ -375,6 +455,58 @@ impl Worker {
     }
 }
 
+/// The hard time limit: the message's, else the task's.
+fn hard_limit(task: &dyn Task, message: &TaskMessage) -> Duration {
+    message
+        .hard_time_limit
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or_else(|| task.time_limit())
+}
+
+fn payload_reference(delivery: &Delivery) -> Option<String> {
+    match delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .get(PAYLOAD_HEADER)?
+    {
+        amiquip::AmqpValue::LongString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Lets tasks submit child tasks through the worker's own publisher.
+struct WorkerSpawner {
+    submitter: Submitter,
+}
+
+impl Spawner for WorkerSpawner {
+    fn spawn(
+        &self,
+        child: ChildTask,
+    ) -> Pin<Box<dyn Future<Output = Result<(), TaskError>> + Send + '_>> {
+        Box::pin(async move {
+            let route = self
+                .submitter
+                .topology()
+                .route_of(&child.task_name)
+                .to_owned();
+            let mut task = NewTask::new(child.id, &child.task_name, &route);
+            task.kwargs = child.kwargs;
+            task.parent_id = Some(child.parent_id.to_string());
+            match self.submitter.submit(task).await {
+                Ok(()) => Ok(()),
+                // Spawned by an earlier attempt of the parent.
+                Err(SubmitError::Store(StoreError::Duplicate(_))) => Ok(()),
+                Err(e) => Err(TaskError::Retryable(format!(
+                    "cannot submit a child task: {e}"
+                ))),
+            }
+        })
+    }
+}
+
 enum Settled {
     Ack,
     Retry { cause: String, delay: Duration },
@@ -423,10 +555,26 @@ pub async fn run(
         deliveries_tx,
     )
     .context("failed to start the consumer")?;
+    let submitter = Submitter::new(
+        TaskRepository::new(&db),
+        PayloadRepository::new(&db),
+        publisher.clone(),
+        topology.clone(),
+        settings.payload_inline_limit,
+    );
+    let context = Arc::new(TaskContext {
+        leases: LeaseRepository::new(&db),
+        checkpoints: CheckpointRepository::new(&db),
+        shards: ShardRepository::new(&db),
+        spawner: Arc::new(WorkerSpawner { submitter }),
+    });
     let worker = Arc::new(Worker {
         registry,
         tasks: TaskRepository::new(&db),
         errors: ErrorLogRepository::new(&db),
+        payloads: PayloadRepository::new(&db),
+        context,
+        inline_limit: settings.payload_inline_limit,
         publisher,
         topology,
         settler: consumer.settler(),

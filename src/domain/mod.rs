@@ -1,5 +1,10 @@
 //! Domain vocabulary: task ids, task states and priorities, parsed once at the edge. No I/O here.
 
+pub mod fingerprint;
+pub mod shard;
+
+pub use fingerprint::Fingerprint;
+
 use std::fmt;
 use std::str::FromStr;
 

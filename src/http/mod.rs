@@ -17,8 +17,10 @@ use tracing::Instrument;
 
 pub use error::ApiError;
 
-use crate::amqp::{Publisher, Topology};
-use crate::store::{Cache, TaskRepository};
+use crate::commands::submit::Submitter;
+use crate::store::{
+    Cache, DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository,
+};
 use crate::tasks::Registry;
 use crate::telemetry::metrics::Metrics;
 
@@ -29,8 +31,14 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 pub struct AppState {
     pub registry: Registry,
     pub tasks: TaskRepository,
-    pub publisher: Publisher,
-    pub topology: Topology,
+    pub errors: ErrorLogRepository,
+    pub dedup: DedupRepository,
+    pub shards: ShardRepository,
+    pub payloads: PayloadRepository,
+    /// Records and publishes tasks.
+    pub submitter: Submitter,
+    /// How long a dedup fingerprint holds.
+    pub dedup_window: Duration,
     pub metrics: Metrics,
     pub db: Database,
     pub cache: Cache,

@@ -2,8 +2,13 @@
 //! collections, and the Redis connection. Returns [`StoreError`]; knows nothing of HTTP or AMQP.
 
 pub mod cache;
+pub mod checkpoints;
+pub mod dedup;
 pub mod error_log;
+pub mod leases;
 pub mod migrations;
+pub mod payloads;
+pub mod shards;
 pub mod tasks;
 
 use std::time::Duration;
@@ -12,7 +17,12 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
 pub use cache::Cache;
+pub use checkpoints::CheckpointRepository;
+pub use dedup::{Claim, DedupRepository};
 pub use error_log::{Decision, ErrorLogRepository, ErrorRecord};
+pub use leases::{Lease, LeaseItem, LeaseRepository};
+pub use payloads::PayloadRepository;
+pub use shards::{ShardMeta, ShardRepository};
 pub use tasks::{TaskDocument, TaskRepository, Transition};
 
 use crate::config::ServiceUrl;

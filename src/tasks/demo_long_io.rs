@@ -80,6 +80,7 @@ mod tests {
             args: vec![],
             kwargs: kwargs.as_object().cloned().unwrap(),
             soft_limit: crate::tasks::SoftLimit::never(),
+            context: None,
         }
     }
 

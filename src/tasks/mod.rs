@@ -2,6 +2,7 @@
 //! process knows. Nothing here knows how a task arrived or where its outcome goes.
 
 mod demo_long_io;
+mod demo_sharded_job;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -12,8 +13,10 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 pub use demo_long_io::DemoLongIo;
+pub use demo_sharded_job::{DemoShard, DemoShardedJob};
 
 use crate::domain::TaskId;
+use crate::store::{CheckpointRepository, LeaseRepository, ShardRepository};
 
 /// What a handler's future resolves to.
 pub type TaskResult = Result<Value, TaskError>;
@@ -41,6 +44,51 @@ pub struct Invocation {
     /// Fires when the soft time limit passes: the handler should wrap up. The hard limit follows
     /// and abandons the attempt whatever the handler does.
     pub soft_limit: SoftLimit,
+    /// What a worker offers tasks that need more than their arguments; `None` outside a worker.
+    pub context: Option<Arc<TaskContext>>,
+}
+
+impl Invocation {
+    /// The worker's context, or a permanent error for a task that cannot run without one.
+    pub fn context(&self) -> Result<Arc<TaskContext>, TaskError> {
+        self.context
+            .clone()
+            .ok_or_else(|| TaskError::Permanent("this task needs a worker's context".into()))
+    }
+}
+
+/// Services a worker lends to tasks: the lease frontier, checkpoints, shard plans, and a way to
+/// submit child tasks.
+pub struct TaskContext {
+    pub leases: LeaseRepository,
+    pub checkpoints: CheckpointRepository,
+    pub shards: ShardRepository,
+    pub spawner: Arc<dyn Spawner>,
+}
+
+impl std::fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskContext").finish_non_exhaustive()
+    }
+}
+
+/// A task submitted by a running task.
+#[derive(Debug, Clone)]
+pub struct ChildTask {
+    pub id: TaskId,
+    pub task_name: String,
+    pub kwargs: Map<String, Value>,
+    pub parent_id: TaskId,
+}
+
+/// Submits child tasks (implemented where tasks meet the broker, in `commands`).
+pub trait Spawner: Send + Sync {
+    /// Records and publishes `child`. Spawning an id that already exists is not an error: a
+    /// retried parent spawns the same children again.
+    fn spawn(
+        &self,
+        child: ChildTask,
+    ) -> Pin<Box<dyn Future<Output = Result<(), TaskError>> + Send + '_>>;
 }
 
 /// The soft time limit as a handler sees it.
@@ -164,9 +212,11 @@ impl Registry {
     /// Kobe's built-in tasks.
     pub fn with_builtin_tasks() -> Self {
         let mut registry = Self::new();
-        registry
+        let registered = registry
             .register(DemoLongIo)
-            .expect("built-in task names are unique");
+            .and_then(|()| registry.register(DemoShardedJob))
+            .and_then(|()| registry.register(DemoShard));
+        registered.expect("built-in task names are unique");
         registry
     }
 
@@ -229,6 +279,9 @@ mod tests {
     fn duplicate_names_are_refused() {
         let mut registry = Registry::with_builtin_tasks();
         assert!(registry.register(DemoLongIo).is_err());
-        assert_eq!(registry.names(), vec!["demo_long_io"]);
+        assert_eq!(
+            registry.names(),
+            vec!["demo_long_io", "demo_shard", "demo_sharded_job"]
+        );
     }
 }

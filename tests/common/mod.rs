@@ -103,7 +103,12 @@ impl TestEnv {
 
     /// Starts the API on a free port without waiting for its dependencies.
     pub async fn spawn_api_unready(&self) -> TestApi {
-        let state = commands::serve::state(&self.settings, Registry::with_builtin_tasks())
+        self.spawn_api_with(Registry::with_builtin_tasks()).await
+    }
+
+    /// Starts the API with a registry of the test's own, without waiting for its dependencies.
+    pub async fn spawn_api_with(&self, registry: Registry) -> TestApi {
+        let state = commands::serve::state(&self.settings, registry)
             .await
             .expect("app state");
         let app = Application::build(state, self.settings.http_addr, Duration::from_secs(5))

@@ -16,7 +16,11 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let timeout = state.dependency_timeout;
     let (rabbitmq, mongodb, redis) = tokio::join!(
         bounded(timeout, "rabbitmq", async {
-            state.publisher.connected().map_err(|e| e.to_string())
+            state
+                .submitter
+                .publisher()
+                .connected()
+                .map_err(|e| e.to_string())
         }),
         bounded(timeout, "mongodb", async {
             crate::store::ping(&state.db)

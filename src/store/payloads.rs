@@ -1,0 +1,86 @@
+//! `RawPayload`: task arguments and results too large to travel in a message or sit in `Tasks`.
+
+use mongodb::bson::{doc, DateTime};
+use mongodb::{Collection, Database};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::StoreError;
+
+pub const COLLECTION: &str = "RawPayload";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawPayload {
+    /// `{task_id}:args` or `{task_id}:result`.
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub task_id: String,
+    pub kind: String,
+    /// The JSON, as text: any JSON survives the trip unchanged (BSON has no u64, for one).
+    pub json: String,
+    pub bytes: u64,
+    pub created_at: DateTime,
+}
+
+#[derive(Clone)]
+pub struct PayloadRepository {
+    collection: Collection<RawPayload>,
+}
+
+impl PayloadRepository {
+    pub fn new(db: &Database) -> Self {
+        Self {
+            collection: db.collection(COLLECTION),
+        }
+    }
+
+    /// Stores `value` for `task_id` under `kind`; returns the reference. Storing the same
+    /// reference again replaces it (a retried attempt's result).
+    #[tracing::instrument(name = "store.payloads.put", skip(self, value))]
+    pub async fn put(
+        &self,
+        task_id: &str,
+        kind: &str,
+        value: &Value,
+    ) -> Result<String, StoreError> {
+        let json = value.to_string();
+        let id = format!("{task_id}:{kind}");
+        let payload = RawPayload {
+            id: id.clone(),
+            task_id: task_id.to_owned(),
+            kind: kind.to_owned(),
+            bytes: json.len() as u64,
+            json,
+            created_at: DateTime::now(),
+        };
+        self.collection
+            .replace_one(doc! {"_id": &id}, &payload)
+            .upsert(true)
+            .await?;
+        Ok(id)
+    }
+
+    #[tracing::instrument(name = "store.payloads.get", skip(self))]
+    pub async fn get(&self, reference: &str) -> Result<Option<Value>, StoreError> {
+        let Some(payload) = self.collection.find_one(doc! {"_id": reference}).await? else {
+            return Ok(None);
+        };
+        serde_json::from_str(&payload.json)
+            .map(Some)
+            .map_err(|e| StoreError::Malformed(format!("RawPayload {reference}: {e}")))
+    }
+}
+
+/// A reference as it is stored in place of a large value: `{"kobe_payload_ref": "<id>"}`.
+pub fn reference_value(reference: &str) -> Value {
+    serde_json::json!({ "kobe_payload_ref": reference })
+}
+
+/// The reference in a value written by [`reference_value`], if it is one.
+pub fn reference_in(value: &Value) -> Option<&str> {
+    value
+        .as_object()
+        .filter(|o| o.len() == 1)?
+        .get("kobe_payload_ref")?
+        .as_str()
+}

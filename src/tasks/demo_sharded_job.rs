@@ -1,0 +1,303 @@
+//! `demo_sharded_job` and its shards, `demo_shard`: the shape of a sharded crawl.
+//!
+//! The job splits its items with `fnv1a64(item) % shards`, records that plan in `ShardMeta` before
+//! any shard runs, puts each item on the lease frontier (`PendingTasks`, one queue per shard) and
+//! submits one `demo_shard` task per shard. A shard leases its items one by one, does the work,
+//! records a `TaskCheckpoint` and completes the lease; a retried or redelivered shard skips what
+//! its checkpoints say is done. `fail_after` makes every shard fail (retryably) on its first
+//! attempt after that many items, to show the resume.
+
+use std::time::Duration;
+
+use mongodb::bson::{doc, DateTime};
+use serde_json::{json, Map, Value};
+
+use super::{optional_u64, ChildTask, InvalidInput, Invocation, Task, TaskError, TaskFuture};
+use crate::domain::shard::{shard_of, HASH_NAME, STRATEGY};
+use crate::domain::TaskId;
+use crate::store::ShardMeta;
+
+const MAX_SHARDS: u64 = 256;
+const MAX_ITEMS: usize = 100_000;
+/// A shard's lease on one item; items are short, so no renewal is needed.
+const ITEM_LEASE: Duration = Duration::from_secs(60);
+
+pub struct DemoShardedJob;
+pub struct DemoShard;
+
+fn store_error(e: crate::store::StoreError) -> TaskError {
+    TaskError::Retryable(e.to_string())
+}
+
+fn job_key(kwargs: &Map<String, Value>) -> Result<String, InvalidInput> {
+    let invalid = |reason: &str| InvalidInput {
+        field: "kwargs.job_key".into(),
+        reason: reason.into(),
+    };
+    let key = kwargs
+        .get("job_key")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("required: a string naming the job"))?;
+    // It becomes part of task ids and queue names.
+    if key.is_empty()
+        || key.len() > 64
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(invalid("1–64 letters, digits, `-`, `_` or `.`"));
+    }
+    Ok(key.to_owned())
+}
+
+struct JobParams {
+    job_key: String,
+    items: Vec<String>,
+    shards: u32,
+    fail_after: Option<u64>,
+    item_ms: u64,
+}
+
+fn job_params(kwargs: &Map<String, Value>) -> Result<JobParams, InvalidInput> {
+    let job_key = job_key(kwargs)?;
+    let items: Vec<String> = match (kwargs.get("items"), kwargs.get("count")) {
+        (Some(Value::Array(items)), None) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(InvalidInput {
+                    field: "kwargs.items".into(),
+                    reason: "every item key is a string".into(),
+                }),
+            })
+            .collect::<Result<_, _>>()?,
+        (None, Some(_)) => {
+            let count = optional_u64(kwargs, "count", 0)?;
+            (0..count).map(|i| format!("item-{i}")).collect()
+        }
+        _ => {
+            return Err(InvalidInput {
+                field: "kwargs.items".into(),
+                reason: "give either `items` (a list of keys) or `count`".into(),
+            })
+        }
+    };
+    if items.is_empty() || items.len() > MAX_ITEMS {
+        return Err(InvalidInput {
+            field: "kwargs.items".into(),
+            reason: format!("between 1 and {MAX_ITEMS} items"),
+        });
+    }
+    let shards = optional_u64(kwargs, "shards", 4)?;
+    if !(1..=MAX_SHARDS).contains(&shards) {
+        return Err(InvalidInput {
+            field: "kwargs.shards".into(),
+            reason: format!("between 1 and {MAX_SHARDS}"),
+        });
+    }
+    let fail_after = match kwargs.get("fail_after") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(optional_u64(kwargs, "fail_after", 0)?),
+    };
+    Ok(JobParams {
+        job_key,
+        items,
+        shards: shards as u32,
+        fail_after,
+        item_ms: optional_u64(kwargs, "item_ms", 0)?,
+    })
+}
+
+/// The queue (and checkpoint shard key) of one shard.
+pub fn shard_queue(job_key: &str, shard: u32) -> String {
+    format!("{job_key}:shard:{shard}")
+}
+
+impl Task for DemoShardedJob {
+    fn name(&self) -> &'static str {
+        "demo_sharded_job"
+    }
+
+    fn validate(&self, _args: &[Value], kwargs: &Map<String, Value>) -> Result<(), InvalidInput> {
+        job_params(kwargs).map(drop)
+    }
+
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        Box::pin(async move {
+            let params =
+                job_params(&invocation.kwargs).map_err(|e| TaskError::Permanent(e.to_string()))?;
+            let context = invocation.context()?;
+            let shard_task_ids: Vec<String> = (0..params.shards)
+                .map(|i| shard_queue(&params.job_key, i))
+                .collect();
+            // The plan is written before any shard exists; a retried planner gets the same plan.
+            let plan = context
+                .shards
+                .plan(&ShardMeta {
+                    job_id: params.job_key.clone(),
+                    strategy: STRATEGY.into(),
+                    hash: HASH_NAME.into(),
+                    shards: params.shards,
+                    items: params.items.len() as u64,
+                    shard_task_ids: shard_task_ids.clone(),
+                    planned_by: invocation.task_id.to_string(),
+                    created_at: DateTime::now(),
+                })
+                .await
+                .map_err(store_error)?;
+            if plan.planned_by != invocation.task_id.as_str() {
+                return Err(TaskError::Permanent(format!(
+                    "job `{}` was already planned by task {}",
+                    plan.job_id, plan.planned_by
+                )));
+            }
+            for item in &params.items {
+                let shard = shard_of(item, plan.shards);
+                context
+                    .leases
+                    .enqueue(
+                        &shard_queue(&plan.job_id, shard),
+                        &format!("{}:{item}", plan.job_id),
+                        doc! {"item": item},
+                    )
+                    .await
+                    .map_err(store_error)?;
+            }
+            for (shard, id) in plan.shard_task_ids.iter().enumerate() {
+                let mut kwargs = Map::new();
+                kwargs.insert("job_key".into(), json!(plan.job_id));
+                kwargs.insert("shard".into(), json!(shard));
+                kwargs.insert("item_ms".into(), json!(params.item_ms));
+                if let Some(k) = params.fail_after {
+                    kwargs.insert("fail_after".into(), json!(k));
+                }
+                context
+                    .spawner
+                    .spawn(ChildTask {
+                        id: TaskId::parse(id).map_err(TaskError::Permanent)?,
+                        task_name: "demo_shard".into(),
+                        kwargs,
+                        parent_id: invocation.task_id.clone(),
+                    })
+                    .await?;
+            }
+            Ok(json!({
+                "job_id": plan.job_id,
+                "strategy": plan.strategy,
+                "hash": plan.hash,
+                "shards": plan.shards,
+                "items": plan.items,
+                "shard_task_ids": plan.shard_task_ids,
+            }))
+        })
+    }
+}
+
+impl Task for DemoShard {
+    fn name(&self) -> &'static str {
+        "demo_shard"
+    }
+
+    fn validate(&self, _args: &[Value], kwargs: &Map<String, Value>) -> Result<(), InvalidInput> {
+        job_key(kwargs)?;
+        optional_u64(kwargs, "shard", 0).map(drop)
+    }
+
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        Box::pin(async move {
+            let kwargs = &invocation.kwargs;
+            let job = job_key(kwargs).map_err(|e| TaskError::Permanent(e.to_string()))?;
+            let shard = optional_u64(kwargs, "shard", 0)
+                .map_err(|e| TaskError::Permanent(e.to_string()))?;
+            let fail_after = match kwargs.get("fail_after") {
+                None | Some(Value::Null) => None,
+                Some(v) => v.as_u64(),
+            };
+            let item_ms = optional_u64(kwargs, "item_ms", 0).unwrap_or(0);
+            let context = invocation.context()?;
+            let queue = shard_queue(&job, shard as u32);
+            let holder = format!("{}#{}", invocation.task_id, invocation.attempt);
+            let done = context
+                .checkpoints
+                .done(&queue)
+                .await
+                .map_err(store_error)?;
+            let (mut processed, mut skipped) = (0u64, 0u64);
+            while let Some(lease) = context
+                .leases
+                .lease(&queue, &holder, ITEM_LEASE)
+                .await
+                .map_err(store_error)?
+            {
+                let key = lease.item.task_key.clone();
+                let item = lease
+                    .item
+                    .payload
+                    .get_str("item")
+                    .unwrap_or_default()
+                    .to_owned();
+                if !done.contains(&item) {
+                    if invocation.attempt == 1 && fail_after == Some(processed) {
+                        let _ = context.leases.release(&key, &holder).await;
+                        return Err(TaskError::Retryable(format!(
+                            "simulated failure after {processed} items"
+                        )));
+                    }
+                    if item_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(item_ms)).await;
+                    }
+                    // The checkpoint is the item's effect: recording it twice is impossible.
+                    let recorded = context
+                        .checkpoints
+                        .record(&job, &queue, &item, invocation.attempt)
+                        .await
+                        .map_err(store_error)?;
+                    if recorded {
+                        processed += 1;
+                    } else {
+                        skipped += 1;
+                    }
+                } else {
+                    skipped += 1;
+                }
+                context
+                    .leases
+                    .complete(&key, &holder)
+                    .await
+                    .map_err(store_error)?;
+            }
+            Ok(json!({"job_id": job, "shard": shard, "processed": processed, "skipped": skipped}))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kwargs(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn parameters_are_checked_naming_the_field() {
+        let field = |v: Value| DemoShardedJob.validate(&[], &kwargs(v)).unwrap_err().field;
+        assert_eq!(field(json!({"count": 3})), "kwargs.job_key");
+        assert_eq!(
+            field(json!({"job_key": "a/b", "count": 3})),
+            "kwargs.job_key"
+        );
+        assert_eq!(field(json!({"job_key": "j"})), "kwargs.items");
+        assert_eq!(field(json!({"job_key": "j", "items": [1]})), "kwargs.items");
+        assert_eq!(
+            field(json!({"job_key": "j", "count": 3, "shards": 0})),
+            "kwargs.shards"
+        );
+        assert!(DemoShardedJob
+            .validate(
+                &[],
+                &kwargs(json!({"job_key": "j", "items": ["a", "b"], "shards": 2}))
+            )
+            .is_ok());
+    }
+}

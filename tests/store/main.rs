@@ -1,0 +1,408 @@
+//! MongoDB as the authority: dedup, sharded jobs with checkpoints, the lease frontier, raw
+//! payloads, the outbox, and status history — against the MongoDB the test script provides.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestEnv;
+use kobe::commands::outbox::Outbox;
+use kobe::commands::submit::Submitter;
+use kobe::domain::{TaskId, TaskState};
+use kobe::store::checkpoints::CheckpointRepository;
+use kobe::store::{LeaseRepository, PayloadRepository, TaskDocument, TaskRepository};
+use kobe::tasks::{Invocation, Registry, Task, TaskFuture};
+use mongodb::bson::{doc, DateTime};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_submissions_make_one_task_and_one_message() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let api = Arc::new(env.spawn_api().await);
+    let body = json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 5, "note": "x"}, "dedup": true});
+    let mut requests = Vec::new();
+    for _ in 0..32 {
+        let api = api.clone();
+        let body = body.clone();
+        requests.push(tokio::spawn(async move {
+            let response = api.start_task(body).await;
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.unwrap());
+    }
+    let accepted: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, b)| b)
+        .collect();
+    let deduplicated: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(accepted.len(), 1, "{answers:?}");
+    assert_eq!(deduplicated.len(), 31, "{answers:?}");
+    let id = &accepted[0]["task_id"];
+    assert!(deduplicated
+        .iter()
+        .all(|b| &b["task_id"] == id && b["deduplicated"] == true));
+
+    let tasks = env
+        .db
+        .collection::<mongodb::bson::Document>("Tasks")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(tasks, 1);
+    assert_eq!(
+        env.queue_depth(env.topology.queue("default")).await,
+        Some(1)
+    );
+
+    // Key order does not make a new task; a different argument does.
+    let reordered = api
+        .start_task(json!({"dedup": true, "kwargs": {"note": "x", "duration_ms": 5}, "task_name": "demo_long_io"}))
+        .await;
+    assert_eq!(reordered.status(), 200);
+    let different = api
+        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 6, "note": "x"}, "dedup": true}))
+        .await;
+    assert_eq!(different.status(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_first_task() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let send = |body: Value| {
+        api.client
+            .post(format!("{}/task/start", api.address))
+            .header("Idempotency-Key", "order-1234")
+            .json(&body)
+            .send()
+    };
+    let first = send(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    // Same key, other arguments: still the first task (the key is the client's promise).
+    let again = send(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 2}}))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["task_id"], first["task_id"]);
+    assert_eq!(again["deduplicated"], true);
+    let bad = api
+        .start_task(json!({"task_name": "demo_long_io", "dedup_key": ""}))
+        .await;
+    assert_eq!(bad.status(), 422);
+    assert_eq!(bad.json::<Value>().await.unwrap()["field"], "dedup_key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_job_resumes_failed_shards_from_their_checkpoints() {
+    let env = TestEnv::with(&[("KOBE_RETRY_BASE_MS", "100")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(4);
+    let job_key = common::unique("job");
+    let id = api
+        .submit(json!({"task_name": "demo_sharded_job", "kwargs": {"job_key": job_key, "count": 24, "shards": 3, "fail_after": 2}}))
+        .await;
+    let (planned, _) = api.wait_for_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(planned["state"], "SUCCESS", "{planned}");
+
+    // Every shard completes (each after one retry) and the job reports 3 of 3.
+    let (status, _) = api
+        .wait_for_state(&id, Duration::from_secs(60), |b| {
+            b["job"]["shards_done"] == 3
+        })
+        .await;
+    assert_eq!(status["job"]["shards_total"], 3, "{status}");
+    assert_eq!(status["job"]["hash"], "fnv1a64");
+
+    let checkpoints = CheckpointRepository::new(&env.db)
+        .for_job(&job_key)
+        .await
+        .unwrap();
+    assert_eq!(checkpoints.len(), 24, "one checkpoint per item");
+    let items: HashSet<&str> = checkpoints.iter().map(|c| c.sub_key.as_str()).collect();
+    assert_eq!(items.len(), 24, "no item's effect twice");
+    for shard in 0..3 {
+        let shard_key = format!("{job_key}:shard:{shard}");
+        let of_shard: Vec<_> = checkpoints
+            .iter()
+            .filter(|c| c.shard_key == shard_key)
+            .collect();
+        let first_attempt = of_shard.iter().filter(|c| c.attempt == 1).count();
+        assert_eq!(
+            first_attempt,
+            2.min(of_shard.len()),
+            "shard {shard}: the first attempt did 2 items then failed"
+        );
+        assert!(of_shard.iter().all(|c| c.attempt <= 2));
+        let task = env.tasks().get(&shard_key).await.unwrap().unwrap();
+        assert_eq!(task.state, TaskState::Success);
+        if of_shard.len() > 2 {
+            assert_eq!(task.retries, 1, "{task:?}");
+            // The retry did only what was left.
+            assert_eq!(
+                task.result.unwrap()["processed"],
+                (of_shard.len() - 2) as u64
+            );
+        }
+    }
+    // Items went where the hash says.
+    for checkpoint in &checkpoints {
+        let shard = kobe::domain::shard::shard_of(&checkpoint.sub_key, 3);
+        assert_eq!(checkpoint.shard_key, format!("{job_key}:shard:{shard}"));
+    }
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_leasers_take_each_of_200_items_exactly_once() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let leases = LeaseRepository::new(&env.db);
+    for i in 0..200 {
+        assert!(leases
+            .enqueue("frontier", &format!("item-{i}"), doc! {"n": i})
+            .await
+            .unwrap());
+    }
+    assert!(
+        !leases.enqueue("frontier", "item-0", doc! {}).await.unwrap(),
+        "enqueue is idempotent"
+    );
+    let mut leasers = Vec::new();
+    for w in 0..16 {
+        let leases = leases.clone();
+        leasers.push(tokio::spawn(async move {
+            let me = format!("leaser-{w}");
+            let mut taken = Vec::new();
+            while let Some(lease) = leases
+                .lease("frontier", &me, Duration::from_secs(60))
+                .await
+                .unwrap()
+            {
+                assert!(!lease.reclaimed);
+                taken.push(lease.item.task_key);
+            }
+            taken
+        }));
+    }
+    let mut all = Vec::new();
+    for leaser in leasers {
+        all.extend(leaser.await.unwrap());
+    }
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 200, "every item leased");
+    assert_eq!(
+        distinct.len(),
+        200,
+        "no item leased twice while its lease is live"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_reclaimed_and_only_the_holder_may_finish() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let leases = LeaseRepository::new(&env.db);
+    leases.enqueue("q", "only", doc! {}).await.unwrap();
+    let crashed = leases
+        .lease("q", "a", Duration::from_millis(300))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(crashed.item.task_key, "only");
+    // While a's lease is live nobody else gets the item, and b cannot complete it.
+    assert!(leases
+        .lease("q", "b", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(!leases.complete("only", "b").await.unwrap());
+    assert!(!leases
+        .renew("only", "b", Duration::from_secs(60))
+        .await
+        .unwrap());
+    // a "crashes": no renewal. Once lease_until passes, the next lease reclaims it.
+    let reclaimed = common::eventually(Duration::from_secs(5), "reclaim", || async {
+        leases
+            .lease("q", "b", Duration::from_secs(60))
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(reclaimed.reclaimed);
+    assert!(!leases.complete("only", "a").await.unwrap(), "a lost it");
+    assert!(leases
+        .renew("only", "b", Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(leases.complete("only", "b").await.unwrap());
+    assert_eq!(leases.remaining("q").await.unwrap(), 0);
+    // The completed item carries gc_at for the TTL; live items never do.
+    let item = env
+        .db
+        .collection::<mongodb::bson::Document>("PendingTasks")
+        .find_one(doc! {"task_key": "only"})
+        .await
+        .unwrap()
+        .expect("a completed item stays until its gc_at");
+    assert!(item.get_datetime("gc_at").is_ok());
+}
+
+/// Returns its kwargs' `blob` length and the blob itself.
+struct Echo;
+impl Task for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        Box::pin(async move { Ok(json!({"kwargs": invocation.kwargs, "args": invocation.args})) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_kib_argument_travels_through_raw_payload_intact() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let mut registry = Registry::with_builtin_tasks();
+    registry.register(Echo).unwrap();
+    let api = env.spawn_api_with(registry.clone()).await;
+    common::eventually(Duration::from_secs(10), "ready", || async {
+        let r = api
+            .client
+            .get(format!("{}/ready", api.address))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let worker = env.spawn_worker_on(2, vec![], registry);
+    let blob: String = (0..100 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let id = api
+        .submit(json!({"task_name": "echo", "args": [1, "two"], "kwargs": {"blob": blob}}))
+        .await;
+    let document = env.tasks().get(&id).await.unwrap().unwrap();
+    let reference = document
+        .payload_ref
+        .clone()
+        .expect("large arguments go to RawPayload");
+    assert!(!serde_json::to_string(&document.kwargs)
+        .unwrap()
+        .contains(&blob[..100]));
+
+    let done = env.wait_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, TaskState::Success, "{done:?}");
+    // The result is as large: it is stored apart too, and is exactly what the handler saw.
+    let result_ref = kobe::store::payloads::reference_in(done.result.as_ref().unwrap())
+        .expect("result reference")
+        .to_owned();
+    let payloads = PayloadRepository::new(&env.db);
+    let result = payloads.get(&result_ref).await.unwrap().unwrap();
+    assert_eq!(result["kwargs"]["blob"].as_str().unwrap(), blob);
+    assert_eq!(result["args"], json!([1, "two"]));
+    assert!(payloads.get(&reference).await.unwrap().is_some());
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_publishes_a_task_that_was_never_confirmed() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    // As if the API crashed between writing the task and publishing it, a minute ago.
+    let id = TaskId::generate();
+    let mut document = TaskDocument::pending(&id, "demo_long_io", "default");
+    document.kwargs = json!({"duration_ms": 1}).as_object().cloned().unwrap();
+    document.created_at = DateTime::from_millis(DateTime::now().timestamp_millis() - 60_000);
+    env.tasks().insert(&document).await.unwrap();
+
+    let publisher = env.publisher();
+    let submitter = Submitter::new(
+        TaskRepository::new(&env.db),
+        PayloadRepository::new(&env.db),
+        publisher,
+        env.topology.clone(),
+        16 * 1024,
+    );
+    let outbox = |age| Outbox {
+        tasks: TaskRepository::new(&env.db),
+        submitter: submitter.clone(),
+        age,
+    };
+    // Two sweepers at once: the claim lets exactly one publish it.
+    let (first, second) = (
+        outbox(Duration::from_secs(30)),
+        outbox(Duration::from_secs(30)),
+    );
+    let (a, b) = tokio::join!(first.sweep_once(), second.sweep_once());
+    assert_eq!(a.unwrap() + b.unwrap(), 1);
+    assert_eq!(
+        outbox(Duration::from_secs(30)).sweep_once().await.unwrap(),
+        0,
+        "confirmed now"
+    );
+    assert_eq!(
+        env.queue_depth(env.topology.queue("default")).await,
+        Some(1)
+    );
+
+    let worker = env.spawn_worker(1);
+    assert_eq!(
+        env.wait_final(id.as_str(), Duration::from_secs(20))
+            .await
+            .state,
+        TaskState::Success
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_retries_timestamps_and_the_last_error() {
+    let env = TestEnv::with(&[("KOBE_RETRY_BASE_MS", "100")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(2);
+    let id = api
+        .submit(
+            json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
+        )
+        .await;
+    let (status, _) = api.wait_for_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(status["state"], "SUCCESS");
+    assert_eq!(status["retries"], 1);
+    for field in ["created_at", "started_at", "finished_at"] {
+        assert!(status[field].is_string(), "{field}: {status}");
+    }
+    assert!(
+        status["root_cause"]
+            .as_str()
+            .unwrap()
+            .contains("simulated I/O failure"),
+        "{status}"
+    );
+    assert_eq!(status["errors"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["errors"][0]["decision"], "retry");
+    worker.stop().await;
+    api.stop().await;
+}
