@@ -74,6 +74,26 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A secret value: `Debug` never shows it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -133,6 +153,19 @@ pub struct Settings {
     pub outbox_age: Duration,
     /// ...looking this often.
     pub outbox_interval: Duration,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How long a status answer may be served from Redis.
+    pub status_cache_ttl: Duration,
+    /// Keep results in Redis for `GET /task/result/{id}`, for this long; `None`: off.
+    pub result_ttl: Option<Duration>,
+    /// Requests per window per client on `/task*`; 0 turns rate limiting off.
+    pub rate_limit: u32,
+    pub rate_window: Duration,
+    /// Bearer tokens accepted on `/task*` (and `/metrics` when `metrics_auth`); empty: no auth.
+    pub api_tokens: Secret<Vec<String>>,
+    /// Whether `/metrics` needs a token too.
+    pub metrics_auth: bool,
     /// Overrides of every task's retry policy, where set.
     pub retry: RetryOverrides,
     /// Overrides for one task each, applied after `retry`.
@@ -247,6 +280,65 @@ impl Settings {
                 var: "KOBE_PAYLOAD_INLINE_LIMIT",
                 reason: "expected a number of bytes between 256 and 8388608".into(),
             })?;
+        let max_body_bytes = get("KOBE_MAX_BODY_BYTES", "1048576")
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1024..=64 * 1024 * 1024).contains(n))
+            .ok_or_else(|| ConfigError {
+                var: "KOBE_MAX_BODY_BYTES",
+                reason: "expected a number of bytes between 1024 and 67108864".into(),
+            })?;
+        let status_cache_ttl = duration_ms(
+            "KOBE_STATUS_CACHE_TTL_MS",
+            &get("KOBE_STATUS_CACHE_TTL_MS", "2000"),
+        )?;
+        let result_ttl = match get("KOBE_RESULT_BACKEND", "none").as_str() {
+            "none" | "off" => None,
+            "redis" => Some(duration_secs(
+                "KOBE_RESULT_TTL",
+                &get("KOBE_RESULT_TTL", "86400"),
+            )?)
+            .filter(|ttl| !ttl.is_zero())
+            .or(Some(Duration::from_secs(1))),
+            other => {
+                return Err(ConfigError {
+                    var: "KOBE_RESULT_BACKEND",
+                    reason: format!("expected `none` or `redis`, got `{other}`"),
+                })
+            }
+        };
+        let rate_limit = get("KOBE_RATE_LIMIT", "100")
+            .parse::<u32>()
+            .map_err(|_| ConfigError {
+                var: "KOBE_RATE_LIMIT",
+                reason: "expected requests per window (0 turns it off)".into(),
+            })?;
+        let rate_window = duration_ms("KOBE_RATE_WINDOW_MS", &get("KOBE_RATE_WINDOW_MS", "1000"))?;
+        let api_tokens: Vec<String> = get("KOBE_API_TOKENS", "")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if api_tokens.iter().any(|t| t.len() < 16) {
+            return Err(ConfigError {
+                var: "KOBE_API_TOKENS",
+                reason: "every token needs at least 16 characters".into(),
+            });
+        }
+        let metrics_auth = match get("KOBE_METRICS_AUTH", "false")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            other => {
+                return Err(ConfigError {
+                    var: "KOBE_METRICS_AUTH",
+                    reason: format!("expected true or false, got `{other}`"),
+                })
+            }
+        };
         let outbox_age = duration_ms("KOBE_OUTBOX_AGE_MS", &get("KOBE_OUTBOX_AGE_MS", "30000"))?;
         let outbox_interval = duration_ms(
             "KOBE_OUTBOX_INTERVAL_MS",
@@ -272,6 +364,13 @@ impl Settings {
             payload_inline_limit,
             outbox_age,
             outbox_interval,
+            max_body_bytes,
+            status_cache_ttl,
+            result_ttl,
+            rate_limit,
+            rate_window,
+            api_tokens: Secret::new(api_tokens),
+            metrics_auth,
             retry,
             task_retry,
         })
@@ -455,6 +554,10 @@ mod tests {
             ("KOBE_RETRY_MAX", "many"),
             ("KOBE_PAYLOAD_INLINE_LIMIT", "1"),
             ("KOBE_OUTBOX_AGE_MS", "0"),
+            ("KOBE_RESULT_BACKEND", "memcached"),
+            ("KOBE_API_TOKENS", "short"),
+            ("KOBE_METRICS_AUTH", "maybe"),
+            ("KOBE_MAX_BODY_BYTES", "10"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{value}");
@@ -484,6 +587,13 @@ mod tests {
         assert_eq!(s.task_retry["other"].max_retries, Some(0));
         let err = settings(&[("KOBE_TASK_RETRY", "demo_long_io:tries=5")]).unwrap_err();
         assert_eq!(err.var, "KOBE_TASK_RETRY");
+    }
+
+    #[test]
+    fn tokens_never_show_in_debug_output() {
+        let s = settings(&[("KOBE_API_TOKENS", "a-very-long-secret-token")]).unwrap();
+        assert_eq!(s.api_tokens.expose().len(), 1);
+        assert!(!format!("{s:?}").contains("a-very-long-secret-token"));
     }
 
     #[test]

@@ -124,6 +124,23 @@ impl Topology {
             .unwrap_or(RETRY_LEVELS_MS[RETRY_LEVELS_MS.len() - 1])
     }
 
+    /// The same message, routed through the delay queues so it reaches its queue after `delay`
+    /// (retries, and tasks submitted with a countdown or an ETA).
+    pub fn delayed(&self, mut outgoing: super::Outgoing, delay: Duration) -> super::Outgoing {
+        let level = Self::retry_level_for(delay);
+        let mut headers = outgoing.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            RETRY_LEVEL_HEADER.into(),
+            AmqpValue::LongString(level.to_string()),
+        );
+        outgoing.exchange = self.retry_exchange();
+        outgoing.properties = outgoing
+            .properties
+            .with_headers(headers)
+            .with_expiration(delay.as_millis().max(1).to_string());
+        outgoing
+    }
+
     fn task_queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::new();
         args.insert(

@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 use crate::amqp::{AmqpError, Outgoing, Publisher, TaskMessage, Topology};
 use crate::domain::{Priority, TaskId};
 use crate::store::payloads::reference_value;
-use crate::store::{PayloadRepository, StoreError, TaskDocument, TaskRepository, Transition};
+use crate::store::{
+    Cache, PayloadRepository, StoreError, TaskDocument, TaskRepository, Transition,
+};
 use crate::telemetry::trace::TraceContext;
 
 /// Header naming the `RawPayload` that holds a message's arguments.
@@ -75,6 +77,7 @@ pub enum SubmitError {
 pub struct Submitter {
     tasks: TaskRepository,
     payloads: PayloadRepository,
+    cache: Cache,
     publisher: Publisher,
     topology: Topology,
     /// Arguments larger than this (serialized) go to `RawPayload`.
@@ -88,6 +91,7 @@ impl Submitter {
     pub fn new(
         tasks: TaskRepository,
         payloads: PayloadRepository,
+        cache: Cache,
         publisher: Publisher,
         topology: Topology,
         inline_limit: usize,
@@ -97,6 +101,7 @@ impl Submitter {
         Self {
             tasks,
             payloads,
+            cache,
             publisher,
             topology,
             inline_limit,
@@ -171,8 +176,14 @@ impl Submitter {
                         },
                     )
                     .await;
-                if let Err(e) = closed {
-                    tracing::error!(error = %e, "cannot record the publish failure");
+                match closed {
+                    // A reader may have cached PENDING in between.
+                    Ok(_) => {
+                        if let Err(e) = self.cache.invalidate_status(&document.id).await {
+                            tracing::warn!(error = %e, "cannot invalidate the cached status");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot record the publish failure"),
                 }
                 Err(error)
             }
@@ -218,11 +229,29 @@ impl Submitter {
                 amiquip::AmqpValue::LongString(reference.clone()),
             );
         }
-        Outgoing {
+        let outgoing = Outgoing {
             exchange: self.topology.tasks_exchange(),
             routing_key: document.route.clone(),
             body: message.body(),
             properties: message.properties().with_headers(headers),
+        };
+        // A countdown or ETA: wait in the delay queues, not in the task queue.
+        let eta = document
+            .eta
+            .as_deref()
+            .and_then(|eta| mongodb::bson::DateTime::parse_rfc3339_str(eta).ok());
+        match eta {
+            Some(eta) => {
+                let wait =
+                    eta.timestamp_millis() - mongodb::bson::DateTime::now().timestamp_millis();
+                if wait > 0 {
+                    self.topology
+                        .delayed(outgoing, Duration::from_millis(wait as u64))
+                } else {
+                    outgoing
+                }
+            }
+            None => outgoing,
         }
     }
 }

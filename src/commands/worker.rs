@@ -18,7 +18,6 @@ use tracing::Instrument;
 
 use super::submit::{NewTask, SubmitError, Submitter, PAYLOAD_HEADER};
 use crate::amqp::consumer::Settler;
-use crate::amqp::topology::RETRY_LEVEL_HEADER;
 use crate::amqp::{
     Consumer, ConsumerConfig, Delivery, Outgoing, Publisher, Settlement, TaskMessage, Topology,
 };
@@ -27,7 +26,7 @@ use crate::config::{RetryOverrides, Settings};
 use crate::store::payloads::reference_value;
 use crate::store::tasks::{Applied, Takeover};
 use crate::store::{
-    self, CheckpointRepository, Decision, ErrorLogRepository, ErrorRecord, LeaseRepository,
+    self, Cache, CheckpointRepository, Decision, ErrorLogRepository, ErrorRecord, LeaseRepository,
     PayloadRepository, ShardRepository, StoreError, TaskRepository, Transition,
 };
 use crate::tasks::{
@@ -67,6 +66,9 @@ pub struct Worker {
     context: Arc<TaskContext>,
     /// Results larger than this (JSON bytes) go to `RawPayload`.
     inline_limit: usize,
+    cache: Cache,
+    /// With the result backend on: how long results stay in Redis.
+    result_ttl: Option<Duration>,
     publisher: Publisher,
     topology: Topology,
     settler: Settler,
@@ -130,6 +132,52 @@ impl Worker {
             return;
         };
 
+        let now_ms = DateTime::now().timestamp_millis();
+        if let Some(eta) = message.eta.as_deref().and_then(millis_of) {
+            // Not yet: back to the delay queues for the time that is left (the longest delay
+            // level is shorter than a far ETA, so this may happen more than once).
+            if eta - now_ms > 100 {
+                let wait = Duration::from_millis((eta - now_ms) as u64);
+                let again = self.topology.delayed(
+                    Outgoing {
+                        exchange: self.topology.tasks_exchange(),
+                        routing_key: delivery.routing_key.clone(),
+                        body: delivery.body.clone(),
+                        properties: delivery.properties.clone(),
+                    },
+                    wait,
+                );
+                let settlement = match self.publisher.publish(again).await {
+                    Ok(()) => Settlement::Ack,
+                    Err(_) => Settlement::Requeue,
+                };
+                tracing::debug!(
+                    wait_ms = wait.as_millis() as u64,
+                    "task not due yet; delayed again"
+                );
+                self.settler.settle(delivery.tag, settlement);
+                return;
+            }
+        }
+        if let Some(expires) = message.expires.as_deref().and_then(millis_of) {
+            if expires < now_ms {
+                let cause = format!(
+                    "expired at {} before it could run",
+                    message.expires.as_deref().unwrap_or_default()
+                );
+                if self
+                    .tasks
+                    .reject(message.id.as_str(), &message.task, &cause)
+                    .await
+                    .is_ok()
+                {
+                    self.changed(message.id.as_str()).await;
+                }
+                tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "drop", "task expired");
+                self.settler.settle(delivery.tag, Settlement::Ack);
+                return;
+            }
+        }
         let limit = hard_limit(task.as_ref(), &message);
         let takeover = if delivery.redelivered {
             Takeover::Redelivered
@@ -153,7 +201,7 @@ impl Worker {
             )
             .await;
         match started {
-            Ok(Applied::Yes) => {}
+            Ok(Applied::Yes) => self.changed(message.id.as_str()).await,
             Ok(Applied::No) => {
                 tracing::info!(
                     retry_count = message.retries,
@@ -188,6 +236,7 @@ impl Worker {
                             },
                         )
                         .await;
+                    self.changed(message.id.as_str()).await;
                     self.record_failure(&message, &cause, Decision::DeadLetter, None)
                         .await;
                     tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "dead_letter", "task failed");
@@ -205,7 +254,7 @@ impl Worker {
         let outcome = self.execute(task.as_ref(), &message, attempt, limit).await;
         let policy = self.policy(task.as_ref());
         let (transition, settlement) = match outcome {
-            Outcome::Success(result) => match self.offload(message.id.as_str(), result).await {
+            Outcome::Success(result) => match self.keep_result(message.id.as_str(), result).await {
                 Ok(result) => (Transition::Success { result }, Settled::Ack),
                 Err(error) => {
                     tracing::warn!(error = %error, "cannot store the large result; message returns to the queue");
@@ -248,6 +297,7 @@ impl Worker {
             self.settler.settle(delivery.tag, Settlement::Requeue);
             return;
         }
+        self.changed(message.id.as_str()).await;
         self.metrics
             .task_outcomes
             .with_label_values(&[message.task.as_str(), state.as_str()])
@@ -339,6 +389,34 @@ impl Worker {
         }
     }
 
+    /// MongoDB has a new state for the task: drop the cached status.
+    async fn changed(&self, task_id: &str) {
+        if let Err(error) = self.cache.invalidate_status(task_id).await {
+            // The cached copy expires within its short TTL anyway.
+            tracing::warn!(error = %error, "cannot invalidate the cached status");
+        }
+    }
+
+    /// Puts the result in the result backend (when on) and returns what `Tasks` keeps: the
+    /// result, or a `RawPayload` reference when it is large. The backend copy is written first so
+    /// that a client who sees `SUCCESS` finds the result.
+    async fn keep_result(
+        &self,
+        task_id: &str,
+        result: Value,
+    ) -> Result<Value, crate::store::StoreError> {
+        if let Some(ttl) = self.result_ttl {
+            if let Err(error) = self
+                .cache
+                .put_result(task_id, &result.to_string(), ttl)
+                .await
+            {
+                tracing::warn!(error = %error, "cannot store the result in Redis");
+            }
+        }
+        self.offload(task_id, result).await
+    }
+
     /// Keeps a large result in `RawPayload`, leaving a reference in its place.
     async fn offload(
         &self,
@@ -393,22 +471,24 @@ impl Worker {
     /// it; if the publish fails the message goes back to its queue and this attempt runs again.
     async fn retry(&self, delivery: &Delivery, mut message: TaskMessage, delay: Duration) {
         message.retries += 1;
-        let level = Topology::retry_level_for(delay);
-        let mut headers = message.headers();
-        headers.insert(
-            RETRY_LEVEL_HEADER.into(),
-            amiquip::AmqpValue::LongString(level.to_string()),
+        let mut properties = message.properties();
+        // Keep headers a plain TaskMessage does not know (a payload reference, say).
+        if let Some(original) = delivery.properties.headers() {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            for (k, v) in original {
+                headers.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            properties = properties.with_headers(headers);
+        }
+        let outgoing = self.topology.delayed(
+            Outgoing {
+                exchange: self.topology.tasks_exchange(),
+                routing_key: delivery.routing_key.clone(),
+                body: message.body(),
+                properties,
+            },
+            delay,
         );
-        let properties = message
-            .properties()
-            .with_headers(headers)
-            .with_expiration(delay.as_millis().max(1).to_string());
-        let outgoing = Outgoing {
-            exchange: self.topology.retry_exchange(),
-            routing_key: delivery.routing_key.clone(),
-            body: message.body(),
-            properties,
-        };
         match self.publisher.publish(outgoing).await {
             Ok(()) => self.settler.settle(delivery.tag, Settlement::Ack),
             Err(error) => {
@@ -462,6 +542,13 @@ fn hard_limit(task: &dyn Task, message: &TaskMessage) -> Duration {
         .filter(|s| s.is_finite() && *s > 0.0)
         .map(Duration::from_secs_f64)
         .unwrap_or_else(|| task.time_limit())
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+fn millis_of(rfc3339: &str) -> Option<i64> {
+    DateTime::parse_rfc3339_str(rfc3339)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 fn payload_reference(delivery: &Delivery) -> Option<String> {
@@ -555,9 +642,17 @@ pub async fn run(
         deliveries_tx,
     )
     .context("failed to start the consumer")?;
+    let cache = Cache::new(
+        &settings.redis_url,
+        &settings.redis_prefix,
+        settings.dependency_timeout,
+    )
+    .context("failed to configure the Redis pool")?
+    .with_status_ttl(settings.status_cache_ttl);
     let submitter = Submitter::new(
         TaskRepository::new(&db),
         PayloadRepository::new(&db),
+        cache.clone(),
         publisher.clone(),
         topology.clone(),
         settings.payload_inline_limit,
@@ -575,6 +670,8 @@ pub async fn run(
         payloads: PayloadRepository::new(&db),
         context,
         inline_limit: settings.payload_inline_limit,
+        cache: cache.clone(),
+        result_ttl: settings.result_ttl,
         publisher,
         topology,
         settler: consumer.settler(),

@@ -23,6 +23,18 @@ pub enum ApiError {
     /// No such resource: 404.
     #[error("{0}")]
     NotFound(String),
+    /// Missing or wrong bearer token: 401.
+    #[error("a valid bearer token is required (Authorization: Bearer <token>)")]
+    Unauthorized,
+    /// Over the rate limit: 429 with `Retry-After`.
+    #[error("rate limit exceeded; retry in {} ms", retry_after.as_millis())]
+    RateLimited { retry_after: std::time::Duration },
+    /// The result backend is off (`KOBE_RESULT_BACKEND=none`): 404 with its own type.
+    #[error("the result backend is off; set KOBE_RESULT_BACKEND=redis, or read the state at /task/status/{{id}}")]
+    ResultBackendOff,
+    /// The result existed but its TTL passed: 410.
+    #[error("{0}")]
+    Gone(String),
     /// A dependency is down or refused: 503 with the reason.
     #[error("{dependency} unavailable: {reason}")]
     Unavailable {
@@ -69,20 +81,26 @@ impl ApiError {
             Self::MalformedBody(_) => ("malformed-body", "The body is not valid JSON"),
             Self::PayloadTooLarge { .. } => ("payload-too-large", "The body is too large"),
             Self::NotFound(_) => ("not-found", "Not found"),
+            Self::Unauthorized => ("unauthorized", "Unauthorized"),
+            Self::RateLimited { .. } => ("rate-limited", "Too many requests"),
+            Self::ResultBackendOff => ("result-backend-off", "The result backend is off"),
+            Self::Gone(_) => ("result-expired", "The result has expired"),
             Self::Unavailable { .. } => ("dependency-unavailable", "A dependency is unavailable"),
             Self::Internal(_) => ("internal-error", "Internal error"),
         }
     }
 }
 
-/// The one error body shape.
-#[derive(Debug, Serialize)]
+/// The one error body shape (`application/problem+json`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
+    /// `urn:kobe:problem:<kind>`.
     #[serde(rename = "type")]
     pub kind: String,
     pub title: &'static str,
     pub status: u16,
     pub detail: String,
+    /// The offending field, for validation errors (`kwargs.duration_ms`, `Idempotency-Key`…).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,7 +113,10 @@ impl ResponseError for ApiError {
             Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MalformedBody(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::ResultBackendOff => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Gone(_) => StatusCode::GONE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -117,8 +138,18 @@ impl ResponseError for ApiError {
             _ => (None, None),
         };
         let mut response = HttpResponse::build(status);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.insert_header(("Retry-After", "5"));
+        match self {
+            Self::Unavailable { .. } => {
+                response.insert_header(("Retry-After", "5"));
+            }
+            Self::RateLimited { retry_after } => {
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                response.insert_header(("Retry-After", seconds.max(1).to_string()));
+            }
+            Self::Unauthorized => {
+                response.insert_header(("WWW-Authenticate", "Bearer"));
+            }
+            _ => {}
         }
         response
             .content_type("application/problem+json")

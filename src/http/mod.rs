@@ -4,6 +4,8 @@
 //! its port; stopping is the caller's business, so tests and `kobe serve` drive it the same way.
 
 pub mod error;
+mod guard;
+pub mod openapi;
 pub mod routes;
 
 use std::net::{SocketAddr, TcpListener};
@@ -18,14 +20,12 @@ use tracing::Instrument;
 pub use error::ApiError;
 
 use crate::commands::submit::Submitter;
+use crate::config::Secret;
 use crate::store::{
     Cache, DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository,
 };
 use crate::tasks::Registry;
 use crate::telemetry::metrics::Metrics;
-
-/// Largest accepted request body.
-pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -39,6 +39,16 @@ pub struct AppState {
     pub submitter: Submitter,
     /// How long a dedup fingerprint holds.
     pub dedup_window: Duration,
+    /// With the result backend on: how long results stay.
+    pub result_ttl: Option<Duration>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Requests per window per client on `/task*` (0: unlimited).
+    pub rate_limit: u32,
+    pub rate_window: Duration,
+    /// Accepted bearer tokens; empty: no authentication.
+    pub api_tokens: Secret<Vec<String>>,
+    pub metrics_auth: bool,
     pub metrics: Metrics,
     pub db: Database,
     pub cache: Cache,
@@ -65,7 +75,7 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .app_data(web::PayloadConfig::new(DEFAULT_BODY_LIMIT))
+                .wrap(actix_web::middleware::from_fn(guard::guard))
                 .wrap_fn(|request, service| {
                     let metrics = request
                         .app_data::<web::Data<AppState>>()
@@ -96,9 +106,15 @@ impl Application {
                 })
                 .route("/task/start", web::post().to(routes::tasks::start))
                 .route("/task/status/{id}", web::get().to(routes::tasks::status))
+                .route("/task/result/{id}", web::get().to(routes::tasks::result))
+                .route("/tasks", web::get().to(routes::tasks::list))
                 .route("/health", web::get().to(routes::health::health))
                 .route("/ready", web::get().to(routes::health::ready))
                 .route("/metrics", web::get().to(routes::metrics::metrics))
+                .route("/openapi.json", web::get().to(routes::docs::openapi))
+                .route("/docs", web::get().to(routes::docs::page))
+                .route("/docs/{asset}", web::get().to(routes::docs::asset))
+                .default_service(web::to(routes::not_found))
         })
         .listen(listener)?
         .disable_signals()

@@ -1,24 +1,38 @@
-//! Redis: the connection pool and the key layout. Redis only ever holds copies (status cache, rate
-//! limits, optional results): MongoDB is written first and stays the authority.
+//! Redis: the status cache, the optional result backend and rate-limit counters. Redis only ever
+//! holds copies: MongoDB is written first and stays the authority, and every read falls back to it
+//! when Redis is slow or down.
+//!
+//! Write-invalidate without stale reads: a state change writes MongoDB, then replaces the cached
+//! status with an *invalidation marker* that lives longer than any cache entry. Readers fill the
+//! cache only with `SET NX` (so never over a marker), and only if their MongoDB read began less
+//! than half a TTL ago — so a slow reader holding an old state can never put it back.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_redis::{redis, Config, Pool, Runtime};
 
 use super::StoreError;
 use crate::config::ServiceUrl;
 
+/// What an invalidated status key holds.
+const MARKER: &str = "!invalidated";
+
 /// A Redis pool with Kobe's key prefix.
 #[derive(Clone)]
 pub struct Cache {
     pool: Pool,
     prefix: String,
+    /// Bound on health checks.
     timeout: Duration,
+    /// Bound on cache operations on the request path: a slow Redis costs little.
+    op_timeout: Duration,
+    status_ttl: Duration,
 }
 
 impl Cache {
     /// Builds the pool; connections open lazily, so this succeeds while Redis is down.
     pub fn new(url: &ServiceUrl, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let op_timeout = timeout.min(Duration::from_millis(250));
         let mut config = Config::from_url(url.expose());
         config.pool = Some(deadpool_redis::PoolConfig {
             max_size: 16,
@@ -36,7 +50,15 @@ impl Cache {
             pool,
             prefix: prefix.to_owned(),
             timeout,
+            op_timeout,
+            status_ttl: Duration::from_secs(2),
         })
+    }
+
+    /// With a status TTL other than the default 2 s.
+    pub fn with_status_ttl(mut self, ttl: Duration) -> Self {
+        self.status_ttl = ttl;
+        self
     }
 
     /// `kobe:{rest}`.
@@ -44,28 +66,161 @@ impl Cache {
         format!("{}:{rest}", self.prefix)
     }
 
-    /// `PING`, bounded by the configured timeout.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    fn status_key(&self, task_id: &str) -> String {
+        self.key(&format!("task:{task_id}:status"))
+    }
+
+    fn result_key(&self, task_id: &str) -> String {
+        self.key(&format!("task:{task_id}:result"))
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        command: redis::Cmd,
+        timeout: Duration,
+    ) -> Result<T, StoreError> {
         let attempt = async {
             let mut conn = self
                 .pool
                 .get()
                 .await
                 .map_err(|e| StoreError::Redis(e.to_string()))?;
-            let pong: String = redis::cmd("PING")
-                .query_async(&mut conn)
+            command
+                .query_async::<T>(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| StoreError::Redis(format!("no answer within {timeout:?}")))?
+    }
+
+    /// `PING`, bounded by the configured timeout.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let pong: String = self.run(redis::cmd("PING"), self.timeout).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Redis(format!(
+                "unexpected PING answer {pong:?}"
+            )))
+        }
+    }
+
+    /// The cached status JSON, if a fresh one is there.
+    #[tracing::instrument(name = "cache.status.get", skip(self))]
+    pub async fn status(&self, task_id: &str) -> Result<Option<String>, StoreError> {
+        let mut command = redis::cmd("GET");
+        command.arg(self.status_key(task_id));
+        let value: Option<String> = self.run(command, self.op_timeout).await?;
+        Ok(value.filter(|v| v != MARKER))
+    }
+
+    /// Caches a status read from MongoDB at `read_started`, unless a state change invalidated
+    /// it since (marker present) or the read is too old to trust.
+    #[tracing::instrument(name = "cache.status.put", skip(self, json))]
+    pub async fn put_status(
+        &self,
+        task_id: &str,
+        json: &str,
+        read_started: Instant,
+    ) -> Result<(), StoreError> {
+        if read_started.elapsed() > self.status_ttl / 2 {
+            return Ok(());
+        }
+        let mut command = redis::cmd("SET");
+        command
+            .arg(self.status_key(task_id))
+            .arg(json)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.status_ttl.as_millis() as u64);
+        let _: Option<String> = self.run(command, self.op_timeout).await?;
+        Ok(())
+    }
+
+    /// Called after every state change, once MongoDB has it.
+    #[tracing::instrument(name = "cache.status.invalidate", skip(self))]
+    pub async fn invalidate_status(&self, task_id: &str) -> Result<(), StoreError> {
+        // Outlives any entry a reader may still be about to write (see the module docs).
+        let marker_ttl = self.status_ttl * 2;
+        let mut command = redis::cmd("SET");
+        command
+            .arg(self.status_key(task_id))
+            .arg(MARKER)
+            .arg("PX")
+            .arg(marker_ttl.as_millis() as u64);
+        let _: String = self.run(command, self.timeout).await?;
+        Ok(())
+    }
+
+    /// Stores a result for `ttl` (result backend).
+    #[tracing::instrument(name = "cache.result.put", skip(self, json))]
+    pub async fn put_result(
+        &self,
+        task_id: &str,
+        json: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut command = redis::cmd("SET");
+        command
+            .arg(self.result_key(task_id))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let _: String = self.run(command, self.timeout).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "cache.result.get", skip(self))]
+    pub async fn result(&self, task_id: &str) -> Result<Option<String>, StoreError> {
+        let mut command = redis::cmd("GET");
+        command.arg(self.result_key(task_id));
+        self.run(command, self.timeout).await
+    }
+
+    /// Counts a request of `client` in the current window; `Some(retry_after)` when it is over
+    /// `limit`.
+    #[tracing::instrument(name = "cache.rate_limit", skip(self))]
+    pub async fn over_rate_limit(
+        &self,
+        client: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<Option<Duration>, StoreError> {
+        let window_ms = window.as_millis().max(1) as u64;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let slot = now_ms / window_ms;
+        let key = self.key(&format!("ratelimit:{client}:{slot}"));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("INCR")
+            .arg(&key)
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(window_ms * 2)
+            .ignore();
+        let attempt = async {
+            let mut conn = self
+                .pool
+                .get()
                 .await
                 .map_err(|e| StoreError::Redis(e.to_string()))?;
-            if pong == "PONG" {
-                Ok(())
-            } else {
-                Err(StoreError::Redis(format!(
-                    "unexpected PING answer {pong:?}"
-                )))
-            }
+            pipe.query_async::<(u64,)>(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))
         };
-        tokio::time::timeout(self.timeout, attempt)
+        let (count,) = tokio::time::timeout(self.op_timeout, attempt)
             .await
-            .map_err(|_| StoreError::Redis(format!("no answer within {:?}", self.timeout)))?
+            .map_err(|_| StoreError::Redis("rate limit: no answer".into()))??;
+        if count > u64::from(limit) {
+            let left = (slot + 1) * window_ms - now_ms;
+            Ok(Some(Duration::from_millis(left.max(1))))
+        } else {
+            Ok(None)
+        }
     }
 }

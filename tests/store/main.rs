@@ -338,9 +338,16 @@ async fn the_outbox_publishes_a_task_that_was_never_confirmed() {
     env.tasks().insert(&document).await.unwrap();
 
     let publisher = env.publisher();
+    let cache = kobe::store::Cache::new(
+        &env.settings.redis_url,
+        &env.settings.redis_prefix,
+        Duration::from_secs(2),
+    )
+    .unwrap();
     let submitter = Submitter::new(
         TaskRepository::new(&env.db),
         PayloadRepository::new(&env.db),
+        cache,
         publisher,
         env.topology.clone(),
         16 * 1024,

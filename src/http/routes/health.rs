@@ -6,11 +6,19 @@ use serde_json::json;
 
 use crate::http::AppState;
 
+/// Liveness: answers while the process runs.
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Alive")))]
 #[tracing::instrument(name = "http.health", skip_all)]
 pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
+/// Readiness: 200 when RabbitMQ, MongoDB and Redis answer within the probe timeout, 503 naming
+/// the ones that do not.
+#[utoipa::path(get, path = "/ready", tag = "operations", responses(
+    (status = 200, description = "Every dependency answers"),
+    (status = 503, description = "`failed` lists the dependencies that do not"),
+))]
 #[tracing::instrument(name = "http.ready", skip_all)]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let timeout = state.dependency_timeout;

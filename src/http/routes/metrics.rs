@@ -4,6 +4,8 @@ use actix_web::{web, HttpResponse};
 
 use crate::http::AppState;
 
+/// Prometheus metrics (text format). Needs a token when `KOBE_METRICS_AUTH=true`.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

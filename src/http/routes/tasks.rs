@@ -1,28 +1,59 @@
-//! `/task/*`: submit a task, read its status.
+//! `/task/*` and `/tasks`: submit a task, read its status and result, list the task names.
+
+use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
 use mongodb::bson::DateTime;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use crate::commands::submit::{NewTask, SubmitError};
 use crate::domain::{Fingerprint, Priority, TaskId, TaskState};
+use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
 use crate::store::{Claim, TaskDocument};
 use crate::telemetry::trace::TraceContext;
 
-/// Body of `POST /task/start`.
-#[derive(Debug, Deserialize)]
+/// Body of `POST /task/start`. Unknown fields are refused.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskStart {
+    /// A registered task (see `GET /tasks`).
+    #[schema(example = "demo_long_io")]
     pub task_name: String,
+    /// Positional arguments.
     #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
     pub args: Vec<Value>,
+    /// Keyword arguments.
     #[serde(default)]
+    #[schema(value_type = Object, example = json!({"duration_ms": 200}))]
     pub kwargs: Map<String, Value>,
-    /// 0 (lowest) to 9 (highest).
+    /// 0 (lowest) to 9 (highest); higher runs first when the queue is backed up.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 9)]
     pub priority: Option<i64>,
+    /// Route to send it to instead of the configured one (must be a known route).
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Run no earlier than this many seconds from now. Exclusive with `eta`.
+    #[serde(default)]
+    pub countdown: Option<f64>,
+    /// Run no earlier than this time (RFC 3339). Exclusive with `countdown`.
+    #[serde(default)]
+    pub eta: Option<String>,
+    /// Do not run after this: an RFC 3339 time, or seconds from now.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "2030-01-01T00:00:00Z")]
+    pub expires: Option<Value>,
+    /// Hard time limit in seconds: the attempt is abandoned and fails.
+    #[serde(default)]
+    pub time_limit: Option<f64>,
+    /// Soft time limit in seconds: the handler is told and may clean up. Below `time_limit`.
+    #[serde(default)]
+    pub soft_time_limit: Option<f64>,
     /// A client key: submissions with the same key (and task name) create one task.
     #[serde(default)]
     pub dedup_key: Option<String>,
@@ -33,8 +64,9 @@ pub struct TaskStart {
 
 /// Longest accepted idempotency key.
 const MAX_KEY_LEN: usize = 256;
+/// Farthest accepted countdown, ETA or time limit.
+const MAX_HORIZON: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Parses JSON into `T`, naming the field that failed.
 pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
@@ -63,25 +95,174 @@ pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T,
     })
 }
 
-#[derive(Debug, Serialize)]
-struct Accepted {
-    task_id: String,
+/// Reads the body, refusing more than `limit` bytes with a 413 before reading it all.
+async fn read_body(
+    request: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
+    let declared = request
+        .headers()
+        .get("Content-Length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::MalformedBody(e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
-#[derive(Debug, Serialize)]
-struct Deduplicated {
-    task_id: String,
-    deduplicated: bool,
+/// `202` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    pub task_id: String,
 }
 
-/// `POST /task/start`: record the task (`PENDING`), publish it, wait for the broker's confirm,
-/// answer `202 {"task_id"}`. A repeated submission (same `Idempotency-Key`, `dedup_key`, or with
-/// `"dedup": true` the same arguments) answers `200` with the first task's id and enqueues nothing.
+/// `200` answer to a repeated submission.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deduplicated {
+    /// The first submission's task.
+    pub task_id: String,
+    pub deduplicated: bool,
+}
+
+fn seconds(field: &str, value: Option<f64>) -> Result<Option<Duration>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 && s <= MAX_HORIZON.as_secs_f64() => {
+            Ok(Some(Duration::from_secs_f64(s)))
+        }
+        Some(_) => Err(ApiError::validation(
+            field,
+            format!("seconds, above 0 and at most {}", MAX_HORIZON.as_secs()),
+        )),
+    }
+}
+
+fn rfc3339(field: &str, value: &str) -> Result<DateTime, ApiError> {
+    DateTime::parse_rfc3339_str(value)
+        .map_err(|_| ApiError::validation(field, "an RFC 3339 time such as 2030-01-01T00:00:00Z"))
+}
+
+fn iso(t: DateTime) -> String {
+    t.try_to_rfc3339_string().unwrap_or_default()
+}
+
+/// Timing fields, checked against each other.
+struct Timing {
+    eta: Option<String>,
+    expires: Option<String>,
+    hard: Option<f64>,
+    soft: Option<f64>,
+}
+
+fn timing(submission: &TaskStart) -> Result<Timing, ApiError> {
+    let now = DateTime::now().timestamp_millis();
+    let at = |ms: i64| DateTime::from_millis(ms);
+    let eta = match (submission.countdown, &submission.eta) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::validation(
+                "eta",
+                "give `countdown` or `eta`, not both",
+            ))
+        }
+        (Some(c), None) if c.is_finite() && (0.0..=MAX_HORIZON.as_secs_f64()).contains(&c) => {
+            (c > 0.0).then(|| at(now + (c * 1000.0) as i64))
+        }
+        (Some(_), None) => {
+            return Err(ApiError::validation(
+                "countdown",
+                format!("seconds between 0 and {}", MAX_HORIZON.as_secs()),
+            ))
+        }
+        (None, Some(eta)) => Some(rfc3339("eta", eta)?),
+        (None, None) => None,
+    };
+    let expires = match &submission.expires {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(rfc3339("expires", s)?),
+        Some(Value::Number(n)) => {
+            let s = n
+                .as_f64()
+                .filter(|s| *s > 0.0 && *s <= MAX_HORIZON.as_secs_f64())
+                .ok_or_else(|| {
+                    ApiError::validation("expires", "seconds from now must be above 0")
+                })?;
+            Some(at(now + (s * 1000.0) as i64))
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "expires",
+                "an RFC 3339 time or a number of seconds",
+            ))
+        }
+    };
+    if let Some(expires) = expires {
+        if expires.timestamp_millis() <= now {
+            return Err(ApiError::validation("expires", "is already past"));
+        }
+        if eta.is_some_and(|eta| eta >= expires) {
+            return Err(ApiError::validation(
+                "expires",
+                "is not after the start time",
+            ));
+        }
+    }
+    let hard = seconds("time_limit", submission.time_limit)?;
+    let soft = seconds("soft_time_limit", submission.soft_time_limit)?;
+    if let (Some(hard), Some(soft)) = (hard, soft) {
+        if soft >= hard {
+            return Err(ApiError::validation(
+                "soft_time_limit",
+                "must be below time_limit",
+            ));
+        }
+    }
+    Ok(Timing {
+        eta: eta.map(iso),
+        expires: expires.map(iso),
+        hard: hard.map(|d| d.as_secs_f64()),
+        soft: soft.map(|d| d.as_secs_f64()),
+    })
+}
+
+/// Records the task (`PENDING`), publishes it, waits for the broker's confirm. A repeated
+/// submission (same `Idempotency-Key`, `dedup_key`, or with `"dedup": true` the same arguments)
+/// answers `200` with the first task's id and enqueues nothing.
+#[utoipa::path(
+    post,
+    path = "/task/start",
+    tag = "tasks",
+    request_body = TaskStart,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Submissions with the same key create one task"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context to continue"),
+    ),
+    responses(
+        (status = 202, description = "Recorded and confirmed by the broker", body = Accepted),
+        (status = 200, description = "A repeated submission: the first task", body = Deduplicated),
+        (status = 400, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field (named in `field`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "RabbitMQ or MongoDB unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
 #[tracing::instrument(name = "http.task.start", skip_all, fields(task = tracing::field::Empty, task_id = tracing::field::Empty, trace_id = tracing::field::Empty))]
 pub async fn start(
     state: web::Data<AppState>,
     request: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     // Join the caller's trace if it sent one; the task's message continues it.
     let trace = request
@@ -91,6 +272,7 @@ pub async fn start(
         .and_then(TraceContext::parse)
         .map(|parent| parent.child())
         .unwrap_or_else(TraceContext::new_root);
+    let body = read_body(&request, payload, state.max_body_bytes).await?;
     let submission: TaskStart = parse_body(&body)?;
     let span = tracing::Span::current();
     span.record("task", submission.task_name.as_str());
@@ -112,6 +294,21 @@ pub async fn start(
         Some(p) => Priority::new(p).map_err(|reason| ApiError::validation("priority", reason))?,
         None => Priority::default(),
     };
+    let topology = state.submitter.topology();
+    let route = match &submission.queue {
+        Some(queue) if topology.routes().contains(queue) => queue.clone(),
+        Some(queue) => {
+            return Err(ApiError::validation(
+                "queue",
+                format!(
+                    "unknown route `{queue}`; routes: {}",
+                    topology.routes().join(", ")
+                ),
+            ))
+        }
+        None => topology.route_of(task.name()).to_owned(),
+    };
+    let timing = timing(&submission)?;
     let fingerprint = fingerprint(&request, &submission)?;
 
     let id = TaskId::generate();
@@ -131,12 +328,15 @@ pub async fn start(
         }
     }
 
-    let route = state.submitter.topology().route_of(task.name()).to_owned();
     let mut new = NewTask::new(id.clone(), task.name(), &route);
     new.args = submission.args;
     new.kwargs = submission.kwargs;
     new.priority = priority;
     new.trace = trace;
+    new.eta = timing.eta;
+    new.expires = timing.expires;
+    new.hard_time_limit = timing.hard;
+    new.soft_time_limit = timing.soft;
     if let Err(error) = state.submitter.submit(new).await {
         if let Some(fingerprint) = &fingerprint {
             // Not accepted, so the next identical submission must be free to try again.
@@ -162,8 +362,6 @@ pub async fn start(
     }))
 }
 
-/// The submission's dedup fingerprint, if it asks for dedup: the `Idempotency-Key` header wins
-/// over `dedup_key`, which wins over `"dedup": true`.
 fn fingerprint(
     request: &HttpRequest,
     submission: &TaskStart,
@@ -191,29 +389,89 @@ fn fingerprint(
     }))
 }
 
-fn timestamp(t: Option<DateTime>) -> Value {
+fn timestamp(t: Option<DateTime>) -> Option<String> {
     t.and_then(|t| t.try_to_rfc3339_string().ok())
-        .map(Value::String)
-        .unwrap_or(Value::Null)
 }
 
-/// `GET /task/status/{id}`: the task's state from MongoDB, with its failures so far and, for a
-/// sharded job, how many shards are done. An id never submitted is a 404.
-#[tracing::instrument(name = "http.task.status", skip(state))]
-pub async fn status(
-    state: web::Data<AppState>,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
-    let id = TaskId::parse(&id).map_err(|_| not_found())?;
-    let task = state
+/// A failed attempt, as the status shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptError {
+    pub attempt: u32,
+    pub root_cause: String,
+    /// `retry` or `dead_letter`.
+    pub decision: String,
+    pub retry_delay_ms: Option<u64>,
+    pub at: Option<String>,
+}
+
+/// Progress of a sharded job, on the status of the task that planned it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobProgress {
+    pub job_id: String,
+    pub shards_total: u32,
+    pub shards_done: usize,
+    pub shards_failed: usize,
+    pub items: u64,
+    pub hash: String,
+    pub strategy: String,
+}
+
+/// Where a task is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskStatus {
+    pub task_id: String,
+    pub task_name: String,
+    #[schema(value_type = String, example = "SUCCESS")]
+    pub state: TaskState,
+    /// `SUCCESS` or `FAILURE`: it will not change again.
+    pub ready: bool,
+    /// Failed attempts so far.
+    pub retries: u32,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// The last error, if any.
+    pub root_cause: Option<String>,
+    pub parent_id: Option<String>,
+    pub trace_id: Option<String>,
+    /// Every failed attempt, oldest first (present once there is one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<AttemptError>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobProgress>,
+}
+
+fn status_of(task: &TaskDocument) -> TaskStatus {
+    TaskStatus {
+        task_id: task.id.clone(),
+        task_name: task.task_name.clone(),
+        state: task.state,
+        ready: task.state.is_final(),
+        retries: task.retries,
+        created_at: timestamp(Some(task.created_at)),
+        updated_at: timestamp(Some(task.updated_at)),
+        started_at: timestamp(task.started_at),
+        finished_at: timestamp(task.finished_at),
+        root_cause: task.root_cause.clone(),
+        parent_id: task.parent_id.clone(),
+        trace_id: task.trace_id.clone(),
+        errors: None,
+        job: None,
+    }
+}
+
+/// The status as MongoDB has it, with failures and job progress.
+async fn load_status(state: &AppState, id: &TaskId) -> Result<Option<TaskStatus>, ApiError> {
+    let Some(task) = state
         .tasks
         .get(id.as_str())
         .await
         .map_err(ApiError::mongodb)?
-        .ok_or_else(not_found)?;
-    let mut body = status_body(&task);
-
+    else {
+        return Ok(None);
+    };
+    let mut status = status_of(&task);
     // Failures are looked up only for tasks that had some.
     if task.retries > 0 || task.root_cause.is_some() {
         let errors = state
@@ -222,20 +480,23 @@ pub async fn status(
             .await
             .map_err(ApiError::mongodb)?;
         if let Some(last) = errors.last() {
-            body["root_cause"] = json!(last.root_cause);
+            status.root_cause = Some(last.root_cause.clone());
         }
-        body["errors"] = errors
-            .iter()
-            .map(|e| {
-                json!({
-                    "attempt": e.attempt,
-                    "root_cause": e.root_cause,
-                    "decision": e.decision,
-                    "retry_delay_ms": e.retry_delay_ms,
-                    "at": timestamp(Some(e.at)),
+        status.errors = Some(
+            errors
+                .into_iter()
+                .map(|e| AttemptError {
+                    attempt: e.attempt,
+                    root_cause: e.root_cause,
+                    decision: serde_json::to_value(e.decision)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    retry_delay_ms: e.retry_delay_ms,
+                    at: timestamp(Some(e.at)),
                 })
-            })
-            .collect();
+                .collect(),
+        );
     }
     if let Some(plan) = state
         .shards
@@ -249,34 +510,183 @@ pub async fn status(
             .await
             .map_err(ApiError::mongodb)?;
         let count = |wanted: TaskState| states.iter().filter(|(_, s)| *s == wanted).count();
-        body["job"] = json!({
-            "job_id": plan.job_id,
-            "shards_total": plan.shards,
-            "shards_done": count(TaskState::Success),
-            "shards_failed": count(TaskState::Failure),
-            "items": plan.items,
-            "hash": plan.hash,
-            "strategy": plan.strategy,
+        status.job = Some(JobProgress {
+            job_id: plan.job_id,
+            shards_total: plan.shards,
+            shards_done: count(TaskState::Success),
+            shards_failed: count(TaskState::Failure),
+            items: plan.items,
+            hash: plan.hash,
+            strategy: plan.strategy,
         });
     }
-    Ok(HttpResponse::Ok().json(body))
+    Ok(Some(status))
 }
 
-fn status_body(task: &TaskDocument) -> Value {
-    json!({
-        "task_id": task.id,
-        "task_name": task.task_name,
-        "state": task.state,
-        "ready": task.state.is_final(),
-        "retries": task.retries,
-        "created_at": timestamp(Some(task.created_at)),
-        "updated_at": timestamp(Some(task.updated_at)),
-        "started_at": timestamp(task.started_at),
-        "finished_at": timestamp(task.finished_at),
-        "root_cause": task.root_cause,
-        "parent_id": task.parent_id,
-        "trace_id": task.trace_id,
-    })
+/// The status JSON: from Redis when a fresh copy is there, else from MongoDB (and then cached).
+/// Redis being slow or down only costs the cache.
+async fn status_json(state: &AppState, id: &TaskId) -> Result<Option<String>, ApiError> {
+    match state.cache.status(id.as_str()).await {
+        Ok(Some(json)) => return Ok(Some(json)),
+        Ok(None) => {}
+        Err(error) => tracing::debug!(error = %error, "status cache unavailable; reading MongoDB"),
+    }
+    let read_started = Instant::now();
+    let Some(status) = load_status(state, id).await? else {
+        return Ok(None);
+    };
+    let json = serde_json::to_string(&status).map_err(|e| ApiError::Internal(e.to_string()))?;
+    // Job progress moves with other tasks' states, which do not invalidate this key.
+    if status.job.is_none() {
+        if let Err(error) = state
+            .cache
+            .put_status(id.as_str(), &json, read_started)
+            .await
+        {
+            tracing::debug!(error = %error, "cannot cache the status");
+        }
+    }
+    Ok(Some(json))
+}
+
+/// One normalized state (`PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE`) with timestamps,
+/// failures so far and, for a sharded job, shard progress. An id never submitted is a 404 — not
+/// `PENDING`.
+#[utoipa::path(
+    get,
+    path = "/task/status/{id}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task's status", body = TaskStatus),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
+#[tracing::instrument(name = "http.task.status", skip(state))]
+pub async fn status(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
+    let id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let json = status_json(&state, &id).await?.ok_or_else(not_found)?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(json))
+}
+
+/// A finished task's result, from the result backend.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskResult {
+    pub task_id: String,
+    #[schema(value_type = String)]
+    pub state: TaskState,
+    /// The handler's return value (`SUCCESS`).
+    #[schema(value_type = Object)]
+    pub result: Option<Value>,
+    /// Why it failed (`FAILURE`).
+    pub root_cause: Option<String>,
+}
+
+/// Never waits: `200` with the result once the task finished, `202` with the state while it
+/// has not, `404` for an unknown id, `410` once the result's TTL passed. Needs
+/// `KOBE_RESULT_BACKEND=redis`.
+#[utoipa::path(
+    get,
+    path = "/task/result/{id}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "Finished: the result (or the failure)", body = TaskResult),
+        (status = 202, description = "Not finished yet", body = TaskStatus),
+        (status = 404, description = "No such task, or the result backend is off", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The result expired", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
+#[tracing::instrument(name = "http.task.result", skip(state))]
+pub async fn result(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    if state.result_ttl.is_none() {
+        return Err(ApiError::ResultBackendOff);
+    }
+    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
+    let id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let json = status_json(&state, &id).await?.ok_or_else(not_found)?;
+    let status: Value =
+        serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string()))?;
+    match status["state"].as_str() {
+        Some("SUCCESS") => {
+            let stored =
+                state
+                    .cache
+                    .result(id.as_str())
+                    .await
+                    .map_err(|e| ApiError::Unavailable {
+                        dependency: "Redis",
+                        reason: e.to_string(),
+                        task_id: None,
+                    })?;
+            let stored = stored
+                .ok_or_else(|| ApiError::Gone(format!("the result of `{id}` has expired")))?;
+            let result: Value =
+                serde_json::from_str(&stored).map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(HttpResponse::Ok().json(TaskResult {
+                task_id: id.to_string(),
+                state: TaskState::Success,
+                result: Some(result),
+                root_cause: None,
+            }))
+        }
+        Some("FAILURE") => Ok(HttpResponse::Ok().json(TaskResult {
+            task_id: id.to_string(),
+            state: TaskState::Failure,
+            result: None,
+            root_cause: status["root_cause"].as_str().map(str::to_owned),
+        })),
+        _ => Ok(HttpResponse::Accepted()
+            .content_type("application/json")
+            .body(json)),
+    }
+}
+
+/// A task this deployment can run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskInfo {
+    pub name: String,
+    /// Where it is sent unless a submission names a `queue`.
+    pub route: String,
+    pub max_retries: u32,
+    pub time_limit_s: f64,
+}
+
+/// The registered tasks.
+#[utoipa::path(
+    get,
+    path = "/tasks",
+    tag = "tasks",
+    responses((status = 200, description = "Registered tasks", body = Vec<TaskInfo>)),
+    security((), ("bearer" = [])),
+)]
+pub async fn list(state: web::Data<AppState>) -> HttpResponse {
+    let topology = state.submitter.topology();
+    let tasks: Vec<TaskInfo> = state
+        .registry
+        .names()
+        .into_iter()
+        .filter_map(|name| state.registry.get(name))
+        .map(|task| TaskInfo {
+            name: task.name().to_owned(),
+            route: topology.route_of(task.name()).to_owned(),
+            max_retries: task.retry_policy().max_retries,
+            time_limit_s: task.time_limit().as_secs_f64(),
+        })
+        .collect();
+    HttpResponse::Ok().json(tasks)
 }
 
 #[cfg(test)]

@@ -1,0 +1,54 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations and the types they use.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::error::Problem;
+use super::routes::{health, tasks};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Kobe",
+        description = "Submit tasks, follow their state, read their results. Errors are application/problem+json.",
+    ),
+    paths(
+        tasks::start,
+        tasks::status,
+        tasks::result,
+        tasks::list,
+        health::health,
+        health::ready,
+        super::routes::metrics::metrics,
+    ),
+    components(schemas(
+        tasks::TaskStart,
+        tasks::Accepted,
+        tasks::Deduplicated,
+        tasks::TaskStatus,
+        tasks::TaskResult,
+        tasks::TaskInfo,
+        tasks::AttemptError,
+        tasks::JobProgress,
+        Problem,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "tasks", description = "Submitting tasks and following them"),
+        (name = "operations", description = "Health, readiness and metrics"),
+    ),
+)]
+pub struct ApiDoc;
+
+/// Declares the optional bearer-token scheme (`KOBE_API_TOKENS`).
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
