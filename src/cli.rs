@@ -58,4 +58,8 @@ pub struct WorkerArgs {
         value_name = "ROUTE,..."
     )]
     pub queues: Vec<String>,
+
+    /// Serve Prometheus metrics (`/metrics`) on this address [default: off].
+    #[arg(long, env = "KOBE_WORKER_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
 }

@@ -93,6 +93,33 @@ pub fn check_topology(
     Ok(reports)
 }
 
+/// Messages ready in each of `queues` (passive declares on one short connection); a queue that
+/// does not exist is left out.
+pub fn queue_depths(
+    url: &ServiceUrl,
+    queues: &[String],
+    timeout: Duration,
+) -> Result<Vec<QueueReport>, AmqpError> {
+    let mut connection = connect(url, timeout)?;
+    let mut reports = Vec::new();
+    for name in queues {
+        // A passive declare of a missing queue closes the channel: one channel per queue.
+        let channel = connection
+            .open_channel(None)
+            .map_err(|e| AmqpError::Channel(e.to_string()))?;
+        if let Ok(queue) = channel.queue_declare_passive(name.as_str()) {
+            reports.push(QueueReport {
+                name: name.clone(),
+                messages: queue.declared_message_count().unwrap_or(0),
+                consumers: queue.declared_consumer_count().unwrap_or(0),
+            });
+            let _ = channel.close();
+        }
+    }
+    let _ = connection.close();
+    Ok(reports)
+}
+
 /// Deletes every exchange and queue of a topology. For tests and for tearing down a deployment
 /// on purpose; never called by `serve` or `worker`.
 pub fn delete_topology(url: &ServiceUrl, topology: &Topology) -> Result<(), AmqpError> {

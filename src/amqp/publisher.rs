@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use super::connection::Endpoint;
 use super::{AmqpError, Backoff, Topology};
 use crate::config::ServiceUrl;
+use crate::telemetry::metrics::metrics;
 
 /// A message ready to go: where, and what.
 #[derive(Debug, Clone)]
@@ -101,6 +102,7 @@ impl Publisher {
 }
 
 struct Pending {
+    sent: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<(), AmqpError>>,
 }
@@ -254,6 +256,10 @@ impl PublisherThread {
             self.connect();
         }
         let Some(link) = self.link.as_mut() else {
+            metrics()
+                .amqp_publishes
+                .with_label_values(&["failed"])
+                .inc();
             let _ = request
                 .reply
                 .send(Err(AmqpError::Unavailable(self.last_error.clone())));
@@ -268,9 +274,14 @@ impl PublisherThread {
             Ok(()) => {
                 let tag = link.next_tag;
                 link.next_tag += 1;
+                metrics()
+                    .amqp_publishes
+                    .with_label_values(&["published"])
+                    .inc();
                 link.pending.insert(
                     tag,
                     Pending {
+                        sent: Instant::now(),
                         deadline: request.deadline,
                         reply: request.reply,
                     },
@@ -289,11 +300,16 @@ impl PublisherThread {
             return;
         };
         for confirm in link.smoother.process(confirm) {
-            let (tag, result) = match confirm {
-                Confirm::Ack(p) => (p.delivery_tag, Ok(())),
-                Confirm::Nack(p) => (p.delivery_tag, Err(AmqpError::Nacked)),
+            let (tag, outcome, result) = match confirm {
+                Confirm::Ack(p) => (p.delivery_tag, "confirmed", Ok(())),
+                Confirm::Nack(p) => (p.delivery_tag, "nacked", Err(AmqpError::Nacked)),
             };
             if let Some(pending) = link.pending.remove(&tag) {
+                let m = metrics();
+                m.amqp_publishes.with_label_values(&[outcome]).inc();
+                m.amqp_confirm_duration
+                    .with_label_values(&[outcome])
+                    .observe(pending.sent.elapsed().as_secs_f64());
                 let _ = pending.reply.send(result);
             }
         }
@@ -314,6 +330,10 @@ impl PublisherThread {
             .collect();
         for tag in late {
             if let Some(p) = link.pending.remove(&tag) {
+                metrics()
+                    .amqp_publishes
+                    .with_label_values(&["failed"])
+                    .inc();
                 let _ = p
                     .reply
                     .send(Err(AmqpError::ConfirmTimeout(self.confirm_timeout)));
@@ -333,6 +353,10 @@ impl PublisherThread {
 
     fn fail_all(pending: BTreeMap<u64, Pending>, error: &AmqpError) {
         for (_, p) in pending {
+            metrics()
+                .amqp_publishes
+                .with_label_values(&["failed"])
+                .inc();
             let _ = p.reply.send(Err(error.clone()));
         }
     }

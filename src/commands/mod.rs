@@ -18,3 +18,37 @@ pub fn topology(settings: &Settings) -> Topology {
         settings.task_routes.clone(),
     )
 }
+
+/// Polls the depth of `queues` into `kobe_queue_depth` every `interval` until `shutdown`.
+pub async fn watch_queue_depths(
+    url: crate::config::ServiceUrl,
+    queues: Vec<String>,
+    interval: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let url = url.clone();
+        let names = queues.clone();
+        let polled = tokio::task::spawn_blocking(move || {
+            crate::amqp::queue_depths(&url, &names, std::time::Duration::from_secs(5))
+        })
+        .await;
+        match polled {
+            Ok(Ok(reports)) => {
+                for report in reports {
+                    crate::telemetry::metrics::metrics()
+                        .queue_depth
+                        .with_label_values(&[report.name.as_str()])
+                        .set(i64::from(report.messages));
+                }
+            }
+            Ok(Err(error)) => tracing::debug!(error = %error, "cannot poll queue depths"),
+            Err(error) => tracing::debug!(error = %error, "queue depth poll panicked"),
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}

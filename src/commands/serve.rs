@@ -14,7 +14,6 @@ use crate::store::{
     TaskRepository,
 };
 use crate::tasks::Registry;
-use crate::telemetry::metrics::Metrics;
 
 /// Builds the API's clients from settings. Nothing is contacted yet: the publisher connects in
 /// the background and the database on first use, so the API starts (and answers `/health`) while
@@ -63,7 +62,6 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         rate_window: settings.rate_window,
         api_tokens: settings.api_tokens.clone(),
         metrics_auth: settings.metrics_auth,
-        metrics: Metrics::new(),
         db,
         cache,
         dependency_timeout: settings.dependency_timeout,
@@ -83,6 +81,23 @@ pub async fn run(settings: Settings, addr: Option<SocketAddr>) -> anyhow::Result
     let outbox = tokio::spawn(outbox.run(settings.outbox_interval, async move {
         let _ = outbox_stopped.await;
     }));
+    let mut watched: Vec<String> = state
+        .submitter
+        .topology()
+        .routes()
+        .iter()
+        .map(|r| state.submitter.topology().queue(r))
+        .collect();
+    watched.push(state.submitter.topology().dead_letter_queue());
+    let (depths_stop, depths_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(super::watch_queue_depths(
+        settings.rabbitmq_url.clone(),
+        watched,
+        std::time::Duration::from_secs(5),
+        async move {
+            let _ = depths_stopped.await;
+        },
+    ));
     let app = Application::build(state, addr, settings.shutdown_grace)
         .with_context(|| format!("failed to listen on {addr}"))?;
     tracing::info!(addr = %addr, port = app.port(), "serving the HTTP API");
@@ -95,6 +110,7 @@ pub async fn run(settings: Settings, addr: Option<SocketAddr>) -> anyhow::Result
         .await
         .context("HTTP server failed")?;
     let _ = outbox_stop.send(());
+    let _ = depths_stop.send(());
     let _ = outbox.await;
     tracing::info!("HTTP API stopped");
     Ok(())

@@ -32,7 +32,7 @@ use crate::store::{
 use crate::tasks::{
     ChildTask, Invocation, Registry, RetryPolicy, SoftLimit, Spawner, Task, TaskContext, TaskError,
 };
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::metrics;
 use crate::telemetry::trace::TraceContext;
 
 /// How long to wait before handing a message back when MongoDB is down, so an outage is not a
@@ -45,6 +45,8 @@ pub struct WorkerOptions {
     pub prefetch_multiplier: u16,
     /// Routes to consume; empty means every configured route.
     pub routes: Vec<String>,
+    /// Where to serve `/metrics`, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl From<WorkerArgs> for WorkerOptions {
@@ -53,6 +55,7 @@ impl From<WorkerArgs> for WorkerOptions {
             concurrency: args.concurrency,
             prefetch_multiplier: args.prefetch_multiplier,
             routes: args.queues,
+            metrics_addr: args.metrics_addr,
         }
     }
 }
@@ -74,25 +77,36 @@ pub struct Worker {
     settler: Settler,
     retry: RetryOverrides,
     task_retry: BTreeMap<String, RetryOverrides>,
-    metrics: Metrics,
 }
 
 /// The outcome of one attempt, before it is recorded.
 enum Outcome {
     Success(Value),
     Retry { cause: String },
-    Fail { cause: String },
+    Fail { cause: String, reason: &'static str },
 }
 
 impl Worker {
     /// Handles one delivery to the end, settling it.
     pub async fn handle(&self, delivery: Delivery) {
+        let in_flight = &metrics().tasks_in_flight;
+        in_flight.inc();
+        self.handle_delivery(delivery).await;
+        in_flight.dec();
+    }
+
+    async fn handle_delivery(&self, delivery: Delivery) {
         let message = match TaskMessage::decode(&delivery.properties, &delivery.body) {
             Ok(message) => message,
             Err(error) => {
                 tracing::warn!(redelivered = delivery.redelivered, root_cause = %error, decision = "dead_letter", "malformed message");
-                self.dead_letter(&delivery, None, &format!("malformed message: {error}"))
-                    .await;
+                self.dead_letter(
+                    &delivery,
+                    None,
+                    &format!("malformed message: {error}"),
+                    "malformed",
+                )
+                .await;
                 return;
             }
         };
@@ -128,7 +142,8 @@ impl Worker {
                 tracing::warn!(error = %error, "cannot record the rejected task");
             }
             tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "dead_letter", "task failed");
-            self.dead_letter(&delivery, Some(&message), &cause).await;
+            self.dead_letter(&delivery, Some(&message), &cause, "unknown_task")
+                .await;
             return;
         };
 
@@ -240,7 +255,8 @@ impl Worker {
                     self.record_failure(&message, &cause, Decision::DeadLetter, None)
                         .await;
                     tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "dead_letter", "task failed");
-                    self.dead_letter(&delivery, Some(&message), &cause).await;
+                    self.dead_letter(&delivery, Some(&message), &cause, "payload_missing")
+                        .await;
                     return;
                 }
                 Err(error) => {
@@ -279,14 +295,17 @@ impl Worker {
                     Transition::Failure {
                         root_cause: cause.clone(),
                     },
-                    Settled::DeadLetter { cause },
+                    Settled::DeadLetter {
+                        cause,
+                        reason: "retries_exhausted",
+                    },
                 )
             }
-            Outcome::Fail { cause } => (
+            Outcome::Fail { cause, reason } => (
                 Transition::Failure {
                     root_cause: cause.clone(),
                 },
-                Settled::DeadLetter { cause },
+                Settled::DeadLetter { cause, reason },
             ),
         };
         let state = transition.target();
@@ -298,7 +317,7 @@ impl Worker {
             return;
         }
         self.changed(message.id.as_str()).await;
-        self.metrics
+        metrics()
             .task_outcomes
             .with_label_values(&[message.task.as_str(), state.as_str()])
             .inc();
@@ -309,16 +328,21 @@ impl Worker {
                 self.settler.settle(delivery.tag, Settlement::Ack);
             }
             Settled::Retry { cause, delay } => {
+                metrics()
+                    .task_retries
+                    .with_label_values(&[message.task.as_str()])
+                    .inc();
                 self.record_failure(&message, &cause, Decision::Retry, Some(delay))
                     .await;
                 tracing::warn!(root_cause = %cause, retry_count = attempt, retry_in_ms = delay.as_millis() as u64, decision = "retry", "task will be retried");
                 self.retry(&delivery, message, delay).await;
             }
-            Settled::DeadLetter { cause } => {
+            Settled::DeadLetter { cause, reason } => {
                 self.record_failure(&message, &cause, Decision::DeadLetter, None)
                     .await;
                 tracing::warn!(root_cause = %cause, retry_count = message.retries, decision = "dead_letter", "task failed");
-                self.dead_letter(&delivery, Some(&message), &cause).await;
+                self.dead_letter(&delivery, Some(&message), &cause, reason)
+                    .await;
             }
         }
     }
@@ -358,14 +382,22 @@ impl Worker {
                 let _ = trip.send(true);
             })
         });
+        let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(limit, handle).await;
+        metrics()
+            .task_duration
+            .with_label_values(&[message.task.as_str()])
+            .observe(started.elapsed().as_secs_f64());
         if let Some(timer) = soft_timer {
             timer.abort();
         }
         match outcome {
             Ok(Ok(Ok(value))) => Outcome::Success(value),
             Ok(Ok(Err(TaskError::Retryable(cause)))) => Outcome::Retry { cause },
-            Ok(Ok(Err(TaskError::Permanent(cause)))) => Outcome::Fail { cause },
+            Ok(Ok(Err(TaskError::Permanent(cause)))) => Outcome::Fail {
+                cause,
+                reason: "permanent_error",
+            },
             Ok(Err(join_error)) => {
                 let cause = match join_error.try_into_panic() {
                     Ok(payload) => format!(
@@ -384,6 +416,7 @@ impl Worker {
                 abort.abort();
                 Outcome::Fail {
                     cause: format!("time limit exceeded ({limit:?})"),
+                    reason: "time_limit",
                 }
             }
         }
@@ -501,7 +534,14 @@ impl Worker {
     /// Sends the message to the dead-letter exchange with the reason in its headers, then acks it.
     /// If that publish fails, `basic.nack(requeue=false)` lets the broker dead-letter it instead
     /// (without Kobe's reason headers, which the error log still has).
-    async fn dead_letter(&self, delivery: &Delivery, message: Option<&TaskMessage>, reason: &str) {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        message: Option<&TaskMessage>,
+        reason: &str,
+        kind: &'static str,
+    ) {
+        metrics().dead_letters.with_label_values(&[kind]).inc();
         let mut properties = delivery.properties.clone();
         let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(
@@ -596,8 +636,15 @@ impl Spawner for WorkerSpawner {
 
 enum Settled {
     Ack,
-    Retry { cause: String, delay: Duration },
-    DeadLetter { cause: String },
+    Retry {
+        cause: String,
+        delay: Duration,
+    },
+    /// `reason` is the metric label: one of `DEAD_LETTER_REASONS`.
+    DeadLetter {
+        cause: String,
+        reason: &'static str,
+    },
 }
 
 /// Runs a worker until `shutdown` resolves, then stops consuming, lets in-flight tasks finish
@@ -677,9 +724,31 @@ pub async fn run(
         settler: consumer.settler(),
         retry: settings.retry.clone(),
         task_retry: settings.task_retry.clone(),
-        metrics: Metrics::new(),
     });
     tracing::info!(concurrency = options.concurrency, prefetch, queues = ?queues, "worker started");
+
+    let metrics_server = match options.metrics_addr {
+        Some(addr) => {
+            let server = crate::http::Application::metrics_only(addr)
+                .with_context(|| format!("failed to listen on {addr} for metrics"))?;
+            tracing::info!(addr = %addr, port = server.port(), "serving worker metrics");
+            let handle = server.handle();
+            tokio::spawn(server.run_until_stopped());
+            Some(handle)
+        }
+        None => None,
+    };
+    let (depths_stop, depths_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut watched = queues.clone();
+    watched.push(worker.topology.dead_letter_queue());
+    tokio::spawn(super::watch_queue_depths(
+        settings.rabbitmq_url.clone(),
+        watched,
+        std::time::Duration::from_secs(5),
+        async move {
+            let _ = depths_stopped.await;
+        },
+    ));
 
     let slots = Arc::new(Semaphore::new(usize::from(options.concurrency)));
     tokio::pin!(shutdown);
@@ -719,6 +788,10 @@ pub async fn run(
     tokio::task::spawn_blocking(move || consumer.close())
         .await
         .context("consumer thread panicked")?;
+    let _ = depths_stop.send(());
+    if let Some(handle) = metrics_server {
+        handle.stop(true).await;
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::store::{
     Cache, DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository,
 };
 use crate::tasks::Registry;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::metrics;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -49,7 +49,6 @@ pub struct AppState {
     /// Accepted bearer tokens; empty: no authentication.
     pub api_tokens: Secret<Vec<String>>,
     pub metrics_auth: bool,
-    pub metrics: Metrics,
     pub db: Database,
     pub cache: Cache,
     /// Bound on each readiness probe.
@@ -77,9 +76,6 @@ impl Application {
                 .app_data(state.clone())
                 .wrap(actix_web::middleware::from_fn(guard::guard))
                 .wrap_fn(|request, service| {
-                    let metrics = request
-                        .app_data::<web::Data<AppState>>()
-                        .map(|s| s.metrics.clone());
                     let method = request.method().to_string();
                     let route = request
                         .match_pattern()
@@ -90,13 +86,13 @@ impl Application {
                         .call(request)
                         .instrument(span)
                         .map(move |result| {
-                            if let (Some(metrics), Ok(response)) = (metrics, &result) {
+                            if let Ok(response) = &result {
                                 let status = response.status().as_u16().to_string();
-                                metrics
+                                metrics()
                                     .http_requests
                                     .with_label_values(&[&route, &method, &status])
                                     .inc();
-                                metrics
+                                metrics()
                                     .http_request_duration
                                     .with_label_values(&[&route, &method])
                                     .observe(started.elapsed().as_secs_f64());
@@ -119,6 +115,24 @@ impl Application {
         .listen(listener)?
         .disable_signals()
         .shutdown_timeout(shutdown_timeout.as_secs().max(1))
+        .run();
+        Ok(Self { port, server })
+    }
+
+    /// A server with `/metrics` and `/health` alone, for `worker --metrics-addr`.
+    pub fn metrics_only(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let port = listener.local_addr()?.port();
+        let server = HttpServer::new(|| {
+            App::new()
+                .route("/metrics", web::get().to(routes::metrics::metrics))
+                .route("/health", web::get().to(routes::health::health))
+                .default_service(web::to(routes::not_found))
+        })
+        .workers(1)
+        .listen(listener)?
+        .disable_signals()
+        .shutdown_timeout(1)
         .run();
         Ok(Self { port, server })
     }

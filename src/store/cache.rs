@@ -213,9 +213,12 @@ impl Cache {
                 .await
                 .map_err(|e| StoreError::Redis(e.to_string()))
         };
-        let (count,) = tokio::time::timeout(self.op_timeout, attempt)
-            .await
-            .map_err(|_| StoreError::Redis("rate limit: no answer".into()))??;
+        let bounded = async {
+            tokio::time::timeout(self.op_timeout, attempt)
+                .await
+                .map_err(|_| StoreError::Redis("rate limit: no answer".into()))?
+        };
+        let (count,) = measured("INCR", bounded).await?;
         if count > u64::from(limit) {
             let left = (slot + 1) * window_ms - now_ms;
             Ok(Some(Duration::from_millis(left.max(1))))
@@ -223,4 +226,21 @@ impl Cache {
             Ok(None)
         }
     }
+}
+
+/// Records a Redis call's latency, and its failure if it failed.
+async fn measured<T>(
+    command: &str,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = Instant::now();
+    let result = call.await;
+    let m = crate::telemetry::metrics::metrics();
+    m.redis_duration
+        .with_label_values(&[command])
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        m.redis_errors.with_label_values(&[command]).inc();
+    }
+    result
 }

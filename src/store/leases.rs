@@ -120,6 +120,10 @@ impl LeaseRepository {
             .await?;
         Ok(before.map(|mut item| {
             let reclaimed = item.taken_by.is_some();
+            crate::telemetry::metrics::metrics()
+                .leases
+                .with_label_values(&[if reclaimed { "reclaimed" } else { "taken" }])
+                .inc();
             item.taken_by = Some(worker_id.to_owned());
             item.lease_until = Some(after(duration));
             item.leases += 1;

@@ -82,6 +82,28 @@ pub async fn connect(
     options.app_name = Some("kobe".into());
     options.server_selection_timeout = Some(timeout);
     options.connect_timeout = Some(timeout);
+    // Every command's latency and failures, from the driver's own events: nothing to wrap.
+    options.command_event_handler = Some(mongodb::event::EventHandler::callback(
+        |event: mongodb::event::command::CommandEvent| {
+            use mongodb::event::command::CommandEvent;
+            let m = crate::telemetry::metrics::metrics();
+            match event {
+                CommandEvent::Succeeded(e) => m
+                    .mongodb_duration
+                    .with_label_values(&[e.command_name.as_str()])
+                    .observe(e.duration.as_secs_f64()),
+                CommandEvent::Failed(e) => {
+                    m.mongodb_duration
+                        .with_label_values(&[e.command_name.as_str()])
+                        .observe(e.duration.as_secs_f64());
+                    m.mongodb_errors
+                        .with_label_values(&[e.command_name.as_str()])
+                        .inc();
+                }
+                _ => {}
+            }
+        },
+    ));
     let client =
         Client::with_options(options).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     Ok(client.database(db))

@@ -1,12 +1,35 @@
-//! Prometheus metrics: one registry per process, rendered by `/metrics`.
+//! Prometheus metrics: one registry per process, rendered by `/metrics` (on `serve`, and on
+//! `worker --metrics-addr`). Names follow Prometheus conventions: `kobe_` prefix, base units
+//! (seconds, bytes), `_total` for counters.
+//!
+//! The registry is process-wide ([`metrics()`]) because what it measures is: the publisher thread,
+//! the MongoDB driver's command events and the Redis pool all record into it without being handed
+//! a handle through every layer.
+
+use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
-/// The metrics Kobe records. Cloning is cheap (the collectors are reference-counted), so every
-/// component holds its own handle.
-#[derive(Clone)]
+/// Latency buckets from 0.5 ms to 30 s: broker round trips and database calls sit at the low
+/// end, task run times anywhere.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Why a message went to the dead-letter queue (the `reason` label).
+pub const DEAD_LETTER_REASONS: [&str; 6] = [
+    "malformed",
+    "unknown_task",
+    "permanent_error",
+    "retries_exhausted",
+    "time_limit",
+    "payload_missing",
+];
+
+/// What Kobe measures.
 pub struct Metrics {
     registry: Registry,
     /// HTTP requests by route pattern, method and status.
@@ -15,70 +38,206 @@ pub struct Metrics {
     pub http_request_duration: HistogramVec,
     /// Tasks accepted by `POST /task/start`, by task name.
     pub tasks_submitted: IntCounterVec,
-    /// Finished task attempts by task name and outcome state.
+    /// Messages handed to the broker / confirmed / nacked / failed (timeout, connection).
+    pub amqp_publishes: IntCounterVec,
+    /// From publish to the broker's confirm.
+    pub amqp_confirm_duration: HistogramVec,
+    /// Finished task attempts by task name and the state they left the task in.
     pub task_outcomes: IntCounterVec,
+    /// Handler run time by task name.
+    pub task_duration: HistogramVec,
+    /// Retries scheduled, by task name.
+    pub task_retries: IntCounterVec,
+    /// Dead-lettered messages by reason.
+    pub dead_letters: IntCounterVec,
+    /// Tasks running now in this process.
+    pub tasks_in_flight: IntGauge,
+    /// Messages ready in each queue (polled).
+    pub queue_depth: IntGaugeVec,
+    /// Leases on the frontier by outcome (`taken`: free item; `reclaimed`: an expired lease).
+    pub leases: IntCounterVec,
+    /// MongoDB command latency by command name.
+    pub mongodb_duration: HistogramVec,
+    /// MongoDB command failures by command name.
+    pub mongodb_errors: IntCounterVec,
+    /// Redis command latency by command.
+    pub redis_duration: HistogramVec,
+    /// Redis failures by command.
+    pub redis_errors: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric name");
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let metric = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric name");
+    metric
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let http_requests = IntCounterVec::new(
-            Opts::new("kobe_http_requests_total", "HTTP requests answered."),
-            &["route", "method", "status"],
+    fn new() -> Self {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let _ = r.register(Box::new(
+                prometheus::process_collector::ProcessCollector::new(
+                    std::process::id() as i32,
+                    "kobe",
+                ),
+            ));
+        }
+        let tasks_in_flight =
+            IntGauge::new("kobe_tasks_in_flight", "Tasks running now in this process.")
+                .expect("valid metric");
+        r.register(Box::new(tasks_in_flight.clone()))
+            .expect("unique metric name");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("kobe_queue_depth", "Messages ready in each queue (polled)."),
+            &["queue"],
         )
-        .expect("static metric definition");
-        let http_request_duration = HistogramVec::new(
-            HistogramOpts::new(
+        .expect("valid metric");
+        r.register(Box::new(queue_depth.clone()))
+            .expect("unique metric name");
+
+        let metrics = Self {
+            http_requests: counter(
+                &r,
+                "kobe_http_requests_total",
+                "HTTP requests answered.",
+                &["route", "method", "status"],
+            ),
+            http_request_duration: histogram(
+                &r,
                 "kobe_http_request_duration_seconds",
                 "HTTP request latency.",
+                &["route", "method"],
             ),
-            &["route", "method"],
-        )
-        .expect("static metric definition");
-        let tasks_submitted = IntCounterVec::new(
-            Opts::new("kobe_tasks_submitted_total", "Tasks accepted by the API."),
-            &["task"],
-        )
-        .expect("static metric definition");
-        let task_outcomes = IntCounterVec::new(
-            Opts::new(
+            tasks_submitted: counter(
+                &r,
+                "kobe_tasks_submitted_total",
+                "Tasks accepted by the API.",
+                &["task"],
+            ),
+            amqp_publishes: counter(
+                &r,
+                "kobe_amqp_publishes_total",
+                "Messages by publish outcome: published, confirmed, nacked, failed.",
+                &["outcome"],
+            ),
+            amqp_confirm_duration: histogram(
+                &r,
+                "kobe_amqp_confirm_duration_seconds",
+                "Time from publish to the broker's confirm.",
+                &["outcome"],
+            ),
+            task_outcomes: counter(
+                &r,
                 "kobe_task_outcomes_total",
-                "Finished task attempts by final state.",
+                "Finished task attempts by the state they left the task in.",
+                &["task", "state"],
             ),
-            &["task", "state"],
-        )
-        .expect("static metric definition");
-        for collector in [
-            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(http_request_duration.clone()),
-            Box::new(tasks_submitted.clone()),
-            Box::new(task_outcomes.clone()),
+            task_duration: histogram(
+                &r,
+                "kobe_task_duration_seconds",
+                "Handler run time.",
+                &["task"],
+            ),
+            task_retries: counter(
+                &r,
+                "kobe_task_retries_total",
+                "Retries scheduled.",
+                &["task"],
+            ),
+            dead_letters: counter(
+                &r,
+                "kobe_dead_letters_total",
+                "Messages sent to the dead-letter queue.",
+                &["reason"],
+            ),
+            tasks_in_flight,
+            queue_depth,
+            leases: counter(
+                &r,
+                "kobe_leases_total",
+                "Leases taken on the frontier.",
+                &["outcome"],
+            ),
+            mongodb_duration: histogram(
+                &r,
+                "kobe_mongodb_command_duration_seconds",
+                "MongoDB command latency.",
+                &["command"],
+            ),
+            mongodb_errors: counter(
+                &r,
+                "kobe_mongodb_command_errors_total",
+                "MongoDB command failures.",
+                &["command"],
+            ),
+            redis_duration: histogram(
+                &r,
+                "kobe_redis_command_duration_seconds",
+                "Redis command latency.",
+                &["command"],
+            ),
+            redis_errors: counter(
+                &r,
+                "kobe_redis_command_errors_total",
+                "Redis command failures.",
+                &["command"],
+            ),
+            registry: r,
+        };
+        // Fixed label values are exported from the start, so dashboards and alerts see zeros
+        // instead of missing series.
+        for outcome in ["published", "confirmed", "nacked", "failed"] {
+            metrics.amqp_publishes.with_label_values(&[outcome]);
+        }
+        for reason in DEAD_LETTER_REASONS {
+            metrics.dead_letters.with_label_values(&[reason]);
+        }
+        for outcome in ["taken", "reclaimed"] {
+            metrics.leases.with_label_values(&[outcome]);
+        }
+        for command in [
+            "insert",
+            "find",
+            "update",
+            "findAndModify",
+            "delete",
+            "ping",
         ] {
-            registry
-                .register(collector)
-                .expect("metric names are unique");
+            metrics.mongodb_errors.with_label_values(&[command]);
         }
-        Self {
-            registry,
-            http_requests,
-            http_request_duration,
-            tasks_submitted,
-            task_outcomes,
+        for command in ["GET", "SET", "INCR", "PING"] {
+            metrics.redis_errors.with_label_values(&[command]);
         }
+        metrics
     }
 
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
-        let encoder = TextEncoder::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = encoder.encode(&self.registry.gather(), &mut buffer);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
         String::from_utf8(buffer).unwrap_or_default()
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
 }

@@ -139,6 +139,7 @@ impl TestEnv {
             concurrency,
             prefetch_multiplier: 1,
             routes,
+            metrics_addr: None,
         };
         let join = tokio::spawn(commands::worker::run(
             self.settings.clone(),

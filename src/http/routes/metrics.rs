@@ -1,13 +1,11 @@
 //! `GET /metrics`: Prometheus text format.
 
-use actix_web::{web, HttpResponse};
-
-use crate::http::AppState;
+use actix_web::HttpResponse;
 
 /// Prometheus metrics (text format). Needs a token when `KOBE_METRICS_AUTH=true`.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+pub async fn metrics() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(crate::telemetry::metrics::metrics().render())
 }

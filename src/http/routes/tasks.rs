@@ -351,8 +351,7 @@ pub async fn start(
         });
     }
 
-    state
-        .metrics
+    crate::telemetry::metrics::metrics()
         .tasks_submitted
         .with_label_values(&[task.name()])
         .inc();
