@@ -166,6 +166,8 @@ pub struct Settings {
     pub api_tokens: Secret<Vec<String>>,
     /// Whether `/metrics` needs a token too.
     pub metrics_auth: bool,
+    /// Log task arguments when a worker starts a task (off: payloads may hold personal data).
+    pub log_payloads: bool,
     /// Overrides of every task's retry policy, where set.
     pub retry: RetryOverrides,
     /// Overrides for one task each, applied after `retry`.
@@ -339,6 +341,19 @@ impl Settings {
                 })
             }
         };
+        let log_payloads = match get("KOBE_LOG_PAYLOADS", "false")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            other => {
+                return Err(ConfigError {
+                    var: "KOBE_LOG_PAYLOADS",
+                    reason: format!("expected true or false, got `{other}`"),
+                })
+            }
+        };
         let outbox_age = duration_ms("KOBE_OUTBOX_AGE_MS", &get("KOBE_OUTBOX_AGE_MS", "30000"))?;
         let outbox_interval = duration_ms(
             "KOBE_OUTBOX_INTERVAL_MS",
@@ -371,6 +386,7 @@ impl Settings {
             rate_window,
             api_tokens: Secret::new(api_tokens),
             metrics_auth,
+            log_payloads,
             retry,
             task_retry,
         })

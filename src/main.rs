@@ -9,17 +9,20 @@ use kobe::tasks::Registry;
 use kobe::{commands, shutdown, telemetry};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let dotenv = match &cli.env_file {
-        Some(path) => dotenvy::from_path(path).map(|()| Some(path.clone())),
-        None => dotenvy::dotenv().map(Some),
+    // The .env file is read before the command line is parsed, so flags that fall back to
+    // variables (`--concurrency` ← KOBE_CONCURRENCY) see its values too.
+    let env_file = env_file_argument();
+    let dotenv = match &env_file {
+        Some(path) => dotenvy::from_path(path),
+        None => dotenvy::dotenv().map(drop),
     };
     if let Err(error) = &dotenv {
-        if !error.not_found() || cli.env_file.is_some() {
+        if !error.not_found() || env_file.is_some() {
             eprintln!("kobe: cannot read the .env file: {error}");
             return ExitCode::from(2);
         }
     }
+    let cli = Cli::parse();
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
         Err(error) => {
@@ -76,5 +79,21 @@ fn main() -> ExitCode {
     });
     // amiquip threads may still be waiting on a dead broker; do not wait for them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    telemetry::otel::shutdown();
     result
+}
+
+/// `--env-file PATH` (or `--env-file=PATH`), looked up before clap parses everything else.
+fn env_file_argument() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if text == "--env-file" {
+            return args.next().map(Into::into);
+        }
+        if let Some(path) = text.strip_prefix("--env-file=") {
+            return Some(path.into());
+        }
+    }
+    None
 }

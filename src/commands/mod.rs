@@ -27,7 +27,14 @@ pub async fn watch_queue_depths(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    // The first poll waits a moment: at start-up the queues are still being declared.
+    let mut wait = interval.min(std::time::Duration::from_secs(1));
     loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = interval;
         let url = url.clone();
         let names = queues.clone();
         let polled = tokio::task::spawn_blocking(move || {
@@ -45,10 +52,6 @@ pub async fn watch_queue_depths(
             }
             Ok(Err(error)) => tracing::debug!(error = %error, "cannot poll queue depths"),
             Err(error) => tracing::debug!(error = %error, "queue depth poll panicked"),
-        }
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = tokio::time::sleep(interval) => {}
         }
     }
 }

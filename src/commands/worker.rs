@@ -70,6 +70,8 @@ pub struct Worker {
     /// Results larger than this (JSON bytes) go to `RawPayload`.
     inline_limit: usize,
     cache: Cache,
+    /// Log arguments at start (`KOBE_LOG_PAYLOADS`).
+    log_payloads: bool,
     /// With the result backend on: how long results stay in Redis.
     result_ttl: Option<Duration>,
     publisher: Publisher,
@@ -111,12 +113,8 @@ impl Worker {
             }
         };
         let attempt = message.retries + 1;
-        let trace_id = message
-            .traceparent
-            .as_deref()
-            .and_then(TraceContext::parse)
-            .map(|t| t.trace_id_hex())
-            .unwrap_or_default();
+        let parent = message.traceparent.as_deref().and_then(TraceContext::parse);
+        let trace_id = parent.map(|t| t.trace_id_hex()).unwrap_or_default();
         let span = tracing::info_span!(
             "task",
             task_id = %message.id,
@@ -125,6 +123,9 @@ impl Worker {
             redelivered = delivery.redelivered,
             trace_id = %trace_id,
         );
+        if let Some(parent) = &parent {
+            crate::telemetry::otel::adopt(&span, parent);
+        }
         self.run_message(delivery, message).instrument(span).await;
     }
 
@@ -266,6 +267,11 @@ impl Worker {
                     return;
                 }
             }
+        }
+        if self.log_payloads {
+            tracing::info!(args = ?message.args, kwargs = ?message.kwargs, "task starting");
+        } else {
+            tracing::debug!("task starting");
         }
         let outcome = self.execute(task.as_ref(), &message, attempt, limit).await;
         let policy = self.policy(task.as_ref());
@@ -718,6 +724,7 @@ pub async fn run(
         context,
         inline_limit: settings.payload_inline_limit,
         cache: cache.clone(),
+        log_payloads: settings.log_payloads,
         result_ttl: settings.result_ttl,
         publisher,
         topology,

@@ -2,6 +2,7 @@
 //! that routes panics through it, and the Prometheus registry.
 
 pub mod metrics;
+pub mod otel;
 pub mod trace;
 
 use std::backtrace::Backtrace;
@@ -12,8 +13,9 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
@@ -30,20 +32,24 @@ pub fn init(filter: &str, format: LogFormat) {
         .ignore_crate("amiquip::io_loop::handshake_state")
         .init();
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => tracing::subscriber::set_global_default(
-            builder
-                .fmt_fields(JsonFields::new())
-                .event_format(FlatJson)
-                .finish(),
-        ),
-        LogFormat::Pretty => tracing::subscriber::set_global_default(
-            builder.with_ansi(std::io::stderr().is_terminal()).finish(),
-        ),
+    let fmt_layer = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let otel_layer =
+        otel::tracer().map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer));
+    let subscriber = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer)
+        .with(otel_layer);
+    let _ = tracing::subscriber::set_global_default(subscriber);
 }
 
 /// Logs every panic through `tracing`, with its location and a backtrace, so a panic in a task

@@ -114,8 +114,13 @@ async fn metrics_move_by_exactly_what_happened_and_the_dashboard_queries_only_re
         assert_eq!(moved, *delta, "{k}");
     }
 
-    // Every metric the dashboard queries is exposed.
-    let exposition = scrape(&api).await;
+    // Every metric the dashboard queries is exposed (queue depths once the first poll is in).
+    let exposition = common::eventually(Duration::from_secs(10), "queue depth polled", || async {
+        let text = scrape(&api).await;
+        text.contains("# TYPE kobe_queue_depth gauge\nkobe_queue_depth{")
+            .then_some(text)
+    })
+    .await;
     let exposed: BTreeSet<&str> = exposition
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -335,6 +340,142 @@ async fn no_log_line_carries_a_password() {
     assert!(
         lines > 10 && redacted > 0,
         "{lines} lines, {redacted} with a redacted URL"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Accepts OTLP/HTTP exports and keeps their bodies: a collector of the test's own.
+fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let kept = kept.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    kept.lock().unwrap().push(body);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, bodies)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_otlp_endpoint_api_and_worker_export_spans_of_one_trace() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let (otlp_port, bodies) = otlp_receiver();
+    let endpoint = format!("http://127.0.0.1:{otlp_port}");
+    let dir = std::env::temp_dir().join(common::unique("kobetest-otel"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = common::free_port();
+    let otel = |service: &'static str| -> Vec<(&'static str, String)> {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+            ("OTEL_SERVICE_NAME", service.into()),
+        ]
+    };
+    let as_refs = |v: &Vec<(&'static str, String)>| -> Vec<(&'static str, String)> { v.clone() };
+    let serve_env = as_refs(&otel("kobe-serve-under-test"));
+    let worker_env = as_refs(&otel("kobe-worker-under-test"));
+    let serve_refs: Vec<(&str, &str)> = serve_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let worker_refs: Vec<(&str, &str)> = worker_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let serve = spawn_logged(
+        &env,
+        &["serve", "--addr", &format!("127.0.0.1:{port}")],
+        &dir.join("serve.log"),
+        &serve_refs,
+    );
+    let worker = spawn_logged(&env, &["worker"], &dir.join("worker.log"), &worker_refs);
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    common::eventually(Duration::from_secs(20), "serve ready", || async {
+        client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+    })
+    .await;
+    let trace_id: u128 = 0x0af7651916cd43dd8448eb211c80319c;
+    let response = client
+        .post(format!("{base}/task/start"))
+        .header(
+            "traceparent",
+            format!("00-{trace_id:032x}-b7ad6b7169203331-01"),
+        )
+        .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.wait_final(&id, Duration::from_secs(20)).await;
+    // Both processes flush their spans on the way out.
+    stop(worker);
+    stop(serve);
+
+    let needle = trace_id.to_be_bytes();
+    let exported = bodies.lock().unwrap().clone();
+    let with_trace: Vec<&Vec<u8>> = exported.iter().filter(|b| contains(b, &needle)).collect();
+    assert!(
+        with_trace
+            .iter()
+            .any(|b| contains(b, b"kobe-serve-under-test")),
+        "the API exported no span of the trace ({} exports)",
+        exported.len()
+    );
+    assert!(
+        with_trace
+            .iter()
+            .any(|b| contains(b, b"kobe-worker-under-test")),
+        "the worker exported no span of the trace ({} exports)",
+        exported.len()
+    );
+    // The task document records the same trace.
+    let task = env.tasks().get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        task.trace_id.as_deref(),
+        Some(format!("{trace_id:032x}").as_str())
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

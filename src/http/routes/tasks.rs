@@ -7,6 +7,7 @@ use futures_util::StreamExt;
 use mongodb::bson::DateTime;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 use crate::commands::submit::{NewTask, SubmitError};
@@ -258,20 +259,36 @@ fn timing(submission: &TaskStart) -> Result<Timing, ApiError> {
     ),
     security((), ("bearer" = [])),
 )]
-#[tracing::instrument(name = "http.task.start", skip_all, fields(task = tracing::field::Empty, task_id = tracing::field::Empty, trace_id = tracing::field::Empty))]
 pub async fn start(
     state: web::Data<AppState>,
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    // Join the caller's trace if it sent one; the task's message continues it.
-    let trace = request
+    // Join the caller's trace if it sent one; the task's message continues it. The span's parent
+    // is set before the span is entered, as the exporter requires.
+    let incoming = request
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
-        .map(|parent| parent.child())
-        .unwrap_or_else(TraceContext::new_root);
+        .and_then(TraceContext::parse);
+    let span = tracing::info_span!(
+        "http.task.start",
+        task = tracing::field::Empty,
+        task_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty
+    );
+    let trace = crate::telemetry::otel::outgoing(&span, incoming.as_ref());
+    start_traced(state, request, payload, trace)
+        .instrument(span)
+        .await
+}
+
+async fn start_traced(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    payload: web::Payload,
+    trace: TraceContext,
+) -> Result<HttpResponse, ApiError> {
     let body = read_body(&request, payload, state.max_body_bytes).await?;
     let submission: TaskStart = parse_body(&body)?;
     let span = tracing::Span::current();
