@@ -328,32 +328,8 @@ impl Settings {
                 reason: "every token needs at least 16 characters".into(),
             });
         }
-        let metrics_auth = match get("KOBE_METRICS_AUTH", "false")
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "true" | "1" | "yes" => true,
-            "false" | "0" | "no" => false,
-            other => {
-                return Err(ConfigError {
-                    var: "KOBE_METRICS_AUTH",
-                    reason: format!("expected true or false, got `{other}`"),
-                })
-            }
-        };
-        let log_payloads = match get("KOBE_LOG_PAYLOADS", "false")
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "true" | "1" | "yes" => true,
-            "false" | "0" | "no" => false,
-            other => {
-                return Err(ConfigError {
-                    var: "KOBE_LOG_PAYLOADS",
-                    reason: format!("expected true or false, got `{other}`"),
-                })
-            }
-        };
+        let metrics_auth = bool_setting("KOBE_METRICS_AUTH", &get("KOBE_METRICS_AUTH", "false"))?;
+        let log_payloads = bool_setting("KOBE_LOG_PAYLOADS", &get("KOBE_LOG_PAYLOADS", "false"))?;
         let outbox_age = duration_ms("KOBE_OUTBOX_AGE_MS", &get("KOBE_OUTBOX_AGE_MS", "30000"))?;
         let outbox_interval = duration_ms(
             "KOBE_OUTBOX_INTERVAL_MS",
@@ -461,6 +437,17 @@ fn duration_secs(var: &'static str, value: &str) -> Result<Duration, ConfigError
         _ => Err(ConfigError {
             var,
             reason: format!("expected a number of seconds, got `{value}`"),
+        }),
+    }
+}
+
+fn bool_setting(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        other => Err(ConfigError {
+            var,
+            reason: format!("expected true or false, got `{other}`"),
         }),
     }
 }

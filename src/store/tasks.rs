@@ -248,29 +248,10 @@ impl TaskRepository {
                 filter = doc! {"_id": id, "$or": [{"state": {"$in": fresh}}, running]};
                 set.insert("started_at", now);
                 set.insert("retries", i64::from(retries));
-                let update = doc! {
-                    "$set": set,
-                    "$setOnInsert": {
-                        "task_name": task_name,
-                        "created_at": now,
-                        "args": [],
-                        "kwargs": {},
-                        "route": "",
-                        "priority": 0,
-                    },
-                };
+                let update = doc! {"$set": set, "$setOnInsert": on_insert(&task_name, now)};
                 // A finished (or running) task fails the filter, and the upsert then collides
                 // with its `_id`: that duplicate-key error is the answer "not for you".
-                return match self
-                    .collection
-                    .update_one(filter, update)
-                    .upsert(true)
-                    .await
-                {
-                    Ok(_) => Ok(Applied::Yes),
-                    Err(e) if is_duplicate_key(&e) => Ok(Applied::No),
-                    Err(e) => Err(e.into()),
-                };
+                return self.upsert_unless_taken(filter, update).await;
             }
             Transition::Retry {
                 retries,
@@ -316,18 +297,20 @@ impl TaskRepository {
                 "finished_at": now,
                 "root_cause": root_cause,
             },
-            "$setOnInsert": {
-                "task_name": task_name,
-                "created_at": now,
-                "args": [],
-                "kwargs": {},
-                "route": "",
-                "priority": 0,
-                "retries": 0,
-            },
+            "$setOnInsert": on_insert(task_name, now),
         };
         let filter =
             doc! {"_id": id, "state": {"$in": states(TaskState::Failure.allowed_predecessors())}};
+        self.upsert_unless_taken(filter, update).await
+    }
+
+    /// An upsert keyed by `_id` whose filter also demands a state: when the document exists in
+    /// another state, the insert collides with its `_id` (11000), which means "not applied".
+    async fn upsert_unless_taken(
+        &self,
+        filter: Document,
+        update: Document,
+    ) -> Result<Applied, StoreError> {
         match self
             .collection
             .update_one(filter, update)
@@ -377,6 +360,18 @@ impl TaskRepository {
             .sort(doc! {"created_at": 1})
             .return_document(ReturnDocument::After)
             .await?)
+    }
+}
+
+/// Fields of a document created by a worker for a task no client recorded (a Celery client's).
+fn on_insert(task_name: &str, now: DateTime) -> Document {
+    doc! {
+        "task_name": task_name,
+        "created_at": now,
+        "args": [],
+        "kwargs": {},
+        "route": "",
+        "priority": 0,
     }
 }
 
