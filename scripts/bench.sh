@@ -25,5 +25,6 @@ if [ "$which" = all ] || [ "$which" = worker ]; then
     export KOBE_BENCH_MONGODB_URI="mongodb://127.0.0.1:$port"
     log "MongoDB for the benchmark: $kind"
   fi
-  cargo bench --bench worker
+  cargo build --release --quiet --bin kobe
+  KOBE_BENCH_BINARY="$KOBE_ROOT/target/release/kobe" cargo bench --bench worker
 fi
