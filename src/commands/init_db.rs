@@ -3,18 +3,12 @@
 use anyhow::Context;
 
 use crate::config::Settings;
-use crate::store::{self, migrations};
+use crate::store::migrations;
 
 /// Applies the migrations and prints one line per collection and index. Fails (non-zero exit)
 /// when an index exists with another definition.
 pub async fn run(settings: &Settings) -> anyhow::Result<()> {
-    let db = store::connect(
-        &settings.mongodb_uri,
-        &settings.mongodb_db,
-        settings.dependency_timeout,
-    )
-    .await
-    .context("failed to configure the MongoDB client")?;
+    let db = super::database(settings).await?;
     let outcomes = migrations::apply(&db).await.with_context(|| {
         format!(
             "failed to apply migrations to {} at {}",

@@ -10,6 +10,30 @@ pub mod worker;
 use crate::amqp::Topology;
 use crate::config::Settings;
 
+/// The MongoDB database of the settings (nothing is contacted until the first command).
+pub async fn database(settings: &Settings) -> anyhow::Result<mongodb::Database> {
+    use anyhow::Context;
+    crate::store::connect(
+        &settings.mongodb_uri,
+        &settings.mongodb_db,
+        settings.dependency_timeout,
+    )
+    .await
+    .context("failed to configure the MongoDB client")
+}
+
+/// The Redis pool of the settings, with the configured status TTL.
+pub fn cache(settings: &Settings) -> anyhow::Result<crate::store::Cache> {
+    use anyhow::Context;
+    Ok(crate::store::Cache::new(
+        &settings.redis_url,
+        &settings.redis_prefix,
+        settings.dependency_timeout,
+    )
+    .context("failed to configure the Redis pool")?
+    .with_status_ttl(settings.status_cache_ttl))
+}
+
 /// The topology every command uses.
 pub fn topology(settings: &Settings) -> Topology {
     Topology::new(

@@ -10,8 +10,7 @@ use crate::amqp::Publisher;
 use crate::config::Settings;
 use crate::http::{AppState, Application};
 use crate::store::{
-    self, Cache, DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository,
-    TaskRepository,
+    DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository,
 };
 use crate::tasks::Registry;
 
@@ -19,19 +18,8 @@ use crate::tasks::Registry;
 /// the background and the database on first use, so the API starts (and answers `/health`) while
 /// a dependency is still coming up.
 pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<AppState> {
-    let db = store::connect(
-        &settings.mongodb_uri,
-        &settings.mongodb_db,
-        settings.dependency_timeout,
-    )
-    .await
-    .context("failed to configure the MongoDB client")?;
-    let cache = Cache::new(
-        &settings.redis_url,
-        &settings.redis_prefix,
-        settings.dependency_timeout,
-    )
-    .context("failed to configure the Redis pool")?;
+    let db = super::database(settings).await?;
+    let cache = super::cache(settings)?;
     let topology = super::topology(settings);
     let publisher = Publisher::start(
         &settings.rabbitmq_url,

@@ -26,7 +26,7 @@ use crate::config::{RetryOverrides, Settings};
 use crate::store::payloads::reference_value;
 use crate::store::tasks::{Applied, Takeover};
 use crate::store::{
-    self, Cache, CheckpointRepository, Decision, ErrorLogRepository, ErrorRecord, LeaseRepository,
+    Cache, CheckpointRepository, Decision, ErrorLogRepository, ErrorRecord, LeaseRepository,
     PayloadRepository, ShardRepository, StoreError, TaskRepository, Transition,
 };
 use crate::tasks::{
@@ -661,13 +661,7 @@ pub async fn run(
     registry: Registry,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let db = store::connect(
-        &settings.mongodb_uri,
-        &settings.mongodb_db,
-        settings.dependency_timeout,
-    )
-    .await
-    .context("failed to configure the MongoDB client")?;
+    let db = super::database(&settings).await?;
     let topology = super::topology(&settings);
     let routes = if options.routes.is_empty() {
         topology.routes()
@@ -695,13 +689,7 @@ pub async fn run(
         deliveries_tx,
     )
     .context("failed to start the consumer")?;
-    let cache = Cache::new(
-        &settings.redis_url,
-        &settings.redis_prefix,
-        settings.dependency_timeout,
-    )
-    .context("failed to configure the Redis pool")?
-    .with_status_ttl(settings.status_cache_ttl);
+    let cache = super::cache(&settings)?;
     let submitter = Submitter::new(
         TaskRepository::new(&db),
         PayloadRepository::new(&db),
