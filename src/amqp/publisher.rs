@@ -197,12 +197,11 @@ impl PublisherThread {
     fn next_wake(&self) -> Instant {
         let soon = Instant::now() + Duration::from_millis(500);
         match &self.link {
+            // The first pending request has the earliest deadline (see `expire`).
             Some(link) => link
                 .pending
-                .values()
-                .map(|p| p.deadline)
-                .min()
-                .map_or(soon, |d| d.min(soon)),
+                .first_key_value()
+                .map_or(soon, |(_, p)| p.deadline.min(soon)),
             None => self.next_attempt.min(soon),
         }
     }
@@ -321,23 +320,21 @@ impl PublisherThread {
         let Some(link) = self.link.as_mut() else {
             return;
         };
+        // Tags are handed out in request order and every request gets the same timeout, so
+        // deadlines grow with the tag: the late ones are at the front.
         let now = Instant::now();
-        let late: Vec<u64> = link
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(tag, _)| *tag)
-            .collect();
-        for tag in late {
-            if let Some(p) = link.pending.remove(&tag) {
-                metrics()
-                    .amqp_publishes
-                    .with_label_values(&["failed"])
-                    .inc();
-                let _ = p
-                    .reply
-                    .send(Err(AmqpError::ConfirmTimeout(self.confirm_timeout)));
+        while let Some(entry) = link.pending.first_entry() {
+            if entry.get().deadline > now {
+                break;
             }
+            let p = entry.remove();
+            metrics()
+                .amqp_publishes
+                .with_label_values(&["failed"])
+                .inc();
+            let _ = p
+                .reply
+                .send(Err(AmqpError::ConfirmTimeout(self.confirm_timeout)));
         }
     }
 
