@@ -43,6 +43,24 @@ pub fn topology(settings: &Settings) -> Topology {
     )
 }
 
+/// Starts polling the depth of `queues` every 5 s; sending on (or dropping) the returned sender
+/// stops it.
+pub fn spawn_queue_depth_watch(
+    settings: &Settings,
+    queues: Vec<String>,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(watch_queue_depths(
+        settings.rabbitmq_url.clone(),
+        queues,
+        std::time::Duration::from_secs(5),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    stop
+}
+
 /// Polls the depth of `queues` into `kobe_queue_depth` every `interval` until `shutdown`.
 pub async fn watch_queue_depths(
     url: crate::config::ServiceUrl,

@@ -77,15 +77,7 @@ pub async fn run(settings: Settings, addr: Option<SocketAddr>) -> anyhow::Result
         .map(|r| state.submitter.topology().queue(r))
         .collect();
     watched.push(state.submitter.topology().dead_letter_queue());
-    let (depths_stop, depths_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(super::watch_queue_depths(
-        settings.rabbitmq_url.clone(),
-        watched,
-        std::time::Duration::from_secs(5),
-        async move {
-            let _ = depths_stopped.await;
-        },
-    ));
+    let depths_stop = super::spawn_queue_depth_watch(&settings, watched);
     let app = Application::build(state, addr, settings.shutdown_grace)
         .with_context(|| format!("failed to listen on {addr}"))?;
     tracing::info!(addr = %addr, port = app.port(), "serving the HTTP API");

@@ -733,17 +733,9 @@ pub async fn run(
         }
         None => None,
     };
-    let (depths_stop, depths_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut watched = queues.clone();
     watched.push(worker.topology.dead_letter_queue());
-    tokio::spawn(super::watch_queue_depths(
-        settings.rabbitmq_url.clone(),
-        watched,
-        std::time::Duration::from_secs(5),
-        async move {
-            let _ = depths_stopped.await;
-        },
-    ));
+    let depths_stop = super::spawn_queue_depth_watch(&settings, watched);
 
     let slots = Arc::new(Semaphore::new(usize::from(options.concurrency)));
     tokio::pin!(shutdown);
