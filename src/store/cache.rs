@@ -14,6 +14,10 @@ use deadpool_redis::{redis, Config, Pool, Runtime};
 use super::StoreError;
 use crate::config::ServiceUrl;
 
+/// INCR the window's counter and, on its first request, set the counter's expiry.
+const RATE_LIMIT_SCRIPT: &str = "local n = redis.call('INCR', KEYS[1]) \
+     if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end return n";
+
 /// What an invalidated status key holds.
 const MARKER: &str = "!invalidated";
 
@@ -74,11 +78,16 @@ impl Cache {
         self.key(&format!("task:{task_id}:result"))
     }
 
+    /// Runs one command within `timeout`, recording its latency (and failure) by command name.
     async fn run<T: redis::FromRedisValue>(
         &self,
         command: redis::Cmd,
         timeout: Duration,
     ) -> Result<T, StoreError> {
+        let name = match command.args_iter().next() {
+            Some(redis::Arg::Simple(bytes)) => String::from_utf8_lossy(bytes).to_ascii_uppercase(),
+            _ => "UNKNOWN".to_owned(),
+        };
         let attempt = async {
             let mut conn = self
                 .pool
@@ -90,9 +99,12 @@ impl Cache {
                 .await
                 .map_err(|e| StoreError::Redis(e.to_string()))
         };
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| StoreError::Redis(format!("no answer within {timeout:?}")))?
+        let bounded = async {
+            tokio::time::timeout(timeout, attempt)
+                .await
+                .map_err(|_| StoreError::Redis(format!("no answer within {timeout:?}")))?
+        };
+        measured(&name, bounded).await
     }
 
     /// `PING`, bounded by the configured timeout.
@@ -195,30 +207,14 @@ impl Cache {
             .unwrap_or(0);
         let slot = now_ms / window_ms;
         let key = self.key(&format!("ratelimit:{client}:{slot}"));
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("INCR")
+        // One atomic round trip: count, and give a new window its expiry.
+        let mut command = redis::cmd("EVAL");
+        command
+            .arg(RATE_LIMIT_SCRIPT)
+            .arg(1)
             .arg(&key)
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(window_ms * 2)
-            .ignore();
-        let attempt = async {
-            let mut conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
-            pipe.query_async::<(u64,)>(&mut conn)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))
-        };
-        let bounded = async {
-            tokio::time::timeout(self.op_timeout, attempt)
-                .await
-                .map_err(|_| StoreError::Redis("rate limit: no answer".into()))?
-        };
-        let (count,) = measured("INCR", bounded).await?;
+            .arg(window_ms * 2);
+        let count: u64 = self.run(command, self.op_timeout).await?;
         if count > u64::from(limit) {
             let left = (slot + 1) * window_ms - now_ms;
             Ok(Some(Duration::from_millis(left.max(1))))

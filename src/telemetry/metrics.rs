@@ -221,7 +221,7 @@ impl Metrics {
         ] {
             metrics.mongodb_errors.with_label_values(&[command]);
         }
-        for command in ["GET", "SET", "INCR", "PING"] {
+        for command in ["GET", "SET", "EVAL", "PING"] {
             metrics.redis_errors.with_label_values(&[command]);
         }
         metrics

@@ -131,21 +131,11 @@ async fn an_unreachable_broker_is_503_with_a_reason_and_the_task_is_closed() {
 async fn health_answers_and_ready_reports_each_dependency() {
     let env = TestEnv::new().await;
     let api = env.spawn_api_unready().await;
-    let health = api
-        .client
-        .get(format!("{}/health", api.address))
-        .send()
-        .await
-        .unwrap();
+    let health = api.get("/health").await;
     assert_eq!(health.status(), 200);
     // The publisher connects in the background: ready once it has.
     let body = common::eventually(Duration::from_secs(10), "ready", || async {
-        let response = api
-            .client
-            .get(format!("{}/ready", api.address))
-            .send()
-            .await
-            .ok()?;
+        let response = api.get("/ready").await;
         (response.status() == 200).then_some(())?;
         response.json::<Value>().await.ok()
     })
@@ -175,12 +165,7 @@ async fn with_mongodb_down_the_api_answers_503_naming_it() {
     );
     let response = api.status(&uuid::Uuid::new_v4().to_string()).await;
     assert_eq!(response.status(), 503);
-    let ready = api
-        .client
-        .get(format!("{}/ready", api.address))
-        .send()
-        .await
-        .unwrap();
+    let ready = api.get("/ready").await;
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert!(

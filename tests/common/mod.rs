@@ -89,12 +89,7 @@ impl TestEnv {
     pub async fn spawn_api(&self) -> TestApi {
         let api = self.spawn_api_unready().await;
         eventually(Duration::from_secs(15), "API ready", || async {
-            let response = api
-                .client
-                .get(format!("{}/ready", api.address))
-                .send()
-                .await
-                .ok()?;
+            let response = api.get("/ready").await;
             (response.status() == 200).then_some(())
         })
         .await;
@@ -209,6 +204,15 @@ impl TestApi {
         assert_eq!(response.status(), 202, "{:?}", response.text().await);
         let body: Value = response.json().await.unwrap();
         body["task_id"].as_str().unwrap().to_owned()
+    }
+
+    /// `GET {path}` on the API.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn status(&self, id: &str) -> reqwest::Response {
@@ -602,5 +606,23 @@ impl PrivateRedis {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Waits for a child process to exit, or panics at the deadline.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    deadline: Duration,
+) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "process did not exit within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -18,20 +18,6 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
-async fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "worker did not exit within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn spawn_worker_process(env: &TestEnv) -> Child {
     env.kobe_command(&["worker", "--concurrency", "2"])
         .stdout(Stdio::null())
@@ -53,7 +39,7 @@ async fn sigterm_lets_the_running_task_finish_and_exits_cleanly() {
     api.wait_for_state(&id, Duration::from_secs(20), |b| b["state"] == "STARTED")
         .await;
     signal(&worker, "TERM");
-    let status = wait_exit(&mut worker, Duration::from_secs(20)).await;
+    let status = common::wait_exit(&mut worker, Duration::from_secs(20)).await;
     assert!(status.success(), "{status:?}");
     // It finished before the worker exited: nothing left to redeliver.
     let body: Value = api.status(&id).await.json().await.unwrap();
@@ -79,7 +65,7 @@ async fn sigkill_loses_nothing_the_task_is_redelivered_and_completes() {
         .wait_for_state(&id, Duration::from_secs(20), |b| b["state"] == "STARTED")
         .await;
     signal(&worker, "KILL");
-    wait_exit(&mut worker, Duration::from_secs(10)).await;
+    common::wait_exit(&mut worker, Duration::from_secs(10)).await;
 
     let replacement = env.spawn_worker(2);
     let (done, _) = api.wait_for_final(&id, Duration::from_secs(30)).await;

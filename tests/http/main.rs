@@ -86,12 +86,7 @@ async fn an_oversized_body_is_a_413_and_unknown_routes_are_404_problems() {
     let big = json!({"task_name": "demo_long_io", "kwargs": {"pad": "x".repeat(4096)}});
     let (status, body) = problem(api.start_task(big).await).await;
     assert_eq!(status, 413, "{body}");
-    let missing = api
-        .client
-        .get(format!("{}/nowhere", api.address))
-        .send()
-        .await
-        .unwrap();
+    let missing = api.get("/nowhere").await;
     assert_eq!(problem(missing).await.0, 404);
     api.stop().await;
 }
@@ -169,12 +164,7 @@ async fn with_redis_down_status_still_answers_and_ready_names_redis() {
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["task_id"], id.as_str());
-    let ready = api
-        .client
-        .get(format!("{}/ready", api.address))
-        .send()
-        .await
-        .unwrap();
+    let ready = api.get("/ready").await;
     assert_eq!(ready.status(), 503);
     let ready: Value = ready.json().await.unwrap();
     assert!(
@@ -197,13 +187,7 @@ async fn the_result_backend_serves_results_until_their_ttl() {
     let api = env.spawn_api().await;
     let result = |id: String| {
         let api = &api;
-        async move {
-            api.client
-                .get(format!("{}/task/result/{id}", api.address))
-                .send()
-                .await
-                .unwrap()
-        }
+        async move { api.get(&format!("/task/result/{id}")).await }
     };
     let id = api
         .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
@@ -268,15 +252,7 @@ async fn the_request_over_the_limit_gets_429_with_retry_after() {
         .unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     // Health is not rate limited.
-    assert_eq!(
-        api.client
-            .get(format!("{}/health", api.address))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(api.get("/health").await.status(), 200);
     api.stop().await;
 }
 
@@ -312,31 +288,10 @@ async fn tokens_guard_the_task_routes_but_not_health() {
         .await
         .unwrap();
     assert_eq!(right.status(), 202);
-    let list = api
-        .client
-        .get(format!("{}/tasks", api.address))
-        .send()
-        .await
-        .unwrap();
+    let list = api.get("/tasks").await;
     assert_eq!(list.status(), 401);
-    assert_eq!(
-        api.client
-            .get(format!("{}/health", api.address))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        api.client
-            .get(format!("{}/metrics", api.address))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(api.get("/health").await.status(), 200);
+    assert_eq!(api.get("/metrics").await.status(), 200);
     api.stop().await;
 }
 
@@ -344,15 +299,7 @@ async fn tokens_guard_the_task_routes_but_not_health() {
 async fn the_task_names_are_listed() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
-    let tasks: Value = api
-        .client
-        .get(format!("{}/tasks", api.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tasks: Value = api.get("/tasks").await.json().await.unwrap();
     let names: Vec<&str> = tasks
         .as_array()
         .unwrap()
@@ -367,15 +314,7 @@ async fn the_task_names_are_listed() {
 async fn openapi_lists_every_route_and_docs_serve_offline() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
-    let doc: Value = api
-        .client
-        .get(format!("{}/openapi.json", api.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = api.get("/openapi.json").await.json().await.unwrap();
     assert!(
         doc["openapi"].as_str().unwrap().starts_with("3."),
         "{}",
@@ -406,12 +345,7 @@ async fn openapi_lists_every_route_and_docs_serve_offline() {
         assert!(schemas.contains_key(name), "undefined schema {name}");
     }
 
-    let page = api
-        .client
-        .get(format!("{}/docs", api.address))
-        .send()
-        .await
-        .unwrap();
+    let page = api.get("/docs").await;
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     // Only local assets: nothing to fetch from the internet.
@@ -458,14 +392,7 @@ async fn serve_stops_gracefully_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = serve.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(Instant::now() < deadline, "serve did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = common::wait_exit(&mut serve, Duration::from_secs(20)).await;
     assert!(exit.success(), "{exit:?}");
     // It stopped accepting.
     assert!(client

@@ -24,14 +24,7 @@ fn samples(exposition: &str) -> HashMap<String, f64> {
 }
 
 async fn scrape(api: &common::TestApi) -> String {
-    api.client
-        .get(format!("{}/metrics", api.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    api.get("/metrics").await.text().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

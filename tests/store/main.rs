@@ -286,12 +286,7 @@ async fn a_100_kib_argument_travels_through_raw_payload_intact() {
     registry.register(Echo).unwrap();
     let api = env.spawn_api_with(registry.clone()).await;
     common::eventually(Duration::from_secs(10), "ready", || async {
-        let r = api
-            .client
-            .get(format!("{}/ready", api.address))
-            .send()
-            .await
-            .ok()?;
+        let r = api.get("/ready").await;
         (r.status() == 200).then_some(())
     })
     .await;
