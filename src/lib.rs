@@ -23,6 +23,10 @@
 //! `tasks` never sees AMQP or HTTP types, `store` never sees HTTP or AMQP, `amqp` never touches
 //! MongoDB or Redis: only `commands` joins them.
 
+// A worker's delivery future nests the handler, the store and the Redis measurement deeply
+// enough that computing its layout needs more than the default 128 levels.
+#![recursion_limit = "256"]
+
 pub mod amqp;
 pub mod cli;
 pub mod commands;
