@@ -6,6 +6,8 @@ KOBE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 log() { printf '[kobe] %s\n' "$*" >&2; }
 die() { printf '[kobe] error: %s\n' "$*" >&2; exit 1; }
+# redact URL: the URL with its password shown as ***.
+redact() { printf '%s' "$1" | sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#'; }
 
 # port_open HOST PORT: true when something accepts connections there.
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
@@ -62,31 +64,64 @@ standin_script() {
   echo "${KOBE_MONGO_STANDIN:-$KOBE_ROOT/../shared/tools/mongo-standin/run.sh}"
 }
 
-# start_mongodb PORT: starts a MongoDB (or, failing that, the wire-protocol stand-in) on PORT and
-# prints its kind. The process is recorded in $KOBE_MONGO_PID for stop_mongodb.
+documentdb_script() {
+  echo "${KOBE_DOCUMENTDB:-$KOBE_ROOT/../shared/tools/documentdb/run.sh}"
+}
+
+# find_mongodb PORT: makes a MongoDB answer and sets KOBE_MONGO_URI and KOBE_MONGO_KIND. The first
+# that is available wins: a private `mongod` from PATH (on PORT), Docker Compose's `mongodb`
+# service, DocumentDB through $KOBE_DOCUMENTDB (a real MongoDB-compatible engine on PostgreSQL; it
+# keeps running for the next run), the wire-protocol stand-in (on PORT; in memory, serialized).
+# A process this starts is recorded for stop_mongodb.
 KOBE_MONGO_PID=""
 KOBE_MONGO_DIR=""
-start_mongodb() {
-  local port=$1
+KOBE_MONGO_URI=""
+KOBE_MONGO_KIND=""
+find_mongodb() {
+  local port=$1 documentdb
   if command -v mongod >/dev/null; then
     KOBE_MONGO_DIR=$(mktemp -d)
     mongod --bind_ip 127.0.0.1 --port "$port" --dbpath "$KOBE_MONGO_DIR" --quiet \
       >"$KOBE_MONGO_DIR/mongod.log" 2>&1 &
     KOBE_MONGO_PID=$!
     wait_port 127.0.0.1 "$port" 60 mongod
-    echo "mongod ($(command -v mongod))"
+    KOBE_MONGO_URI="mongodb://127.0.0.1:$port"
+    KOBE_MONGO_KIND="mongod ($(command -v mongod))"
     return 0
   fi
-  local standin
+  if docker_engine; then
+    (cd "$KOBE_ROOT" && docker compose up -d mongodb >&2)
+    wait_port 127.0.0.1 27017 60 "MongoDB (Docker Compose)"
+    KOBE_MONGO_URI="mongodb://127.0.0.1:27017"
+    KOBE_MONGO_KIND="Docker Compose service mongodb"
+    return 0
+  fi
+  documentdb=$(documentdb_script)
+  if [ -f "$documentdb" ]; then
+    # Its own ports and data directory: never the machine's PostgreSQL.
+    if KOBE_MONGO_URI=$(bash "$documentdb" --port "${KOBE_DOCUMENTDB_PORT:-10260}" \
+        --pg-port "${KOBE_DOCUMENTDB_PG_PORT:-9712}" --dir "${KOBE_DOCUMENTDB_DIR:-/var/tmp/kobe-documentdb}" \
+        2>"${TMPDIR:-/tmp}/kobe-documentdb.log"); then
+      KOBE_MONGO_KIND="DocumentDB ($documentdb; PostgreSQL + documentdb, a real engine)"
+      return 0
+    fi
+    log "DocumentDB did not start (see ${TMPDIR:-/tmp}/kobe-documentdb.log); falling back to the stand-in"
+  fi
+  start_standin "$port"
+}
+
+# start_standin PORT: the wire-protocol stand-in alone (benchmarks compare it with DocumentDB).
+start_standin() {
+  local port=$1 standin
   standin=$(standin_script)
-  [ -x "$standin" ] || [ -f "$standin" ] || die "no MongoDB: no mongod on PATH, no Docker engine, and no stand-in at $standin (set KOBE_MONGO_STANDIN or KOBE_TEST_MONGODB_URI)"
+  [ -f "$standin" ] || die "no MongoDB: no mongod on PATH, no Docker engine, no DocumentDB, and no stand-in at $standin (set KOBE_TEST_MONGODB_URI, KOBE_DOCUMENTDB or KOBE_MONGO_STANDIN)"
   ensure_python_venv
   KOBE_MONGO_DIR=$(mktemp -d)
   bash "$standin" --host 127.0.0.1 --port "$port" >"$KOBE_MONGO_DIR/standin.log" 2>&1 &
   KOBE_MONGO_PID=$!
-  # The first run installs the stand-in's venv, which takes a while.
   wait_port 127.0.0.1 "$port" 300 "MongoDB stand-in (log: $KOBE_MONGO_DIR/standin.log)"
-  echo "wire-protocol stand-in ($standin) — not a real MongoDB"
+  KOBE_MONGO_URI="mongodb://127.0.0.1:$port"
+  KOBE_MONGO_KIND="wire-protocol stand-in ($standin) - not a real MongoDB"
 }
 
 stop_mongodb() {
@@ -95,4 +130,6 @@ stop_mongodb() {
     wait "$KOBE_MONGO_PID" 2>/dev/null || true
   fi
   [ -z "$KOBE_MONGO_DIR" ] || rm -rf "$KOBE_MONGO_DIR"
+  KOBE_MONGO_PID=""
+  KOBE_MONGO_DIR=""
 }

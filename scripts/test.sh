@@ -2,8 +2,9 @@
 # Runs every test (unit and integration) against real services on localhost:
 #   RabbitMQ and Redis: the machine's own (started or installed if needed);
 #   MongoDB, first of: $KOBE_TEST_MONGODB_URI; a private `mongod` from PATH; Docker Compose's
-#   `mongodb` service if a Docker engine answers; the wire-protocol stand-in at
-#   $KOBE_MONGO_STANDIN (default ../shared/tools/mongo-standin/run.sh).
+#   `mongodb` service if a Docker engine answers; DocumentDB through $KOBE_DOCUMENTDB (default
+#   ../shared/tools/documentdb/run.sh); the wire-protocol stand-in at $KOBE_MONGO_STANDIN (default
+#   ../shared/tools/mongo-standin/run.sh). It prints which.
 # Tests use their own database, AMQP prefix and Redis prefix each, and remove them when done.
 #
 # Usage: scripts/test.sh [extra arguments for cargo nextest run / cargo test]
@@ -27,21 +28,12 @@ trap cleanup EXIT
 
 if [ -n "${KOBE_TEST_MONGODB_URI:-}" ]; then
   kind="KOBE_TEST_MONGODB_URI"
-elif command -v mongod >/dev/null; then
-  port=$(free_port)
-  kind=$(start_mongodb "$port")
-  export KOBE_TEST_MONGODB_URI="mongodb://127.0.0.1:$port"
-elif docker_engine; then
-  docker compose up -d mongodb >&2
-  wait_port 127.0.0.1 27017 60 "MongoDB (Docker Compose)"
-  kind="Docker Compose service mongodb"
-  export KOBE_TEST_MONGODB_URI="mongodb://127.0.0.1:27017"
 else
-  port=$(free_port)
-  kind=$(start_mongodb "$port")
-  export KOBE_TEST_MONGODB_URI="mongodb://127.0.0.1:$port"
+  find_mongodb "$(free_port)"
+  kind=$KOBE_MONGO_KIND
+  export KOBE_TEST_MONGODB_URI=$KOBE_MONGO_URI
 fi
-log "MongoDB for tests: $kind at $KOBE_TEST_MONGODB_URI"
+log "MongoDB for tests: $kind at $(redact "$KOBE_TEST_MONGODB_URI")"
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"

@@ -123,45 +123,94 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// Creates what is missing; reports every collection and index.
+/// Progress of [`apply`], reported as it happens so a slow index build never looks like a hang.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress<'a> {
+    /// One `createIndexes` command is about to build these indexes of `collection`.
+    Building {
+        collection: &'a str,
+        indexes: &'a [String],
+    },
+    /// A collection or index has been checked or created.
+    Done(&'a Outcome),
+}
+
+/// Creates what is missing; reports every collection and index, through `progress` as it goes
+/// and in the returned list.
+///
+/// The missing indexes of a collection are built by one `createIndexes` command, which also
+/// creates the collection when it does not exist yet. Servers that build indexes in the
+/// background (DocumentDB) answer that command at once for a new collection but take seconds per
+/// command on an existing one, so one command per collection, not per index, keeps `init-db` on a
+/// fresh database well under a second.
 #[tracing::instrument(name = "store.migrations.apply", skip_all, fields(db = %db.name()))]
-pub async fn apply(db: &Database) -> Result<Vec<Outcome>, StoreError> {
+pub async fn apply(
+    db: &Database,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<Vec<Outcome>, StoreError> {
     let specs = specs()?;
     let existing_collections = db.list_collection_names().await?;
     let mut outcomes = Vec::new();
+    let mut report = |outcome: Outcome, progress: &mut dyn FnMut(Progress<'_>)| {
+        progress(Progress::Done(&outcome));
+        outcomes.push(outcome);
+    };
     for spec in &specs {
         let exists = existing_collections.contains(&spec.collection);
-        if !exists {
+        let existing = if exists {
+            existing_indexes(db, &spec.collection).await?
+        } else {
+            Vec::new()
+        };
+        let mut checked = Vec::new();
+        let mut missing = Vec::new();
+        for (name, wanted) in spec.indexes()? {
+            match existing.iter().find(|m| index_name(m) == Some(&name)) {
+                Some(found) => {
+                    let change = match difference(found, &wanted) {
+                        None => Change::Found,
+                        Some(why) => Change::Conflict(why),
+                    };
+                    checked.push((name, change));
+                }
+                None => missing.push((name, wanted)),
+            }
+        }
+        if !exists && missing.is_empty() {
             db.create_collection(&spec.collection).await?;
         }
-        outcomes.push(Outcome {
-            collection: spec.collection.clone(),
-            index: None,
-            change: if exists {
-                Change::Found
-            } else {
-                Change::Created
-            },
-        });
-        let existing = existing_indexes(db, &spec.collection).await?;
-        for (name, wanted) in spec.indexes()? {
-            let change = match existing.iter().find(|m| index_name(m) == Some(&name)) {
-                Some(found) => match difference(found, &wanted) {
-                    None => Change::Found,
-                    Some(why) => Change::Conflict(why),
-                },
-                None => {
-                    db.collection::<Document>(&spec.collection)
-                        .create_index(wanted)
-                        .await?;
-                    Change::Created
-                }
-            };
-            outcomes.push(Outcome {
-                collection: spec.collection.clone(),
-                index: Some(name),
-                change,
+        if !missing.is_empty() {
+            let names: Vec<String> = missing.iter().map(|(name, _)| name.clone()).collect();
+            progress(Progress::Building {
+                collection: &spec.collection,
+                indexes: &names,
             });
+            db.collection::<Document>(&spec.collection)
+                .create_indexes(missing.into_iter().map(|(_, model)| model))
+                .await?;
+            checked.extend(names.into_iter().map(|name| (name, Change::Created)));
+        }
+        report(
+            Outcome {
+                collection: spec.collection.clone(),
+                index: None,
+                change: if exists {
+                    Change::Found
+                } else {
+                    Change::Created
+                },
+            },
+            &mut progress,
+        );
+        for (name, change) in checked {
+            report(
+                Outcome {
+                    collection: spec.collection.clone(),
+                    index: Some(name),
+                    change,
+                },
+                &mut progress,
+            );
         }
     }
     Ok(outcomes)

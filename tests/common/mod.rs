@@ -22,6 +22,17 @@ pub fn mongodb_uri() -> String {
     std::env::var("KOBE_TEST_MONGODB_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into())
 }
 
+/// How long a test waits for a process or server it started to come up. Generous, because the
+/// wait polls a condition and ends as soon as it holds: a slow machine or a slow MongoDB engine
+/// costs time only when it is really slow. `KOBE_TEST_STARTUP_S` overrides it.
+pub fn startup_deadline() -> Duration {
+    let seconds = std::env::var("KOBE_TEST_STARTUP_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(seconds)
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
@@ -29,21 +40,46 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+mod pool;
+
 /// One test's private slice of the services.
 pub struct TestEnv {
     pub vars: HashMap<String, String>,
     pub settings: Settings,
     pub db: Database,
     pub topology: Topology,
+    database: TestDatabase,
+}
+
+/// Where a test's MongoDB data lives, and so what its end cleans up.
+enum TestDatabase {
+    /// Borrowed from the pool of initialized databases: given back.
+    Pooled(pool::Lease),
+    /// Created for this test alone, without the schema: dropped.
+    Fresh(String),
+    /// The test points Kobe at a MongoDB of its own (or none): nothing to clean.
+    Elsewhere,
 }
 
 impl TestEnv {
+    /// A test with a database from the pool: Kobe's schema is in place and every collection is
+    /// empty.
     pub async fn new() -> Self {
         Self::with(&[]).await
     }
 
     /// With extra settings (`KOBE_*` variables) on top of the test's own names.
     pub async fn with(extra: &[(&str, &str)]) -> Self {
+        Self::build(extra, false).await
+    }
+
+    /// With a database of its own that has no collections and no indexes yet, for tests of
+    /// `init-db` and of what happens without the schema.
+    pub async fn with_fresh_database(extra: &[(&str, &str)]) -> Self {
+        Self::build(extra, true).await
+    }
+
+    async fn build(extra: &[(&str, &str)], fresh: bool) -> Self {
         kobe::telemetry::init(
             &std::env::var("KOBE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             kobe::config::LogFormat::Pretty,
@@ -51,7 +87,6 @@ impl TestEnv {
         let name = unique("kobetest");
         let mut vars: HashMap<String, String> = HashMap::from([
             ("MONGODB_URI".into(), mongodb_uri()),
-            ("MONGODB_DB".into(), name.replace('-', "_")),
             ("KOBE_AMQP_PREFIX".into(), name.clone()),
             ("KOBE_REDIS_PREFIX".into(), name.clone()),
             ("KOBE_HTTP_ADDR".into(), "127.0.0.1:0".into()),
@@ -60,6 +95,22 @@ impl TestEnv {
         for (k, v) in extra {
             vars.insert((*k).into(), (*v).into());
         }
+        let database = if vars["MONGODB_URI"] != mongodb_uri() || vars.contains_key("MONGODB_DB") {
+            TestDatabase::Elsewhere
+        } else if fresh {
+            TestDatabase::Fresh(name.replace('-', "_"))
+        } else {
+            TestDatabase::Pooled(pool::acquire(&mongodb_uri()).await)
+        };
+        let db_name = match &database {
+            TestDatabase::Pooled(lease) => lease.name.clone(),
+            TestDatabase::Fresh(name) => name.clone(),
+            TestDatabase::Elsewhere => vars
+                .get("MONGODB_DB")
+                .cloned()
+                .unwrap_or_else(|| name.replace('-', "_")),
+        };
+        vars.insert("MONGODB_DB".into(), db_name);
         let settings =
             Settings::from_lookup(|k| vars.get(k).cloned()).expect("test settings are valid");
         let db = kobe::store::connect(
@@ -75,11 +126,12 @@ impl TestEnv {
             settings,
             db,
             topology,
+            database,
         }
     }
 
     pub async fn init_db(&self) {
-        kobe::store::migrations::apply(&self.db)
+        kobe::store::migrations::apply(&self.db, |_| {})
             .await
             .expect("migrations apply");
     }
@@ -88,7 +140,7 @@ impl TestEnv {
     /// the topology before the test runs (and before cleanup deletes it).
     pub async fn spawn_api(&self) -> TestApi {
         let api = self.spawn_api_unready().await;
-        eventually(Duration::from_secs(15), "API ready", || async {
+        eventually(startup_deadline(), "API ready", || async {
             let response = api.get("/ready").await;
             (response.status() == 200).then_some(())
         })
@@ -152,25 +204,32 @@ impl TestEnv {
 }
 
 impl Drop for TestEnv {
-    /// Drops the database and deletes the AMQP topology, on a thread of its own so it also runs
-    /// while a failed test unwinds.
+    /// Gives back (or drops) the database and deletes the AMQP topology, on a thread of its own
+    /// so it also runs while a failed test unwinds.
     fn drop(&mut self) {
         let settings = self.settings.clone();
         let topology = self.topology.clone();
+        let database = std::mem::replace(&mut self.database, TestDatabase::Elsewhere);
         let _ = std::thread::spawn(move || {
             if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
                 runtime.block_on(async {
-                    if let Ok(db) = kobe::store::connect(
-                        &settings.mongodb_uri,
-                        &settings.mongodb_db,
-                        Duration::from_secs(5),
-                    )
-                    .await
-                    {
-                        let _ = db.drop().await;
+                    match database {
+                        TestDatabase::Pooled(lease) => lease.release(&mongodb_uri()).await,
+                        TestDatabase::Fresh(name) => {
+                            if let Ok(db) = kobe::store::connect(
+                                &kobe::config::ServiceUrl::new(mongodb_uri()),
+                                &name,
+                                Duration::from_secs(5),
+                            )
+                            .await
+                            {
+                                let _ = db.drop().await;
+                            }
+                        }
+                        TestDatabase::Elsewhere => {}
                     }
                 });
             }

@@ -378,7 +378,7 @@ async fn serve_stops_gracefully_on_sigterm() {
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
-    common::eventually(Duration::from_secs(20), "serve up", || async {
+    common::eventually(common::startup_deadline(), "serve up", || async {
         let r = client
             .get(format!("http://127.0.0.1:{port}/health"))
             .send()

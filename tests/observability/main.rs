@@ -205,7 +205,7 @@ async fn the_worker_logs_the_trace_id_of_the_request_that_submitted_the_task() {
     );
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    common::eventually(Duration::from_secs(20), "serve ready", || async {
+    common::eventually(common::startup_deadline(), "serve ready", || async {
         let r = client.get(format!("{base}/ready")).send().await.ok()?;
         (r.status() == 200).then_some(())
     })
@@ -253,7 +253,11 @@ async fn no_log_line_carries_a_password() {
     let dir = std::env::temp_dir().join(common::unique("kobetest-logs"));
     std::fs::create_dir_all(&dir).unwrap();
     let redis_port = common::free_port();
-    let mongo = common::mongodb_uri().replace("mongodb://", &format!("mongodb://kobe:{secret}@"));
+    // The test MongoDB's address with this password in place of any credentials it has.
+    let uri = common::mongodb_uri();
+    let rest = uri.trim_start_matches("mongodb://");
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let mongo = format!("mongodb://kobe:{secret}@{host}");
     let bad = [
         (
             "RABBITMQ_URL",
@@ -278,7 +282,7 @@ async fn no_log_line_carries_a_password() {
     let health = spawn_logged(&env, &["healthcheck"], &dir.join("health.log"), &bad);
     let client = reqwest::Client::new();
     // Make the API touch every dependency so its errors get logged.
-    common::eventually(Duration::from_secs(20), "serve up", || async {
+    common::eventually(common::startup_deadline(), "serve up", || async {
         client
             .get(format!("http://127.0.0.1:{port}/health"))
             .send()
@@ -417,7 +421,7 @@ async fn with_an_otlp_endpoint_api_and_worker_export_spans_of_one_trace() {
     let worker = spawn_logged(&env, &["worker"], &dir.join("worker.log"), &worker_refs);
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    common::eventually(Duration::from_secs(20), "serve ready", || async {
+    common::eventually(common::startup_deadline(), "serve ready", || async {
         client
             .get(format!("{base}/ready"))
             .send()
