@@ -172,6 +172,20 @@ pub struct Settings {
     pub retry: RetryOverrides,
     /// Overrides for one task each, applied after `retry`.
     pub task_retry: BTreeMap<String, RetryOverrides>,
+    /// How long a running attempt's execution lease holds without renewal (renewed every third
+    /// of it). A copy of the task delivered again waits at most this long after its attempt died.
+    pub execution_lease: Duration,
+    /// Starts of one attempt after which its message is poison: closed `FAILURE` and
+    /// dead-lettered with the count.
+    pub max_deliveries: u32,
+    /// How long the first write of a group-commit batch waits for others.
+    pub batch_linger: Duration,
+    /// Statements per group-commit command at most.
+    pub batch_max: usize,
+    /// Start a fresh delivery's handler while its claim is still on its way (see
+    /// `worker::pipeline`): one statement per short task instead of two, at the price of a
+    /// duplicate publish of a finished short task running once more.
+    pub fast_start: bool,
 }
 
 /// Deployment-wide overrides of the retry policies tasks declare.
@@ -336,6 +350,44 @@ impl Settings {
             &get("KOBE_OUTBOX_INTERVAL_MS", "5000"),
         )?;
 
+        let execution_lease = duration_ms(
+            "KOBE_EXECUTION_LEASE_MS",
+            &get("KOBE_EXECUTION_LEASE_MS", "30000"),
+        )?;
+        if execution_lease < Duration::from_millis(300) {
+            return Err(ConfigError {
+                var: "KOBE_EXECUTION_LEASE_MS",
+                reason: "expected at least 300 milliseconds (it is renewed every third of it)"
+                    .into(),
+            });
+        }
+        let max_deliveries = get("KOBE_MAX_DELIVERIES", "5")
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| ConfigError {
+                var: "KOBE_MAX_DELIVERIES",
+                reason: "expected a number of deliveries, at least 1".into(),
+            })?;
+        let batch_linger = get("KOBE_BATCH_LINGER_US", "1000")
+            .parse::<u64>()
+            .ok()
+            .filter(|us| *us <= 2000)
+            .map(Duration::from_micros)
+            .ok_or_else(|| ConfigError {
+                var: "KOBE_BATCH_LINGER_US",
+                reason: "expected microseconds between 0 and 2000".into(),
+            })?;
+        let batch_max = get("KOBE_BATCH_MAX", "500")
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| ConfigError {
+                var: "KOBE_BATCH_MAX",
+                reason: "expected statements per command between 1 and 10000".into(),
+            })?;
+        let fast_start = bool_setting("KOBE_FAST_START", &get("KOBE_FAST_START", "false"))?;
+
         Ok(Self {
             rabbitmq_url,
             mongodb_uri,
@@ -365,6 +417,11 @@ impl Settings {
             log_payloads,
             retry,
             task_retry,
+            execution_lease,
+            max_deliveries,
+            batch_linger,
+            batch_max,
+            fast_start,
         })
     }
 }
@@ -561,6 +618,10 @@ mod tests {
             ("KOBE_API_TOKENS", "short"),
             ("KOBE_METRICS_AUTH", "maybe"),
             ("KOBE_MAX_BODY_BYTES", "10"),
+            ("KOBE_EXECUTION_LEASE_MS", "100"),
+            ("KOBE_MAX_DELIVERIES", "0"),
+            ("KOBE_BATCH_LINGER_US", "5000"),
+            ("KOBE_BATCH_MAX", "0"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{value}");

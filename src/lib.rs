@@ -35,5 +35,7 @@ pub mod domain;
 pub mod http;
 pub mod shutdown;
 pub mod store;
+pub mod submit;
 pub mod tasks;
 pub mod telemetry;
+pub mod worker;

@@ -85,6 +85,16 @@ impl Endpoint {
 
     /// Connects within `timeout` (TCP connect plus AMQP handshake each get it).
     pub(crate) fn connect(&self, timeout: Duration) -> Result<Connection, AmqpError> {
+        self.connect_as(timeout, "kobe")
+    }
+
+    /// Connects, naming the connection `name` in the broker's client properties (`information`),
+    /// so an operator can tell Kobe's connections apart in `rabbitmqctl list_connections`.
+    pub(crate) fn connect_as(
+        &self,
+        timeout: Duration,
+        name: &str,
+    ) -> Result<Connection, AmqpError> {
         let mut last_error = String::from("no address to connect to");
         for addr in &self.addrs {
             match TcpStream::connect_timeout(addr, timeout) {
@@ -102,7 +112,7 @@ impl Endpoint {
                                 .virtual_host(self.vhost.clone())
                                 .heartbeat(self.heartbeat)
                                 .connection_timeout(Some(timeout))
-                                .information(Some("kobe".to_owned()));
+                                .information(Some(name.to_owned()));
                             Connection::insecure_open_stream(
                                 stream,
                                 options,

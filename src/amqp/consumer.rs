@@ -7,6 +7,8 @@
 //! since the broker has already returned those messages to their queues.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -27,6 +29,8 @@ pub struct ConsumerConfig {
     pub queues: Vec<String>,
     /// Unacknowledged deliveries the broker may push to each queue's consumer.
     pub prefetch: u16,
+    /// The connection's name in the broker's client properties.
+    pub name: String,
 }
 
 /// Identifies a delivery across reconnections: tags restart at 1 on every channel.
@@ -34,6 +38,22 @@ pub struct ConsumerConfig {
 pub struct DeliveryTag {
     generation: u64,
     tag: u64,
+}
+
+/// Which connection's deliveries can still be settled: a delivery of any other connection has
+/// been handed back to its queue by the broker, so it must not be started.
+#[derive(Clone, Debug, Default)]
+pub struct Liveness(Arc<AtomicU64>);
+
+impl Liveness {
+    /// Whether the delivery came on the connection that is up now.
+    pub fn is_live(&self, tag: DeliveryTag) -> bool {
+        self.0.load(Ordering::Acquire) == tag.generation
+    }
+
+    fn set(&self, generation: u64) {
+        self.0.store(generation, Ordering::Release);
+    }
 }
 
 /// A message handed to the async side.
@@ -67,6 +87,7 @@ enum Command {
 pub struct Consumer {
     commands: Sender<Command>,
     thread: Option<JoinHandle<()>>,
+    liveness: Liveness,
 }
 
 impl Consumer {
@@ -78,14 +99,22 @@ impl Consumer {
     ) -> Result<Self, AmqpError> {
         let endpoint = Endpoint::parse(&config.url)?;
         let (commands, inbox) = crossbeam_channel::unbounded();
+        let liveness = Liveness::default();
+        let live = liveness.clone();
         let thread = thread::Builder::new()
             .name("kobe-consumer".into())
-            .spawn(move || ConsumerThread::new(endpoint, config, deliveries, inbox).run())
+            .spawn(move || ConsumerThread::new(endpoint, config, deliveries, inbox, live).run())
             .map_err(|e| AmqpError::Unavailable(format!("cannot start consumer thread: {e}")))?;
         Ok(Self {
             commands,
             thread: Some(thread),
+            liveness,
         })
+    }
+
+    /// Tells whether a delivery's connection is still the one up.
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
     }
 
     /// Acks or nacks a delivery. Settling a delivery of a connection that has since been lost is
@@ -127,6 +156,11 @@ impl Settler {
     pub fn settle(&self, tag: DeliveryTag, settlement: Settlement) {
         let _ = self.0.send(Command::Settle(tag, settlement));
     }
+
+    /// Cancels the consumers: no new deliveries; in-flight ones can still be settled.
+    pub fn stop_consuming(&self) {
+        let _ = self.0.send(Command::StopConsuming);
+    }
 }
 
 struct ConsumerThread {
@@ -135,6 +169,7 @@ struct ConsumerThread {
     deliveries: mpsc::UnboundedSender<Delivery>,
     inbox: Receiver<Command>,
     generation: u64,
+    liveness: Liveness,
     stopped: bool,
 }
 
@@ -152,6 +187,7 @@ impl ConsumerThread {
         config: ConsumerConfig,
         deliveries: mpsc::UnboundedSender<Delivery>,
         inbox: Receiver<Command>,
+        liveness: Liveness,
     ) -> Self {
         Self {
             endpoint,
@@ -159,20 +195,27 @@ impl ConsumerThread {
             deliveries,
             inbox,
             generation: 0,
+            liveness,
             stopped: false,
         }
     }
 
     fn run(mut self) {
-        let mut backoff = Backoff::new(Duration::from_secs(10));
+        let mut backoff = Backoff::new(super::RECONNECT_CAP);
         loop {
-            let error = match self.endpoint.connect(Duration::from_secs(5)) {
+            let error = match self
+                .endpoint
+                .connect_as(Duration::from_secs(5), &self.config.name)
+            {
                 Ok(mut connection) => {
                     backoff.reset();
                     let end = match connection.open_channel(None) {
                         Ok(channel) => self.session(&channel),
                         Err(e) => SessionEnd::Lost(e.to_string()),
                     };
+                    // Whatever this connection delivered is back in its queue (or will be once
+                    // the broker notices): none of it may start now.
+                    self.liveness.set(0);
                     match end {
                         SessionEnd::Close => {
                             let _ = connection.close();
@@ -224,6 +267,7 @@ impl ConsumerThread {
             }
         }
         self.generation += 1;
+        self.liveness.set(self.generation);
         tracing::info!(endpoint = %self.endpoint.display, queues = ?self.config.queues, prefetch = self.config.prefetch, "consuming");
         let mut held: HashMap<u64, amiquip::Delivery> = HashMap::new();
         let mut active: Vec<bool> = vec![true; consumers.len()];

@@ -212,23 +212,15 @@ fn parse_body(body: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), MessageEr
     Ok((args, kwargs))
 }
 
-fn text_of(value: &AmqpValue) -> Option<String> {
-    match value {
-        AmqpValue::LongString(s) => Some(s.clone()),
-        AmqpValue::ByteArray(b) => String::from_utf8(b.clone()).ok(),
-        _ => None,
-    }
-}
-
 fn required_text(headers: &FieldTable, name: &'static str) -> Result<String, MessageError> {
     match headers.get(name) {
         None | Some(AmqpValue::Void) => Err(MessageError::MissingHeader(name)),
-        Some(value) => text_of(value).ok_or(MessageError::BadHeader(name)),
+        Some(_) => super::wire::text(headers, name).ok_or(MessageError::BadHeader(name)),
     }
 }
 
 fn optional_text(headers: &FieldTable, name: &str) -> Option<String> {
-    headers.get(name).and_then(text_of)
+    super::wire::text(headers, name)
 }
 
 pub(crate) fn integer(value: &AmqpValue) -> Option<i64> {

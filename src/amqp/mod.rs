@@ -10,6 +10,7 @@ pub mod consumer;
 pub mod message;
 pub mod publisher;
 pub mod topology;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -141,6 +142,10 @@ pub fn delete_topology(url: &ServiceUrl, topology: &Topology) -> Result<(), Amqp
     let _ = connection.close();
     Ok(())
 }
+
+/// The longest wait between two reconnection attempts: a broker that is back is used again
+/// within this long, and a connect attempt to a broker that is down costs next to nothing.
+pub(crate) const RECONNECT_CAP: Duration = Duration::from_millis(500);
 
 /// Reconnection delays: exponential from 100 ms, capped, so a broker restart is survived without
 /// hammering it.

@@ -141,7 +141,7 @@ impl PublisherThread {
             topology,
             connect_timeout: confirm_timeout.min(Duration::from_secs(5)),
             confirm_timeout,
-            backoff: Backoff::new(Duration::from_secs(5)),
+            backoff: Backoff::new(super::RECONNECT_CAP),
             link: None,
             connected,
             next_attempt: Instant::now(),

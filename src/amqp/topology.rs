@@ -26,8 +26,7 @@ use crate::domain::Priority;
 /// The route of tasks no route names.
 pub const DEFAULT_ROUTE: &str = "default";
 
-/// Header naming the delay level a retried message waits in (matched by the retry exchange).
-pub(crate) const RETRY_LEVEL_HEADER: &str = "kobe-retry-level";
+use super::wire::RETRY_LEVEL_HEADER;
 
 /// Delays of the retry levels. A retry waits in the smallest level at least as long as its
 /// (jittered) delay, with its own per-message TTL, so the wait is exact up to head-of-line

@@ -2,9 +2,7 @@
 
 pub mod healthcheck;
 pub mod init_db;
-pub mod outbox;
 pub mod serve;
-pub mod submit;
 pub mod worker;
 
 use crate::amqp::Topology;

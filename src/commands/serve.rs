@@ -4,14 +4,14 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 
-use super::outbox::Outbox;
-use super::submit::Submitter;
 use crate::amqp::Publisher;
 use crate::config::Settings;
 use crate::http::{AppState, Application};
 use crate::store::{
     DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository,
 };
+use crate::submit::outbox::Outbox;
+use crate::submit::Submitter;
 use crate::tasks::Registry;
 
 /// Builds the API's clients from settings. Nothing is contacted yet: the publisher connects in

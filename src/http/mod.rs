@@ -19,11 +19,11 @@ use tracing::Instrument;
 
 pub use error::ApiError;
 
-use crate::commands::submit::Submitter;
 use crate::config::Secret;
 use crate::store::{
     Cache, DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository,
 };
+use crate::submit::Submitter;
 use crate::tasks::Registry;
 use crate::telemetry::metrics::metrics;
 

@@ -166,6 +166,38 @@ impl Cache {
         Ok(())
     }
 
+    /// Invalidates many statuses in one round trip (a pipeline of the same `SET`s).
+    #[tracing::instrument(name = "cache.status.invalidate_many", skip_all, fields(count = task_ids.len()))]
+    pub async fn invalidate_statuses(&self, task_ids: &[String]) -> Result<(), StoreError> {
+        let marker_ttl = (self.status_ttl * 2).as_millis() as u64;
+        let mut pipe = redis::pipe();
+        for id in task_ids {
+            pipe.cmd("SET")
+                .arg(self.status_key(id))
+                .arg(MARKER)
+                .arg("PX")
+                .arg(marker_ttl)
+                .ignore();
+        }
+        let attempt = async {
+            let mut conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))
+        };
+        let timeout = self.timeout;
+        let bounded = async {
+            tokio::time::timeout(timeout, attempt)
+                .await
+                .map_err(|_| StoreError::Redis(format!("no answer within {timeout:?}")))?
+        };
+        measured("SET", bounded).await
+    }
+
     /// Stores a result for `ttl` (result backend).
     #[tracing::instrument(name = "cache.result.put", skip(self, json))]
     pub async fn put_result(
@@ -239,4 +271,48 @@ async fn measured<T>(
         m.redis_errors.with_label_values(&[command]).inc();
     }
     result
+}
+
+/// Invalidates cached statuses in batches: many concurrent state changes, one Redis round trip.
+/// Callers await their own invalidation (so a message is settled only once readers can no longer
+/// be served the old state), and Redis being down only delays them by its short timeout.
+#[derive(Clone)]
+pub struct Invalidator(
+    tokio::sync::mpsc::UnboundedSender<(String, tokio::sync::oneshot::Sender<()>)>,
+);
+
+impl Invalidator {
+    /// Starts the background task; it ends when the last handle is dropped.
+    pub fn start(cache: Cache) -> Self {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(String, tokio::sync::oneshot::Sender<()>)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+                if let Err(error) = cache.invalidate_statuses(&ids).await {
+                    // The cached copies expire within their short TTL anyway.
+                    tracing::warn!(error = %error, count = ids.len(), "cannot invalidate cached statuses");
+                }
+                for (_, done) in batch {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Self(tx)
+    }
+
+    /// Invalidates one task's cached status, together with whatever else is waiting.
+    pub async fn invalidate(&self, task_id: &str) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.0.send((task_id.to_owned(), done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
 }

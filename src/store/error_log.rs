@@ -4,6 +4,7 @@ use mongodb::bson::{doc, DateTime};
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 
+use super::batch::{Write, WriteOp};
 use super::StoreError;
 
 pub const COLLECTION: &str = "TaskErrorLog";
@@ -46,6 +47,18 @@ impl ErrorLogRepository {
     pub async fn record(&self, record: &ErrorRecord) -> Result<(), StoreError> {
         self.collection.insert_one(record).await?;
         Ok(())
+    }
+
+    /// The same record as a batched write (see [`super::batch`]), with its own `_id` so that
+    /// sending it twice stores it once.
+    pub fn record_write(&self, record: &ErrorRecord) -> Write {
+        let mut document = mongodb::bson::to_document(record).unwrap_or_default();
+        document.insert("_id", mongodb::bson::oid::ObjectId::new());
+        Write {
+            collection: COLLECTION,
+            op: WriteOp::Insert(document),
+            purpose: "error_log",
+        }
     }
 
     /// A task's failures, oldest first.

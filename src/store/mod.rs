@@ -1,6 +1,7 @@
 //! Persistence: MongoDB repositories (one file per collection), the migrations that shape the
 //! collections, and the Redis connection. Returns [`StoreError`]; knows nothing of HTTP or AMQP.
 
+pub mod batch;
 pub mod cache;
 pub mod checkpoints;
 pub mod dedup;
@@ -30,12 +31,17 @@ use crate::config::ServiceUrl;
 /// A store failure, phrased for the caller's decision.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database did not answer or refused the connection: 503, retry later.
+    /// The database did not answer, refused the connection or failed in a way that may pass:
+    /// 503, or try again later. Nothing can be said about whether the write happened.
     #[error("MongoDB is unavailable: {0}")]
     Unavailable(String),
     /// A unique index refused the write (MongoDB error 11000).
     #[error("duplicate key: {0}")]
     Duplicate(String),
+    /// The write can never succeed as it is (a value BSON cannot hold, a key with a NUL byte, a
+    /// document over 16 MB, a server-side validation error): trying again changes nothing.
+    #[error("MongoDB refused the write: {0}")]
+    Rejected(String),
     /// A document could not be read into its type: a bug or a hand-edited document.
     #[error("malformed document: {0}")]
     Malformed(String),
@@ -45,17 +51,57 @@ pub enum StoreError {
     Migration(String),
 }
 
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Redis(_))
+    }
+}
+
+/// Server error codes that say "not now" rather than "never": network trouble, elections,
+/// shutdowns, time limits, write conflicts.
+const TRANSIENT_CODES: &[i32] = &[
+    6, 7, 24, 46, 50, 89, 91, 112, 133, 189, 202, 251, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+];
+
+/// Whether a server error code means the write may succeed when tried again.
+pub fn is_transient_code(code: i32) -> bool {
+    TRANSIENT_CODES.contains(&code)
+}
+
 impl From<mongodb::error::Error> for StoreError {
     fn from(error: mongodb::error::Error) -> Self {
+        use mongodb::error::{ErrorKind, WriteFailure};
         if is_duplicate_key(&error) {
             return Self::Duplicate(error.to_string());
         }
+        let transient_label = error.contains_label("RetryableWriteError")
+            || error.contains_label("TransientTransactionError");
         match *error.kind {
-            mongodb::error::ErrorKind::BsonDeserialization(ref e) => Self::Malformed(e.to_string()),
-            mongodb::error::ErrorKind::BsonSerialization(ref e) => Self::Malformed(e.to_string()),
+            ErrorKind::BsonDeserialization(ref e) => Self::Malformed(e.to_string()),
+            ErrorKind::BsonSerialization(ref e) => Self::Rejected(e.to_string()),
+            ErrorKind::InvalidArgument { ref message, .. } => Self::Rejected(message.clone()),
+            ErrorKind::Write(WriteFailure::WriteError(ref e))
+                if !transient_label && !is_transient_code(e.code) =>
+            {
+                Self::Rejected(error.to_string())
+            }
+            ErrorKind::Command(ref e) if !transient_label && is_permanent_command_code(e.code) => {
+                Self::Rejected(error.to_string())
+            }
             _ => Self::Unavailable(error.to_string()),
         }
     }
+}
+
+/// Command errors that say the request itself is wrong (bad value, wrong type, too large).
+/// Other command errors count as transient: a misread outage must not fail a task for good,
+/// while a misread bad request is still ended by the worker's cap on deliveries.
+fn is_permanent_command_code(code: i32) -> bool {
+    matches!(
+        code,
+        2 | 9 | 14 | 15 | 17 | 52 | 55 | 56 | 57 | 10334 | 16755 | 17419 | 17280
+    )
 }
 
 /// True for MongoDB's duplicate-key error (code 11000), however the driver wraps it.
@@ -88,6 +134,16 @@ pub async fn connect(
             use mongodb::event::command::CommandEvent;
             let m = crate::telemetry::metrics::metrics();
             match event {
+                CommandEvent::Started(e) => {
+                    let collection = e
+                        .command
+                        .get(&e.command_name)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("");
+                    m.mongo_commands
+                        .with_label_values(&[&format!("{}:{collection}", e.command_name)])
+                        .inc();
+                }
                 CommandEvent::Succeeded(e) => m
                     .mongodb_duration
                     .with_label_values(&[e.command_name.as_str()])

@@ -64,6 +64,17 @@ pub struct Metrics {
     pub redis_duration: HistogramVec,
     /// Redis failures by command.
     pub redis_errors: IntCounterVec,
+    /// MongoDB commands sent, by purpose (`<command>:<collection>`, from the driver's events).
+    pub mongo_commands: IntCounterVec,
+    /// Statements in each group-commit command, by collection.
+    pub mongo_batch_size: HistogramVec,
+    /// Statements written through group commit, by what they were for.
+    pub mongo_statements: IntCounterVec,
+    /// A task's execution lease taken over from an attempt that stopped renewing it.
+    pub lease_takeovers: IntCounterVec,
+    /// Deliveries settled without running the task again: already finished, held by a live
+    /// attempt, a stale attempt, or a lost consumer connection.
+    pub duplicate_deliveries: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -197,6 +208,46 @@ impl Metrics {
                 "kobe_redis_command_errors_total",
                 "Redis command failures.",
                 &["command"],
+            ),
+            mongo_commands: counter(
+                &r,
+                "kobe_mongo_commands_total",
+                "MongoDB commands sent, by purpose (command:collection).",
+                &["purpose"],
+            ),
+            mongo_batch_size: {
+                let metric = HistogramVec::new(
+                    HistogramOpts::new(
+                        "kobe_mongo_batch_size",
+                        "Statements per group-commit command.",
+                    )
+                    .buckets(vec![
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+                    ]),
+                    &["collection"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("unique metric name");
+                metric
+            },
+            mongo_statements: counter(
+                &r,
+                "kobe_mongo_statements_total",
+                "Statements written through group commit, by purpose.",
+                &["purpose"],
+            ),
+            lease_takeovers: counter(
+                &r,
+                "kobe_task_lease_takeovers_total",
+                "Execution leases taken over from an attempt that stopped renewing them.",
+                &["task"],
+            ),
+            duplicate_deliveries: counter(
+                &r,
+                "kobe_duplicate_deliveries_total",
+                "Deliveries settled without running the task, by why.",
+                &["reason"],
             ),
             registry: r,
         };

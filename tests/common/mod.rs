@@ -91,6 +91,8 @@ impl TestEnv {
             ("KOBE_REDIS_PREFIX".into(), name.clone()),
             ("KOBE_HTTP_ADDR".into(), "127.0.0.1:0".into()),
             ("KOBE_SHUTDOWN_GRACE".into(), "10".into()),
+            // A killed attempt's task is taken over this soon after (tests kill workers).
+            ("KOBE_EXECUTION_LEASE_MS".into(), "3000".into()),
         ]);
         for (k, v) in extra {
             vars.insert((*k).into(), (*v).into());

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestEnv;
-use kobe::commands::outbox::Outbox;
-use kobe::commands::submit::Submitter;
 use kobe::domain::{TaskId, TaskState};
 use kobe::store::checkpoints::CheckpointRepository;
 use kobe::store::{LeaseRepository, PayloadRepository, TaskDocument, TaskRepository};
+use kobe::submit::outbox::Outbox;
+use kobe::submit::Submitter;
 use kobe::tasks::{Invocation, Registry, Task, TaskFuture};
 use mongodb::bson::{doc, DateTime};
 use serde_json::{json, Value};

@@ -10,11 +10,11 @@ use serde_json::{Map, Value};
 use tracing::Instrument;
 use utoipa::ToSchema;
 
-use crate::commands::submit::{NewTask, SubmitError};
 use crate::domain::{Fingerprint, Priority, TaskId, TaskState};
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
 use crate::store::{Claim, TaskDocument};
+use crate::submit::{NewTask, SubmitError};
 use crate::telemetry::trace::TraceContext;
 
 /// Body of `POST /task/start`. Unknown fields are refused.

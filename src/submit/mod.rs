@@ -2,6 +2,8 @@
 //! the outbox sweeper and tasks that spawn tasks, so all three keep the same promise: a task the
 //! caller is told about is in MongoDB and either confirmed by the broker or closed as `FAILURE`.
 
+pub mod outbox;
+
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -10,13 +12,11 @@ use tokio::sync::mpsc;
 use crate::amqp::{AmqpError, Outgoing, Publisher, TaskMessage, Topology};
 use crate::domain::{Priority, TaskId};
 use crate::store::payloads::reference_value;
-use crate::store::{
-    Cache, PayloadRepository, StoreError, TaskDocument, TaskRepository, Transition,
-};
+use crate::store::tasks::Applied;
+use crate::store::{Cache, PayloadRepository, StoreError, TaskDocument, TaskRepository};
 use crate::telemetry::trace::TraceContext;
 
-/// Header naming the `RawPayload` that holds a message's arguments.
-pub const PAYLOAD_HEADER: &str = "kobe-payload-ref";
+use crate::amqp::wire::PAYLOAD_HEADER;
 
 /// Confirmed ids are marked in batches of at most this many...
 const MARK_BATCH: usize = 500;
@@ -120,6 +120,47 @@ impl Submitter {
     /// Records the task, publishes it and waits for the confirm.
     #[tracing::instrument(name = "submit", skip_all, fields(task_id = %task.id, task = %task.task_name))]
     pub async fn submit(&self, task: NewTask) -> Result<(), SubmitError> {
+        let root_id = task.root_id.clone();
+        let document = self.record(task).await?;
+        self.publish_document(&document, root_id)
+            .await
+            .map_err(SubmitError::NotPublished)
+    }
+
+    /// Submits a task spawned by a running task. Spawning is idempotent: a retried parent spawns
+    /// the same ids again, and a child recorded by an earlier attempt whose publish failed is
+    /// published now rather than counted as spawned. A publish that fails leaves the child
+    /// `PENDING` for the parent's next attempt (or the outbox), never closed.
+    #[tracing::instrument(name = "submit.child", skip_all, fields(task_id = %task.id, task = %task.task_name))]
+    pub async fn submit_child(&self, task: NewTask) -> Result<(), SubmitError> {
+        let id = task.id.clone();
+        let document = match self.record(task).await {
+            Ok(document) => document,
+            Err(StoreError::Duplicate(_)) => match self.tasks.get(id.as_str()).await? {
+                Some(existing)
+                    if existing.state == crate::domain::TaskState::Pending
+                        && existing.publish_state.as_deref()
+                            == Some(crate::store::tasks::PUBLISH_PENDING) =>
+                {
+                    existing
+                }
+                // Recorded and published by an earlier attempt of the parent.
+                Some(_) => return Ok(()),
+                None => {
+                    return Err(SubmitError::Store(StoreError::Unavailable(format!(
+                        "child task {id} was recorded but cannot be read back"
+                    ))))
+                }
+            },
+            Err(error) => return Err(error.into()),
+        };
+        self.republish(&document)
+            .await
+            .map_err(SubmitError::NotPublished)
+    }
+
+    /// Records a new task (`PENDING`, publish pending), its large arguments in `RawPayload`.
+    async fn record(&self, task: NewTask) -> Result<TaskDocument, StoreError> {
         let mut document = TaskDocument::pending(&task.id, &task.task_name, &task.route);
         document.priority = task.priority.value();
         document.trace_id = Some(task.trace.trace_id_hex());
@@ -145,9 +186,7 @@ impl Submitter {
             document.kwargs = task.kwargs.clone();
         }
         self.tasks.insert(&document).await?;
-        self.publish_document(&document, task.root_id)
-            .await
-            .map_err(SubmitError::NotPublished)
+        Ok(document)
     }
 
     /// Publishes a just-recorded task; on failure closes it as `FAILURE`, since its submitter
@@ -164,28 +203,31 @@ impl Submitter {
                 Ok(())
             }
             Err(error) => {
-                // The caller is told the task was not accepted, so it must never run: close it
-                // as FAILURE. (Should the message reach the broker after all, the worker finds
-                // the task finished and drops it.)
+                // The caller is about to be told "not accepted", so the task must never run:
+                // close it, but only if no worker has taken it (the confirm can be lost after the
+                // broker stored the message). If one has, the task is running: it was accepted.
                 let closed = self
                     .tasks
-                    .transition(
-                        &document.id,
-                        Transition::Failure {
-                            root_cause: format!("not published: {error}"),
-                        },
-                    )
+                    .close_unpublished(&document.id, &format!("not published: {error}"))
                     .await;
                 match closed {
-                    // A reader may have cached PENDING in between.
-                    Ok(_) => {
+                    Ok(Applied::Yes) => {
+                        // A reader may have cached PENDING in between.
                         if let Err(e) = self.cache.invalidate_status(&document.id).await {
                             tracing::warn!(error = %e, "cannot invalidate the cached status");
                         }
+                        Err(error)
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot record the publish failure"),
+                    Ok(Applied::No) => {
+                        tracing::info!(task_id = %document.id, error = %error, "confirm lost, but a worker has taken the task: accepted");
+                        let _ = self.confirmed.send(document.id.clone());
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the publish failure");
+                        Err(error)
+                    }
                 }
-                Err(error)
             }
         }
     }

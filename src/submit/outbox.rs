@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::submit::Submitter;
+use super::Submitter;
 use crate::store::{StoreError, TaskRepository};
 
 /// How long a claim keeps other sweepers off a task.

@@ -1,0 +1,104 @@
+//! Kobe's own header vocabulary on top of Celery's protocol: every header name Kobe reads or
+//! writes besides Celery's lives here.
+
+use amiquip::{AmqpProperties, AmqpValue, FieldTable};
+
+/// Names the `RawPayload` that holds a message's arguments (they were too large to travel).
+pub const PAYLOAD_HEADER: &str = "kobe-payload-ref";
+
+/// The delay level a retried (or delayed) message waits in, matched by the retry exchange.
+pub const RETRY_LEVEL_HEADER: &str = "kobe-retry-level";
+
+/// Why a message was dead-lettered (on messages in the dead-letter queue).
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-kobe-reason";
+
+/// The routing key a dead-lettered message had, so it can be sent back to its queue.
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-kobe-original-routing-key";
+
+/// Attempts made before a message was dead-lettered.
+pub const ATTEMPTS_HEADER: &str = "x-kobe-attempts";
+
+/// The text of a header, if it is text.
+pub fn text(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.get(name)? {
+        AmqpValue::LongString(s) => Some(s.clone()),
+        AmqpValue::ByteArray(b) => String::from_utf8(b.clone()).ok(),
+        _ => None,
+    }
+}
+
+/// The task id and name of a message, as far as its headers can be read: enough to record why
+/// a message that cannot be decoded was refused. An id that is not a valid task id is `None`.
+pub fn identity(properties: &AmqpProperties) -> (Option<String>, Option<String>) {
+    let Some(headers) = properties.headers() else {
+        return (None, None);
+    };
+    let id = text(headers, "id").filter(|id| crate::domain::TaskId::parse(id).is_ok());
+    (id, text(headers, "task"))
+}
+
+/// The `RawPayload` reference a message carries instead of its arguments.
+pub fn payload_reference(properties: &AmqpProperties) -> Option<String> {
+    text(properties.headers().as_ref()?, PAYLOAD_HEADER)
+}
+
+/// A delivery's properties as it goes to the dead-letter exchange: its own, plus why, where it
+/// came from and how many attempts it had.
+pub fn dead_letter_properties(
+    properties: &AmqpProperties,
+    reason: &str,
+    routing_key: &str,
+    attempts: Option<u32>,
+) -> AmqpProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        DEAD_LETTER_REASON_HEADER.into(),
+        AmqpValue::LongString(reason.to_owned()),
+    );
+    headers.insert(
+        ORIGINAL_ROUTING_KEY_HEADER.into(),
+        AmqpValue::LongString(routing_key.to_owned()),
+    );
+    if let Some(attempts) = attempts {
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AmqpValue::LongLongInt(i64::from(attempts)),
+        );
+    }
+    properties.clone().with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_reads_what_it_can_and_refuses_unsafe_ids() {
+        let mut headers = FieldTable::new();
+        headers.insert("id".into(), AmqpValue::LongString("abc-1".into()));
+        headers.insert("task".into(), AmqpValue::LongString("demo".into()));
+        let props = AmqpProperties::default().with_headers(headers.clone());
+        assert_eq!(
+            identity(&props),
+            (Some("abc-1".into()), Some("demo".into()))
+        );
+        headers.insert("id".into(), AmqpValue::LongString("a/b".into()));
+        let props = AmqpProperties::default().with_headers(headers);
+        assert_eq!(identity(&props).0, None);
+        assert_eq!(identity(&AmqpProperties::default()), (None, None));
+    }
+
+    #[test]
+    fn dead_letters_carry_their_reason() {
+        let props = dead_letter_properties(&AmqpProperties::default(), "boom", "default", Some(3));
+        let headers = props.headers().clone().unwrap();
+        assert_eq!(
+            text(&headers, DEAD_LETTER_REASON_HEADER).as_deref(),
+            Some("boom")
+        );
+        assert_eq!(
+            headers.get(ATTEMPTS_HEADER),
+            Some(&AmqpValue::LongLongInt(3))
+        );
+    }
+}

@@ -1,0 +1,424 @@
+//! The one place a delivery's fate is decided.
+//!
+//! [`plan`] turns what happened (the handler's outcome, or why the task cannot run) into what must
+//! be recorded and where the message goes; [`next`] turns that plan and what has been done so far
+//! (what the broker and MongoDB answered) into the next step. The delivery pipeline only carries
+//! the steps out, so every path — success, retry, dead letter, duplicate, outage — follows the
+//! same rules:
+//!
+//! - the message is settled only after its outcome is recorded (acks late);
+//! - a retry's message is confirmed before `RETRY` is recorded, and both before the ack;
+//! - a dead letter is owed (`dead_letter: pending` with `FAILURE`) before it is published, so a
+//!   crash in between leaves a redelivery that publishes it, never a lost one;
+//! - a write MongoDB refuses for good ends the task `FAILURE` instead of being tried forever; one
+//!   it cannot take now is tried again while the delivery is held;
+//! - a write refused by its filter means another attempt owns the task: look before acting.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::store::tasks::Transition;
+use crate::tasks::RetryPolicy;
+
+/// Why a message went to the dead-letter queue: the `reason` label of `kobe_dead_letters_total`.
+pub mod reason {
+    pub const MALFORMED: &str = "malformed";
+    pub const UNKNOWN_TASK: &str = "unknown_task";
+    pub const PERMANENT_ERROR: &str = "permanent_error";
+    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+    pub const TIME_LIMIT: &str = "time_limit";
+    pub const PAYLOAD_MISSING: &str = "payload_missing";
+    pub const STORE_REJECTED: &str = "store_rejected";
+    pub const POISON: &str = "poison";
+    pub const INTERNAL: &str = "internal_error";
+}
+
+/// How one run of a handler ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success(Value),
+    /// A transient failure: try again after a backoff.
+    Retryable(String),
+    /// Will fail the same way every time.
+    Permanent(String),
+    /// The handler panicked: treated as transient, since a panic is often a bad moment.
+    Panicked(String),
+    /// The hard time limit passed and the handler was abandoned.
+    TimedOut(Duration),
+}
+
+/// What became of a delivery, before anything is recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Happened {
+    /// The message cannot be read as a task.
+    Malformed(String),
+    UnknownTask(String),
+    /// Its `expires` passed before it could run.
+    Expired(String),
+    /// Its arguments should be in `RawPayload` and are not.
+    PayloadMissing(String),
+    /// The current attempt was started this many times without reaching an outcome.
+    Poison(u32),
+    /// The handler ran.
+    Ran(Outcome),
+    /// MongoDB refuses to store what the handler returned (a value BSON cannot hold, a document
+    /// over 16 MB): the result is lost, the task fails.
+    ResultRejected(String),
+    /// Kobe's own delivery handling failed (a bug).
+    Internal(String),
+}
+
+/// What to record and where the message goes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The state to record; `None` when there is no task to record it on.
+    pub record: Option<Transition>,
+    pub route: Route,
+    /// The cause, for logs, `TaskErrorLog` and the dead letter's `x-kobe-reason`.
+    pub cause: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Route {
+    /// Done with the message.
+    Ack,
+    /// The next attempt goes to the delay queue after `delay`.
+    Retry { delay: Duration },
+    /// To the dead-letter queue; `reason` is the metric label.
+    DeadLetter { reason: &'static str },
+}
+
+/// Decides what `happened` means for attempt number `attempt` (1-based) of a task with `policy`.
+/// `jitter` is a uniform sample from [0, 1) for the retry delay.
+pub fn plan(happened: &Happened, attempt: u32, policy: &RetryPolicy, jitter: f64) -> Plan {
+    let dead = |cause: String, reason: &'static str| Plan {
+        record: Some(Transition::Failure {
+            root_cause: cause.clone(),
+            dead_letter: true,
+        }),
+        route: Route::DeadLetter { reason },
+        cause: Some(cause),
+    };
+    let retry_or_die = |cause: String| {
+        if attempt <= policy.max_retries {
+            Plan {
+                record: Some(Transition::Retry {
+                    root_cause: cause.clone(),
+                }),
+                route: Route::Retry {
+                    delay: policy.delay_for(attempt, jitter),
+                },
+                cause: Some(cause),
+            }
+        } else {
+            dead(
+                format!("retries exhausted after {attempt} attempts: {cause}"),
+                reason::RETRIES_EXHAUSTED,
+            )
+        }
+    };
+    match happened {
+        Happened::Malformed(cause) => dead(format!("malformed message: {cause}"), reason::MALFORMED),
+        Happened::UnknownTask(name) => dead(format!("unknown task `{name}`"), reason::UNKNOWN_TASK),
+        // An expired task is dropped, as Celery drops it: recorded, not dead-lettered.
+        Happened::Expired(at) => {
+            let cause = format!("expired at {at} before it could run");
+            Plan {
+                record: Some(Transition::Failure {
+                    root_cause: cause.clone(),
+                    dead_letter: false,
+                }),
+                route: Route::Ack,
+                cause: Some(cause),
+            }
+        }
+        Happened::PayloadMissing(reference) => dead(
+            format!("payload {reference} is missing from RawPayload"),
+            reason::PAYLOAD_MISSING,
+        ),
+        Happened::Poison(deliveries) => dead(
+            format!("delivered {deliveries} times without reaching an outcome (a worker died running it each time)"),
+            reason::POISON,
+        ),
+        Happened::Ran(Outcome::Success(result)) => Plan {
+            record: Some(Transition::Success {
+                result: result.clone(),
+            }),
+            route: Route::Ack,
+            cause: None,
+        },
+        Happened::Ran(Outcome::Retryable(cause)) => retry_or_die(cause.clone()),
+        Happened::Ran(Outcome::Panicked(cause)) => retry_or_die(format!("handler panicked: {cause}")),
+        Happened::Ran(Outcome::Permanent(cause)) => dead(cause.clone(), reason::PERMANENT_ERROR),
+        Happened::Ran(Outcome::TimedOut(limit)) => {
+            dead(format!("time limit exceeded ({limit:?})"), reason::TIME_LIMIT)
+        }
+        Happened::ResultRejected(cause) => dead(
+            format!("the result cannot be stored: {cause}"),
+            reason::STORE_REJECTED,
+        ),
+        Happened::Internal(cause) => dead(format!("worker error: {cause}"), reason::INTERNAL),
+    }
+}
+
+/// What the broker said about the publish the plan needs (a retry or a dead letter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Published {
+    #[default]
+    NotYet,
+    Confirmed,
+    Failed,
+}
+
+/// What MongoDB said about the plan's record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Stored {
+    #[default]
+    NotYet,
+    Applied,
+    /// The filter did not match: another attempt owns the task, or it is finished.
+    Refused,
+    /// Not now (MongoDB down, a timeout): nothing is known about the write.
+    Unavailable,
+    /// Never, as it is.
+    Rejected(String),
+}
+
+/// Progress on a plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Done {
+    pub published: Published,
+    pub stored: Stored,
+}
+
+/// The next step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Write the plan's record.
+    Record,
+    /// Publish the next attempt to the delay queue.
+    PublishRetry,
+    /// Publish the message to the dead-letter exchange.
+    PublishDeadLetter,
+    /// Settle the message: it is done.
+    Ack,
+    /// The last step failed for now: pause, then do it again (the delivery is held).
+    Again,
+    /// Someone else owns the task: look at it before settling.
+    Investigate,
+    /// What happened changes: the result cannot be stored, so the task fails instead.
+    Replan(Happened),
+}
+
+/// The step after `done` for `plan`.
+pub fn next(plan: &Plan, done: &Done) -> Step {
+    match plan.route {
+        Route::Ack => match (&plan.record, &done.stored) {
+            (None, _) => Step::Ack,
+            (Some(_), Stored::NotYet) => Step::Record,
+            (Some(_), Stored::Applied) => Step::Ack,
+            (Some(_), Stored::Refused) => Step::Investigate,
+            (Some(_), Stored::Unavailable) => Step::Again,
+            (Some(Transition::Success { .. }), Stored::Rejected(cause)) => {
+                Step::Replan(Happened::ResultRejected(cause.clone()))
+            }
+            // A failure that cannot be recorded either: nothing more can be done for it.
+            (Some(_), Stored::Rejected(_)) => Step::Ack,
+        },
+        // The retry's message first: RETRY is recorded only once it is confirmed.
+        Route::Retry { .. } => match (done.published, &done.stored) {
+            (Published::NotYet, _) => Step::PublishRetry,
+            (Published::Failed, _) => Step::Again,
+            (Published::Confirmed, Stored::NotYet) => Step::Record,
+            (Published::Confirmed, Stored::Applied) => Step::Ack,
+            (Published::Confirmed, Stored::Refused) => Step::Investigate,
+            (Published::Confirmed, Stored::Unavailable) => Step::Again,
+            // The retry is on its way; this attempt's record is lost, not its successor.
+            (Published::Confirmed, Stored::Rejected(_)) => Step::Ack,
+        },
+        // The debt first (FAILURE with a dead letter pending), then the dead letter.
+        Route::DeadLetter { .. } => match (&plan.record, &done.stored, done.published) {
+            (Some(_), Stored::NotYet, _) => Step::Record,
+            (Some(_), Stored::Refused, _) => Step::Investigate,
+            (Some(_), Stored::Unavailable, _) => Step::Again,
+            (_, _, Published::NotYet) => Step::PublishDeadLetter,
+            (_, _, Published::Failed) => Step::Again,
+            (_, _, Published::Confirmed) => Step::Ack,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(max_retries: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_retries,
+            ..RetryPolicy::default()
+        }
+    }
+
+    /// Runs `plan` to its end with the answers given, returning the steps taken.
+    fn walk(plan: &Plan, stored: &[Stored], published: &[Published]) -> Vec<Step> {
+        let (mut stored, mut published) = (stored.iter(), published.iter());
+        let mut done = Done::default();
+        let mut steps = Vec::new();
+        for _ in 0..10 {
+            let step = next(plan, &done);
+            steps.push(step.clone());
+            match step {
+                Step::Record => done.stored = stored.next().cloned().unwrap(),
+                Step::PublishRetry | Step::PublishDeadLetter => {
+                    done.published = *published.next().unwrap()
+                }
+                Step::Again => {
+                    if done.published == Published::Failed {
+                        done.published = Published::NotYet;
+                    } else {
+                        done.stored = Stored::NotYet;
+                    }
+                }
+                Step::Ack | Step::Investigate | Step::Replan(_) => break,
+            }
+        }
+        steps
+    }
+
+    #[test]
+    fn success_is_recorded_then_acked() {
+        let p = plan(
+            &Happened::Ran(Outcome::Success(json!(1))),
+            1,
+            &policy(3),
+            0.5,
+        );
+        assert_eq!(walk(&p, &[Stored::Applied], &[]), [Step::Record, Step::Ack]);
+    }
+
+    #[test]
+    fn an_outage_holds_the_delivery_and_writes_again() {
+        let p = plan(
+            &Happened::Ran(Outcome::Success(json!(1))),
+            1,
+            &policy(3),
+            0.5,
+        );
+        assert_eq!(
+            walk(&p, &[Stored::Unavailable, Stored::Applied], &[]),
+            [Step::Record, Step::Again, Step::Record, Step::Ack]
+        );
+    }
+
+    #[test]
+    fn a_result_mongodb_refuses_fails_the_task_instead() {
+        let p = plan(
+            &Happened::Ran(Outcome::Success(json!(1))),
+            1,
+            &policy(3),
+            0.5,
+        );
+        let steps = walk(&p, &[Stored::Rejected("too big".into())], &[]);
+        let Some(Step::Replan(happened)) = steps.last() else {
+            panic!("{steps:?}")
+        };
+        let failed = plan(happened, 1, &policy(3), 0.5);
+        assert_eq!(
+            failed.route,
+            Route::DeadLetter {
+                reason: reason::STORE_REJECTED
+            }
+        );
+        assert!(failed.cause.unwrap().contains("too big"));
+    }
+
+    #[test]
+    fn a_retry_is_confirmed_before_retry_is_recorded() {
+        let p = plan(
+            &Happened::Ran(Outcome::Retryable("io".into())),
+            1,
+            &policy(3),
+            0.5,
+        );
+        assert!(matches!(p.route, Route::Retry { .. }));
+        assert_eq!(
+            walk(
+                &p,
+                &[Stored::Applied],
+                &[Published::Failed, Published::Confirmed]
+            ),
+            [
+                Step::PublishRetry,
+                Step::Again,
+                Step::PublishRetry,
+                Step::Record,
+                Step::Ack
+            ]
+        );
+    }
+
+    #[test]
+    fn the_dead_letter_is_owed_before_it_is_published() {
+        let p = plan(
+            &Happened::Ran(Outcome::Permanent("bad".into())),
+            1,
+            &policy(3),
+            0.5,
+        );
+        assert!(matches!(
+            p.record,
+            Some(Transition::Failure {
+                dead_letter: true,
+                ..
+            })
+        ));
+        assert_eq!(
+            walk(&p, &[Stored::Applied], &[Published::Confirmed]),
+            [Step::Record, Step::PublishDeadLetter, Step::Ack]
+        );
+    }
+
+    #[test]
+    fn spent_retries_dead_letter() {
+        let p = plan(
+            &Happened::Ran(Outcome::Retryable("io".into())),
+            4,
+            &policy(3),
+            0.5,
+        );
+        assert_eq!(
+            p.route,
+            Route::DeadLetter {
+                reason: reason::RETRIES_EXHAUSTED
+            }
+        );
+        assert!(p.cause.unwrap().contains("after 4 attempts"));
+    }
+
+    #[test]
+    fn a_refused_write_means_someone_else_owns_the_task() {
+        for happened in [
+            Happened::Ran(Outcome::Success(json!(1))),
+            Happened::Expired("2020-01-01T00:00:00Z".into()),
+            Happened::Ran(Outcome::Permanent("bad".into())),
+        ] {
+            let p = plan(&happened, 1, &policy(3), 0.5);
+            assert_eq!(
+                walk(&p, &[Stored::Refused], &[]).last(),
+                Some(&Step::Investigate)
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_without_a_task_is_only_dead_lettered() {
+        let mut p = plan(&Happened::Malformed("no id".into()), 1, &policy(3), 0.5);
+        p.record = None;
+        assert_eq!(
+            walk(&p, &[], &[Published::Confirmed]),
+            [Step::PublishDeadLetter, Step::Ack]
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! Running one handler: on a task of its own (so a panic is caught and the attempt can be
+//! abandoned), under the hard time limit, with the soft limit tripped on time.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::decision::Outcome;
+use crate::tasks::{Invocation, SoftLimit, Task, TaskError, TaskResult};
+use crate::telemetry::metrics::metrics;
+
+/// Longest time limit honoured: a message asking for more (a Celery client's `timelimit` of
+/// 2e19 s, say) gets this. It must stay below the broker's `consumer_timeout`.
+pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Seconds from a message header as a time limit: absent, non-finite or non-positive values
+/// mean "none given"; values past [`MAX_TIME_LIMIT`] are clamped to it. Never panics.
+pub fn time_limit(seconds: Option<f64>) -> Option<Duration> {
+    let seconds = seconds.filter(|s| s.is_finite() && *s > 0.0)?;
+    Some(
+        Duration::try_from_secs_f64(seconds)
+            .unwrap_or(MAX_TIME_LIMIT)
+            .min(MAX_TIME_LIMIT),
+    )
+}
+
+/// The limits one attempt runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub hard: Duration,
+    pub soft: Option<Duration>,
+}
+
+impl Limits {
+    /// The message's limits, else the task's; a soft limit at or past the hard one is dropped.
+    pub fn of(task: &dyn Task, hard: Option<f64>, soft: Option<f64>) -> Self {
+        let hard = time_limit(hard).unwrap_or_else(|| task.time_limit().min(MAX_TIME_LIMIT));
+        let soft = time_limit(soft)
+            .or_else(|| task.soft_time_limit())
+            .filter(|soft| *soft < hard);
+        Self { hard, soft }
+    }
+}
+
+/// A handler running on its own task. Dropping it abandons the attempt.
+pub struct Running {
+    join: JoinHandle<TaskResult>,
+    soft_timer: Option<JoinHandle<()>>,
+    deadline: Instant,
+    limit: Duration,
+    started: std::time::Instant,
+    task_name: String,
+    finished: bool,
+}
+
+impl Running {
+    /// Starts `task` with `invocation` (whose soft limit is replaced by one tripped on time).
+    pub fn start(task: &dyn Task, mut invocation: Invocation, limits: Limits) -> Self {
+        let (trip, soft_limit) = SoftLimit::pair();
+        invocation.soft_limit = soft_limit;
+        let soft_timer = limits.soft.map(|soft| {
+            tokio::spawn(async move {
+                tokio::time::sleep(soft).await;
+                tracing::warn!(
+                    soft_limit_ms = soft.as_millis() as u64,
+                    "soft time limit reached; handler told to wrap up"
+                );
+                let _ = trip.send(true);
+            })
+        });
+        metrics().tasks_in_flight.inc();
+        Self {
+            join: tokio::spawn(task.run(invocation)),
+            soft_timer,
+            deadline: Instant::now() + limits.hard,
+            limit: limits.hard,
+            started: std::time::Instant::now(),
+            task_name: task.name().to_owned(),
+            finished: false,
+        }
+    }
+
+    /// How long it has run.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for the handler (or its hard limit). Call once.
+    pub async fn outcome(&mut self) -> Outcome {
+        let outcome = match tokio::time::timeout_at(self.deadline, &mut self.join).await {
+            Ok(Ok(Ok(value))) => Outcome::Success(value),
+            Ok(Ok(Err(TaskError::Retryable(cause)))) => Outcome::Retryable(cause),
+            Ok(Ok(Err(TaskError::Permanent(cause)))) => Outcome::Permanent(cause),
+            Ok(Err(join_error)) => match join_error.try_into_panic() {
+                Ok(payload) => Outcome::Panicked(panic_message(payload.as_ref())),
+                Err(e) => Outcome::Panicked(format!("handler was cancelled: {e}")),
+            },
+            Err(_) => {
+                self.join.abort();
+                Outcome::TimedOut(self.limit)
+            }
+        };
+        self.finish();
+        outcome
+    }
+
+    fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        metrics().tasks_in_flight.dec();
+        metrics()
+            .task_duration
+            .with_label_values(&[self.task_name.as_str()])
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(timer) = self.soft_timer.take() {
+            timer.abort();
+        }
+    }
+}
+
+impl Drop for Running {
+    /// An attempt dropped before its outcome (its lease was lost, the worker is stopping) is
+    /// abandoned: its handler stops at its next await.
+    fn drop(&mut self) {
+        self.join.abort();
+        self.finish();
+    }
+}
+
+/// The text of a panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_limits_are_clamped_not_panicked_on() {
+        assert_eq!(time_limit(Some(2e19)), Some(MAX_TIME_LIMIT));
+        assert_eq!(time_limit(Some(f64::INFINITY)), None);
+        assert_eq!(time_limit(Some(f64::NAN)), None);
+        assert_eq!(time_limit(Some(-1.0)), None);
+        assert_eq!(time_limit(Some(0.0)), None);
+        assert_eq!(time_limit(Some(1.5)), Some(Duration::from_millis(1500)));
+        assert_eq!(time_limit(None), None);
+    }
+}

@@ -1,0 +1,289 @@
+//! The execution core: what a worker does with each delivery.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`pipeline`] | one delivery's life: checks, the execution lease, running, settling |
+//! | [`decision`] | the one function that decides what each outcome means (record, retry, dead-letter) |
+//! | [`execute`] | running a handler under its time limits, panics caught |
+//! | [`spawner`] | child tasks submitted by running tasks |
+//!
+//! Its promises: a task runs as one live attempt at a time (the execution lease in `Tasks`); a
+//! message is settled only after its outcome is recorded; every store write goes through the
+//! group-commit writer ([`crate::store::batch`]), so concurrent tasks share MongoDB commands; a
+//! panic anywhere in handling a delivery still settles it.
+//!
+//! `commands::worker` builds a [`Worker`] from settings; tests build one the same way.
+
+pub mod decision;
+pub mod execute;
+mod pipeline;
+pub mod spawner;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::amqp::consumer::{Liveness, Settler};
+use crate::amqp::{Delivery, Publisher, Topology};
+use crate::config::RetryOverrides;
+use crate::store::batch::BatchWriter;
+use crate::store::cache::Invalidator;
+use crate::store::tasks::Attempt;
+use crate::store::{Cache, ErrorLogRepository, PayloadRepository, TaskRepository};
+use crate::tasks::{Registry, RetryPolicy, Task, TaskContext};
+
+/// How a worker behaves, from settings and the command line.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Handlers running at once.
+    pub concurrency: u16,
+    /// How long an attempt's lease holds without renewal; renewed every third of it.
+    pub lease: Duration,
+    /// Starts of one attempt after which its message counts as poison.
+    pub max_deliveries: u32,
+    /// Results larger than this (JSON bytes) go to `RawPayload`.
+    pub inline_limit: usize,
+    /// Log arguments at start (`KOBE_LOG_PAYLOADS`).
+    pub log_payloads: bool,
+    /// With the result backend on: how long results stay in Redis.
+    pub result_ttl: Option<Duration>,
+    /// Overrides of every task's retry policy, then of one task's.
+    pub retry: RetryOverrides,
+    pub task_retry: BTreeMap<String, RetryOverrides>,
+    /// How long a stopping worker lets running tasks finish.
+    pub shutdown_grace: Duration,
+    /// Start fresh deliveries while their claim is on its way (`KOBE_FAST_START`).
+    pub fast_start: bool,
+}
+
+/// What a worker talks to.
+pub struct Services {
+    pub tasks: TaskRepository,
+    pub errors: ErrorLogRepository,
+    pub payloads: PayloadRepository,
+    pub writer: BatchWriter,
+    pub cache: Cache,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    /// Acks and nacks go back to the consumer's thread through it.
+    pub settler: Settler,
+    /// Which deliveries' connection is still up.
+    pub liveness: Liveness,
+    /// What tasks may use (leases, checkpoints, child tasks).
+    pub context: Arc<TaskContext>,
+}
+
+/// Everything the delivery pipelines share.
+pub struct Worker {
+    registry: Registry,
+    tasks: TaskRepository,
+    errors: ErrorLogRepository,
+    payloads: PayloadRepository,
+    writer: BatchWriter,
+    cache: Cache,
+    invalidator: Invalidator,
+    publisher: Publisher,
+    topology: Topology,
+    settler: Settler,
+    liveness: Liveness,
+    context: Arc<TaskContext>,
+    config: WorkerConfig,
+    /// One permit per handler that may run at once.
+    slots: Semaphore,
+    pause: Pause,
+    active: Active,
+}
+
+impl Worker {
+    pub fn new(registry: Registry, services: Services, config: WorkerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            tasks: services.tasks,
+            errors: services.errors,
+            payloads: services.payloads,
+            writer: services.writer,
+            invalidator: Invalidator::start(services.cache.clone()),
+            cache: services.cache,
+            publisher: services.publisher,
+            topology: services.topology,
+            settler: services.settler,
+            liveness: services.liveness,
+            context: services.context,
+            slots: Semaphore::new(usize::from(config.concurrency.max(1))),
+            config,
+            pause: Pause::default(),
+            active: Active::default(),
+        })
+    }
+
+    /// Handles deliveries until `shutdown` resolves or they stop coming, then waits up to the
+    /// grace period for the ones in hand. What does not finish in time is abandoned: its lease
+    /// is let go so its redelivery starts at once, and the message returns to its queue when the
+    /// caller closes the consumer.
+    pub async fn run(
+        self: Arc<Self>,
+        mut deliveries: mpsc::UnboundedReceiver<Delivery>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let mut in_hand = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                delivery = deliveries.recv() => match delivery {
+                    Some(delivery) => {
+                        let worker = self.clone();
+                        in_hand.spawn(worker.handle(delivery));
+                    }
+                    None => break,
+                },
+                Some(_) = in_hand.join_next(), if !in_hand.is_empty() => {}
+            }
+        }
+        tracing::info!(
+            in_hand = in_hand.len(),
+            grace_s = self.config.shutdown_grace.as_secs_f64(),
+            "stopping: no new tasks; waiting for the ones in hand"
+        );
+        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+            while in_hand.join_next().await.is_some() {}
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("every task in hand finished"),
+            Err(_) => {
+                let abandoned = self.active.all();
+                tracing::warn!(
+                    unfinished = in_hand.len(),
+                    "grace period over; unfinished tasks are not acked and return to the queue"
+                );
+                in_hand.abort_all();
+                for attempt in abandoned {
+                    if let Err(error) = self.tasks.release(&attempt).await {
+                        tracing::debug!(error = %error, task_id = %attempt.task_id, "cannot release a lease; it lapses on its own");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The task's own policy, under the deployment-wide overrides, under the task's overrides.
+    fn policy(&self, task: &dyn Task) -> RetryPolicy {
+        let mut policy = task.retry_policy();
+        for o in [
+            Some(&self.config.retry),
+            self.config.task_retry.get(task.name()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            policy.max_retries = o.max_retries.unwrap_or(policy.max_retries);
+            policy.base_delay = o.base_delay.unwrap_or(policy.base_delay);
+            policy.factor = o.factor.unwrap_or(policy.factor);
+            policy.max_delay = o.max_delay.unwrap_or(policy.max_delay);
+        }
+        policy
+    }
+}
+
+/// Pauses before trying again: per delivery a growing sequence, and across deliveries a pause
+/// that grows while MongoDB keeps failing, so an outage is not a redelivery storm.
+#[derive(Default)]
+struct Pause {
+    /// Consecutive outage pauses handed out; reset by [`Pause::recovered`].
+    outages: AtomicU32,
+}
+
+impl Pause {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MOST: Duration = Duration::from_secs(15);
+
+    fn sequence(&self) -> Pauses {
+        Pauses(Self::FIRST)
+    }
+
+    /// The pause before handing a message back during an outage: 1 s, doubling while the
+    /// outage lasts, up to 15 s.
+    fn after_outage(&self) -> Duration {
+        let n = self.outages.fetch_add(1, Ordering::Relaxed).min(4);
+        (Duration::from_secs(1) * 2u32.pow(n)).min(Self::MOST)
+    }
+
+    /// MongoDB answered again: the next outage starts from the shortest pause.
+    fn recovered(&self) {
+        if self.outages.load(Ordering::Relaxed) != 0 {
+            self.outages.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Growing pauses: 250 ms, 500 ms, 1 s … up to 15 s.
+struct Pauses(Duration);
+
+impl Pauses {
+    fn next(&mut self) -> Duration {
+        let pause = self.0;
+        self.0 = (self.0 * 2).min(Pause::MOST);
+        pause
+    }
+}
+
+/// Attempts running now, so a stopping worker can let their leases go.
+#[derive(Default)]
+struct Active(Mutex<HashMap<String, Attempt>>);
+
+impl Active {
+    fn register(&self, attempt: &Attempt) -> Registration<'_> {
+        if let Ok(mut active) = self.0.lock() {
+            active.insert(attempt.token.clone(), attempt.clone());
+        }
+        Registration {
+            active: self,
+            token: attempt.token.clone(),
+        }
+    }
+
+    fn all(&self) -> Vec<Attempt> {
+        self.0
+            .lock()
+            .map(|active| active.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Removes its attempt from [`Active`] when dropped.
+struct Registration<'a> {
+    active: &'a Active,
+    token: String,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut active) = self.active.0.lock() {
+            active.remove(&self.token);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_grow_and_are_capped() {
+        let pause = Pause::default();
+        let mut sequence = pause.sequence();
+        let taken: Vec<Duration> = (0..8).map(|_| sequence.next()).collect();
+        assert_eq!(taken[0], Duration::from_millis(250));
+        assert!(taken.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*taken.last().unwrap(), Pause::MOST);
+        let outages: Vec<Duration> = (0..8).map(|_| pause.after_outage()).collect();
+        assert_eq!(outages[0], Duration::from_secs(1));
+        assert_eq!(*outages.last().unwrap(), Pause::MOST);
+    }
+}

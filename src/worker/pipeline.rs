@@ -1,0 +1,842 @@
+//! One delivery's life: read it, check it can run, take the task's execution lease, run the
+//! handler, then carry out what [`decision`](super::decision) says until the message is settled.
+//!
+//! A fresh delivery (not redelivered) starts its handler at once while its `STARTED` claim waits
+//! in the group-commit batch: a handler that finishes before the claim leaves takes the claim back
+//! and records its outcome with the claim's conditions in one statement, so a short task costs one
+//! statement; any longer task shows `STARTED` within a batch's linger. Should the claim be refused
+//! (another attempt holds the lease), the handler is stopped. A redelivery — the case where
+//! another copy may still be running — claims in a round trip of its own before anything starts.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use mongodb::bson::DateTime;
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::decision::{self, Done, Happened, Outcome, Plan, Published, Route, Step, Stored};
+use super::execute::{panic_message, Limits, Running};
+use super::Worker;
+use crate::amqp::{wire, Delivery, Outgoing, Settlement, TaskMessage};
+use crate::store::batch::Written;
+use crate::store::payloads::reference_value;
+use crate::store::tasks::{Attempt, Claimed, Holding, Transition};
+use crate::store::{Decision, ErrorRecord, StoreError, TaskDocument};
+use crate::tasks::{Invocation, Task};
+use crate::telemetry::metrics::metrics;
+use crate::telemetry::trace::TraceContext;
+
+/// The attempt a delivery is working on, kept where a panic handler can find it.
+type AttemptCell = Arc<Mutex<Option<(Attempt, bool)>>>;
+
+/// A delivery being worked on.
+struct Job<'a> {
+    delivery: &'a Delivery,
+    /// `None` when the message could not be read.
+    message: Option<TaskMessage>,
+    attempt: Attempt,
+    /// The attempt holds the task's lease (its claim was applied).
+    claimed: bool,
+    /// The handler ran (so recording the outcome also records the start).
+    ran: bool,
+}
+
+impl Job<'_> {
+    fn retries(&self) -> u32 {
+        self.attempt.retries
+    }
+}
+
+/// What looking at a task whose write was refused found.
+enum Found {
+    /// The delivery is settled (a duplicate, or a dead letter owed and now published).
+    Settled,
+    /// The task can be taken after all (its lease lapsed meanwhile): try again.
+    Takeable,
+    /// Its current attempt was started too often: close it as poison.
+    Poison(u32),
+}
+
+impl Worker {
+    /// Handles one delivery to the end, settling it — also when Kobe's own code panics.
+    pub(super) async fn handle(self: Arc<Self>, delivery: Delivery) {
+        let cell: AttemptCell = Arc::new(Mutex::new(None));
+        let handled = AssertUnwindSafe(self.deliver(&delivery, &cell))
+            .catch_unwind()
+            .await;
+        if let Err(payload) = handled {
+            let cause = panic_message(payload.as_ref());
+            tracing::error!(cause = %cause, "delivery handling panicked; dead-lettering the message");
+            self.after_panic(&delivery, &cell, cause).await;
+        }
+    }
+
+    async fn deliver(&self, delivery: &Delivery, cell: &AttemptCell) {
+        let message = match TaskMessage::decode(&delivery.properties, &delivery.body) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(redelivered = delivery.redelivered, root_cause = %error, "malformed message");
+                let (id, name) = wire::identity(&delivery.properties);
+                let attempt = Attempt::new(
+                    id.as_deref().unwrap_or(""),
+                    name.as_deref().unwrap_or("(unreadable)"),
+                    0,
+                );
+                let job = Job {
+                    delivery,
+                    message: None,
+                    attempt,
+                    claimed: false,
+                    ran: false,
+                };
+                let mut plan = decision::plan(
+                    &Happened::Malformed(error.to_string()),
+                    1,
+                    &Default::default(),
+                    0.0,
+                );
+                if id.is_none() {
+                    // No task to record it on: the dead letter is all there is.
+                    plan.record = None;
+                }
+                self.carry_out(job, plan).await;
+                return;
+            }
+        };
+        let parent = message.traceparent.as_deref().and_then(TraceContext::parse);
+        let span = tracing::info_span!(
+            "task",
+            task_id = %message.id,
+            task = %message.task,
+            attempt = message.retries.saturating_add(1),
+            redelivered = delivery.redelivered,
+            trace_id = %parent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        );
+        if let Some(parent) = &parent {
+            crate::telemetry::otel::adopt(&span, parent);
+        }
+        self.run_message(delivery, message, cell)
+            .instrument(span)
+            .await;
+    }
+
+    async fn run_message(&self, delivery: &Delivery, message: TaskMessage, cell: &AttemptCell) {
+        if !self.liveness.is_live(delivery.tag) {
+            // Its connection is gone and the broker has handed it back: never start it.
+            self.duplicate("lost_connection");
+            return;
+        }
+        let attempt = Attempt::new(message.id.as_str(), &message.task, message.retries);
+        let mut job = Job {
+            delivery,
+            message: Some(message),
+            attempt,
+            claimed: false,
+            ran: false,
+        };
+        let message = job.message.as_ref().expect("set above");
+        let Some(task) = self.registry.get(&message.task) else {
+            let happened = Happened::UnknownTask(message.task.clone());
+            return self.conclude(job, happened).await;
+        };
+        let now = DateTime::now().timestamp_millis();
+        if let Some(eta) = message.eta.as_deref().and_then(millis_of) {
+            if eta - now > 100 {
+                let wait = Duration::from_millis(u64::try_from(eta - now).unwrap_or(u64::MAX));
+                return self.delay_again(delivery, wait).await;
+            }
+        }
+        if let Some(expires) = message.expires.as_deref() {
+            if millis_of(expires).is_some_and(|at| at < now) {
+                let happened = Happened::Expired(expires.to_owned());
+                return self.conclude(job, happened).await;
+            }
+        }
+        // The arguments come before the claim: a task is never started without them.
+        if let Some(reference) = wire::payload_reference(&delivery.properties) {
+            match self.payloads.get(&reference).await {
+                Ok(Some(value)) => {
+                    let message = job.message.as_mut().expect("set above");
+                    message.args = value["args"].as_array().cloned().unwrap_or_default();
+                    message.kwargs = value["kwargs"].as_object().cloned().unwrap_or_default();
+                }
+                Ok(None) => {
+                    return self
+                        .conclude(job, Happened::PayloadMissing(reference))
+                        .await
+                }
+                Err(error) => return self.requeue(&job, &error).await,
+            }
+        }
+        let message = job.message.as_ref().expect("set above");
+        if self.config.log_payloads {
+            tracing::info!(args = ?message.args, kwargs = ?message.kwargs, "task starting");
+        } else {
+            tracing::debug!("task starting");
+        }
+        let limits = Limits::of(
+            task.as_ref(),
+            message.hard_time_limit,
+            message.soft_time_limit,
+        );
+        // Redeliveries and tasks with a result backend claim before they start; fresh ones start
+        // while their claim is on its way (see the module docs).
+        let speculate =
+            self.config.fast_start && !delivery.redelivered && self.config.result_ttl.is_none();
+        loop {
+            *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), false));
+            let happened = if speculate {
+                self.run_speculatively(&mut job, task.as_ref(), limits)
+                    .await
+            } else {
+                self.run_claimed_first(&mut job, task.as_ref(), limits)
+                    .await
+            };
+            *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), job.claimed));
+            match happened {
+                Some(Ok(happened)) => return self.conclude(job, happened).await,
+                // Settled already (a duplicate, an outage).
+                None => return,
+                // The task became takeable while we looked: claim again.
+                Some(Err(Retake)) => continue,
+            }
+        }
+    }
+
+    /// Claims first (one round trip), then runs.
+    async fn run_claimed_first(
+        &self,
+        job: &mut Job<'_>,
+        task: &dyn Task,
+        limits: Limits,
+    ) -> Option<Result<Happened, Retake>> {
+        let claimed = self
+            .tasks
+            .claim_now(&job.attempt, self.config.lease, self.config.max_deliveries)
+            .await;
+        match claimed {
+            Ok(Claimed::Taken { taken_over }) => {
+                job.claimed = true;
+                if let Some(previous) = taken_over {
+                    tracing::warn!(previous_attempt = %previous, "took over a task whose attempt stopped renewing its lease");
+                    metrics()
+                        .lease_takeovers
+                        .with_label_values(&[job.attempt.task_name.as_str()])
+                        .inc();
+                }
+                self.invalidator.invalidate(&job.attempt.task_id).await;
+                let _slot = self.slots.acquire().await;
+                let running = Running::start(task, self.invocation(job), limits);
+                job.ran = true;
+                self.supervise(job, running).await.map(Ok)
+            }
+            Ok(Claimed::Refused) => match self.investigate(job).await {
+                Some(Found::Takeable) => Some(Err(Retake)),
+                Some(Found::Poison(n)) => Some(Ok(Happened::Poison(n))),
+                Some(Found::Settled) | None => None,
+            },
+            Err(error) if error.is_transient() => {
+                self.requeue(job, &error).await;
+                None
+            }
+            Err(error) => Some(Ok(Happened::Internal(format!(
+                "cannot record the start: {error}"
+            )))),
+        }
+    }
+
+    /// Starts the handler while the claim waits in the batch (see the module docs).
+    async fn run_speculatively(
+        &self,
+        job: &mut Job<'_>,
+        task: &dyn Task,
+        limits: Limits,
+    ) -> Option<Result<Happened, Retake>> {
+        let mut claim = self.writer.submit(self.tasks.claim_write(
+            &job.attempt,
+            self.config.lease,
+            self.config.max_deliveries,
+        ));
+        let slot = self.slots.acquire().await;
+        let mut running = Running::start(task, self.invocation(job), limits);
+        job.ran = true;
+        let claim_answer = tokio::select! {
+            biased;
+            answer = claim.wait() => answer,
+            outcome = running.outcome() => {
+                drop(slot);
+                if matches!(outcome, Outcome::Success(_)) && claim.withdraw() {
+                    // Finished before its claim left: the outcome carries the claim's
+                    // conditions itself (one statement for the whole task).
+                    return Some(Ok(Happened::Ran(outcome)));
+                }
+                // The claim is out: its answer decides whether this outcome counts.
+                return match claim.wait().await {
+                    Ok(Written::Applied) => {
+                        job.claimed = true;
+                        self.invalidator.invalidate(&job.attempt.task_id).await;
+                        Some(Ok(Happened::Ran(outcome)))
+                    }
+                    Ok(Written::Refused) => self.refused_claim(job).await,
+                    Err(error) => self.claim_failed(job, error).await,
+                };
+            }
+        };
+        match claim_answer {
+            Ok(Written::Applied) => {
+                job.claimed = true;
+                self.invalidator.invalidate(&job.attempt.task_id).await;
+                let happened = self.supervise(job, running).await;
+                drop(slot);
+                happened.map(Ok)
+            }
+            Ok(Written::Refused) => {
+                // Another attempt holds the task: this one must not run beside it.
+                drop(running);
+                drop(slot);
+                self.refused_claim(job).await
+            }
+            Err(error) => {
+                drop(running);
+                drop(slot);
+                self.claim_failed(job, error).await
+            }
+        }
+    }
+
+    async fn refused_claim(&self, job: &mut Job<'_>) -> Option<Result<Happened, Retake>> {
+        match self.investigate(job).await {
+            Some(Found::Takeable) => Some(Err(Retake)),
+            Some(Found::Poison(n)) => Some(Ok(Happened::Poison(n))),
+            Some(Found::Settled) | None => None,
+        }
+    }
+
+    async fn claim_failed(
+        &self,
+        job: &mut Job<'_>,
+        error: StoreError,
+    ) -> Option<Result<Happened, Retake>> {
+        if error.is_transient() {
+            self.requeue(job, &error).await;
+            None
+        } else {
+            Some(Ok(Happened::Internal(format!(
+                "cannot record the start: {error}"
+            ))))
+        }
+    }
+
+    /// Waits for a claimed attempt's handler, renewing its lease; stops the handler if the lease
+    /// is lost (another attempt took the task: one must not run beside it).
+    async fn supervise(&self, job: &Job<'_>, mut running: Running) -> Option<Happened> {
+        let lease = self.config.lease;
+        let mut renew =
+            tokio::time::interval_at(tokio::time::Instant::now() + lease / 3, lease / 3);
+        let registration = self.active.register(&job.attempt);
+        let outcome = loop {
+            tokio::select! {
+                outcome = running.outcome() => break outcome,
+                _ = renew.tick() => match self.tasks.renew(&job.attempt, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(ran_ms = running.elapsed().as_millis() as u64, "lease lost to another attempt; stopping this one");
+                        drop(running);
+                        drop(registration);
+                        self.settle(job.delivery, Settlement::Ack);
+                        self.duplicate("lease_lost");
+                        return None;
+                    }
+                    // MongoDB is away: keep running; the outcome write will tell.
+                    Err(error) => tracing::warn!(error = %error, "cannot renew the lease"),
+                },
+            }
+        };
+        drop(registration);
+        Some(Happened::Ran(outcome))
+    }
+
+    fn invocation(&self, job: &Job<'_>) -> Invocation {
+        let message = job.message.as_ref().expect("a running job has a message");
+        Invocation {
+            task_id: message.id.clone(),
+            attempt: message.retries.saturating_add(1),
+            args: message.args.clone(),
+            kwargs: message.kwargs.clone(),
+            soft_limit: crate::tasks::SoftLimit::never(),
+            context: Some(self.context.clone()),
+        }
+    }
+
+    /// Plans for what happened and carries the plan out.
+    async fn conclude(&self, job: Job<'_>, happened: Happened) {
+        let policy = match &job.message {
+            Some(message) => match self.registry.get(&message.task) {
+                Some(task) => self.policy(task.as_ref()),
+                None => Default::default(),
+            },
+            None => Default::default(),
+        };
+        let attempt = job.retries().saturating_add(1);
+        let plan = decision::plan(&happened, attempt, &policy, fastrand::f64());
+        self.carry_out(job, plan).await;
+    }
+
+    /// Carries a plan out step by step, as [`decision::next`] says.
+    async fn carry_out(&self, mut job: Job<'_>, mut plan: Plan) {
+        let mut done = Done::default();
+        let mut pauses = self.pause.sequence();
+        loop {
+            match decision::next(&plan, &done) {
+                Step::Record => done.stored = self.record(&job, &mut plan).await,
+                Step::PublishRetry => {
+                    let Route::Retry { delay } = plan.route else {
+                        unreachable!("a retry step of a retry plan")
+                    };
+                    done.published = self.publish_retry(&job, delay).await;
+                }
+                Step::PublishDeadLetter => {
+                    done.published = self.publish_dead_letter(&job, &plan).await;
+                }
+                Step::Ack => {
+                    self.acked(&job, &plan, &done).await;
+                    return;
+                }
+                Step::Again => {
+                    if !self.liveness.is_live(job.delivery.tag) {
+                        // The broker took the message back; a redelivery will finish the job.
+                        self.release(&job).await;
+                        return;
+                    }
+                    let pause = pauses.next();
+                    tracing::warn!(
+                        pause_ms = pause.as_millis() as u64,
+                        "cannot finish this delivery now; holding it and trying again"
+                    );
+                    tokio::time::sleep(pause).await;
+                    if done.published == Published::Failed {
+                        done.published = Published::NotYet;
+                    } else {
+                        done.stored = Stored::NotYet;
+                    }
+                }
+                Step::Investigate => {
+                    match self.investigate(&job).await {
+                        Some(Found::Takeable) => {
+                            // It was not ours, and now nobody holds it: record under the claim's
+                            // conditions (the outcome is in hand).
+                            job.claimed = false;
+                            done = Done {
+                                published: done.published,
+                                stored: Stored::NotYet,
+                            };
+                        }
+                        Some(Found::Poison(_)) | Some(Found::Settled) | None => return,
+                    }
+                }
+                Step::Replan(happened) => {
+                    tracing::warn!(?happened, "replanning");
+                    let attempt = job.retries().saturating_add(1);
+                    plan = decision::plan(&happened, attempt, &Default::default(), 0.0);
+                    done = Done::default();
+                }
+            }
+        }
+    }
+
+    /// Writes the plan's record (keeping a large result in `RawPayload` first).
+    async fn record(&self, job: &Job<'_>, plan: &mut Plan) -> Stored {
+        let Some(transition) = plan.record.as_mut() else {
+            return Stored::Applied;
+        };
+        if let Transition::Success { result } = transition {
+            match self.keep_result(&job.attempt.task_id, result).await {
+                Ok(()) => {}
+                Err(error) if error.is_transient() => return Stored::Unavailable,
+                Err(error) => return Stored::Rejected(error.to_string()),
+            }
+        }
+        let holding = if job.claimed {
+            Holding::Lease
+        } else if job.ran {
+            Holding::Ran
+        } else {
+            Holding::Nothing
+        };
+        let write = match self.tasks.outcome_write(&job.attempt, transition, holding) {
+            Ok(write) => write,
+            Err(error) => return Stored::Rejected(error.to_string()),
+        };
+        let error_record = self.error_record(job, plan);
+        let written = self.writer.submit(write);
+        let logged =
+            error_record.map(|record| self.writer.submit(self.errors.record_write(&record)));
+        let stored = match written.result().await {
+            Ok(Written::Applied) => Stored::Applied,
+            Ok(Written::Refused) => Stored::Refused,
+            Err(error) if error.is_transient() => {
+                tracing::warn!(error = %error, "cannot record the outcome now");
+                Stored::Unavailable
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "MongoDB refuses the outcome");
+                Stored::Rejected(error.to_string())
+            }
+        };
+        if let Some(logged) = logged {
+            if let Err(error) = logged.result().await {
+                tracing::error!(error = %error, "cannot write the TaskErrorLog record");
+            }
+        }
+        if stored == Stored::Applied {
+            self.pause.recovered();
+            self.invalidator.invalidate(&job.attempt.task_id).await;
+        }
+        stored
+    }
+
+    fn error_record(&self, job: &Job<'_>, plan: &Plan) -> Option<ErrorRecord> {
+        let cause = plan.cause.clone()?;
+        let (decision, retry_delay_ms) = match plan.route {
+            Route::Ack => return None,
+            Route::Retry { delay } => (Decision::Retry, Some(delay.as_millis() as u64)),
+            Route::DeadLetter { .. } => (Decision::DeadLetter, None),
+        };
+        Some(ErrorRecord {
+            task_id: job.attempt.task_id.clone(),
+            task_name: job.attempt.task_name.clone(),
+            attempt: job.retries().saturating_add(1),
+            root_cause: cause,
+            decision,
+            retry_delay_ms,
+            at: DateTime::now(),
+        })
+    }
+
+    /// The message is done: settle it, then count and log what happened.
+    async fn acked(&self, job: &Job<'_>, plan: &Plan, done: &Done) {
+        self.settle(job.delivery, Settlement::Ack);
+        let task = job.attempt.task_name.as_str();
+        let m = metrics();
+        if let (Some(record), Stored::Applied) = (&plan.record, &done.stored) {
+            m.task_outcomes
+                .with_label_values(&[task, record.target().as_str()])
+                .inc();
+        }
+        let cause = plan.cause.as_deref().unwrap_or_default();
+        match plan.route {
+            Route::Ack if plan.cause.is_none() => {
+                tracing::info!(retry_count = job.retries(), "task succeeded")
+            }
+            Route::Ack => {
+                tracing::warn!(root_cause = %cause, retry_count = job.retries(), decision = "drop", "task dropped")
+            }
+            Route::Retry { delay } => {
+                m.task_retries.with_label_values(&[task]).inc();
+                tracing::warn!(root_cause = %cause, retry_count = job.retries() + 1, retry_in_ms = delay.as_millis() as u64, decision = "retry", "task will be retried");
+            }
+            Route::DeadLetter { reason } => {
+                m.dead_letters.with_label_values(&[reason]).inc();
+                tracing::warn!(root_cause = %cause, retry_count = job.retries(), decision = "dead_letter", "task failed");
+                if plan.record.is_some() && done.stored == Stored::Applied {
+                    // The debt is paid; noting it is a courtesy (a redelivery would find the
+                    // task finished and at worst publish a second dead letter).
+                    let _ = self
+                        .writer
+                        .submit(self.tasks.dead_letter_sent_write(&job.attempt.task_id));
+                }
+            }
+        }
+    }
+
+    /// Looks at a task after a write was refused, and settles the delivery when that is the
+    /// answer. `None` when the delivery was settled (or given up) on the way.
+    async fn investigate(&self, job: &Job<'_>) -> Option<Found> {
+        let mut pauses = self.pause.sequence();
+        let mut held = false;
+        loop {
+            if !self.liveness.is_live(job.delivery.tag) {
+                return None;
+            }
+            let task = match self.tasks.get(&job.attempt.task_id).await {
+                Ok(Some(task)) => task,
+                Ok(None) => return Some(Found::Takeable),
+                Err(error) => {
+                    self.requeue(job, &error).await;
+                    return None;
+                }
+            };
+            if task.state.is_final() {
+                if task.dead_letter.as_deref() == Some(crate::store::tasks::DEAD_LETTER_PENDING) {
+                    // A dead letter owed by an attempt that died before publishing it.
+                    self.pay_dead_letter(job, &task).await;
+                    return Some(Found::Settled);
+                }
+                tracing::info!(state = %task.state, "task already finished; duplicate delivery acked without running");
+                self.settle(job.delivery, Settlement::Ack);
+                self.duplicate("finished");
+                return Some(Found::Settled);
+            }
+            if task.retries > job.retries() {
+                tracing::info!(
+                    task_retries = task.retries,
+                    "a later attempt exists; stale delivery acked without running"
+                );
+                self.settle(job.delivery, Settlement::Ack);
+                self.duplicate("stale_attempt");
+                return Some(Found::Settled);
+            }
+            let now = DateTime::now();
+            let live = task.state == crate::domain::TaskState::Started
+                && task.attempt_token.as_deref() != Some(job.attempt.token.as_str())
+                && task.lease_until.is_some_and(|until| until > now);
+            if live {
+                if !held {
+                    held = true;
+                    tracing::info!(lease_until = ?task.lease_until, "another attempt holds the task; holding this copy until it finishes or its lease lapses");
+                    self.duplicate("held");
+                }
+                let until = task
+                    .lease_until
+                    .map(|u| u.timestamp_millis() - now.timestamp_millis())
+                    .unwrap_or(0);
+                let wait = Duration::from_millis(until.clamp(50, 1000) as u64);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            if task.deliveries >= self.config.max_deliveries {
+                return Some(Found::Poison(task.deliveries));
+            }
+            if held {
+                tracing::warn!("the attempt holding the task let its lease lapse; taking over");
+                metrics()
+                    .lease_takeovers
+                    .with_label_values(&[job.attempt.task_name.as_str()])
+                    .inc();
+            }
+            // Takeable: the refusal raced a change. Pause a little so a flapping state cannot
+            // spin us.
+            if !held {
+                tokio::time::sleep(pauses.next().min(Duration::from_millis(200))).await;
+            }
+            return Some(Found::Takeable);
+        }
+    }
+
+    /// Publishes the dead letter a finished task still owes, then acks.
+    async fn pay_dead_letter(&self, job: &Job<'_>, task: &TaskDocument) {
+        let plan = Plan {
+            record: None,
+            route: Route::DeadLetter {
+                reason: decision::reason::PERMANENT_ERROR,
+            },
+            cause: task.root_cause.clone(),
+        };
+        let mut pauses = self.pause.sequence();
+        loop {
+            match self.publish_dead_letter(job, &plan).await {
+                Published::Confirmed => break,
+                _ if !self.liveness.is_live(job.delivery.tag) => return,
+                _ => tokio::time::sleep(pauses.next()).await,
+            }
+        }
+        tracing::warn!("published the dead letter a finished task still owed");
+        self.settle(job.delivery, Settlement::Ack);
+        let _ = self
+            .writer
+            .submit(self.tasks.dead_letter_sent_write(&job.attempt.task_id));
+    }
+
+    /// Puts the result in the result backend (when on) and keeps a large one in `RawPayload`,
+    /// leaving a reference in its place. The backend copy is written first, so a client who sees
+    /// `SUCCESS` finds the result.
+    async fn keep_result(&self, task_id: &str, result: &mut Value) -> Result<(), StoreError> {
+        if let Some(ttl) = self.config.result_ttl {
+            if let Err(error) = self
+                .cache
+                .put_result(task_id, &result.to_string(), ttl)
+                .await
+            {
+                tracing::warn!(error = %error, "cannot store the result in Redis");
+            }
+        }
+        let size = serde_json::to_vec(&*result).map_or(0, |v| v.len());
+        if size > self.config.inline_limit {
+            let reference = self.payloads.put(task_id, "result", result).await?;
+            *result = reference_value(&reference);
+        }
+        Ok(())
+    }
+
+    /// Publishes the next attempt to the delay queue, keeping headers a plain message does not
+    /// know (a payload reference, say).
+    async fn publish_retry(&self, job: &Job<'_>, delay: Duration) -> Published {
+        let Some(message) = &job.message else {
+            return Published::Failed;
+        };
+        let mut next = message.clone();
+        next.retries = next.retries.saturating_add(1);
+        let mut properties = next.properties();
+        if let Some(original) = job.delivery.properties.headers() {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            for (k, v) in original {
+                headers.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            properties = properties.with_headers(headers);
+        }
+        let outgoing = self.topology.delayed(
+            Outgoing {
+                exchange: self.topology.tasks_exchange(),
+                routing_key: job.delivery.routing_key.clone(),
+                body: next.body(),
+                properties,
+            },
+            delay,
+        );
+        self.publish(outgoing, "retry").await
+    }
+
+    async fn publish_dead_letter(&self, job: &Job<'_>, plan: &Plan) -> Published {
+        let cause = plan.cause.as_deref().unwrap_or("dead-lettered");
+        let properties = wire::dead_letter_properties(
+            &job.delivery.properties,
+            cause,
+            &job.delivery.routing_key,
+            job.message.as_ref().map(|m| m.retries.saturating_add(1)),
+        );
+        let outgoing = Outgoing {
+            exchange: self.topology.dead_letter_exchange(),
+            routing_key: job.delivery.routing_key.clone(),
+            body: job.delivery.body.clone(),
+            properties,
+        };
+        self.publish(outgoing, "dead letter").await
+    }
+
+    async fn publish(&self, outgoing: Outgoing, what: &str) -> Published {
+        match self.publisher.publish(outgoing).await {
+            Ok(()) => Published::Confirmed,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot publish the {what}");
+                Published::Failed
+            }
+        }
+    }
+
+    /// A task not due yet goes back to the delay queues for the time that is left (the longest
+    /// delay level is shorter than a far ETA, so this may happen more than once).
+    async fn delay_again(&self, delivery: &Delivery, wait: Duration) {
+        let again = self.topology.delayed(
+            Outgoing {
+                exchange: self.topology.tasks_exchange(),
+                routing_key: delivery.routing_key.clone(),
+                body: delivery.body.clone(),
+                properties: delivery.properties.clone(),
+            },
+            wait,
+        );
+        let mut pauses = self.pause.sequence();
+        loop {
+            match self.publisher.publish(again.clone()).await {
+                Ok(()) => {
+                    tracing::debug!(
+                        wait_ms = wait.as_millis() as u64,
+                        "task not due yet; delayed again"
+                    );
+                    self.settle(delivery, Settlement::Ack);
+                    return;
+                }
+                Err(error) if self.liveness.is_live(delivery.tag) => {
+                    let pause = pauses.next();
+                    tracing::warn!(error = %error, pause_ms = pause.as_millis() as u64, "cannot delay the task again yet");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Hands the message back after a pause (so an outage is not a redelivery storm), letting
+    /// the attempt's lease lapse so its redelivery can start at once.
+    async fn requeue(&self, job: &Job<'_>, error: &StoreError) {
+        let pause = self.pause.after_outage();
+        tracing::warn!(error = %error, pause_ms = pause.as_millis() as u64, "MongoDB cannot take this delivery now; it returns to the queue");
+        tokio::time::sleep(pause).await;
+        self.release(job).await;
+        self.settle(job.delivery, Settlement::Requeue);
+    }
+
+    async fn release(&self, job: &Job<'_>) {
+        if job.claimed {
+            if let Err(error) = self.tasks.release(&job.attempt).await {
+                tracing::debug!(error = %error, "cannot release the lease; it lapses on its own");
+            }
+        }
+    }
+
+    /// Kobe's own handling panicked: dead-letter the message with the reason and close the task,
+    /// so the delivery is settled and its slot freed.
+    async fn after_panic(&self, delivery: &Delivery, cell: &AttemptCell, cause: String) {
+        metrics()
+            .dead_letters
+            .with_label_values(&[decision::reason::INTERNAL])
+            .inc();
+        let known = cell.lock().ok().and_then(|c| c.clone());
+        let (attempt, claimed) = match known {
+            Some(known) => known,
+            None => {
+                let (id, name) = wire::identity(&delivery.properties);
+                (
+                    Attempt::new(
+                        id.as_deref().unwrap_or(""),
+                        name.as_deref().unwrap_or("(unreadable)"),
+                        0,
+                    ),
+                    false,
+                )
+            }
+        };
+        let job = Job {
+            delivery,
+            message: None,
+            attempt,
+            claimed,
+            ran: false,
+        };
+        let mut plan = decision::plan(&Happened::Internal(cause), 1, &Default::default(), 0.0);
+        if job.attempt.task_id.is_empty() {
+            plan.record = None;
+        }
+        let again = AssertUnwindSafe(self.carry_out(job, plan))
+            .catch_unwind()
+            .await;
+        if again.is_err() {
+            // Even that failed: let the broker dead-letter it, without Kobe's headers.
+            self.settle(delivery, Settlement::DeadLetter);
+        }
+    }
+
+    fn settle(&self, delivery: &Delivery, settlement: Settlement) {
+        self.settler.settle(delivery.tag, settlement);
+    }
+
+    fn duplicate(&self, why: &'static str) {
+        metrics()
+            .duplicate_deliveries
+            .with_label_values(&[why])
+            .inc();
+    }
+}
+
+/// The task became takeable while it was being looked at.
+struct Retake;
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+fn millis_of(rfc3339: &str) -> Option<i64> {
+    DateTime::parse_rfc3339_str(rfc3339)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
