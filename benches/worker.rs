@@ -1,42 +1,50 @@
-//! Worker throughput and memory, as ratios against baselines measured in the same run:
+//! Worker throughput, memory and MongoDB cost, against the broker alone in the same run.
 //!
 //! - `broker`: a raw amiquip consumer with the worker's prefetch, acking each message — about what
 //!   the broker sustains for consume + ack;
-//! - `kobe`: a `kobe worker --concurrency 10` process (release build) running no-op tasks
-//!   (`demo_long_io` with `duration_ms: 0`), each tracked in MongoDB (STARTED, then SUCCESS);
-//! - the worker's peak resident memory (VmHWM) while doing it.
+//! - `kobe`: a `kobe worker --concurrency 10` process (release build) draining N pre-loaded no-op
+//!   tasks (`demo_long_io` with `duration_ms: 0`), each recorded `PENDING` beforehand as the API
+//!   would, tracked in MongoDB to `SUCCESS`; its rate comes from the tasks' own `finished_at`;
+//! - the worker's peak resident memory (VmHWM) and the MongoDB commands it sent per task (its own
+//!   `kobe_mongo_commands_total`).
 //!
-//! MongoDB comes from `KOBE_BENCH_MONGODB_URI` (scripts/bench.sh starts one); with the test
-//! stand-in, MongoDB is the bottleneck and the ratio says more about it than about Kobe.
+//! Prints `key=value` lines; `scripts/bench.sh compare` sets this beside the Celery baseline.
+//! MongoDB comes from `KOBE_BENCH_MONGODB_URI` (scripts/bench.sh starts one).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use amiquip::{ConsumerMessage, ConsumerOptions};
+use futures_util::TryStreamExt;
 use kobe::amqp::{Outgoing, Publisher, QueueKind, TaskMessage, Topology};
 use kobe::config::{defaults, ServiceUrl};
 use kobe::domain::TaskId;
-use mongodb::bson::doc;
+use kobe::store::TaskDocument;
+use mongodb::bson::{doc, Document};
 
-fn noop(topology: &Topology) -> Outgoing {
+fn noop(topology: &Topology) -> (TaskId, Outgoing) {
     let kwargs = serde_json::json!({"duration_ms": 0})
         .as_object()
         .cloned()
         .unwrap();
-    let m = TaskMessage::new(TaskId::generate(), "demo_long_io", vec![], kwargs);
-    Outgoing {
+    let id = TaskId::generate();
+    let m = TaskMessage::new(id.clone(), "demo_long_io", vec![], kwargs);
+    let outgoing = Outgoing {
         exchange: topology.tasks_exchange(),
         routing_key: "default".into(),
         body: m.body(),
         properties: m.properties(),
-    }
+    };
+    (id, outgoing)
 }
 
-async fn fill(publisher: &Publisher, topology: &Topology, n: usize) {
+async fn fill(publisher: &Publisher, topology: &Topology, n: usize) -> Vec<TaskId> {
+    let mut ids = Vec::new();
     let mut pending = Vec::new();
     for _ in 0..n {
         let publisher = publisher.clone();
-        let m = noop(topology);
+        let (id, m) = noop(topology);
+        ids.push(id);
         pending.push(tokio::spawn(async move { publisher.publish(m).await }));
         if pending.len() == 256 {
             for p in pending.drain(..) {
@@ -47,12 +55,13 @@ async fn fill(publisher: &Publisher, topology: &Topology, n: usize) {
     for p in pending {
         p.await.unwrap().expect("confirmed");
     }
+    ids
 }
 
-fn broker_rate(url: &ServiceUrl, queue: &str, n: usize) -> f64 {
+fn broker_rate(url: &ServiceUrl, queue: &str, n: usize, prefetch: u16) -> f64 {
     let mut connection = kobe::amqp::connect(url, Duration::from_secs(5)).unwrap();
     let channel = connection.open_channel(None).unwrap();
-    channel.qos(0, 10, false).unwrap();
+    channel.qos(0, prefetch, false).unwrap();
     let consumer = channel
         .basic_consume(queue, ConsumerOptions::default())
         .unwrap();
@@ -85,16 +94,35 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Sum of every sample of a metric family in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
     let url = ServiceUrl::new(
         std::env::var("RABBITMQ_URL").unwrap_or_else(|_| defaults::RABBITMQ_URL.into()),
     );
     let mongodb =
         std::env::var("KOBE_BENCH_MONGODB_URI").unwrap_or_else(|_| defaults::MONGODB_URI.into());
-    let n: usize = std::env::var("KOBE_BENCH_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
+    let n: usize = env_or("KOBE_BENCH_TASKS", 3000);
+    let concurrency: u16 = env_or("KOBE_BENCH_CONCURRENCY", 10);
+    let extra: Vec<String> = std::env::var("KOBE_BENCH_WORKER_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
     let prefix = format!("kobebench-{}", std::process::id());
     let db_name = prefix.replace('-', "_");
     let topology = Topology::new(&prefix, QueueKind::Classic, Default::default());
@@ -108,13 +136,34 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
+    let db = runtime.block_on(async {
+        let db = kobe::store::connect(
+            &ServiceUrl::new(mongodb.clone()),
+            &db_name,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        kobe::store::migrations::apply(&db, |_| {}).await.unwrap();
+        db
+    });
 
     // Baseline: the broker alone.
     runtime.block_on(fill(&publisher, &topology, n));
-    let broker = broker_rate(&url, &topology.queue("default"), n);
+    let broker = broker_rate(&url, &topology.queue("default"), n, concurrency);
 
-    // Kobe: the same messages through a worker process.
-    runtime.block_on(fill(&publisher, &topology, n));
+    // Kobe: tasks recorded as the API records them, then the same messages through a worker.
+    let ids = runtime.block_on(fill(&publisher, &topology, n));
+    runtime.block_on(async {
+        let tasks = db.collection::<TaskDocument>("Tasks");
+        for chunk in ids.chunks(1000) {
+            let docs: Vec<TaskDocument> = chunk
+                .iter()
+                .map(|id| TaskDocument::pending(id, "demo_long_io", "default"))
+                .collect();
+            tasks.insert_many(docs).await.unwrap();
+        }
+    });
     // Built by scripts/bench.sh beforehand: cargo holds its build lock while a bench runs.
     let binary =
         std::env::var("KOBE_BENCH_BINARY").unwrap_or_else(|_| "target/release/kobe".into());
@@ -122,9 +171,16 @@ fn main() {
         std::path::Path::new(&binary).exists(),
         "{binary} is missing: cargo build --release --bin kobe"
     );
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let started = Instant::now();
     let mut worker = Command::new(&binary)
-        .args(["worker", "--concurrency", "10"])
+        .args(["worker", "--concurrency", &concurrency.to_string()])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(&extra)
         .env("RABBITMQ_URL", url.expose())
         .env("MONGODB_URI", &mongodb)
         .env("MONGODB_DB", &db_name)
@@ -134,15 +190,8 @@ fn main() {
         .stdout(Stdio::null())
         .spawn()
         .expect("start kobe worker");
-    let (elapsed, peak) = runtime.block_on(async {
-        let db = kobe::store::connect(
-            &ServiceUrl::new(mongodb.clone()),
-            &db_name,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        let tasks = db.collection::<mongodb::bson::Document>("Tasks");
+    let (span_ms, peak, commands) = runtime.block_on(async {
+        let tasks = db.collection::<Document>("Tasks");
         let mut peak = 0;
         loop {
             peak = peak.max(peak_rss_kib(worker.id()).unwrap_or(0));
@@ -151,42 +200,52 @@ fn main() {
                 .await
                 .unwrap_or(0);
             if done as usize >= n {
-                break (started.elapsed(), peak);
+                break;
             }
             assert!(
-                started.elapsed() < Duration::from_secs(600),
-                "{done} of {n} done after 10 minutes"
+                started.elapsed() < Duration::from_secs(900),
+                "{done} of {n} done after 15 minutes"
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let commands = metric_sum(&metrics, "kobe_mongo_commands_total");
+        if let Ok(path) = std::env::var("KOBE_BENCH_METRICS_FILE") {
+            let _ = std::fs::write(path, &metrics);
+        }
+        // The drain's span, from the tasks' own times.
+        let span: Vec<Document> = tasks
+            .aggregate([doc! {"$group": {"_id": null, "first": {"$min": "$finished_at"}, "last": {"$max": "$finished_at"}}}])
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let first = span[0].get_datetime("first").unwrap().timestamp_millis();
+        let last = span[0].get_datetime("last").unwrap().timestamp_millis();
+        (last - first, peak, commands)
     });
     let peak = peak.max(peak_rss_kib(worker.id()).unwrap_or(0));
     let _ = Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
         .status();
     let _ = worker.wait();
-    let kobe_rate = n as f64 / elapsed.as_secs_f64();
+    let kobe_rate = (n - 1) as f64 / (span_ms.max(1) as f64 / 1000.0);
 
-    println!("worker throughput, {n} no-op tasks, same broker, same run:");
-    println!("  broker alone (consume + ack, prefetch 10): {broker:>8.0} msg/s");
-    println!("  kobe worker --concurrency 10 (tracked):    {kobe_rate:>8.0} tasks/s");
-    println!("  kobe / broker: {:.2}", kobe_rate / broker);
-    println!(
-        "  worker peak resident memory: {:.1} MiB",
-        peak as f64 / 1024.0
-    );
-    println!("  MongoDB: {}", kobe::config::redact_url(&mongodb));
+    println!("tasks={n}");
+    println!("broker_consume_ack_per_s={broker:.0}");
+    println!("kobe_drain_per_s={kobe_rate:.0}");
+    println!("kobe_peak_rss_kib={peak}");
+    println!("kobe_mongo_commands_per_task={:.3}", commands / n as f64);
+    println!("mongodb={}", kobe::config::redact_url(&mongodb));
 
     runtime.block_on(async {
-        if let Ok(db) = kobe::store::connect(
-            &ServiceUrl::new(mongodb.clone()),
-            &db_name,
-            Duration::from_secs(5),
-        )
-        .await
-        {
-            let _ = db.drop().await;
-        }
+        let _ = db.drop().await;
     });
     drop(publisher);
     kobe::amqp::delete_topology(&url, &topology).expect("delete the benchmark's topology");

@@ -45,8 +45,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "KOBE_CONCURRENCY", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub concurrency: u16,
 
-    /// Messages prefetched per concurrency slot: prefetch = concurrency × multiplier.
-    #[arg(long, env = "KOBE_PREFETCH_MULTIPLIER", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    /// Messages prefetched per concurrency slot: prefetch = concurrency × multiplier. More than
+    /// one lets short tasks share MongoDB commands; a prefetched message that finds no free slot
+    /// within KOBE_SLOT_WAIT_MS goes back to its queue, so long tasks are not held back.
+    #[arg(long, env = "KOBE_PREFETCH_MULTIPLIER", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=100))]
     pub prefetch_multiplier: u16,
 
     /// Routes to consume, comma-separated (queue `<prefix>.<route>` each) [default: every route

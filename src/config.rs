@@ -182,6 +182,8 @@ pub struct Settings {
     pub batch_linger: Duration,
     /// Statements per group-commit command at most.
     pub batch_max: usize,
+    /// How long a prefetched delivery may wait for a run slot before it goes back to its queue.
+    pub slot_wait: Duration,
     /// Start a fresh delivery's handler while its claim is still on its way (see
     /// `worker::pipeline`): one statement per short task instead of two, at the price of a
     /// duplicate publish of a finished short task running once more.
@@ -386,6 +388,7 @@ impl Settings {
                 var: "KOBE_BATCH_MAX",
                 reason: "expected statements per command between 1 and 10000".into(),
             })?;
+        let slot_wait = duration_ms("KOBE_SLOT_WAIT_MS", &get("KOBE_SLOT_WAIT_MS", "1000"))?;
         let fast_start = bool_setting("KOBE_FAST_START", &get("KOBE_FAST_START", "false"))?;
 
         Ok(Self {
@@ -421,6 +424,7 @@ impl Settings {
             max_deliveries,
             batch_linger,
             batch_max,
+            slot_wait,
             fast_start,
         })
     }

@@ -119,6 +119,7 @@ pub async fn run(
         },
         WorkerConfig {
             concurrency: options.concurrency,
+            slot_wait: settings.slot_wait,
             lease: settings.execution_lease,
             max_deliveries: settings.max_deliveries,
             inline_limit: settings.payload_inline_limit,

@@ -102,16 +102,34 @@ impl LeaseRepository {
         worker_id: &str,
         duration: Duration,
     ) -> Result<Option<Lease>, StoreError> {
+        self.lease_for(queue, None, worker_id, duration).await
+    }
+
+    /// Like [`LeaseRepository::lease`], for a holder acting for `owner` (a task, whose attempts
+    /// are the holders): it also takes back items an earlier holder of the same owner still
+    /// holds — an attempt that died, or gave up, does not keep its items from its retry.
+    #[tracing::instrument(name = "store.leases.lease_for", skip(self))]
+    pub async fn lease_for(
+        &self,
+        queue: &str,
+        owner: Option<&str>,
+        worker_id: &str,
+        duration: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
         let now = DateTime::now();
-        let filter = doc! {
-            "queue": queue,
-            "done": false,
-            "$or": [{"lease_until": null}, {"lease_until": {"$lt": now}}],
-        };
-        let update = doc! {
-            "$set": {"taken_by": worker_id, "lease_until": after(duration)},
-            "$inc": {"leases": 1},
-        };
+        let mut takeable = vec![
+            doc! {"lease_until": null},
+            doc! {"lease_until": {"$lt": now}},
+        ];
+        if let Some(owner) = owner {
+            takeable.push(doc! {"owner": owner, "taken_by": {"$ne": worker_id}});
+        }
+        let filter = doc! {"queue": queue, "done": false, "$or": takeable};
+        let mut set = doc! {"taken_by": worker_id, "lease_until": after(duration)};
+        if let Some(owner) = owner {
+            set.insert("owner", owner);
+        }
+        let update = doc! {"$set": set, "$inc": {"leases": 1}};
         let before = self
             .collection
             .find_one_and_update(filter, update)

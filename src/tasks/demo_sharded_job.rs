@@ -216,7 +216,14 @@ impl Task for DemoShard {
             let item_ms = optional_u64(kwargs, "item_ms", 0).unwrap_or(0);
             let context = invocation.context()?;
             let queue = shard_queue(&job, shard as u32);
-            let holder = format!("{}#{}", invocation.task_id, invocation.attempt);
+            // Each attempt holds items under its own name, on behalf of the shard task: a retry
+            // takes back what an earlier attempt still held when it died or gave up.
+            let owner = invocation.task_id.to_string();
+            let holder = format!(
+                "{owner}#{}-{}",
+                invocation.attempt,
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            );
             let done = context
                 .checkpoints
                 .done(&queue)
@@ -225,7 +232,7 @@ impl Task for DemoShard {
             let (mut processed, mut skipped) = (0u64, 0u64);
             while let Some(lease) = context
                 .leases
-                .lease(&queue, &holder, ITEM_LEASE)
+                .lease_for(&queue, Some(&owner), &holder, ITEM_LEASE)
                 .await
                 .map_err(store_error)?
             {
@@ -236,9 +243,11 @@ impl Task for DemoShard {
                     .get_str("item")
                     .unwrap_or_default()
                     .to_owned();
-                if !done.contains(&item) {
+                let worked = async {
+                    if done.contains(&item) {
+                        return Ok(false);
+                    }
                     if invocation.attempt == 1 && fail_after == Some(processed) {
-                        let _ = context.leases.release(&key, &holder).await;
                         return Err(TaskError::Retryable(format!(
                             "simulated failure after {processed} items"
                         )));
@@ -247,16 +256,23 @@ impl Task for DemoShard {
                         tokio::time::sleep(Duration::from_millis(item_ms)).await;
                     }
                     // The checkpoint is the item's effect: recording it twice is impossible.
-                    let recorded = context
+                    context
                         .checkpoints
                         .record(&job, &queue, &item, invocation.attempt)
                         .await
-                        .map_err(store_error)?;
-                    if recorded {
-                        processed += 1;
-                    } else {
-                        skipped += 1;
+                        .map_err(store_error)
+                }
+                .await;
+                let recorded = match worked {
+                    Ok(recorded) => recorded,
+                    Err(error) => {
+                        // Hand the item back at once: nobody waits out its lease.
+                        let _ = context.leases.release(&key, &holder).await;
+                        return Err(error);
                     }
+                };
+                if recorded {
+                    processed += 1;
                 } else {
                     skipped += 1;
                 }
@@ -265,6 +281,17 @@ impl Task for DemoShard {
                     .complete(&key, &holder)
                     .await
                     .map_err(store_error)?;
+            }
+            // Done only when the frontier is empty: an item still leased elsewhere is not done.
+            let remaining = context
+                .leases
+                .remaining(&queue)
+                .await
+                .map_err(store_error)?;
+            if remaining > 0 {
+                return Err(TaskError::Retryable(format!(
+                    "{remaining} item(s) of {queue} are still leased by another holder"
+                )));
             }
             Ok(json!({"job_id": job, "shard": shard, "processed": processed, "skipped": skipped}))
         })

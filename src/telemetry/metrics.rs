@@ -70,6 +70,8 @@ pub struct Metrics {
     pub mongo_batch_size: HistogramVec,
     /// Statements written through group commit, by what they were for.
     pub mongo_statements: IntCounterVec,
+    /// Deliveries handed back to their queue because no run slot freed up in time.
+    pub deliveries_returned: prometheus::IntCounter,
     /// A task's execution lease taken over from an attempt that stopped renewing it.
     pub lease_takeovers: IntCounterVec,
     /// Deliveries settled without running the task again: already finished, held by a live
@@ -237,6 +239,16 @@ impl Metrics {
                 "Statements written through group commit, by purpose.",
                 &["purpose"],
             ),
+            deliveries_returned: {
+                let metric = prometheus::IntCounter::new(
+                    "kobe_deliveries_returned_total",
+                    "Deliveries handed back to their queue because no run slot freed up in time.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("unique metric name");
+                metric
+            },
             lease_takeovers: counter(
                 &r,
                 "kobe_task_lease_takeovers_total",

@@ -42,6 +42,8 @@ use crate::tasks::{Registry, RetryPolicy, Task, TaskContext};
 pub struct WorkerConfig {
     /// Handlers running at once.
     pub concurrency: u16,
+    /// How long a delivery may wait for a run slot before it goes back to its queue.
+    pub slot_wait: Duration,
     /// How long an attempt's lease holds without renewal; renewed every third of it.
     pub lease: Duration,
     /// Starts of one attempt after which its message counts as poison.
@@ -97,6 +99,8 @@ pub struct Worker {
     slots: Semaphore,
     pause: Pause,
     active: Active,
+    /// Set once the worker is stopping: held deliveries give up instead of trying again.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -118,6 +122,7 @@ impl Worker {
             config,
             pause: Pause::default(),
             active: Active::default(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -145,6 +150,7 @@ impl Worker {
                 Some(_) = in_hand.join_next(), if !in_hand.is_empty() => {}
             }
         }
+        self.stopping.store(true, Ordering::Release);
         tracing::info!(
             in_hand = in_hand.len(),
             grace_s = self.config.shutdown_grace.as_secs_f64(),
@@ -170,6 +176,12 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Whether a delivery may still be worked on: its connection is up and the worker is not
+    /// stopping. One that may not is left unsettled: the broker hands it back.
+    fn may_continue(&self, tag: crate::amqp::DeliveryTag) -> bool {
+        self.liveness.is_live(tag) && !self.stopping.load(Ordering::Acquire)
     }
 
     /// The task's own policy, under the deployment-wide overrides, under the task's overrides.

@@ -206,20 +206,33 @@ impl Worker {
         }
     }
 
-    /// Claims first (one round trip), then runs.
+    /// Claims first, then runs. A redelivery — which may find another attempt's lease, lapsed
+    /// or not — claims in a round trip of its own that says whose lease it replaced; a fresh
+    /// delivery's claim joins the group-commit batch.
     async fn run_claimed_first(
         &self,
         job: &mut Job<'_>,
         task: &dyn Task,
         limits: Limits,
     ) -> Option<Result<Happened, Retake>> {
-        let claimed = self
-            .tasks
-            .claim_now(&job.attempt, self.config.lease, self.config.max_deliveries)
-            .await;
+        let slot = self.slot(job).await?;
+        let claimed = if job.delivery.redelivered {
+            self.tasks
+                .claim_now(&job.attempt, self.config.lease, self.config.max_deliveries)
+                .await
+        } else {
+            let claim =
+                self.tasks
+                    .claim_write(&job.attempt, self.config.lease, self.config.max_deliveries);
+            self.writer.write(claim).await.map(|written| match written {
+                Written::Applied => Claimed::Taken { taken_over: None },
+                Written::Refused => Claimed::Refused,
+            })
+        };
         match claimed {
             Ok(Claimed::Taken { taken_over }) => {
                 job.claimed = true;
+                self.pause.recovered();
                 if let Some(previous) = taken_over {
                     tracing::warn!(previous_attempt = %previous, "took over a task whose attempt stopped renewing its lease");
                     metrics()
@@ -228,23 +241,38 @@ impl Worker {
                         .inc();
                 }
                 self.invalidator.invalidate(&job.attempt.task_id).await;
-                let _slot = self.slots.acquire().await;
                 let running = Running::start(task, self.invocation(job), limits);
                 job.ran = true;
-                self.supervise(job, running).await.map(Ok)
+                let happened = self.supervise(job, running).await;
+                drop(slot);
+                happened.map(Ok)
             }
-            Ok(Claimed::Refused) => match self.investigate(job).await {
-                Some(Found::Takeable) => Some(Err(Retake)),
-                Some(Found::Poison(n)) => Some(Ok(Happened::Poison(n))),
-                Some(Found::Settled) | None => None,
-            },
-            Err(error) if error.is_transient() => {
-                self.requeue(job, &error).await;
+            Ok(Claimed::Refused) => {
+                drop(slot);
+                self.refused_claim(job).await
+            }
+            Err(error) => {
+                drop(slot);
+                self.claim_failed(job, error).await
+            }
+        }
+    }
+
+    /// A run slot, or — when none frees up within the slot wait — the message goes back to its
+    /// queue for a worker that has room: a delivery never waits long in a worker that cannot
+    /// start it (so prefetching more than `concurrency` only helps while tasks are short).
+    async fn slot(&self, job: &Job<'_>) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match tokio::time::timeout(self.config.slot_wait, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Some(permit),
+            Ok(Err(_)) | Err(_) => {
+                tracing::debug!(
+                    slot_wait_ms = self.config.slot_wait.as_millis() as u64,
+                    "no run slot free in time; the message goes back to its queue"
+                );
+                metrics().deliveries_returned.inc();
+                self.settle(job.delivery, Settlement::Requeue);
                 None
             }
-            Err(error) => Some(Ok(Happened::Internal(format!(
-                "cannot record the start: {error}"
-            )))),
         }
     }
 
@@ -255,12 +283,12 @@ impl Worker {
         task: &dyn Task,
         limits: Limits,
     ) -> Option<Result<Happened, Retake>> {
+        let slot = self.slot(job).await?;
         let mut claim = self.writer.submit(self.tasks.claim_write(
             &job.attempt,
             self.config.lease,
             self.config.max_deliveries,
         ));
-        let slot = self.slots.acquire().await;
         let mut running = Running::start(task, self.invocation(job), limits);
         job.ran = true;
         let claim_answer = tokio::select! {
@@ -406,7 +434,7 @@ impl Worker {
                     return;
                 }
                 Step::Again => {
-                    if !self.liveness.is_live(job.delivery.tag) {
+                    if !self.may_continue(job.delivery.tag) {
                         // The broker took the message back; a redelivery will finish the job.
                         self.release(&job).await;
                         return;
@@ -558,7 +586,7 @@ impl Worker {
         let mut pauses = self.pause.sequence();
         let mut held = false;
         loop {
-            if !self.liveness.is_live(job.delivery.tag) {
+            if !self.may_continue(job.delivery.tag) {
                 return None;
             }
             let task = match self.tasks.get(&job.attempt.task_id).await {
@@ -639,7 +667,7 @@ impl Worker {
         loop {
             match self.publish_dead_letter(job, &plan).await {
                 Published::Confirmed => break,
-                _ if !self.liveness.is_live(job.delivery.tag) => return,
+                _ if !self.may_continue(job.delivery.tag) => return,
                 _ => tokio::time::sleep(pauses.next()).await,
             }
         }
@@ -749,7 +777,7 @@ impl Worker {
                     self.settle(delivery, Settlement::Ack);
                     return;
                 }
-                Err(error) if self.liveness.is_live(delivery.tag) => {
+                Err(error) if self.may_continue(delivery.tag) => {
                     let pause = pauses.next();
                     tracing::warn!(error = %error, pause_ms = pause.as_millis() as u64, "cannot delay the task again yet");
                     tokio::time::sleep(pause).await;

@@ -687,3 +687,37 @@ pub async fn wait_exit(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Closes every broker connection whose name (client property `information`) contains `name`,
+/// as an operator or a network fault would; returns how many were closed.
+pub fn close_connections(name: &str) -> usize {
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl list_connections");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(name)) {
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by a Kobe test"])
+            .status()
+            .expect("rabbitmqctl close_connection");
+        if status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// The value of a metric sample in this process's registry (`name{labels}` as rendered).
+pub fn metric(sample: &str) -> f64 {
+    kobe::telemetry::metrics::metrics()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}

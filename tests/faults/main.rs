@@ -163,3 +163,105 @@ async fn with_mongodb_down_a_worker_keeps_the_message_instead_of_losing_it() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_kills_its_worker_each_time_is_closed_as_poison() {
+    let env = TestEnv::with(&[("KOBE_MAX_DELIVERIES", "2")]).await;
+    let api = env.spawn_api().await;
+    let id = api
+        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 60000}}))
+        .await;
+    // Two workers die running it, one after the other (each start counts one delivery).
+    for deliveries in 1..=2u32 {
+        let mut worker = spawn_worker_process(&env);
+        let tasks = env.tasks();
+        common::eventually(Duration::from_secs(30), "the attempt started", || async {
+            let task = tasks.get(&id).await.ok()??;
+            (task.state == kobe::domain::TaskState::Started && task.deliveries == deliveries)
+                .then_some(())
+        })
+        .await;
+        signal(&worker, "KILL");
+        common::wait_exit(&mut worker, Duration::from_secs(10)).await;
+    }
+    // The third delivery finds the attempt started twice already: poison, not a third death.
+    let worker = env.spawn_worker(2);
+    let (done, _) = api.wait_for_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "FAILURE", "{done}");
+    assert!(
+        done["root_cause"]
+            .as_str()
+            .unwrap()
+            .contains("delivered 2 times"),
+        "{done}"
+    );
+    let dead = env.dead_letters(1).await;
+    assert!(dead[0]
+        .header_text("x-kobe-reason")
+        .unwrap()
+        .contains("delivered 2 times"));
+    assert_eq!(env.tasks().get(&id).await.unwrap().unwrap().deliveries, 2);
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Sets a private node's memory high watermark: 0 raises the memory alarm, which blocks every
+/// publisher while consumers go on.
+fn memory_alarm(rabbit: &PrivateRabbit, on: bool) {
+    let watermark = if on { "0" } else { "0.4" };
+    let status = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "-n",
+            &rabbit.node,
+            "set_vm_memory_high_watermark",
+            watermark,
+        ])
+        .status()
+        .expect("rabbitmqctl");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_cannot_be_published_holds_the_delivery_without_rerunning_it() {
+    let rabbit = PrivateRabbit::start();
+    let url = rabbit.url();
+    let env = TestEnv::with(&[
+        ("RABBITMQ_URL", &url),
+        ("KOBE_PUBLISH_TIMEOUT_MS", "800"),
+        ("KOBE_RETRY_BASE_MS", "100"),
+    ])
+    .await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(2);
+    let id = api
+        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1500, "fail_attempts": 1}}))
+        .await;
+    api.wait_for_state(&id, Duration::from_secs(20), |b| b["state"] == "STARTED")
+        .await;
+    // The broker refuses publishes while the first attempt fails: its retry cannot be sent.
+    memory_alarm(&rabbit, true);
+    let tasks = env.tasks();
+    let errors = kobe::store::ErrorLogRepository::new(&env.db);
+    common::eventually(Duration::from_secs(20), "retry publish failing", || async {
+        (common::metric("kobe_amqp_publishes_total{outcome=\"failed\"}") >= 2.0).then_some(())
+    })
+    .await;
+    // Meanwhile the attempt is not recorded as RETRY, and it does not run again.
+    let held = tasks.get(&id).await.unwrap().unwrap();
+    assert_eq!(held.state, kobe::domain::TaskState::Started, "{held:?}");
+    assert_eq!(held.deliveries, 1);
+    assert!(errors.for_task(&id).await.unwrap().is_empty());
+    memory_alarm(&rabbit, false);
+
+    let (done, seen) = api.wait_for_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "SUCCESS", "{done}");
+    assert_eq!(done["retries"], 1, "{done}");
+    let task = tasks.get(&id).await.unwrap().unwrap();
+    assert_eq!(task.result.unwrap()["attempt"], 2);
+    // Two runs in all: the attempt that failed once, and its retry.
+    let recorded = errors.for_task(&id).await.unwrap();
+    assert_eq!(recorded.len(), 1, "{recorded:?} (states seen: {seen:?})");
+    worker.stop().await;
+    api.stop().await;
+}

@@ -408,3 +408,130 @@ async fn status_shows_retries_timestamps_and_the_last_error() {
     worker.stop().await;
     api.stop().await;
 }
+
+/// Plans a job of `count` items over one shard and returns the shard's queue and task id.
+async fn one_shard_job(env: &TestEnv, api: &common::TestApi, count: u32) -> (String, String) {
+    let job_key = common::unique("job");
+    let id = api
+        .submit(json!({"task_name": "demo_sharded_job", "kwargs": {"job_key": job_key, "count": count, "shards": 1, "item_ms": 20}}))
+        .await;
+    let (planned, _) = api.wait_for_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(planned["state"], "SUCCESS", "{planned}");
+    let _ = env;
+    (format!("{job_key}:shard:0"), job_key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_takes_back_items_an_earlier_attempt_died_holding() {
+    let env = TestEnv::with(&[("KOBE_TASK_ROUTES", "demo_shard=shards")]).await;
+    let api = env.spawn_api().await;
+    // Plan the job with no worker for shards yet: the planner runs, the shard waits.
+    let planner = env.spawn_worker_on(1, vec!["default".into()], Registry::with_builtin_tasks());
+    let (queue, job_key) = one_shard_job(&env, &api, 6).await;
+    planner.stop().await;
+    // An attempt of the shard took an item and died holding it, its lease far from over.
+    let leases = LeaseRepository::new(&env.db);
+    let held = leases
+        .lease_for(
+            &queue,
+            Some(&queue),
+            &format!("{queue}#1-dead"),
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap()
+        .expect("an item to hold");
+    let worker = env.spawn_worker_on(2, vec!["shards".into()], Registry::with_builtin_tasks());
+    let task = env.wait_final(&queue, Duration::from_secs(30)).await;
+    assert_eq!(task.state, TaskState::Success, "{task:?}");
+    assert_eq!(
+        task.retries, 0,
+        "taken back at once, no retry needed: {task:?}"
+    );
+    let checkpoints = CheckpointRepository::new(&env.db)
+        .for_job(&job_key)
+        .await
+        .unwrap();
+    assert_eq!(checkpoints.len(), 6, "every item done, the held one too");
+    assert!(checkpoints
+        .iter()
+        .any(|c| format!("{job_key}:{}", c.sub_key) == held.item.task_key));
+    assert_eq!(leases.remaining(&queue).await.unwrap(), 0);
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_is_not_done_while_another_holder_has_its_items() {
+    let env = TestEnv::with(&[
+        ("KOBE_RETRY_BASE_MS", "500"),
+        ("KOBE_TASK_ROUTES", "demo_shard=shards"),
+    ])
+    .await;
+    let api = env.spawn_api().await;
+    let planner = env.spawn_worker_on(1, vec!["default".into()], Registry::with_builtin_tasks());
+    let (queue, job_key) = one_shard_job(&env, &api, 5).await;
+    planner.stop().await;
+    // Someone else holds an item for a while.
+    let leases = LeaseRepository::new(&env.db);
+    leases
+        .lease(&queue, "someone-else", Duration::from_millis(600))
+        .await
+        .unwrap()
+        .expect("an item to hold");
+    let worker = env.spawn_worker_on(2, vec!["shards".into()], Registry::with_builtin_tasks());
+    let task = env.wait_final(&queue, Duration::from_secs(30)).await;
+    assert_eq!(task.state, TaskState::Success, "{task:?}");
+    // It retried until the item came free rather than finishing without it.
+    assert!(task.retries >= 1, "{task:?}");
+    let checkpoints = CheckpointRepository::new(&env.db)
+        .for_job(&job_key)
+        .await
+        .unwrap();
+    assert_eq!(checkpoints.len(), 5);
+    assert_eq!(leases.remaining(&queue).await.unwrap(), 0);
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_whose_publish_failed_is_published_when_its_parent_spawns_it_again() {
+    let env = TestEnv::new().await;
+    let publisher = env.publisher();
+    let cache = kobe::commands::cache(&env.settings).unwrap();
+    let submitter = Submitter::new(
+        TaskRepository::new(&env.db),
+        PayloadRepository::new(&env.db),
+        cache,
+        publisher,
+        env.topology.clone(),
+        env.settings.payload_inline_limit,
+    );
+    // An earlier attempt of the parent recorded the child, and its publish failed.
+    let id = TaskId::generate();
+    let document = TaskDocument::pending(&id, "demo_long_io", "default");
+    env.tasks().insert(&document).await.unwrap();
+    let queue = env.topology.queue("default");
+    // The publisher declares the topology once connected.
+    common::eventually(Duration::from_secs(10), "publisher connected", || async {
+        submitter.publisher().connected().ok()
+    })
+    .await;
+    assert_eq!(env.queue_depth(queue.clone()).await, Some(0));
+
+    let child = kobe::submit::NewTask::new(id.clone(), "demo_long_io", "default");
+    submitter.submit_child(child.clone()).await.unwrap();
+    assert_eq!(
+        env.queue_depth(queue.clone()).await,
+        Some(1),
+        "published now"
+    );
+    // Once confirmed, spawning it again is a no-op.
+    common::eventually(Duration::from_secs(10), "marked confirmed", || async {
+        let task = env.tasks().get(id.as_str()).await.ok()??;
+        (task.publish_state.as_deref() == Some("confirmed")).then_some(())
+    })
+    .await;
+    submitter.submit_child(child).await.unwrap();
+    assert_eq!(env.queue_depth(queue).await, Some(1), "not published twice");
+}
