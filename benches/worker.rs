@@ -5,6 +5,9 @@
 //! - `kobe`: a `kobe worker --concurrency 10` process (release build) draining N pre-loaded no-op
 //!   tasks (`demo_long_io` with `duration_ms: 0`), each recorded `PENDING` beforehand as the API
 //!   would, tracked in MongoDB to `SUCCESS`; its rate comes from the tasks' own `finished_at`;
+//! - `store`: the MongoDB in use taking Kobe's own claim statements through the same group-commit
+//!   writer, as fast as it can: the ceiling of what the store allows (a task needs two such
+//!   statements: its claim and its outcome);
 //! - the worker's peak resident memory (VmHWM) and the MongoDB commands it sent per task (its own
 //!   `kobe_mongo_commands_total`).
 //!
@@ -94,6 +97,42 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// The worker process, stopped (SIGTERM, then waited for) however the benchmark ends, so a
+/// failed run leaves no worker behind.
+struct KillOnDrop(std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// Records tasks `PENDING`, as the API leaves them once the broker confirmed their messages.
+async fn insert_pending(db: &mongodb::Database, ids: &[TaskId]) {
+    let tasks = db.collection::<TaskDocument>("Tasks");
+    for chunk in ids.chunks(1000) {
+        let docs: Vec<TaskDocument> = chunk
+            .iter()
+            .map(|id| {
+                let mut task = TaskDocument::pending(id, "demo_long_io", "default");
+                task.publish_state = Some(kobe::store::tasks::PUBLISH_CONFIRMED.to_owned());
+                task
+            })
+            .collect();
+        tasks.insert_many(docs).await.unwrap();
+    }
+}
+
 /// Sum of every sample of a metric family in Prometheus text.
 fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
@@ -152,18 +191,30 @@ fn main() {
     runtime.block_on(fill(&publisher, &topology, n));
     let broker = broker_rate(&url, &topology.queue("default"), n, concurrency);
 
+    // Baseline: the store alone, taking the same claim statements Kobe writes, through the same
+    // group-commit writer, as fast as it can (every statement submitted at once).
+    let store = runtime.block_on(async {
+        let tasks = kobe::store::TaskRepository::new(&db);
+        let ids: Vec<TaskId> = (0..n).map(|_| TaskId::generate()).collect();
+        insert_pending(&db, &ids).await;
+        let writer = kobe::store::batch::BatchWriter::start(db.clone(), Default::default());
+        let started = Instant::now();
+        let pending: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let attempt = kobe::store::tasks::Attempt::new(id.as_str(), "demo_long_io", 0);
+                writer.submit(tasks.claim_write(&attempt, Duration::from_secs(30), 5))
+            })
+            .collect();
+        for p in pending {
+            p.result().await.expect("claim written");
+        }
+        n as f64 / started.elapsed().as_secs_f64()
+    });
+
     // Kobe: tasks recorded as the API records them, then the same messages through a worker.
     let ids = runtime.block_on(fill(&publisher, &topology, n));
-    runtime.block_on(async {
-        let tasks = db.collection::<TaskDocument>("Tasks");
-        for chunk in ids.chunks(1000) {
-            let docs: Vec<TaskDocument> = chunk
-                .iter()
-                .map(|id| TaskDocument::pending(id, "demo_long_io", "default"))
-                .collect();
-            tasks.insert_many(docs).await.unwrap();
-        }
-    });
+    runtime.block_on(insert_pending(&db, &ids));
     // Built by scripts/bench.sh beforehand: cargo holds its build lock while a bench runs.
     let binary =
         std::env::var("KOBE_BENCH_BINARY").unwrap_or_else(|_| "target/release/kobe".into());
@@ -177,7 +228,7 @@ fn main() {
         .unwrap()
         .port();
     let started = Instant::now();
-    let mut worker = Command::new(&binary)
+    let worker = Command::new(&binary)
         .args(["worker", "--concurrency", &concurrency.to_string()])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .args(&extra)
@@ -188,8 +239,10 @@ fn main() {
         .env("KOBE_REDIS_PREFIX", &prefix)
         .env("KOBE_LOG_LEVEL", "warn")
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("start kobe worker");
+    let worker = KillOnDrop(worker);
     let (span_ms, peak, commands) = runtime.block_on(async {
         let tasks = db.collection::<Document>("Tasks");
         let mut peak = 0;
@@ -220,7 +273,10 @@ fn main() {
         }
         // The drain's span, from the tasks' own times.
         let span: Vec<Document> = tasks
-            .aggregate([doc! {"$group": {"_id": null, "first": {"$min": "$finished_at"}, "last": {"$max": "$finished_at"}}}])
+            .aggregate([
+                doc! {"$match": {"state": "SUCCESS"}},
+                doc! {"$group": {"_id": null, "first": {"$min": "$finished_at"}, "last": {"$max": "$finished_at"}}},
+            ])
             .await
             .unwrap()
             .try_collect()
@@ -231,14 +287,12 @@ fn main() {
         (last - first, peak, commands)
     });
     let peak = peak.max(peak_rss_kib(worker.id()).unwrap_or(0));
-    let _ = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status();
-    let _ = worker.wait();
+    drop(worker);
     let kobe_rate = (n - 1) as f64 / (span_ms.max(1) as f64 / 1000.0);
 
     println!("tasks={n}");
     println!("broker_consume_ack_per_s={broker:.0}");
+    println!("store_claims_per_s={store:.0}");
     println!("kobe_drain_per_s={kobe_rate:.0}");
     println!("kobe_peak_rss_kib={peak}");
     println!("kobe_mongo_commands_per_task={:.3}", commands / n as f64);

@@ -7,6 +7,7 @@ pub use fingerprint::Fingerprint;
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -138,9 +139,36 @@ impl Priority {
     }
 }
 
+/// Longest time limit a task may have: the API refuses more, and a message asking for more (a
+/// Celery client's `timelimit` of 2e19 s, say) gets this. It stays below the broker's
+/// `consumer_timeout` (deploy/rabbitmq/20-kobe.conf).
+pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Seconds from a message header as a time limit: absent, non-finite or non-positive values
+/// mean "none given"; values past [`MAX_TIME_LIMIT`] are clamped to it. Never panics.
+pub fn time_limit(seconds: Option<f64>) -> Option<Duration> {
+    let seconds = seconds.filter(|s| s.is_finite() && *s > 0.0)?;
+    Some(
+        Duration::try_from_secs_f64(seconds)
+            .unwrap_or(MAX_TIME_LIMIT)
+            .min(MAX_TIME_LIMIT),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_limits_are_clamped_not_panicked_on() {
+        assert_eq!(time_limit(Some(2e19)), Some(MAX_TIME_LIMIT));
+        assert_eq!(time_limit(Some(f64::INFINITY)), None);
+        assert_eq!(time_limit(Some(f64::NAN)), None);
+        assert_eq!(time_limit(Some(-1.0)), None);
+        assert_eq!(time_limit(Some(0.0)), None);
+        assert_eq!(time_limit(Some(1.5)), Some(Duration::from_millis(1500)));
+        assert_eq!(time_limit(None), None);
+    }
 
     #[test]
     fn generated_ids_parse() {

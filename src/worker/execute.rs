@@ -7,23 +7,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::decision::Outcome;
+use crate::domain::{time_limit, MAX_TIME_LIMIT};
 use crate::tasks::{Invocation, SoftLimit, Task, TaskError, TaskResult};
 use crate::telemetry::metrics::metrics;
-
-/// Longest time limit honoured: a message asking for more (a Celery client's `timelimit` of
-/// 2e19 s, say) gets this. It must stay below the broker's `consumer_timeout`.
-pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(24 * 3600);
-
-/// Seconds from a message header as a time limit: absent, non-finite or non-positive values
-/// mean "none given"; values past [`MAX_TIME_LIMIT`] are clamped to it. Never panics.
-pub fn time_limit(seconds: Option<f64>) -> Option<Duration> {
-    let seconds = seconds.filter(|s| s.is_finite() && *s > 0.0)?;
-    Some(
-        Duration::try_from_secs_f64(seconds)
-            .unwrap_or(MAX_TIME_LIMIT)
-            .min(MAX_TIME_LIMIT),
-    )
-}
 
 /// The limits one attempt runs under.
 #[derive(Debug, Clone, Copy)]
@@ -137,20 +123,4 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hostile_limits_are_clamped_not_panicked_on() {
-        assert_eq!(time_limit(Some(2e19)), Some(MAX_TIME_LIMIT));
-        assert_eq!(time_limit(Some(f64::INFINITY)), None);
-        assert_eq!(time_limit(Some(f64::NAN)), None);
-        assert_eq!(time_limit(Some(-1.0)), None);
-        assert_eq!(time_limit(Some(0.0)), None);
-        assert_eq!(time_limit(Some(1.5)), Some(Duration::from_millis(1500)));
-        assert_eq!(time_limit(None), None);
-    }
 }

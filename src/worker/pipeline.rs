@@ -215,7 +215,6 @@ impl Worker {
         task: &dyn Task,
         limits: Limits,
     ) -> Option<Result<Happened, Retake>> {
-        let slot = self.slot(job).await?;
         let claimed = if job.delivery.redelivered {
             self.tasks
                 .claim_now(&job.attempt, self.config.lease, self.config.max_deliveries)
@@ -240,22 +239,25 @@ impl Worker {
                         .with_label_values(&[job.attempt.task_name.as_str()])
                         .inc();
                 }
-                self.invalidator.invalidate(&job.attempt.task_id).await;
+                self.invalidate_soon(&job.attempt.task_id);
+                let slot = self.slot(job).await?;
                 let running = Running::start(task, self.invocation(job), limits);
                 job.ran = true;
                 let happened = self.supervise(job, running).await;
                 drop(slot);
                 happened.map(Ok)
             }
-            Ok(Claimed::Refused) => {
-                drop(slot);
-                self.refused_claim(job).await
-            }
-            Err(error) => {
-                drop(slot);
-                self.claim_failed(job, error).await
-            }
+            Ok(Claimed::Refused) => self.refused_claim(job).await,
+            Err(error) => self.claim_failed(job, error).await,
         }
+    }
+
+    /// Invalidates the cached status without waiting: used when a task starts, where a reader
+    /// served `PENDING` for another moment is harmless (outcomes wait for theirs).
+    fn invalidate_soon(&self, task_id: &str) {
+        let invalidator = self.invalidator.clone();
+        let task_id = task_id.to_owned();
+        tokio::spawn(async move { invalidator.invalidate(&task_id).await });
     }
 
     /// A run slot, or — when none frees up within the slot wait — the message goes back to its
@@ -270,6 +272,8 @@ impl Worker {
                     "no run slot free in time; the message goes back to its queue"
                 );
                 metrics().deliveries_returned.inc();
+                // A claim taken for it is let go, so wherever it lands next starts at once.
+                self.release(job).await;
                 self.settle(job.delivery, Settlement::Requeue);
                 None
             }
@@ -305,7 +309,7 @@ impl Worker {
                 return match claim.wait().await {
                     Ok(Written::Applied) => {
                         job.claimed = true;
-                        self.invalidator.invalidate(&job.attempt.task_id).await;
+                        self.invalidate_soon(&job.attempt.task_id);
                         Some(Ok(Happened::Ran(outcome)))
                     }
                     Ok(Written::Refused) => self.refused_claim(job).await,
@@ -316,7 +320,7 @@ impl Worker {
         match claim_answer {
             Ok(Written::Applied) => {
                 job.claimed = true;
-                self.invalidator.invalidate(&job.attempt.task_id).await;
+                self.invalidate_soon(&job.attempt.task_id);
                 let happened = self.supervise(job, running).await;
                 drop(slot);
                 happened.map(Ok)

@@ -65,7 +65,7 @@ pub struct TaskStart {
 
 /// Longest accepted idempotency key.
 const MAX_KEY_LEN: usize = 256;
-/// Farthest accepted countdown, ETA or time limit.
+/// Farthest accepted countdown or ETA.
 const MAX_HORIZON: Duration = Duration::from_secs(30 * 24 * 3600);
 
 pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -135,15 +135,18 @@ pub struct Deduplicated {
     pub deduplicated: bool,
 }
 
+/// A time limit: above 0 and at most the worker's longest (which stays below the broker's
+/// `consumer_timeout`, see docker-compose.yml).
 fn seconds(field: &str, value: Option<f64>) -> Result<Option<Duration>, ApiError> {
+    let most = crate::domain::MAX_TIME_LIMIT;
     match value {
         None => Ok(None),
-        Some(s) if s.is_finite() && s > 0.0 && s <= MAX_HORIZON.as_secs_f64() => {
+        Some(s) if s.is_finite() && s > 0.0 && s <= most.as_secs_f64() => {
             Ok(Some(Duration::from_secs_f64(s)))
         }
         Some(_) => Err(ApiError::validation(
             field,
-            format!("seconds, above 0 and at most {}", MAX_HORIZON.as_secs()),
+            format!("seconds, above 0 and at most {}", most.as_secs()),
         )),
     }
 }
