@@ -34,6 +34,12 @@ pub enum AmqpError {
     Topology { what: String, reason: String },
     #[error("RabbitMQ refused the message (nack)")]
     Nacked,
+    /// Published `mandatory` and returned: no queue is bound for its route.
+    #[error("RabbitMQ could not route the message to any queue: {0}")]
+    Unroutable(String),
+    /// The publisher already has this many messages waiting: shed load, retry later.
+    #[error("the publisher has {0} messages waiting already; try again shortly")]
+    Busy(usize),
     #[error("RabbitMQ did not confirm the message within {0:?}")]
     ConfirmTimeout(Duration),
     #[error("the connection to RabbitMQ was lost before the message was confirmed: {0}")]

@@ -6,6 +6,12 @@
 //! message (out-of-order and `multiple` confirms are smoothed by tag). No lock is held across a
 //! round trip. A nack, a confirm timeout or a lost connection is an error the caller sees; the
 //! thread then reconnects with backoff and the next publish goes through without a restart.
+//!
+//! Every message is published `mandatory`: one the broker cannot route to any queue (a route
+//! whose queue was deleted) comes back as `basic.return` before its confirm, and the caller gets
+//! [`AmqpError::Unroutable`] — a confirm alone does not mean the message is stored. The request
+//! queue is bounded: when it is full the caller is told at once ([`AmqpError::Busy`]) instead of
+//! waiting behind thousands of others.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +19,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, Channel, Confirm, ConfirmSmoother, Connection, Publish};
-use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
+use amiquip::{AmqpProperties, Channel, Confirm, ConfirmSmoother, Connection, Publish, Return};
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use super::connection::Endpoint;
@@ -30,6 +36,10 @@ pub struct Outgoing {
     pub body: Vec<u8>,
     pub properties: AmqpProperties,
 }
+
+/// Publishes waiting for the publishing thread at most; more are refused with
+/// [`AmqpError::Busy`].
+pub const MAX_QUEUED_PUBLISHES: usize = 4096;
 
 struct Request {
     message: Outgoing,
@@ -56,7 +66,7 @@ impl Publisher {
         confirm_timeout: Duration,
     ) -> Result<Self, AmqpError> {
         let endpoint = Endpoint::parse(url)?;
-        let (requests, inbox) = crossbeam_channel::unbounded();
+        let (requests, inbox) = crossbeam_channel::bounded(MAX_QUEUED_PUBLISHES);
         let connected = Arc::new(AtomicBool::new(false));
         let thread = PublisherThread::new(endpoint, topology, confirm_timeout, connected.clone());
         thread::Builder::new()
@@ -85,12 +95,23 @@ impl Publisher {
         let (reply, confirmed) = oneshot::channel();
         let deadline = Instant::now() + self.confirm_timeout;
         self.requests
-            .send(Request {
+            .try_send(Request {
                 message,
                 deadline,
                 reply,
             })
-            .map_err(|_| AmqpError::Unavailable("publisher thread has stopped".into()))?;
+            .map_err(|e| match e {
+                TrySendError::Full(_) => {
+                    metrics()
+                        .amqp_publishes
+                        .with_label_values(&["refused_busy"])
+                        .inc();
+                    AmqpError::Busy(MAX_QUEUED_PUBLISHES)
+                }
+                TrySendError::Disconnected(_) => {
+                    AmqpError::Unavailable("publisher thread has stopped".into())
+                }
+            })?;
         match tokio::time::timeout(self.confirm_timeout, confirmed).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(AmqpError::Unavailable(
@@ -105,12 +126,19 @@ struct Pending {
     sent: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<(), AmqpError>>,
+    /// What a `basic.return` is matched by.
+    exchange: String,
+    routing_key: String,
+    message_id: Option<String>,
+    /// The broker returned it: unroutable, whatever its confirm says.
+    returned: Option<String>,
 }
 
 struct Link {
     // Field order is drop order: the channel must close before its connection.
     channel: Channel,
     confirms: Receiver<Confirm>,
+    returns: Receiver<Return>,
     connection: Connection,
     smoother: ConfirmSmoother,
     next_tag: u64,
@@ -160,6 +188,7 @@ impl PublisherThread {
                 Some(link) => select! {
                     recv(inbox) -> request => Event::Request(request.ok()),
                     recv(link.confirms) -> confirm => Event::Confirm(confirm.ok()),
+                    recv(link.returns) -> returned => Event::Return(returned.ok()),
                     default(wait) => Event::Tick,
                 },
                 None => match inbox.recv_timeout(wait) {
@@ -179,7 +208,8 @@ impl PublisherThread {
                 }
                 Event::Request(None) => break,
                 Event::Confirm(Some(confirm)) => self.confirmed(confirm),
-                Event::Confirm(None) => self.lost("connection closed".into()),
+                Event::Confirm(None) | Event::Return(None) => self.lost("connection closed".into()),
+                Event::Return(Some(returned)) => self.returned(returned),
                 Event::Tick => {}
             }
             self.expire();
@@ -213,6 +243,9 @@ impl PublisherThread {
                 .open_channel(None)
                 .map_err(|e| AmqpError::Channel(e.to_string()))?;
             self.topology.declare(&channel)?;
+            let returns = channel
+                .listen_for_returns()
+                .map_err(|e| AmqpError::Channel(e.to_string()))?;
             let confirms = channel
                 .listen_for_publisher_confirms()
                 .map_err(|e| AmqpError::Channel(e.to_string()))?;
@@ -222,6 +255,7 @@ impl PublisherThread {
             Ok::<_, AmqpError>(Link {
                 channel,
                 confirms,
+                returns,
                 connection,
                 smoother: ConfirmSmoother::new(),
                 next_tag: 1,
@@ -267,7 +301,13 @@ impl PublisherThread {
         let m = &request.message;
         let sent = link.channel.basic_publish(
             m.exchange.as_str(),
-            Publish::with_properties(&m.body, m.routing_key.as_str(), m.properties.clone()),
+            Publish {
+                body: &m.body,
+                routing_key: m.routing_key.clone(),
+                mandatory: true,
+                immediate: false,
+                properties: m.properties.clone(),
+            },
         );
         match sent {
             Ok(()) => {
@@ -283,6 +323,10 @@ impl PublisherThread {
                         sent: Instant::now(),
                         deadline: request.deadline,
                         reply: request.reply,
+                        exchange: request.message.exchange,
+                        routing_key: request.message.routing_key,
+                        message_id: request.message.properties.message_id().clone(),
+                        returned: None,
                     },
                 );
             }
@@ -294,16 +338,46 @@ impl PublisherThread {
         }
     }
 
+    /// Marks the oldest in-flight message the return is about (the broker names no tag; the
+    /// exchange, routing key and message id tell which).
+    fn returned(&mut self, returned: Return) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let message_id = returned.properties.message_id().clone();
+        let matching = link.pending.values_mut().find(|p| {
+            p.returned.is_none()
+                && p.exchange == returned.exchange
+                && p.routing_key == returned.routing_key
+                && p.message_id == message_id
+        });
+        if let Some(pending) = matching {
+            pending.returned = Some(format!(
+                "{} {} (exchange {:?}, routing key {:?})",
+                returned.reply_code, returned.reply_text, returned.exchange, returned.routing_key
+            ));
+        }
+    }
+
     fn confirmed(&mut self, confirm: Confirm) {
+        // The broker sends a message's return before its confirm, and amiquip hands frames
+        // over in order: any return for what is confirmed now is already waiting.
+        while let Some(returned) = self.link.as_ref().and_then(|l| l.returns.try_recv().ok()) {
+            self.returned(returned);
+        }
         let Some(link) = self.link.as_mut() else {
             return;
         };
         for confirm in link.smoother.process(confirm) {
-            let (tag, outcome, result) = match confirm {
+            let (tag, mut outcome, mut result) = match confirm {
                 Confirm::Ack(p) => (p.delivery_tag, "confirmed", Ok(())),
                 Confirm::Nack(p) => (p.delivery_tag, "nacked", Err(AmqpError::Nacked)),
             };
             if let Some(pending) = link.pending.remove(&tag) {
+                if let (Some(why), Ok(())) = (&pending.returned, &result) {
+                    outcome = "returned";
+                    result = Err(AmqpError::Unroutable(why.clone()));
+                }
                 let m = metrics();
                 m.amqp_publishes.with_label_values(&[outcome]).inc();
                 m.amqp_confirm_duration
@@ -364,5 +438,6 @@ impl PublisherThread {
 enum Event {
     Request(Option<Request>),
     Confirm(Option<Confirm>),
+    Return(Option<Return>),
     Tick,
 }

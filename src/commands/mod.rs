@@ -32,6 +32,39 @@ pub fn cache(settings: &Settings) -> anyhow::Result<crate::store::Cache> {
     .with_status_ttl(settings.status_cache_ttl))
 }
 
+/// The group-commit writer of a process, tuned by the settings.
+pub fn writer(settings: &Settings, db: &mongodb::Database) -> crate::store::batch::BatchWriter {
+    crate::store::batch::BatchWriter::start(
+        db.clone(),
+        crate::store::batch::BatchConfig {
+            linger: settings.batch_linger,
+            max_statements: settings.batch_max,
+            ..Default::default()
+        },
+    )
+}
+
+/// The submitter of a process (`serve`'s API and outbox, a worker's child tasks).
+pub fn submitter(
+    settings: &Settings,
+    db: &mongodb::Database,
+    cache: crate::store::Cache,
+    publisher: crate::amqp::Publisher,
+    writer: crate::store::batch::BatchWriter,
+) -> crate::submit::Submitter {
+    use crate::store::{DedupRepository, PayloadRepository, TaskRepository};
+    crate::submit::Submitter::new(crate::submit::SubmitterParts {
+        tasks: TaskRepository::new(db),
+        payloads: PayloadRepository::new(db),
+        dedup: DedupRepository::new(db),
+        cache,
+        publisher,
+        topology: topology(settings),
+        writer,
+        inline_limit: settings.payload_inline_limit,
+    })
+}
+
 /// The topology every command uses.
 pub fn topology(settings: &Settings) -> Topology {
     Topology::new(

@@ -7,11 +7,8 @@ use anyhow::Context;
 use crate::amqp::Publisher;
 use crate::config::Settings;
 use crate::http::{AppState, Application};
-use crate::store::{
-    DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository,
-};
+use crate::store::{ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository};
 use crate::submit::outbox::Outbox;
-use crate::submit::Submitter;
 use crate::tasks::Registry;
 
 /// Builds the API's clients from settings. Nothing is contacted yet: the publisher connects in
@@ -27,19 +24,12 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         settings.publish_timeout,
     )
     .context("failed to start the publisher")?;
-    let submitter = Submitter::new(
-        TaskRepository::new(&db),
-        PayloadRepository::new(&db),
-        cache.clone(),
-        publisher,
-        topology,
-        settings.payload_inline_limit,
-    );
+    let writer = super::writer(settings, &db);
+    let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
     Ok(AppState {
         registry,
         tasks: TaskRepository::new(&db),
         errors: ErrorLogRepository::new(&db),
-        dedup: DedupRepository::new(&db),
         shards: ShardRepository::new(&db),
         payloads: PayloadRepository::new(&db),
         submitter,

@@ -10,12 +10,10 @@ use tokio::sync::mpsc;
 use crate::amqp::{Consumer, ConsumerConfig, Publisher};
 use crate::cli::WorkerArgs;
 use crate::config::Settings;
-use crate::store::batch::{BatchConfig, BatchWriter};
 use crate::store::{
     CheckpointRepository, ErrorLogRepository, LeaseRepository, PayloadRepository, ShardRepository,
     TaskRepository,
 };
-use crate::submit::Submitter;
 use crate::tasks::{Registry, TaskContext};
 use crate::worker::spawner::WorkerSpawner;
 use crate::worker::{Services, Worker, WorkerConfig};
@@ -79,13 +77,13 @@ pub async fn run(
     )
     .context("failed to start the consumer")?;
     let cache = super::cache(&settings)?;
-    let submitter = Submitter::new(
-        TaskRepository::new(&db),
-        PayloadRepository::new(&db),
+    let writer = super::writer(&settings, &db);
+    let submitter = super::submitter(
+        &settings,
+        &db,
         cache.clone(),
         publisher.clone(),
-        topology.clone(),
-        settings.payload_inline_limit,
+        writer.clone(),
     );
     let context = Arc::new(TaskContext {
         leases: LeaseRepository::new(&db),
@@ -93,14 +91,6 @@ pub async fn run(
         shards: ShardRepository::new(&db),
         spawner: Arc::new(WorkerSpawner { submitter }),
     });
-    let writer = BatchWriter::start(
-        db.clone(),
-        BatchConfig {
-            linger: settings.batch_linger,
-            max_statements: settings.batch_max,
-            ..BatchConfig::default()
-        },
-    );
     let mut watched = queues.clone();
     watched.push(topology.dead_letter_queue());
     let worker = Worker::new(

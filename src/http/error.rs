@@ -8,6 +8,9 @@ use serde::Serialize;
 use crate::amqp::AmqpError;
 use crate::store::StoreError;
 
+/// `Retry-After` (seconds) when a dependency is down.
+const DEPENDENCY_RETRY_AFTER: u64 = 5;
+
 /// What went wrong, and so which status the client gets.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -42,6 +45,8 @@ pub enum ApiError {
         reason: String,
         /// Set when a task document exists for the failed request, so the client can look.
         task_id: Option<String>,
+        /// Seconds, for `Retry-After`.
+        retry_after: u64,
     },
     /// A bug: 500. The cause is logged, not sent.
     #[error("internal error: {0}")]
@@ -56,22 +61,39 @@ impl ApiError {
         }
     }
 
-    pub fn mongodb(error: StoreError) -> Self {
+    /// A store error, naming the dependency that failed: a document that cannot be stored is
+    /// the request's fault (422), anything else a dependency's (503).
+    pub fn store(error: StoreError) -> Self {
         match error {
             StoreError::Malformed(e) => Self::Internal(e),
+            StoreError::Rejected(reason) => Self::validation("body", reason),
+            StoreError::Redis(reason) => Self::Unavailable {
+                dependency: "Redis",
+                reason,
+                task_id: None,
+                retry_after: DEPENDENCY_RETRY_AFTER,
+            },
             other => Self::Unavailable {
                 dependency: "MongoDB",
                 reason: other.to_string(),
                 task_id: None,
+                retry_after: DEPENDENCY_RETRY_AFTER,
             },
         }
     }
 
+    /// The broker did not take a message. A full publisher queue is load to shed: come back in a
+    /// second; anything else is an outage.
     pub fn broker(error: AmqpError, task_id: Option<String>) -> Self {
+        let retry_after = match error {
+            AmqpError::Busy(_) => 1,
+            _ => DEPENDENCY_RETRY_AFTER,
+        };
         Self::Unavailable {
             dependency: "RabbitMQ",
             reason: error.to_string(),
             task_id,
+            retry_after,
         }
     }
 
@@ -139,8 +161,8 @@ impl ResponseError for ApiError {
         };
         let mut response = HttpResponse::build(status);
         match self {
-            Self::Unavailable { .. } => {
-                response.insert_header(("Retry-After", "5"));
+            Self::Unavailable { retry_after, .. } => {
+                response.insert_header(("Retry-After", retry_after.to_string()));
             }
             Self::RateLimited { retry_after } => {
                 let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);

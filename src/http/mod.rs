@@ -20,9 +20,7 @@ use tracing::Instrument;
 pub use error::ApiError;
 
 use crate::config::Secret;
-use crate::store::{
-    Cache, DedupRepository, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository,
-};
+use crate::store::{Cache, ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository};
 use crate::submit::Submitter;
 use crate::tasks::Registry;
 use crate::telemetry::metrics::metrics;
@@ -32,7 +30,6 @@ pub struct AppState {
     pub registry: Registry,
     pub tasks: TaskRepository,
     pub errors: ErrorLogRepository,
-    pub dedup: DedupRepository,
     pub shards: ShardRepository,
     pub payloads: PayloadRepository,
     /// Records and publishes tasks.

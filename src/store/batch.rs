@@ -50,8 +50,7 @@ pub enum WriteOp {
     /// An upsert keyed by the filter's `_id`; refused when the filter does not match a document
     /// that exists (see the module docs).
     Upsert { filter: Document, update: Document },
-    /// An insert. A document carries its own `_id`, so an insert sent twice (an ambiguous
-    /// failure, then a retry) counts as written.
+    /// An insert; refused when a unique index already holds its key (`_id` included).
     Insert(Document),
 }
 
@@ -60,7 +59,8 @@ pub enum WriteOp {
 pub enum Written {
     /// Applied (matched and updated, or inserted).
     Applied,
-    /// The filter did not match: the document is not in a state this write may change.
+    /// An upsert's filter did not match (the document is not in a state this write may change),
+    /// or an insert's key is taken.
     Refused,
 }
 
@@ -396,8 +396,6 @@ async fn execute(
                 continue;
             };
             *slot = match code {
-                // An insert sent twice, or an upsert whose filter did not match.
-                11000 if key.insert => Ok(Written::Applied),
                 11000 => Ok(Written::Refused),
                 code if super::is_transient_code(code) => Err(StoreError::Unavailable(message)),
                 _ => Err(StoreError::Rejected(message)),

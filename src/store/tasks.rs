@@ -310,6 +310,28 @@ impl TaskRepository {
         Ok(())
     }
 
+    /// A new task as a batched insert: refused when its id is taken.
+    pub fn insert_write(&self, task: &TaskDocument) -> Result<Write, StoreError> {
+        let document = bson::to_document(task).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        Ok(Write {
+            collection: COLLECTION,
+            op: WriteOp::Insert(document),
+            purpose: "submit",
+        })
+    }
+
+    /// Whether a task is recorded.
+    #[tracing::instrument(name = "store.tasks.exists", skip(self))]
+    pub async fn exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .collection
+            .clone_with_type::<Document>()
+            .find_one(doc! {"_id": id})
+            .projection(doc! {"_id": 1})
+            .await?
+            .is_some())
+    }
+
     #[tracing::instrument(name = "store.tasks.get", skip(self))]
     pub async fn get(&self, id: &str) -> Result<Option<TaskDocument>, StoreError> {
         Ok(self.collection.find_one(doc! {"_id": id}).await?)

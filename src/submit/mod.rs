@@ -1,27 +1,42 @@
-//! Submitting a task: record it (`PENDING`), publish it, wait for the confirm. Shared by the API,
-//! the outbox sweeper and tasks that spawn tasks, so all three keep the same promise: a task the
-//! caller is told about is in MongoDB and either confirmed by the broker or closed as `FAILURE`.
+//! Submitting a task — the one way in, for the API, the outbox sweeper and tasks that spawn
+//! tasks: claim the dedup fingerprint (when there is one), record the task (`PENDING`), publish
+//! it, wait for the broker's confirm. All of them keep the same promise: a task the caller is told
+//! about is in MongoDB and either confirmed by the broker or closed as `FAILURE` before any worker
+//! took it.
+//!
+//! Records and dedup claims go through a group-commit writer ([`crate::store::batch`]): concurrent
+//! submissions share one `insert` command, and each caller still waits for its own document. The
+//! "confirmed" marks are batched too, one `update` for hundreds of tasks.
 
 pub mod outbox;
 
 use std::time::Duration;
 
+use mongodb::bson::DateTime;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
+use crate::amqp::wire::PAYLOAD_HEADER;
 use crate::amqp::{AmqpError, Outgoing, Publisher, TaskMessage, Topology};
-use crate::domain::{Priority, TaskId};
+use crate::domain::{Fingerprint, Priority, TaskId};
+use crate::store::batch::{BatchWriter, Written};
+use crate::store::dedup::{Claim, DedupEntry};
 use crate::store::payloads::reference_value;
 use crate::store::tasks::Applied;
-use crate::store::{Cache, PayloadRepository, StoreError, TaskDocument, TaskRepository};
+use crate::store::{
+    Cache, DedupRepository, PayloadRepository, StoreError, TaskDocument, TaskRepository,
+};
 use crate::telemetry::trace::TraceContext;
-
-use crate::amqp::wire::PAYLOAD_HEADER;
 
 /// Confirmed ids are marked in batches of at most this many...
 const MARK_BATCH: usize = 500;
 /// ...gathered for at most this long once the first one arrives.
 const MARK_WINDOW: Duration = Duration::from_millis(20);
+
+/// A fingerprint claimed this long ago whose task was never recorded belongs to a submission
+/// that died between the two: it is taken over. A live submission records its task within its
+/// MongoDB timeout, well inside this.
+const GHOST_GRACE: Duration = Duration::from_secs(5);
 
 /// A task to submit.
 #[derive(Debug, Clone)]
@@ -64,12 +79,24 @@ impl NewTask {
 /// Why a submission was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    /// Nothing was written: MongoDB is down.
+    /// Nothing was written (MongoDB is down, or refuses the document).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The task was recorded, then closed as `FAILURE` because the broker did not confirm it.
+    /// The task was recorded, then closed as `FAILURE` because the broker did not take it.
     #[error(transparent)]
     NotPublished(AmqpError),
+    /// A task id that is not a valid id: refused, never replaced by another.
+    #[error("invalid task id `{0}`")]
+    InvalidId(String),
+}
+
+/// What became of a submission with a dedup fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// Recorded and confirmed: a new task.
+    Accepted,
+    /// An earlier submission with the same fingerprint created this task (it exists).
+    Duplicate { task_id: String },
 }
 
 /// Records and publishes tasks.
@@ -77,34 +104,43 @@ pub enum SubmitError {
 pub struct Submitter {
     tasks: TaskRepository,
     payloads: PayloadRepository,
+    dedup: DedupRepository,
     cache: Cache,
     publisher: Publisher,
     topology: Topology,
+    writer: BatchWriter,
     /// Arguments larger than this (serialized) go to `RawPayload`.
     inline_limit: usize,
     confirmed: mpsc::UnboundedSender<String>,
 }
 
+/// What a [`Submitter`] writes to and publishes through.
+pub struct SubmitterParts {
+    pub tasks: TaskRepository,
+    pub payloads: PayloadRepository,
+    pub dedup: DedupRepository,
+    pub cache: Cache,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub writer: BatchWriter,
+    pub inline_limit: usize,
+}
+
 impl Submitter {
     /// Also starts the task that marks confirmed tasks in batches; it ends when the last
     /// `Submitter` clone is dropped, after a final flush.
-    pub fn new(
-        tasks: TaskRepository,
-        payloads: PayloadRepository,
-        cache: Cache,
-        publisher: Publisher,
-        topology: Topology,
-        inline_limit: usize,
-    ) -> Self {
+    pub fn new(parts: SubmitterParts) -> Self {
         let (confirmed, ids) = mpsc::unbounded_channel();
-        tokio::spawn(mark_confirmed(tasks.clone(), ids));
+        tokio::spawn(mark_confirmed(parts.tasks.clone(), ids));
         Self {
-            tasks,
-            payloads,
-            cache,
-            publisher,
-            topology,
-            inline_limit,
+            tasks: parts.tasks,
+            payloads: parts.payloads,
+            dedup: parts.dedup,
+            cache: parts.cache,
+            publisher: parts.publisher,
+            topology: parts.topology,
+            writer: parts.writer,
+            inline_limit: parts.inline_limit,
             confirmed,
         }
     }
@@ -122,9 +158,64 @@ impl Submitter {
     pub async fn submit(&self, task: NewTask) -> Result<(), SubmitError> {
         let root_id = task.root_id.clone();
         let document = self.record(task).await?;
-        self.publish_document(&document, root_id)
-            .await
-            .map_err(SubmitError::NotPublished)
+        self.publish_document(&document, root_id).await
+    }
+
+    /// Submits a task at most once per `fingerprint` within `window`: the first submission
+    /// creates it, later ones are pointed at it — only once it exists, so nobody is pointed at a
+    /// task that 404s. A claim whose task never appeared (its submitter died) is taken over after
+    /// a short grace.
+    #[tracing::instrument(name = "submit.dedup", skip_all, fields(task_id = %task.id, task = %task.task_name))]
+    pub async fn submit_once(
+        &self,
+        task: NewTask,
+        fingerprint: &Fingerprint,
+        window: Duration,
+    ) -> Result<Submitted, SubmitError> {
+        let entry = DedupEntry::new(fingerprint.as_str(), task.id.as_str(), window);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.writer.write(self.dedup.claim_write(&entry)?).await? {
+                Written::Applied => break,
+                Written::Refused => {}
+            }
+            match self.dedup.holder(fingerprint.as_str()).await? {
+                Claim::Free => continue,
+                Claim::Held {
+                    task_id,
+                    claimed_at,
+                } => {
+                    if self.tasks.exists(&task_id).await? {
+                        return Ok(Submitted::Duplicate { task_id });
+                    }
+                    let age = DateTime::now().timestamp_millis() - claimed_at.timestamp_millis();
+                    if age > GHOST_GRACE.as_millis() as i64 {
+                        if self.dedup.take_over(&task_id, &entry).await? {
+                            tracing::warn!(ghost_task_id = %task_id, "took over a dedup claim whose task was never recorded");
+                            break;
+                        }
+                        continue;
+                    }
+                    // The first submission is between its claim and its record: wait for it.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+        match self.submit(task).await {
+            Ok(()) => Ok(Submitted::Accepted),
+            Err(error) => {
+                // Not accepted, so the next identical submission must be free to try again.
+                if let Err(e) = self
+                    .dedup
+                    .release(fingerprint.as_str(), &entry.task_id)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot release the dedup fingerprint");
+                }
+                Err(error)
+            }
+        }
     }
 
     /// Submits a task spawned by a running task. Spawning is idempotent: a retried parent spawns
@@ -136,31 +227,31 @@ impl Submitter {
         let id = task.id.clone();
         let document = match self.record(task).await {
             Ok(document) => document,
-            Err(StoreError::Duplicate(_)) => match self.tasks.get(id.as_str()).await? {
-                Some(existing)
-                    if existing.state == crate::domain::TaskState::Pending
-                        && existing.publish_state.as_deref()
-                            == Some(crate::store::tasks::PUBLISH_PENDING) =>
-                {
-                    existing
+            Err(SubmitError::Store(StoreError::Duplicate(_))) => {
+                match self.tasks.get(id.as_str()).await? {
+                    Some(existing)
+                        if existing.state == crate::domain::TaskState::Pending
+                            && existing.publish_state.as_deref()
+                                == Some(crate::store::tasks::PUBLISH_PENDING) =>
+                    {
+                        existing
+                    }
+                    // Recorded and published by an earlier attempt of the parent.
+                    Some(_) => return Ok(()),
+                    None => {
+                        return Err(SubmitError::Store(StoreError::Unavailable(format!(
+                            "child task {id} was recorded but cannot be read back"
+                        ))))
+                    }
                 }
-                // Recorded and published by an earlier attempt of the parent.
-                Some(_) => return Ok(()),
-                None => {
-                    return Err(SubmitError::Store(StoreError::Unavailable(format!(
-                        "child task {id} was recorded but cannot be read back"
-                    ))))
-                }
-            },
-            Err(error) => return Err(error.into()),
+            }
+            Err(error) => return Err(error),
         };
-        self.republish(&document)
-            .await
-            .map_err(SubmitError::NotPublished)
+        self.republish(&document).await
     }
 
     /// Records a new task (`PENDING`, publish pending), its large arguments in `RawPayload`.
-    async fn record(&self, task: NewTask) -> Result<TaskDocument, StoreError> {
+    async fn record(&self, task: NewTask) -> Result<TaskDocument, SubmitError> {
         let mut document = TaskDocument::pending(&task.id, &task.task_name, &task.route);
         document.priority = task.priority.value();
         document.trace_id = Some(task.trace.trace_id_hex());
@@ -182,61 +273,72 @@ impl Submitter {
                 .unwrap_or_default();
             document.payload_ref = Some(reference);
         } else {
-            document.args = task.args.clone();
-            document.kwargs = task.kwargs.clone();
+            document.args = task.args;
+            document.kwargs = task.kwargs;
         }
-        self.tasks.insert(&document).await?;
-        Ok(document)
+        match self
+            .writer
+            .write(self.tasks.insert_write(&document)?)
+            .await?
+        {
+            Written::Applied => Ok(document),
+            Written::Refused => Err(SubmitError::Store(StoreError::Duplicate(format!(
+                "task {} exists already",
+                document.id
+            )))),
+        }
     }
 
-    /// Publishes a just-recorded task; on failure closes it as `FAILURE`, since its submitter
-    /// is about to be told "not accepted".
+    /// Publishes a just-recorded task. When the broker does not take it, the task is closed as
+    /// `FAILURE` — but only if no worker has taken it meanwhile (a confirm can be lost after the
+    /// broker stored the message): then it runs, and the submission was accepted after all.
     async fn publish_document(
         &self,
         document: &TaskDocument,
         root_id: Option<String>,
-    ) -> Result<(), AmqpError> {
-        let outgoing = self.message(document, root_id);
-        match self.publisher.publish(outgoing).await {
+    ) -> Result<(), SubmitError> {
+        let outgoing = self.message(document, root_id)?;
+        let error = match self.publisher.publish(outgoing).await {
             Ok(()) => {
+                let _ = self.confirmed.send(document.id.clone());
+                return Ok(());
+            }
+            Err(error) => error,
+        };
+        let closed = self
+            .tasks
+            .close_unpublished(&document.id, &format!("not published: {error}"))
+            .await;
+        match closed {
+            Ok(Applied::Yes) => {
+                // A reader may have cached PENDING in between.
+                if let Err(e) = self.cache.invalidate_status(&document.id).await {
+                    tracing::warn!(error = %e, "cannot invalidate the cached status");
+                }
+                Err(SubmitError::NotPublished(error))
+            }
+            Ok(Applied::No) => {
+                tracing::info!(task_id = %document.id, error = %error, "the confirm was lost, but a worker has taken the task: accepted");
                 let _ = self.confirmed.send(document.id.clone());
                 Ok(())
             }
-            Err(error) => {
-                // The caller is about to be told "not accepted", so the task must never run:
-                // close it, but only if no worker has taken it (the confirm can be lost after the
-                // broker stored the message). If one has, the task is running: it was accepted.
-                let closed = self
-                    .tasks
-                    .close_unpublished(&document.id, &format!("not published: {error}"))
-                    .await;
-                match closed {
-                    Ok(Applied::Yes) => {
-                        // A reader may have cached PENDING in between.
-                        if let Err(e) = self.cache.invalidate_status(&document.id).await {
-                            tracing::warn!(error = %e, "cannot invalidate the cached status");
-                        }
-                        Err(error)
-                    }
-                    Ok(Applied::No) => {
-                        tracing::info!(task_id = %document.id, error = %error, "confirm lost, but a worker has taken the task: accepted");
-                        let _ = self.confirmed.send(document.id.clone());
-                        Ok(())
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot record the publish failure");
-                        Err(error)
-                    }
-                }
+            Err(e) => {
+                // Neither closed nor known to run: the outbox publishes it once it is old
+                // enough, so it is not lost; the caller is told it was not accepted now.
+                tracing::error!(error = %e, "cannot record the publish failure");
+                Err(SubmitError::NotPublished(error))
             }
         }
     }
 
-    /// Publishes a task the outbox found unconfirmed. Leaves it `PENDING` on failure: the next
-    /// sweep tries again.
-    pub async fn republish(&self, document: &TaskDocument) -> Result<(), AmqpError> {
-        let outgoing = self.message(document, None);
-        self.publisher.publish(outgoing).await?;
+    /// Publishes a task found unconfirmed (by the outbox, or a parent spawning it again). Leaves
+    /// it `PENDING` on failure: the next sweep tries again.
+    pub async fn republish(&self, document: &TaskDocument) -> Result<(), SubmitError> {
+        let outgoing = self.message(document, None)?;
+        self.publisher
+            .publish(outgoing)
+            .await
+            .map_err(SubmitError::NotPublished)?;
         if let Err(e) = self
             .tasks
             .mark_published(std::slice::from_ref(&document.id))
@@ -247,8 +349,13 @@ impl Submitter {
         Ok(())
     }
 
-    fn message(&self, document: &TaskDocument, root_id: Option<String>) -> Outgoing {
-        let id = TaskId::parse(&document.id).unwrap_or_else(|_| TaskId::generate());
+    fn message(
+        &self,
+        document: &TaskDocument,
+        root_id: Option<String>,
+    ) -> Result<Outgoing, SubmitError> {
+        let id =
+            TaskId::parse(&document.id).map_err(|_| SubmitError::InvalidId(document.id.clone()))?;
         let (args, kwargs) = match &document.payload_ref {
             Some(_) => (Vec::new(), Map::new()),
             None => (document.args.clone(), document.kwargs.clone()),
@@ -281,20 +388,14 @@ impl Submitter {
         let eta = document
             .eta
             .as_deref()
-            .and_then(|eta| mongodb::bson::DateTime::parse_rfc3339_str(eta).ok());
-        match eta {
-            Some(eta) => {
-                let wait =
-                    eta.timestamp_millis() - mongodb::bson::DateTime::now().timestamp_millis();
-                if wait > 0 {
-                    self.topology
-                        .delayed(outgoing, Duration::from_millis(wait as u64))
-                } else {
-                    outgoing
-                }
-            }
-            None => outgoing,
-        }
+            .and_then(|eta| DateTime::parse_rfc3339_str(eta).ok());
+        let wait = eta.map(|eta| eta.timestamp_millis() - DateTime::now().timestamp_millis());
+        Ok(match wait {
+            Some(wait) if wait > 0 => self
+                .topology
+                .delayed(outgoing, Duration::from_millis(wait as u64)),
+            _ => outgoing,
+        })
     }
 }
 

@@ -146,7 +146,7 @@ impl Metrics {
             amqp_publishes: counter(
                 &r,
                 "kobe_amqp_publishes_total",
-                "Messages by publish outcome: published, confirmed, nacked, failed.",
+                "Messages by publish outcome: published, confirmed, nacked, returned (unroutable), failed, refused_busy.",
                 &["outcome"],
             ),
             amqp_confirm_duration: histogram(
@@ -265,7 +265,14 @@ impl Metrics {
         };
         // Fixed label values are exported from the start, so dashboards and alerts see zeros
         // instead of missing series.
-        for outcome in ["published", "confirmed", "nacked", "failed"] {
+        for outcome in [
+            "published",
+            "confirmed",
+            "nacked",
+            "returned",
+            "failed",
+            "refused_busy",
+        ] {
             metrics.amqp_publishes.with_label_values(&[outcome]);
         }
         for reason in DEAD_LETTER_REASONS {

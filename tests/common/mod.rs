@@ -387,6 +387,17 @@ impl TestEnv {
         .expect("publisher")
     }
 
+    /// A submitter of this test's own, wired as `serve` wires its own.
+    pub fn submitter(&self) -> kobe::submit::Submitter {
+        kobe::commands::submitter(
+            &self.settings,
+            &self.db,
+            commands::cache(&self.settings).expect("Redis pool"),
+            self.publisher(),
+            commands::writer(&self.settings, &self.db),
+        )
+    }
+
     /// Publishes a task message to its route, as a Celery client would.
     pub async fn publish_message(
         &self,

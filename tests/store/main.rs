@@ -13,7 +13,6 @@ use kobe::domain::{TaskId, TaskState};
 use kobe::store::checkpoints::CheckpointRepository;
 use kobe::store::{LeaseRepository, PayloadRepository, TaskDocument, TaskRepository};
 use kobe::submit::outbox::Outbox;
-use kobe::submit::Submitter;
 use kobe::tasks::{Invocation, Registry, Task, TaskFuture};
 use mongodb::bson::{doc, DateTime};
 use serde_json::{json, Value};
@@ -332,21 +331,7 @@ async fn the_outbox_publishes_a_task_that_was_never_confirmed() {
     document.created_at = DateTime::from_millis(DateTime::now().timestamp_millis() - 60_000);
     env.tasks().insert(&document).await.unwrap();
 
-    let publisher = env.publisher();
-    let cache = kobe::store::Cache::new(
-        &env.settings.redis_url,
-        &env.settings.redis_prefix,
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    let submitter = Submitter::new(
-        TaskRepository::new(&env.db),
-        PayloadRepository::new(&env.db),
-        cache,
-        publisher,
-        env.topology.clone(),
-        16 * 1024,
-    );
+    let submitter = env.submitter();
     let outbox = |age| Outbox {
         tasks: TaskRepository::new(&env.db),
         submitter: submitter.clone(),
@@ -497,16 +482,7 @@ async fn a_shard_is_not_done_while_another_holder_has_its_items() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_whose_publish_failed_is_published_when_its_parent_spawns_it_again() {
     let env = TestEnv::new().await;
-    let publisher = env.publisher();
-    let cache = kobe::commands::cache(&env.settings).unwrap();
-    let submitter = Submitter::new(
-        TaskRepository::new(&env.db),
-        PayloadRepository::new(&env.db),
-        cache,
-        publisher,
-        env.topology.clone(),
-        env.settings.payload_inline_limit,
-    );
+    let submitter = env.submitter();
     // An earlier attempt of the parent recorded the child, and its publish failed.
     let id = TaskId::generate();
     let document = TaskDocument::pending(&id, "demo_long_io", "default");

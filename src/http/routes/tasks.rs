@@ -13,8 +13,8 @@ use utoipa::ToSchema;
 use crate::domain::{Fingerprint, Priority, TaskId, TaskState};
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
-use crate::store::{Claim, TaskDocument};
-use crate::submit::{NewTask, SubmitError};
+use crate::store::TaskDocument;
+use crate::submit::{NewTask, SubmitError, Submitted};
 use crate::telemetry::trace::TraceContext;
 
 /// Body of `POST /task/start`. Unknown fields are refused.
@@ -333,21 +333,6 @@ async fn start_traced(
 
     let id = TaskId::generate();
     span.record("task_id", id.as_str());
-    if let Some(fingerprint) = &fingerprint {
-        let claim = state
-            .dedup
-            .claim(fingerprint.as_str(), id.as_str(), state.dedup_window)
-            .await
-            .map_err(ApiError::mongodb)?;
-        if let Claim::Existing { task_id } = claim {
-            tracing::info!(first_task_id = %task_id, "duplicate submission answered with the first task");
-            return Ok(HttpResponse::Ok().json(Deduplicated {
-                task_id,
-                deduplicated: true,
-            }));
-        }
-    }
-
     let mut new = NewTask::new(id.clone(), task.name(), &route);
     new.args = submission.args;
     new.kwargs = submission.kwargs;
@@ -357,28 +342,46 @@ async fn start_traced(
     new.expires = timing.expires;
     new.hard_time_limit = timing.hard;
     new.soft_time_limit = timing.soft;
-    if let Err(error) = state.submitter.submit(new).await {
-        if let Some(fingerprint) = &fingerprint {
-            // Not accepted, so the next identical submission must be free to try again.
-            if let Err(e) = state.dedup.release(fingerprint.as_str(), id.as_str()).await {
-                tracing::warn!(error = %e, "cannot release the dedup fingerprint");
-            }
+    let submitted = match &fingerprint {
+        Some(fingerprint) => {
+            state
+                .submitter
+                .submit_once(new, fingerprint, state.dedup_window)
+                .await
         }
-        tracing::warn!(error = %error, "task not accepted");
-        return Err(match error {
-            SubmitError::Store(e) => ApiError::mongodb(e),
-            SubmitError::NotPublished(e) => ApiError::broker(e, Some(id.to_string())),
-        });
+        None => state
+            .submitter
+            .submit(new)
+            .await
+            .map(|()| Submitted::Accepted),
+    };
+    match submitted {
+        Ok(Submitted::Accepted) => {
+            crate::telemetry::metrics::metrics()
+                .tasks_submitted
+                .with_label_values(&[task.name()])
+                .inc();
+            tracing::info!("task accepted");
+            Ok(HttpResponse::Accepted().json(Accepted {
+                task_id: id.to_string(),
+            }))
+        }
+        Ok(Submitted::Duplicate { task_id }) => {
+            tracing::info!(first_task_id = %task_id, "duplicate submission answered with the first task");
+            Ok(HttpResponse::Ok().json(Deduplicated {
+                task_id,
+                deduplicated: true,
+            }))
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "task not accepted");
+            Err(match error {
+                SubmitError::Store(e) => ApiError::store(e),
+                SubmitError::NotPublished(e) => ApiError::broker(e, Some(id.to_string())),
+                SubmitError::InvalidId(id) => ApiError::Internal(format!("invalid task id {id}")),
+            })
+        }
     }
-
-    crate::telemetry::metrics::metrics()
-        .tasks_submitted
-        .with_label_values(&[task.name()])
-        .inc();
-    tracing::info!("task accepted");
-    Ok(HttpResponse::Accepted().json(Accepted {
-        task_id: id.to_string(),
-    }))
 }
 
 fn fingerprint(
@@ -486,7 +489,7 @@ async fn load_status(state: &AppState, id: &TaskId) -> Result<Option<TaskStatus>
         .tasks
         .get(id.as_str())
         .await
-        .map_err(ApiError::mongodb)?
+        .map_err(ApiError::store)?
     else {
         return Ok(None);
     };
@@ -497,7 +500,7 @@ async fn load_status(state: &AppState, id: &TaskId) -> Result<Option<TaskStatus>
             .errors
             .for_task(id.as_str())
             .await
-            .map_err(ApiError::mongodb)?;
+            .map_err(ApiError::store)?;
         if let Some(last) = errors.last() {
             status.root_cause = Some(last.root_cause.clone());
         }
@@ -521,13 +524,13 @@ async fn load_status(state: &AppState, id: &TaskId) -> Result<Option<TaskStatus>
         .shards
         .planned_by(id.as_str())
         .await
-        .map_err(ApiError::mongodb)?
+        .map_err(ApiError::store)?
     {
         let states = state
             .tasks
             .states(&plan.shard_task_ids)
             .await
-            .map_err(ApiError::mongodb)?;
+            .map_err(ApiError::store)?;
         let count = |wanted: TaskState| states.iter().filter(|(_, s)| *s == wanted).count();
         status.job = Some(JobProgress {
             job_id: plan.job_id,
@@ -640,16 +643,11 @@ pub async fn result(
         serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string()))?;
     match status["state"].as_str() {
         Some("SUCCESS") => {
-            let stored =
-                state
-                    .cache
-                    .result(id.as_str())
-                    .await
-                    .map_err(|e| ApiError::Unavailable {
-                        dependency: "Redis",
-                        reason: e.to_string(),
-                        task_id: None,
-                    })?;
+            let stored = state
+                .cache
+                .result(id.as_str())
+                .await
+                .map_err(ApiError::store)?;
             let stored = stored
                 .ok_or_else(|| ApiError::Gone(format!("the result of `{id}` has expired")))?;
             let result: Value =
