@@ -7,6 +7,9 @@
 #   ../shared/tools/mongo-standin/run.sh). It prints which.
 # Tests use their own database, AMQP prefix and Redis prefix each, and remove them when done.
 #
+# Then the API's contract test (scripts/contract.sh: schemathesis against the running API's own
+# OpenAPI document). KOBE_CONTRACT=0 skips it.
+#
 # Usage: scripts/test.sh [extra arguments for cargo nextest run / cargo test]
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -35,8 +38,14 @@ else
 fi
 log "MongoDB for tests: $kind at $(redact "$KOBE_TEST_MONGODB_URI")"
 
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --no-fail-fast "$@"
+  cargo nextest run --no-fail-fast "$@" || status=$?
 else
-  cargo test --no-fail-fast "$@"
+  cargo test --no-fail-fast "$@" || status=$?
 fi
+if [ "${KOBE_CONTRACT:-1}" != 0 ]; then
+  log "contract test (scripts/contract.sh)"
+  bash scripts/contract.sh || status=1
+fi
+exit "$status"

@@ -139,6 +139,8 @@ pub struct Settings {
     pub redis_prefix: String,
     /// How long a publish may wait for the broker's confirm before the caller gets an error.
     pub publish_timeout: Duration,
+    /// Publishes that may wait for the publishing connection; more are refused at once (503).
+    pub publish_queue: usize,
     /// How long a readiness or health probe waits for one dependency.
     pub dependency_timeout: Duration,
     /// Task name → route (queue suffix); unrouted tasks go to `default`.
@@ -260,6 +262,14 @@ impl Settings {
             "KOBE_PUBLISH_TIMEOUT_MS",
             &get("KOBE_PUBLISH_TIMEOUT_MS", "5000"),
         )?;
+        let publish_queue = get("KOBE_PUBLISH_QUEUE", "4096")
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))
+            .ok_or_else(|| ConfigError {
+                var: "KOBE_PUBLISH_QUEUE",
+                reason: "expected a number of publishes between 1 and 1000000".into(),
+            })?;
         let dependency_timeout = duration_ms(
             "KOBE_DEPENDENCY_TIMEOUT_MS",
             &get("KOBE_DEPENDENCY_TIMEOUT_MS", "3000"),
@@ -325,7 +335,7 @@ impl Settings {
                 })
             }
         };
-        let rate_limit = get("KOBE_RATE_LIMIT", "100")
+        let rate_limit = get("KOBE_RATE_LIMIT", "0")
             .parse::<u32>()
             .map_err(|_| ConfigError {
                 var: "KOBE_RATE_LIMIT",
@@ -403,6 +413,7 @@ impl Settings {
             queue_kind,
             redis_prefix,
             publish_timeout,
+            publish_queue,
             dependency_timeout,
             task_routes,
             shutdown_grace,
@@ -626,6 +637,7 @@ mod tests {
             ("KOBE_MAX_DELIVERIES", "0"),
             ("KOBE_BATCH_LINGER_US", "5000"),
             ("KOBE_BATCH_MAX", "0"),
+            ("KOBE_PUBLISH_QUEUE", "0"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{value}");

@@ -37,8 +37,8 @@ pub struct Outgoing {
     pub properties: AmqpProperties,
 }
 
-/// Publishes waiting for the publishing thread at most; more are refused with
-/// [`AmqpError::Busy`].
+/// Publishes waiting for the publishing thread at most, unless told otherwise; more are refused
+/// with [`AmqpError::Busy`].
 pub const MAX_QUEUED_PUBLISHES: usize = 4096;
 
 struct Request {
@@ -55,6 +55,8 @@ pub struct Publisher {
     requests: Sender<Request>,
     confirm_timeout: Duration,
     connected: Arc<AtomicBool>,
+    /// The bound of the request queue.
+    queued: usize,
 }
 
 impl Publisher {
@@ -65,8 +67,19 @@ impl Publisher {
         topology: Topology,
         confirm_timeout: Duration,
     ) -> Result<Self, AmqpError> {
+        Self::start_bounded(url, topology, confirm_timeout, MAX_QUEUED_PUBLISHES)
+    }
+
+    /// Like [`Publisher::start`], with at most `queued` publishes waiting for the thread.
+    pub fn start_bounded(
+        url: &ServiceUrl,
+        topology: Topology,
+        confirm_timeout: Duration,
+        queued: usize,
+    ) -> Result<Self, AmqpError> {
         let endpoint = Endpoint::parse(url)?;
-        let (requests, inbox) = crossbeam_channel::bounded(MAX_QUEUED_PUBLISHES);
+        let queued = queued.max(1);
+        let (requests, inbox) = crossbeam_channel::bounded(queued);
         let connected = Arc::new(AtomicBool::new(false));
         let thread = PublisherThread::new(endpoint, topology, confirm_timeout, connected.clone());
         thread::Builder::new()
@@ -77,6 +90,7 @@ impl Publisher {
             requests,
             confirm_timeout,
             connected,
+            queued,
         })
     }
 
@@ -106,7 +120,7 @@ impl Publisher {
                         .amqp_publishes
                         .with_label_values(&["refused_busy"])
                         .inc();
-                    AmqpError::Busy(MAX_QUEUED_PUBLISHES)
+                    AmqpError::Busy(self.queued)
                 }
                 TrySendError::Disconnected(_) => {
                     AmqpError::Unavailable("publisher thread has stopped".into())

@@ -32,6 +32,18 @@ pub fn cache(settings: &Settings) -> anyhow::Result<crate::store::Cache> {
     .with_status_ttl(settings.status_cache_ttl))
 }
 
+/// The confirming publisher of a process; it connects in the background.
+pub fn publisher(settings: &Settings) -> anyhow::Result<crate::amqp::Publisher> {
+    use anyhow::Context;
+    crate::amqp::Publisher::start_bounded(
+        &settings.rabbitmq_url,
+        topology(settings),
+        settings.publish_timeout,
+        settings.publish_queue,
+    )
+    .context("failed to start the publisher")
+}
+
 /// The group-commit writer of a process, tuned by the settings.
 pub fn writer(settings: &Settings, db: &mongodb::Database) -> crate::store::batch::BatchWriter {
     crate::store::batch::BatchWriter::start(

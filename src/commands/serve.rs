@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 
-use crate::amqp::Publisher;
 use crate::config::Settings;
 use crate::http::{AppState, Application};
 use crate::store::{ErrorLogRepository, PayloadRepository, ShardRepository, TaskRepository};
@@ -17,13 +16,7 @@ use crate::tasks::Registry;
 pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<AppState> {
     let db = super::database(settings).await?;
     let cache = super::cache(settings)?;
-    let topology = super::topology(settings);
-    let publisher = Publisher::start(
-        &settings.rabbitmq_url,
-        topology.clone(),
-        settings.publish_timeout,
-    )
-    .context("failed to start the publisher")?;
+    let publisher = super::publisher(settings)?;
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
     Ok(AppState {

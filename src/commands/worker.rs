@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::amqp::{Consumer, ConsumerConfig, Publisher};
+use crate::amqp::{Consumer, ConsumerConfig};
 use crate::cli::WorkerArgs;
 use crate::config::Settings;
 use crate::store::{
@@ -58,12 +58,7 @@ pub async fn run(
     let prefetch = options
         .concurrency
         .saturating_mul(options.prefetch_multiplier);
-    let publisher = Publisher::start(
-        &settings.rabbitmq_url,
-        topology.clone(),
-        settings.publish_timeout,
-    )
-    .context("failed to start the publisher")?;
+    let publisher = super::publisher(&settings)?;
     let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
     let consumer = Consumer::start(
         ConsumerConfig {

@@ -1,5 +1,6 @@
 //! Domain vocabulary: task ids, task states and priorities, parsed once at the edge. No I/O here.
 
+pub mod document;
 pub mod fingerprint;
 pub mod shard;
 

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// No such resource: 404.
     #[error("{0}")]
     NotFound(String),
+    /// The route exists, without this method: 405 with `Allow`.
+    #[error("this route answers {allow} only")]
+    MethodNotAllowed { allow: &'static str },
     /// Missing or wrong bearer token: 401.
     #[error("a valid bearer token is required (Authorization: Bearer <token>)")]
     Unauthorized,
@@ -103,6 +106,7 @@ impl ApiError {
             Self::MalformedBody(_) => ("malformed-body", "The body is not valid JSON"),
             Self::PayloadTooLarge { .. } => ("payload-too-large", "The body is too large"),
             Self::NotFound(_) => ("not-found", "Not found"),
+            Self::MethodNotAllowed { .. } => ("method-not-allowed", "Method not allowed"),
             Self::Unauthorized => ("unauthorized", "Unauthorized"),
             Self::RateLimited { .. } => ("rate-limited", "Too many requests"),
             Self::ResultBackendOff => ("result-backend-off", "The result backend is off"),
@@ -136,6 +140,7 @@ impl ResponseError for ApiError {
             Self::MalformedBody(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) | Self::ResultBackendOff => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Gone(_) => StatusCode::GONE,
@@ -170,6 +175,9 @@ impl ResponseError for ApiError {
             }
             Self::Unauthorized => {
                 response.insert_header(("WWW-Authenticate", "Bearer"));
+            }
+            Self::MethodNotAllowed { allow } => {
+                response.insert_header(("Allow", *allow));
             }
             _ => {}
         }

@@ -52,6 +52,13 @@ pub struct AppState {
     pub dependency_timeout: Duration,
 }
 
+/// A route whose other methods answer 405 naming the one it has (`Allow`).
+fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move || async move {
+        Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed { allow })
+    }))
+}
+
 /// A bound, running HTTP server.
 pub struct Application {
     port: u16,
@@ -97,16 +104,16 @@ impl Application {
                             result
                         })
                 })
-                .route("/task/start", web::post().to(routes::tasks::start))
-                .route("/task/status/{id}", web::get().to(routes::tasks::status))
-                .route("/task/result/{id}", web::get().to(routes::tasks::result))
-                .route("/tasks", web::get().to(routes::tasks::list))
-                .route("/health", web::get().to(routes::health::health))
-                .route("/ready", web::get().to(routes::health::ready))
-                .route("/metrics", web::get().to(routes::metrics::metrics))
-                .route("/openapi.json", web::get().to(routes::docs::openapi))
-                .route("/docs", web::get().to(routes::docs::page))
-                .route("/docs/{asset}", web::get().to(routes::docs::asset))
+                .service(resource("/task/start", "POST").route(web::post().to(routes::tasks::start)))
+                .service(resource("/task/status/{id}", "GET").route(web::get().to(routes::tasks::status)))
+                .service(resource("/task/result/{id}", "GET").route(web::get().to(routes::tasks::result)))
+                .service(resource("/tasks", "GET").route(web::get().to(routes::tasks::list)))
+                .service(resource("/health", "GET").route(web::get().to(routes::health::health)))
+                .service(resource("/ready", "GET").route(web::get().to(routes::health::ready)))
+                .service(resource("/metrics", "GET").route(web::get().to(routes::metrics::metrics)))
+                .service(resource("/openapi.json", "GET").route(web::get().to(routes::docs::openapi)))
+                .service(resource("/docs", "GET").route(web::get().to(routes::docs::page)))
+                .service(resource("/docs/{asset}", "GET").route(web::get().to(routes::docs::asset)))
                 .default_service(web::to(routes::not_found))
         })
         .listen(listener)?
@@ -122,8 +129,8 @@ impl Application {
         let port = listener.local_addr()?.port();
         let server = HttpServer::new(|| {
             App::new()
-                .route("/metrics", web::get().to(routes::metrics::metrics))
-                .route("/health", web::get().to(routes::health::health))
+                .service(resource("/metrics", "GET").route(web::get().to(routes::metrics::metrics)))
+                .service(resource("/health", "GET").route(web::get().to(routes::health::health)))
                 .default_service(web::to(routes::not_found))
         })
         .workers(1)

@@ -32,7 +32,7 @@ use super::routes::{health, tasks};
         tasks::JobProgress,
         Problem,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &HeaderConstraints),
     tags(
         (name = "tasks", description = "Submitting tasks and following them"),
         (name = "operations", description = "Health, readiness and metrics"),
@@ -50,5 +50,35 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Constraints on headers the handlers check, which the path annotations cannot state.
+struct HeaderConstraints;
+
+impl Modify for HeaderConstraints {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::RefOr;
+        let Some(start) = openapi
+            .paths
+            .paths
+            .get_mut("/task/start")
+            .and_then(|item| item.post.as_mut())
+        else {
+            return;
+        };
+        for parameter in start.parameters.iter_mut().flatten() {
+            if parameter.name == "Idempotency-Key" {
+                parameter.schema = Some(RefOr::T(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .min_length(Some(1))
+                        .max_length(Some(super::routes::tasks::MAX_KEY_LEN))
+                        .pattern(Some("^[\\x20-\\x7e]+$"))
+                        .into(),
+                ));
+            }
+        }
     }
 }

@@ -26,6 +26,7 @@ use crate::store::tasks::Applied;
 use crate::store::{
     Cache, DedupRepository, PayloadRepository, StoreError, TaskDocument, TaskRepository,
 };
+use crate::telemetry::metrics::metrics;
 use crate::telemetry::trace::TraceContext;
 
 /// Confirmed ids are marked in batches of at most this many...
@@ -311,6 +312,7 @@ impl Submitter {
             .await;
         match closed {
             Ok(Applied::Yes) => {
+                metrics().lost_confirms.with_label_values(&["closed"]).inc();
                 // A reader may have cached PENDING in between.
                 if let Err(e) = self.cache.invalidate_status(&document.id).await {
                     tracing::warn!(error = %e, "cannot invalidate the cached status");
@@ -318,6 +320,10 @@ impl Submitter {
                 Err(SubmitError::NotPublished(error))
             }
             Ok(Applied::No) => {
+                metrics()
+                    .lost_confirms
+                    .with_label_values(&["accepted"])
+                    .inc();
                 tracing::info!(task_id = %document.id, error = %error, "the confirm was lost, but a worker has taken the task: accepted");
                 let _ = self.confirmed.send(document.id.clone());
                 Ok(())

@@ -70,6 +70,9 @@ pub struct Metrics {
     pub mongo_batch_size: HistogramVec,
     /// Statements written through group commit, by what they were for.
     pub mongo_statements: IntCounterVec,
+    /// Submissions whose confirm did not come: `closed` (not run, the client got 503) or
+    /// `accepted` (a worker had taken the task already, the client got 202).
+    pub lost_confirms: IntCounterVec,
     /// Deliveries handed back to their queue because no run slot freed up in time.
     pub deliveries_returned: prometheus::IntCounter,
     /// A task's execution lease taken over from an attempt that stopped renewing it.
@@ -238,6 +241,12 @@ impl Metrics {
                 "kobe_mongo_statements_total",
                 "Statements written through group commit, by purpose.",
                 &["purpose"],
+            ),
+            lost_confirms: counter(
+                &r,
+                "kobe_lost_confirms_total",
+                "Submissions whose confirm did not come: closed (503) or accepted (a worker had the task).",
+                &["outcome"],
             ),
             deliveries_returned: {
                 let metric = prometheus::IntCounter::new(

@@ -108,7 +108,9 @@ async fn a_broker_restart_loses_no_task_and_needs_no_restart_of_kobe() {
     );
 
     rabbit.restart();
-    // The same API process accepts tasks again once its publisher has reconnected.
+    // The same API process accepts tasks again once its publisher has reconnected: within about
+    // a second of the broker listening again (reconnection attempts are at most 500 ms apart).
+    let back = Instant::now();
     let late = common::eventually(Duration::from_secs(30), "API accepting again", || async {
         let response = api
             .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
@@ -120,6 +122,12 @@ async fn a_broker_restart_loses_no_task_and_needs_no_restart_of_kobe() {
         body["task_id"].as_str().map(str::to_owned)
     })
     .await;
+    let reconnected = back.elapsed();
+    eprintln!("API accepting again {reconnected:?} after the broker listened again");
+    assert!(
+        reconnected < Duration::from_millis(2500),
+        "API took {reconnected:?} to accept again"
+    );
     ids.push(late);
 
     // The worker reconnected by itself and every accepted task completed.
@@ -264,4 +272,250 @@ async fn a_retry_that_cannot_be_published_holds_the_delivery_without_rerunning_i
     assert_eq!(recorded.len(), 1, "{recorded:?} (states seen: {seen:?})");
     worker.stop().await;
     api.stop().await;
+}
+
+/// Runs `f` on a channel of the test broker (a connection of its own).
+async fn on_channel<T: Send + 'static>(
+    env: &TestEnv,
+    f: impl FnOnce(&amiquip::Channel) -> T + Send + 'static,
+) -> T {
+    let url = env.settings.rabbitmq_url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut connection = kobe::amqp::connect(&url, Duration::from_secs(5)).expect("connect");
+        let channel = connection.open_channel(None).expect("channel");
+        let result = f(&channel);
+        let _ = connection.close();
+        result
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_no_queue_takes_is_a_503_and_the_task_never_runs() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    // The route's queue is gone: the broker would confirm the message and drop it.
+    let queue = env.topology.queue("default");
+    on_channel(&env, move |channel| {
+        channel
+            .queue_delete(queue, Default::default())
+            .expect("delete the queue")
+    })
+    .await;
+    let response = api
+        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .await;
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("could not route"),
+        "{body}"
+    );
+    let id = body["task_id"].as_str().unwrap().to_owned();
+    let task = env.tasks().get(&id).await.unwrap().unwrap();
+    assert_eq!(task.state, kobe::domain::TaskState::Failure);
+    assert!(task.root_cause.unwrap().contains("not published"));
+    assert!(common::metric("kobe_amqp_publishes_total{outcome=\"returned\"}") >= 1.0);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_nacks_is_a_503_and_the_task_never_runs() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    // A second queue on the route that takes nothing and refuses publishes: the broker nacks.
+    let full = format!("{}.full", env.settings.amqp_prefix);
+    let exchange = env.topology.tasks_exchange();
+    let declared = full.clone();
+    on_channel(&env, move |channel| {
+        let mut arguments = amiquip::FieldTable::new();
+        arguments.insert("x-max-length".into(), amiquip::AmqpValue::LongInt(0));
+        arguments.insert(
+            "x-overflow".into(),
+            amiquip::AmqpValue::LongString("reject-publish".into()),
+        );
+        channel
+            .queue_declare(
+                declared.clone(),
+                amiquip::QueueDeclareOptions {
+                    arguments,
+                    ..Default::default()
+                },
+            )
+            .expect("declare");
+        channel
+            .queue_bind(declared, exchange, "default", Default::default())
+            .expect("bind");
+    })
+    .await;
+    let response = api
+        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .await;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    on_channel(&env, move |channel| {
+        let _ = channel.queue_delete(full, Default::default());
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("nack"), "{body}");
+    let id = body["task_id"].as_str().unwrap().to_owned();
+    let task = env.tasks().get(&id).await.unwrap().unwrap();
+    assert_eq!(task.state, kobe::domain::TaskState::Failure);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_publisher_queue_answers_503_at_once_with_retry_after() {
+    // A broker that accepts connections and never answers: the publisher is stuck connecting,
+    // and its queue (two places) fills.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().take(16).flatten() {
+            held.push(stream);
+        }
+    });
+    let env = TestEnv::with(&[
+        (
+            "RABBITMQ_URL",
+            &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        ),
+        ("KOBE_PUBLISH_QUEUE", "2"),
+        ("KOBE_PUBLISH_TIMEOUT_MS", "3000"),
+    ])
+    .await;
+    let api = std::sync::Arc::new(env.spawn_api_unready().await);
+    let mut requests = Vec::new();
+    for _ in 0..12 {
+        let api = api.clone();
+        requests.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let response = api
+                .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+                .await;
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: Value = response.json().await.unwrap();
+            (body, retry_after, started.elapsed())
+        }));
+    }
+    let mut busy = 0;
+    for request in requests {
+        let (body, retry_after, took) = request.await.unwrap();
+        assert_eq!(body["status"], 503, "{body}");
+        if body["detail"].as_str().unwrap().contains("waiting already") {
+            busy += 1;
+            assert_eq!(retry_after.as_deref(), Some("1"));
+            assert!(took < Duration::from_secs(2), "refused after {took:?}");
+            // Not accepted, so closed: it never runs.
+            let id = body["task_id"].as_str().unwrap().to_owned();
+            let task = env.tasks().get(&id).await.unwrap().unwrap();
+            assert_eq!(task.state, kobe::domain::TaskState::Failure);
+        }
+    }
+    assert!(busy >= 1, "no request was refused by the full queue");
+}
+
+/// Counts its runs per task id.
+#[derive(Clone, Default)]
+struct RunLog(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+impl kobe::tasks::Task for RunLog {
+    fn name(&self) -> &'static str {
+        "logged"
+    }
+    fn run(&self, invocation: kobe::tasks::Invocation) -> kobe::tasks::TaskFuture {
+        *self
+            .0
+            .lock()
+            .unwrap()
+            .entry(invocation.task_id.to_string())
+            .or_default() += 1;
+        Box::pin(async { Ok(json!("ran")) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_means_the_task_never_runs_and_a_202_that_it_runs_once() {
+    // Confirms that come later than 3 ms count as lost: many submissions are refused
+    // although the broker stored their message, and a worker is taking messages meanwhile.
+    let timeout = std::env::var("KOBE_TEST_CONFIRM_MS").unwrap_or_else(|_| "3".into());
+    let env = TestEnv::with(&[("KOBE_PUBLISH_TIMEOUT_MS", &timeout)]).await;
+    let log = RunLog::default();
+    let mut registry = kobe::tasks::Registry::with_builtin_tasks();
+    registry.register(log.clone()).unwrap();
+    let api = std::sync::Arc::new(env.spawn_api_with(registry.clone()).await);
+    common::eventually(common::startup_deadline(), "API ready", || async {
+        (api.get("/ready").await.status() == 200).then_some(())
+    })
+    .await;
+    let worker = env.spawn_worker_on(4, vec![], registry);
+    let mut answers = Vec::new();
+    for round in 0..5 {
+        let mut requests = Vec::new();
+        for _ in 0..8 {
+            let api = api.clone();
+            requests.push(tokio::spawn(async move {
+                let response = api.start_task(json!({"task_name": "logged"})).await;
+                let status = response.status().as_u16();
+                (status, response.json::<Value>().await.unwrap())
+            }));
+        }
+        for request in requests {
+            answers.push(request.await.unwrap());
+        }
+        let _ = round;
+    }
+    let tasks = env.tasks();
+    let (mut refused, mut accepted) = (0, 0);
+    for (status, body) in &answers {
+        let id = body["task_id"]
+            .as_str()
+            .expect("every answer names its task");
+        let task = env.wait_final(id, Duration::from_secs(30)).await;
+        match status {
+            503 => {
+                refused += 1;
+                assert_eq!(task.state, kobe::domain::TaskState::Failure, "{task:?}");
+                assert!(task
+                    .root_cause
+                    .as_deref()
+                    .unwrap()
+                    .contains("not published"));
+            }
+            202 => {
+                accepted += 1;
+                assert_eq!(task.state, kobe::domain::TaskState::Success, "{task:?}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    // Every message that reached the broker has been consumed (refused ones acked unrun).
+    let queue = env.topology.queue("default");
+    common::eventually(Duration::from_secs(30), "queue drained", || async {
+        (env.queue_depth(queue.clone()).await? == 0).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    let runs = log.0.lock().unwrap().clone();
+    for (status, body) in &answers {
+        let id = body["task_id"].as_str().unwrap();
+        let ran = runs.get(id).copied().unwrap_or(0);
+        match status {
+            503 => assert_eq!(ran, 0, "task {id} was refused but ran"),
+            _ => assert_eq!(ran, 1, "task {id} was accepted and ran {ran} times"),
+        }
+        let _ = tasks.get(id).await;
+    }
+    assert!(
+        refused > 0,
+        "no confirm was lost: nothing was provoked ({accepted} accepted)"
+    );
+    let kept = common::metric("kobe_lost_confirms_total{outcome=\"accepted\"}");
+    eprintln!("{refused} refused, {accepted} accepted ({kept} of them after a lost confirm, because a worker had the task)");
 }

@@ -53,6 +53,8 @@ async fn concurrent_identical_submissions_make_one_task_and_one_message() {
     assert!(deduplicated
         .iter()
         .all(|b| &b["task_id"] == id && b["deduplicated"] == true));
+    // Whoever was pointed at the first task finds it.
+    assert_eq!(api.status(id.as_str().unwrap()).await.status(), 200);
 
     let tasks = env
         .db
@@ -510,4 +512,67 @@ async fn a_child_whose_publish_failed_is_published_when_its_parent_spawns_it_aga
     .await;
     submitter.submit_child(child).await.unwrap();
     assert_eq!(env.queue_depth(queue).await, Some(1), "not published twice");
+}
+
+/// A dedup claim left by a submission that died before recording its task, `age` ago.
+async fn ghost_claim(env: &TestEnv, key: &str, age: Duration) -> String {
+    let ghost = TaskId::generate().to_string();
+    let fingerprint = kobe::domain::Fingerprint::of_key("demo_long_io", key);
+    let now = DateTime::now().timestamp_millis();
+    env.db
+        .collection::<mongodb::bson::Document>("TaskDedup")
+        .insert_one(doc! {
+            "task_fingerprint": fingerprint.as_str(),
+            "task_id": &ghost,
+            "created_at": DateTime::from_millis(now - age.as_millis() as i64),
+            "expires_at": DateTime::from_millis(now + 3_600_000),
+        })
+        .await
+        .unwrap();
+    ghost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_claim_whose_task_never_appeared_is_taken_over() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let submit = |key: &'static str| {
+        api.client
+            .post(format!("{}/task/start", api.address))
+            .header("Idempotency-Key", key)
+            .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+            .send()
+    };
+    // Long dead: taken over at once.
+    let ghost = ghost_claim(&env, "order-old", Duration::from_secs(60)).await;
+    let response = submit("order-old").await.unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_ne!(body["task_id"], ghost.as_str());
+    assert_eq!(
+        api.status(body["task_id"].as_str().unwrap()).await.status(),
+        200
+    );
+
+    // Claimed a moment ago: its submitter may still be recording it, so the duplicate waits —
+    // and never answers with the id of a task that does not exist.
+    let ghost = ghost_claim(&env, "order-young", Duration::from_secs(3)).await;
+    let started = std::time::Instant::now();
+    let response = submit("order-young").await.unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_ne!(body["task_id"], ghost.as_str());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // And the fingerprint is the new task's now.
+    let again = submit("order-young").await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        again.json::<Value>().await.unwrap()["task_id"],
+        body["task_id"]
+    );
+    api.stop().await;
 }

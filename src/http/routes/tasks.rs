@@ -26,7 +26,7 @@ pub struct TaskStart {
     pub task_name: String,
     /// Positional arguments.
     #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<Value>)]
     pub args: Vec<Value>,
     /// Keyword arguments.
     #[serde(default)]
@@ -57,6 +57,7 @@ pub struct TaskStart {
     pub soft_time_limit: Option<f64>,
     /// A client key: submissions with the same key (and task name) create one task.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
     pub dedup_key: Option<String>,
     /// Without a key: submissions with the same task name and arguments create one task.
     #[serde(default)]
@@ -64,7 +65,7 @@ pub struct TaskStart {
 }
 
 /// Longest accepted idempotency key.
-const MAX_KEY_LEN: usize = 256;
+pub(crate) const MAX_KEY_LEN: usize = 256;
 /// Farthest accepted countdown or ETA.
 const MAX_HORIZON: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -254,11 +255,11 @@ fn timing(submission: &TaskStart) -> Result<Timing, ApiError> {
         (status = 202, description = "Recorded and confirmed by the broker", body = Accepted),
         (status = 200, description = "A repeated submission: the first task", body = Deduplicated),
         (status = 400, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or wrong bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field (named in `field`)", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Over the rate limit; see Retry-After", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "RabbitMQ or MongoDB unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "RabbitMQ or MongoDB unavailable, or the publisher is full; see Retry-After. The task did not and will not run", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])),
 )]
@@ -308,6 +309,8 @@ async fn start_traced(
             ),
         )
     })?;
+    crate::domain::document::check_arguments(&submission.args, &submission.kwargs)
+        .map_err(|e| ApiError::validation(e.field, e.reason))?;
     task.validate(&submission.args, &submission.kwargs)
         .map_err(|e| ApiError::validation(e.field, e.reason))?;
     let priority = match submission.priority {
@@ -397,14 +400,20 @@ fn fingerprint(
         }
         Ok(Fingerprint::of_key(&submission.task_name, value))
     };
+    // Both are checked when both are given; the header wins.
+    let from_body = submission
+        .dedup_key
+        .as_deref()
+        .map(|value| key("dedup_key", value))
+        .transpose()?;
     if let Some(header) = request.headers().get("Idempotency-Key") {
         let value = header
             .to_str()
             .map_err(|_| ApiError::validation("Idempotency-Key", "must be visible ASCII"))?;
         return key("Idempotency-Key", value).map(Some);
     }
-    if let Some(value) = &submission.dedup_key {
-        return key("dedup_key", value).map(Some);
+    if from_body.is_some() {
+        return Ok(from_body);
     }
     Ok(submission.dedup.unwrap_or(false).then(|| {
         Fingerprint::of_arguments(&submission.task_name, &submission.args, &submission.kwargs)
@@ -582,6 +591,8 @@ async fn status_json(state: &AppState, id: &TaskId) -> Result<Option<String>, Ap
     responses(
         (status = 200, description = "The task's status", body = TaskStatus),
         (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "MongoDB unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])),
@@ -625,6 +636,9 @@ pub struct TaskResult {
         (status = 202, description = "Not finished yet", body = TaskStatus),
         (status = 404, description = "No such task, or the result backend is off", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "The result expired", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB or Redis unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])),
 )]
@@ -686,7 +700,11 @@ pub struct TaskInfo {
     get,
     path = "/tasks",
     tag = "tasks",
-    responses((status = 200, description = "Registered tasks", body = Vec<TaskInfo>)),
+    responses(
+        (status = 200, description = "Registered tasks", body = Vec<TaskInfo>),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
     security((), ("bearer" = [])),
 )]
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {
