@@ -9,8 +9,11 @@
 #            prefetch 1, publisher confirms, Redis results) from PyPI in a venv of its own, on the
 #            same RabbitMQ and Redis, on each MongoDB engine in $KOBE_BENCH_ENGINES
 #            (default: "documentdb standin").
+#   http     POST /task/start under wrk (64 connections, 10 s): `kobe serve` against FastAPI +
+#            Celery (from PyPI), each with its own worker consuming, same broker and Redis, same run;
+#            req/s and p99 latency as ratios, and MongoDB commands per submission.
 #
-# Usage: scripts/bench.sh [publish|worker|compare]   KOBE_BENCH_TASKS=3000 KOBE_BENCH_MESSAGES=50000
+# Usage: scripts/bench.sh [publish|worker|compare|http]   KOBE_BENCH_TASKS=3000 KOBE_BENCH_MESSAGES=50000
 #        KOBE_BENCH_WORKER_ARGS="--prefetch-multiplier 10" passes flags to the Kobe worker.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -55,14 +58,19 @@ if [ "$which" = all ] || [ "$which" = worker ]; then
   kobe_worker_bench
 fi
 
-if [ "$which" = compare ]; then
+# The Python baseline's venv: Celery 5, FastAPI and uvicorn from PyPI.
+python_venv() {
   ensure_python_venv
   venv=${KOBE_BENCH_VENV:-$KOBE_ROOT/target/bench-venv}
-  if [ ! -x "$venv/bin/celery" ]; then
-    log "installing Celery 5 from PyPI into $venv"
+  if [ ! -x "$venv/bin/uvicorn" ] || [ ! -x "$venv/bin/celery" ]; then
+    log "installing Celery 5, FastAPI and uvicorn from PyPI into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet 'celery[redis]>=5,<6'
+    "$venv/bin/pip" install --quiet 'celery[redis]>=5,<6' fastapi uvicorn
   fi
+}
+
+if [ "$which" = compare ]; then
+  python_venv
   cargo build --release --quiet --bin kobe
   cargo bench --no-run --quiet --bench worker 2>/dev/null
   log "Celery $("$venv/bin/python" -c 'import celery; print(celery.__version__)'), $KOBE_BENCH_TASKS no-op tasks each"
@@ -88,4 +96,70 @@ print(f"  memory     Kobe / Celery          {f('kobe_peak_rss_kib')/f('celery_pe
 print(f"  MongoDB commands per tracked task {f('kobe_mongo_commands_per_task'):6.3f}")
 PY
   done
+fi
+
+# wrk_run NAME URL: 64 connections for KOBE_BENCH_SECONDS against URL; prints key=value lines.
+wrk_run() {
+  local out
+  out=$(wrk -t2 -c64 -d"${KOBE_BENCH_SECONDS:-10}"s --latency -s scripts/bench/post.lua "$2/task/start")
+  echo "$out" >&2
+  printf '%s_rps=%s\n' "$1" "$(echo "$out" | awk '/^Requests\/sec/ {print $2}')"
+  printf '%s_p99=%s\n' "$1" "$(echo "$out" | awk '$1 == "99%" {print $2}')"
+  printf '%s_non2xx=%s\n' "$1" "$(echo "$out" | awk '/Non-2xx/ {print $NF}')"
+}
+
+# ms VALUE: wrk's latency (850.00us, 12.34ms, 1.20s) in milliseconds.
+ms() { python3 -c "import sys,re; v=sys.argv[1]; n,u=re.match(r'([0-9.]+)(\w+)',v).groups(); print(float(n)*{'us':0.001,'ms':1,'s':1000,'m':60000}[u])" "$1"; }
+
+if [ "$which" = http ]; then
+  command -v wrk >/dev/null || apt_install wrk
+  python_venv
+  cargo build --release --quiet --bin kobe
+  engine "${KOBE_BENCH_ENGINE:-documentdb}"
+  log "MongoDB: $KOBE_MONGO_KIND"
+  pids=()
+  trap 'kill "${pids[@]}" 2>/dev/null; stop_mongodb' EXIT
+  prefix="kobebench-http-$$"
+  port=$(free_port)
+  export MONGODB_URI=$KOBE_MONGO_URI MONGODB_DB=${prefix//-/_} KOBE_AMQP_PREFIX=$prefix \
+    KOBE_REDIS_PREFIX=$prefix KOBE_HTTP_ADDR=127.0.0.1:$port KOBE_LOG_LEVEL=warn
+  target/release/kobe --env-file /dev/null init-db >/dev/null
+  target/release/kobe --env-file /dev/null serve & pids+=($!)
+  metrics_port=$(free_port)
+  target/release/kobe --env-file /dev/null worker --metrics-addr "127.0.0.1:$metrics_port" & pids+=($!)
+  wait_port 127.0.0.1 "$port" 60 "kobe serve"
+  until curl -sf "http://127.0.0.1:$port/ready" >/dev/null; do sleep 0.2; done
+  before=$(curl -s "http://127.0.0.1:$port/metrics")
+  kobe=$(KOBE_BENCH_BODY='{"task_name": "demo_long_io", "kwargs": {"duration_ms": 0}}' wrk_run kobe "http://127.0.0.1:$port")
+  after=$(curl -s "http://127.0.0.1:$port/metrics")
+  kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; pids=()
+
+  queue="kobebench-celery-$$"
+  fport=$(free_port)
+  (cd scripts/bench && KOBE_BENCH_CELERY_QUEUE=$queue exec "$venv/bin/celery" -A celery_drain worker -Q "$queue" \
+    -c 10 -P prefork --prefetch-multiplier 1 --without-heartbeat --without-mingle --without-gossip \
+    --loglevel WARNING) & pids+=($!)
+  (cd scripts/bench && KOBE_BENCH_CELERY_QUEUE=$queue exec "$venv/bin/uvicorn" fastapi_app:app \
+    --host 127.0.0.1 --port "$fport" --log-level warning --no-access-log) & pids+=($!)
+  wait_port 127.0.0.1 "$fport" 60 "FastAPI app"
+  celery=$(wrk_run celery "http://127.0.0.1:$fport")
+  kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; pids=()
+
+  python3 - "$kobe" "$celery" "$before" "$after" "$(ms "$(echo "$kobe" | awk -F= '/_p99/ {print $2}')")" \
+    "$(ms "$(echo "$celery" | awk -F= '/_p99/ {print $2}')")" <<'PY'
+import sys
+kobe, celery, before, after, kp99, cp99 = sys.argv[1:]
+v = dict(l.split("=", 1) for l in (kobe + "\n" + celery).splitlines() if "=" in l)
+def total(text, name):
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith(name) and not l.startswith("#"))
+commands = total(after, "kobe_mongo_commands_total") - total(before, "kobe_mongo_commands_total")
+accepted = total(after, "kobe_tasks_submitted_total") - total(before, "kobe_tasks_submitted_total")
+print("== POST /task/start, 64 connections, a worker consuming in both cases, same run ==")
+print(f"  FastAPI + Celery   {float(v['celery_rps']):8.0f} req/s   p99 {float(cp99):8.1f} ms   non-2xx {v['celery_non2xx'] or 0}")
+print(f"  kobe serve         {float(v['kobe_rps']):8.0f} req/s   p99 {float(kp99):8.1f} ms   non-2xx {v['kobe_non2xx'] or 0}")
+print(f"  req/s   Kobe / FastAPI+Celery   {float(v['kobe_rps'])/float(v['celery_rps']):6.2f}x")
+print(f"  p99     Kobe / FastAPI+Celery   {float(kp99)/float(cp99):6.2f}")
+print(f"  MongoDB commands per accepted submission {commands/max(accepted,1):6.3f} ({accepted:.0f} accepted)")
+PY
 fi

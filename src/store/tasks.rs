@@ -248,9 +248,11 @@ fn takeable(attempt: &Attempt, now: DateTime) -> Document {
     }
 }
 
-/// `$set` fields of a claim.
+/// `$set` fields of a claim. A worker holding the message knows the broker has it: the claim
+/// marks the publish confirmed too, so the submitter's own mark finds nothing to write.
 fn claim_fields(attempt: &Attempt, now: DateTime, lease: Duration) -> Document {
     doc! {
+        "publish_state": PUBLISH_CONFIRMED,
         "state": TaskState::Started.as_str(),
         "updated_at": now,
         "started_at": now,
@@ -542,12 +544,14 @@ impl TaskRepository {
         })
     }
 
-    /// Records that the broker confirmed these tasks' messages: one command for the batch.
+    /// Records that the broker confirmed these tasks' messages: one command for the batch. A task
+    /// a worker has claimed already needs no mark (its claim set it; the outbox only looks at
+    /// `PENDING` tasks), so at load most of the batch is matched and not written.
     #[tracing::instrument(name = "store.tasks.mark_published", skip_all, fields(count = ids.len()))]
     pub async fn mark_published(&self, ids: &[String]) -> Result<(), StoreError> {
         self.collection
             .update_many(
-                doc! {"_id": {"$in": ids}, "publish_state": PUBLISH_PENDING},
+                doc! {"_id": {"$in": ids}, "publish_state": PUBLISH_PENDING, "state": TaskState::Pending.as_str()},
                 doc! {"$set": {"publish_state": PUBLISH_CONFIRMED}, "$unset": {"outbox_claim_until": ""}},
             )
             .await?;
