@@ -133,3 +133,22 @@ stop_mongodb() {
   KOBE_MONGO_PID=""
   KOBE_MONGO_DIR=""
 }
+
+# ensure_services: RabbitMQ and Redis on their usual ports, and a MongoDB whose URI it exports as
+# MONGODB_URI (kept when already set).
+ensure_services() {
+  ensure_rabbitmq
+  log "RabbitMQ answers on 127.0.0.1:5672"
+  ensure_redis
+  log "Redis answers on 127.0.0.1:6379"
+  if [ -n "${MONGODB_URI:-}" ]; then
+    log "MongoDB: MONGODB_URI ($(redact "$MONGODB_URI"))"
+  elif port_open 127.0.0.1 27017; then
+    export MONGODB_URI="mongodb://127.0.0.1:27017"
+    log "MongoDB answers on 127.0.0.1:27017"
+  else
+    find_mongodb 27017
+    export MONGODB_URI=$KOBE_MONGO_URI
+    log "MongoDB: $KOBE_MONGO_KIND at $(redact "$MONGODB_URI")"
+  fi
+}
