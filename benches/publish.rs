@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{Confirm, ConfirmSmoother, Publish};
 use kobe::amqp::{Outgoing, Publisher, QueueKind, TaskMessage, Topology};
-use kobe::config::{defaults, ServiceUrl};
+use kobe::config::{default_of, ServiceUrl};
 use kobe::domain::TaskId;
 
 fn message(topology: &Topology) -> Outgoing {
@@ -90,7 +90,7 @@ async fn concurrent(publisher: &Publisher, topology: &Topology, n: usize, caller
 
 fn main() {
     let url = ServiceUrl::new(
-        std::env::var("RABBITMQ_URL").unwrap_or_else(|_| defaults::RABBITMQ_URL.into()),
+        std::env::var("RABBITMQ_URL").unwrap_or_else(|_| default_of("RABBITMQ_URL").into()),
     );
     let n: usize = std::env::var("KOBE_BENCH_MESSAGES")
         .ok()

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use amiquip::{ConsumerMessage, ConsumerOptions};
 use futures_util::TryStreamExt;
 use kobe::amqp::{Outgoing, Publisher, QueueKind, TaskMessage, Topology};
-use kobe::config::{defaults, ServiceUrl};
+use kobe::config::{default_of, ServiceUrl};
 use kobe::domain::TaskId;
 use kobe::store::TaskDocument;
 use mongodb::bson::{doc, Document};
@@ -125,7 +125,7 @@ async fn insert_pending(db: &mongodb::Database, ids: &[TaskId]) {
             .iter()
             .map(|id| {
                 let mut task = TaskDocument::pending(id, "demo_long_io", "default");
-                task.publish_state = Some(kobe::store::tasks::PUBLISH_CONFIRMED.to_owned());
+                task.publish_state = Some(kobe::store::tasks::PublishState::Confirmed);
                 task
             })
             .collect();
@@ -151,10 +151,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     let url = ServiceUrl::new(
-        std::env::var("RABBITMQ_URL").unwrap_or_else(|_| defaults::RABBITMQ_URL.into()),
+        std::env::var("RABBITMQ_URL").unwrap_or_else(|_| default_of("RABBITMQ_URL").into()),
     );
-    let mongodb =
-        std::env::var("KOBE_BENCH_MONGODB_URI").unwrap_or_else(|_| defaults::MONGODB_URI.into());
+    let mongodb = std::env::var("KOBE_BENCH_MONGODB_URI")
+        .unwrap_or_else(|_| default_of("MONGODB_URI").into());
     let n: usize = env_or("KOBE_BENCH_TASKS", 3000);
     let concurrency: u16 = env_or("KOBE_BENCH_CONCURRENCY", 10);
     let extra: Vec<String> = std::env::var("KOBE_BENCH_WORKER_ARGS")

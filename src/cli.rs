@@ -65,3 +65,24 @@ pub struct WorkerArgs {
     #[arg(long, env = "KOBE_WORKER_METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<SocketAddr>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::default_of;
+
+    /// The worker flags fall back to the variables of the configuration table, with its defaults.
+    #[test]
+    fn worker_flag_defaults_are_the_table_s() {
+        let Command::Worker(args) = Cli::try_parse_from(["kobe", "worker"]).unwrap().command else {
+            panic!("not the worker command")
+        };
+        assert_eq!(args.concurrency.to_string(), default_of("KOBE_CONCURRENCY"));
+        assert_eq!(
+            args.prefetch_multiplier.to_string(),
+            default_of("KOBE_PREFETCH_MULTIPLIER")
+        );
+        assert!(args.queues.is_empty() && default_of("KOBE_QUEUES").is_empty());
+        assert!(args.metrics_addr.is_none() && default_of("KOBE_WORKER_METRICS_ADDR").is_empty());
+    }
+}

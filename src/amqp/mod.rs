@@ -14,10 +14,11 @@ pub mod wire;
 
 use std::time::Duration;
 
+pub use crate::domain::QueueKind;
 pub use consumer::{Consumer, ConsumerConfig, Delivery, DeliveryTag, Settlement};
 pub use message::{MessageError, TaskMessage};
 pub use publisher::{Outgoing, Publisher};
-pub use topology::{QueueKind, Topology};
+pub use topology::Topology;
 
 use crate::config::ServiceUrl;
 

@@ -13,7 +13,6 @@
 //! declaration is idempotent: `serve`, `worker` and `healthcheck` all declare what they use.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::time::Duration;
 
 use amiquip::{
@@ -21,7 +20,7 @@ use amiquip::{
 };
 
 use super::AmqpError;
-use crate::domain::Priority;
+use crate::domain::{Priority, QueueKind};
 
 /// The route of tasks no route names.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -35,24 +34,6 @@ pub const RETRY_LEVELS_MS: [u64; 16] = [
     100, 250, 500, 1_000, 2_000, 4_000, 8_000, 15_000, 30_000, 60_000, 120_000, 300_000, 600_000,
     1_200_000, 3_600_000, 21_600_000,
 ];
-
-/// Classic queues for one broker; quorum queues for a cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QueueKind {
-    Classic,
-    Quorum,
-}
-
-impl FromStr for QueueKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "classic" => Ok(Self::Classic),
-            "quorum" => Ok(Self::Quorum),
-            other => Err(format!("expected `classic` or `quorum`, got `{other}`")),
-        }
-    }
-}
 
 /// Names and routes of one deployment's exchanges and queues.
 #[derive(Clone, Debug)]

@@ -119,6 +119,24 @@ impl FromStr for TaskState {
     }
 }
 
+/// Classic queues for one broker; quorum queues for a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueKind {
+    Classic,
+    Quorum,
+}
+
+impl FromStr for QueueKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "classic" => Ok(Self::Classic),
+            "quorum" => Ok(Self::Quorum),
+            other => Err(format!("expected `classic` or `quorum`, got `{other}`")),
+        }
+    }
+}
+
 /// AMQP message priority, 0 (lowest) to 9 (highest), as RabbitMQ recommends for classic queues.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]

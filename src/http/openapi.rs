@@ -4,7 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::Problem;
-use super::routes::{health, tasks};
+use super::routes::{catalog, health, status, submit};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,23 +13,23 @@ use super::routes::{health, tasks};
         description = "Submit tasks, follow their state, read their results. Errors are application/problem+json.",
     ),
     paths(
-        tasks::start,
-        tasks::status,
-        tasks::result,
-        tasks::list,
+        submit::start,
+        status::status,
+        status::result,
+        catalog::list,
         health::health,
         health::ready,
         super::routes::metrics::metrics,
     ),
     components(schemas(
-        tasks::TaskStart,
-        tasks::Accepted,
-        tasks::Deduplicated,
-        tasks::TaskStatus,
-        tasks::TaskResult,
-        tasks::TaskInfo,
-        tasks::AttemptError,
-        tasks::JobProgress,
+        submit::TaskStart,
+        submit::Accepted,
+        submit::Deduplicated,
+        status::TaskStatus,
+        status::ResultAnswer,
+        catalog::TaskInfo,
+        status::AttemptError,
+        status::JobProgress,
         Problem,
     )),
     modifiers(&BearerAuth, &HeaderConstraints),
@@ -74,7 +74,7 @@ impl Modify for HeaderConstraints {
                     ObjectBuilder::new()
                         .schema_type(Type::String)
                         .min_length(Some(1))
-                        .max_length(Some(super::routes::tasks::MAX_KEY_LEN))
+                        .max_length(Some(super::routes::submit::MAX_KEY_LEN))
                         .pattern(Some("^[\\x20-\\x7e]+$"))
                         .into(),
                 ));

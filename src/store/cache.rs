@@ -21,6 +21,12 @@ const RATE_LIMIT_SCRIPT: &str = "local n = redis.call('INCR', KEYS[1]) \
 /// What an invalidated status key holds.
 const MARKER: &str = "!invalidated";
 
+/// What [`Cache::query`] sends.
+enum Query {
+    Command(redis::Cmd),
+    Pipeline(redis::Pipeline),
+}
+
 /// A Redis pool with Kobe's key prefix.
 #[derive(Clone)]
 pub struct Cache {
@@ -88,23 +94,35 @@ impl Cache {
             Some(redis::Arg::Simple(bytes)) => String::from_utf8_lossy(bytes).to_ascii_uppercase(),
             _ => "UNKNOWN".to_owned(),
         };
+        self.query(&name, Query::Command(command), timeout).await
+    }
+
+    /// Sends a command or a pipeline on a pooled connection within `timeout`, recorded under
+    /// `name`.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        query: Query,
+        timeout: Duration,
+    ) -> Result<T, StoreError> {
         let attempt = async {
             let mut conn = self
                 .pool
                 .get()
                 .await
                 .map_err(|e| StoreError::Redis(e.to_string()))?;
-            command
-                .query_async::<T>(&mut conn)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))
+            match query {
+                Query::Command(command) => command.query_async::<T>(&mut conn).await,
+                Query::Pipeline(pipe) => pipe.query_async::<T>(&mut conn).await,
+            }
+            .map_err(|e| StoreError::Redis(e.to_string()))
         };
         let bounded = async {
             tokio::time::timeout(timeout, attempt)
                 .await
                 .map_err(|_| StoreError::Redis(format!("no answer within {timeout:?}")))?
         };
-        measured(&name, bounded).await
+        measured(name, bounded).await
     }
 
     /// `PING`, bounded by the configured timeout.
@@ -152,21 +170,12 @@ impl Cache {
     }
 
     /// Called after every state change, once MongoDB has it.
-    #[tracing::instrument(name = "cache.status.invalidate", skip(self))]
     pub async fn invalidate_status(&self, task_id: &str) -> Result<(), StoreError> {
-        // Outlives any entry a reader may still be about to write (see the module docs).
-        let marker_ttl = self.status_ttl * 2;
-        let mut command = redis::cmd("SET");
-        command
-            .arg(self.status_key(task_id))
-            .arg(MARKER)
-            .arg("PX")
-            .arg(marker_ttl.as_millis() as u64);
-        let _: String = self.run(command, self.timeout).await?;
-        Ok(())
+        self.invalidate_statuses(&[task_id.to_owned()]).await
     }
 
-    /// Invalidates many statuses in one round trip (a pipeline of the same `SET`s).
+    /// Invalidates statuses in one round trip: each key is replaced by a marker that outlives any
+    /// entry a reader may still be about to write (see the module docs).
     #[tracing::instrument(name = "cache.status.invalidate_many", skip_all, fields(count = task_ids.len()))]
     pub async fn invalidate_statuses(&self, task_ids: &[String]) -> Result<(), StoreError> {
         let marker_ttl = (self.status_ttl * 2).as_millis() as u64;
@@ -179,23 +188,7 @@ impl Cache {
                 .arg(marker_ttl)
                 .ignore();
         }
-        let attempt = async {
-            let mut conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))
-        };
-        let timeout = self.timeout;
-        let bounded = async {
-            tokio::time::timeout(timeout, attempt)
-                .await
-                .map_err(|_| StoreError::Redis(format!("no answer within {timeout:?}")))?
-        };
-        measured("SET", bounded).await
+        self.query("SET", Query::Pipeline(pipe), self.timeout).await
     }
 
     /// Stores a result for `ttl` (result backend).

@@ -28,10 +28,27 @@ use crate::domain::{TaskId, TaskState};
 
 pub const COLLECTION: &str = "Tasks";
 
-/// `publish_state` while the broker has not confirmed the task's message.
-pub const PUBLISH_PENDING: &str = "pending";
-/// `publish_state` once it has.
-pub const PUBLISH_CONFIRMED: &str = "confirmed";
+/// Whether the broker has confirmed a task's message (`publish_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishState {
+    /// Recorded, not confirmed yet: the outbox publishes it if it stays so.
+    Pending,
+    /// The broker has it.
+    Confirmed,
+}
+
+impl PublishState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Confirmed => "confirmed",
+        }
+    }
+}
+
+const PUBLISH_PENDING: &str = "pending";
+const PUBLISH_CONFIRMED: &str = "confirmed";
 
 /// A task as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,7 +106,7 @@ pub struct TaskDocument {
     /// `pending` until the broker confirmed the message, then `confirmed`. The outbox sweeper
     /// publishes what stays `pending`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub publish_state: Option<String>,
+    pub publish_state: Option<PublishState>,
     /// An outbox sweeper holds this task until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox_claim_until: Option<DateTime>,
@@ -134,7 +151,7 @@ impl TaskDocument {
             soft_time_limit: None,
             eta: None,
             expires: None,
-            publish_state: Some(PUBLISH_PENDING.to_owned()),
+            publish_state: Some(PublishState::Pending),
             outbox_claim_until: None,
             attempt_token: None,
             lease_until: None,
@@ -601,4 +618,21 @@ fn on_insert(task_name: &str, now: DateTime) -> Document {
 fn to_bson(value: &Value) -> Result<Bson, StoreError> {
     bson::to_bson(value)
         .map_err(|e| StoreError::Rejected(format!("the value cannot be stored in BSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_states_are_stored_as_the_filters_write_them() {
+        for state in [PublishState::Pending, PublishState::Confirmed] {
+            assert_eq!(
+                bson::to_bson(&state).unwrap(),
+                Bson::String(state.as_str().to_owned())
+            );
+        }
+        assert_eq!(PublishState::Pending.as_str(), PUBLISH_PENDING);
+        assert_eq!(PublishState::Confirmed.as_str(), PUBLISH_CONFIRMED);
+    }
 }

@@ -51,10 +51,12 @@ pub struct NewTask {
     pub trace: TraceContext,
     pub parent_id: Option<String>,
     pub root_id: Option<String>,
-    pub hard_time_limit: Option<f64>,
-    pub soft_time_limit: Option<f64>,
-    pub eta: Option<String>,
-    pub expires: Option<String>,
+    pub hard_time_limit: Option<Duration>,
+    pub soft_time_limit: Option<Duration>,
+    /// Run no earlier than this.
+    pub eta: Option<DateTime>,
+    /// Do not run after this.
+    pub expires: Option<DateTime>,
 }
 
 impl NewTask {
@@ -232,8 +234,8 @@ impl Submitter {
                 match self.tasks.get(id.as_str()).await? {
                     Some(existing)
                         if existing.state == crate::domain::TaskState::Pending
-                            && existing.publish_state.as_deref()
-                                == Some(crate::store::tasks::PUBLISH_PENDING) =>
+                            && existing.publish_state
+                                == Some(crate::store::tasks::PublishState::Pending) =>
                     {
                         existing
                     }
@@ -258,10 +260,11 @@ impl Submitter {
         document.trace_id = Some(task.trace.trace_id_hex());
         document.traceparent = Some(task.trace.to_string());
         document.parent_id = task.parent_id.clone();
-        document.hard_time_limit = task.hard_time_limit;
-        document.soft_time_limit = task.soft_time_limit;
-        document.eta = task.eta.clone();
-        document.expires = task.expires.clone();
+        // The document and the message keep Celery's forms: seconds, and RFC 3339 text.
+        document.hard_time_limit = task.hard_time_limit.map(|d| d.as_secs_f64());
+        document.soft_time_limit = task.soft_time_limit.map(|d| d.as_secs_f64());
+        document.eta = task.eta.map(rfc3339);
+        document.expires = task.expires.map(rfc3339);
 
         let size = serde_json::to_vec(&task.args).map_or(0, |v| v.len())
             + serde_json::to_vec(&task.kwargs).map_or(0, |v| v.len());
@@ -403,6 +406,12 @@ impl Submitter {
             _ => outgoing,
         })
     }
+}
+
+/// A time as the message carries it (millisecond precision, UTC).
+fn rfc3339(time: DateTime) -> String {
+    time.try_to_rfc3339_string()
+        .unwrap_or_else(|_| time.timestamp_millis().to_string())
 }
 
 /// Marks confirmed tasks in batches: under load one `updateMany` covers hundreds of tasks.

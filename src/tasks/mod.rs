@@ -19,8 +19,8 @@ use crate::domain::TaskId;
 use crate::store::{CheckpointRepository, LeaseRepository, ShardRepository};
 
 /// What a handler's future resolves to.
-pub type TaskResult = Result<Value, TaskError>;
-pub type TaskFuture = Pin<Box<dyn Future<Output = TaskResult> + Send + 'static>>;
+pub type HandlerResult = Result<Value, TaskError>;
+pub type TaskFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'static>>;
 
 /// A task's failure, saying what the worker should do next.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::decision::Outcome;
 use crate::domain::{time_limit, MAX_TIME_LIMIT};
-use crate::tasks::{Invocation, SoftLimit, Task, TaskError, TaskResult};
+use crate::tasks::{HandlerResult, Invocation, SoftLimit, Task, TaskError};
 use crate::telemetry::metrics::metrics;
 
 /// The limits one attempt runs under.
@@ -31,7 +31,7 @@ impl Limits {
 
 /// A handler running on its own task. Dropping it abandons the attempt.
 pub struct Running {
-    join: JoinHandle<TaskResult>,
+    join: JoinHandle<HandlerResult>,
     soft_timer: Option<JoinHandle<()>>,
     deadline: Instant,
     limit: Duration,

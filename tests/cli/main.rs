@@ -11,17 +11,8 @@ use common::TestEnv;
 use futures_util::TryStreamExt;
 
 fn kobe(env: &TestEnv, args: &[&str], overrides: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kobe"));
-    command
-        .env_clear()
-        .args(["--env-file", "/dev/null"])
-        .args(args);
-    for (k, v) in &env.vars {
-        command.env(k, v);
-    }
-    for (k, v) in overrides {
-        command.env(k, v);
-    }
+    let mut command = env.kobe_command(args);
+    command.envs(overrides.iter().copied());
     command
         .env("KOBE_LOG_LEVEL", "warn")
         .output()
@@ -120,19 +111,11 @@ async fn healthcheck_fails_when_indexes_are_missing() {
     );
 }
 
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn healthcheck_names_the_dependency_on_a_closed_port() {
     let env = TestEnv::new().await;
     env.init_db().await;
-    let port = closed_port();
+    let port = common::free_port();
     for (var, url, name) in [
         (
             "RABBITMQ_URL",

@@ -172,6 +172,24 @@ impl TestEnv {
         }
     }
 
+    /// A worker running the built-in tasks and the test's own `task`.
+    pub fn worker_with(&self, concurrency: u16, task: impl kobe::tasks::Task) -> TestWorker {
+        let mut registry = Registry::with_builtin_tasks();
+        registry
+            .register(task)
+            .expect("a task name of the test's own");
+        self.spawn_worker_on(concurrency, Vec::new(), registry)
+    }
+
+    /// Waits until the queue of `route` holds no ready message.
+    pub async fn wait_queue_empty(&self, route: &str, what: &str) {
+        let queue = self.topology.queue(route);
+        eventually(Duration::from_secs(30), what, || async {
+            (self.queue_depth(queue.clone()).await? == 0).then_some(())
+        })
+        .await;
+    }
+
     /// Starts a worker in this process; stop it with [`TestWorker::stop`].
     pub fn spawn_worker(&self, concurrency: u16) -> TestWorker {
         self.spawn_worker_on(concurrency, Vec::new(), Registry::with_builtin_tasks())

@@ -496,11 +496,7 @@ async fn a_503_means_the_task_never_runs_and_a_202_that_it_runs_once() {
         }
     }
     // Every message that reached the broker has been consumed (refused ones acked unrun).
-    let queue = env.topology.queue("default");
-    common::eventually(Duration::from_secs(30), "queue drained", || async {
-        (env.queue_depth(queue.clone()).await? == 0).then_some(())
-    })
-    .await;
+    env.wait_queue_empty("default", "queue drained").await;
     worker.stop().await;
     let runs = log.0.lock().unwrap().clone();
     for (status, body) in &answers {

@@ -507,7 +507,7 @@ async fn a_child_whose_publish_failed_is_published_when_its_parent_spawns_it_aga
     // Once confirmed, spawning it again is a no-op.
     common::eventually(Duration::from_secs(10), "marked confirmed", || async {
         let task = env.tasks().get(id.as_str()).await.ok()??;
-        (task.publish_state.as_deref() == Some("confirmed")).then_some(())
+        (task.publish_state == Some(kobe::store::tasks::PublishState::Confirmed)).then_some(())
     })
     .await;
     submitter.submit_child(child).await.unwrap();

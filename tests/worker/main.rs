@@ -158,9 +158,7 @@ async fn a_permanent_error_dead_letters_on_the_first_attempt() {
     let env = TestEnv::new().await;
     env.init_db().await;
     let publisher = env.publisher();
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(AlwaysPermanent).unwrap();
-    let worker = env.spawn_worker_on(2, vec![], registry);
+    let worker = env.worker_with(2, AlwaysPermanent);
 
     let message = TaskMessage::new(TaskId::generate(), "always_permanent", vec![], Map::new());
     env.publish_message(&publisher, &message).await;
@@ -333,9 +331,7 @@ async fn a_duplicate_delivery_of_a_finished_task_does_not_run_it_again() {
     env.init_db().await;
     let publisher = env.publisher();
     let runs = Arc::new(AtomicUsize::new(0));
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(Counted(runs.clone())).unwrap();
-    let worker = env.spawn_worker_on(2, vec![], registry);
+    let worker = env.worker_with(2, Counted(runs.clone()));
 
     let message = TaskMessage::new(TaskId::generate(), "counted", vec![], Map::new());
     env.publish_message(&publisher, &message).await;
@@ -346,11 +342,7 @@ async fn a_duplicate_delivery_of_a_finished_task_does_not_run_it_again() {
 
     // The same message again, as a redelivery after a lost ack would bring it.
     env.publish_message(&publisher, &message).await;
-    let queue = env.topology.queue("default");
-    common::eventually(Duration::from_secs(10), "duplicate consumed", || async {
-        (env.queue_depth(queue.clone()).await? == 0).then_some(())
-    })
-    .await;
+    env.wait_queue_empty("default", "duplicate consumed").await;
     worker.stop().await;
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     let after = env.tasks().get(message.id.as_str()).await.unwrap().unwrap();
@@ -363,9 +355,7 @@ async fn a_handler_panic_is_retried_and_the_worker_survives() {
     let env = TestEnv::with(&[("KOBE_RETRY_BASE_MS", "100")]).await;
     env.init_db().await;
     let publisher = env.publisher();
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(PanicsOnce).unwrap();
-    let worker = env.spawn_worker_on(2, vec![], registry);
+    let worker = env.worker_with(2, PanicsOnce);
 
     let message = TaskMessage::new(TaskId::generate(), "panics_once", vec![], Map::new());
     env.publish_message(&publisher, &message).await;
@@ -415,9 +405,7 @@ async fn quorum_queues_run_and_dead_letter_tasks_too() {
     let env = TestEnv::with(&[("KOBE_QUEUE_TYPE", "quorum")]).await;
     env.init_db().await;
     let publisher = env.publisher();
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(AlwaysPermanent).unwrap();
-    let worker = env.spawn_worker_on(2, vec![], registry);
+    let worker = env.worker_with(2, AlwaysPermanent);
 
     let ok = demo(json!({"duration_ms": 1}));
     env.publish_message(&publisher, &ok).await;
@@ -513,11 +501,7 @@ async fn one_connection_drop_runs_the_task_once(workers: usize) {
         .await;
     assert_eq!(done.state, TaskState::Success, "{done:?}");
     // The redelivered copy never started beside the running attempt, and never after it.
-    let queue = env.topology.queue("default");
-    common::eventually(Duration::from_secs(20), "redelivery settled", || async {
-        (env.queue_depth(queue.clone()).await? == 0).then_some(())
-    })
-    .await;
+    env.wait_queue_empty("default", "redelivery settled").await;
     for worker in running {
         worker.stop().await;
     }
@@ -548,9 +532,7 @@ async fn a_dropped_connection_with_a_second_worker_does_not_run_the_task_twice()
 async fn a_duplicate_publish_of_a_running_task_waits_and_is_acked_without_running() {
     let env = TestEnv::new().await;
     let (task, runs) = slow("slow_counted", 1500);
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(task).unwrap();
-    let worker = env.spawn_worker_on(4, vec![], registry);
+    let worker = env.worker_with(4, task);
     let publisher = env.publisher();
     let message = TaskMessage::new(TaskId::generate(), "slow_counted", vec![], Map::new());
     env.publish_message(&publisher, &message).await;
@@ -561,11 +543,7 @@ async fn a_duplicate_publish_of_a_running_task_waits_and_is_acked_without_runnin
         .wait_final(message.id.as_str(), Duration::from_secs(20))
         .await;
     assert_eq!(done.state, TaskState::Success);
-    let queue = env.topology.queue("default");
-    common::eventually(Duration::from_secs(20), "duplicate settled", || async {
-        (env.queue_depth(queue.clone()).await? == 0).then_some(())
-    })
-    .await;
+    env.wait_queue_empty("default", "duplicate settled").await;
     worker.stop().await;
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert!(common::metric("kobe_duplicate_deliveries_total{reason=\"held\"}") >= 1.0);
@@ -599,9 +577,7 @@ impl Task for Unstorable {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_mongodb_cannot_store_fails_the_task_once_instead_of_looping() {
     let env = TestEnv::new().await;
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(Unstorable).unwrap();
-    let worker = env.spawn_worker_on(3, vec![], registry);
+    let worker = env.worker_with(3, Unstorable);
     let publisher = env.publisher();
     let mut ids = Vec::new();
     for kind in ["u64", "nul", "huge"] {
@@ -654,10 +630,8 @@ impl Task for PanicsInWorker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_headers_and_a_panic_in_delivery_handling_still_settle_the_message() {
     let env = TestEnv::new().await;
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(PanicsInWorker).unwrap();
     // One slot: a delivery that never settled would hold it, and the last message would never run.
-    let worker = env.spawn_worker_on(1, vec![], registry);
+    let worker = env.worker_with(1, PanicsInWorker);
     let publisher = env.publisher();
 
     // A Celery client's time limit of 2e19 seconds: clamped, not a panic.
@@ -721,9 +695,7 @@ async fn record(env: &TestEnv, message: &TaskMessage, fields: mongodb::bson::Doc
 async fn a_stale_attempt_never_runs_and_never_moves_retries_back() {
     let env = TestEnv::new().await;
     let runs = Arc::new(AtomicUsize::new(0));
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(Counted(runs.clone())).unwrap();
-    let worker = env.spawn_worker_on(2, vec![], registry);
+    let worker = env.worker_with(2, Counted(runs.clone()));
     let publisher = env.publisher();
     // The task is waiting for its third attempt; a late copy of its first arrives.
     let message = TaskMessage::new(TaskId::generate(), "counted", vec![], Map::new());
@@ -734,11 +706,7 @@ async fn a_stale_attempt_never_runs_and_never_moves_retries_back() {
     )
     .await;
     env.publish_message(&publisher, &message).await;
-    let queue = env.topology.queue("default");
-    common::eventually(Duration::from_secs(20), "stale copy settled", || async {
-        (env.queue_depth(queue.clone()).await? == 0).then_some(())
-    })
-    .await;
+    env.wait_queue_empty("default", "stale copy settled").await;
     common::eventually(Duration::from_secs(5), "counted as stale", || async {
         (common::metric("kobe_duplicate_deliveries_total{reason=\"stale_attempt\"}") >= 1.0)
             .then_some(())
@@ -755,9 +723,7 @@ async fn a_stale_attempt_never_runs_and_never_moves_retries_back() {
 async fn a_dead_letter_owed_by_a_dead_attempt_is_published_by_the_redelivery() {
     let env = TestEnv::new().await;
     let runs = Arc::new(AtomicUsize::new(0));
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(Counted(runs.clone())).unwrap();
-    let worker = env.spawn_worker_on(2, vec![], registry);
+    let worker = env.worker_with(2, Counted(runs.clone()));
     let publisher = env.publisher();
     // An attempt recorded FAILURE and died before its dead letter was confirmed.
     let message = TaskMessage::new(TaskId::generate(), "counted", vec![], Map::new());
@@ -791,9 +757,7 @@ async fn a_dead_letter_owed_by_a_dead_attempt_is_published_by_the_redelivery() {
 async fn a_message_started_too_often_is_closed_as_poison() {
     let env = TestEnv::with(&[("KOBE_MAX_DELIVERIES", "3")]).await;
     let runs = Arc::new(AtomicUsize::new(0));
-    let mut registry = Registry::with_builtin_tasks();
-    registry.register(Counted(runs.clone())).unwrap();
-    let worker = env.spawn_worker_on(2, vec![], registry);
+    let worker = env.worker_with(2, Counted(runs.clone()));
     let publisher = env.publisher();
     // Three attempts started it and died without an outcome (their leases have lapsed).
     let message = TaskMessage::new(TaskId::generate(), "counted", vec![], Map::new());

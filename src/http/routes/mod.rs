@@ -1,9 +1,11 @@
 //! One file per resource.
 
+pub mod catalog;
 pub mod docs;
 pub mod health;
 pub mod metrics;
-pub mod tasks;
+pub mod status;
+pub mod submit;
 
 use actix_web::HttpRequest;
 

@@ -1,6 +1,7 @@
-//! `/task/*` and `/tasks`: submit a task, read its status and result, list the task names.
+//! `POST /task/start`: parse and check a submission, then hand it to the submitter
+//! ([`crate::submit`]) and answer for it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
@@ -10,10 +11,9 @@ use serde_json::{Map, Value};
 use tracing::Instrument;
 use utoipa::ToSchema;
 
-use crate::domain::{Fingerprint, Priority, TaskId, TaskState};
+use crate::domain::{Fingerprint, Priority, TaskId};
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
-use crate::store::TaskDocument;
 use crate::submit::{NewTask, SubmitError, Submitted};
 use crate::telemetry::trace::TraceContext;
 
@@ -157,16 +157,12 @@ fn rfc3339(field: &str, value: &str) -> Result<DateTime, ApiError> {
         .map_err(|_| ApiError::validation(field, "an RFC 3339 time such as 2030-01-01T00:00:00Z"))
 }
 
-fn iso(t: DateTime) -> String {
-    t.try_to_rfc3339_string().unwrap_or_default()
-}
-
 /// Timing fields, checked against each other.
 struct Timing {
-    eta: Option<String>,
-    expires: Option<String>,
-    hard: Option<f64>,
-    soft: Option<f64>,
+    eta: Option<DateTime>,
+    expires: Option<DateTime>,
+    hard: Option<Duration>,
+    soft: Option<Duration>,
 }
 
 fn timing(submission: &TaskStart) -> Result<Timing, ApiError> {
@@ -232,10 +228,10 @@ fn timing(submission: &TaskStart) -> Result<Timing, ApiError> {
         }
     }
     Ok(Timing {
-        eta: eta.map(iso),
-        expires: expires.map(iso),
-        hard: hard.map(|d| d.as_secs_f64()),
-        soft: soft.map(|d| d.as_secs_f64()),
+        eta,
+        expires,
+        hard,
+        soft,
     })
 }
 
@@ -418,310 +414,6 @@ fn fingerprint(
     Ok(submission.dedup.unwrap_or(false).then(|| {
         Fingerprint::of_arguments(&submission.task_name, &submission.args, &submission.kwargs)
     }))
-}
-
-fn timestamp(t: Option<DateTime>) -> Option<String> {
-    t.and_then(|t| t.try_to_rfc3339_string().ok())
-}
-
-/// A failed attempt, as the status shows it.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AttemptError {
-    pub attempt: u32,
-    pub root_cause: String,
-    /// `retry` or `dead_letter`.
-    pub decision: String,
-    pub retry_delay_ms: Option<u64>,
-    pub at: Option<String>,
-}
-
-/// Progress of a sharded job, on the status of the task that planned it.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobProgress {
-    pub job_id: String,
-    pub shards_total: u32,
-    pub shards_done: usize,
-    pub shards_failed: usize,
-    pub items: u64,
-    pub hash: String,
-    pub strategy: String,
-}
-
-/// Where a task is.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TaskStatus {
-    pub task_id: String,
-    pub task_name: String,
-    #[schema(value_type = String, example = "SUCCESS")]
-    pub state: TaskState,
-    /// `SUCCESS` or `FAILURE`: it will not change again.
-    pub ready: bool,
-    /// Failed attempts so far.
-    pub retries: u32,
-    pub created_at: Option<String>,
-    pub updated_at: Option<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    /// The last error, if any.
-    pub root_cause: Option<String>,
-    pub parent_id: Option<String>,
-    pub trace_id: Option<String>,
-    /// Every failed attempt, oldest first (present once there is one).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub errors: Option<Vec<AttemptError>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub job: Option<JobProgress>,
-}
-
-fn status_of(task: &TaskDocument) -> TaskStatus {
-    TaskStatus {
-        task_id: task.id.clone(),
-        task_name: task.task_name.clone(),
-        state: task.state,
-        ready: task.state.is_final(),
-        retries: task.retries,
-        created_at: timestamp(Some(task.created_at)),
-        updated_at: timestamp(Some(task.updated_at)),
-        started_at: timestamp(task.started_at),
-        finished_at: timestamp(task.finished_at),
-        root_cause: task.root_cause.clone(),
-        parent_id: task.parent_id.clone(),
-        trace_id: task.trace_id.clone(),
-        errors: None,
-        job: None,
-    }
-}
-
-/// The status as MongoDB has it, with failures and job progress.
-async fn load_status(state: &AppState, id: &TaskId) -> Result<Option<TaskStatus>, ApiError> {
-    let Some(task) = state
-        .tasks
-        .get(id.as_str())
-        .await
-        .map_err(ApiError::store)?
-    else {
-        return Ok(None);
-    };
-    let mut status = status_of(&task);
-    // Failures are looked up only for tasks that had some.
-    if task.retries > 0 || task.root_cause.is_some() {
-        let errors = state
-            .errors
-            .for_task(id.as_str())
-            .await
-            .map_err(ApiError::store)?;
-        if let Some(last) = errors.last() {
-            status.root_cause = Some(last.root_cause.clone());
-        }
-        status.errors = Some(
-            errors
-                .into_iter()
-                .map(|e| AttemptError {
-                    attempt: e.attempt,
-                    root_cause: e.root_cause,
-                    decision: serde_json::to_value(e.decision)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    retry_delay_ms: e.retry_delay_ms,
-                    at: timestamp(Some(e.at)),
-                })
-                .collect(),
-        );
-    }
-    if let Some(plan) = state
-        .shards
-        .planned_by(id.as_str())
-        .await
-        .map_err(ApiError::store)?
-    {
-        let states = state
-            .tasks
-            .states(&plan.shard_task_ids)
-            .await
-            .map_err(ApiError::store)?;
-        let count = |wanted: TaskState| states.iter().filter(|(_, s)| *s == wanted).count();
-        status.job = Some(JobProgress {
-            job_id: plan.job_id,
-            shards_total: plan.shards,
-            shards_done: count(TaskState::Success),
-            shards_failed: count(TaskState::Failure),
-            items: plan.items,
-            hash: plan.hash,
-            strategy: plan.strategy,
-        });
-    }
-    Ok(Some(status))
-}
-
-/// The status JSON: from Redis when a fresh copy is there, else from MongoDB (and then cached).
-/// Redis being slow or down only costs the cache.
-async fn status_json(state: &AppState, id: &TaskId) -> Result<Option<String>, ApiError> {
-    match state.cache.status(id.as_str()).await {
-        Ok(Some(json)) => return Ok(Some(json)),
-        Ok(None) => {}
-        Err(error) => tracing::debug!(error = %error, "status cache unavailable; reading MongoDB"),
-    }
-    let read_started = Instant::now();
-    let Some(status) = load_status(state, id).await? else {
-        return Ok(None);
-    };
-    let json = serde_json::to_string(&status).map_err(|e| ApiError::Internal(e.to_string()))?;
-    // Job progress moves with other tasks' states, which do not invalidate this key.
-    if status.job.is_none() {
-        if let Err(error) = state
-            .cache
-            .put_status(id.as_str(), &json, read_started)
-            .await
-        {
-            tracing::debug!(error = %error, "cannot cache the status");
-        }
-    }
-    Ok(Some(json))
-}
-
-/// One normalized state (`PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE`) with timestamps,
-/// failures so far and, for a sharded job, shard progress. An id never submitted is a 404 — not
-/// `PENDING`.
-#[utoipa::path(
-    get,
-    path = "/task/status/{id}",
-    tag = "tasks",
-    params(("id" = String, Path, description = "Task id")),
-    responses(
-        (status = 200, description = "The task's status", body = TaskStatus),
-        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "MongoDB unavailable", body = Problem, content_type = "application/problem+json"),
-    ),
-    security((), ("bearer" = [])),
-)]
-#[tracing::instrument(name = "http.task.status", skip(state))]
-pub async fn status(
-    state: web::Data<AppState>,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
-    let id = TaskId::parse(&id).map_err(|_| not_found())?;
-    let json = status_json(&state, &id).await?.ok_or_else(not_found)?;
-    Ok(HttpResponse::Ok()
-        .content_type("application/json")
-        .body(json))
-}
-
-/// A finished task's result, from the result backend.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TaskResult {
-    pub task_id: String,
-    #[schema(value_type = String)]
-    pub state: TaskState,
-    /// The handler's return value (`SUCCESS`).
-    #[schema(value_type = Object)]
-    pub result: Option<Value>,
-    /// Why it failed (`FAILURE`).
-    pub root_cause: Option<String>,
-}
-
-/// Never waits: `200` with the result once the task finished, `202` with the state while it
-/// has not, `404` for an unknown id, `410` once the result's TTL passed. Needs
-/// `KOBE_RESULT_BACKEND=redis`.
-#[utoipa::path(
-    get,
-    path = "/task/result/{id}",
-    tag = "tasks",
-    params(("id" = String, Path, description = "Task id")),
-    responses(
-        (status = 200, description = "Finished: the result (or the failure)", body = TaskResult),
-        (status = 202, description = "Not finished yet", body = TaskStatus),
-        (status = 404, description = "No such task, or the result backend is off", body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "The result expired", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "MongoDB or Redis unavailable", body = Problem, content_type = "application/problem+json"),
-    ),
-    security((), ("bearer" = [])),
-)]
-#[tracing::instrument(name = "http.task.result", skip(state))]
-pub async fn result(
-    state: web::Data<AppState>,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    if state.result_ttl.is_none() {
-        return Err(ApiError::ResultBackendOff);
-    }
-    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
-    let id = TaskId::parse(&id).map_err(|_| not_found())?;
-    let json = status_json(&state, &id).await?.ok_or_else(not_found)?;
-    let status: Value =
-        serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string()))?;
-    match status["state"].as_str() {
-        Some("SUCCESS") => {
-            let stored = state
-                .cache
-                .result(id.as_str())
-                .await
-                .map_err(ApiError::store)?;
-            let stored = stored
-                .ok_or_else(|| ApiError::Gone(format!("the result of `{id}` has expired")))?;
-            let result: Value =
-                serde_json::from_str(&stored).map_err(|e| ApiError::Internal(e.to_string()))?;
-            Ok(HttpResponse::Ok().json(TaskResult {
-                task_id: id.to_string(),
-                state: TaskState::Success,
-                result: Some(result),
-                root_cause: None,
-            }))
-        }
-        Some("FAILURE") => Ok(HttpResponse::Ok().json(TaskResult {
-            task_id: id.to_string(),
-            state: TaskState::Failure,
-            result: None,
-            root_cause: status["root_cause"].as_str().map(str::to_owned),
-        })),
-        _ => Ok(HttpResponse::Accepted()
-            .content_type("application/json")
-            .body(json)),
-    }
-}
-
-/// A task this deployment can run.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TaskInfo {
-    pub name: String,
-    /// Where it is sent unless a submission names a `queue`.
-    pub route: String,
-    pub max_retries: u32,
-    pub time_limit_s: f64,
-}
-
-/// The registered tasks.
-#[utoipa::path(
-    get,
-    path = "/tasks",
-    tag = "tasks",
-    responses(
-        (status = 200, description = "Registered tasks", body = Vec<TaskInfo>),
-        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
-    ),
-    security((), ("bearer" = [])),
-)]
-pub async fn list(state: web::Data<AppState>) -> HttpResponse {
-    let topology = state.submitter.topology();
-    let tasks: Vec<TaskInfo> = state
-        .registry
-        .names()
-        .into_iter()
-        .filter_map(|name| state.registry.get(name))
-        .map(|task| TaskInfo {
-            name: task.name().to_owned(),
-            route: topology.route_of(task.name()).to_owned(),
-            max_retries: task.retry_policy().max_retries,
-            time_limit_s: task.time_limit().as_secs_f64(),
-        })
-        .collect();
-    HttpResponse::Ok().json(tasks)
 }
 
 #[cfg(test)]

@@ -10,7 +10,11 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::amqp::QueueKind;
+pub mod variables;
+
+pub use variables::{default_of, VARIABLES};
+
+use crate::domain::QueueKind;
 
 /// A configuration error, naming the variable so the operator knows what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -210,59 +214,49 @@ impl Settings {
     /// Reads settings through `lookup`, so tests can pass a map instead of mutating the
     /// environment of the whole test process.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |var: &'static str, default: &str| -> String {
+        let get = |var: &'static str| -> String {
             lookup(var)
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| default.to_owned())
+                .unwrap_or_else(|| default_of(var).to_owned())
         };
 
-        let rabbitmq_url = url_setting(
-            "RABBITMQ_URL",
-            &get("RABBITMQ_URL", defaults::RABBITMQ_URL),
-            &["amqp"],
-        )?;
+        let rabbitmq_url = url_setting("RABBITMQ_URL", &get("RABBITMQ_URL"), &["amqp"])?;
         let mongodb_uri = url_setting(
             "MONGODB_URI",
-            &get("MONGODB_URI", defaults::MONGODB_URI),
+            &get("MONGODB_URI"),
             &["mongodb", "mongodb+srv"],
         )?;
-        let redis_url = url_setting(
-            "REDIS_URL",
-            &get("REDIS_URL", defaults::REDIS_URL),
-            &["redis", "rediss"],
-        )?;
-        let mongodb_db = name_setting("MONGODB_DB", &get("MONGODB_DB", defaults::MONGODB_DB))?;
-        let http_addr = get("KOBE_HTTP_ADDR", defaults::HTTP_ADDR)
+        let redis_url = url_setting("REDIS_URL", &get("REDIS_URL"), &["redis", "rediss"])?;
+        let mongodb_db = name_setting("MONGODB_DB", &get("MONGODB_DB"))?;
+        let http_addr = get("KOBE_HTTP_ADDR")
             .parse::<SocketAddr>()
             .map_err(|e| ConfigError {
                 var: "KOBE_HTTP_ADDR",
                 reason: format!("expected host:port such as 127.0.0.1:8000 ({e})"),
             })?;
-        let log_level = get("KOBE_LOG_LEVEL", defaults::LOG_LEVEL);
+        let log_level = get("KOBE_LOG_LEVEL");
         tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| ConfigError {
             var: "KOBE_LOG_LEVEL",
             reason: format!("not a log filter such as `info` or `kobe=debug,warn` ({e})"),
         })?;
-        let log_format = get("KOBE_LOG_FORMAT", "pretty")
+        let log_format = get("KOBE_LOG_FORMAT")
             .parse::<LogFormat>()
             .map_err(|reason| ConfigError {
                 var: "KOBE_LOG_FORMAT",
                 reason,
             })?;
-        let amqp_prefix = name_setting("KOBE_AMQP_PREFIX", &get("KOBE_AMQP_PREFIX", "kobe"))?;
-        let queue_kind = get("KOBE_QUEUE_TYPE", "classic")
+        let amqp_prefix = name_setting("KOBE_AMQP_PREFIX", &get("KOBE_AMQP_PREFIX"))?;
+        let queue_kind = get("KOBE_QUEUE_TYPE")
             .parse::<QueueKind>()
             .map_err(|reason| ConfigError {
                 var: "KOBE_QUEUE_TYPE",
                 reason,
             })?;
-        let redis_prefix = name_setting("KOBE_REDIS_PREFIX", &get("KOBE_REDIS_PREFIX", "kobe"))?;
-        let publish_timeout = duration_ms(
-            "KOBE_PUBLISH_TIMEOUT_MS",
-            &get("KOBE_PUBLISH_TIMEOUT_MS", "5000"),
-        )?;
-        let publish_queue = get("KOBE_PUBLISH_QUEUE", "4096")
+        let redis_prefix = name_setting("KOBE_REDIS_PREFIX", &get("KOBE_REDIS_PREFIX"))?;
+        let publish_timeout =
+            duration_ms("KOBE_PUBLISH_TIMEOUT_MS", &get("KOBE_PUBLISH_TIMEOUT_MS"))?;
+        let publish_queue = get("KOBE_PUBLISH_QUEUE")
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=1_000_000).contains(n))
@@ -272,11 +266,10 @@ impl Settings {
             })?;
         let dependency_timeout = duration_ms(
             "KOBE_DEPENDENCY_TIMEOUT_MS",
-            &get("KOBE_DEPENDENCY_TIMEOUT_MS", "3000"),
+            &get("KOBE_DEPENDENCY_TIMEOUT_MS"),
         )?;
-        let task_routes = parse_routes(&get("KOBE_TASK_ROUTES", ""))?;
-        let shutdown_grace =
-            duration_secs("KOBE_SHUTDOWN_GRACE", &get("KOBE_SHUTDOWN_GRACE", "30"))?;
+        let task_routes = parse_routes(&get("KOBE_TASK_ROUTES"))?;
+        let shutdown_grace = duration_secs("KOBE_SHUTDOWN_GRACE", &get("KOBE_SHUTDOWN_GRACE"))?;
 
         let optional = |var: &'static str| {
             lookup(var)
@@ -297,10 +290,9 @@ impl Settings {
                 .map(|v| duration_ms("KOBE_RETRY_MAX_DELAY_MS", &v))
                 .transpose()?,
         };
-        let task_retry = parse_task_retry(&get("KOBE_TASK_RETRY", ""))?;
-        let dedup_window =
-            duration_secs("KOBE_DEDUP_WINDOW_S", &get("KOBE_DEDUP_WINDOW_S", "86400"))?;
-        let payload_inline_limit = get("KOBE_PAYLOAD_INLINE_LIMIT", "16384")
+        let task_retry = parse_task_retry(&get("KOBE_TASK_RETRY"))?;
+        let dedup_window = duration_secs("KOBE_DEDUP_WINDOW_S", &get("KOBE_DEDUP_WINDOW_S"))?;
+        let payload_inline_limit = get("KOBE_PAYLOAD_INLINE_LIMIT")
             .parse::<usize>()
             .ok()
             .filter(|n| (256..=8 * 1024 * 1024).contains(n))
@@ -308,7 +300,7 @@ impl Settings {
                 var: "KOBE_PAYLOAD_INLINE_LIMIT",
                 reason: "expected a number of bytes between 256 and 8388608".into(),
             })?;
-        let max_body_bytes = get("KOBE_MAX_BODY_BYTES", "1048576")
+        let max_body_bytes = get("KOBE_MAX_BODY_BYTES")
             .parse::<usize>()
             .ok()
             .filter(|n| (1024..=64 * 1024 * 1024).contains(n))
@@ -316,18 +308,13 @@ impl Settings {
                 var: "KOBE_MAX_BODY_BYTES",
                 reason: "expected a number of bytes between 1024 and 67108864".into(),
             })?;
-        let status_cache_ttl = duration_ms(
-            "KOBE_STATUS_CACHE_TTL_MS",
-            &get("KOBE_STATUS_CACHE_TTL_MS", "2000"),
-        )?;
-        let result_ttl = match get("KOBE_RESULT_BACKEND", "none").as_str() {
+        let status_cache_ttl =
+            duration_ms("KOBE_STATUS_CACHE_TTL_MS", &get("KOBE_STATUS_CACHE_TTL_MS"))?;
+        let result_ttl = match get("KOBE_RESULT_BACKEND").as_str() {
             "none" | "off" => None,
-            "redis" => Some(duration_secs(
-                "KOBE_RESULT_TTL",
-                &get("KOBE_RESULT_TTL", "86400"),
-            )?)
-            .filter(|ttl| !ttl.is_zero())
-            .or(Some(Duration::from_secs(1))),
+            "redis" => Some(duration_secs("KOBE_RESULT_TTL", &get("KOBE_RESULT_TTL"))?)
+                .filter(|ttl| !ttl.is_zero())
+                .or(Some(Duration::from_secs(1))),
             other => {
                 return Err(ConfigError {
                     var: "KOBE_RESULT_BACKEND",
@@ -335,14 +322,14 @@ impl Settings {
                 })
             }
         };
-        let rate_limit = get("KOBE_RATE_LIMIT", "0")
+        let rate_limit = get("KOBE_RATE_LIMIT")
             .parse::<u32>()
             .map_err(|_| ConfigError {
                 var: "KOBE_RATE_LIMIT",
                 reason: "expected requests per window (0 turns it off)".into(),
             })?;
-        let rate_window = duration_ms("KOBE_RATE_WINDOW_MS", &get("KOBE_RATE_WINDOW_MS", "1000"))?;
-        let api_tokens: Vec<String> = get("KOBE_API_TOKENS", "")
+        let rate_window = duration_ms("KOBE_RATE_WINDOW_MS", &get("KOBE_RATE_WINDOW_MS"))?;
+        let api_tokens: Vec<String> = get("KOBE_API_TOKENS")
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
@@ -354,18 +341,14 @@ impl Settings {
                 reason: "every token needs at least 16 characters".into(),
             });
         }
-        let metrics_auth = bool_setting("KOBE_METRICS_AUTH", &get("KOBE_METRICS_AUTH", "false"))?;
-        let log_payloads = bool_setting("KOBE_LOG_PAYLOADS", &get("KOBE_LOG_PAYLOADS", "false"))?;
-        let outbox_age = duration_ms("KOBE_OUTBOX_AGE_MS", &get("KOBE_OUTBOX_AGE_MS", "30000"))?;
-        let outbox_interval = duration_ms(
-            "KOBE_OUTBOX_INTERVAL_MS",
-            &get("KOBE_OUTBOX_INTERVAL_MS", "5000"),
-        )?;
+        let metrics_auth = bool_setting("KOBE_METRICS_AUTH", &get("KOBE_METRICS_AUTH"))?;
+        let log_payloads = bool_setting("KOBE_LOG_PAYLOADS", &get("KOBE_LOG_PAYLOADS"))?;
+        let outbox_age = duration_ms("KOBE_OUTBOX_AGE_MS", &get("KOBE_OUTBOX_AGE_MS"))?;
+        let outbox_interval =
+            duration_ms("KOBE_OUTBOX_INTERVAL_MS", &get("KOBE_OUTBOX_INTERVAL_MS"))?;
 
-        let execution_lease = duration_ms(
-            "KOBE_EXECUTION_LEASE_MS",
-            &get("KOBE_EXECUTION_LEASE_MS", "30000"),
-        )?;
+        let execution_lease =
+            duration_ms("KOBE_EXECUTION_LEASE_MS", &get("KOBE_EXECUTION_LEASE_MS"))?;
         if execution_lease < Duration::from_millis(300) {
             return Err(ConfigError {
                 var: "KOBE_EXECUTION_LEASE_MS",
@@ -373,7 +356,7 @@ impl Settings {
                     .into(),
             });
         }
-        let max_deliveries = get("KOBE_MAX_DELIVERIES", "5")
+        let max_deliveries = get("KOBE_MAX_DELIVERIES")
             .parse::<u32>()
             .ok()
             .filter(|n| *n >= 1)
@@ -381,7 +364,7 @@ impl Settings {
                 var: "KOBE_MAX_DELIVERIES",
                 reason: "expected a number of deliveries, at least 1".into(),
             })?;
-        let batch_linger = get("KOBE_BATCH_LINGER_US", "1000")
+        let batch_linger = get("KOBE_BATCH_LINGER_US")
             .parse::<u64>()
             .ok()
             .filter(|us| *us <= 2000)
@@ -390,7 +373,7 @@ impl Settings {
                 var: "KOBE_BATCH_LINGER_US",
                 reason: "expected microseconds between 0 and 2000".into(),
             })?;
-        let batch_max = get("KOBE_BATCH_MAX", "500")
+        let batch_max = get("KOBE_BATCH_MAX")
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=10_000).contains(n))
@@ -398,8 +381,8 @@ impl Settings {
                 var: "KOBE_BATCH_MAX",
                 reason: "expected statements per command between 1 and 10000".into(),
             })?;
-        let slot_wait = duration_ms("KOBE_SLOT_WAIT_MS", &get("KOBE_SLOT_WAIT_MS", "1000"))?;
-        let fast_start = bool_setting("KOBE_FAST_START", &get("KOBE_FAST_START", "false"))?;
+        let slot_wait = duration_ms("KOBE_SLOT_WAIT_MS", &get("KOBE_SLOT_WAIT_MS"))?;
+        let fast_start = bool_setting("KOBE_FAST_START", &get("KOBE_FAST_START"))?;
 
         Ok(Self {
             rabbitmq_url,
@@ -439,16 +422,6 @@ impl Settings {
             fast_start,
         })
     }
-}
-
-/// Defaults shared with `docker-compose.yml` and `.env.example`.
-pub mod defaults {
-    pub const RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-    pub const MONGODB_URI: &str = "mongodb://127.0.0.1:27017";
-    pub const MONGODB_DB: &str = "kobe";
-    pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
-    pub const HTTP_ADDR: &str = "127.0.0.1:8000";
-    pub const LOG_LEVEL: &str = "info";
 }
 
 fn url_setting(
@@ -608,7 +581,7 @@ mod tests {
         assert_eq!(s.http_addr.to_string(), "127.0.0.1:8000");
         assert_eq!(s.mongodb_db, "kobe");
         assert_eq!(s.log_format, LogFormat::Pretty);
-        assert_eq!(s.rabbitmq_url.expose(), defaults::RABBITMQ_URL);
+        assert_eq!(s.rabbitmq_url.expose(), default_of("RABBITMQ_URL"));
         assert_eq!(s.amqp_prefix, "kobe");
     }
 

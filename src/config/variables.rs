@@ -1,0 +1,201 @@
+//! Every variable Kobe reads, in one table: its name, its default and what it means. Settings take
+//! their defaults from here, and `.env.example` and the README's configuration table are generated
+//! from it (a test fails when either has drifted: `KOBE_BLESS=1 cargo test --lib config` rewrites
+//! them).
+
+/// One variable.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    /// The value when it is unset or empty (empty: none).
+    pub default: &'static str,
+    /// What it means, for `.env.example` and the README.
+    pub help: &'static str,
+    /// Written commented out in `.env.example` (its mere presence changes behaviour).
+    pub commented: bool,
+}
+
+const fn var(name: &'static str, default: &'static str, help: &'static str) -> Variable {
+    Variable {
+        name,
+        default,
+        help,
+        commented: false,
+    }
+}
+
+/// Every variable, in the order `.env.example` lists them.
+pub const VARIABLES: &[Variable] = &[
+    var("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", "RabbitMQ: amqp://user:password@host:port/vhost (%2f is the default vhost \"/\"). amqp:// only; terminate TLS in front of the broker. The password is shown as *** in every log line."),
+    var("MONGODB_URI", "mongodb://127.0.0.1:27017", "MongoDB connection string (mongodb:// or mongodb+srv://; TLS options in the string work). Its write concern is Kobe's: with ?w=majority&journal=true (as in docker-compose.yml) a 202 survives the loss of a MongoDB node."),
+    var("MONGODB_DB", "kobe", "Kobe's MongoDB database."),
+    var("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis: redis://[:password@]host:port/db (rediss:// for TLS)."),
+    var("KOBE_HTTP_ADDR", "127.0.0.1:8000", "Where `kobe serve` listens. Use 0.0.0.0:8000 inside a container."),
+    var("KOBE_LOG_LEVEL", "info", "Log filter (tracing EnvFilter syntax: info, debug, kobe=debug,warn …)."),
+    var("KOBE_LOG_FORMAT", "pretty", "Log format: pretty or json (one object per line)."),
+    var("KOBE_AMQP_PREFIX", "kobe", "Prefix of every exchange and queue (kobe.tasks, kobe.default, kobe.dlq …)."),
+    var("KOBE_REDIS_PREFIX", "kobe", "Prefix of every Redis key."),
+    var("KOBE_QUEUE_TYPE", "classic", "classic (one broker) or quorum (a cluster; dead-letter-strategy=at-least-once)."),
+    var("KOBE_TASK_ROUTES", "", "Task → route (queue {prefix}.{route}), as task=route,…; unrouted tasks go to \"default\". Example: demo_long_io=io"),
+    var("KOBE_PUBLISH_TIMEOUT_MS", "5000", "How long a publish waits for RabbitMQ's confirm before the API answers 503 (milliseconds)."),
+    var("KOBE_PUBLISH_QUEUE", "4096", "Publishes that may wait for the publishing connection; more are refused at once with 503 and Retry-After: 1."),
+    var("KOBE_DEPENDENCY_TIMEOUT_MS", "3000", "How long /ready and `kobe healthcheck` wait for each dependency (milliseconds)."),
+    var("KOBE_SHUTDOWN_GRACE", "30", "How long a stopping worker lets running tasks finish, and `serve` lets requests finish (seconds)."),
+    var("KOBE_CONCURRENCY", "10", "Worker: tasks running at once (the --concurrency flag wins)."),
+    var("KOBE_PREFETCH_MULTIPLIER", "4", "Worker: prefetch = concurrency × multiplier (the --prefetch-multiplier flag wins). More than one lets short tasks share MongoDB commands."),
+    var("KOBE_QUEUES", "", "Worker: routes to consume, comma-separated; empty: every route (the --queues flag wins)."),
+    var("KOBE_WORKER_METRICS_ADDR", "", "Worker: where to serve /metrics; empty: nowhere (the --metrics-addr flag wins)."),
+    var("KOBE_SLOT_WAIT_MS", "1000", "Worker: a prefetched message that finds no free run slot within this long goes back to its queue (milliseconds), so a prefetch above the concurrency never holds long tasks back."),
+    var("KOBE_EXECUTION_LEASE_MS", "30000", "Worker: a running attempt holds its task's execution lease this long and renews it every third of it (milliseconds). A copy of the task delivered again waits for the attempt to finish, or for its lease to lapse if its worker died."),
+    var("KOBE_MAX_DELIVERIES", "5", "Worker: starts of one attempt (each ended by a worker dying) after which its message is poison: the task is closed FAILURE and the message dead-lettered with the count."),
+    var("KOBE_BATCH_LINGER_US", "1000", "Group commit: how long the first write of a batch waits for company (microseconds, at most 2000)."),
+    var("KOBE_BATCH_MAX", "500", "Group commit: statements per MongoDB command at most."),
+    var("KOBE_FAST_START", "false", "Worker: start a fresh delivery's handler while its STARTED claim is still on its way, so a short task costs one MongoDB statement instead of two. The price: a duplicate publish of a short task that already finished runs it once more (its outcome is discarded)."),
+    var("KOBE_RETRY_MAX", "", "Retries after the first attempt, for every task; empty: each task's own policy (3 retries, 1 s base, factor 2, 300 s cap; delays exponential with jitter)."),
+    var("KOBE_RETRY_BASE_MS", "", "Delay before the first retry, for every task (milliseconds); empty: each task's own."),
+    var("KOBE_RETRY_FACTOR", "", "Growth of the delay from one retry to the next, for every task; empty: each task's own."),
+    var("KOBE_RETRY_MAX_DELAY_MS", "", "Longest delay between retries, for every task (milliseconds); empty: each task's own."),
+    var("KOBE_TASK_RETRY", "", "Retry policy of one task each, over the above: demo_long_io:max=5,base_ms=100,factor=2,cap_ms=2000;other:max=0"),
+    var("KOBE_DEDUP_WINDOW_S", "86400", "How long a dedup fingerprint (Idempotency-Key, dedup_key or \"dedup\": true) keeps answering with its first task (seconds)."),
+    var("KOBE_PAYLOAD_INLINE_LIMIT", "16384", "Arguments or results larger than this (bytes of JSON) are kept in MongoDB's RawPayload and the message carries a reference."),
+    var("KOBE_OUTBOX_AGE_MS", "30000", "The outbox sweeper in `serve` publishes tasks recorded but never confirmed by the broker once they are this old (milliseconds)."),
+    var("KOBE_OUTBOX_INTERVAL_MS", "5000", "How often the outbox sweeper looks (milliseconds)."),
+    var("KOBE_MAX_BODY_BYTES", "1048576", "Largest accepted request body (bytes); larger ones get 413."),
+    var("KOBE_STATUS_CACHE_TTL_MS", "2000", "How long a status answer may come from Redis (milliseconds). Every state change invalidates it."),
+    var("KOBE_RESULT_BACKEND", "none", "Result backend: none (GET /task/result answers 404 result-backend-off) or redis."),
+    var("KOBE_RESULT_TTL", "86400", "With the redis result backend: how long each result is kept (seconds)."),
+    var("KOBE_RATE_LIMIT", "0", "Requests per window per client (bearer token, else IP address) on /task* and /tasks; over it, 429 with Retry-After. 0, the default, turns it off (FastAPI and Celery have none); e.g. 100 turns it on."),
+    var("KOBE_RATE_WINDOW_MS", "1000", "The rate limit's window (milliseconds)."),
+    var("KOBE_API_TOKENS", "", "Bearer tokens (comma-separated, 16+ characters each). When set, /task* and /tasks need \"Authorization: Bearer <token>\"; /health, /ready, /docs and /openapi.json stay open, /metrics too unless KOBE_METRICS_AUTH=true. Empty: no authentication."),
+    var("KOBE_METRICS_AUTH", "false", "Whether /metrics needs a bearer token too."),
+    var("KOBE_LOG_PAYLOADS", "false", "Log task arguments when a worker starts a task. Off by default: payloads may hold personal data."),
+    Variable {
+        commented: true,
+        ..var("OTEL_EXPORTER_OTLP_ENDPOINT", "", "OpenTelemetry: an OTLP/HTTP endpoint (e.g. http://localhost:4318) to export spans to; unset, nothing is exported. The standard OTEL_* variables (OTEL_SERVICE_NAME, …) apply.")
+    },
+];
+
+/// The default of `name`. Every variable Kobe reads is in [`VARIABLES`]; asking for another is a
+/// bug, caught by the settings' own tests.
+pub fn default_of(name: &str) -> &'static str {
+    VARIABLES
+        .iter()
+        .find(|v| v.name == name)
+        .map(|v| v.default)
+        .unwrap_or_else(|| panic!("{name} is not in config::VARIABLES"))
+}
+
+/// `.env.example`, generated.
+pub fn env_example() -> String {
+    let mut out = String::from(
+        "# Kobe's settings. Copy to .env (never commit .env) or set them in the environment; variables\n\
+         # already set win over this file. Every value shown is the default, which matches the services of\n\
+         # docker-compose.yml reached from the host. Generated from src/config/variables.rs.\n",
+    );
+    for v in VARIABLES {
+        out.push('\n');
+        for line in wrap(v.help, 98) {
+            out.push_str("# ");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        if v.commented {
+            out.push_str("# ");
+        }
+        out.push_str(&format!("{}={}\n", v.name, v.default));
+    }
+    out
+}
+
+/// The README's configuration table, generated.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| variable | default | meaning |\n|---|---|---|\n");
+    for v in VARIABLES {
+        let default = if v.default.is_empty() {
+            "(none)".to_owned()
+        } else {
+            format!("`{}`", v.default)
+        };
+        out.push_str(&format!(
+            "| `{}` | {default} | {} |\n",
+            v.name,
+            v.help.replace('|', "\\|")
+        ));
+    }
+    out
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let line = lines.last_mut().expect("one line at least");
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(word.to_owned());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const README_START: &str =
+        "<!-- configuration table: generated from src/config/variables.rs -->\n";
+    const README_END: &str = "<!-- end of the configuration table -->";
+
+    fn root(file: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file)
+    }
+
+    /// `.env.example` and the README say what the table says.
+    #[test]
+    fn env_example_and_readme_are_generated_from_the_table() {
+        let bless = std::env::var("KOBE_BLESS").is_ok();
+        let env_path = root(".env.example");
+        let env = std::fs::read_to_string(&env_path).unwrap();
+        if bless {
+            std::fs::write(&env_path, env_example()).unwrap();
+        } else {
+            assert_eq!(
+                env,
+                env_example(),
+                ".env.example drifted from src/config/variables.rs: KOBE_BLESS=1 cargo test --lib config"
+            );
+        }
+        let readme_path = root("README.md");
+        let readme = std::fs::read_to_string(&readme_path).unwrap();
+        let start = readme
+            .find(README_START)
+            .expect("README has the table's start marker")
+            + README_START.len();
+        let end = readme[start..]
+            .find(README_END)
+            .expect("README has the table's end marker")
+            + start;
+        if bless {
+            let updated = format!("{}{}{}", &readme[..start], markdown_table(), &readme[end..]);
+            std::fs::write(&readme_path, updated).unwrap();
+        } else {
+            assert_eq!(
+                &readme[start..end],
+                markdown_table(),
+                "README's table drifted from src/config/variables.rs: KOBE_BLESS=1 cargo test --lib config"
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_help_is_given() {
+        let mut names: Vec<&str> = VARIABLES.iter().map(|v| v.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), VARIABLES.len());
+        assert!(VARIABLES.iter().all(|v| !v.help.is_empty()));
+    }
+}
