@@ -10,11 +10,13 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+mod parse;
 pub mod variables;
 
 pub use variables::{default_of, VARIABLES};
 
 use crate::domain::QueueKind;
+use parse::{duration_ms, parse_factor, parse_retries, parse_routes, parse_task_retry, Reader};
 
 /// A configuration error, naming the variable so the operator knows what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -214,105 +216,22 @@ impl Settings {
     /// Reads settings through `lookup`, so tests can pass a map instead of mutating the
     /// environment of the whole test process.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |var: &'static str| -> String {
-            lookup(var)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| default_of(var).to_owned())
-        };
-
-        let rabbitmq_url = url_setting("RABBITMQ_URL", &get("RABBITMQ_URL"), &["amqp"])?;
-        let mongodb_uri = url_setting(
-            "MONGODB_URI",
-            &get("MONGODB_URI"),
-            &["mongodb", "mongodb+srv"],
-        )?;
-        let redis_url = url_setting("REDIS_URL", &get("REDIS_URL"), &["redis", "rediss"])?;
-        let mongodb_db = name_setting("MONGODB_DB", &get("MONGODB_DB"))?;
-        let http_addr = get("KOBE_HTTP_ADDR")
+        let read = Reader::new(lookup);
+        let http_addr = read
+            .value("KOBE_HTTP_ADDR")
             .parse::<SocketAddr>()
             .map_err(|e| ConfigError {
                 var: "KOBE_HTTP_ADDR",
                 reason: format!("expected host:port such as 127.0.0.1:8000 ({e})"),
             })?;
-        let log_level = get("KOBE_LOG_LEVEL");
+        let log_level = read.value("KOBE_LOG_LEVEL");
         tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| ConfigError {
             var: "KOBE_LOG_LEVEL",
             reason: format!("not a log filter such as `info` or `kobe=debug,warn` ({e})"),
         })?;
-        let log_format = get("KOBE_LOG_FORMAT")
-            .parse::<LogFormat>()
-            .map_err(|reason| ConfigError {
-                var: "KOBE_LOG_FORMAT",
-                reason,
-            })?;
-        let amqp_prefix = name_setting("KOBE_AMQP_PREFIX", &get("KOBE_AMQP_PREFIX"))?;
-        let queue_kind = get("KOBE_QUEUE_TYPE")
-            .parse::<QueueKind>()
-            .map_err(|reason| ConfigError {
-                var: "KOBE_QUEUE_TYPE",
-                reason,
-            })?;
-        let redis_prefix = name_setting("KOBE_REDIS_PREFIX", &get("KOBE_REDIS_PREFIX"))?;
-        let publish_timeout =
-            duration_ms("KOBE_PUBLISH_TIMEOUT_MS", &get("KOBE_PUBLISH_TIMEOUT_MS"))?;
-        let publish_queue = get("KOBE_PUBLISH_QUEUE")
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=1_000_000).contains(n))
-            .ok_or_else(|| ConfigError {
-                var: "KOBE_PUBLISH_QUEUE",
-                reason: "expected a number of publishes between 1 and 1000000".into(),
-            })?;
-        let dependency_timeout = duration_ms(
-            "KOBE_DEPENDENCY_TIMEOUT_MS",
-            &get("KOBE_DEPENDENCY_TIMEOUT_MS"),
-        )?;
-        let task_routes = parse_routes(&get("KOBE_TASK_ROUTES"))?;
-        let shutdown_grace = duration_secs("KOBE_SHUTDOWN_GRACE", &get("KOBE_SHUTDOWN_GRACE"))?;
-
-        let optional = |var: &'static str| {
-            lookup(var)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let retry = RetryOverrides {
-            max_retries: optional("KOBE_RETRY_MAX")
-                .map(|v| parse_retries("KOBE_RETRY_MAX", &v))
-                .transpose()?,
-            base_delay: optional("KOBE_RETRY_BASE_MS")
-                .map(|v| duration_ms("KOBE_RETRY_BASE_MS", &v))
-                .transpose()?,
-            factor: optional("KOBE_RETRY_FACTOR")
-                .map(|v| parse_factor("KOBE_RETRY_FACTOR", &v))
-                .transpose()?,
-            max_delay: optional("KOBE_RETRY_MAX_DELAY_MS")
-                .map(|v| duration_ms("KOBE_RETRY_MAX_DELAY_MS", &v))
-                .transpose()?,
-        };
-        let task_retry = parse_task_retry(&get("KOBE_TASK_RETRY"))?;
-        let dedup_window = duration_secs("KOBE_DEDUP_WINDOW_S", &get("KOBE_DEDUP_WINDOW_S"))?;
-        let payload_inline_limit = get("KOBE_PAYLOAD_INLINE_LIMIT")
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (256..=8 * 1024 * 1024).contains(n))
-            .ok_or_else(|| ConfigError {
-                var: "KOBE_PAYLOAD_INLINE_LIMIT",
-                reason: "expected a number of bytes between 256 and 8388608".into(),
-            })?;
-        let max_body_bytes = get("KOBE_MAX_BODY_BYTES")
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1024..=64 * 1024 * 1024).contains(n))
-            .ok_or_else(|| ConfigError {
-                var: "KOBE_MAX_BODY_BYTES",
-                reason: "expected a number of bytes between 1024 and 67108864".into(),
-            })?;
-        let status_cache_ttl =
-            duration_ms("KOBE_STATUS_CACHE_TTL_MS", &get("KOBE_STATUS_CACHE_TTL_MS"))?;
-        let result_ttl = match get("KOBE_RESULT_BACKEND").as_str() {
+        let result_ttl = match read.value("KOBE_RESULT_BACKEND").as_str() {
             "none" | "off" => None,
-            "redis" => Some(duration_secs("KOBE_RESULT_TTL", &get("KOBE_RESULT_TTL"))?)
+            "redis" => Some(read.seconds("KOBE_RESULT_TTL")?)
                 .filter(|ttl| !ttl.is_zero())
                 .or(Some(Duration::from_secs(1))),
             other => {
@@ -322,14 +241,15 @@ impl Settings {
                 })
             }
         };
-        let rate_limit = get("KOBE_RATE_LIMIT")
+        let rate_limit = read
+            .value("KOBE_RATE_LIMIT")
             .parse::<u32>()
             .map_err(|_| ConfigError {
                 var: "KOBE_RATE_LIMIT",
                 reason: "expected requests per window (0 turns it off)".into(),
             })?;
-        let rate_window = duration_ms("KOBE_RATE_WINDOW_MS", &get("KOBE_RATE_WINDOW_MS"))?;
-        let api_tokens: Vec<String> = get("KOBE_API_TOKENS")
+        let api_tokens: Vec<String> = read
+            .value("KOBE_API_TOKENS")
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
@@ -341,14 +261,7 @@ impl Settings {
                 reason: "every token needs at least 16 characters".into(),
             });
         }
-        let metrics_auth = bool_setting("KOBE_METRICS_AUTH", &get("KOBE_METRICS_AUTH"))?;
-        let log_payloads = bool_setting("KOBE_LOG_PAYLOADS", &get("KOBE_LOG_PAYLOADS"))?;
-        let outbox_age = duration_ms("KOBE_OUTBOX_AGE_MS", &get("KOBE_OUTBOX_AGE_MS"))?;
-        let outbox_interval =
-            duration_ms("KOBE_OUTBOX_INTERVAL_MS", &get("KOBE_OUTBOX_INTERVAL_MS"))?;
-
-        let execution_lease =
-            duration_ms("KOBE_EXECUTION_LEASE_MS", &get("KOBE_EXECUTION_LEASE_MS"))?;
+        let execution_lease = read.millis("KOBE_EXECUTION_LEASE_MS")?;
         if execution_lease < Duration::from_millis(300) {
             return Err(ConfigError {
                 var: "KOBE_EXECUTION_LEASE_MS",
@@ -356,210 +269,71 @@ impl Settings {
                     .into(),
             });
         }
-        let max_deliveries = get("KOBE_MAX_DELIVERIES")
-            .parse::<u32>()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| ConfigError {
-                var: "KOBE_MAX_DELIVERIES",
-                reason: "expected a number of deliveries, at least 1".into(),
-            })?;
-        let batch_linger = get("KOBE_BATCH_LINGER_US")
-            .parse::<u64>()
-            .ok()
-            .filter(|us| *us <= 2000)
-            .map(Duration::from_micros)
-            .ok_or_else(|| ConfigError {
-                var: "KOBE_BATCH_LINGER_US",
-                reason: "expected microseconds between 0 and 2000".into(),
-            })?;
-        let batch_max = get("KOBE_BATCH_MAX")
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=10_000).contains(n))
-            .ok_or_else(|| ConfigError {
-                var: "KOBE_BATCH_MAX",
-                reason: "expected statements per command between 1 and 10000".into(),
-            })?;
-        let slot_wait = duration_ms("KOBE_SLOT_WAIT_MS", &get("KOBE_SLOT_WAIT_MS"))?;
-        let fast_start = bool_setting("KOBE_FAST_START", &get("KOBE_FAST_START"))?;
+        let retry = RetryOverrides {
+            max_retries: read.maybe("KOBE_RETRY_MAX", parse_retries)?,
+            base_delay: read.maybe("KOBE_RETRY_BASE_MS", duration_ms)?,
+            factor: read.maybe("KOBE_RETRY_FACTOR", parse_factor)?,
+            max_delay: read.maybe("KOBE_RETRY_MAX_DELAY_MS", duration_ms)?,
+        };
 
         Ok(Self {
-            rabbitmq_url,
-            mongodb_uri,
-            mongodb_db,
-            redis_url,
+            rabbitmq_url: read.url("RABBITMQ_URL", &["amqp"])?,
+            mongodb_uri: read.url("MONGODB_URI", &["mongodb", "mongodb+srv"])?,
+            mongodb_db: read.name("MONGODB_DB")?,
+            redis_url: read.url("REDIS_URL", &["redis", "rediss"])?,
             http_addr,
             log_level,
-            log_format,
-            amqp_prefix,
-            queue_kind,
-            redis_prefix,
-            publish_timeout,
-            publish_queue,
-            dependency_timeout,
-            task_routes,
-            shutdown_grace,
-            dedup_window,
-            payload_inline_limit,
-            outbox_age,
-            outbox_interval,
-            max_body_bytes,
-            status_cache_ttl,
+            log_format: read.parsed("KOBE_LOG_FORMAT")?,
+            amqp_prefix: read.name("KOBE_AMQP_PREFIX")?,
+            queue_kind: read.parsed("KOBE_QUEUE_TYPE")?,
+            redis_prefix: read.name("KOBE_REDIS_PREFIX")?,
+            publish_timeout: read.millis("KOBE_PUBLISH_TIMEOUT_MS")?,
+            publish_queue: read.number(
+                "KOBE_PUBLISH_QUEUE",
+                1..=1_000_000,
+                "a number of publishes",
+            )?,
+            dependency_timeout: read.millis("KOBE_DEPENDENCY_TIMEOUT_MS")?,
+            task_routes: parse_routes(&read.value("KOBE_TASK_ROUTES"))?,
+            shutdown_grace: read.seconds("KOBE_SHUTDOWN_GRACE")?,
+            dedup_window: read.seconds("KOBE_DEDUP_WINDOW_S")?,
+            payload_inline_limit: read.number(
+                "KOBE_PAYLOAD_INLINE_LIMIT",
+                256..=8 * 1024 * 1024,
+                "a number of bytes",
+            )?,
+            outbox_age: read.millis("KOBE_OUTBOX_AGE_MS")?,
+            outbox_interval: read.millis("KOBE_OUTBOX_INTERVAL_MS")?,
+            max_body_bytes: read.number(
+                "KOBE_MAX_BODY_BYTES",
+                1024..=64 * 1024 * 1024,
+                "a number of bytes",
+            )?,
+            status_cache_ttl: read.millis("KOBE_STATUS_CACHE_TTL_MS")?,
             result_ttl,
             rate_limit,
-            rate_window,
+            rate_window: read.millis("KOBE_RATE_WINDOW_MS")?,
             api_tokens: Secret::new(api_tokens),
-            metrics_auth,
-            log_payloads,
+            metrics_auth: read.flag("KOBE_METRICS_AUTH")?,
+            log_payloads: read.flag("KOBE_LOG_PAYLOADS")?,
             retry,
-            task_retry,
+            task_retry: parse_task_retry(&read.value("KOBE_TASK_RETRY"))?,
             execution_lease,
-            max_deliveries,
-            batch_linger,
-            batch_max,
-            slot_wait,
-            fast_start,
+            max_deliveries: read.number(
+                "KOBE_MAX_DELIVERIES",
+                1..=u32::MAX,
+                "a number of deliveries",
+            )?,
+            batch_linger: Duration::from_micros(read.number(
+                "KOBE_BATCH_LINGER_US",
+                0..=2000,
+                "microseconds",
+            )?),
+            batch_max: read.number("KOBE_BATCH_MAX", 1..=10_000, "statements per command")?,
+            slot_wait: read.millis("KOBE_SLOT_WAIT_MS")?,
+            fast_start: read.flag("KOBE_FAST_START")?,
         })
     }
-}
-
-fn url_setting(
-    var: &'static str,
-    value: &str,
-    schemes: &[&str],
-) -> Result<ServiceUrl, ConfigError> {
-    let scheme = value.split("://").next().unwrap_or_default();
-    if !value.contains("://") || !schemes.contains(&scheme) {
-        return Err(ConfigError {
-            var,
-            reason: format!(
-                "expected a URL starting with {} (got `{}`)",
-                schemes
-                    .iter()
-                    .map(|s| format!("{s}://"))
-                    .collect::<Vec<_>>()
-                    .join(" or "),
-                redact_url(value)
-            ),
-        });
-    }
-    Ok(ServiceUrl::new(value))
-}
-
-/// Names end up in queue names, database names and Redis keys: keep them to a safe alphabet.
-fn name_setting(var: &'static str, value: &str) -> Result<String, ConfigError> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err(ConfigError {
-            var,
-            reason: format!(
-                "`{value}` must be 1–64 characters of letters, digits, `_`, `-` or `.`"
-            ),
-        })
-    }
-}
-
-fn duration_ms(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    match value.parse::<u64>() {
-        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
-        _ => Err(ConfigError {
-            var,
-            reason: format!("expected a positive number of milliseconds, got `{value}`"),
-        }),
-    }
-}
-
-fn duration_secs(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    match value.parse::<f64>() {
-        Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(ConfigError {
-            var,
-            reason: format!("expected a number of seconds, got `{value}`"),
-        }),
-    }
-}
-
-fn bool_setting(var: &'static str, value: &str) -> Result<bool, ConfigError> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        other => Err(ConfigError {
-            var,
-            reason: format!("expected true or false, got `{other}`"),
-        }),
-    }
-}
-
-fn parse_retries(var: &'static str, value: &str) -> Result<u32, ConfigError> {
-    value.parse::<u32>().map_err(|_| ConfigError {
-        var,
-        reason: format!("expected a non-negative integer, got `{value}`"),
-    })
-}
-
-fn parse_factor(var: &'static str, value: &str) -> Result<f64, ConfigError> {
-    match value.parse::<f64>() {
-        Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
-        _ => Err(ConfigError {
-            var,
-            reason: format!("expected a number of at least 1, got `{value}`"),
-        }),
-    }
-}
-
-/// `task:max=5,base_ms=100,factor=2,cap_ms=2000;other:max=0` → per-task overrides.
-fn parse_task_retry(value: &str) -> Result<BTreeMap<String, RetryOverrides>, ConfigError> {
-    const VAR: &str = "KOBE_TASK_RETRY";
-    let mut policies = BTreeMap::new();
-    for entry in value.split(';').map(str::trim).filter(|e| !e.is_empty()) {
-        let (task, settings) = entry.split_once(':').ok_or_else(|| ConfigError {
-            var: VAR,
-            reason: format!("`{entry}` is not `task:key=value,…`"),
-        })?;
-        let mut o = RetryOverrides::default();
-        for pair in settings.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, v) = pair.split_once('=').ok_or_else(|| ConfigError {
-                var: VAR,
-                reason: format!("`{pair}` is not `key=value`"),
-            })?;
-            match key.trim() {
-                "max" => o.max_retries = Some(parse_retries(VAR, v.trim())?),
-                "base_ms" => o.base_delay = Some(duration_ms(VAR, v.trim())?),
-                "factor" => o.factor = Some(parse_factor(VAR, v.trim())?),
-                "cap_ms" => o.max_delay = Some(duration_ms(VAR, v.trim())?),
-                other => {
-                    return Err(ConfigError {
-                        var: VAR,
-                        reason: format!("unknown key `{other}` (max, base_ms, factor, cap_ms)"),
-                    })
-                }
-            }
-        }
-        policies.insert(task.trim().to_owned(), o);
-    }
-    Ok(policies)
-}
-
-/// `task=route,task2=route2` → map. Routes become queue names, so they use the name alphabet.
-fn parse_routes(value: &str) -> Result<BTreeMap<String, String>, ConfigError> {
-    const VAR: &str = "KOBE_TASK_ROUTES";
-    let mut routes = BTreeMap::new();
-    for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (task, route) = pair.split_once('=').ok_or_else(|| ConfigError {
-            var: VAR,
-            reason: format!("`{pair}` is not `task_name=route`"),
-        })?;
-        let route = name_setting(VAR, route.trim())?;
-        routes.insert(task.trim().to_owned(), route);
-    }
-    Ok(routes)
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`pipeline`] | one delivery's life: checks, the execution lease, running, settling |
+//! | [`pipeline`] | one delivery's life up to its outcome: checks, the execution lease, running |
+//! | [`settle`] | from the outcome to the settled message: record, publish the retry or dead letter, ack |
 //! | [`decision`] | the one function that decides what each outcome means (record, retry, dead-letter) |
 //! | [`execute`] | running a handler under its time limits, panics caught |
 //! | [`spawner`] | child tasks submitted by running tasks |
@@ -17,6 +18,7 @@
 pub mod decision;
 pub mod execute;
 mod pipeline;
+mod settle;
 pub mod spawner;
 
 use std::collections::{BTreeMap, HashMap};
