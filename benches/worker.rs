@@ -202,7 +202,7 @@ fn main() {
         let pending: Vec<_> = ids
             .iter()
             .map(|id| {
-                let attempt = kobe::store::tasks::Attempt::new(id.as_str(), "demo_long_io", 0);
+                let attempt = kobe::store::attempts::Attempt::new(id.as_str(), "demo_long_io", 0);
                 writer.submit(tasks.claim_write(&attempt, Duration::from_secs(30), 5))
             })
             .collect();

@@ -1,6 +1,7 @@
 //! Persistence: MongoDB repositories (one file per collection), the migrations that shape the
 //! collections, and the Redis connection. Returns [`StoreError`]; knows nothing of HTTP or AMQP.
 
+pub mod attempts;
 pub mod batch;
 pub mod cache;
 pub mod checkpoints;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
+pub use attempts::Transition;
 pub use cache::Cache;
 pub use checkpoints::CheckpointRepository;
 pub use dedup::{Claim, DedupRepository};
@@ -24,7 +26,7 @@ pub use error_log::{Decision, ErrorLogRepository, ErrorRecord};
 pub use leases::{Lease, LeaseItem, LeaseRepository};
 pub use payloads::PayloadRepository;
 pub use shards::{ShardMeta, ShardRepository};
-pub use tasks::{TaskDocument, TaskRepository, Transition};
+pub use tasks::{TaskDocument, TaskRepository};
 
 use crate::config::ServiceUrl;
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::store::tasks::Transition;
+use crate::store::attempts::Transition;
 use crate::tasks::RetryPolicy;
 
 /// Why a message went to the dead-letter queue: the `reason` label of `kobe_dead_letters_total`.

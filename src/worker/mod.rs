@@ -33,9 +33,9 @@ use tokio::task::JoinSet;
 use crate::amqp::consumer::{Liveness, Settler};
 use crate::amqp::{Delivery, Publisher, Topology};
 use crate::config::RetryOverrides;
+use crate::store::attempts::Attempt;
 use crate::store::batch::BatchWriter;
 use crate::store::cache::Invalidator;
-use crate::store::tasks::Attempt;
 use crate::store::{Cache, ErrorLogRepository, PayloadRepository, TaskRepository};
 use crate::tasks::{Registry, RetryPolicy, Task, TaskContext};
 

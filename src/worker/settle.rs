@@ -14,9 +14,9 @@ use super::decision::{self, Done, Happened, Plan, Published, Route, Step, Stored
 use super::pipeline::{AttemptCell, Job};
 use super::Worker;
 use crate::amqp::{wire, Delivery, Outgoing, Settlement};
+use crate::store::attempts::{Attempt, Holding, Transition};
 use crate::store::batch::Written;
 use crate::store::payloads::reference_value;
-use crate::store::tasks::{Attempt, Holding, Transition};
 use crate::store::{Decision, ErrorRecord, StoreError, TaskDocument};
 use crate::telemetry::metrics::metrics;
 
@@ -230,7 +230,8 @@ impl Worker {
                 }
             };
             if task.state.is_final() {
-                if task.dead_letter.as_deref() == Some(crate::store::tasks::DEAD_LETTER_PENDING) {
+                if task.dead_letter.as_deref() == Some(crate::store::attempts::DEAD_LETTER_PENDING)
+                {
                     // A dead letter owed by an attempt that died before publishing it.
                     self.pay_dead_letter(job, &task).await;
                     return Some(Found::Settled);

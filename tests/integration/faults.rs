@@ -1,8 +1,7 @@
 //! Failure paths that need a process or a broker of the test's own: signals to a worker process,
 //! and a private RabbitMQ node stopped and restarted under the API and a worker.
 
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

@@ -1,7 +1,6 @@
 //! The HTTP API against live RabbitMQ, MongoDB and Redis.
 
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

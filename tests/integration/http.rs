@@ -1,8 +1,7 @@
 //! The API as clients use it: validation, the status cache, the result backend, rate limits,
 //! authentication, readiness, OpenAPI and the docs page, graceful shutdown.
 
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

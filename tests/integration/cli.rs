@@ -1,7 +1,6 @@
 //! The `kobe` binary as an operator runs it: `init-db`, `healthcheck`, start-up errors.
 
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::process::{Command, Output};

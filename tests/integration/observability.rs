@@ -1,8 +1,7 @@
 //! Observability: exact metric movements, one trace id from the API's log line to the worker's,
 //! no credentials in any log line, and a dashboard that only queries metrics that exist.
 
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Child, Stdio};

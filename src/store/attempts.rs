@@ -1,0 +1,324 @@
+//! The execution lease on `Tasks`: claims, renewals and the outcomes recorded under them.
+//!
+//! An attempt may run only while it holds the task's lease: `STARTED` records a random
+//! `attempt_token` and a `lease_until` that the running attempt renews. Another copy of the task
+//! (a redelivery after a lost connection, a duplicate publish) may *take* the task only when it is
+//! waiting (`PENDING`, `RETRY`) or its lease has lapsed; an attempt's outcome is recorded only
+//! under its own token. `retries` in the filter keeps a stale copy of an earlier attempt from
+//! starting again, and `deliveries` (starts of the current attempt) caps a message that kills every
+//! worker that runs it.
+
+use std::time::Duration;
+
+use mongodb::bson::{doc, DateTime, Document};
+use mongodb::options::ReturnDocument;
+use serde_json::Value;
+
+use super::batch::{Write, WriteOp};
+use super::tasks::{states, to_bson, TaskRepository, COLLECTION, PUBLISH_CONFIRMED};
+use super::{is_duplicate_key, StoreError};
+use crate::domain::TaskState;
+
+/// One attempt of one task, as the lease knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub task_id: String,
+    pub task_name: String,
+    /// Failed attempts before this one (the message's `retries`).
+    pub retries: u32,
+    /// Random, unique to this attempt: the lease is held under it.
+    pub token: String,
+}
+
+impl Attempt {
+    pub fn new(task_id: &str, task_name: &str, retries: u32) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            task_name: task_name.to_owned(),
+            retries,
+            token: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+}
+
+/// An outcome to record for an attempt.
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// The attempt failed and another will follow (its message is already confirmed).
+    Retry {
+        root_cause: String,
+    },
+    Success {
+        result: Value,
+    },
+    /// `dead_letter`: a dead letter is owed for this task and not yet confirmed; a redelivery that
+    /// finds the task finished with one pending publishes it.
+    Failure {
+        root_cause: String,
+        dead_letter: bool,
+    },
+}
+
+impl Transition {
+    pub fn target(&self) -> TaskState {
+        match self {
+            Self::Retry { .. } => TaskState::Retry,
+            Self::Success { .. } => TaskState::Success,
+            Self::Failure { .. } => TaskState::Failure,
+        }
+    }
+}
+
+/// `dead_letter` while the dead letter is owed.
+pub const DEAD_LETTER_PENDING: &str = "pending";
+/// `dead_letter` once the broker confirmed it.
+pub const DEAD_LETTER_SENT: &str = "sent";
+
+/// What an attempt recording an outcome holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// The task's lease (its claim was applied).
+    Lease,
+    /// Nothing, but it ran: its claim never left (see [`TaskRepository::outcome_write`]).
+    Ran,
+    /// Nothing, and it did not run.
+    Nothing,
+}
+
+/// The answer to a claim made with one round trip.
+#[derive(Debug, Clone)]
+pub enum Claimed {
+    /// The lease is ours. `taken_over` names the attempt whose lapsed lease was taken.
+    Taken { taken_over: Option<String> },
+    /// Someone else has the task, or it is not in a state to start: look at it.
+    Refused,
+}
+
+fn after(now: DateTime, d: Duration) -> DateTime {
+    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    DateTime::from_millis(now.timestamp_millis().saturating_add(ms))
+}
+
+/// Documents an attempt may take: waiting, or started under a lapsed lease (or under its own
+/// token, when a claim is sent again after an ambiguous failure) — and not from a later attempt.
+fn takeable(attempt: &Attempt, now: DateTime) -> Document {
+    let started = TaskState::Started.as_str();
+    doc! {
+        "_id": &attempt.task_id,
+        "retries": {"$not": {"$gt": i64::from(attempt.retries)}},
+        "$or": [
+            {"state": {"$in": states(&[TaskState::Pending, TaskState::Retry])}},
+            {"state": started, "lease_until": {"$lt": now}},
+            {"state": started, "lease_until": null},
+            {"state": started, "attempt_token": &attempt.token},
+        ],
+    }
+}
+
+/// `$set` fields of a claim. A worker holding the message knows the broker has it: the claim
+/// marks the publish confirmed too, so the submitter's own mark finds nothing to write.
+fn claim_fields(attempt: &Attempt, now: DateTime, lease: Duration) -> Document {
+    doc! {
+        "publish_state": PUBLISH_CONFIRMED,
+        "state": TaskState::Started.as_str(),
+        "updated_at": now,
+        "started_at": now,
+        "retries": i64::from(attempt.retries),
+        "attempt_token": &attempt.token,
+        "lease_until": after(now, lease),
+    }
+}
+
+/// `$set` fields of an outcome.
+fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, StoreError> {
+    let mut set = doc! {"state": transition.target().as_str(), "updated_at": now};
+    match transition {
+        Transition::Retry { root_cause } => {
+            set.insert("root_cause", root_cause);
+            // The next attempt starts counting its deliveries afresh.
+            set.insert("deliveries", 0_i64);
+        }
+        Transition::Success { result } => {
+            set.insert("finished_at", now);
+            set.insert("result", to_bson(result)?);
+        }
+        Transition::Failure {
+            root_cause,
+            dead_letter,
+        } => {
+            set.insert("finished_at", now);
+            set.insert("root_cause", root_cause);
+            if *dead_letter {
+                set.insert("dead_letter", DEAD_LETTER_PENDING);
+            }
+        }
+    }
+    Ok(set)
+}
+
+impl TaskRepository {
+    /// The claim of `attempt` as a batched write: the lease for `lease`, refused when another
+    /// attempt holds a live lease, the task is finished, the message is of an earlier attempt, or
+    /// the attempt was started `max_deliveries` times already. Creates the document when no
+    /// client recorded the task (a Celery client's message).
+    pub fn claim_write(&self, attempt: &Attempt, lease: Duration, max_deliveries: u32) -> Write {
+        let now = DateTime::now();
+        let mut filter = takeable(attempt, now);
+        filter.insert(
+            "deliveries",
+            doc! {"$not": {"$gte": i64::from(max_deliveries)}},
+        );
+        Write {
+            collection: COLLECTION,
+            op: WriteOp::Upsert {
+                filter,
+                update: doc! {
+                    "$set": claim_fields(attempt, now, lease),
+                    "$inc": {"deliveries": 1_i64},
+                    "$setOnInsert": on_insert(&attempt.task_name, now),
+                },
+            },
+            purpose: "claim",
+        }
+    }
+
+    /// The same claim in one round trip of its own, returning what it replaced: used for
+    /// redeliveries, which may take over a lapsed lease and must say so.
+    #[tracing::instrument(name = "store.tasks.claim", skip_all, fields(task_id = %attempt.task_id))]
+    pub async fn claim_now(
+        &self,
+        attempt: &Attempt,
+        lease: Duration,
+        max_deliveries: u32,
+    ) -> Result<Claimed, StoreError> {
+        let WriteOp::Upsert { filter, update } =
+            self.claim_write(attempt, lease, max_deliveries).op
+        else {
+            unreachable!("a claim is an upsert");
+        };
+        let before = self
+            .collection
+            .clone_with_type::<Document>()
+            .find_one_and_update(filter, update)
+            .upsert(true)
+            .return_document(ReturnDocument::Before)
+            .await;
+        match before {
+            Ok(Some(before)) => {
+                let taken_over = (before.get_str("state") == Ok(TaskState::Started.as_str()))
+                    .then(|| before.get_str("attempt_token").ok().map(str::to_owned))
+                    .flatten()
+                    .filter(|token| *token != attempt.token);
+                Ok(Claimed::Taken { taken_over })
+            }
+            Ok(None) => Ok(Claimed::Taken { taken_over: None }),
+            Err(e) if is_duplicate_key(&e) => Ok(Claimed::Refused),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records an outcome as a batched write. With [`Holding::Lease`] the write is refused
+    /// unless the attempt still holds the task's lease; otherwise it carries the claim's
+    /// conditions itself: a short task whose claim was never sent ([`Holding::Ran`]), or a task
+    /// closed without running ([`Holding::Nothing`]: expired, unknown, poison).
+    pub fn outcome_write(
+        &self,
+        attempt: &Attempt,
+        transition: &Transition,
+        holding: Holding,
+    ) -> Result<Write, StoreError> {
+        let now = DateTime::now();
+        let mut set = outcome_fields(transition, now)?;
+        let (filter, update) = match holding {
+            Holding::Lease => {
+                let filter = doc! {
+                    "_id": &attempt.task_id,
+                    "attempt_token": &attempt.token,
+                    // Its own outcome again (sent twice after an ambiguous failure) is not a
+                    // refusal.
+                    "state": {"$in": states(&[TaskState::Started, transition.target()])},
+                };
+                (filter, doc! {"$set": set})
+            }
+            Holding::Ran => {
+                set.insert("started_at", now);
+                set.insert("retries", i64::from(attempt.retries));
+                set.insert("attempt_token", &attempt.token);
+                let update = doc! {
+                    "$set": set,
+                    "$inc": {"deliveries": 1_i64},
+                    "$setOnInsert": on_insert(&attempt.task_name, now),
+                };
+                (takeable(attempt, now), update)
+            }
+            Holding::Nothing => {
+                set.insert("attempt_token", &attempt.token);
+                let update = doc! {
+                    "$set": set,
+                    "$setOnInsert": on_insert(&attempt.task_name, now),
+                };
+                (takeable(attempt, now), update)
+            }
+        };
+        Ok(Write {
+            collection: COLLECTION,
+            op: WriteOp::Upsert { filter, update },
+            purpose: match transition {
+                Transition::Retry { .. } => "retry",
+                Transition::Success { .. } => "success",
+                Transition::Failure { .. } => "failure",
+            },
+        })
+    }
+
+    /// Extends the attempt's lease; `false` when it no longer holds it (taken over, or finished).
+    #[tracing::instrument(name = "store.tasks.renew", skip_all, fields(task_id = %attempt.task_id))]
+    pub async fn renew(&self, attempt: &Attempt, lease: Duration) -> Result<bool, StoreError> {
+        let outcome = self
+            .collection
+            .update_one(
+                doc! {"_id": &attempt.task_id, "attempt_token": &attempt.token, "state": TaskState::Started.as_str()},
+                doc! {"$set": {"lease_until": after(DateTime::now(), lease)}},
+            )
+            .await?;
+        Ok(outcome.matched_count == 1)
+    }
+
+    /// Lets the lease lapse now, so a redelivered copy can start at once (the attempt is handing
+    /// its message back without an outcome).
+    #[tracing::instrument(name = "store.tasks.release", skip_all, fields(task_id = %attempt.task_id))]
+    pub async fn release(&self, attempt: &Attempt) -> Result<bool, StoreError> {
+        let outcome = self
+            .collection
+            .update_one(
+                doc! {"_id": &attempt.task_id, "attempt_token": &attempt.token, "state": TaskState::Started.as_str()},
+                doc! {"$set": {"lease_until": DateTime::now()}},
+            )
+            .await?;
+        Ok(outcome.matched_count == 1)
+    }
+
+    /// Notes that the dead letter owed for a finished task was confirmed.
+    pub fn dead_letter_sent_write(&self, task_id: &str) -> Write {
+        Write {
+            collection: COLLECTION,
+            op: WriteOp::Upsert {
+                filter: doc! {"_id": task_id, "dead_letter": DEAD_LETTER_PENDING},
+                update: doc! {"$set": {"dead_letter": DEAD_LETTER_SENT}},
+            },
+            purpose: "dead_letter_sent",
+        }
+    }
+}
+
+/// Fields of a document created by a worker for a task no client recorded (a Celery client's).
+fn on_insert(task_name: &str, now: DateTime) -> Document {
+    doc! {
+        "task_name": task_name,
+        "created_at": now,
+        "args": [],
+        "kwargs": {},
+        "route": "",
+        "priority": 0,
+    }
+}

@@ -1,0 +1,13 @@
+//! Kobe's integration tests: one binary (one link on a small machine), one module per area, all
+//! against real RabbitMQ, Redis and MongoDB. [`common`] gives each test its own database, AMQP
+//! prefix and Redis prefix, so tests run in parallel and leave nothing behind.
+
+mod common;
+
+mod api;
+mod cli;
+mod faults;
+mod http;
+mod observability;
+mod store;
+mod worker;

@@ -1,0 +1,302 @@
+//! MongoDB as the authority: dedup, raw payloads, the outbox and status history — against the
+//! MongoDB the test script provides. Sharded jobs are in [`shards`].
+
+use crate::common;
+
+mod shards;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestEnv;
+use kobe::domain::{TaskId, TaskState};
+use kobe::store::{PayloadRepository, TaskDocument, TaskRepository};
+use kobe::submit::outbox::Outbox;
+use kobe::tasks::{Invocation, Registry, Task, TaskFuture};
+use mongodb::bson::{doc, DateTime};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_submissions_make_one_task_and_one_message() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let api = Arc::new(env.spawn_api().await);
+    let body = json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 5, "note": "x"}, "dedup": true});
+    let mut requests = Vec::new();
+    for _ in 0..32 {
+        let api = api.clone();
+        let body = body.clone();
+        requests.push(tokio::spawn(async move {
+            let response = api.start_task(body).await;
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.unwrap());
+    }
+    let accepted: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, b)| b)
+        .collect();
+    let deduplicated: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(accepted.len(), 1, "{answers:?}");
+    assert_eq!(deduplicated.len(), 31, "{answers:?}");
+    let id = &accepted[0]["task_id"];
+    assert!(deduplicated
+        .iter()
+        .all(|b| &b["task_id"] == id && b["deduplicated"] == true));
+    // Whoever was pointed at the first task finds it.
+    assert_eq!(api.status(id.as_str().unwrap()).await.status(), 200);
+
+    let tasks = env
+        .db
+        .collection::<mongodb::bson::Document>("Tasks")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(tasks, 1);
+    assert_eq!(
+        env.queue_depth(env.topology.queue("default")).await,
+        Some(1)
+    );
+
+    // Key order does not make a new task; a different argument does.
+    let reordered = api
+        .start_task(json!({"dedup": true, "kwargs": {"note": "x", "duration_ms": 5}, "task_name": "demo_long_io"}))
+        .await;
+    assert_eq!(reordered.status(), 200);
+    let different = api
+        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 6, "note": "x"}, "dedup": true}))
+        .await;
+    assert_eq!(different.status(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_first_task() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let send = |body: Value| {
+        api.client
+            .post(format!("{}/task/start", api.address))
+            .header("Idempotency-Key", "order-1234")
+            .json(&body)
+            .send()
+    };
+    let first = send(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    // Same key, other arguments: still the first task (the key is the client's promise).
+    let again = send(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 2}}))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["task_id"], first["task_id"]);
+    assert_eq!(again["deduplicated"], true);
+    let bad = api
+        .start_task(json!({"task_name": "demo_long_io", "dedup_key": ""}))
+        .await;
+    assert_eq!(bad.status(), 422);
+    assert_eq!(bad.json::<Value>().await.unwrap()["field"], "dedup_key");
+}
+
+/// Returns its kwargs' `blob` length and the blob itself.
+struct Echo;
+impl Task for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        Box::pin(async move { Ok(json!({"kwargs": invocation.kwargs, "args": invocation.args})) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_kib_argument_travels_through_raw_payload_intact() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let mut registry = Registry::with_builtin_tasks();
+    registry.register(Echo).unwrap();
+    let api = env.spawn_api_with(registry.clone()).await;
+    common::eventually(Duration::from_secs(10), "ready", || async {
+        let r = api.get("/ready").await;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let worker = env.spawn_worker_on(2, vec![], registry);
+    let blob: String = (0..100 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let id = api
+        .submit(json!({"task_name": "echo", "args": [1, "two"], "kwargs": {"blob": blob}}))
+        .await;
+    let document = env.tasks().get(&id).await.unwrap().unwrap();
+    let reference = document
+        .payload_ref
+        .clone()
+        .expect("large arguments go to RawPayload");
+    assert!(!serde_json::to_string(&document.kwargs)
+        .unwrap()
+        .contains(&blob[..100]));
+
+    let done = env.wait_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, TaskState::Success, "{done:?}");
+    // The result is as large: it is stored apart too, and is exactly what the handler saw.
+    let result_ref = kobe::store::payloads::reference_in(done.result.as_ref().unwrap())
+        .expect("result reference")
+        .to_owned();
+    let payloads = PayloadRepository::new(&env.db);
+    let result = payloads.get(&result_ref).await.unwrap().unwrap();
+    assert_eq!(result["kwargs"]["blob"].as_str().unwrap(), blob);
+    assert_eq!(result["args"], json!([1, "two"]));
+    assert!(payloads.get(&reference).await.unwrap().is_some());
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_publishes_a_task_that_was_never_confirmed() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    // As if the API crashed between writing the task and publishing it, a minute ago.
+    let id = TaskId::generate();
+    let mut document = TaskDocument::pending(&id, "demo_long_io", "default");
+    document.kwargs = json!({"duration_ms": 1}).as_object().cloned().unwrap();
+    document.created_at = DateTime::from_millis(DateTime::now().timestamp_millis() - 60_000);
+    env.tasks().insert(&document).await.unwrap();
+
+    let submitter = env.submitter();
+    let outbox = |age| Outbox {
+        tasks: TaskRepository::new(&env.db),
+        submitter: submitter.clone(),
+        age,
+    };
+    // Two sweepers at once: the claim lets exactly one publish it.
+    let (first, second) = (
+        outbox(Duration::from_secs(30)),
+        outbox(Duration::from_secs(30)),
+    );
+    let (a, b) = tokio::join!(first.sweep_once(), second.sweep_once());
+    assert_eq!(a.unwrap() + b.unwrap(), 1);
+    assert_eq!(
+        outbox(Duration::from_secs(30)).sweep_once().await.unwrap(),
+        0,
+        "confirmed now"
+    );
+    assert_eq!(
+        env.queue_depth(env.topology.queue("default")).await,
+        Some(1)
+    );
+
+    let worker = env.spawn_worker(1);
+    assert_eq!(
+        env.wait_final(id.as_str(), Duration::from_secs(20))
+            .await
+            .state,
+        TaskState::Success
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_retries_timestamps_and_the_last_error() {
+    let env = TestEnv::with(&[("KOBE_RETRY_BASE_MS", "100")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(2);
+    let id = api
+        .submit(
+            json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
+        )
+        .await;
+    let (status, _) = api.wait_for_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(status["state"], "SUCCESS");
+    assert_eq!(status["retries"], 1);
+    for field in ["created_at", "started_at", "finished_at"] {
+        assert!(status[field].is_string(), "{field}: {status}");
+    }
+    assert!(
+        status["root_cause"]
+            .as_str()
+            .unwrap()
+            .contains("simulated I/O failure"),
+        "{status}"
+    );
+    assert_eq!(status["errors"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["errors"][0]["decision"], "retry");
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// A dedup claim left by a submission that died before recording its task, `age` ago.
+async fn ghost_claim(env: &TestEnv, key: &str, age: Duration) -> String {
+    let ghost = TaskId::generate().to_string();
+    let fingerprint = kobe::domain::Fingerprint::of_key("demo_long_io", key);
+    let now = DateTime::now().timestamp_millis();
+    env.db
+        .collection::<mongodb::bson::Document>("TaskDedup")
+        .insert_one(doc! {
+            "task_fingerprint": fingerprint.as_str(),
+            "task_id": &ghost,
+            "created_at": DateTime::from_millis(now - age.as_millis() as i64),
+            "expires_at": DateTime::from_millis(now + 3_600_000),
+        })
+        .await
+        .unwrap();
+    ghost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_claim_whose_task_never_appeared_is_taken_over() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let submit = |key: &'static str| {
+        api.client
+            .post(format!("{}/task/start", api.address))
+            .header("Idempotency-Key", key)
+            .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+            .send()
+    };
+    // Long dead: taken over at once.
+    let ghost = ghost_claim(&env, "order-old", Duration::from_secs(60)).await;
+    let response = submit("order-old").await.unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_ne!(body["task_id"], ghost.as_str());
+    assert_eq!(
+        api.status(body["task_id"].as_str().unwrap()).await.status(),
+        200
+    );
+
+    // Claimed a moment ago: its submitter may still be recording it, so the duplicate waits —
+    // and never answers with the id of a task that does not exist.
+    let ghost = ghost_claim(&env, "order-young", Duration::from_secs(3)).await;
+    let started = std::time::Instant::now();
+    let response = submit("order-young").await.unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_ne!(body["task_id"], ghost.as_str());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // And the fingerprint is the new task's now.
+    let again = submit("order-young").await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        again.json::<Value>().await.unwrap()["task_id"],
+        body["task_id"]
+    );
+    api.stop().await;
+}
