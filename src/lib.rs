@@ -10,24 +10,31 @@
 //! | module | owns |
 //! |---|---|
 //! | [`cli`] | the command line (clap) |
+//! | [`cause`] | the driver error under each layer's own error, kept as its source |
 //! | [`config`] | settings from the environment, validated at start-up; secrets redacted |
 //! | [`telemetry`] | logging (pretty or JSON), the panic hook, Prometheus metrics |
 //! | [`domain`] | task ids, states, priorities: parsed values, no I/O |
 //! | [`amqp`] | RabbitMQ: topology, Celery v2 messages, confirming publisher, manual-ack consumer |
 //! | [`tasks`] | the `Task` trait, its errors, the registry, built-in tasks |
 //! | [`store`] | MongoDB repositories, migrations, Redis |
+//! | [`submit`] | the one way a task comes in: dedup, record, publish, confirm; the outbox |
+//! | [`worker`] | the execution core: deliveries, the execution lease, outcomes, group commit |
 //! | [`http`] | the actix-web API |
 //! | [`commands`] | `serve`, `worker`, `init-db`, `healthcheck`: where the modules are wired together |
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //!
-//! `tasks` never sees AMQP or HTTP types, `store` never sees HTTP or AMQP, `amqp` never touches
-//! MongoDB or Redis: only `commands` joins them.
+//! Floors, lowest first: `cause`, `config`, `domain`, `telemetry`; then `amqp` and `store`, which
+//! never see each other's types; then `tasks`, which reach the store through their context and
+//! never see AMQP or HTTP; then the services `submit` and `worker`, which use the floors below
+//! together; then `http`, which calls `submit`; and `commands`, which builds every client once and
+//! wires them. Nothing imports from a floor above its own.
 
 // A worker's delivery future nests the handler, the store and the Redis measurement deeply
 // enough that computing its layout needs more than the default 128 levels.
 #![recursion_limit = "256"]
 
 pub mod amqp;
+pub mod cause;
 pub mod cli;
 pub mod commands;
 pub mod config;

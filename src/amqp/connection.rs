@@ -12,6 +12,7 @@ use std::time::Duration;
 use amiquip::{Auth, Connection, ConnectionOptions, ConnectionTuning};
 
 use super::AmqpError;
+use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
 /// What a connection needs besides the socket.
@@ -33,7 +34,7 @@ impl Endpoint {
         let display = url.to_string();
         let parsed = url::Url::parse(url.expose()).map_err(|e| AmqpError::Connect {
             endpoint: display.clone(),
-            reason: format!("invalid URL: {e}"),
+            reason: Cause::context("invalid URL", e),
         })?;
         if parsed.scheme() != "amqp" {
             return Err(AmqpError::Connect {
@@ -53,7 +54,7 @@ impl Endpoint {
             .to_socket_addrs()
             .map_err(|e| AmqpError::Connect {
                 endpoint: display.clone(),
-                reason: format!("cannot resolve {host}: {e}"),
+                reason: Cause::context(format!("cannot resolve {host}"), e),
             })?
             .collect();
         let username = match parsed.username() {
@@ -130,7 +131,7 @@ impl Endpoint {
         }
         Err(AmqpError::Connect {
             endpoint: self.display.clone(),
-            reason: last_error,
+            reason: last_error.into(),
         })
     }
 }

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use super::connection::Endpoint;
 use super::{AmqpError, Backoff, Topology};
+use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
 /// What a consumer connects to and reads.
@@ -104,7 +105,9 @@ impl Consumer {
         let thread = thread::Builder::new()
             .name("kobe-consumer".into())
             .spawn(move || ConsumerThread::new(endpoint, config, deliveries, inbox, live).run())
-            .map_err(|e| AmqpError::Unavailable(format!("cannot start consumer thread: {e}")))?;
+            .map_err(|e| {
+                AmqpError::Unavailable(Cause::context("cannot start consumer thread", e))
+            })?;
         Ok(Self {
             commands,
             thread: Some(thread),

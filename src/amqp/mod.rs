@@ -20,6 +20,7 @@ pub use message::{MessageError, TaskMessage};
 pub use publisher::{Outgoing, Publisher};
 pub use topology::Topology;
 
+use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
 /// What went wrong talking to the broker, phrased so the caller knows what to do: a connection or
@@ -28,11 +29,19 @@ use crate::config::ServiceUrl;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AmqpError {
     #[error("cannot connect to RabbitMQ at {endpoint}: {reason}")]
-    Connect { endpoint: String, reason: String },
+    Connect {
+        endpoint: String,
+        #[source]
+        reason: Cause,
+    },
     #[error("RabbitMQ is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     #[error("cannot declare {what}: {reason}")]
-    Topology { what: String, reason: String },
+    Topology {
+        what: String,
+        #[source]
+        reason: Cause,
+    },
     #[error("RabbitMQ refused the message (nack)")]
     Nacked,
     /// Published `mandatory` and returned: no queue is bound for its route.
@@ -44,9 +53,9 @@ pub enum AmqpError {
     #[error("RabbitMQ did not confirm the message within {0:?}")]
     ConfirmTimeout(Duration),
     #[error("the connection to RabbitMQ was lost before the message was confirmed: {0}")]
-    ConnectionLost(String),
+    ConnectionLost(#[source] Cause),
     #[error("AMQP channel error: {0}")]
-    Channel(String),
+    Channel(#[source] Cause),
 }
 
 /// Opens a connection the way Kobe's own threads do (TCP_NODELAY, bounded connect time), for
@@ -74,7 +83,7 @@ pub fn check_topology(
     let mut connection = endpoint.connect(timeout)?;
     let channel = connection
         .open_channel(None)
-        .map_err(|e| AmqpError::Channel(e.to_string()))?;
+        .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
     topology.declare(&channel)?;
     let mut names: Vec<String> = topology
         .routes()
@@ -89,7 +98,7 @@ pub fn check_topology(
                 .queue_declare_passive(name.clone())
                 .map_err(|e| AmqpError::Topology {
                     what: format!("queue {name}"),
-                    reason: e.to_string(),
+                    reason: Cause::of(e),
                 })?;
         reports.push(QueueReport {
             name,
@@ -114,7 +123,7 @@ pub fn queue_depths(
         // A passive declare of a missing queue closes the channel: one channel per queue.
         let channel = connection
             .open_channel(None)
-            .map_err(|e| AmqpError::Channel(e.to_string()))?;
+            .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
         if let Ok(queue) = channel.queue_declare_passive(name.as_str()) {
             reports.push(QueueReport {
                 name: name.clone(),
@@ -135,16 +144,16 @@ pub fn delete_topology(url: &ServiceUrl, topology: &Topology) -> Result<(), Amqp
     let mut connection = endpoint.connect(Duration::from_secs(5))?;
     let channel = connection
         .open_channel(None)
-        .map_err(|e| AmqpError::Channel(e.to_string()))?;
+        .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
     for queue in topology.all_queues() {
         channel
             .queue_delete(queue, Default::default())
-            .map_err(|e| AmqpError::Channel(e.to_string()))?;
+            .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
     }
     for exchange in topology.all_exchanges() {
         channel
             .exchange_delete(exchange, false)
-            .map_err(|e| AmqpError::Channel(e.to_string()))?;
+            .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
     }
     let _ = connection.close();
     Ok(())

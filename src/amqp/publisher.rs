@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use super::connection::Endpoint;
 use super::{AmqpError, Backoff, Topology};
+use crate::cause::Cause;
 use crate::config::ServiceUrl;
 use crate::telemetry::metrics::metrics;
 
@@ -85,7 +86,9 @@ impl Publisher {
         thread::Builder::new()
             .name("kobe-publisher".into())
             .spawn(move || thread.run(inbox))
-            .map_err(|e| AmqpError::Unavailable(format!("cannot start publisher thread: {e}")))?;
+            .map_err(|e| {
+                AmqpError::Unavailable(Cause::context("cannot start publisher thread", e))
+            })?;
         Ok(Self {
             requests,
             confirm_timeout,
@@ -168,7 +171,7 @@ struct PublisherThread {
     link: Option<Link>,
     connected: Arc<AtomicBool>,
     next_attempt: Instant,
-    last_error: String,
+    last_error: Cause,
 }
 
 impl PublisherThread {
@@ -255,17 +258,17 @@ impl PublisherThread {
             let mut connection = self.endpoint.connect(self.connect_timeout)?;
             let channel = connection
                 .open_channel(None)
-                .map_err(|e| AmqpError::Channel(e.to_string()))?;
+                .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
             self.topology.declare(&channel)?;
             let returns = channel
                 .listen_for_returns()
-                .map_err(|e| AmqpError::Channel(e.to_string()))?;
+                .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
             let confirms = channel
                 .listen_for_publisher_confirms()
-                .map_err(|e| AmqpError::Channel(e.to_string()))?;
+                .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
             channel
                 .enable_publisher_confirms()
-                .map_err(|e| AmqpError::Channel(e.to_string()))?;
+                .map_err(|e| AmqpError::Channel(Cause::of(e)))?;
             Ok::<_, AmqpError>(Link {
                 channel,
                 confirms,
@@ -286,7 +289,7 @@ impl PublisherThread {
             Err(e) => {
                 let delay = self.backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "publisher cannot connect to RabbitMQ");
-                self.last_error = e.to_string();
+                self.last_error = Cause::of(e);
                 self.next_attempt = Instant::now() + delay;
             }
         }
@@ -345,9 +348,11 @@ impl PublisherThread {
                 );
             }
             Err(e) => {
-                let error = AmqpError::ConnectionLost(e.to_string());
-                let _ = request.reply.send(Err(error.clone()));
-                self.lost(e.to_string());
+                let cause = Cause::of(e);
+                let _ = request
+                    .reply
+                    .send(Err(AmqpError::ConnectionLost(cause.clone())));
+                self.lost(cause);
             }
         }
     }
@@ -426,7 +431,7 @@ impl PublisherThread {
         }
     }
 
-    fn lost(&mut self, reason: String) {
+    fn lost(&mut self, reason: Cause) {
         self.connected.store(false, Ordering::Relaxed);
         if let Some(link) = self.link.take() {
             tracing::warn!(reason = %reason, in_flight = link.pending.len(), "publisher lost its RabbitMQ connection");

@@ -20,6 +20,7 @@ use amiquip::{
 };
 
 use super::AmqpError;
+use crate::cause::Cause;
 use crate::domain::{Priority, QueueKind};
 
 /// The route of tasks no route names.
@@ -195,7 +196,7 @@ impl Topology {
                 .map(drop)
                 .map_err(|e| AmqpError::Topology {
                     what: format!("exchange {name}"),
-                    reason: e.to_string(),
+                    reason: Cause::of(e),
                 })
         };
         durable_exchange(ExchangeType::Direct, self.tasks_exchange())?;
@@ -259,7 +260,7 @@ impl Topology {
             .map(drop)
             .map_err(|e| AmqpError::Topology {
                 what: format!("queue {name}"),
-                reason: e.to_string(),
+                reason: Cause::of(e),
             })
     }
 
@@ -275,7 +276,7 @@ impl Topology {
             .queue_bind(queue, exchange, routing_key, arguments)
             .map_err(|e| AmqpError::Topology {
                 what: format!("binding {exchange} → {queue}"),
-                reason: e.to_string(),
+                reason: Cause::of(e),
             })
     }
 

@@ -68,11 +68,11 @@ impl ApiError {
     /// the request's fault (422), anything else a dependency's (503).
     pub fn store(error: StoreError) -> Self {
         match error {
-            StoreError::Malformed(e) => Self::Internal(e),
-            StoreError::Rejected(reason) => Self::validation("body", reason),
+            StoreError::Malformed(e) => Self::Internal(e.to_string()),
+            StoreError::Rejected(reason) => Self::validation("body", reason.to_string()),
             StoreError::Redis(reason) => Self::Unavailable {
                 dependency: "Redis",
-                reason,
+                reason: reason.to_string(),
                 task_id: None,
                 retry_after: DEPENDENCY_RETRY_AFTER,
             },

@@ -28,6 +28,7 @@ use mongodb::Database;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::StoreError;
+use crate::cause::Cause;
 use crate::telemetry::metrics::metrics;
 
 /// Largest statement accepted: a document may be 16 MiB; the command around it needs room too.
@@ -188,18 +189,18 @@ impl BatchWriter {
 fn statement_size(op: &WriteOp) -> Result<usize, StoreError> {
     let bytes = match op {
         WriteOp::Upsert { filter, update } => {
-            let filter = bson::to_vec(filter).map_err(|e| StoreError::Rejected(e.to_string()))?;
-            let update = bson::to_vec(update).map_err(|e| StoreError::Rejected(e.to_string()))?;
+            let filter = bson::to_vec(filter).map_err(|e| StoreError::Rejected(Cause::of(e)))?;
+            let update = bson::to_vec(update).map_err(|e| StoreError::Rejected(Cause::of(e)))?;
             filter.len() + update.len()
         }
         WriteOp::Insert(document) => bson::to_vec(document)
-            .map_err(|e| StoreError::Rejected(e.to_string()))?
+            .map_err(|e| StoreError::Rejected(Cause::of(e)))?
             .len(),
     };
     if bytes > MAX_STATEMENT_BYTES {
-        return Err(StoreError::Rejected(format!(
-            "a document of {bytes} bytes is over MongoDB's 16 MiB limit"
-        )));
+        return Err(StoreError::Rejected(
+            format!("a document of {bytes} bytes is over MongoDB's 16 MiB limit").into(),
+        ));
     }
     Ok(bytes)
 }
@@ -332,7 +333,7 @@ async fn send(
             }
             one_by_one
         }
-        Err(error) => entries.iter().map(|_| Err(copy_error(&error))).collect(),
+        Err(error) => entries.iter().map(|_| Err(error.clone())).collect(),
         Ok(results) => results,
     };
     for (entry, result) in entries.into_iter().zip(results) {
@@ -370,13 +371,16 @@ async fn execute(
     };
     let reply = tokio::time::timeout(timeout, db.run_command(command))
         .await
-        .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}")))??;
+        .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}").into()))??;
     if let Ok(concern) = reply.get_document("writeConcernError") {
         // Written on the primary, not (yet) where the write concern asked: not acknowledged.
-        return Err(StoreError::Unavailable(format!(
-            "write concern not satisfied: {}",
-            concern.get_str("errmsg").unwrap_or("unknown")
-        )));
+        return Err(StoreError::Unavailable(
+            format!(
+                "write concern not satisfied: {}",
+                concern.get_str("errmsg").unwrap_or("unknown")
+            )
+            .into(),
+        ));
     }
     let mut results: Vec<WriteResult> = entries.iter().map(|_| Ok(Written::Applied)).collect();
     if let Ok(errors) = reply.get_array("writeErrors") {
@@ -397,23 +401,14 @@ async fn execute(
             };
             *slot = match code {
                 11000 => Ok(Written::Refused),
-                code if super::is_transient_code(code) => Err(StoreError::Unavailable(message)),
-                _ => Err(StoreError::Rejected(message)),
+                code if super::is_transient_code(code) => {
+                    Err(StoreError::Unavailable(message.into()))
+                }
+                _ => Err(StoreError::Rejected(message.into())),
             };
         }
     }
     Ok(results)
-}
-
-fn copy_error(error: &StoreError) -> StoreError {
-    match error {
-        StoreError::Unavailable(e) => StoreError::Unavailable(e.clone()),
-        StoreError::Duplicate(e) => StoreError::Duplicate(e.clone()),
-        StoreError::Rejected(e) => StoreError::Rejected(e.clone()),
-        StoreError::Malformed(e) => StoreError::Malformed(e.clone()),
-        StoreError::Redis(e) => StoreError::Redis(e.clone()),
-        StoreError::Migration(e) => StoreError::Migration(e.clone()),
-    }
 }
 
 #[cfg(test)]

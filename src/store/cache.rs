@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use deadpool_redis::{redis, Config, Pool, Runtime};
 
 use super::StoreError;
+use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
 /// INCR the window's counter and, on its first request, set the counter's expiry.
@@ -53,9 +54,9 @@ impl Cache {
             },
             ..Default::default()
         });
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| StoreError::Redis(format!("invalid REDIS_URL {url}: {e}")))?;
+        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
+            StoreError::Redis(Cause::context(format!("invalid REDIS_URL {url}"), e))
+        })?;
         Ok(Self {
             pool,
             prefix: prefix.to_owned(),
@@ -110,17 +111,17 @@ impl Cache {
                 .pool
                 .get()
                 .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
+                .map_err(|e| StoreError::Redis(Cause::of(e)))?;
             match query {
                 Query::Command(command) => command.query_async::<T>(&mut conn).await,
                 Query::Pipeline(pipe) => pipe.query_async::<T>(&mut conn).await,
             }
-            .map_err(|e| StoreError::Redis(e.to_string()))
+            .map_err(|e| StoreError::Redis(Cause::of(e)))
         };
         let bounded = async {
             tokio::time::timeout(timeout, attempt)
                 .await
-                .map_err(|_| StoreError::Redis(format!("no answer within {timeout:?}")))?
+                .map_err(|_| StoreError::Redis(format!("no answer within {timeout:?}").into()))?
         };
         measured(name, bounded).await
     }
@@ -131,9 +132,9 @@ impl Cache {
         if pong == "PONG" {
             Ok(())
         } else {
-            Err(StoreError::Redis(format!(
-                "unexpected PING answer {pong:?}"
-            )))
+            Err(StoreError::Redis(
+                format!("unexpected PING answer {pong:?}").into(),
+            ))
         }
     }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batch::{Write, WriteOp};
 use super::StoreError;
+use crate::cause::Cause;
 
 pub const COLLECTION: &str = "TaskDedup";
 
@@ -67,7 +68,7 @@ impl DedupRepository {
     /// The claim as a batched insert: refused when the fingerprint is claimed already.
     pub fn claim_write(&self, entry: &DedupEntry) -> Result<Write, StoreError> {
         let document =
-            mongodb::bson::to_document(entry).map_err(|e| StoreError::Rejected(e.to_string()))?;
+            mongodb::bson::to_document(entry).map_err(|e| StoreError::Rejected(Cause::of(e)))?;
         Ok(Write {
             collection: COLLECTION,
             op: WriteOp::Insert(document),

@@ -15,6 +15,7 @@ use mongodb::{Database, IndexModel};
 use serde::Deserialize;
 
 use super::StoreError;
+use crate::cause::Cause;
 
 /// The spec files, in the order they are applied.
 const SPEC_FILES: [(&str, &str); 7] = [
@@ -62,17 +63,18 @@ impl CollectionSpec {
             .iter()
             .map(|raw| {
                 let model: IndexModel = bson::from_document(raw.clone()).map_err(|e| {
-                    StoreError::Migration(format!("{}: bad index spec {raw}: {e}", self.collection))
+                    StoreError::Migration(
+                        format!("{}: bad index spec {raw}: {e}", self.collection).into(),
+                    )
                 })?;
                 let name = model
                     .options
                     .as_ref()
                     .and_then(|o| o.name.clone())
                     .ok_or_else(|| {
-                        StoreError::Migration(format!(
-                            "{}: index spec without a name",
-                            self.collection
-                        ))
+                        StoreError::Migration(
+                            format!("{}: index spec without a name", self.collection).into(),
+                        )
                     })?;
                 Ok((name, model))
             })
@@ -86,7 +88,7 @@ pub fn specs() -> Result<Vec<CollectionSpec>, StoreError> {
         .iter()
         .map(|(file, text)| {
             serde_json::from_str(text)
-                .map_err(|e| StoreError::Migration(format!("migrations/{file}: {e}")))
+                .map_err(|e| StoreError::Migration(Cause::context(format!("migrations/{file}"), e)))
         })
         .collect()
 }

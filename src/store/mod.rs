@@ -28,29 +28,32 @@ pub use payloads::PayloadRepository;
 pub use shards::{ShardMeta, ShardRepository};
 pub use tasks::{TaskDocument, TaskRepository};
 
+use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
 /// A store failure, phrased for the caller's decision.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database did not answer, refused the connection or failed in a way that may pass:
     /// 503, or try again later. Nothing can be said about whether the write happened.
     #[error("MongoDB is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// A unique index refused the write (MongoDB error 11000).
     #[error("duplicate key: {0}")]
-    Duplicate(String),
+    Duplicate(#[source] Cause),
     /// The write can never succeed as it is (a value BSON cannot hold, a key with a NUL byte, a
     /// document over 16 MB, a server-side validation error): trying again changes nothing.
     #[error("MongoDB refused the write: {0}")]
-    Rejected(String),
+    Rejected(#[source] Cause),
     /// A document could not be read into its type: a bug or a hand-edited document.
     #[error("malformed document: {0}")]
-    Malformed(String),
+    Malformed(#[source] Cause),
+    /// Redis did not answer or failed: 503, or go on without the cache where it is optional.
     #[error("Redis: {0}")]
-    Redis(String),
+    Redis(#[source] Cause),
+    /// A migration spec cannot be read or applied.
     #[error("migration: {0}")]
-    Migration(String),
+    Migration(#[source] Cause),
 }
 
 impl StoreError {
@@ -75,23 +78,24 @@ impl From<mongodb::error::Error> for StoreError {
     fn from(error: mongodb::error::Error) -> Self {
         use mongodb::error::{ErrorKind, WriteFailure};
         if is_duplicate_key(&error) {
-            return Self::Duplicate(error.to_string());
+            return Self::Duplicate(Cause::of(error));
         }
         let transient_label = error.contains_label("RetryableWriteError")
             || error.contains_label("TransientTransactionError");
         match *error.kind {
-            ErrorKind::BsonDeserialization(ref e) => Self::Malformed(e.to_string()),
-            ErrorKind::BsonSerialization(ref e) => Self::Rejected(e.to_string()),
-            ErrorKind::InvalidArgument { ref message, .. } => Self::Rejected(message.clone()),
+            ErrorKind::BsonDeserialization(_) => Self::Malformed(Cause::of(error)),
+            ErrorKind::BsonSerialization(_) | ErrorKind::InvalidArgument { .. } => {
+                Self::Rejected(Cause::of(error))
+            }
             ErrorKind::Write(WriteFailure::WriteError(ref e))
                 if !transient_label && !is_transient_code(e.code) =>
             {
-                Self::Rejected(error.to_string())
+                Self::Rejected(Cause::of(error))
             }
             ErrorKind::Command(ref e) if !transient_label && is_permanent_command_code(e.code) => {
-                Self::Rejected(error.to_string())
+                Self::Rejected(Cause::of(error))
             }
-            _ => Self::Unavailable(error.to_string()),
+            _ => Self::Unavailable(Cause::of(error)),
         }
     }
 }
@@ -124,9 +128,9 @@ pub async fn connect(
     db: &str,
     timeout: Duration,
 ) -> Result<Database, StoreError> {
-    let mut options = ClientOptions::parse(uri.expose())
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("invalid MONGODB_URI {uri}: {e}")))?;
+    let mut options = ClientOptions::parse(uri.expose()).await.map_err(|e| {
+        StoreError::Unavailable(Cause::context(format!("invalid MONGODB_URI {uri}"), e))
+    })?;
     options.app_name = Some("kobe".into());
     options.server_selection_timeout = Some(timeout);
     options.connect_timeout = Some(timeout);
@@ -163,7 +167,7 @@ pub async fn connect(
         },
     ));
     let client =
-        Client::with_options(options).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Client::with_options(options).map_err(|e| StoreError::Unavailable(Cause::of(e)))?;
     Ok(client.database(db))
 }
 

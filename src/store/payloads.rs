@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::StoreError;
+use crate::cause::Cause;
 
 pub const COLLECTION: &str = "RawPayload";
 
@@ -65,9 +66,9 @@ impl PayloadRepository {
         let Some(payload) = self.collection.find_one(doc! {"_id": reference}).await? else {
             return Ok(None);
         };
-        serde_json::from_str(&payload.json)
-            .map(Some)
-            .map_err(|e| StoreError::Malformed(format!("RawPayload {reference}: {e}")))
+        serde_json::from_str(&payload.json).map(Some).map_err(|e| {
+            StoreError::Malformed(Cause::context(format!("RawPayload {reference}"), e))
+        })
     }
 }
 

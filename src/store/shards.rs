@@ -44,7 +44,7 @@ impl ShardRepository {
         match self.collection.insert_one(meta).await {
             Ok(_) => Ok(meta.clone()),
             Err(e) if is_duplicate_key(&e) => self.get(&meta.job_id).await?.ok_or_else(|| {
-                StoreError::Malformed(format!("ShardMeta {} vanished", meta.job_id))
+                StoreError::Malformed(format!("ShardMeta {} vanished", meta.job_id).into())
             }),
             Err(e) => Err(e.into()),
         }

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use super::batch::{Write, WriteOp};
 use super::StoreError;
+use crate::cause::Cause;
 use crate::domain::{TaskId, TaskState};
 
 pub const COLLECTION: &str = "Tasks";
@@ -184,7 +185,7 @@ impl TaskRepository {
 
     /// A new task as a batched insert: refused when its id is taken.
     pub fn insert_write(&self, task: &TaskDocument) -> Result<Write, StoreError> {
-        let document = bson::to_document(task).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        let document = bson::to_document(task).map_err(|e| StoreError::Rejected(Cause::of(e)))?;
         Ok(Write {
             collection: COLLECTION,
             op: WriteOp::Insert(document),
@@ -222,12 +223,12 @@ impl TaskRepository {
             .map(|d| {
                 let id = d
                     .get_str("_id")
-                    .map_err(|e| StoreError::Malformed(e.to_string()))?;
+                    .map_err(|e| StoreError::Malformed(Cause::of(e)))?;
                 let state = d
                     .get_str("state")
-                    .map_err(|e| StoreError::Malformed(e.to_string()))?
+                    .map_err(|e| StoreError::Malformed(Cause::of(e)))?
                     .parse::<TaskState>()
-                    .map_err(StoreError::Malformed)?;
+                    .map_err(|e| StoreError::Malformed(e.into()))?;
                 Ok((id.to_owned(), state))
             })
             .collect()
@@ -305,7 +306,7 @@ impl TaskRepository {
 
 pub(super) fn to_bson(value: &Value) -> Result<Bson, StoreError> {
     bson::to_bson(value)
-        .map_err(|e| StoreError::Rejected(format!("the value cannot be stored in BSON: {e}")))
+        .map_err(|e| StoreError::Rejected(Cause::context("the value cannot be stored in BSON", e)))
 }
 
 #[cfg(test)]

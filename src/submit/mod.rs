@@ -242,9 +242,9 @@ impl Submitter {
                     // Recorded and published by an earlier attempt of the parent.
                     Some(_) => return Ok(()),
                     None => {
-                        return Err(SubmitError::Store(StoreError::Unavailable(format!(
-                            "child task {id} was recorded but cannot be read back"
-                        ))))
+                        return Err(SubmitError::Store(StoreError::Unavailable(
+                            format!("child task {id} was recorded but cannot be read back").into(),
+                        )))
                     }
                 }
             }
@@ -286,10 +286,9 @@ impl Submitter {
             .await?
         {
             Written::Applied => Ok(document),
-            Written::Refused => Err(SubmitError::Store(StoreError::Duplicate(format!(
-                "task {} exists already",
-                document.id
-            )))),
+            Written::Refused => Err(SubmitError::Store(StoreError::Duplicate(
+                format!("task {} exists already", document.id).into(),
+            ))),
         }
     }
 
