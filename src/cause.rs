@@ -97,7 +97,9 @@ mod tests {
         assert_eq!(cause.to_string(), "connecting: command failed");
         assert!(cause.driver::<DriverError>().is_some());
         let source = cause.source().expect("the driver's own source");
-        let inner = source.downcast_ref::<std::io::Error>().expect("the inner error");
+        let inner = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the inner error");
         assert_eq!(inner.kind(), std::io::ErrorKind::ConnectionRefused);
         assert!(Cause::new("timed out").source().is_none());
     }

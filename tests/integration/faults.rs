@@ -202,11 +202,7 @@ async fn a_task_that_kills_its_worker_each_time_is_closed_as_poison() {
             .contains("delivered 2 times"),
         "{done}"
     );
-    let dead = env.dead_letters(1).await;
-    assert!(dead[0]
-        .header_text("x-kobe-reason")
-        .unwrap()
-        .contains("delivered 2 times"));
+    env.dead_letter_for("delivered 2 times").await;
     assert_eq!(env.tasks().get(&id).await.unwrap().unwrap().deliveries, 2);
     worker.stop().await;
     api.stop().await;

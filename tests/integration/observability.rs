@@ -210,18 +210,7 @@ async fn the_worker_logs_the_trace_id_of_the_request_that_submitted_the_task() {
     })
     .await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let response = client
-        .post(format!("{base}/task/start"))
-        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-        .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_traced(&client, &base, format!("00-{trace_id}-00f067aa0ba902b7-01")).await;
     env.wait_final(&id, Duration::from_secs(20)).await;
     stop(worker);
     stop(serve);
@@ -430,21 +419,12 @@ async fn with_an_otlp_endpoint_api_and_worker_export_spans_of_one_trace() {
     })
     .await;
     let trace_id: u128 = 0x0af7651916cd43dd8448eb211c80319c;
-    let response = client
-        .post(format!("{base}/task/start"))
-        .header(
-            "traceparent",
-            format!("00-{trace_id:032x}-b7ad6b7169203331-01"),
-        )
-        .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_traced(
+        &client,
+        &base,
+        format!("00-{trace_id:032x}-b7ad6b7169203331-01"),
+    )
+    .await;
     env.wait_final(&id, Duration::from_secs(20)).await;
     // Both processes flush their spans on the way out.
     stop(worker);
@@ -474,4 +454,20 @@ async fn with_an_otlp_endpoint_api_and_worker_export_spans_of_one_trace() {
         Some(format!("{trace_id:032x}").as_str())
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Submits a one-millisecond `demo_long_io` with `traceparent`, and returns its task id.
+async fn submit_traced(client: &reqwest::Client, base: &str, traceparent: String) -> String {
+    let response = client
+        .post(format!("{base}/task/start"))
+        .header("traceparent", traceparent)
+        .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    response.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

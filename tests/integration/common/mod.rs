@@ -519,6 +519,36 @@ impl TestEnv {
         .await
     }
 
+    /// Waits until the task is final, and checks it failed for a reason mentioning `cause`.
+    pub async fn wait_failure(
+        &self,
+        id: &str,
+        deadline: Duration,
+        cause: &str,
+    ) -> kobe::store::TaskDocument {
+        let task = self.wait_final(id, deadline).await;
+        assert_eq!(task.state, kobe::domain::TaskState::Failure, "{task:?}");
+        assert!(
+            task.root_cause
+                .as_deref()
+                .unwrap_or_default()
+                .contains(cause),
+            "the root cause should mention {cause:?}: {task:?}"
+        );
+        task
+    }
+
+    /// Waits for the first dead letter and checks its `x-kobe-reason` mentions `reason`.
+    pub async fn dead_letter_for(&self, reason: &str) -> Vec<QueuedMessage> {
+        let dead = self.dead_letters(1).await;
+        let stated = dead[0].header_text("x-kobe-reason").unwrap_or_default();
+        assert!(
+            stated.contains(reason),
+            "the dead letter's reason should mention {reason:?}: {stated:?}"
+        );
+        dead
+    }
+
     /// The `kobe` binary with this test's settings.
     pub fn kobe_command(&self, args: &[&str]) -> std::process::Command {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kobe"));

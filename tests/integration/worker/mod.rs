@@ -116,17 +116,12 @@ async fn spent_retries_dead_letter_the_message_with_its_reason() {
 
     let message = demo(json!({"duration_ms": 1, "fail_attempts": 10}));
     env.publish_message(&publisher, &message).await;
-    let task = env
-        .wait_final(message.id.as_str(), Duration::from_secs(30))
-        .await;
-    assert_eq!(task.state, TaskState::Failure);
-    assert!(
-        task.root_cause
-            .as_deref()
-            .unwrap()
-            .contains("retries exhausted"),
-        "{task:?}"
-    );
+    env.wait_failure(
+        message.id.as_str(),
+        Duration::from_secs(30),
+        "retries exhausted",
+    )
+    .await;
 
     let dead = env.dead_letters(1).await;
     assert_eq!(dead.len(), 1);
@@ -168,11 +163,7 @@ async fn a_permanent_error_dead_letters_on_the_first_attempt() {
         .await;
     assert_eq!(task.state, TaskState::Failure);
     assert_eq!(task.retries, 0);
-    let dead = env.dead_letters(1).await;
-    assert!(dead[0]
-        .header_text("x-kobe-reason")
-        .unwrap()
-        .contains("can never work"));
+    env.dead_letter_for("can never work").await;
     let errors = ErrorLogRepository::new(&env.db)
         .for_task(message.id.as_str())
         .await
@@ -192,19 +183,9 @@ async fn the_hard_time_limit_abandons_the_task_as_a_failure() {
     let mut message = demo(json!({"duration_ms": 30_000}));
     message.hard_time_limit = Some(0.3);
     env.publish_message(&publisher, &message).await;
-    let task = env
-        .wait_final(message.id.as_str(), Duration::from_secs(20))
+    env.wait_failure(message.id.as_str(), Duration::from_secs(20), "time limit")
         .await;
-    assert_eq!(task.state, TaskState::Failure);
-    assert!(
-        task.root_cause.as_deref().unwrap().contains("time limit"),
-        "{task:?}"
-    );
-    let dead = env.dead_letters(1).await;
-    assert!(dead[0]
-        .header_text("x-kobe-reason")
-        .unwrap()
-        .contains("time limit"));
+    env.dead_letter_for("time limit").await;
     worker.stop().await;
 }
 
@@ -219,17 +200,12 @@ async fn the_soft_time_limit_lets_the_handler_stop_cleanly() {
     message.soft_time_limit = Some(0.2);
     message.hard_time_limit = Some(20.0);
     env.publish_message(&publisher, &message).await;
-    let task = env
-        .wait_final(message.id.as_str(), Duration::from_secs(10))
-        .await;
-    assert_eq!(task.state, TaskState::Failure);
-    assert!(
-        task.root_cause
-            .as_deref()
-            .unwrap()
-            .contains("soft time limit"),
-        "{task:?}"
-    );
+    env.wait_failure(
+        message.id.as_str(),
+        Duration::from_secs(10),
+        "soft time limit",
+    )
+    .await;
     worker.stop().await;
 }
 

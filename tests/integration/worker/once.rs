@@ -234,22 +234,13 @@ async fn hostile_headers_and_a_panic_in_delivery_handling_still_settle_the_messa
 
     let buggy = TaskMessage::new(TaskId::generate(), "panics_in_worker", vec![], Map::new());
     env.publish_message(&publisher, &buggy).await;
-    let task = env
-        .wait_final(buggy.id.as_str(), Duration::from_secs(20))
-        .await;
-    assert_eq!(task.state, TaskState::Failure);
-    assert!(
-        task.root_cause
-            .as_deref()
-            .unwrap()
-            .contains("a bug outside the handler"),
-        "{task:?}"
-    );
-    let dead = env.dead_letters(1).await;
-    assert!(dead[0]
-        .header_text("x-kobe-reason")
-        .unwrap()
-        .contains("worker error"));
+    env.wait_failure(
+        buggy.id.as_str(),
+        Duration::from_secs(20),
+        "a bug outside the handler",
+    )
+    .await;
+    env.dead_letter_for("worker error").await;
 
     let after = demo(json!({"duration_ms": 1}));
     env.publish_message(&publisher, &after).await;
@@ -359,22 +350,13 @@ async fn a_message_started_too_often_is_closed_as_poison() {
     )
     .await;
     env.publish_message(&publisher, &message).await;
-    let task = env
-        .wait_final(message.id.as_str(), Duration::from_secs(20))
-        .await;
-    assert_eq!(task.state, TaskState::Failure);
-    assert!(
-        task.root_cause
-            .as_deref()
-            .unwrap()
-            .contains("delivered 3 times"),
-        "{task:?}"
-    );
-    let dead = env.dead_letters(1).await;
-    assert!(dead[0]
-        .header_text("x-kobe-reason")
-        .unwrap()
-        .contains("delivered 3 times"));
+    env.wait_failure(
+        message.id.as_str(),
+        Duration::from_secs(20),
+        "delivered 3 times",
+    )
+    .await;
+    env.dead_letter_for("delivered 3 times").await;
     worker.stop().await;
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
