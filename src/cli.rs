@@ -30,6 +30,20 @@ pub enum Command {
     InitDb,
     /// Check RabbitMQ, MongoDB, Redis and the AMQP topology; exit 0 only if all hold.
     Healthcheck,
+    /// Work with tasks declared in a file (KOBE_TASKS_FILE).
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TasksCommand {
+    /// Check a tasks file offline: its syntax, every task's fields, and the variables it names.
+    /// Prints each task and exits 0, or names the file, line and field at fault and exits 2.
+    Check {
+        /// The TOML file, as KOBE_TASKS_FILE would name it.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

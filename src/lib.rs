@@ -9,6 +9,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`app`] | [`App`]: the command line over a registry of tasks, for `kobe` and binaries of your own |
 //! | [`cli`] | the command line (clap) |
 //! | [`cause`] | the driver error under each layer's own error, kept as its source |
 //! | [`config`] | settings from the environment, validated at start-up; secrets redacted |
@@ -26,14 +27,15 @@
 //! Floors, lowest first: `cause`, `config`, `domain`, `telemetry`; then `amqp` and `store`, which
 //! never see each other's types; then `tasks`, which reach the store through their context and
 //! never see AMQP or HTTP; then the services `submit` and `worker`, which use the floors below
-//! together; then `http`, which calls `submit`; and `commands`, which builds every client once and
-//! wires them. Nothing imports from a floor above its own.
+//! together; then `http`, which calls `submit`; and `commands` (with `app` and `cli` above it),
+//! which builds every client once and wires them. Nothing imports from a floor above its own.
 
 // A worker's delivery future nests the handler, the store and the Redis measurement deeply
 // enough that computing its layout needs more than the default 128 levels.
 #![recursion_limit = "256"]
 
 pub mod amqp;
+pub mod app;
 pub mod cause;
 pub mod cli;
 pub mod commands;
@@ -46,3 +48,5 @@ pub mod submit;
 pub mod tasks;
 pub mod telemetry;
 pub mod worker;
+
+pub use app::App;

@@ -3,6 +3,7 @@
 pub mod healthcheck;
 pub mod init_db;
 pub mod serve;
+pub mod tasks;
 pub mod worker;
 
 use crate::amqp::Topology;

@@ -40,9 +40,13 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
 }
 
 /// Runs until SIGTERM/SIGINT, then stops accepting and lets in-flight requests finish.
-pub async fn run(settings: Settings, addr: Option<SocketAddr>) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    addr: Option<SocketAddr>,
+    registry: Registry,
+) -> anyhow::Result<()> {
     let addr = addr.unwrap_or(settings.http_addr);
-    let state = state(&settings, Registry::with_builtin_tasks()).await?;
+    let state = state(&settings, registry).await?;
     let outbox = Outbox {
         tasks: state.tasks.clone(),
         submitter: state.submitter.clone(),

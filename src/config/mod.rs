@@ -196,6 +196,8 @@ pub struct Settings {
     /// `worker::pipeline`): one statement per short task instead of two, at the price of a
     /// duplicate publish of a finished short task running once more.
     pub fast_start: bool,
+    /// Tasks declared in a TOML file (`KOBE_TASKS_FILE`), read at start by `serve` and `worker`.
+    pub tasks_file: Option<std::path::PathBuf>,
 }
 
 /// Deployment-wide overrides of the retry policies tasks declare.
@@ -332,6 +334,7 @@ impl Settings {
             batch_max: read.number("KOBE_BATCH_MAX", 1..=10_000, "statements per command")?,
             slot_wait: read.millis("KOBE_SLOT_WAIT_MS")?,
             fast_start: read.flag("KOBE_FAST_START")?,
+            tasks_file: read.optional("KOBE_TASKS_FILE").map(Into::into),
         })
     }
 }

@@ -51,6 +51,8 @@ pub const VARIABLES: &[Variable] = &[
     var("KOBE_BATCH_LINGER_US", "1000", "Group commit: how long the first write of a batch waits for company (microseconds, at most 2000)."),
     var("KOBE_BATCH_MAX", "500", "Group commit: statements per MongoDB command at most."),
     var("KOBE_FAST_START", "false", "Worker: start a fresh delivery's handler while its STARTED claim is still on its way, so a short task costs one MongoDB statement instead of two. The price: a duplicate publish of a short task that already finished runs it once more (its outcome is discarded)."),
+    var("KOBE_TASKS_FILE", "", "A TOML file of tasks that need no Rust (kind = \"http\" or \"command\"), read by serve and worker at start; see examples/tasks.toml and `kobe tasks check FILE`. Empty: none."),
+    var("KOBE_TASK_SIGNING_SECRET", "", "The secret (at least 16 characters) an http task signs its request body with (HMAC-SHA256 in X-Kobe-Signature), unless the task names its own variable in signing_secret_env. Required when KOBE_TASKS_FILE declares an http task."),
     var("KOBE_RETRY_MAX", "", "Retries after the first attempt, for every task; empty: each task's own policy (3 retries, 1 s base, factor 2, 300 s cap; delays exponential with jitter)."),
     var("KOBE_RETRY_BASE_MS", "", "Delay before the first retry, for every task (milliseconds); empty: each task's own."),
     var("KOBE_RETRY_FACTOR", "", "Growth of the delay from one retry to the next, for every task; empty: each task's own."),

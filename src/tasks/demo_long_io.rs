@@ -81,6 +81,7 @@ mod tests {
             kwargs: kwargs.as_object().cloned().unwrap(),
             soft_limit: crate::tasks::SoftLimit::never(),
             context: None,
+            traceparent: None,
         }
     }
 

@@ -1,8 +1,10 @@
 //! Units of work: the [`Task`] trait, the errors a task reports, and the [`Registry`] of tasks a
 //! process knows. Nothing here knows how a task arrived or where its outcome goes.
 
+pub mod declared;
 mod demo_long_io;
 mod demo_sharded_job;
+pub mod schema;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -14,8 +16,9 @@ use serde_json::{Map, Value};
 
 pub use demo_long_io::DemoLongIo;
 pub use demo_sharded_job::{DemoShard, DemoShardedJob};
+pub use schema::KwargsSchema;
 
-use crate::domain::TaskId;
+use crate::domain::{Priority, TaskId};
 use crate::store::{CheckpointRepository, LeaseRepository, ShardRepository};
 
 /// What a handler's future resolves to.
@@ -31,6 +34,10 @@ pub enum TaskError {
     /// Will fail the same way every time (bad input, a bug): dead-letter now.
     #[error("{0}")]
     Permanent(String),
+    /// Transient, and the other side said when to come back (an HTTP `Retry-After`): try again
+    /// no sooner than `after` (at most an hour), or after the backoff if that is longer.
+    #[error("{cause}")]
+    RetryAfter { after: Duration, cause: String },
 }
 
 /// One attempt of one task, as a handler sees it.
@@ -46,6 +53,8 @@ pub struct Invocation {
     pub soft_limit: SoftLimit,
     /// What a worker offers tasks that need more than their arguments; `None` outside a worker.
     pub context: Option<Arc<TaskContext>>,
+    /// The W3C trace context the task was submitted under, for calls the task makes onwards.
+    pub traceparent: Option<String>,
 }
 
 impl Invocation {
@@ -177,6 +186,27 @@ pub trait Task: Send + Sync + 'static {
     /// Runs one attempt. Handlers must be idempotent: delivery is at least once.
     fn run(&self, invocation: Invocation) -> TaskFuture;
 
+    /// What kind of task this is, as `GET /tasks` shows it: `rust` for a task compiled in,
+    /// `http` or `command` for one declared in `KOBE_TASKS_FILE`.
+    fn kind(&self) -> &'static str {
+        "rust"
+    }
+
+    /// The route (queue suffix) the task travels on unless `KOBE_TASK_ROUTES` says otherwise.
+    fn route(&self) -> Option<&str> {
+        None
+    }
+
+    /// The priority of a submission that names none.
+    fn priority(&self) -> Option<Priority> {
+        None
+    }
+
+    /// A JSON Schema for the kwargs, checked at submission before [`Task::validate`].
+    fn kwargs_schema(&self) -> Option<&KwargsSchema> {
+        None
+    }
+
     /// Retries for retryable errors.
     fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy::default()
@@ -191,6 +221,18 @@ pub trait Task: Send + Sync + 'static {
     fn soft_time_limit(&self) -> Option<Duration> {
         None
     }
+}
+
+/// Checks a submission's arguments against the task's schema, then its own validation.
+pub fn check_input(
+    task: &dyn Task,
+    args: &[Value],
+    kwargs: &Map<String, Value>,
+) -> Result<(), InvalidInput> {
+    if let Some(schema) = task.kwargs_schema() {
+        schema.check(kwargs)?;
+    }
+    task.validate(args, kwargs)
 }
 
 /// A registry that refused a task.
@@ -221,16 +263,34 @@ impl Registry {
     }
 
     pub fn register(&mut self, task: impl Task) -> Result<(), DuplicateTask> {
+        self.register_shared(Arc::new(task))
+    }
+
+    /// Registers a task already behind an `Arc` (a declared task, built at run time).
+    pub fn register_shared(&mut self, task: Arc<dyn Task>) -> Result<(), DuplicateTask> {
         let name = task.name();
         if self.tasks.contains_key(name) {
             return Err(DuplicateTask(name));
         }
-        self.tasks.insert(name, Arc::new(task));
+        self.tasks.insert(name, task);
         Ok(())
+    }
+
+    /// Task name → route, for every task that names its own route.
+    pub fn routes(&self) -> BTreeMap<String, String> {
+        self.tasks
+            .values()
+            .filter_map(|task| Some((task.name().to_owned(), task.route()?.to_owned())))
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<dyn Task>> {
         self.tasks.get(name).cloned()
+    }
+
+    /// Every registered task, by name.
+    pub fn tasks(&self) -> impl Iterator<Item = Arc<dyn Task>> + '_ {
+        self.tasks.values().cloned()
     }
 
     /// Registered names, sorted.

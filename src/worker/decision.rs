@@ -21,6 +21,9 @@ use serde_json::Value;
 use crate::store::attempts::Transition;
 use crate::tasks::RetryPolicy;
 
+/// The longest wait a `Retry-After` from a task's other side can impose.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// Why a message went to the dead-letter queue: the `reason` label of `kobe_dead_letters_total`.
 pub mod reason {
     pub const MALFORMED: &str = "malformed";
@@ -40,6 +43,8 @@ pub enum Outcome {
     Success(Value),
     /// A transient failure: try again after a backoff.
     Retryable(String),
+    /// A transient failure whose cause said when to try again.
+    RetryAfter(Duration, String),
     /// Will fail the same way every time.
     Permanent(String),
     /// The handler panicked: treated as transient, since a panic is often a bad moment.
@@ -100,14 +105,16 @@ pub fn plan(happened: &Happened, attempt: u32, policy: &RetryPolicy, jitter: f64
         route: Route::DeadLetter { reason },
         cause: Some(cause),
     };
-    let retry_or_die = |cause: String| {
+    let retry_or_die_after = |cause: String, after: Duration| {
         if attempt <= policy.max_retries {
             Plan {
                 record: Some(Transition::Retry {
                     root_cause: cause.clone(),
                 }),
                 route: Route::Retry {
-                    delay: policy.delay_for(attempt, jitter),
+                    delay: policy
+                        .delay_for(attempt, jitter)
+                        .max(after.min(MAX_RETRY_AFTER)),
                 },
                 cause: Some(cause),
             }
@@ -118,6 +125,7 @@ pub fn plan(happened: &Happened, attempt: u32, policy: &RetryPolicy, jitter: f64
             )
         }
     };
+    let retry_or_die = |cause: String| retry_or_die_after(cause, Duration::ZERO);
     match happened {
         Happened::Malformed(cause) => dead(format!("malformed message: {cause}"), reason::MALFORMED),
         Happened::UnknownTask(name) => dead(format!("unknown task `{name}`"), reason::UNKNOWN_TASK),
@@ -149,6 +157,9 @@ pub fn plan(happened: &Happened, attempt: u32, policy: &RetryPolicy, jitter: f64
             cause: None,
         },
         Happened::Ran(Outcome::Retryable(cause)) => retry_or_die(cause.clone()),
+        Happened::Ran(Outcome::RetryAfter(after, cause)) => {
+            retry_or_die_after(cause.clone(), *after)
+        }
         Happened::Ran(Outcome::Panicked(cause)) => retry_or_die(format!("handler panicked: {cause}")),
         Happened::Ran(Outcome::Permanent(cause)) => dead(cause.clone(), reason::PERMANENT_ERROR),
         Happened::Ran(Outcome::TimedOut(limit)) => {
@@ -420,5 +431,25 @@ mod tests {
             walk(&p, &[], &[Published::Confirmed]),
             [Step::PublishDeadLetter, Step::Ack]
         );
+    }
+
+    #[test]
+    fn a_retry_after_is_honoured_when_longer_than_the_backoff_and_capped() {
+        let policy = RetryPolicy {
+            max_retries: 3,
+            base_delay: Duration::from_millis(100),
+            factor: 2.0,
+            max_delay: Duration::from_secs(1),
+        };
+        let delay = |after: Duration| {
+            let happened = Happened::Ran(Outcome::RetryAfter(after, "429".into()));
+            match plan(&happened, 1, &policy, 0.0).route {
+                Route::Retry { delay } => delay,
+                other => panic!("expected a retry, got {other:?}"),
+            }
+        };
+        assert_eq!(delay(Duration::from_secs(30)), Duration::from_secs(30));
+        assert_eq!(delay(Duration::ZERO), policy.delay_for(1, 0.0));
+        assert_eq!(delay(Duration::from_secs(86_400)), MAX_RETRY_AFTER);
     }
 }

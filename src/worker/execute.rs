@@ -78,6 +78,9 @@ impl Running {
             Ok(Ok(Ok(value))) => Outcome::Success(value),
             Ok(Ok(Err(TaskError::Retryable(cause)))) => Outcome::Retryable(cause),
             Ok(Ok(Err(TaskError::Permanent(cause)))) => Outcome::Permanent(cause),
+            Ok(Ok(Err(TaskError::RetryAfter { after, cause }))) => {
+                Outcome::RetryAfter(after, cause)
+            }
             Ok(Err(join_error)) => match join_error.try_into_panic() {
                 Ok(payload) => Outcome::Panicked(panic_message(payload.as_ref())),
                 Err(e) => Outcome::Panicked(format!("handler was cancelled: {e}")),

@@ -389,6 +389,7 @@ impl Worker {
             kwargs: message.kwargs.clone(),
             soft_limit: crate::tasks::SoftLimit::never(),
             context: Some(self.context.clone()),
+            traceparent: message.traceparent.clone(),
         }
     }
 }

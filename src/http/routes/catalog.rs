@@ -11,6 +11,8 @@ use crate::http::AppState;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TaskInfo {
     pub name: String,
+    /// `rust` (compiled in), `http` or `command` (declared in `KOBE_TASKS_FILE`).
+    pub kind: String,
     /// Where it is sent unless a submission names a `queue`.
     pub route: String,
     pub max_retries: u32,
@@ -38,6 +40,7 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
         .filter_map(|name| state.registry.get(name))
         .map(|task| TaskInfo {
             name: task.name().to_owned(),
+            kind: task.kind().to_owned(),
             route: topology.route_of(task.name()).to_owned(),
             max_retries: task.retry_policy().max_retries,
             time_limit_s: task.time_limit().as_secs_f64(),

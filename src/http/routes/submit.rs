@@ -307,11 +307,11 @@ async fn start_traced(
     })?;
     crate::domain::document::check_arguments(&submission.args, &submission.kwargs)
         .map_err(|e| ApiError::validation(e.field, e.reason))?;
-    task.validate(&submission.args, &submission.kwargs)
+    crate::tasks::check_input(task.as_ref(), &submission.args, &submission.kwargs)
         .map_err(|e| ApiError::validation(e.field, e.reason))?;
     let priority = match submission.priority {
         Some(p) => Priority::new(p).map_err(|reason| ApiError::validation("priority", reason))?,
-        None => Priority::default(),
+        None => task.priority().unwrap_or_default(),
     };
     let topology = state.submitter.topology();
     let route = match &submission.queue {

@@ -1,0 +1,202 @@
+//! The `kobe` command line as a library: [`App`] runs `serve`, `worker`, `init-db`, `healthcheck`
+//! and `tasks check` over a registry of tasks, so a binary of your own can add its tasks to Kobe's.
+//!
+//! ```no_run
+//! use kobe::tasks::{Invocation, Task, TaskFuture};
+//!
+//! struct Hello;
+//!
+//! impl Task for Hello {
+//!     fn name(&self) -> &'static str {
+//!         "hello"
+//!     }
+//!     fn run(&self, invocation: Invocation) -> TaskFuture {
+//!         Box::pin(async move { Ok(serde_json::json!({"hello": invocation.kwargs})) })
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     kobe::App::new().task(Hello).run()
+//! }
+//! ```
+//!
+//! Tasks declared in `KOBE_TASKS_FILE` join the registry at start; a name taken twice stops
+//! start-up, naming the file and line.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, TasksCommand};
+use crate::config::Settings;
+use crate::tasks::{Registry, Task};
+use crate::{commands, shutdown, telemetry};
+
+/// Kobe's command line over a registry of tasks.
+#[derive(Default)]
+pub struct App {
+    registry: Registry,
+    refused: Vec<String>,
+}
+
+impl App {
+    /// No tasks yet: add yours with [`App::task`], Kobe's demos with [`App::with_builtin_tasks`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds Kobe's built-in tasks (`demo_long_io`, `demo_sharded_job`, `demo_shard`).
+    pub fn with_builtin_tasks(mut self) -> Self {
+        for task in Registry::with_builtin_tasks().tasks() {
+            self.add(task);
+        }
+        self
+    }
+
+    /// Adds a task. A name taken twice makes [`App::run`] refuse to start, naming it.
+    pub fn task(mut self, task: impl Task) -> Self {
+        self.add(Arc::new(task));
+        self
+    }
+
+    fn add(&mut self, task: Arc<dyn Task>) {
+        if let Err(duplicate) = self.registry.register_shared(task) {
+            self.refused.push(duplicate.to_string());
+        }
+    }
+
+    /// Parses the command line, reads settings (and `.env`), starts telemetry and runs the
+    /// command. Exit status: 0 done, 1 failed, 2 bad settings or tasks.
+    pub fn run(self) -> ExitCode {
+        // The .env file is read before the command line is parsed, so flags that fall back to
+        // variables (`--concurrency` ← KOBE_CONCURRENCY) see its values too.
+        let env_file = env_file_argument();
+        let dotenv = match &env_file {
+            Some(path) => dotenvy::from_path(path),
+            None => dotenvy::dotenv().map(drop),
+        };
+        if let Err(error) = &dotenv {
+            if !error.not_found() || env_file.is_some() {
+                eprintln!("kobe: cannot read the .env file: {error}");
+                return ExitCode::from(2);
+            }
+        }
+        let cli = Cli::parse();
+        if let Command::Tasks(TasksCommand::Check { file }) = &cli.command {
+            return match commands::tasks::check(file) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("kobe: {error}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        let mut settings = match Settings::from_env() {
+            Ok(settings) => settings,
+            Err(error) => {
+                eprintln!("kobe: {error}");
+                return ExitCode::from(2);
+            }
+        };
+        let registry = match self.registry_for(&mut settings, &cli.command) {
+            Ok(registry) => registry,
+            Err(error) => {
+                eprintln!("kobe: {error}");
+                return ExitCode::from(2);
+            }
+        };
+        telemetry::init(&settings.log_level, settings.log_format);
+        telemetry::install_panic_hook();
+        tracing::debug!(
+            rabbitmq = %settings.rabbitmq_url,
+            mongodb = %settings.mongodb_uri,
+            db = %settings.mongodb_db,
+            redis = %settings.redis_url,
+            tasks = ?registry.names(),
+            "settings loaded"
+        );
+
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(error = %error, "cannot start the async runtime");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = runtime.block_on(async move {
+            match cli.command {
+                Command::Serve(args) => commands::serve::run(settings, args.addr, registry).await,
+                Command::Worker(args) => {
+                    commands::worker::run(settings, args.into(), registry, shutdown::signal()).await
+                }
+                Command::InitDb => commands::init_db::run(&settings).await,
+                Command::Healthcheck => {
+                    if commands::healthcheck::run(&settings).await {
+                        Ok(())
+                    } else {
+                        return ExitCode::FAILURE;
+                    }
+                }
+                Command::Tasks(_) => Ok(()),
+            }
+            .map(|()| ExitCode::SUCCESS)
+            .unwrap_or_else(|error| {
+                tracing::error!(error = ?error, "kobe failed");
+                ExitCode::FAILURE
+            })
+        });
+        // amiquip threads may still be waiting on a dead broker; do not wait for them.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        telemetry::otel::shutdown();
+        result
+    }
+
+    /// The registry the command runs with: the tasks given in code, then those of
+    /// `KOBE_TASKS_FILE` (for `serve` and `worker`), whose routes join the settings' unless
+    /// `KOBE_TASK_ROUTES` routes the task already.
+    fn registry_for(self, settings: &mut Settings, command: &Command) -> Result<Registry, String> {
+        if let Some(first) = self.refused.first() {
+            return Err(first.clone());
+        }
+        let mut registry = self.registry;
+        if let (Some(file), Command::Serve(_) | Command::Worker(_)) =
+            (&settings.tasks_file, command)
+        {
+            let lookup = |name: &str| std::env::var(name).ok();
+            let declared =
+                crate::tasks::declared::load(file, &lookup).map_err(|e| e.to_string())?;
+            for task in declared {
+                let name = task.name();
+                registry.register_shared(task).map_err(|_| {
+                    format!(
+                        "{}: task `{name}` is declared, but a task of that name is built in",
+                        file.display()
+                    )
+                })?;
+            }
+        }
+        for (task, route) in registry.routes() {
+            settings.task_routes.entry(task).or_insert(route);
+        }
+        Ok(registry)
+    }
+}
+
+/// `--env-file PATH` (or `--env-file=PATH`), looked up before clap parses everything else.
+fn env_file_argument() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if text == "--env-file" {
+            return args.next().map(Into::into);
+        }
+        if let Some(path) = text.strip_prefix("--env-file=") {
+            return Some(path.into());
+        }
+    }
+    None
+}

@@ -1,0 +1,24 @@
+//! `kobe tasks check FILE`: a tasks file checked offline, as `serve` and `worker` would read it.
+
+use std::path::Path;
+
+use crate::tasks::declared::{self, DeclarationError};
+use crate::tasks::Task;
+
+/// Prints each task the file declares, or the first error (file, line, field).
+pub fn check(file: &Path) -> Result<(), DeclarationError> {
+    let lookup = |name: &str| std::env::var(name).ok();
+    let tasks = declared::load(file, &lookup)?;
+    println!("{}: {} task(s)", file.display(), tasks.len());
+    for task in tasks {
+        let route = task.route().unwrap_or("default");
+        println!(
+            "  {:<24} kind={:<8} route={route:<12} time_limit={:?} max_retries={}",
+            task.name(),
+            task.kind(),
+            task.time_limit(),
+            task.retry_policy().max_retries
+        );
+    }
+    Ok(())
+}

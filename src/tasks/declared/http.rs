@@ -1,0 +1,278 @@
+//! `kind = "http"`: one attempt is one `POST` of the invocation as JSON to the task's URL.
+//!
+//! The request carries `Idempotency-Key: <task_id>` (an attempt may be delivered again), the
+//! submission's `traceparent`, and `X-Kobe-Signature: sha256=<hex>`, an HMAC-SHA256 of the body
+//! under a secret from the environment, which the receiver checks before trusting the body.
+//! The answer decides the outcome:
+//!
+//! | answer | outcome |
+//! |---|---|
+//! | 2xx | `SUCCESS`, with the body as the result (JSON when it parses, text otherwise) |
+//! | 408, 429, 5xx, a timeout, no connection | retry with the task's backoff, no sooner than `Retry-After` (seconds) |
+//! | any other 4xx | `FAILURE` without retry, an excerpt of the body as the root cause |
+//!
+//! The request times out at the task's `time_limit_s`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use hmac::{KeyInit, Mac};
+use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use serde_json::Value;
+
+use super::{excerpt, field, FieldError};
+use crate::config::{redact_url, Secret};
+use crate::tasks::{HandlerResult, Invocation, TaskError};
+
+/// The variable holding the signing secret when a task names none.
+pub const DEFAULT_SECRET_VARIABLE: &str = "KOBE_TASK_SIGNING_SECRET";
+/// The header carrying the body's signature.
+pub const SIGNATURE_HEADER: &str = "x-kobe-signature";
+/// Most of a response body kept as a result.
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Characters of an error body kept as a root cause.
+const EXCERPT_CHARS: usize = 500;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The signature of `body` under `secret`, as the `X-Kobe-Signature` header carries it.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A declared HTTP call.
+pub struct HttpCall {
+    url: reqwest::Url,
+    headers: Vec<(HeaderName, Secret<HeaderValue>)>,
+    secret: Secret<Vec<u8>>,
+    client: reqwest::Client,
+}
+
+impl fmt::Debug for HttpCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("HttpCall")
+            .field("url", &redact_url(self.url.as_str()))
+            .field("headers", &names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replaces each `${VAR}` in `value` by the variable's value.
+fn expand(value: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "`${` without a closing `}`".to_owned())?;
+        let name = &after[..end];
+        let resolved = lookup(name).ok_or_else(|| format!("the variable {name} is not set"))?;
+        out.push_str(&resolved);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl HttpCall {
+    pub(super) fn new(
+        url: &str,
+        headers: &BTreeMap<String, String>,
+        secret_variable: Option<&str>,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, FieldError> {
+        let url = reqwest::Url::parse(url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+            .ok_or_else(|| {
+                field(
+                    "url",
+                    format!(
+                        "expected an http:// or https:// URL, got `{}`",
+                        redact_url(url)
+                    ),
+                )
+            })?;
+        let mut parsed = Vec::new();
+        for (name, value) in headers {
+            let at = format!("headers.{name}");
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| field(&at, "not a valid header name"))?;
+            let value = expand(value, lookup).map_err(|reason| field(&at, reason))?;
+            let value = HeaderValue::from_str(&value)
+                .map_err(|_| field(&at, "not a valid header value"))?;
+            parsed.push((header, Secret::new(value)));
+        }
+        let variable = secret_variable.unwrap_or(DEFAULT_SECRET_VARIABLE);
+        let secret = lookup(variable).filter(|s| !s.is_empty()).ok_or_else(|| {
+            field(
+                "signing_secret_env",
+                format!("the variable {variable} is not set: it holds the secret the request body is signed with"),
+            )
+        })?;
+        if secret.len() < 16 {
+            return Err(field(
+                "signing_secret_env",
+                format!("the secret in {variable} needs at least 16 characters"),
+            ));
+        }
+        install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("kobe/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| field("url", format!("cannot build an HTTP client: {e}")))?;
+        Ok(Self {
+            url,
+            headers: parsed,
+            secret: Secret::new(secret.into_bytes()),
+            client,
+        })
+    }
+
+    /// One attempt: the request, and what its answer means.
+    pub(super) async fn run(
+        &self,
+        invocation: &Invocation,
+        body: &Value,
+        limit: Duration,
+    ) -> HandlerResult {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| TaskError::Permanent(format!("cannot encode the request: {e}")))?;
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .timeout(limit)
+            .header(CONTENT_TYPE, "application/json")
+            .header("idempotency-key", invocation.task_id.as_str())
+            .header(SIGNATURE_HEADER, signature(self.secret.expose(), &body));
+        if let Some(traceparent) = &invocation.traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        for (name, value) in &self.headers {
+            request = request.header(name, value.expose().clone());
+        }
+        let target = redact_url(self.url.as_str());
+        let response = match request.body(body).send().await {
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => {
+                return Err(TaskError::Retryable(format!(
+                    "{target} did not answer within {limit:?}"
+                )))
+            }
+            Err(e) => {
+                return Err(TaskError::Retryable(format!(
+                    "cannot reach {target}: {}",
+                    without_url(&e)
+                )))
+            }
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = read_capped(response, limit).await?;
+        if status.is_success() {
+            return Ok(match serde_json::from_str::<Value>(&text) {
+                Ok(json) => json,
+                Err(_) if text.is_empty() => Value::Null,
+                Err(_) => Value::String(text),
+            });
+        }
+        let cause = format!(
+            "{target} answered {status}: {}",
+            excerpt(text.trim(), EXCERPT_CHARS)
+        );
+        let transient =
+            status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error();
+        Err(match (transient, retry_after) {
+            (true, Some(after)) => TaskError::RetryAfter { after, cause },
+            (true, None) => TaskError::Retryable(cause),
+            (false, _) => TaskError::Permanent(cause),
+        })
+    }
+}
+
+/// A reqwest error's text without the URL it carries (which may hold credentials).
+fn without_url(error: &reqwest::Error) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    let mut parts = Vec::new();
+    while let Some(e) = source {
+        parts.push(e.to_string());
+        source = e.source();
+    }
+    if parts.is_empty() {
+        "request failed".to_owned()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// The response body as text, at most [`MAX_RESPONSE_BYTES`]; a longer one fails the attempt.
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: Duration,
+) -> Result<String, TaskError> {
+    let mut bytes = Vec::new();
+    loop {
+        match tokio::time::timeout(limit, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Err(TaskError::Permanent(format!(
+                        "the response body is over {MAX_RESPONSE_BYTES} bytes"
+                    )));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(Ok(None)) => return Ok(String::from_utf8_lossy(&bytes).into_owned()),
+            Ok(Err(e)) => {
+                return Err(TaskError::Retryable(format!(
+                    "the response broke off: {}",
+                    without_url(&e)
+                )))
+            }
+            Err(_) => {
+                return Err(TaskError::Retryable(format!(
+                    "the response body did not arrive within {limit:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// reqwest's TLS needs a process-wide crypto provider; Kobe uses ring, as its MongoDB client does.
+fn install_crypto_provider() {
+    // Fails only when one is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_the_body() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn references_expand_and_missing_ones_are_named() {
+        let lookup = |name: &str| (name == "TOKEN").then(|| "s3cret".to_owned());
+        assert_eq!(expand("Bearer ${TOKEN}", &lookup).unwrap(), "Bearer s3cret");
+        assert_eq!(expand("plain", &lookup).unwrap(), "plain");
+        assert!(expand("${NOPE}", &lookup).unwrap_err().contains("NOPE"));
+        assert!(expand("${TOKEN", &lookup).is_err());
+    }
+}
