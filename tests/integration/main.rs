@@ -6,6 +6,7 @@ mod common;
 
 mod api;
 mod cli;
+mod declared;
 mod faults;
 mod http;
 mod observability;

@@ -1,0 +1,482 @@
+//! Tasks declared in a file, run by a real worker against a real HTTP receiver this test starts
+//! and against real child processes: what each answer or exit status makes of the task, how many
+//! times each ran, and what the receiver and the program were given.
+
+use crate::common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use common::TestEnv;
+use kobe::amqp::TaskMessage;
+use kobe::domain::{TaskId, TaskState};
+use kobe::tasks::declared;
+use kobe::tasks::Registry;
+use serde_json::{json, Value};
+
+const SECRET: &str = "a-test-signing-secret";
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+struct Call {
+    at: Instant,
+    body: Value,
+    signed: bool,
+    idempotency_key: Option<String>,
+    traceparent: Option<String>,
+}
+
+/// Calls by path.
+type Calls = Arc<Mutex<HashMap<String, Vec<Call>>>>;
+
+/// A receiver on a free port whose paths answer as their names say; it records every call.
+struct Receiver {
+    base: String,
+    calls: Calls,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        let calls: Calls = Arc::default();
+        let recorded = calls.clone();
+        let server = actix_web::HttpServer::new(move || {
+            actix_web::App::new()
+                .app_data(web::Data::new(recorded.clone()))
+                .default_service(web::to(answer))
+        })
+        .workers(1)
+        .bind("127.0.0.1:0")
+        .expect("bind the receiver");
+        let port = server.addrs()[0].port();
+        let server = server.run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Self {
+            base: format!("http://127.0.0.1:{port}"),
+            calls,
+            handle,
+        }
+    }
+
+    fn calls(&self, path: &str) -> Vec<Call> {
+        self.calls
+            .lock()
+            .unwrap()
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+async fn answer(request: HttpRequest, body: web::Bytes, calls: web::Data<Calls>) -> HttpResponse {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // The receiver's side of the signature: recompute it over the bytes received.
+    let signed = header("x-kobe-signature").as_deref()
+        == Some(declared::http::signature(SECRET.as_bytes(), &body).as_str());
+    let path = request.path().to_owned();
+    let nth = {
+        let mut calls = calls.lock().unwrap();
+        let list = calls.entry(path.clone()).or_default();
+        list.push(Call {
+            at: Instant::now(),
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            signed,
+            idempotency_key: header("idempotency-key"),
+            traceparent: header("traceparent"),
+        });
+        list.len()
+    };
+    match (path.as_str(), nth) {
+        ("/ok", _) => HttpResponse::Ok().json(json!({"size": 42})),
+        ("/flaky", 1) => HttpResponse::InternalServerError().body("warming up"),
+        ("/flaky", _) => HttpResponse::Ok().body("done"),
+        ("/bad", _) => HttpResponse::BadRequest().body("no such recipient"),
+        ("/later", 1) => HttpResponse::TooManyRequests()
+            .insert_header(("Retry-After", "2"))
+            .body("slow down"),
+        ("/later", _) => HttpResponse::Ok().json(json!("at last")),
+        ("/slow", _) => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            HttpResponse::Ok().finish()
+        }
+        _ => HttpResponse::NotFound().finish(),
+    }
+}
+
+/// The secret and the variables a test's tasks file may name.
+fn lookup(name: &str) -> Option<String> {
+    match name {
+        "KOBE_TASK_SIGNING_SECRET" => Some(SECRET.to_owned()),
+        "KOBE_DECLARED_PASS" => Some("passed-on".to_owned()),
+        _ => None,
+    }
+}
+
+/// Kobe's built-in tasks and those `text` declares.
+fn registry(text: &str) -> Registry {
+    let mut registry = Registry::with_builtin_tasks();
+    for task in declared::parse(text, Path::new("test.toml"), &lookup).expect("a valid file") {
+        registry.register_shared(task).expect("a new name");
+    }
+    registry
+}
+
+fn message(task: &str, kwargs: Value) -> TaskMessage {
+    TaskMessage::new(
+        TaskId::generate(),
+        task,
+        vec![],
+        kwargs.as_object().cloned().unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_tasks_are_signed_and_each_answer_decides_the_outcome() {
+    let receiver = Receiver::start().await;
+    let base = &receiver.base;
+    let knobs = "retry_base_ms = 50\nretry_max_delay_ms = 200";
+    let text = format!(
+        r#"
+[[task]]
+name = "http_ok"
+kind = "http"
+url = "{base}/ok"
+{knobs}
+
+[[task]]
+name = "http_flaky"
+kind = "http"
+url = "{base}/flaky"
+{knobs}
+
+[[task]]
+name = "http_bad"
+kind = "http"
+url = "{base}/bad"
+{knobs}
+
+[[task]]
+name = "http_later"
+kind = "http"
+url = "{base}/later"
+{knobs}
+
+[[task]]
+name = "http_slow"
+kind = "http"
+url = "{base}/slow"
+time_limit_s = 1
+max_retries = 1
+{knobs}
+"#
+    );
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker_on(5, Vec::new(), registry(&text));
+    let publisher = env.publisher();
+    let mut ok = message("http_ok", json!({"to": "ops"}));
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    ok.traceparent = Some(traceparent.into());
+    let flaky = message("http_flaky", json!({}));
+    let bad = message("http_bad", json!({}));
+    let later = message("http_later", json!({}));
+    let slow = message("http_slow", json!({}));
+    for m in [&ok, &flaky, &bad, &later, &slow] {
+        env.publish_message(&publisher, m).await;
+    }
+
+    let done = env
+        .wait_final(ok.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Success);
+    assert_eq!(done.result, Some(json!({"size": 42})));
+    let calls = receiver.calls("/ok");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        calls[0].signed,
+        "the signature verifies on the receiving side"
+    );
+    assert_eq!(calls[0].idempotency_key.as_deref(), Some(ok.id.as_str()));
+    assert_eq!(calls[0].traceparent.as_deref(), Some(traceparent));
+    assert_eq!(calls[0].body["task_id"], ok.id.as_str());
+    assert_eq!(calls[0].body["task_name"], "http_ok");
+    assert_eq!(calls[0].body["attempt"], 1);
+    assert_eq!(calls[0].body["kwargs"], json!({"to": "ops"}));
+
+    let done = env
+        .wait_final(flaky.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Success);
+    assert_eq!(done.result, Some(json!("done")));
+    assert_eq!(done.retries, 1);
+    let calls = receiver.calls("/flaky");
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].body["attempt"], 2);
+    assert!(calls.iter().all(|c| c.signed));
+
+    let done = env
+        .wait_failure(
+            bad.id.as_str(),
+            Duration::from_secs(20),
+            "no such recipient",
+        )
+        .await;
+    assert!(done.root_cause.unwrap().contains("400"));
+    assert_eq!(done.retries, 0, "a 400 is not retried");
+    assert_eq!(receiver.calls("/bad").len(), 1);
+
+    let done = env
+        .wait_final(later.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Success);
+    let calls = receiver.calls("/later");
+    assert_eq!(calls.len(), 2);
+    let waited = calls[1].at - calls[0].at;
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "Retry-After: 2 was honoured over a 50 ms backoff: {waited:?}"
+    );
+
+    env.wait_failure(
+        slow.id.as_str(),
+        Duration::from_secs(30),
+        "did not answer within",
+    )
+    .await;
+    assert_eq!(
+        receiver.calls("/slow").len(),
+        2,
+        "one attempt and one retry"
+    );
+    worker.stop().await;
+    receiver.handle.stop(false).await;
+}
+
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_tasks_read_stdin_and_their_exit_status_decides_the_outcome() {
+    let dir = std::env::temp_dir().join(common::unique("kobe-declared"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("sleeper.pid");
+    let text = format!(
+        r#"
+[[task]]
+name = "cmd_words"
+kind = "command"
+argv = ["python3", "-c", "import json, sys; d = json.load(sys.stdin); print(json.dumps({{'words': len(d['kwargs']['text'].split())}}))"]
+
+[[task]]
+name = "cmd_env"
+kind = "command"
+argv = ["env"]
+env = ["KOBE_DECLARED_PASS"]
+
+[[task]]
+name = "cmd_tempfail"
+kind = "command"
+argv = ["python3", "-c", "import json, sys; d = json.load(sys.stdin); print('second') if d['attempt'] > 1 else sys.exit(75)"]
+retry_base_ms = 50
+
+[[task]]
+name = "cmd_fail"
+kind = "command"
+argv = ["sh", "-c", "echo boom >&2; exit 3"]
+
+[[task]]
+name = "cmd_soft"
+kind = "command"
+argv = ["sh", "-c", "trap 'echo stopped; exit 0' TERM; sleep 20 & wait"]
+soft_time_limit_s = 0.5
+time_limit_s = 10
+
+[[task]]
+name = "cmd_sleeper"
+kind = "command"
+argv = ["sh", "-c", "sleep 60 & echo $! > {pidfile}; wait"]
+time_limit_s = 1
+"#,
+        pidfile = pidfile.display()
+    );
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker_on(5, Vec::new(), registry(&text));
+    let publisher = env.publisher();
+    let words = message("cmd_words", json!({"text": "one two three"}));
+    let environment = message("cmd_env", json!({}));
+    let tempfail = message("cmd_tempfail", json!({}));
+    let fail = message("cmd_fail", json!({}));
+    let soft = message("cmd_soft", json!({}));
+    let sleeper = message("cmd_sleeper", json!({}));
+    for m in [&words, &environment, &tempfail, &fail, &soft, &sleeper] {
+        env.publish_message(&publisher, m).await;
+    }
+
+    let done = env
+        .wait_final(words.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Success, "{done:?}");
+    assert_eq!(done.result, Some(json!({"words": 3})));
+
+    let done = env
+        .wait_final(environment.id.as_str(), Duration::from_secs(20))
+        .await;
+    let printed = done.result.unwrap();
+    let names: Vec<&str> = printed
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+        .collect();
+    assert!(
+        printed
+            .as_str()
+            .unwrap()
+            .contains("KOBE_DECLARED_PASS=passed-on"),
+        "{printed}"
+    );
+    assert!(
+        names
+            .iter()
+            .all(|n| ["PATH", "KOBE_DECLARED_PASS"].contains(n)),
+        "nothing of Kobe's environment leaks: {names:?}"
+    );
+
+    let done = env
+        .wait_final(tempfail.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Success);
+    assert_eq!(done.result, Some(json!("second")));
+    assert_eq!(done.retries, 1, "exit 75 asked for exactly one retry");
+
+    let done = env
+        .wait_failure(
+            fail.id.as_str(),
+            Duration::from_secs(20),
+            "exited with 3: boom",
+        )
+        .await;
+    assert_eq!(done.retries, 0);
+
+    let done = env
+        .wait_final(soft.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Success, "{done:?}");
+    assert_eq!(
+        done.result,
+        Some(json!("stopped")),
+        "SIGTERM at the soft limit"
+    );
+
+    env.wait_failure(sleeper.id.as_str(), Duration::from_secs(20), "time limit")
+        .await;
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    common::eventually(
+        Duration::from_secs(10),
+        "the sleeper's child killed",
+        || async { gone(pid).then_some(()) },
+    )
+    .await;
+    worker.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_schema_refuses_bad_kwargs_at_submission_and_the_catalogue_shows_kinds() {
+    let text = r#"
+[[task]]
+name = "notify"
+kind = "http"
+url = "http://127.0.0.1:9/hooks"
+route = "io"
+kwargs_schema = { type = "object", required = ["to"], properties = { to = { type = "string" } } }
+"#;
+    let env = TestEnv::with(&[("KOBE_TASK_ROUTES", "notify=io")]).await;
+    env.init_db().await;
+    let api = env.spawn_api_with(registry(text)).await;
+    let response = api
+        .start_task(json!({"task_name": "notify", "kwargs": {"to": 5}}))
+        .await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["field"], "kwargs.to", "{body}");
+
+    let tasks: Vec<Value> = api.get("/tasks").await.json().await.unwrap();
+    let notify = tasks.iter().find(|t| t["name"] == "notify").unwrap();
+    assert_eq!(notify["kind"], "http");
+    assert_eq!(notify["route"], "io");
+    let demo = tasks.iter().find(|t| t["name"] == "demo_long_io").unwrap();
+    assert_eq!(demo["kind"], "rust");
+    api.handle.stop(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kobe_tasks_check_names_the_file_line_and_field() {
+    let env = TestEnv::new().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-check"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[[task]]\nname = \"wc\"\nkind = \"command\"\nargv = [\"wc\", \"-w\"]\nroute = \"bulk\"\n",
+    )
+    .unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[task]]\nname = \"wc\"\nkind = \"command\"\nargv = [\"wc\"]\n\n[[task]]\nname = \"hook\"\nkind = \"http\"\n",
+    )
+    .unwrap();
+
+    let output = env
+        .kobe_command(&["tasks", "check", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("wc") && stdout.contains("kind=command") && stdout.contains("bulk"),
+        "{stdout}"
+    );
+
+    let output = env
+        .kobe_command(&["tasks", "check", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:6: task `hook`: url: required", bad.display())),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unknown_kwargs_field_type_is_a_load_error_not_a_silent_pass() {
+    let text = "[[task]]\nname = \"t\"\nkind = \"command\"\nargv = [\"true\"]\nkwargs_schema = { type = \"object\", properties = { a = { format = \"email\" } } }\n";
+    let err = declared::parse(text, Path::new("t.toml"), &lookup).unwrap_err();
+    assert_eq!(err.field, "kwargs_schema");
+    assert!(err.reason.contains("format"), "{err}");
+}
