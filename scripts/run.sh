@@ -5,15 +5,23 @@
 # containers instead.
 #
 # Usage: scripts/run.sh [worker flags, e.g. --concurrency 20]     Ctrl-C stops everything.
+#        KOBE_EXAMPLE=custom_worker scripts/run.sh   runs examples/custom_worker.rs (your own tasks)
+#        KOBE_TASKS_FILE=examples/tasks.toml scripts/run.sh   adds the tasks that file declares
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KOBE_ROOT"
 
 ensure_services
 command -v cargo >/dev/null || die "cargo is needed to build Kobe (https://rustup.rs)"
-log "building kobe (release)"
-cargo build --release --quiet --bin kobe
-kobe=target/release/kobe
+if [ -n "${KOBE_EXAMPLE:-}" ]; then
+  log "building examples/$KOBE_EXAMPLE.rs (release)"
+  cargo build --release --quiet --example "$KOBE_EXAMPLE"
+  kobe=target/release/examples/$KOBE_EXAMPLE
+else
+  log "building kobe (release)"
+  cargo build --release --quiet --bin kobe
+  kobe=target/release/kobe
+fi
 
 "$kobe" init-db
 "$kobe" serve &

@@ -83,6 +83,9 @@ impl App {
             }
         }
         let cli = Cli::parse();
+        // One TLS crypto provider for the process (ring, as the MongoDB client uses), so HTTP
+        // clients built on rustls — an http task's, or a task of yours — find it installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         if let Command::Tasks(TasksCommand::Check { file }) = &cli.command {
             return match commands::tasks::check(file) {
                 Ok(()) => ExitCode::SUCCESS,
