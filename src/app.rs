@@ -42,7 +42,11 @@ pub struct App {
 
 impl App {
     /// No tasks yet: add yours with [`App::task`], Kobe's demos with [`App::with_builtin_tasks`].
+    ///
+    /// Installs ring as the process's TLS crypto provider (as Kobe's MongoDB client uses), so
+    /// HTTP clients on rustls — an http task's, or one a task of yours builds — find one.
     pub fn new() -> Self {
+        crate::tasks::declared::http::install_tls_provider();
         Self::default()
     }
 
@@ -83,9 +87,6 @@ impl App {
             }
         }
         let cli = Cli::parse();
-        // One TLS crypto provider for the process (ring, as the MongoDB client uses), so HTTP
-        // clients built on rustls — an http task's, or a task of yours — find it installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         if let Command::Tasks(TasksCommand::Check { file }) = &cli.command {
             return match commands::tasks::check(file) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -480,3 +480,85 @@ fn an_unknown_kwargs_field_type_is_a_load_error_not_a_silent_pass() {
     assert_eq!(err.field, "kwargs_schema");
     assert!(err.reason.contains("format"), "{err}");
 }
+
+/// Stops a child process with SIGTERM, as an operator would, and reaps it.
+fn terminate(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kobe_binary_runs_a_declared_task_on_its_own_route_and_refuses_a_bad_file() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-file"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tasks.toml");
+    std::fs::write(
+        &file,
+        "[[task]]\nname = \"shout\"\nkind = \"command\"\nroute = \"loud\"\nargv = [\"python3\", \"-c\", \"import json, sys; print(json.dumps(json.load(sys.stdin)['kwargs']['word'].upper()))\"]\n",
+    )
+    .unwrap();
+    let file_var = file.to_str().unwrap().to_owned();
+    let port = common::free_port();
+    let spawn = |args: &[&str]| {
+        env.kobe_command(args)
+            .env("KOBE_TASKS_FILE", &file_var)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let serve = spawn(&["serve", "--addr", &format!("127.0.0.1:{port}")]);
+    let worker = spawn(&["worker", "--concurrency", "2"]);
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    common::eventually(common::startup_deadline(), "serve ready", || async {
+        let r = client.get(format!("{base}/ready")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let response = client
+        .post(format!("{base}/task/start"))
+        .json(&json!({"task_name": "shout", "kwargs": {"word": "hey"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = env.wait_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(done.state, TaskState::Success, "{done:?}");
+    assert_eq!(done.result, Some(json!("HEY")));
+    assert_eq!(
+        done.route, "loud",
+        "the file's route, since KOBE_TASK_ROUTES names none"
+    );
+    terminate(worker);
+    terminate(serve);
+    // The route the file added is not in the test's own topology: remove its queue here.
+    let with_route = kobe::amqp::Topology::new(
+        &env.settings.amqp_prefix,
+        env.settings.queue_kind,
+        [("shout".to_owned(), "loud".to_owned())].into(),
+    );
+    kobe::amqp::delete_topology(&env.settings.rabbitmq_url, &with_route).unwrap();
+
+    std::fs::write(&file, "[[task]]\nname = \"shout\"\nkind = \"command\"\n").unwrap();
+    let output = env
+        .kobe_command(&["worker"])
+        .env("KOBE_TASKS_FILE", &file_var)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{file_var}:1: task `shout`: argv: required")),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -122,7 +122,7 @@ impl HttpCall {
                 format!("the secret in {variable} needs at least 16 characters"),
             ));
         }
-        install_crypto_provider();
+        install_tls_provider();
         let client = reqwest::Client::builder()
             .user_agent(concat!("kobe/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -201,6 +201,12 @@ impl HttpCall {
     }
 }
 
+/// Installs ring as the process-wide rustls crypto provider (reqwest's TLS needs one; Kobe's
+/// MongoDB client uses ring too), unless one is installed already.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A reqwest error's text without the URL it carries (which may hold credentials).
 fn without_url(error: &reqwest::Error) -> String {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
@@ -246,12 +252,6 @@ async fn read_capped(
             }
         }
     }
-}
-
-/// reqwest's TLS needs a process-wide crypto provider; Kobe uses ring, as its MongoDB client does.
-fn install_crypto_provider() {
-    // Fails only when one is installed already, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 #[cfg(test)]

@@ -82,6 +82,8 @@ impl TestEnv {
     }
 
     async fn build(extra: &[(&str, &str)], fresh: bool) -> Self {
+        // HTTP clients of tests use rustls, as Kobe's do: it needs a crypto provider.
+        kobe::tasks::declared::http::install_tls_provider();
         kobe::telemetry::init(
             &std::env::var("KOBE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             kobe::config::LogFormat::Pretty,
