@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use mongodb::bson::{doc, DateTime, Document};
+use mongodb::bson::{doc, DateTime};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,8 @@ pub struct LeaseItem {
     pub task_key: String,
     /// Which frontier it belongs to (a shard, a job, a crawl).
     pub queue: String,
-    pub payload: Document,
+    /// What the item is, as the producer gave it.
+    pub payload: serde_json::Value,
     #[serde(default)]
     pub done: bool,
     #[serde(default)]
@@ -73,7 +74,7 @@ impl LeaseRepository {
         &self,
         queue: &str,
         task_key: &str,
-        payload: Document,
+        payload: serde_json::Value,
     ) -> Result<bool, StoreError> {
         let item = LeaseItem {
             task_key: task_key.to_owned(),

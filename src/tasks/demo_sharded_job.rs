@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use mongodb::bson::{doc, DateTime};
+use mongodb::bson::DateTime;
 use serde_json::{json, Map, Value};
 
 use super::{optional_u64, ChildTask, InvalidInput, Invocation, Task, TaskError, TaskFuture};
@@ -158,7 +158,7 @@ impl Task for DemoShardedJob {
                     .enqueue(
                         &shard_queue(&plan.job_id, shard),
                         &format!("{}:{item}", plan.job_id),
-                        doc! {"item": item},
+                        json!({"item": item}),
                     )
                     .await
                     .map_err(store_error)?;
@@ -240,7 +240,8 @@ impl Task for DemoShard {
                 let item = lease
                     .item
                     .payload
-                    .get_str("item")
+                    .get("item")
+                    .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_owned();
                 let worked = async {

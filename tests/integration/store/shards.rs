@@ -84,12 +84,12 @@ async fn sixteen_leasers_take_each_of_200_items_exactly_once() {
     let leases = LeaseRepository::new(&env.db);
     for i in 0..200 {
         assert!(leases
-            .enqueue("frontier", &format!("item-{i}"), doc! {"n": i})
+            .enqueue("frontier", &format!("item-{i}"), json!({"n": i}))
             .await
             .unwrap());
     }
     assert!(
-        !leases.enqueue("frontier", "item-0", doc! {}).await.unwrap(),
+        !leases.enqueue("frontier", "item-0", json!({})).await.unwrap(),
         "enqueue is idempotent"
     );
     let mut leasers = Vec::new();
@@ -127,7 +127,7 @@ async fn an_expired_lease_is_reclaimed_and_only_the_holder_may_finish() {
     let env = TestEnv::new().await;
     env.init_db().await;
     let leases = LeaseRepository::new(&env.db);
-    leases.enqueue("q", "only", doc! {}).await.unwrap();
+    leases.enqueue("q", "only", json!({})).await.unwrap();
     let crashed = leases
         .lease("q", "a", Duration::from_millis(300))
         .await
