@@ -426,6 +426,7 @@ kwargs_schema = { type = "object", required = ["to"], properties = { to = { type
     let notify = tasks.iter().find(|t| t["name"] == "notify").unwrap();
     assert_eq!(notify["kind"], "http");
     assert_eq!(notify["route"], "io");
+    assert_eq!(notify["kwargs_schema"]["required"], json!(["to"]));
     let demo = tasks.iter().find(|t| t["name"] == "demo_long_io").unwrap();
     assert_eq!(demo["kind"], "rust");
     api.handle.stop(false).await;

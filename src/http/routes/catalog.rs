@@ -17,6 +17,10 @@ pub struct TaskInfo {
     pub route: String,
     pub max_retries: u32,
     pub time_limit_s: f64,
+    /// The JSON Schema its kwargs must fit, when it declares one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub kwargs_schema: Option<serde_json::Value>,
 }
 
 /// The registered tasks.
@@ -44,6 +48,7 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
             route: topology.route_of(task.name()).to_owned(),
             max_retries: task.retry_policy().max_retries,
             time_limit_s: task.time_limit().as_secs_f64(),
+            kwargs_schema: task.kwargs_schema().map(|s| s.as_value().clone()),
         })
         .collect();
     HttpResponse::Ok().json(tasks)
