@@ -126,21 +126,9 @@ fn url_setting(
 
 /// Names end up in queue names, database names and Redis keys: keep them to a safe alphabet.
 fn name_setting(var: &'static str, value: &str) -> Result<String, ConfigError> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err(ConfigError {
-            var,
-            reason: format!(
-                "`{value}` must be 1–64 characters of letters, digits, `_`, `-` or `.`"
-            ),
-        })
-    }
+    crate::domain::check_safe_name(value)
+        .map(|()| value.to_owned())
+        .map_err(|reason| ConfigError { var, reason })
 }
 
 pub(super) fn duration_ms(var: &'static str, value: &str) -> Result<Duration, ConfigError> {

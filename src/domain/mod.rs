@@ -161,6 +161,23 @@ impl Priority {
 /// Longest time limit a task may have: the API refuses more, and a message asking for more (a
 /// Celery client's `timelimit` of 2e19 s, say) gets this. It stays below the broker's
 /// `consumer_timeout` (deploy/rabbitmq/20-kobe.conf).
+/// Checks a name that ends up in queue names, database names, Redis keys or metric labels: 1–64
+/// characters of letters, digits, `_`, `-` or `.`.
+pub fn check_safe_name(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{value}` must be 1–64 characters of letters, digits, `_`, `-` or `.`"
+        ))
+    }
+}
+
 pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Seconds from a message header as a time limit: absent, non-finite or non-positive values

@@ -516,11 +516,7 @@ async fn the_kobe_binary_runs_a_declared_task_on_its_own_route_and_refuses_a_bad
     let worker = spawn(&["worker", "--concurrency", "2"]);
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    common::eventually(common::startup_deadline(), "serve ready", || async {
-        let r = client.get(format!("{base}/ready")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    common::wait_ready(&client, &base).await;
     let response = client
         .post(format!("{base}/task/start"))
         .json(&json!({"task_name": "shout", "kwargs": {"word": "hey"}}))

@@ -204,11 +204,7 @@ async fn the_worker_logs_the_trace_id_of_the_request_that_submitted_the_task() {
     );
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    common::eventually(common::startup_deadline(), "serve ready", || async {
-        let r = client.get(format!("{base}/ready")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    common::wait_ready(&client, &base).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let id = submit_traced(&client, &base, format!("00-{trace_id}-00f067aa0ba902b7-01")).await;
     env.wait_final(&id, Duration::from_secs(20)).await;
@@ -409,15 +405,7 @@ async fn with_an_otlp_endpoint_api_and_worker_export_spans_of_one_trace() {
     let worker = spawn_logged(&env, &["worker"], &dir.join("worker.log"), &worker_refs);
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    common::eventually(common::startup_deadline(), "serve ready", || async {
-        client
-            .get(format!("{base}/ready"))
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status() == 200)
-    })
-    .await;
+    common::wait_ready(&client, &base).await;
     let trace_id: u128 = 0x0af7651916cd43dd8448eb211c80319c;
     let id = submit_traced(
         &client,

@@ -252,19 +252,7 @@ fn field(name: &str, reason: impl Into<String>) -> FieldError {
 
 /// Names become metric labels, queue names and routing keys: keep them to a safe alphabet.
 fn check_name(field_name: &str, value: &str) -> Result<(), FieldError> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(field(
-            field_name,
-            format!("`{value}` must be 1–64 characters of letters, digits, `_`, `-` or `.`"),
-        ))
-    }
+    crate::domain::check_safe_name(value).map_err(|reason| field(field_name, reason))
 }
 
 fn seconds(field_name: &str, value: f64) -> Result<Duration, FieldError> {

@@ -381,6 +381,15 @@ where
     }
 }
 
+/// Waits until the API at `base` answers `/ready` with 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    eventually(startup_deadline(), "serve ready", || async {
+        let response = client.get(format!("{base}/ready")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+}
+
 /// A message read back from a queue.
 #[derive(Debug)]
 pub struct QueuedMessage {

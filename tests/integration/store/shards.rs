@@ -89,7 +89,10 @@ async fn sixteen_leasers_take_each_of_200_items_exactly_once() {
             .unwrap());
     }
     assert!(
-        !leases.enqueue("frontier", "item-0", json!({})).await.unwrap(),
+        !leases
+            .enqueue("frontier", "item-0", json!({}))
+            .await
+            .unwrap(),
         "enqueue is idempotent"
     );
     let mut leasers = Vec::new();
