@@ -145,6 +145,14 @@ impl App {
                         return ExitCode::FAILURE;
                     }
                 }
+                Command::Dlq(command) => match commands::dlq::run(&settings, command).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => return ExitCode::FAILURE,
+                    Err(error) => {
+                        eprintln!("kobe: {error:#}");
+                        return ExitCode::from(2);
+                    }
+                },
                 Command::Tasks(_) => Ok(()),
             }
             .map(|()| ExitCode::SUCCESS)

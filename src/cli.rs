@@ -33,6 +33,88 @@ pub enum Command {
     /// Work with tasks declared in a file (KOBE_TASKS_FILE).
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Look into the dead-letter queue and act on it: list, show, replay, purge.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// Which dead letters a command is about.
+#[derive(Debug, Args, Default)]
+pub struct LetterFilter {
+    /// Only letters of this task name.
+    #[arg(long = "task", value_name = "NAME")]
+    pub task_name: Option<String>,
+    /// Only letters whose reason contains this text.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Only letters dead-lettered at least this long ago: 30s, 15m, 12h, 7d.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub older_than: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (task id, name, reason, attempts, when), oldest first. Removes nothing.
+    List {
+        #[command(flatten)]
+        filter: LetterFilter,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one task's dead letter, with its message body. Removes nothing.
+    Show {
+        /// The task id.
+        id: String,
+    },
+    /// Run dead-lettered tasks again, each as a new attempt of the same task id. A letter is
+    /// removed only once its new attempt is confirmed by the broker; run it again after an
+    /// interruption and it finishes what was left.
+    Replay {
+        /// Task ids to replay.
+        ids: Vec<String>,
+        /// Every letter the filter selects (without a filter: the whole queue).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[command(flatten)]
+        filter: LetterFilter,
+        /// Say what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove dead letters for good. Needs --yes (or --dry-run to count them).
+    Purge {
+        #[command(flatten)]
+        filter: LetterFilter,
+        /// Really remove them.
+        #[arg(long)]
+        yes: bool,
+        /// Count what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// `30s`, `15m`, `12h`, `7d` (or plain seconds).
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |i| text.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("expected an age such as 30s, 15m, 12h or 7d, got `{text}`"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit `{other}`: use s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(seconds)))
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +168,15 @@ mod tests {
     use crate::config::default_of;
 
     /// The worker flags fall back to the variables of the configuration table, with its defaults.
+    #[test]
+    fn ages_read_with_their_units() {
+        assert_eq!(parse_age("7d").unwrap().as_secs(), 7 * 86_400);
+        assert_eq!(parse_age("90").unwrap().as_secs(), 90);
+        assert_eq!(parse_age("15m").unwrap().as_secs(), 900);
+        assert!(parse_age("7w").unwrap_err().contains("unit"));
+        assert!(parse_age("soon").is_err());
+    }
+
     #[test]
     fn worker_flag_defaults_are_the_table_s() {
         let Command::Worker(args) = Cli::try_parse_from(["kobe", "worker"]).unwrap().command else {

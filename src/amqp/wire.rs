@@ -42,6 +42,21 @@ pub fn payload_reference(properties: &AmqpProperties) -> Option<String> {
     text(properties.headers().as_ref()?, PAYLOAD_HEADER)
 }
 
+/// When the message was dead-lettered (milliseconds since the epoch), for `kobe dlq purge`.
+pub const DEAD_LETTERED_AT_HEADER: &str = "x-kobe-dead-lettered-at";
+
+/// An integer header, as RabbitMQ may hand any integer width back.
+pub fn integer(headers: &FieldTable, name: &str) -> Option<i64> {
+    match headers.get(name)? {
+        AmqpValue::LongLongInt(n) => Some(*n),
+        AmqpValue::LongInt(n) => Some(i64::from(*n)),
+        AmqpValue::ShortInt(n) => Some(i64::from(*n)),
+        AmqpValue::LongUInt(n) => Some(i64::from(*n)),
+        AmqpValue::Timestamp(n) => i64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
 /// A delivery's properties as it goes to the dead-letter exchange: its own, plus why, where it
 /// came from and how many attempts it had.
 pub fn dead_letter_properties(
@@ -65,6 +80,10 @@ pub fn dead_letter_properties(
             AmqpValue::LongLongInt(i64::from(attempts)),
         );
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    headers.insert(DEAD_LETTERED_AT_HEADER.into(), AmqpValue::LongLongInt(now));
     properties.clone().with_headers(headers)
 }
 

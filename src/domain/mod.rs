@@ -86,7 +86,8 @@ impl TaskState {
         }
     }
 
-    /// Finished states never change again.
+    /// Finished states never change again — but for an operator's replay of a dead letter
+    /// (`kobe dlq replay`), which reopens a `FAILURE` as `RETRY` for one more attempt.
     pub fn is_final(self) -> bool {
         matches!(self, Self::Success | Self::Failure)
     }

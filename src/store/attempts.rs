@@ -322,3 +322,58 @@ fn on_insert(task_name: &str, now: DateTime) -> Document {
         "priority": 0,
     }
 }
+
+/// What reopening a task for a replayed dead letter found.
+#[derive(Debug, Clone)]
+pub enum Reopened {
+    /// It was `FAILURE` and is now `RETRY`, awaiting the replay's publish.
+    Now(Box<crate::store::TaskDocument>),
+    /// An earlier replay reopened it and did not see its publish confirmed: publish it again.
+    Unpublished(Box<crate::store::TaskDocument>),
+    /// It has moved on (an earlier replay ran it, or it never failed): nothing to replay.
+    MovedOn(TaskState),
+    /// No such task.
+    Missing,
+}
+
+impl TaskRepository {
+    /// Reopens a `FAILURE` task as `RETRY` with one more retry, for an operator's replay of its
+    /// dead letter: the one transition out of a finished state, made only on request. The publish
+    /// is marked pending until [`TaskRepository::mark_published`] sees it confirmed, so a replay
+    /// interrupted in between is finished by the next one.
+    #[tracing::instrument(name = "store.tasks.reopen", skip(self))]
+    pub async fn reopen(&self, id: &str, replayed_by: &str) -> Result<Reopened, StoreError> {
+        let now = DateTime::now();
+        let reopened = self
+            .collection
+            .find_one_and_update(
+                doc! {"_id": id, "state": TaskState::Failure.as_str()},
+                doc! {
+                    "$set": {
+                        "state": TaskState::Retry.as_str(),
+                        "publish_state": super::tasks::PUBLISH_PENDING,
+                        "updated_at": now,
+                        "deliveries": 0_i64,
+                    },
+                    "$inc": {"retries": 1_i64},
+                    "$unset": {"finished_at": "", "dead_letter": "", "attempt_token": "", "lease_until": ""},
+                    "$push": {"replays": {"at": now, "by": replayed_by}},
+                },
+            )
+            .return_document(ReturnDocument::After)
+            .await?;
+        if let Some(task) = reopened {
+            return Ok(Reopened::Now(Box::new(task)));
+        }
+        Ok(match self.collection.find_one(doc! {"_id": id}).await? {
+            None => Reopened::Missing,
+            Some(task)
+                if task.state == TaskState::Retry
+                    && task.publish_state == Some(super::tasks::PublishState::Pending) =>
+            {
+                Reopened::Unpublished(Box::new(task))
+            }
+            Some(task) => Reopened::MovedOn(task.state),
+        })
+    }
+}

@@ -38,7 +38,7 @@ impl PublishState {
     }
 }
 
-const PUBLISH_PENDING: &str = "pending";
+pub(super) const PUBLISH_PENDING: &str = "pending";
 pub(super) const PUBLISH_CONFIRMED: &str = "confirmed";
 
 /// A task as stored.
@@ -113,6 +113,17 @@ pub struct TaskDocument {
     /// `pending` while a dead letter owed for this task is unconfirmed, then `sent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// Each replay of the task's dead letter by an operator (`kobe dlq replay`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replays: Vec<Replay>,
+}
+
+/// An operator's replay of a dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replay {
+    pub at: DateTime,
+    /// Who asked (the operator's name as the command line gave it).
+    pub by: String,
 }
 
 impl TaskDocument {
@@ -148,6 +159,7 @@ impl TaskDocument {
             lease_until: None,
             deliveries: 0,
             dead_letter: None,
+            replays: Vec::new(),
         }
     }
 }
@@ -269,7 +281,11 @@ impl TaskRepository {
     pub async fn mark_published(&self, ids: &[String]) -> Result<(), StoreError> {
         self.collection
             .update_many(
-                doc! {"_id": {"$in": ids}, "publish_state": PUBLISH_PENDING, "state": TaskState::Pending.as_str()},
+                doc! {
+                    "_id": {"$in": ids},
+                    "publish_state": PUBLISH_PENDING,
+                    "state": {"$in": [TaskState::Pending.as_str(), TaskState::Retry.as_str()]},
+                },
                 doc! {"$set": {"publish_state": PUBLISH_CONFIRMED}, "$unset": {"outbox_claim_until": ""}},
             )
             .await?;

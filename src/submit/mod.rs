@@ -8,6 +8,7 @@
 //! submissions share one `insert` command, and each caller still waits for its own document. The
 //! "confirmed" marks are batched too, one `update` for hundreds of tasks.
 
+pub mod dead_letters;
 pub mod outbox;
 
 use std::time::Duration;
@@ -379,6 +380,8 @@ impl Submitter {
         message.soft_time_limit = document.soft_time_limit;
         message.eta = document.eta.clone();
         message.expires = document.expires.clone();
+        // A replayed task's next attempt (0 for a task never run).
+        message.retries = document.retries;
         let mut headers = message.headers();
         if let Some(reference) = &document.payload_ref {
             headers.insert(
@@ -388,7 +391,11 @@ impl Submitter {
         }
         let outgoing = Outgoing {
             exchange: self.topology.tasks_exchange(),
-            routing_key: document.route.clone(),
+            // A task first recorded by a worker (a Celery client's) has no route of its own.
+            routing_key: match document.route.as_str() {
+                "" => self.topology.route_of(&document.task_name).to_owned(),
+                route => route.to_owned(),
+            },
             body: message.body(),
             properties: message.properties().with_headers(headers),
         };

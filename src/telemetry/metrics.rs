@@ -80,6 +80,7 @@ pub struct Metrics {
     /// Deliveries settled without running the task again: already finished, held by a live
     /// attempt, a stale attempt, or a lost consumer connection.
     pub duplicate_deliveries: IntCounterVec,
+    pub dlq_operations: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -269,6 +270,12 @@ impl Metrics {
                 "kobe_duplicate_deliveries_total",
                 "Deliveries settled without running the task, by why.",
                 &["reason"],
+            ),
+            dlq_operations: counter(
+                &r,
+                "kobe_dlq_operations_total",
+                "Dead letters acted on by an operator, by operation (replay, purge) and outcome.",
+                &["operation", "outcome"],
             ),
             registry: r,
         };

@@ -7,6 +7,7 @@ mod common;
 mod api;
 mod cli;
 mod declared;
+mod dlq;
 mod faults;
 mod http;
 mod observability;

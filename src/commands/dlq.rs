@@ -1,0 +1,182 @@
+//! `kobe dlq …`: the dead-letter queue from the command line.
+
+use anyhow::Context;
+
+use crate::cli::{DlqCommand, LetterFilter};
+use crate::config::Settings;
+use crate::submit::dead_letters::{DeadLetters, LetterSummary, ReplayOutcome, Selection};
+
+/// Who asked, for the task's history and the log: the operating-system user.
+fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+fn selection(filter: LetterFilter, task_ids: Vec<String>) -> Selection {
+    Selection {
+        task_ids,
+        task_name: filter.task_name,
+        reason: filter.reason,
+        older_than: filter.older_than,
+    }
+}
+
+fn when(ms: Option<i64>) -> String {
+    ms.and_then(|ms| {
+        mongodb::bson::DateTime::from_millis(ms)
+            .try_to_rfc3339_string()
+            .ok()
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+fn row(letter: &LetterSummary) -> String {
+    format!(
+        "{:<36}  {:<20}  {:>8}  {:<24}  {}",
+        letter.task_id.as_deref().unwrap_or("-"),
+        letter.task_name.as_deref().unwrap_or("-"),
+        letter.attempts.map_or("-".into(), |n| n.to_string()),
+        when(letter.dead_lettered_at),
+        letter.reason
+    )
+}
+
+/// Runs a `dlq` subcommand; `Ok(false)` when it did not do what was asked (exit 1).
+pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<bool> {
+    let db = super::database(settings).await?;
+    let cache = super::cache(settings)?;
+    let publisher = super::publisher(settings)?;
+    // The publisher connects in the background; a replay right away would find it not yet there.
+    let deadline = std::time::Instant::now()
+        + settings
+            .dependency_timeout
+            .max(std::time::Duration::from_secs(5));
+    while publisher.connected().is_err() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let writer = super::writer(settings, &db);
+    let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
+    let letters = DeadLetters {
+        url: settings.rabbitmq_url.clone(),
+        topology: super::topology(settings),
+        tasks: crate::store::TaskRepository::new(&db),
+        submitter,
+        cache,
+    };
+    match command {
+        DlqCommand::List {
+            filter,
+            limit,
+            json,
+        } => {
+            let found = letters
+                .list(selection(filter, Vec::new()), limit as usize)
+                .await
+                .context("failed to read the dead-letter queue")?;
+            if json {
+                for letter in &found {
+                    println!("{}", serde_json::to_string(letter)?);
+                }
+            } else {
+                println!(
+                    "{:<36}  {:<20}  {:>8}  {:<24}  reason",
+                    "task id", "task", "attempts", "dead-lettered at"
+                );
+                for letter in &found {
+                    println!("{}", row(letter));
+                }
+                println!("{} letter(s)", found.len());
+            }
+            Ok(true)
+        }
+        DlqCommand::Show { id } => match letters
+            .show(&id)
+            .await
+            .context("failed to read the dead-letter queue")?
+        {
+            Some(letter) => {
+                println!("{}", serde_json::to_string_pretty(&letter)?);
+                Ok(true)
+            }
+            None => {
+                eprintln!("kobe: no dead letter for task {id}");
+                Ok(false)
+            }
+        },
+        DlqCommand::Replay {
+            ids,
+            all,
+            filter,
+            dry_run,
+        } => {
+            let filtered = filter.task_name.is_some()
+                || filter.reason.is_some()
+                || filter.older_than.is_some();
+            if ids.is_empty() && !all && !filtered {
+                anyhow::bail!("say which letters to replay: task ids, --task NAME, --reason, --older-than or --all");
+            }
+            let wanted = ids.clone();
+            let outcomes = letters
+                .replay(selection(filter, ids), dry_run, &operator())
+                .await
+                .context("failed to replay from the dead-letter queue")?;
+            let mut ok = true;
+            for outcome in &outcomes {
+                match outcome {
+                    ReplayOutcome::Replayed { task_id, retries } => {
+                        println!("replayed  {task_id}  (attempt {})", retries + 1)
+                    }
+                    ReplayOutcome::WouldReplay { task_id } => println!("would replay  {task_id}"),
+                    ReplayOutcome::Stale { task_id, state } => {
+                        println!("removed stale letter  {task_id}  (the task is {state} now)")
+                    }
+                    ReplayOutcome::Kept { task_id, why } => {
+                        ok = false;
+                        println!(
+                            "kept  {}  {why}",
+                            task_id.as_deref().unwrap_or("(no task id)")
+                        )
+                    }
+                }
+            }
+            let seen = |id: &String| {
+                outcomes.iter().any(|o| match o {
+                    ReplayOutcome::Replayed { task_id, .. }
+                    | ReplayOutcome::WouldReplay { task_id }
+                    | ReplayOutcome::Stale { task_id, .. } => task_id == id,
+                    ReplayOutcome::Kept { task_id, .. } => task_id.as_ref() == Some(id),
+                })
+            };
+            for id in wanted.iter().filter(|id| !seen(id)) {
+                ok = false;
+                eprintln!("kobe: no dead letter for task {id}");
+            }
+            println!("{} letter(s)", outcomes.len());
+            Ok(ok)
+        }
+        DlqCommand::Purge {
+            filter,
+            yes,
+            dry_run,
+        } => {
+            if !yes && !dry_run {
+                anyhow::bail!(
+                    "purging removes dead letters for good: add --yes (or --dry-run to count them)"
+                );
+            }
+            let count = letters
+                .purge(selection(filter, Vec::new()), dry_run)
+                .await
+                .context("failed to purge the dead-letter queue")?;
+            if dry_run {
+                println!("{count} letter(s) would be removed");
+            } else {
+                tracing::info!(by = %operator(), removed = count, "dead letters purged");
+                println!("{count} letter(s) removed");
+            }
+            Ok(true)
+        }
+    }
+}
