@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, TasksCommand};
+use crate::cli::{Cli, Command, TaskCommand, TasksCommand};
 use crate::config::Settings;
 use crate::tasks::{Registry, Task};
 use crate::{commands, shutdown, telemetry};
@@ -143,6 +143,16 @@ impl App {
                         Ok(())
                     } else {
                         return ExitCode::FAILURE;
+                    }
+                }
+                Command::Task(TaskCommand::Retry { id }) => {
+                    match commands::dlq::retry(&settings, &id).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => return ExitCode::FAILURE,
+                        Err(error) => {
+                            eprintln!("kobe: {error:#}");
+                            return ExitCode::from(2);
+                        }
                     }
                 }
                 Command::Dlq(command) => match commands::dlq::run(&settings, command).await {

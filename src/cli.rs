@@ -33,9 +33,22 @@ pub enum Command {
     /// Work with tasks declared in a file (KOBE_TASKS_FILE).
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Act on one task.
+    #[command(subcommand)]
+    Task(TaskCommand),
     /// Look into the dead-letter queue and act on it: list, show, replay, purge.
     #[command(subcommand)]
     Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Run a FAILURE task again as its next attempt (same id; its retries go on). Any other
+    /// state is refused and left alone. After an interruption, run it again to finish.
+    Retry {
+        /// The task id.
+        id: String,
+    },
 }
 
 /// Which dead letters a command is about.

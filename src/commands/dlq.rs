@@ -1,4 +1,4 @@
-//! `kobe dlq …`: the dead-letter queue from the command line.
+//! `kobe dlq …` and `kobe task retry`: an operator's commands on dead letters and failed tasks.
 
 use anyhow::Context;
 
@@ -7,7 +7,7 @@ use crate::config::Settings;
 use crate::submit::dead_letters::{DeadLetters, LetterSummary, ReplayOutcome, Selection};
 
 /// Who asked, for the task's history and the log: the operating-system user.
-fn operator() -> String {
+pub fn operator() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());
@@ -43,8 +43,8 @@ fn row(letter: &LetterSummary) -> String {
     )
 }
 
-/// Runs a `dlq` subcommand; `Ok(false)` when it did not do what was asked (exit 1).
-pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<bool> {
+/// The clients an operator's command needs, with the publisher connected (or given up on).
+pub async fn operations(settings: &Settings) -> anyhow::Result<DeadLetters> {
     let db = super::database(settings).await?;
     let cache = super::cache(settings)?;
     let publisher = super::publisher(settings)?;
@@ -58,13 +58,47 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
     }
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
-    let letters = DeadLetters {
+    Ok(DeadLetters {
         url: settings.rabbitmq_url.clone(),
         topology: super::topology(settings),
         tasks: crate::store::TaskRepository::new(&db),
         submitter,
         cache,
-    };
+    })
+}
+
+/// `kobe task retry ID`; `Ok(false)` when the task was not retried (exit 1).
+pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<bool> {
+    use crate::submit::rerun::{rerun, Rerun};
+    let ops = operations(settings).await?;
+    let answer = rerun(&ops.submitter, &ops.tasks, &ops.cache, id, &operator())
+        .await
+        .context("failed to reopen the task")?;
+    Ok(match answer {
+        Rerun::Published(task) => {
+            println!("retried  {id}  (attempt {})", task.retries + 1);
+            true
+        }
+        Rerun::NotFailed(state) => {
+            eprintln!("kobe: task {id} is {state}; only a FAILURE task can be retried");
+            false
+        }
+        Rerun::Missing => {
+            eprintln!("kobe: no task {id}");
+            false
+        }
+        Rerun::NotPublished(error) => {
+            eprintln!(
+                "kobe: the retry of {id} was recorded but not confirmed ({error}); run it again"
+            );
+            false
+        }
+    })
+}
+
+/// Runs a `dlq` subcommand; `Ok(false)` when it did not do what was asked (exit 1).
+pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<bool> {
+    let letters = operations(settings).await?;
     match command {
         DlqCommand::List {
             filter,

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// No such resource: 404.
     #[error("{0}")]
     NotFound(String),
+    /// The task is not in a state the request can act on: 409.
+    #[error("{0}")]
+    Conflict(String),
     /// The route exists, without this method: 405 with `Allow`.
     #[error("this route answers {allow} only")]
     MethodNotAllowed { allow: &'static str },
@@ -106,6 +109,7 @@ impl ApiError {
             Self::MalformedBody(_) => ("malformed-body", "The body is not valid JSON"),
             Self::PayloadTooLarge { .. } => ("payload-too-large", "The body is too large"),
             Self::NotFound(_) => ("not-found", "Not found"),
+            Self::Conflict(_) => ("conflict", "The task is not in a state for this"),
             Self::MethodNotAllowed { .. } => ("method-not-allowed", "Method not allowed"),
             Self::Unauthorized => ("unauthorized", "Unauthorized"),
             Self::RateLimited { .. } => ("rate-limited", "Too many requests"),
@@ -140,6 +144,7 @@ impl ResponseError for ApiError {
             Self::MalformedBody(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) | Self::ResultBackendOff => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

@@ -107,6 +107,7 @@ impl Application {
                 .service(resource("/task/start", "POST").route(web::post().to(routes::submit::start)))
                 .service(resource("/task/status/{id}", "GET").route(web::get().to(routes::status::status)))
                 .service(resource("/task/result/{id}", "GET").route(web::get().to(routes::status::result)))
+                .service(resource("/task/{id}/retry", "POST").route(web::post().to(routes::actions::retry)))
                 .service(resource("/tasks", "GET").route(web::get().to(routes::catalog::list)))
                 .service(resource("/health", "GET").route(web::get().to(routes::health::health)))
                 .service(resource("/ready", "GET").route(web::get().to(routes::health::ready)))

@@ -4,7 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::Problem;
-use super::routes::{catalog, health, status, submit};
+use super::routes::{actions, catalog, health, status, submit};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,7 @@ use super::routes::{catalog, health, status, submit};
         submit::start,
         status::status,
         status::result,
+        actions::retry,
         catalog::list,
         health::health,
         health::ready,
@@ -28,6 +29,7 @@ use super::routes::{catalog, health, status, submit};
         status::TaskStatus,
         status::ResultAnswer,
         catalog::TaskInfo,
+        actions::Retried,
         status::AttemptError,
         status::JobProgress,
         Problem,

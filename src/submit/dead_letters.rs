@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::rerun::{rerun, Rerun};
 use super::Submitter;
 use crate::amqp::dead_letters::{DeadLetter, DeadLetterQueue};
 use crate::amqp::{AmqpError, Topology};
 use crate::config::ServiceUrl;
-use crate::store::attempts::Reopened;
 use crate::store::{Cache, StoreError, TaskRepository};
 use crate::telemetry::metrics::metrics;
 
@@ -262,27 +262,20 @@ impl DeadLetters {
             task_id: Some(task_id.to_owned()),
             why,
         };
-        let task = match self.tasks.reopen(task_id, by).await {
-            Ok(Reopened::Now(task) | Reopened::Unpublished(task)) => task,
-            Ok(Reopened::MovedOn(state)) => {
-                return ReplayOutcome::Stale {
-                    task_id: task_id.to_owned(),
-                    state: state.as_str().to_owned(),
-                }
-            }
-            Ok(Reopened::Missing) => return kept("no such task in MongoDB".into()),
-            Err(e) => return kept(format!("cannot reopen the task: {e}")),
-        };
-        // Best effort: a cached final state would hide the replay until its TTL.
-        let _ = self.cache.invalidate_status(task_id).await;
-        match self.submitter.republish(&task).await {
-            Ok(()) => ReplayOutcome::Replayed {
+        match rerun(&self.submitter, &self.tasks, &self.cache, task_id, by).await {
+            Ok(Rerun::Published(task)) => ReplayOutcome::Replayed {
                 task_id: task_id.to_owned(),
                 retries: task.retries,
             },
-            Err(e) => kept(format!(
+            Ok(Rerun::NotFailed(state)) => ReplayOutcome::Stale {
+                task_id: task_id.to_owned(),
+                state: state.as_str().to_owned(),
+            },
+            Ok(Rerun::Missing) => kept("no such task in MongoDB".into()),
+            Ok(Rerun::NotPublished(e)) => kept(format!(
                 "the new attempt was not confirmed ({e}); replay it again"
             )),
+            Err(e) => kept(format!("cannot reopen the task: {e}")),
         }
     }
 

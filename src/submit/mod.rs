@@ -10,6 +10,7 @@
 
 pub mod dead_letters;
 pub mod outbox;
+pub mod rerun;
 
 use std::time::Duration;
 

@@ -152,3 +152,58 @@ async fn dead_letters_are_listed_replayed_once_and_purged_on_request() {
     wait_dead_letters(&env, 0).await;
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_task_is_retried_from_the_api_and_the_cli_and_nothing_else_is() {
+    let env = TestEnv::with(&[("KOBE_RETRY_MAX", "0")]).await;
+    env.init_db().await;
+    let worker = env.spawn_worker(2);
+    let api = env.spawn_api().await;
+    // Fails its first two attempts, succeeds on the third.
+    let id = api
+        .submit(
+            json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 2}}),
+        )
+        .await;
+    let (done, _) = api.wait_for_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "FAILURE");
+
+    let retry = |id: String| {
+        let client = api.client.clone();
+        let url = format!("{}/task/{id}/retry", api.address);
+        async move { client.post(url).send().await.unwrap() }
+    };
+    let response = retry(id.clone()).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["attempt"], 2);
+    let task = env.wait_final(&id, Duration::from_secs(20)).await;
+    assert_eq!((task.state, task.retries), (TaskState::Failure, 1));
+    assert!(task.replays[0].by.starts_with("api:"));
+
+    let output = env.kobe_command(&["task", "retry", &id]).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("(attempt 3)"));
+    let task = env.wait_final(&id, Duration::from_secs(20)).await;
+    assert_eq!((task.state, task.retries), (TaskState::Success, 2));
+    assert_eq!(task.replays.len(), 2);
+    let (status, _) = api.wait_for_final(&id, Duration::from_secs(5)).await;
+    assert_eq!(status["state"], "SUCCESS", "the cached FAILURE was dropped");
+
+    // A finished SUCCESS is refused, and left as it is.
+    let response = retry(id.clone()).await;
+    assert_eq!(response.status(), 409);
+    let problem: Value = response.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("SUCCESS"),
+        "{problem}"
+    );
+    let output = env.kobe_command(&["task", "retry", &id]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let task = env.tasks().get(&id).await.unwrap().unwrap();
+    assert_eq!((task.retries, task.replays.len()), (2, 2));
+
+    assert_eq!(retry(TaskId::generate().to_string()).await.status(), 404);
+    worker.stop().await;
+    api.handle.stop(false).await;
+}

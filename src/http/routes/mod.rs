@@ -1,5 +1,6 @@
 //! One file per resource.
 
+pub mod actions;
 pub mod catalog;
 pub mod docs;
 pub mod health;

@@ -403,9 +403,12 @@ fn fingerprint(
         .map(|value| key("dedup_key", value))
         .transpose()?;
     if let Some(header) = request.headers().get("Idempotency-Key") {
+        // `to_str` lets a tab through; the documented alphabet is printable ASCII and space.
         let value = header
             .to_str()
-            .map_err(|_| ApiError::validation("Idempotency-Key", "must be visible ASCII"))?;
+            .ok()
+            .filter(|v| v.bytes().all(|b| (0x20..=0x7e).contains(&b)))
+            .ok_or_else(|| ApiError::validation("Idempotency-Key", "must be visible ASCII"))?;
         return key("Idempotency-Key", value).map(Some);
     }
     if from_body.is_some() {

@@ -108,6 +108,20 @@ async fn an_idempotency_key_returns_the_first_task() {
         .await;
     assert_eq!(bad.status(), 422);
     assert_eq!(bad.json::<Value>().await.unwrap()["field"], "dedup_key");
+    // A tab passes HTTP's header rules but not the documented alphabet.
+    let tabbed = api
+        .client
+        .post(format!("{}/task/start", api.address))
+        .header("Idempotency-Key", "order\t1234")
+        .json(&json!({"task_name": "demo_long_io"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tabbed.status(), 422);
+    assert_eq!(
+        tabbed.json::<Value>().await.unwrap()["field"],
+        "Idempotency-Key"
+    );
 }
 
 /// Returns its kwargs' `blob` length and the blob itself.
