@@ -17,6 +17,8 @@ cd "$KOBE_ROOT"
 
 ensure_rabbitmq
 ensure_redis
+# The operator page (/ui) is tested in a real browser.
+command -v chromium >/dev/null || apt_install chromium
 
 cleanup() {
   stop_mongodb

@@ -36,6 +36,7 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         db,
         cache,
         dependency_timeout: settings.dependency_timeout,
+        rabbitmq_url: settings.rabbitmq_url.clone(),
     })
 }
 

@@ -50,6 +50,8 @@ pub struct AppState {
     pub cache: Cache,
     /// Bound on each readiness probe.
     pub dependency_timeout: Duration,
+    /// The broker, for the queue depths `/ui` shows.
+    pub rabbitmq_url: crate::config::ServiceUrl,
 }
 
 /// A route whose other methods answer 405 naming the one it has (`Allow`).
@@ -104,6 +106,7 @@ impl Application {
                             result
                         })
                 })
+                .service(resource("/task", "GET").route(web::get().to(routes::search::search)))
                 .service(resource("/task/start", "POST").route(web::post().to(routes::submit::start)))
                 .service(resource("/task/status/{id}", "GET").route(web::get().to(routes::status::status)))
                 .service(resource("/task/result/{id}", "GET").route(web::get().to(routes::status::result)))
@@ -114,6 +117,8 @@ impl Application {
                 .service(resource("/metrics", "GET").route(web::get().to(routes::metrics::metrics)))
                 .service(resource("/openapi.json", "GET").route(web::get().to(routes::docs::openapi)))
                 .service(resource("/docs", "GET").route(web::get().to(routes::docs::page)))
+                .service(resource("/ui", "GET").route(web::get().to(routes::ui::overview)))
+                .service(resource("/ui/task/{id}", "GET").route(web::get().to(routes::ui::task)))
                 .service(resource("/docs/{asset}", "GET").route(web::get().to(routes::docs::asset)))
                 .default_service(web::to(routes::not_found))
         })

@@ -4,7 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::Problem;
-use super::routes::{actions, catalog, health, status, submit};
+use super::routes::{actions, catalog, health, search, status, submit};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,7 @@ use super::routes::{actions, catalog, health, status, submit};
         submit::start,
         status::status,
         status::result,
+        search::search,
         actions::retry,
         catalog::list,
         health::health,
@@ -30,6 +31,8 @@ use super::routes::{actions, catalog, health, status, submit};
         status::ResultAnswer,
         catalog::TaskInfo,
         actions::Retried,
+        search::TaskPage,
+        search::TaskSummary,
         status::AttemptError,
         status::JobProgress,
         Problem,

@@ -10,6 +10,7 @@ pub mod error_log;
 pub mod leases;
 pub mod migrations;
 pub mod payloads;
+pub mod search;
 pub mod shards;
 pub mod tasks;
 

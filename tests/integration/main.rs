@@ -12,4 +12,5 @@ mod faults;
 mod http;
 mod observability;
 mod store;
+mod ui;
 mod worker;

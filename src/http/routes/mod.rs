@@ -5,8 +5,10 @@ pub mod catalog;
 pub mod docs;
 pub mod health;
 pub mod metrics;
+pub mod search;
 pub mod status;
 pub mod submit;
+pub mod ui;
 
 use actix_web::HttpRequest;
 

@@ -1,0 +1,136 @@
+//! `GET /task`: finding tasks by state, most recently changed first, a page at a time.
+
+use actix_web::{web, HttpResponse};
+use mongodb::bson::DateTime;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::domain::TaskState;
+use crate::http::error::Problem;
+use crate::http::{ApiError, AppState};
+use crate::store::search::{Cursor, Search, MAX_PAGE};
+use crate::store::TaskDocument;
+
+/// The filters of a search.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SearchQuery {
+    /// `PENDING`, `STARTED`, `RETRY`, `SUCCESS` or `FAILURE` (default `FAILURE`).
+    pub state: Option<String>,
+    /// Only tasks of this name.
+    pub task_name: Option<String>,
+    /// Changed at or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// Changed before this time (RFC 3339).
+    pub until: Option<String>,
+    /// Tasks per page, 1–500 (default 50). Read as text so a bad value is a 422 naming it.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A task in a list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskSummary {
+    pub task_id: String,
+    pub task_name: String,
+    #[schema(value_type = String, example = "FAILURE")]
+    pub state: TaskState,
+    pub retries: u32,
+    pub updated_at: Option<String>,
+    pub root_cause: Option<String>,
+}
+
+impl TaskSummary {
+    pub fn of(task: &TaskDocument) -> Self {
+        Self {
+            task_id: task.id.clone(),
+            task_name: task.task_name.clone(),
+            state: task.state,
+            retries: task.retries,
+            updated_at: task.updated_at.try_to_rfc3339_string().ok(),
+            root_cause: task.root_cause.clone(),
+        }
+    }
+}
+
+/// A page of tasks.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskSummary>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    pub next_cursor: Option<String>,
+}
+
+fn time(field: &str, value: Option<&str>) -> Result<Option<DateTime>, ApiError> {
+    value
+        .map(|v| {
+            DateTime::parse_rfc3339_str(v)
+                .map_err(|_| ApiError::validation(field, "expected an RFC 3339 time"))
+        })
+        .transpose()
+}
+
+/// Tasks in one state, most recently changed first (index-backed; cursor pagination).
+#[utoipa::path(
+    get,
+    path = "/task",
+    tag = "tasks",
+    params(SearchQuery),
+    responses(
+        (status = 200, description = "A page of tasks", body = TaskPage),
+        (status = 422, description = "A filter is malformed (the field is named)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
+#[tracing::instrument(name = "http.task.search", skip(state, request))]
+pub async fn search(
+    state: web::Data<AppState>,
+    request: actix_web::HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    // Parsed here, not by an extractor, so a malformed query (a field given twice…) is a 422
+    // like every other bad input.
+    let query = web::Query::<SearchQuery>::from_query(request.query_string())
+        .map_err(|e| ApiError::validation("query", e.to_string()))?;
+    let task_state = query
+        .state
+        .as_deref()
+        .map(|s| {
+            s.parse::<TaskState>()
+                .map_err(|reason| ApiError::validation("state", reason))
+        })
+        .transpose()?;
+    let limit = match query.limit.as_deref() {
+        None => 50,
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| ApiError::validation("limit", format!("expected 1–{MAX_PAGE}")))?,
+    };
+    let after = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            Cursor::parse(c)
+                .ok_or_else(|| ApiError::validation("cursor", "not a cursor this API gave"))
+        })
+        .transpose()?;
+    let search = Search {
+        state: task_state,
+        task_name: query.task_name.clone(),
+        since: time("since", query.since.as_deref())?,
+        until: time("until", query.until.as_deref())?,
+        after,
+        limit,
+    };
+    let (tasks, next) = state.tasks.search(&search).await.map_err(ApiError::store)?;
+    Ok(HttpResponse::Ok().json(TaskPage {
+        tasks: tasks.iter().map(TaskSummary::of).collect(),
+        next_cursor: next.map(|c| c.encode()),
+    }))
+}

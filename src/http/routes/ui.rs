@@ -1,0 +1,258 @@
+//! `/ui`: one page for operators, rendered on the server with no external assets — queue depths
+//! and consumers per route, what happened in the last hour, the latest failures with a retry
+//! button, and a task's detail (`/ui/task/{id}`) with its failed attempts and replays. It sits
+//! behind the same bearer tokens as `/task*`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use mongodb::bson::DateTime;
+use serde::Deserialize;
+
+use crate::domain::{TaskId, TaskState};
+use crate::http::{ApiError, AppState};
+use crate::store::search::Search;
+
+/// HTML-escapes text for an element or a quoted attribute.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn when(t: Option<DateTime>) -> String {
+    t.and_then(|t| t.try_to_rfc3339_string().ok())
+        .unwrap_or_else(|| "-".into())
+}
+
+const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}.FAILURE{color:#b00}.SUCCESS{color:#070}code{font-size:90%}";
+
+/// Posts a retry and reloads; the token, if the page was opened with one, is not known to the
+/// page, so behind tokens the button needs the same `Authorization` the page got.
+const SCRIPT: &str = "document.addEventListener('click',async e=>{const id=e.target.dataset.retry;if(!id)return;const r=await fetch('/task/'+encodeURIComponent(id)+'/retry',{method:'POST'});e.target.textContent=r.status==202?'retried':'refused ('+r.status+')';setTimeout(()=>location.reload(),800)});";
+
+fn page(title: &str, refresh: bool, body: &str) -> HttpResponse {
+    let refresh = if refresh {
+        "<meta http-equiv=\"refresh\" content=\"10\">"
+    } else {
+        ""
+    };
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}<title>{}</title><style>{STYLE}</style></head><body>{body}<script>{SCRIPT}</script></body></html>",
+            escape(title)
+        ))
+}
+
+/// `?id=` of the search box.
+#[derive(Debug, Deserialize)]
+pub struct Find {
+    pub id: Option<String>,
+}
+
+/// The overview: queues, the last hour, the latest failures, a task search box.
+pub async fn overview(
+    state: web::Data<AppState>,
+    find: web::Query<Find>,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(id) = find
+        .id
+        .as_deref()
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+    {
+        return Ok(HttpResponse::SeeOther()
+            .insert_header((
+                "Location",
+                format!(
+                    "/ui/task/{}",
+                    percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+                ),
+            ))
+            .finish());
+    }
+    let mut body = String::from("<h1>Kobe</h1>");
+    body.push_str("<form action=\"/ui\" method=\"get\"><input name=\"id\" size=\"40\" placeholder=\"task id\"> <button>find</button></form>");
+
+    // Queues, from the broker (bounded: a broker that does not answer costs one line).
+    let topology = state.submitter.topology().clone();
+    let mut queues: Vec<String> = topology
+        .routes()
+        .iter()
+        .map(|r| topology.queue(r))
+        .collect();
+    queues.push(topology.dead_letter_queue());
+    let url = state.rabbitmq_url.clone();
+    let timeout = state.dependency_timeout.max(Duration::from_secs(1));
+    let reports =
+        tokio::task::spawn_blocking(move || crate::amqp::queue_depths(&url, &queues, timeout))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    body.push_str("<h2>Queues</h2>");
+    match reports {
+        Ok(reports) => {
+            body.push_str("<table id=\"queues\"><tr><th>queue</th><th>ready messages</th><th>consumers</th></tr>");
+            for q in reports {
+                let _ = write!(
+                    body,
+                    "<tr data-queue=\"{0}\"><td>{0}</td><td class=\"messages\">{1}</td><td class=\"consumers\">{2}</td></tr>",
+                    escape(&q.name),
+                    q.messages,
+                    q.consumers
+                );
+            }
+            body.push_str("</table>");
+        }
+        Err(e) => {
+            let _ = write!(
+                body,
+                "<p id=\"queues\">RabbitMQ unavailable: {}</p>",
+                escape(&e.to_string())
+            );
+        }
+    }
+
+    let hour_ago = DateTime::from_millis(DateTime::now().timestamp_millis() - 3_600_000);
+    let counts = state
+        .tasks
+        .counts_since(hour_ago)
+        .await
+        .map_err(ApiError::store)?;
+    let count = |wanted: TaskState| {
+        counts
+            .iter()
+            .find(|(s, _)| *s == wanted)
+            .map_or(0, |(_, n)| *n)
+    };
+    let (done, failed) = (count(TaskState::Success), count(TaskState::Failure));
+    body.push_str("<h2>Last hour</h2><table id=\"counts\"><tr>");
+    for (s, _) in &counts {
+        let _ = write!(body, "<th>{s}</th>");
+    }
+    body.push_str("<th>finished per minute</th><th>failure rate</th></tr><tr>");
+    for (s, n) in &counts {
+        let _ = write!(body, "<td data-state=\"{s}\">{n}</td>");
+    }
+    let rate = if done + failed == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.1} %", 100.0 * failed as f64 / (done + failed) as f64)
+    };
+    let _ = write!(
+        body,
+        "<td id=\"throughput\">{:.1}</td><td id=\"failure-rate\">{rate}</td></tr></table>",
+        (done + failed) as f64 / 60.0
+    );
+
+    let (failures, _) = state
+        .tasks
+        .search(&Search {
+            state: Some(TaskState::Failure),
+            limit: 20,
+            ..Search::default()
+        })
+        .await
+        .map_err(ApiError::store)?;
+    body.push_str("<h2>Latest failures</h2><table id=\"failures\"><tr><th>task</th><th>name</th><th>attempts</th><th>when</th><th>root cause</th><th></th></tr>");
+    for task in &failures {
+        let id = escape(&task.id);
+        let _ = write!(
+            body,
+            "<tr data-task=\"{id}\"><td><a href=\"/ui/task/{id}\"><code>{id}</code></a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><button data-retry=\"{id}\">retry</button></td></tr>",
+            escape(&task.task_name),
+            task.retries + 1,
+            when(Some(task.updated_at)),
+            escape(task.root_cause.as_deref().unwrap_or(""))
+        );
+    }
+    body.push_str("</table><p><a href=\"/docs\">API</a> · <a href=\"/metrics\">metrics</a></p>");
+    Ok(page("Kobe", true, &body))
+}
+
+/// One task: its fields, failed attempts and replays, with a retry button when it failed.
+pub async fn task(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
+    let task_id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let task = state
+        .tasks
+        .get(task_id.as_str())
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(not_found)?;
+    let errors = state
+        .errors
+        .for_task(task_id.as_str())
+        .await
+        .map_err(ApiError::store)?;
+    let id = escape(&task.id);
+    let mut body = format!(
+        "<p><a href=\"/ui\">← Kobe</a></p><h1><code>{id}</code></h1><table id=\"task\">\
+         <tr><th>name</th><td>{name}</td></tr>\
+         <tr><th>state</th><td class=\"{state}\" id=\"state\">{state}</td></tr>\
+         <tr><th>retries</th><td>{retries}</td></tr><tr><th>route</th><td>{route}</td></tr>\
+         <tr><th>created</th><td>{created}</td></tr><tr><th>started</th><td>{started}</td></tr>\
+         <tr><th>finished</th><td>{finished}</td></tr><tr><th>root cause</th><td>{cause}</td></tr></table>",
+        name = escape(&task.task_name),
+        state = task.state,
+        retries = task.retries,
+        route = escape(&task.route),
+        created = when(Some(task.created_at)),
+        started = when(task.started_at),
+        finished = when(task.finished_at),
+        cause = escape(task.root_cause.as_deref().unwrap_or("-")),
+    );
+    if task.state == TaskState::Failure {
+        let _ = write!(body, "<p><button data-retry=\"{id}\">retry</button></p>");
+    }
+    body.push_str("<h2>Failed attempts</h2><table id=\"errors\"><tr><th>attempt</th><th>decision</th><th>when</th><th>root cause</th></tr>");
+    for e in &errors {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{:?}</td><td>{}</td><td>{}</td></tr>",
+            e.attempt,
+            e.decision,
+            when(Some(e.at)),
+            escape(&e.root_cause)
+        );
+    }
+    body.push_str(
+        "</table><h2>Replays</h2><table id=\"replays\"><tr><th>when</th><th>by</th></tr>",
+    );
+    for r in &task.replays {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td></tr>",
+            when(Some(r.at)),
+            escape(&r.by)
+        );
+    }
+    body.push_str("</table>");
+    Ok(page(&format!("Kobe task {}", task.id), false, &body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped() {
+        assert_eq!(
+            escape("<script>\"a\" & 'b'</script>"),
+            "&lt;script&gt;&quot;a&quot; &amp; &#39;b&#39;&lt;/script&gt;"
+        );
+    }
+}
