@@ -145,8 +145,27 @@ impl App {
                         return ExitCode::FAILURE;
                     }
                 }
-                Command::Task(TaskCommand::Retry { id }) => {
-                    match commands::dlq::retry(&settings, &id).await {
+                Command::Task(command) => {
+                    let done = match command {
+                        TaskCommand::Retry { id } => {
+                            commands::operations::retry(&settings, &id).await
+                        }
+                        TaskCommand::Show { id } => {
+                            commands::operations::show_task(&settings, &id).await
+                        }
+                        TaskCommand::List {
+                            state,
+                            task_name,
+                            within,
+                            limit,
+                        } => {
+                            commands::operations::list_tasks(
+                                &settings, &state, task_name, within, limit,
+                            )
+                            .await
+                        }
+                    };
+                    match done {
                         Ok(true) => Ok(()),
                         Ok(false) => return ExitCode::FAILURE,
                         Err(error) => {
@@ -155,14 +174,16 @@ impl App {
                         }
                     }
                 }
-                Command::Dlq(command) => match commands::dlq::run(&settings, command).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => return ExitCode::FAILURE,
-                    Err(error) => {
-                        eprintln!("kobe: {error:#}");
-                        return ExitCode::from(2);
+                Command::Dlq(command) => {
+                    match commands::operations::run(&settings, command).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => return ExitCode::FAILURE,
+                        Err(error) => {
+                            eprintln!("kobe: {error:#}");
+                            return ExitCode::from(2);
+                        }
                     }
-                },
+                }
                 Command::Tasks(_) => Ok(()),
             }
             .map(|()| ExitCode::SUCCESS)

@@ -33,7 +33,7 @@ pub enum Command {
     /// Work with tasks declared in a file (KOBE_TASKS_FILE).
     #[command(subcommand)]
     Tasks(TasksCommand),
-    /// Act on one task.
+    /// Find tasks, look at one, run a failed one again.
     #[command(subcommand)]
     Task(TaskCommand),
     /// Look into the dead-letter queue and act on it: list, show, replay, purge.
@@ -43,6 +43,26 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
+    /// Tasks in one state, most recently changed first.
+    List {
+        /// PENDING, STARTED, RETRY, SUCCESS or FAILURE.
+        #[arg(long, default_value = "FAILURE")]
+        state: String,
+        /// Only tasks of this name.
+        #[arg(long = "task", value_name = "NAME")]
+        task_name: Option<String>,
+        /// Only tasks changed within this long: 30s, 15m, 12h, 7d.
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        within: Option<std::time::Duration>,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
+        limit: u32,
+    },
+    /// One task: its document, its failed attempts (TaskErrorLog) and its replays, as JSON.
+    Show {
+        /// The task id.
+        id: String,
+    },
     /// Run a FAILURE task again as its next attempt (same id; its retries go on). Any other
     /// state is refused and left alone. After an interruption, run it again to finish.
     Retry {

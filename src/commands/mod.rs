@@ -1,8 +1,8 @@
 //! The subcommands: wiring only. This is the one place settings become clients and modules meet.
 
-pub mod dlq;
 pub mod healthcheck;
 pub mod init_db;
+pub mod operations;
 pub mod serve;
 pub mod tasks;
 pub mod worker;

@@ -204,6 +204,26 @@ async fn a_failed_task_is_retried_from_the_api_and_the_cli_and_nothing_else_is()
     assert_eq!((task.retries, task.replays.len()), (2, 2));
 
     assert_eq!(retry(TaskId::generate().to_string()).await.status(), 404);
+
+    let output = env
+        .kobe_command(&["task", "list", "--state", "SUCCESS", "--within", "1h"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        listed.contains(&id) && listed.contains("1 task(s)"),
+        "{listed}"
+    );
+    let output = env.kobe_command(&["task", "show", &id]).output().unwrap();
+    let shown: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(shown["task"]["state"], "SUCCESS");
+    assert_eq!(shown["task"]["replays"].as_array().unwrap().len(), 2);
+    assert_eq!(shown["errors"].as_array().unwrap().len(), 2, "{shown}");
+    let output = env
+        .kobe_command(&["task", "show", &TaskId::generate().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
     worker.stop().await;
     api.handle.stop(false).await;
 }

@@ -1,4 +1,4 @@
-//! `kobe dlq …` and `kobe task retry`: an operator's commands on dead letters and failed tasks.
+//! An operator's commands: `kobe task list/show/retry` and `kobe dlq list/show/replay/purge`.
 
 use anyhow::Context;
 
@@ -94,6 +94,81 @@ pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<bool> {
             false
         }
     })
+}
+
+/// `kobe task list`: a table of tasks in one state, newest change first.
+pub async fn list_tasks(
+    settings: &Settings,
+    state: &str,
+    task_name: Option<String>,
+    within: Option<std::time::Duration>,
+    limit: u32,
+) -> anyhow::Result<bool> {
+    use crate::store::search::Search;
+    let state: crate::domain::TaskState = state.parse().map_err(anyhow::Error::msg)?;
+    let db = super::database(settings).await?;
+    let since = within.map(|w| {
+        let ms = i64::try_from(w.as_millis()).unwrap_or(i64::MAX);
+        mongodb::bson::DateTime::from_millis(
+            mongodb::bson::DateTime::now()
+                .timestamp_millis()
+                .saturating_sub(ms),
+        )
+    });
+    let (tasks, next) = crate::store::TaskRepository::new(&db)
+        .search(&Search {
+            state: Some(state),
+            task_name,
+            since,
+            limit,
+            ..Search::default()
+        })
+        .await
+        .context("failed to search the tasks")?;
+    println!(
+        "{:<36}  {:<20}  {:>8}  {:<24}  root cause",
+        "task id", "task", "attempts", "changed at"
+    );
+    for task in &tasks {
+        println!(
+            "{:<36}  {:<20}  {:>8}  {:<24}  {}",
+            task.id,
+            task.task_name,
+            task.retries + 1,
+            when(Some(task.updated_at.timestamp_millis())),
+            task.root_cause.as_deref().unwrap_or("")
+        );
+    }
+    let more = if next.is_some() {
+        " (more: raise --limit)"
+    } else {
+        ""
+    };
+    println!("{} task(s){more}", tasks.len());
+    Ok(true)
+}
+
+/// `kobe task show ID`: the task, its failed attempts and its replays, as JSON.
+pub async fn show_task(settings: &Settings, id: &str) -> anyhow::Result<bool> {
+    let db = super::database(settings).await?;
+    let Some(task) = crate::store::TaskRepository::new(&db)
+        .get(id)
+        .await
+        .context("failed to read the task")?
+    else {
+        eprintln!("kobe: no task {id}");
+        return Ok(false);
+    };
+    let errors = crate::store::ErrorLogRepository::new(&db)
+        .for_task(id)
+        .await
+        .context("failed to read the task's errors")?;
+    let shown = serde_json::json!({
+        "task": serde_json::to_value(&task)?,
+        "errors": serde_json::to_value(&errors)?,
+    });
+    println!("{}", serde_json::to_string_pretty(&shown)?);
+    Ok(true)
 }
 
 /// Runs a `dlq` subcommand; `Ok(false)` when it did not do what was asked (exit 1).
