@@ -150,6 +150,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn main() {
+    // reqwest (the metrics scrape) runs on rustls, which needs a crypto provider installed.
+    kobe::tasks::declared::http::install_tls_provider();
     let url = ServiceUrl::new(
         std::env::var("RABBITMQ_URL").unwrap_or_else(|_| default_of("RABBITMQ_URL").into()),
     );
