@@ -118,7 +118,7 @@ if [ "$which" = http ]; then
   engine "${KOBE_BENCH_ENGINE:-documentdb}"
   log "MongoDB: $KOBE_MONGO_KIND"
   pids=()
-  trap 'kill "${pids[@]}" 2>/dev/null; stop_mongodb' EXIT
+  trap '[ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true; stop_mongodb' EXIT
   prefix="kobebench-http-$$"
   port=$(free_port)
   export MONGODB_URI=$KOBE_MONGO_URI MONGODB_DB=${prefix//-/_} KOBE_AMQP_PREFIX=$prefix \

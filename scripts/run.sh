@@ -28,7 +28,7 @@ fi
 serve=$!
 "$kobe" worker "$@" &
 worker=$!
-trap 'kill -TERM $serve $worker 2>/dev/null; wait $serve $worker 2>/dev/null; stop_mongodb' INT TERM EXIT
+trap 'kill -TERM $serve $worker 2>/dev/null || true; wait $serve $worker 2>/dev/null || true; stop_mongodb' INT TERM EXIT
 addr=${KOBE_HTTP_ADDR:-127.0.0.1:8000}
 wait_port "${addr%:*}" "${addr##*:}" 60 "kobe serve"
 log "Kobe is up: try  curl -s -XPOST localhost:8000/task/start -H 'content-type: application/json' -d '{\"task_name\":\"demo_long_io\",\"kwargs\":{\"duration_ms\":200}}'"
