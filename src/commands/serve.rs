@@ -19,6 +19,13 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
     let publisher = super::publisher(settings)?;
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
+    let dead_letters = crate::submit::dead_letters::DeadLetters {
+        url: settings.rabbitmq_url.clone(),
+        topology: super::topology(settings),
+        tasks: TaskRepository::new(&db),
+        submitter: submitter.clone(),
+        cache: cache.clone(),
+    };
     Ok(AppState {
         registry,
         tasks: TaskRepository::new(&db),
@@ -37,6 +44,7 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         cache,
         dependency_timeout: settings.dependency_timeout,
         rabbitmq_url: settings.rabbitmq_url.clone(),
+        dead_letters,
     })
 }
 

@@ -10,7 +10,10 @@ use subtle::ConstantTimeEq;
 use super::{ApiError, AppState};
 
 fn protected(path: &str, metrics_auth: bool) -> bool {
-    path.starts_with("/task") || path.starts_with("/ui") || (metrics_auth && path == "/metrics")
+    path.starts_with("/task")
+        || path.starts_with("/ui")
+        || path.starts_with("/dlq")
+        || (metrics_auth && path == "/metrics")
 }
 
 /// Compares against every token without stopping early, in constant time per token, so the

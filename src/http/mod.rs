@@ -52,6 +52,8 @@ pub struct AppState {
     pub dependency_timeout: Duration,
     /// The broker, for the queue depths `/ui` shows.
     pub rabbitmq_url: crate::config::ServiceUrl,
+    /// The dead-letter queue's operations (`/dlq`).
+    pub dead_letters: crate::submit::dead_letters::DeadLetters,
 }
 
 /// A route whose other methods answer 405 naming the one it has (`Allow`).
@@ -117,6 +119,8 @@ impl Application {
                 .service(resource("/metrics", "GET").route(web::get().to(routes::metrics::metrics)))
                 .service(resource("/openapi.json", "GET").route(web::get().to(routes::docs::openapi)))
                 .service(resource("/docs", "GET").route(web::get().to(routes::docs::page)))
+                .service(resource("/dlq", "GET").route(web::get().to(routes::dlq::list)))
+                .service(resource("/dlq/replay", "POST").route(web::post().to(routes::dlq::replay)))
                 .service(resource("/ui", "GET").route(web::get().to(routes::ui::overview)))
                 .service(resource("/ui/task/{id}", "GET").route(web::get().to(routes::ui::task)))
                 .service(resource("/docs/{asset}", "GET").route(web::get().to(routes::docs::asset)))

@@ -4,7 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::Problem;
-use super::routes::{actions, catalog, health, search, status, submit};
+use super::routes::{actions, catalog, dlq, health, search, status, submit};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,8 @@ use super::routes::{actions, catalog, health, search, status, submit};
         status::status,
         status::result,
         search::search,
+        dlq::list,
+        dlq::replay,
         actions::retry,
         catalog::list,
         health::health,
@@ -32,6 +34,11 @@ use super::routes::{actions, catalog, health, search, status, submit};
         catalog::TaskInfo,
         actions::Retried,
         search::TaskPage,
+        dlq::Letters,
+        dlq::ReplayRequest,
+        dlq::Replayed,
+        crate::submit::dead_letters::LetterSummary,
+        crate::submit::dead_letters::ReplayOutcome,
         search::TaskSummary,
         status::AttemptError,
         status::JobProgress,

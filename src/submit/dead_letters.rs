@@ -73,7 +73,7 @@ impl Selection {
 }
 
 /// A dead letter as an operator sees it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct LetterSummary {
     pub task_id: Option<String>,
     pub task_name: Option<String>,
@@ -84,6 +84,7 @@ pub struct LetterSummary {
     pub dead_lettered_at: Option<i64>,
     /// The message body (Celery protocol 2 JSON), for `show`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub body: Option<serde_json::Value>,
 }
 
@@ -106,7 +107,7 @@ impl LetterSummary {
 }
 
 /// What a replay did with one letter.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum ReplayOutcome {
     /// Published as a new attempt, confirmed; the letter is removed.

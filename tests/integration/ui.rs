@@ -56,6 +56,9 @@ async fn the_page_shows_a_scripted_run_and_the_search_pages_through_failures() {
         assert!(dom.contains(&format!("data-task=\"{id}\"")), "{dom}");
     }
     assert!(!dom.contains(&format!("data-task=\"{ok}\"")));
+    for id in &failed {
+        assert!(dom.contains(&format!("data-replay=\"{id}\"")), "{dom}");
+    }
     let default_queue = env.topology.queue("default");
     assert!(
         dom.contains(&format!("data-queue=\"{default_queue}\"")),
@@ -109,6 +112,38 @@ async fn the_page_shows_a_scripted_run_and_the_search_pages_through_failures() {
     assert_eq!((status, problem["field"].as_str()), (422, Some("cursor")));
     let (status, problem) = page("limit=501".into()).await;
     assert_eq!((status, problem["field"].as_str()), (422, Some("limit")));
+
+    // The dead-letter API: list, then replay one by id (its second attempt succeeds).
+    let letters: Value = api.get("/dlq").await.json().await.unwrap();
+    assert_eq!(letters["letters"].as_array().unwrap().len(), 2, "{letters}");
+    let replayed: Value = api
+        .client
+        .post(format!("{}/dlq/replay", api.address))
+        .json(&json!({"task_ids": [failed[0], "0b7e5ad2-4c1f-4a57-9a8e-2f0c5a1c0d11"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replayed["outcomes"][0]["outcome"], "replayed", "{replayed}");
+    assert_eq!(
+        replayed["missing"],
+        json!(["0b7e5ad2-4c1f-4a57-9a8e-2f0c5a1c0d11"])
+    );
+    let task = env.wait_final(&failed[0], Duration::from_secs(20)).await;
+    assert_eq!(task.state, kobe::domain::TaskState::Success);
+    assert!(task.replays[0].by.starts_with("api:"));
+    let letters: Value = api.get("/dlq").await.json().await.unwrap();
+    assert_eq!(letters["letters"].as_array().unwrap().len(), 1, "{letters}");
+    let nothing = api
+        .client
+        .post(format!("{}/dlq/replay", api.address))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nothing.status(), 422);
     worker.stop().await;
     api.handle.stop(false).await;
 }

@@ -19,7 +19,7 @@ pub struct Retried {
 }
 
 /// Who asked, for the task's history and the log: the token's fingerprint, never the token.
-fn requester(request: &HttpRequest) -> String {
+pub(crate) fn requester(request: &HttpRequest) -> String {
     let token = request
         .headers()
         .get("authorization")

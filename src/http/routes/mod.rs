@@ -2,6 +2,7 @@
 
 pub mod actions;
 pub mod catalog;
+pub mod dlq;
 pub mod docs;
 pub mod health;
 pub mod metrics;

@@ -39,7 +39,7 @@ const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}t
 
 /// Posts a retry and reloads; the token, if the page was opened with one, is not known to the
 /// page, so behind tokens the button needs the same `Authorization` the page got.
-const SCRIPT: &str = "document.addEventListener('click',async e=>{const id=e.target.dataset.retry;if(!id)return;const r=await fetch('/task/'+encodeURIComponent(id)+'/retry',{method:'POST'});e.target.textContent=r.status==202?'retried':'refused ('+r.status+')';setTimeout(()=>location.reload(),800)});";
+const SCRIPT: &str = "document.addEventListener('click',async e=>{const d=e.target.dataset;let r;if(d.retry){r=await fetch('/task/'+encodeURIComponent(d.retry)+'/retry',{method:'POST'})}else if(d.replay){r=await fetch('/dlq/replay',{method:'POST',headers:{'content-type':'application/json'},body:JSON.stringify({task_ids:[d.replay]})})}else return;e.target.textContent=r.ok?'done':'refused ('+r.status+')';setTimeout(()=>location.reload(),800)});";
 
 fn page(title: &str, refresh: bool, body: &str) -> HttpResponse {
     let refresh = if refresh {
@@ -176,7 +176,39 @@ pub async fn overview(
             escape(task.root_cause.as_deref().unwrap_or(""))
         );
     }
-    body.push_str("</table><p><a href=\"/docs\">API</a> · <a href=\"/metrics\">metrics</a></p>");
+    body.push_str("</table><h2>Dead letters</h2>");
+    match state
+        .dead_letters
+        .list(crate::submit::dead_letters::Selection::default(), 20)
+        .await
+    {
+        Ok(letters) => {
+            body.push_str("<table id=\"dead-letters\"><tr><th>task</th><th>name</th><th>attempts</th><th>reason</th><th></th></tr>");
+            for letter in &letters {
+                let id = escape(letter.task_id.as_deref().unwrap_or("-"));
+                let button = match &letter.task_id {
+                    Some(_) => format!("<button data-replay=\"{id}\">replay</button>"),
+                    None => String::new(),
+                };
+                let _ = write!(
+                    body,
+                    "<tr data-letter=\"{id}\"><td><code>{id}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{button}</td></tr>",
+                    escape(letter.task_name.as_deref().unwrap_or("-")),
+                    letter.attempts.map_or("-".into(), |n| n.to_string()),
+                    escape(&letter.reason)
+                );
+            }
+            body.push_str("</table>");
+        }
+        Err(e) => {
+            let _ = write!(
+                body,
+                "<p id=\"dead-letters\">cannot read the dead-letter queue: {}</p>",
+                escape(&e.to_string())
+            );
+        }
+    }
+    body.push_str("<p><a href=\"/docs\">API</a> · <a href=\"/metrics\">metrics</a></p>");
     Ok(page("Kobe", true, &body))
 }
 

@@ -1,0 +1,168 @@
+//! `GET /dlq` and `POST /dlq/replay`: the dead-letter queue for the operator page and scripts,
+//! the same operations as `kobe dlq list` and `kobe dlq replay`.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::http::error::Problem;
+use crate::http::{ApiError, AppState};
+use crate::submit::dead_letters::{DeadLetterError, LetterSummary, ReplayOutcome, Selection};
+
+/// Which letters to list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LetterQuery {
+    /// Only letters of this task name.
+    pub task_name: Option<String>,
+    /// Only letters whose reason contains this text.
+    pub reason: Option<String>,
+    /// At most this many, 1–500 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
+    pub limit: Option<String>,
+}
+
+/// Dead letters, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Letters {
+    pub letters: Vec<LetterSummary>,
+}
+
+/// Which letters to replay: task ids, a task name, or all of them.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    #[serde(default)]
+    pub task_ids: Vec<String>,
+    pub task_name: Option<String>,
+    /// Every letter (with `task_name`: every letter of that task).
+    #[serde(default)]
+    pub all: bool,
+    /// Say what would be replayed; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a replay did, letter by letter; `missing` names requested ids with no letter.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    pub outcomes: Vec<ReplayOutcome>,
+    pub missing: Vec<String>,
+}
+
+fn unavailable(error: DeadLetterError) -> ApiError {
+    match error {
+        DeadLetterError::Store(e) => ApiError::store(e),
+        other => ApiError::Unavailable {
+            dependency: "RabbitMQ",
+            reason: other.to_string(),
+            task_id: None,
+            retry_after: 1,
+        },
+    }
+}
+
+/// The letters in the dead-letter queue, oldest first; nothing is removed.
+#[utoipa::path(
+    get,
+    path = "/dlq",
+    tag = "operations",
+    params(LetterQuery),
+    responses(
+        (status = 200, description = "Dead letters", body = Letters),
+        (status = 422, description = "A filter is malformed (the field is named)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "RabbitMQ unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
+#[tracing::instrument(name = "http.dlq.list", skip(state, request))]
+pub async fn list(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let query = web::Query::<LetterQuery>::from_query(request.query_string())
+        .map_err(|e| ApiError::validation("query", e.to_string()))?;
+    let limit = match query.limit.as_deref() {
+        None => 50,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=500).contains(n))
+            .ok_or_else(|| ApiError::validation("limit", "expected 1–500"))?,
+    };
+    let selection = Selection {
+        task_name: query.task_name.clone(),
+        reason: query.reason.clone(),
+        ..Selection::default()
+    };
+    let letters = state
+        .dead_letters
+        .list(selection, limit)
+        .await
+        .map_err(unavailable)?;
+    Ok(HttpResponse::Ok().json(Letters { letters }))
+}
+
+/// Replays dead letters as their tasks' next attempts; a letter is removed only once its new
+/// attempt is confirmed (see `kobe dlq replay`).
+#[utoipa::path(
+    post,
+    path = "/dlq/replay",
+    tag = "operations",
+    request_body = ReplayRequest,
+    responses(
+        (status = 200, description = "What was done with each letter", body = Replayed),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "No letters selected, or a malformed field (named)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "RabbitMQ or MongoDB unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
+#[tracing::instrument(name = "http.dlq.replay", skip(state, request, body))]
+pub async fn replay(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let asked: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ApiError::MalformedBody(e.to_string())
+        } else {
+            ApiError::validation("body", e.to_string())
+        }
+    })?;
+    if asked.task_ids.is_empty() && asked.task_name.is_none() && !asked.all {
+        return Err(ApiError::validation(
+            "task_ids",
+            "say which letters: task_ids, task_name, or all",
+        ));
+    }
+    let by = super::actions::requester(&request);
+    let wanted = asked.task_ids.clone();
+    let outcomes = state
+        .dead_letters
+        .replay(
+            Selection {
+                task_ids: asked.task_ids,
+                task_name: asked.task_name,
+                ..Selection::default()
+            },
+            asked.dry_run,
+            &by,
+        )
+        .await
+        .map_err(unavailable)?;
+    let named = |o: &ReplayOutcome| match o {
+        ReplayOutcome::Replayed { task_id, .. }
+        | ReplayOutcome::WouldReplay { task_id }
+        | ReplayOutcome::Stale { task_id, .. } => Some(task_id.clone()),
+        ReplayOutcome::Kept { task_id, .. } => task_id.clone(),
+    };
+    let seen: Vec<String> = outcomes.iter().filter_map(named).collect();
+    let missing = wanted.into_iter().filter(|id| !seen.contains(id)).collect();
+    Ok(HttpResponse::Ok().json(Replayed { outcomes, missing }))
+}
