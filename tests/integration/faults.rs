@@ -238,13 +238,19 @@ async fn a_retry_that_cannot_be_published_holds_the_delivery_without_rerunning_i
     let api = env.spawn_api().await;
     let worker = env.spawn_worker(2);
     let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1500, "fail_attempts": 1}}))
+        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 5000, "fail_attempts": 1}}))
         .await;
     api.wait_for_state(&id, Duration::from_secs(20), |b| b["state"] == "STARTED")
         .await;
     // The broker refuses publishes while the first attempt fails: its retry cannot be sent.
+    // (The attempt runs 5 s, so the alarm is up before it ends even on a loaded machine.)
     memory_alarm(&rabbit, true);
     let tasks = env.tasks();
+    let running = tasks.get(&id).await.unwrap().unwrap();
+    assert!(
+        running.state == kobe::domain::TaskState::Started && running.finished_at.is_none(),
+        "the alarm came too late to test anything: {running:?}"
+    );
     let errors = kobe::store::ErrorLogRepository::new(&env.db);
     common::eventually(Duration::from_secs(20), "retry publish failing", || async {
         (common::metric("kobe_amqp_publishes_total{outcome=\"failed\"}") >= 2.0).then_some(())
