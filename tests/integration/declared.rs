@@ -482,14 +482,6 @@ fn an_unknown_kwargs_field_type_is_a_load_error_not_a_silent_pass() {
     assert!(err.reason.contains("format"), "{err}");
 }
 
-/// Stops a child process with SIGTERM, as an operator would, and reaps it.
-fn terminate(mut child: std::process::Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kobe_binary_runs_a_declared_task_on_its_own_route_and_refuses_a_bad_file() {
     let env = TestEnv::new().await;
@@ -510,6 +502,7 @@ async fn the_kobe_binary_runs_a_declared_task_on_its_own_route_and_refuses_a_bad
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
+            .map(common::Process::new)
             .unwrap()
     };
     let serve = spawn(&["serve", "--addr", &format!("127.0.0.1:{port}")]);
@@ -535,8 +528,8 @@ async fn the_kobe_binary_runs_a_declared_task_on_its_own_route_and_refuses_a_bad
         done.route, "loud",
         "the file's route, since KOBE_TASK_ROUTES names none"
     );
-    terminate(worker);
-    terminate(serve);
+    worker.stop();
+    serve.stop();
     // The route the file added is not in the test's own topology: remove its queue here.
     let with_route = kobe::amqp::Topology::new(
         &env.settings.amqp_prefix,

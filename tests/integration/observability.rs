@@ -4,7 +4,7 @@
 use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::TestEnv;
@@ -151,7 +151,7 @@ fn spawn_logged(
     args: &[&str],
     log: &std::path::Path,
     extra: &[(&str, &str)],
-) -> Child {
+) -> common::Process {
     let mut command = env.kobe_command(args);
     command
         .env("KOBE_LOG_FORMAT", "json")
@@ -165,14 +165,8 @@ fn spawn_logged(
         ))
         .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
         .spawn()
+        .map(common::Process::new)
         .unwrap()
-}
-
-fn stop(mut child: Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }
 
 fn json_lines(path: &std::path::Path) -> Vec<Value> {
@@ -208,8 +202,8 @@ async fn the_worker_logs_the_trace_id_of_the_request_that_submitted_the_task() {
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let id = submit_traced(&client, &base, format!("00-{trace_id}-00f067aa0ba902b7-01")).await;
     env.wait_final(&id, Duration::from_secs(20)).await;
-    stop(worker);
-    stop(serve);
+    worker.stop();
+    serve.stop();
 
     let api_line = json_lines(&dir.join("serve.log"))
         .into_iter()
@@ -294,9 +288,8 @@ async fn no_log_line_carries_a_password() {
         },
     )
     .await;
-    stop(worker);
-    stop(serve);
-    let mut health = health;
+    worker.stop();
+    serve.stop();
     let _ = health.wait();
 
     let mut lines = 0;
@@ -415,8 +408,8 @@ async fn with_an_otlp_endpoint_api_and_worker_export_spans_of_one_trace() {
     .await;
     env.wait_final(&id, Duration::from_secs(20)).await;
     // Both processes flush their spans on the way out.
-    stop(worker);
-    stop(serve);
+    worker.stop();
+    serve.stop();
 
     let needle = trace_id.to_be_bytes();
     let exported = bodies.lock().unwrap().clone();

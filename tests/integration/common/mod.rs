@@ -42,7 +42,7 @@ pub fn unique(prefix: &str) -> String {
 mod pool;
 mod private;
 
-pub use private::{close_connections, free_port, wait_exit, PrivateRabbit, PrivateRedis};
+pub use private::{close_connections, free_port, wait_exit, PrivateRabbit, PrivateRedis, Process};
 
 /// One test's private slice of the services.
 pub struct TestEnv {

@@ -210,3 +210,47 @@ pub fn close_connections(name: &str) -> usize {
     }
     closed
 }
+
+/// A process a test started: stopped with SIGTERM (then SIGKILL if it lingers) and reaped when
+/// dropped, so a test that panics leaves nothing running.
+pub struct Process(Option<std::process::Child>);
+
+impl Process {
+    pub fn new(child: std::process::Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// Waits for it to exit by itself.
+    pub fn wait(mut self) -> Option<std::process::ExitStatus> {
+        self.0.take().and_then(|mut child| child.wait().ok())
+    }
+
+    /// Stops it now, as an operator would (SIGTERM), and waits for it.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
