@@ -281,6 +281,13 @@ impl Topology {
     }
 
     /// Every queue name this topology declares, for checks and for deleting a test's topology.
+    /// The queues worth watching: each route's, and the dead-letter queue.
+    pub fn watched_queues(&self) -> Vec<String> {
+        let mut queues: Vec<String> = self.routes().iter().map(|r| self.queue(r)).collect();
+        queues.push(self.dead_letter_queue());
+        queues
+    }
+
     pub fn all_queues(&self) -> Vec<String> {
         let mut queues: Vec<String> = self.routes().iter().map(|r| self.queue(r)).collect();
         queues.push(self.dead_letter_queue());

@@ -79,6 +79,22 @@ pub fn submitter(
     })
 }
 
+/// The dead-letter operations of a process (`serve`'s `/dlq`, `kobe dlq`), over its submitter.
+pub fn dead_letters(
+    settings: &Settings,
+    db: &mongodb::Database,
+    submitter: crate::submit::Submitter,
+    cache: crate::store::Cache,
+) -> crate::submit::dead_letters::DeadLetters {
+    crate::submit::dead_letters::DeadLetters {
+        url: settings.rabbitmq_url.clone(),
+        topology: topology(settings),
+        tasks: crate::store::TaskRepository::new(db),
+        submitter,
+        cache,
+    }
+}
+
 /// The topology every command uses.
 pub fn topology(settings: &Settings) -> Topology {
     Topology::new(

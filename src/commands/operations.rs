@@ -58,13 +58,7 @@ pub async fn operations(settings: &Settings) -> anyhow::Result<DeadLetters> {
     }
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
-    Ok(DeadLetters {
-        url: settings.rabbitmq_url.clone(),
-        topology: super::topology(settings),
-        tasks: crate::store::TaskRepository::new(&db),
-        submitter,
-        cache,
-    })
+    Ok(super::dead_letters(settings, &db, submitter, cache))
 }
 
 /// `kobe task retry ID`; `Ok(false)` when the task was not retried (exit 1).
@@ -250,14 +244,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
                     }
                 }
             }
-            let seen = |id: &String| {
-                outcomes.iter().any(|o| match o {
-                    ReplayOutcome::Replayed { task_id, .. }
-                    | ReplayOutcome::WouldReplay { task_id }
-                    | ReplayOutcome::Stale { task_id, .. } => task_id == id,
-                    ReplayOutcome::Kept { task_id, .. } => task_id.as_ref() == Some(id),
-                })
-            };
+            let seen = |id: &String| outcomes.iter().any(|o| o.task_id() == Some(id.as_str()));
             for id in wanted.iter().filter(|id| !seen(id)) {
                 ok = false;
                 eprintln!("kobe: no dead letter for task {id}");

@@ -19,13 +19,7 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
     let publisher = super::publisher(settings)?;
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
-    let dead_letters = crate::submit::dead_letters::DeadLetters {
-        url: settings.rabbitmq_url.clone(),
-        topology: super::topology(settings),
-        tasks: TaskRepository::new(&db),
-        submitter: submitter.clone(),
-        cache: cache.clone(),
-    };
+    let dead_letters = super::dead_letters(settings, &db, submitter.clone(), cache.clone());
     Ok(AppState {
         registry,
         tasks: TaskRepository::new(&db),
@@ -65,14 +59,7 @@ pub async fn run(
     let outbox = tokio::spawn(outbox.run(settings.outbox_interval, async move {
         let _ = outbox_stopped.await;
     }));
-    let mut watched: Vec<String> = state
-        .submitter
-        .topology()
-        .routes()
-        .iter()
-        .map(|r| state.submitter.topology().queue(r))
-        .collect();
-    watched.push(state.submitter.topology().dead_letter_queue());
+    let watched = state.submitter.topology().watched_queues();
     let depths_stop = super::spawn_queue_depth_watch(&settings, watched);
     let app = Application::build(state, addr, settings.shutdown_grace)
         .with_context(|| format!("failed to listen on {addr}"))?;

@@ -162,6 +162,13 @@ impl Priority {
 /// Longest time limit a task may have: the API refuses more, and a message asking for more (a
 /// Celery client's `timelimit` of 2e19 s, say) gets this. It stays below the broker's
 /// `consumer_timeout` (deploy/rabbitmq/20-kobe.conf).
+/// Milliseconds since the Unix epoch, now (0 on a clock set before 1970).
+pub fn epoch_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Checks a name that ends up in queue names, database names, Redis keys or metric labels: 1–64
 /// characters of letters, digits, `_`, `-` or `.`.
 pub fn check_safe_name(value: &str) -> Result<(), String> {

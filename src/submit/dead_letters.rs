@@ -123,6 +123,18 @@ pub enum ReplayOutcome {
     },
 }
 
+impl ReplayOutcome {
+    /// The task the letter was for, when it named one.
+    pub fn task_id(&self) -> Option<&str> {
+        match self {
+            Self::Replayed { task_id, .. }
+            | Self::WouldReplay { task_id }
+            | Self::Stale { task_id, .. } => Some(task_id),
+            Self::Kept { task_id, .. } => task_id.as_deref(),
+        }
+    }
+}
+
 /// The dead-letter operations of one deployment.
 #[derive(Clone)]
 pub struct DeadLetters {
@@ -131,12 +143,6 @@ pub struct DeadLetters {
     pub tasks: TaskRepository,
     pub submitter: Submitter,
     pub cache: Cache,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl DeadLetters {
@@ -166,7 +172,7 @@ impl DeadLetters {
         limit: usize,
     ) -> Result<Vec<LetterSummary>, DeadLetterError> {
         self.with_queue(move |queue| {
-            let now = now_ms();
+            let now = crate::domain::epoch_millis();
             let mut found = Vec::new();
             for _ in 0..SCAN_LIMIT {
                 let Some(letter) = queue.take()? else { break };
@@ -189,7 +195,7 @@ impl DeadLetters {
             ..Selection::default()
         };
         self.with_queue(move |queue| {
-            let now = now_ms();
+            let now = crate::domain::epoch_millis();
             for _ in 0..SCAN_LIMIT {
                 let Some(letter) = queue.take()? else { break };
                 if selection.matches(&letter, now) {
@@ -213,7 +219,7 @@ impl DeadLetters {
         let by = by.to_owned();
         let runtime = tokio::runtime::Handle::current();
         self.with_queue(move |queue| {
-            let now = now_ms();
+            let now = crate::domain::epoch_millis();
             let mut outcomes = Vec::new();
             for _ in 0..SCAN_LIMIT {
                 let Some(letter) = queue.take()? else { break };
@@ -288,7 +294,7 @@ impl DeadLetters {
     ) -> Result<usize, DeadLetterError> {
         let removed = self
             .with_queue(move |queue| {
-                let now = now_ms();
+                let now = crate::domain::epoch_millis();
                 let mut removed = 0;
                 for _ in 0..SCAN_LIMIT {
                     let Some(letter) = queue.take()? else { break };

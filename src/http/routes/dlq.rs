@@ -82,16 +82,8 @@ pub async fn list(
     state: web::Data<AppState>,
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let query = web::Query::<LetterQuery>::from_query(request.query_string())
-        .map_err(|e| ApiError::validation("query", e.to_string()))?;
-    let limit = match query.limit.as_deref() {
-        None => 50,
-        Some(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=500).contains(n))
-            .ok_or_else(|| ApiError::validation("limit", "expected 1–500"))?,
-    };
+    let query: LetterQuery = super::query(&request)?;
+    let limit = super::limit(query.limit.as_deref(), 50, 500)? as usize;
     let selection = Selection {
         task_name: query.task_name.clone(),
         reason: query.reason.clone(),
@@ -156,13 +148,9 @@ pub async fn replay(
         )
         .await
         .map_err(unavailable)?;
-    let named = |o: &ReplayOutcome| match o {
-        ReplayOutcome::Replayed { task_id, .. }
-        | ReplayOutcome::WouldReplay { task_id }
-        | ReplayOutcome::Stale { task_id, .. } => Some(task_id.clone()),
-        ReplayOutcome::Kept { task_id, .. } => task_id.clone(),
-    };
-    let seen: Vec<String> = outcomes.iter().filter_map(named).collect();
-    let missing = wanted.into_iter().filter(|id| !seen.contains(id)).collect();
+    let missing = wanted
+        .into_iter()
+        .filter(|id| !outcomes.iter().any(|o| o.task_id() == Some(id.as_str())))
+        .collect();
     Ok(HttpResponse::Ok().json(Replayed { outcomes, missing }))
 }

@@ -49,7 +49,7 @@ impl TaskSummary {
             task_name: task.task_name.clone(),
             state: task.state,
             retries: task.retries,
-            updated_at: task.updated_at.try_to_rfc3339_string().ok(),
+            updated_at: super::status::timestamp(Some(task.updated_at)),
             root_cause: task.root_cause.clone(),
         }
     }
@@ -92,10 +92,7 @@ pub async fn search(
     state: web::Data<AppState>,
     request: actix_web::HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    // Parsed here, not by an extractor, so a malformed query (a field given twice…) is a 422
-    // like every other bad input.
-    let query = web::Query::<SearchQuery>::from_query(request.query_string())
-        .map_err(|e| ApiError::validation("query", e.to_string()))?;
+    let query: SearchQuery = super::query(&request)?;
     let task_state = query
         .state
         .as_deref()
@@ -104,14 +101,7 @@ pub async fn search(
                 .map_err(|reason| ApiError::validation("state", reason))
         })
         .transpose()?;
-    let limit = match query.limit.as_deref() {
-        None => 50,
-        Some(text) => text
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| ApiError::validation("limit", format!("expected 1–{MAX_PAGE}")))?,
-    };
+    let limit = super::limit(query.limit.as_deref(), 50, MAX_PAGE)?;
     let after = query
         .cursor
         .as_deref()

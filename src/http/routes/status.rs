@@ -13,7 +13,8 @@ use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
 use crate::store::TaskDocument;
 
-fn timestamp(t: Option<DateTime>) -> Option<String> {
+/// A time as the API shows it (RFC 3339), or `None`.
+pub(crate) fn timestamp(t: Option<DateTime>) -> Option<String> {
     t.and_then(|t| t.try_to_rfc3339_string().ok())
 }
 

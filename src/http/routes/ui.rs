@@ -31,8 +31,7 @@ fn escape(text: &str) -> String {
 }
 
 fn when(t: Option<DateTime>) -> String {
-    t.and_then(|t| t.try_to_rfc3339_string().ok())
-        .unwrap_or_else(|| "-".into())
+    super::status::timestamp(t).unwrap_or_else(|| "-".into())
 }
 
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}.FAILURE{color:#b00}.SUCCESS{color:#070}code{font-size:90%}";
