@@ -150,6 +150,9 @@ impl App {
                         TaskCommand::Retry { id } => {
                             commands::operations::retry(&settings, &id).await
                         }
+                        TaskCommand::Cancel { id } => {
+                            commands::operations::cancel(&settings, &id).await
+                        }
                         TaskCommand::Show { id } => {
                             commands::operations::show_task(&settings, &id).await
                         }

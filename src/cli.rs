@@ -45,7 +45,7 @@ pub enum Command {
 pub enum TaskCommand {
     /// Tasks in one state, most recently changed first.
     List {
-        /// PENDING, STARTED, RETRY, SUCCESS or FAILURE.
+        /// PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED.
         #[arg(long, default_value = "FAILURE")]
         state: String,
         /// Only tasks of this name.
@@ -63,9 +63,16 @@ pub enum TaskCommand {
         /// The task id.
         id: String,
     },
-    /// Run a FAILURE task again as its next attempt (same id; its retries go on). Any other
-    /// state is refused and left alone. After an interruption, run it again to finish.
+    /// Run a FAILURE or REVOKED task again as its next attempt (same id; its retries go on).
+    /// Any other state is refused and left alone. After an interruption, run it again to finish.
     Retry {
+        /// The task id.
+        id: String,
+    },
+    /// Cancel a task. PENDING or RETRY: it becomes REVOKED and never runs. STARTED: its handler
+    /// is asked to stop, and the task ends REVOKED if it does. A finished task is refused (exit
+    /// 1). Asking again is harmless.
+    Cancel {
         /// The task id.
         id: String,
     },

@@ -1,4 +1,4 @@
-//! An operator's commands: `kobe task list/show/retry` and `kobe dlq list/show/replay/purge`.
+//! An operator's commands: `kobe task list/show/retry/cancel` and `kobe dlq list/show/replay/purge`.
 
 use anyhow::Context;
 
@@ -74,7 +74,7 @@ pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<bool> {
             true
         }
         Rerun::NotFailed(state) => {
-            eprintln!("kobe: task {id} is {state}; only a FAILURE task can be retried");
+            eprintln!("kobe: task {id} is {state}; only a FAILURE or REVOKED task can be retried");
             false
         }
         Rerun::Missing => {
@@ -85,6 +85,39 @@ pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<bool> {
             eprintln!(
                 "kobe: the retry of {id} was recorded but not confirmed ({error}); run it again"
             );
+            false
+        }
+    })
+}
+
+/// `kobe task cancel ID`; `Ok(false)` when there was nothing to cancel (exit 1).
+pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<bool> {
+    use crate::store::attempts::Cancelled;
+    let db = super::database(settings).await?;
+    let cache = super::cache(settings)?;
+    let tasks = crate::store::TaskRepository::new(&db);
+    let answer = crate::submit::cancel::cancel(&tasks, &cache, id, &operator())
+        .await
+        .context("failed to cancel the task")?;
+    Ok(match answer {
+        Cancelled::Revoked => {
+            println!("revoked  {id}  (it will not run)");
+            true
+        }
+        Cancelled::AlreadyRevoked => {
+            println!("revoked  {id}  (already)");
+            true
+        }
+        Cancelled::Requested { .. } => {
+            println!("stopping {id}  (running; its handler is asked to stop — `kobe task show {id}` tells how it ended)");
+            true
+        }
+        Cancelled::Finished(state) => {
+            eprintln!("kobe: task {id} is {state}; a finished task cannot be cancelled");
+            false
+        }
+        Cancelled::Missing => {
+            eprintln!("kobe: no task {id}");
             false
         }
     })

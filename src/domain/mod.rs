@@ -50,7 +50,8 @@ impl fmt::Display for TaskId {
 }
 
 /// The one normalized state a client sees. States only move forward:
-/// `PENDING → STARTED → (RETRY → STARTED)* → SUCCESS | FAILURE`.
+/// `PENDING → STARTED → (RETRY → STARTED)* → SUCCESS | FAILURE | REVOKED`, where `REVOKED` may
+/// also follow `PENDING` or `RETRY` directly (cancelled before it ran again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TaskState {
@@ -65,15 +66,19 @@ pub enum TaskState {
     /// Finished without a result: retries spent, a permanent error, a time limit, or never
     /// published.
     Failure,
+    /// Cancelled by an operator: before it ran (its message is acked unrun when it arrives), or
+    /// while it ran and its handler stopped when asked.
+    Revoked,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 5] = [
+    pub const ALL: [TaskState; 6] = [
         Self::Pending,
         Self::Started,
         Self::Retry,
         Self::Success,
         Self::Failure,
+        Self::Revoked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,14 +88,19 @@ impl TaskState {
             Self::Retry => "RETRY",
             Self::Success => "SUCCESS",
             Self::Failure => "FAILURE",
+            Self::Revoked => "REVOKED",
         }
     }
 
-    /// Finished states never change again — but for an operator's replay of a dead letter
-    /// (`kobe dlq replay`), which reopens a `FAILURE` as `RETRY` for one more attempt.
+    /// Finished states never change again — but for an operator's retry (`kobe task retry`,
+    /// `kobe dlq replay`), which reopens a `FAILURE` or `REVOKED` task as `RETRY` for one more
+    /// attempt.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Success | Self::Failure)
+        matches!(self, Self::Success | Self::Failure | Self::Revoked)
     }
+
+    /// Final states an operator may run again.
+    pub const RERUNNABLE: [TaskState; 2] = [Self::Failure, Self::Revoked];
 
     /// The states a task may be in for a transition to `self` to be allowed.
     pub fn allowed_predecessors(self) -> &'static [TaskState] {
@@ -99,7 +109,9 @@ impl TaskState {
             // A redelivery after a crash finds the task STARTED and starts it again.
             Self::Started => &[Self::Pending, Self::Started, Self::Retry],
             Self::Retry => &[Self::Pending, Self::Started],
-            Self::Success | Self::Failure => &[Self::Pending, Self::Started, Self::Retry],
+            Self::Success | Self::Failure | Self::Revoked => {
+                &[Self::Pending, Self::Started, Self::Retry]
+            }
         }
     }
 }

@@ -9,9 +9,12 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 
+/// The cookie `/ui/login` sets, so a browser on the operator page is let in behind tokens.
+pub const SESSION_COOKIE: &str = "kobe_session";
+
 fn protected(path: &str, metrics_auth: bool) -> bool {
     path.starts_with("/task")
-        || path.starts_with("/ui")
+        || (path.starts_with("/ui") && path != "/ui/login")
         || path.starts_with("/dlq")
         || (metrics_auth && path == "/metrics")
 }
@@ -22,6 +25,24 @@ fn token_matches(given: &str, tokens: &[String]) -> bool {
     tokens.iter().fold(false, |found, token| {
         found | bool::from(given.as_bytes().ct_eq(token.as_bytes()))
     })
+}
+
+/// The token in the session cookie, if the request has one. The cookie is `SameSite=Strict`, so
+/// another site's page cannot make a browser send it.
+pub fn session_token(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
+    headers
+        .get_all("cookie")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
+}
+
+/// Whether `token` is one of the accepted tokens.
+pub fn accepted(token: &str, tokens: &[String]) -> bool {
+    token_matches(token, tokens)
 }
 
 pub async fn guard(
@@ -47,12 +68,20 @@ pub async fn guard(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .or_else(|| session_token(request.headers()));
     let tokens = state.api_tokens.expose();
     if !tokens.is_empty() {
         let authorized = bearer.as_deref().is_some_and(|t| token_matches(t, tokens));
         if !authorized {
-            let response = ApiError::Unauthorized.error_response();
+            // A browser on the operator page is sent to sign in; API clients get the 401.
+            let response = if request.path().starts_with("/ui") {
+                actix_web::HttpResponse::SeeOther()
+                    .insert_header(("Location", "/ui/login"))
+                    .finish()
+            } else {
+                ApiError::Unauthorized.error_response()
+            };
             return Ok(request.into_response(response).map_into_right_body());
         }
     }
@@ -114,5 +143,23 @@ mod tests {
         assert!(!protected("/health", true));
         assert!(!protected("/metrics", false));
         assert!(protected("/metrics", true));
+        assert!(protected("/ui", false));
+        assert!(!protected("/ui/login", false));
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut headers = actix_web::http::header::HeaderMap::new();
+        headers.insert(
+            actix_web::http::header::COOKIE,
+            "a=1; kobe_session=0123456789abcdef ; b=2".parse().unwrap(),
+        );
+        assert_eq!(session_token(&headers).as_deref(), Some("0123456789abcdef"));
+        let mut empty = actix_web::http::header::HeaderMap::new();
+        empty.insert(
+            actix_web::http::header::COOKIE,
+            "kobe_session=".parse().unwrap(),
+        );
+        assert_eq!(session_token(&empty), None);
     }
 }

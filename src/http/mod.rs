@@ -4,7 +4,7 @@
 //! its port; stopping is the caller's business, so tests and `kobe serve` drive it the same way.
 
 pub mod error;
-mod guard;
+pub(crate) mod guard;
 pub mod openapi;
 pub mod routes;
 
@@ -113,6 +113,7 @@ impl Application {
                 .service(resource("/task/status/{id}", "GET").route(web::get().to(routes::status::status)))
                 .service(resource("/task/result/{id}", "GET").route(web::get().to(routes::status::result)))
                 .service(resource("/task/{id}/retry", "POST").route(web::post().to(routes::actions::retry)))
+                .service(resource("/task/{id}/cancel", "POST").route(web::post().to(routes::actions::cancel)))
                 .service(resource("/tasks", "GET").route(web::get().to(routes::catalog::list)))
                 .service(resource("/health", "GET").route(web::get().to(routes::health::health)))
                 .service(resource("/ready", "GET").route(web::get().to(routes::health::ready)))
@@ -121,7 +122,14 @@ impl Application {
                 .service(resource("/docs", "GET").route(web::get().to(routes::docs::page)))
                 .service(resource("/dlq", "GET").route(web::get().to(routes::dlq::list)))
                 .service(resource("/dlq/replay", "POST").route(web::post().to(routes::dlq::replay)))
+                .service(resource("/dlq/purge", "POST").route(web::post().to(routes::dlq::purge)))
+                .service(resource("/dlq/{task_id}", "GET").route(web::get().to(routes::dlq::show)))
                 .service(resource("/ui", "GET").route(web::get().to(routes::ui::overview)))
+                .service(
+                    web::resource("/ui/login")
+                        .route(web::get().to(routes::ui::login_form))
+                        .route(web::post().to(routes::ui::login)),
+                )
                 .service(resource("/ui/task/{id}", "GET").route(web::get().to(routes::ui::task)))
                 .service(resource("/docs/{asset}", "GET").route(web::get().to(routes::docs::asset)))
                 .default_service(web::to(routes::not_found))

@@ -57,6 +57,10 @@ pub enum Transition {
         root_cause: String,
         dead_letter: bool,
     },
+    /// The attempt stopped because an operator cancelled the task.
+    Revoked {
+        root_cause: String,
+    },
 }
 
 impl Transition {
@@ -65,6 +69,7 @@ impl Transition {
             Self::Retry { .. } => TaskState::Retry,
             Self::Success { .. } => TaskState::Success,
             Self::Failure { .. } => TaskState::Failure,
+            Self::Revoked { .. } => TaskState::Revoked,
         }
     }
 }
@@ -151,6 +156,10 @@ fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, St
             if *dead_letter {
                 set.insert("dead_letter", DEAD_LETTER_PENDING);
             }
+        }
+        Transition::Revoked { root_cause } => {
+            set.insert("finished_at", now);
+            set.insert("root_cause", root_cause);
         }
     }
     Ok(set)
@@ -267,6 +276,7 @@ impl TaskRepository {
                 Transition::Retry { .. } => "retry",
                 Transition::Success { .. } => "success",
                 Transition::Failure { .. } => "failure",
+                Transition::Revoked { .. } => "revoked",
             },
         })
     }
@@ -323,10 +333,10 @@ fn on_insert(task_name: &str, now: DateTime) -> Document {
     }
 }
 
-/// What reopening a task for a replayed dead letter found.
+/// What reopening a task for a rerun found.
 #[derive(Debug, Clone)]
 pub enum Reopened {
-    /// It was `FAILURE` and is now `RETRY`, awaiting the replay's publish.
+    /// It was `FAILURE` or `REVOKED` and is now `RETRY`, awaiting the rerun's publish.
     Now(Box<crate::store::TaskDocument>),
     /// An earlier replay reopened it and did not see its publish confirmed: publish it again.
     Unpublished(Box<crate::store::TaskDocument>),
@@ -337,8 +347,8 @@ pub enum Reopened {
 }
 
 impl TaskRepository {
-    /// Reopens a `FAILURE` task as `RETRY` with one more retry, for an operator's replay of its
-    /// dead letter: the one transition out of a finished state, made only on request. The publish
+    /// Reopens a `FAILURE` or `REVOKED` task as `RETRY` with one more retry, for an operator's
+    /// rerun: the one transition out of a finished state, made only on request. The publish
     /// is marked pending until [`TaskRepository::mark_published`] sees it confirmed, so a replay
     /// interrupted in between is finished by the next one.
     #[tracing::instrument(name = "store.tasks.reopen", skip(self))]
@@ -347,7 +357,7 @@ impl TaskRepository {
         let reopened = self
             .collection
             .find_one_and_update(
-                doc! {"_id": id, "state": TaskState::Failure.as_str()},
+                doc! {"_id": id, "state": {"$in": states(&TaskState::RERUNNABLE)}},
                 doc! {
                     "$set": {
                         "state": TaskState::Retry.as_str(),
@@ -356,7 +366,7 @@ impl TaskRepository {
                         "deliveries": 0_i64,
                     },
                     "$inc": {"retries": 1_i64},
-                    "$unset": {"finished_at": "", "dead_letter": "", "attempt_token": "", "lease_until": ""},
+                    "$unset": {"finished_at": "", "dead_letter": "", "attempt_token": "", "lease_until": "", "cancel_requested": ""},
                     "$push": {"replays": {"at": now, "by": replayed_by}},
                 },
             )
@@ -375,5 +385,108 @@ impl TaskRepository {
             }
             Some(task) => Reopened::MovedOn(task.state),
         })
+    }
+}
+
+/// What asking to cancel a task did.
+#[derive(Debug, Clone)]
+pub enum Cancelled {
+    /// It was waiting (`PENDING`, `RETRY`) and is `REVOKED` now: its message is acked unrun when
+    /// it arrives.
+    Revoked,
+    /// It is running: its worker tells the handler, and the task ends `REVOKED` if the handler
+    /// stops (or runs to its outcome if it does not). `first` is false when it was asked before.
+    Requested {
+        first: bool,
+    },
+    /// It was revoked already (asking again changes nothing).
+    AlreadyRevoked,
+    /// It finished (`SUCCESS`, `FAILURE`): nothing to cancel.
+    Finished(TaskState),
+    Missing,
+}
+
+impl TaskRepository {
+    /// Cancels task `id` for `by`: one conditional update per state it may be in, so a cancel
+    /// racing a worker's claim either revokes the waiting task (and the claim is refused) or finds
+    /// it started (and asks its attempt to stop). Idempotent.
+    #[tracing::instrument(name = "store.tasks.cancel", skip(self))]
+    pub async fn cancel(&self, id: &str, by: &str) -> Result<Cancelled, StoreError> {
+        // A task moves on at most a few times while we look (STARTED -> RETRY, say).
+        for _ in 0..4 {
+            let now = DateTime::now();
+            let request = doc! {"at": now, "by": by};
+            let revoked = self
+                .collection
+                .update_one(
+                    doc! {"_id": id, "state": {"$in": states(&[TaskState::Pending, TaskState::Retry])}},
+                    doc! {"$set": {
+                        "state": TaskState::Revoked.as_str(),
+                        "updated_at": now,
+                        "finished_at": now,
+                        "root_cause": format!("cancelled by {by} before it ran"),
+                        "cancel_requested": request.clone(),
+                    }},
+                )
+                .await?;
+            if revoked.matched_count == 1 {
+                return Ok(Cancelled::Revoked);
+            }
+            let asked = self
+                .collection
+                .update_one(
+                    doc! {"_id": id, "state": TaskState::Started.as_str(), "cancel_requested": null},
+                    doc! {"$set": {"cancel_requested": request}},
+                )
+                .await?;
+            if asked.matched_count == 1 {
+                return Ok(Cancelled::Requested { first: true });
+            }
+            match self.collection.find_one(doc! {"_id": id}).await? {
+                None => return Ok(Cancelled::Missing),
+                Some(task) => match task.state {
+                    TaskState::Revoked => return Ok(Cancelled::AlreadyRevoked),
+                    TaskState::Success | TaskState::Failure => {
+                        return Ok(Cancelled::Finished(task.state))
+                    }
+                    TaskState::Started if task.cancel_requested.is_some() => {
+                        return Ok(Cancelled::Requested { first: false })
+                    }
+                    // It moved between the updates and the read: look again.
+                    _ => continue,
+                },
+            }
+        }
+        Err(StoreError::Unavailable(crate::cause::Cause::new(
+            "the task kept changing state while being cancelled; ask again",
+        )))
+    }
+
+    /// Of the running attempts `tokens` (task id, attempt token), those whose task an operator
+    /// asked to stop: one query for all of a worker's running tasks.
+    #[tracing::instrument(name = "store.tasks.cancel_requests", skip_all, fields(running = running.len()))]
+    pub async fn cancel_requests(
+        &self,
+        running: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError> {
+        use futures_util::TryStreamExt;
+        let ids: Vec<&str> = running.iter().map(|(id, _)| id.as_str()).collect();
+        let tokens: Vec<&str> = running.iter().map(|(_, token)| token.as_str()).collect();
+        let found: Vec<Document> = self
+            .collection
+            .clone_with_type::<Document>()
+            .find(doc! {
+                "_id": {"$in": ids},
+                "attempt_token": {"$in": tokens},
+                "cancel_requested": {"$ne": null},
+            })
+            .projection(doc! {"attempt_token": 1})
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found
+            .iter()
+            .filter_map(|d| d.get_str("attempt_token").ok().map(str::to_owned))
+            .collect())
     }
 }

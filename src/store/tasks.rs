@@ -113,16 +113,20 @@ pub struct TaskDocument {
     /// `pending` while a dead letter owed for this task is unconfirmed, then `sent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
-    /// Each replay of the task's dead letter by an operator (`kobe dlq replay`).
+    /// Each rerun by an operator (`kobe task retry`, `kobe dlq replay`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replays: Vec<Replay>,
+    /// An operator asked a running task to stop (`kobe task cancel`); its worker tells the
+    /// handler. Cleared when the task is run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested: Option<Replay>,
 }
 
-/// An operator's replay of a dead letter.
+/// An operator's request about a task: a rerun, or a cancel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Replay {
     pub at: DateTime,
-    /// Who asked (the operator's name as the command line gave it).
+    /// Who asked: `api:token-<fingerprint>` or `cli:<user>`, never a token.
     pub by: String,
 }
 
@@ -160,6 +164,7 @@ impl TaskDocument {
             deliveries: 0,
             dead_letter: None,
             replays: Vec::new(),
+            cancel_requested: None,
         }
     }
 }

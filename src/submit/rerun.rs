@@ -1,7 +1,7 @@
 //! Running a failed task again, as its next attempt: what `POST /task/{id}/retry`,
 //! `kobe task retry` and a dead-letter replay share.
 //!
-//! The task is reopened (`FAILURE` → `RETRY`, one more retry, who asked recorded in `replays`)
+//! The task is reopened (`FAILURE` or `REVOKED` → `RETRY`, one more retry, who asked recorded in `replays`)
 //! and its next attempt published through the submitter. A publish that is not confirmed leaves
 //! the task reopened with its publish pending: asking again publishes it then, without
 //! reopening it twice.
@@ -10,13 +10,15 @@ use super::{SubmitError, Submitter};
 use crate::domain::TaskState;
 use crate::store::attempts::Reopened;
 use crate::store::{Cache, StoreError, TaskDocument, TaskRepository};
+use crate::telemetry::metrics::metrics;
 
 /// What asking for a rerun did.
 #[derive(Debug)]
 pub enum Rerun {
     /// The next attempt is published and confirmed.
     Published(Box<TaskDocument>),
-    /// The task is not `FAILURE` (nor a rerun waiting for its publish): nothing was changed.
+    /// The task is neither `FAILURE` nor `REVOKED` (nor a rerun waiting for its publish):
+    /// nothing was changed.
     NotFailed(TaskState),
     Missing,
     /// Reopened, but the publish was not confirmed: ask again.
@@ -31,15 +33,39 @@ pub async fn rerun(
     id: &str,
     by: &str,
 ) -> Result<Rerun, StoreError> {
+    let refused = |outcome: &str| {
+        metrics()
+            .task_operations
+            .with_label_values(&["retry", outcome])
+            .inc();
+    };
     let task = match tasks.reopen(id, by).await? {
         Reopened::Now(task) | Reopened::Unpublished(task) => task,
-        Reopened::MovedOn(state) => return Ok(Rerun::NotFailed(state)),
-        Reopened::Missing => return Ok(Rerun::Missing),
+        Reopened::MovedOn(state) => {
+            refused("not_rerunnable");
+            return Ok(Rerun::NotFailed(state));
+        }
+        Reopened::Missing => {
+            refused("missing");
+            return Ok(Rerun::Missing);
+        }
     };
     // Best effort: a cached final state would hide the rerun until its TTL.
     let _ = cache.invalidate_status(id).await;
     tracing::info!(task_id = %id, by = %by, retries = task.retries, "task rerun requested");
-    Ok(match submitter.republish(&task).await {
+    let published = submitter.republish(&task).await;
+    metrics()
+        .task_operations
+        .with_label_values(&[
+            "retry",
+            if published.is_ok() {
+                "published"
+            } else {
+                "not_published"
+            },
+        ])
+        .inc();
+    Ok(match published {
         Ok(()) => Rerun::Published(task),
         Err(error) => Rerun::NotPublished(error),
     })

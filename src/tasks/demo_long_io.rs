@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::{optional_u64, InvalidInput, Invocation, Task, TaskError, TaskFuture};
+use super::{optional_u64, InvalidInput, Invocation, Task, TaskError, TaskFuture, WrapUp};
 
 /// Longest simulated wait: an hour is already beyond any sensible demo.
 const MAX_DURATION_MS: u64 = 3_600_000;
@@ -46,15 +46,16 @@ impl Task for DemoLongIo {
         Box::pin(async move {
             let params =
                 params(&invocation.kwargs).map_err(|e| TaskError::Permanent(e.to_string()))?;
-            let mut soft_limit = invocation.soft_limit.clone();
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(params.duration_ms)) => {}
-                () = soft_limit.reached() => {
+                why = invocation.wrap_up() => {
                     // A real handler would close files or roll back here.
-                    tracing::info!("soft time limit reached; stopping early");
-                    return Err(TaskError::Permanent(
-                        "soft time limit exceeded; stopped early".into(),
-                    ));
+                    let what = match why {
+                        WrapUp::SoftLimit => "soft time limit exceeded",
+                        WrapUp::Cancelled => "cancelled",
+                    };
+                    tracing::info!("{what}; stopping early");
+                    return Err(TaskError::Permanent(format!("{what}; stopped early")));
                 }
             }
             if u64::from(invocation.attempt) <= params.fail_attempts {
@@ -75,13 +76,12 @@ mod tests {
 
     fn invocation(attempt: u32, kwargs: Value) -> Invocation {
         Invocation {
-            task_id: TaskId::generate(),
             attempt,
-            args: vec![],
-            kwargs: kwargs.as_object().cloned().unwrap(),
-            soft_limit: crate::tasks::SoftLimit::never(),
-            context: None,
-            traceparent: None,
+            ..Invocation::new(
+                TaskId::generate(),
+                vec![],
+                kwargs.as_object().cloned().unwrap(),
+            )
         }
     }
 
@@ -98,7 +98,7 @@ mod tests {
 
     #[tokio::test]
     async fn stops_early_at_the_soft_limit() {
-        let (trip, soft_limit) = crate::tasks::SoftLimit::pair();
+        let (trip, soft_limit) = crate::tasks::Signal::pair();
         let mut call = invocation(1, json!({"duration_ms": 60_000}));
         call.soft_limit = soft_limit;
         let running = tokio::spawn(DemoLongIo.run(call));
@@ -110,6 +110,20 @@ mod tests {
         assert!(
             matches!(result, Err(TaskError::Permanent(ref m)) if m.contains("soft time limit"))
         );
+    }
+
+    #[tokio::test]
+    async fn stops_early_when_cancelled() {
+        let (cancel, cancelled) = crate::tasks::Signal::pair();
+        let mut call = invocation(1, json!({"duration_ms": 60_000}));
+        call.cancel = cancelled;
+        let running = tokio::spawn(DemoLongIo.run(call));
+        cancel.send(true).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(result, Err(TaskError::Permanent(ref m)) if m.contains("cancelled")));
     }
 
     #[test]

@@ -48,9 +48,12 @@ pub struct Invocation {
     pub attempt: u32,
     pub args: Vec<Value>,
     pub kwargs: Map<String, Value>,
-    /// Fires when the soft time limit passes: the handler should wrap up. The hard limit follows
+    /// Raised when the soft time limit passes: the handler should wrap up. The hard limit follows
     /// and abandons the attempt whatever the handler does.
     pub soft_limit: SoftLimit,
+    /// Raised when an operator cancels the task (`kobe task cancel`): a handler that stops — any
+    /// error it returns then — ends the task `REVOKED`; one that runs on ends as it ends.
+    pub cancel: Signal,
     /// What a worker offers tasks that need more than their arguments; `None` outside a worker.
     pub context: Option<Arc<TaskContext>>,
     /// The W3C trace context the task was submitted under, for calls the task makes onwards.
@@ -58,12 +61,42 @@ pub struct Invocation {
 }
 
 impl Invocation {
+    /// An invocation outside a worker: attempt 1, no limits, no context.
+    pub fn new(task_id: TaskId, args: Vec<Value>, kwargs: Map<String, Value>) -> Self {
+        Self {
+            task_id,
+            attempt: 1,
+            args,
+            kwargs,
+            soft_limit: Signal::never(),
+            cancel: Signal::never(),
+            context: None,
+            traceparent: None,
+        }
+    }
+
+    /// Resolves when the handler should wrap up: the soft limit passed or the task was cancelled.
+    /// Says which.
+    pub async fn wrap_up(&self) -> WrapUp {
+        let (mut soft_limit, mut cancel) = (self.soft_limit.clone(), self.cancel.clone());
+        tokio::select! {
+            () = cancel.raised() => WrapUp::Cancelled,
+            () = soft_limit.raised() => WrapUp::SoftLimit,
+        }
+    }
     /// The worker's context, or a permanent error for a task that cannot run without one.
     pub fn context(&self) -> Result<Arc<TaskContext>, TaskError> {
         self.context
             .clone()
             .ok_or_else(|| TaskError::Permanent("this task needs a worker's context".into()))
     }
+}
+
+/// Why a handler is asked to wrap up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WrapUp {
+    SoftLimit,
+    Cancelled,
 }
 
 /// Services a worker lends to tasks: the lease frontier, checkpoints, shard plans, and a way to
@@ -100,30 +133,33 @@ pub trait Spawner: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Result<(), TaskError>> + Send + '_>>;
 }
 
-/// The soft time limit as a handler sees it.
+/// A one-way switch a handler watches: the soft time limit passing, or an operator's cancel.
 #[derive(Debug, Clone)]
-pub struct SoftLimit(tokio::sync::watch::Receiver<bool>);
+pub struct Signal(tokio::sync::watch::Receiver<bool>);
 
-impl SoftLimit {
-    /// A limit and the switch that trips it.
+/// The soft time limit as a handler sees it.
+pub type SoftLimit = Signal;
+
+impl Signal {
+    /// A signal and the switch that raises it.
     pub fn pair() -> (tokio::sync::watch::Sender<bool>, Self) {
-        let (trip, limit) = tokio::sync::watch::channel(false);
-        (trip, Self(limit))
+        let (raise, signal) = tokio::sync::watch::channel(false);
+        (raise, Self(signal))
     }
 
-    /// A limit that never trips.
+    /// A signal that is never raised.
     pub fn never() -> Self {
         Self::pair().1
     }
 
-    pub fn is_reached(&self) -> bool {
+    pub fn is_raised(&self) -> bool {
         *self.0.borrow()
     }
 
-    /// Resolves once the soft limit has passed; never, if there is none.
-    pub async fn reached(&mut self) {
-        if self.0.wait_for(|reached| *reached).await.is_err() {
-            // The switch is gone without tripping: no limit will come.
+    /// Resolves once the signal is raised; never, if it will not be.
+    pub async fn raised(&mut self) {
+        if self.0.wait_for(|raised| *raised).await.is_err() {
+            // The switch is gone without being raised: it will not be.
             std::future::pending::<()>().await;
         }
     }

@@ -81,6 +81,9 @@ pub struct Metrics {
     /// attempt, a stale attempt, or a lost consumer connection.
     pub duplicate_deliveries: IntCounterVec,
     pub dlq_operations: IntCounterVec,
+    /// Operators' requests on tasks (`retry`, `cancel`), and cancels a worker passed on to a
+    /// running handler (`cancel`/`signalled`), by outcome.
+    pub task_operations: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -275,6 +278,12 @@ impl Metrics {
                 &r,
                 "kobe_dlq_operations_total",
                 "Dead letters acted on by an operator, by operation (replay, purge) and outcome.",
+                &["operation", "outcome"],
+            ),
+            task_operations: counter(
+                &r,
+                "kobe_task_operations_total",
+                "Operators' requests on tasks (retry, cancel) by outcome, and cancels passed on to running handlers (cancel/signalled).",
                 &["operation", "outcome"],
             ),
             registry: r,

@@ -51,6 +51,24 @@ pub enum Outcome {
     Panicked(String),
     /// The hard time limit passed and the handler was abandoned.
     TimedOut(Duration),
+    /// An operator cancelled the task and the handler stopped (anything but success after the
+    /// cancel): not retried, not dead-lettered.
+    Revoked(String),
+}
+
+impl Outcome {
+    /// What went wrong, for a log line (empty for a success).
+    pub fn cause(&self) -> String {
+        match self {
+            Self::Success(_) => String::new(),
+            Self::Retryable(cause)
+            | Self::RetryAfter(_, cause)
+            | Self::Permanent(cause)
+            | Self::Panicked(cause)
+            | Self::Revoked(cause) => cause.clone(),
+            Self::TimedOut(limit) => format!("time limit exceeded ({limit:?})"),
+        }
+    }
 }
 
 /// What became of a delivery, before anything is recorded.
@@ -165,6 +183,13 @@ pub fn plan(happened: &Happened, attempt: u32, policy: &RetryPolicy, jitter: f64
         Happened::Ran(Outcome::TimedOut(limit)) => {
             dead(format!("time limit exceeded ({limit:?})"), reason::TIME_LIMIT)
         }
+        Happened::Ran(Outcome::Revoked(cause)) => Plan {
+            record: Some(Transition::Revoked {
+                root_cause: cause.clone(),
+            }),
+            route: Route::Ack,
+            cause: Some(cause.clone()),
+        },
         Happened::ResultRejected(cause) => dead(
             format!("the result cannot be stored: {cause}"),
             reason::STORE_REJECTED,
@@ -389,6 +414,19 @@ mod tests {
             walk(&p, &[Stored::Applied], &[Published::Confirmed]),
             [Step::Record, Step::PublishDeadLetter, Step::Ack]
         );
+    }
+
+    #[test]
+    fn a_cancelled_attempt_is_recorded_revoked_and_acked_without_retry_or_dead_letter() {
+        let p = plan(
+            &Happened::Ran(Outcome::Revoked("cancelled; the handler stopped".into())),
+            1,
+            &policy(3),
+            0.5,
+        );
+        assert!(matches!(p.record, Some(Transition::Revoked { .. })));
+        assert_eq!(p.route, Route::Ack);
+        assert_eq!(walk(&p, &[Stored::Applied], &[]), [Step::Record, Step::Ack]);
     }
 
     #[test]

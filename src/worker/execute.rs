@@ -1,5 +1,6 @@
 //! Running one handler: on a task of its own (so a panic is caught and the attempt can be
-//! abandoned), under the hard time limit, with the soft limit tripped on time.
+//! abandoned), under the hard time limit, with the soft limit raised on time and the cancel
+//! signal raised when an operator cancels the task.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use tokio::time::Instant;
 
 use super::decision::Outcome;
 use crate::domain::{time_limit, MAX_TIME_LIMIT};
-use crate::tasks::{HandlerResult, Invocation, SoftLimit, Task, TaskError};
+use crate::tasks::{HandlerResult, Invocation, Signal, Task, TaskError};
 use crate::telemetry::metrics::metrics;
 
 /// The limits one attempt runs under.
@@ -38,13 +39,18 @@ pub struct Running {
     started: std::time::Instant,
     task_name: String,
     finished: bool,
+    /// Raises the handler's cancel signal.
+    cancel: tokio::sync::watch::Sender<bool>,
 }
 
 impl Running {
-    /// Starts `task` with `invocation` (whose soft limit is replaced by one tripped on time).
+    /// Starts `task` with `invocation` (whose soft limit is replaced by one raised on time, and
+    /// whose cancel signal by [`Running::cancel`]'s).
     pub fn start(task: &dyn Task, mut invocation: Invocation, limits: Limits) -> Self {
-        let (trip, soft_limit) = SoftLimit::pair();
+        let (trip, soft_limit) = Signal::pair();
         invocation.soft_limit = soft_limit;
+        let (cancel, cancelled) = Signal::pair();
+        invocation.cancel = cancelled;
         let soft_timer = limits.soft.map(|soft| {
             tokio::spawn(async move {
                 tokio::time::sleep(soft).await;
@@ -64,7 +70,14 @@ impl Running {
             started: std::time::Instant::now(),
             task_name: task.name().to_owned(),
             finished: false,
+            cancel,
         }
+    }
+
+    /// The switch that asks the handler to stop (an operator cancelled the task). Once raised,
+    /// any ending but success is [`Outcome::Revoked`].
+    pub fn cancel(&self) -> tokio::sync::watch::Sender<bool> {
+        self.cancel.clone()
     }
 
     /// How long it has run.
@@ -91,7 +104,16 @@ impl Running {
             }
         };
         self.finish();
-        outcome
+        match outcome {
+            Outcome::Success(_) => outcome,
+            _ if *self.cancel.borrow() => Outcome::Revoked(match outcome {
+                Outcome::TimedOut(limit) => {
+                    format!("cancelled; the handler did not stop within its time limit ({limit:?})")
+                }
+                other => format!("cancelled; the handler stopped: {}", other.cause()),
+            }),
+            _ => outcome,
+        }
     }
 
     fn finish(&mut self) {

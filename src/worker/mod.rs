@@ -138,6 +138,7 @@ impl Worker {
         shutdown: impl Future<Output = ()>,
     ) {
         let mut in_hand = JoinSet::new();
+        let cancels = tokio::spawn(self.clone().watch_cancels());
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -153,6 +154,7 @@ impl Worker {
             }
         }
         self.stopping.store(true, Ordering::Release);
+        let _stop_watching = AbortOnDrop(cancels);
         tracing::info!(
             in_hand = in_hand.len(),
             grace_s = self.config.shutdown_grace.as_secs_f64(),
@@ -176,6 +178,24 @@ impl Worker {
                         tracing::debug!(error = %error, task_id = %attempt.task_id, "cannot release a lease; it lapses on its own");
                     }
                 }
+            }
+        }
+    }
+
+    /// Tells running handlers whose task an operator cancelled: one query every
+    /// [`CANCEL_POLL`] for all of this worker's running attempts, none while nothing runs.
+    async fn watch_cancels(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(CANCEL_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let running = self.active.running();
+            if running.is_empty() {
+                continue;
+            }
+            match self.tasks.cancel_requests(&running).await {
+                Ok(tokens) => tokens.iter().for_each(|token| self.active.cancel(token)),
+                Err(error) => tracing::debug!(error = %error, "cannot look for cancel requests"),
             }
         }
     }
@@ -247,14 +267,31 @@ impl Pauses {
     }
 }
 
-/// Attempts running now, so a stopping worker can let their leases go.
+/// How often a worker running tasks looks for cancel requests.
+pub const CANCEL_POLL: Duration = Duration::from_secs(1);
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Attempts running now (by attempt token), with the switch that asks each handler to stop: a
+/// stopping worker lets their leases go, and the cancel watch tells them of a cancel.
 #[derive(Default)]
-struct Active(Mutex<HashMap<String, Attempt>>);
+struct Active(Mutex<HashMap<String, (Attempt, tokio::sync::watch::Sender<bool>)>>);
 
 impl Active {
-    fn register(&self, attempt: &Attempt) -> Registration<'_> {
+    fn register(
+        &self,
+        attempt: &Attempt,
+        cancel: tokio::sync::watch::Sender<bool>,
+    ) -> Registration<'_> {
         if let Ok(mut active) = self.0.lock() {
-            active.insert(attempt.token.clone(), attempt.clone());
+            active.insert(attempt.token.clone(), (attempt.clone(), cancel));
         }
         Registration {
             active: self,
@@ -265,8 +302,41 @@ impl Active {
     fn all(&self) -> Vec<Attempt> {
         self.0
             .lock()
-            .map(|active| active.values().cloned().collect())
+            .map(|active| {
+                active
+                    .values()
+                    .map(|(attempt, _)| attempt.clone())
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// (task id, attempt token) of each running attempt not yet told to stop.
+    fn running(&self) -> Vec<(String, String)> {
+        self.0
+            .lock()
+            .map(|active| {
+                active
+                    .values()
+                    .filter(|(_, cancel)| !*cancel.borrow())
+                    .map(|(attempt, _)| (attempt.task_id.clone(), attempt.token.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Asks the attempt holding `token` to stop.
+    fn cancel(&self, token: &str) {
+        let Ok(active) = self.0.lock() else { return };
+        if let Some((attempt, cancel)) = active.get(token) {
+            if !cancel.send_replace(true) {
+                tracing::info!(task_id = %attempt.task_id, task = %attempt.task_name, "task cancelled by an operator; its handler is told to stop");
+                crate::telemetry::metrics::metrics()
+                    .task_operations
+                    .with_label_values(&["cancel", "signalled"])
+                    .inc();
+            }
+        }
     }
 }
 

@@ -357,7 +357,7 @@ impl Worker {
         let lease = self.config.lease;
         let mut renew =
             tokio::time::interval_at(tokio::time::Instant::now() + lease / 3, lease / 3);
-        let registration = self.active.register(&job.attempt);
+        let registration = self.active.register(&job.attempt, running.cancel());
         let outcome = loop {
             tokio::select! {
                 outcome = running.outcome() => break outcome,
@@ -387,7 +387,8 @@ impl Worker {
             attempt: message.retries.saturating_add(1),
             args: message.args.clone(),
             kwargs: message.kwargs.clone(),
-            soft_limit: crate::tasks::SoftLimit::never(),
+            soft_limit: crate::tasks::Signal::never(),
+            cancel: crate::tasks::Signal::never(),
             context: Some(self.context.clone()),
             traceparent: message.traceparent.clone(),
         }

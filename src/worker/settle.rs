@@ -191,6 +191,9 @@ impl Worker {
             Route::Ack if plan.cause.is_none() => {
                 tracing::info!(retry_count = job.retries(), "task succeeded")
             }
+            Route::Ack if matches!(plan.record, Some(Transition::Revoked { .. })) => {
+                tracing::info!(root_cause = %cause, retry_count = job.retries(), decision = "revoke", "task revoked")
+            }
             Route::Ack => {
                 tracing::warn!(root_cause = %cause, retry_count = job.retries(), decision = "drop", "task dropped")
             }
@@ -236,9 +239,16 @@ impl Worker {
                     self.pay_dead_letter(job, &task).await;
                     return Some(Found::Settled);
                 }
-                tracing::info!(state = %task.state, "task already finished; duplicate delivery acked without running");
                 self.settle(job.delivery, Settlement::Ack);
-                self.duplicate("finished");
+                if task.state == crate::domain::TaskState::Revoked {
+                    tracing::info!(
+                        "task cancelled by an operator; its message is acked without running"
+                    );
+                    self.duplicate("revoked");
+                } else {
+                    tracing::info!(state = %task.state, "task already finished; duplicate delivery acked without running");
+                    self.duplicate("finished");
+                }
                 return Some(Found::Settled);
             }
             if task.retries > job.retries() {

@@ -5,6 +5,7 @@
 mod common;
 
 mod api;
+mod cancel;
 mod cli;
 mod declared;
 mod dlq;

@@ -144,6 +144,134 @@ async fn the_page_shows_a_scripted_run_and_the_search_pages_through_failures() {
         .await
         .unwrap();
     assert_eq!(nothing.status(), 422);
+
+    // Show one letter with its body; purge: refused without confirm, counted, then removed.
+    let letter: Value = api
+        .get(&format!("/dlq/{}", failed[1]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(letter["task_id"], failed[1].as_str(), "{letter}");
+    assert!(letter["body"].is_array(), "the Celery body: {letter}");
+    assert_eq!(api.get(&format!("/dlq/{}", failed[0])).await.status(), 404);
+    let purge = |body: Value| {
+        let client = api.client.clone();
+        let url = format!("{}/dlq/purge", api.address);
+        async move {
+            let response = client.post(url).json(&body).send().await.unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, problem) = purge(json!({})).await;
+    assert_eq!((status, problem["field"].as_str()), (422, Some("confirm")));
+    let (status, counted) = purge(json!({"dry_run": true})).await;
+    assert_eq!((status, &counted["removed"]), (200, &json!(1)), "{counted}");
+    let (_, kept) = purge(json!({"confirm": true, "task_name": "another_task"})).await;
+    assert_eq!(kept["removed"], 0);
+    let (_, removed) = purge(json!({"confirm": true})).await;
+    assert_eq!(removed["removed"], 1);
+    let letters: Value = api.get("/dlq").await.json().await.unwrap();
+    assert_eq!(letters["letters"], json!([]), "{letters}");
     worker.stop().await;
+    api.handle.stop(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_tokens_a_browser_signs_in_once_and_its_buttons_work() {
+    let token = "ui-test-token-0123456789";
+    let env = TestEnv::with(&[("KOBE_API_TOKENS", token)]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+
+    // A browser without a session lands on the sign-in form, not on a JSON 401.
+    let dom = rendered(format!("{}/ui", api.address)).await;
+    assert!(dom.contains("name=\"token\""), "{dom}");
+    assert!(!dom.contains(token));
+
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let sign_in = |token: &'static str| {
+        let client = no_redirects.clone();
+        let url = format!("{}/ui/login", api.address);
+        async move {
+            client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("token={token}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let refused = sign_in("not-the-token-at-all").await;
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers().get("set-cookie").is_none());
+    let signed_in = sign_in(token).await;
+    assert_eq!(signed_in.status(), 303);
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_owned();
+
+    // The page and its buttons' requests pass with the cookie; without, the API still says 401.
+    let page = no_redirects
+        .get(format!("{}/ui", api.address))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let id = {
+        let response = no_redirects
+            .post(format!("{}/task/start", api.address))
+            .bearer_auth(token)
+            .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        response.json::<Value>().await.unwrap()["task_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let detail = no_redirects
+        .get(format!("{}/ui/task/{id}", api.address))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        detail.contains(&format!("data-cancel=\"{id}\"")),
+        "{detail}"
+    );
+    let cancel = |cookie: Option<String>| {
+        let mut request = no_redirects.post(format!("{}/task/{id}/cancel", api.address));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send()
+    };
+    assert_eq!(cancel(None).await.unwrap().status(), 401);
+    let cancelled = cancel(Some(session.clone())).await.unwrap();
+    assert_eq!(cancelled.status(), 200);
+    let task = env.tasks().get(&id).await.unwrap().unwrap();
+    assert_eq!(task.state, kobe::domain::TaskState::Revoked);
+    let by = task.cancel_requested.unwrap().by;
+    assert!(by.starts_with("api:token-") && !by.contains(token), "{by}");
     api.handle.stop(false).await;
 }

@@ -1,4 +1,5 @@
-//! `POST /task/{id}/retry`: an operator runs a failed task again, as its next attempt.
+//! `POST /task/{id}/retry` and `POST /task/{id}/cancel`: an operator runs a failed or cancelled
+//! task again as its next attempt, or cancels one that should not run (or stop running).
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
@@ -6,8 +7,11 @@ use sha2::Digest;
 use utoipa::ToSchema;
 
 use crate::domain::TaskId;
+use crate::domain::TaskState;
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
+use crate::store::attempts::Cancelled;
+use crate::submit::cancel::cancel as cancel_task;
 use crate::submit::rerun::{rerun, Rerun};
 
 /// The answer to a retry.
@@ -18,13 +22,80 @@ pub struct Retried {
     pub attempt: u32,
 }
 
+/// The answer to a cancel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CancelAnswer {
+    pub task_id: String,
+    /// `REVOKED` (it will not run, or it stopped), or `STARTED` (running; its handler is being
+    /// asked to stop — watch `GET /task/status/{id}`).
+    #[schema(value_type = String, example = "REVOKED")]
+    pub state: TaskState,
+}
+
+/// Cancels a task. A `PENDING` or `RETRY` task becomes `REVOKED` (200) and its message is acked
+/// without running when it arrives; a `STARTED` task's handler is asked to stop (202) and the task
+/// ends `REVOKED` if it stops, or with its own outcome if it does not. Asking again is harmless;
+/// a finished task (`SUCCESS`, `FAILURE`) is a 409 and is not touched.
+#[utoipa::path(
+    post,
+    path = "/task/{id}/cancel",
+    tag = "tasks",
+    params(("id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task is REVOKED (now, or already)", body = CancelAnswer),
+        (status = 202, description = "The task is running; its handler is asked to stop", body = CancelAnswer),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The task finished (SUCCESS or FAILURE)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "MongoDB unavailable; nothing was changed, or ask again to be sure", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
+#[tracing::instrument(name = "http.task.cancel", skip(state, request))]
+pub async fn cancel(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
+    let task_id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let by = requester(&request);
+    let answer = |state| CancelAnswer {
+        task_id: task_id.to_string(),
+        state,
+    };
+    match cancel_task(&state.tasks, &state.cache, task_id.as_str(), &by)
+        .await
+        .map_err(ApiError::store)?
+    {
+        Cancelled::Revoked | Cancelled::AlreadyRevoked => {
+            Ok(HttpResponse::Ok().json(answer(TaskState::Revoked)))
+        }
+        Cancelled::Requested { .. } => {
+            Ok(HttpResponse::Accepted().json(answer(TaskState::Started)))
+        }
+        Cancelled::Finished(task_state) => Err(ApiError::Conflict(format!(
+            "task `{id}` is {task_state}; a finished task cannot be cancelled"
+        ))),
+        Cancelled::Missing => Err(not_found()),
+    }
+}
+
 /// Who asked, for the task's history and the log: the token's fingerprint, never the token.
 pub(crate) fn requester(request: &HttpRequest) -> String {
     let token = request
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| crate::http::guard::session_token(request.headers()));
+    requester_of(token.as_deref())
+}
+
+/// Who a token names, for the log and a task's history: its fingerprint, never the token.
+pub(crate) fn requester_of(token: Option<&str>) -> String {
     match token {
         Some(token) => {
             let digest = sha2::Sha256::digest(token.as_bytes());
@@ -34,8 +105,8 @@ pub(crate) fn requester(request: &HttpRequest) -> String {
     }
 }
 
-/// Runs a `FAILURE` task again as its next attempt (same task id, `retries` goes on, the retry
-/// recorded in its history). A task in any other state is a 409 and is not touched.
+/// Runs a `FAILURE` or `REVOKED` task again as its next attempt (same task id, `retries` goes
+/// on, the retry recorded in its history). A task in any other state is a 409 and is not touched.
 #[utoipa::path(
     post,
     path = "/task/{id}/retry",
@@ -44,7 +115,7 @@ pub(crate) fn requester(request: &HttpRequest) -> String {
     responses(
         (status = 202, description = "The next attempt is published and confirmed", body = Retried),
         (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The task is not FAILURE", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The task is neither FAILURE nor REVOKED", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "MongoDB or RabbitMQ unavailable; ask again to finish the retry", body = Problem, content_type = "application/problem+json"),
@@ -75,7 +146,7 @@ pub async fn retry(
             attempt: task.retries.saturating_add(1),
         })),
         Rerun::NotFailed(task_state) => Err(ApiError::Conflict(format!(
-            "task `{id}` is {task_state}; only a FAILURE task can be retried"
+            "task `{id}` is {task_state}; only a FAILURE or REVOKED task can be retried"
         ))),
         Rerun::Missing => Err(not_found()),
         Rerun::NotPublished(error) => Err(ApiError::Unavailable {

@@ -1,5 +1,5 @@
-//! `GET /dlq` and `POST /dlq/replay`: the dead-letter queue for the operator page and scripts,
-//! the same operations as `kobe dlq list` and `kobe dlq replay`.
+//! `GET /dlq`, `GET /dlq/{task_id}`, `POST /dlq/replay` and `POST /dlq/purge`: the dead-letter
+//! queue for the operator page and scripts, the same operations as `kobe dlq list/show/replay/purge`.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -120,13 +120,7 @@ pub async fn replay(
     request: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let asked: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_syntax() || e.is_eof() {
-            ApiError::MalformedBody(e.to_string())
-        } else {
-            ApiError::validation("body", e.to_string())
-        }
-    })?;
+    let asked: ReplayRequest = json_body(&body)?;
     if asked.task_ids.is_empty() && asked.task_name.is_none() && !asked.all {
         return Err(ApiError::validation(
             "task_ids",
@@ -153,4 +147,117 @@ pub async fn replay(
         .filter(|id| !outcomes.iter().any(|o| o.task_id() == Some(id.as_str())))
         .collect();
     Ok(HttpResponse::Ok().json(Replayed { outcomes, missing }))
+}
+
+/// The dead letter of one task, with its message body; nothing is removed.
+#[utoipa::path(
+    get,
+    path = "/dlq/{task_id}",
+    tag = "operations",
+    params(("task_id" = String, Path, description = "The dead-lettered task's id")),
+    responses(
+        (status = 200, description = "The letter, with its body", body = LetterSummary),
+        (status = 404, description = "No letter for that task", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "RabbitMQ unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
+#[tracing::instrument(name = "http.dlq.show", skip(state))]
+pub async fn show(
+    state: web::Data<AppState>,
+    task_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let letter = state
+        .dead_letters
+        .show(&task_id)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| ApiError::NotFound(format!("no dead letter for task `{task_id}`")))?;
+    Ok(HttpResponse::Ok().json(letter))
+}
+
+/// Which letters to purge. Without `dry_run`, `confirm: true` is required: purged letters are gone.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    pub task_name: Option<String>,
+    /// Only letters whose reason contains this text.
+    pub reason: Option<String>,
+    /// Only letters dead-lettered at least this many seconds ago.
+    pub older_than_s: Option<u64>,
+    #[serde(default)]
+    pub confirm: bool,
+    /// Count what would be removed; remove nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// How many letters a purge removed (or, with `dry_run`, would remove).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Purged {
+    pub removed: usize,
+    pub dry_run: bool,
+}
+
+/// Removes dead letters for good (see `kobe dlq purge`).
+#[utoipa::path(
+    post,
+    path = "/dlq/purge",
+    tag = "operations",
+    request_body = PurgeRequest,
+    responses(
+        (status = 200, description = "How many letters were removed", body = Purged),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`confirm` missing, or a malformed field (named)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "RabbitMQ unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = [])),
+)]
+#[tracing::instrument(name = "http.dlq.purge", skip(state, request, body))]
+pub async fn purge(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let asked: PurgeRequest = json_body(&body)?;
+    if !asked.confirm && !asked.dry_run {
+        return Err(ApiError::validation(
+            "confirm",
+            "purged letters are gone for good: send \"confirm\": true (or \"dry_run\": true to count them)",
+        ));
+    }
+    let by = super::actions::requester(&request);
+    let removed = state
+        .dead_letters
+        .purge(
+            Selection {
+                task_name: asked.task_name,
+                reason: asked.reason,
+                older_than: asked.older_than_s.map(std::time::Duration::from_secs),
+                ..Selection::default()
+            },
+            asked.dry_run,
+        )
+        .await
+        .map_err(unavailable)?;
+    tracing::info!(by = %by, removed, dry_run = asked.dry_run, "dead letters purged");
+    Ok(HttpResponse::Ok().json(Purged {
+        removed,
+        dry_run: asked.dry_run,
+    }))
+}
+
+/// A JSON body: 400 when it is not JSON, 422 naming what does not fit.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ApiError::MalformedBody(e.to_string())
+        } else {
+            ApiError::validation("body", e.to_string())
+        }
+    })
 }

@@ -15,7 +15,7 @@ use crate::store::TaskDocument;
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SearchQuery {
-    /// `PENDING`, `STARTED`, `RETRY`, `SUCCESS` or `FAILURE` (default `FAILURE`).
+    /// `PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE` or `REVOKED` (default `FAILURE`).
     pub state: Option<String>,
     /// Only tasks of this name.
     pub task_name: Option<String>,

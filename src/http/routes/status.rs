@@ -48,7 +48,7 @@ pub struct TaskStatus {
     pub task_name: String,
     #[schema(value_type = String, example = "SUCCESS")]
     pub state: TaskState,
-    /// `SUCCESS` or `FAILURE`: it will not change again.
+    /// `SUCCESS`, `FAILURE` or `REVOKED`: it will not change again (but for an operator's retry).
     pub ready: bool,
     /// Failed attempts so far.
     pub retries: u32,
@@ -174,7 +174,7 @@ async fn status_json(state: &AppState, id: &TaskId) -> Result<Option<String>, Ap
     Ok(Some(json))
 }
 
-/// One normalized state (`PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE`) with timestamps,
+/// One normalized state (`PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE`, `REVOKED`) with timestamps,
 /// failures so far and, for a sharded job, shard progress. An id never submitted is a 404 — not
 /// `PENDING`.
 #[utoipa::path(
@@ -267,9 +267,9 @@ pub async fn result(
                 root_cause: None,
             }))
         }
-        Some("FAILURE") => Ok(HttpResponse::Ok().json(ResultAnswer {
+        Some(finished @ ("FAILURE" | "REVOKED")) => Ok(HttpResponse::Ok().json(ResultAnswer {
             task_id: id.to_string(),
-            state: TaskState::Failure,
+            state: finished.parse().map_err(ApiError::Internal)?,
             result: None,
             root_cause: status["root_cause"].as_str().map(str::to_owned),
         })),

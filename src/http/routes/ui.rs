@@ -1,7 +1,8 @@
 //! `/ui`: one page for operators, rendered on the server with no external assets — queue depths
 //! and consumers per route, what happened in the last hour, the latest failures with a retry
-//! button, and a task's detail (`/ui/task/{id}`) with its failed attempts and replays. It sits
-//! behind the same bearer tokens as `/task*`.
+//! button, and a task's detail (`/ui/task/{id}`) with its failed attempts and replays, with cancel
+//! and retry buttons. It sits behind the same bearer tokens as `/task*`: a browser signs in once
+//! at `/ui/login` with a token, which is kept in an `HttpOnly`, `SameSite=Strict` cookie.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -34,11 +35,11 @@ fn when(t: Option<DateTime>) -> String {
     super::status::timestamp(t).unwrap_or_else(|| "-".into())
 }
 
-const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}.FAILURE{color:#b00}.SUCCESS{color:#070}code{font-size:90%}";
+const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}.FAILURE{color:#b00}.SUCCESS{color:#070}.REVOKED{color:#777}code{font-size:90%}";
 
-/// Posts a retry and reloads; the token, if the page was opened with one, is not known to the
-/// page, so behind tokens the button needs the same `Authorization` the page got.
-const SCRIPT: &str = "document.addEventListener('click',async e=>{const d=e.target.dataset;let r;if(d.retry){r=await fetch('/task/'+encodeURIComponent(d.retry)+'/retry',{method:'POST'})}else if(d.replay){r=await fetch('/dlq/replay',{method:'POST',headers:{'content-type':'application/json'},body:JSON.stringify({task_ids:[d.replay]})})}else return;e.target.textContent=r.ok?'done':'refused ('+r.status+')';setTimeout(()=>location.reload(),800)});";
+/// Posts a retry, a cancel or a replay and reloads. Behind `KOBE_API_TOKENS` the request carries
+/// the session cookie `/ui/login` set, like the page's own requests.
+const SCRIPT: &str = "document.addEventListener('click',async e=>{const d=e.target.dataset;let r;if(d.retry||d.cancel){r=await fetch('/task/'+encodeURIComponent(d.retry||d.cancel)+(d.retry?'/retry':'/cancel'),{method:'POST'})}else if(d.replay){r=await fetch('/dlq/replay',{method:'POST',headers:{'content-type':'application/json'},body:JSON.stringify({task_ids:[d.replay]})})}else return;e.target.textContent=r.ok?'done':'refused ('+r.status+')';setTimeout(()=>location.reload(),800)});";
 
 fn page(title: &str, refresh: bool, body: &str) -> HttpResponse {
     let refresh = if refresh {
@@ -52,6 +53,53 @@ fn page(title: &str, refresh: bool, body: &str) -> HttpResponse {
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}<title>{}</title><style>{STYLE}</style></head><body>{body}<script>{SCRIPT}</script></body></html>",
             escape(title)
         ))
+}
+
+/// The sign-in form's field.
+#[derive(Debug, Deserialize)]
+pub struct SignIn {
+    pub token: String,
+}
+
+const SIGN_IN_FORM: &str = "<h1>Kobe</h1><form method=\"post\" action=\"/ui/login\"><label>API token <input type=\"password\" name=\"token\" autocomplete=\"current-password\" autofocus></label> <button>sign in</button></form>";
+
+/// `GET /ui/login`: the sign-in form (straight to `/ui` when no tokens are configured).
+pub async fn login_form(state: web::Data<AppState>) -> HttpResponse {
+    if state.api_tokens.expose().is_empty() {
+        return HttpResponse::SeeOther()
+            .insert_header(("Location", "/ui"))
+            .finish();
+    }
+    page("Kobe: sign in", false, SIGN_IN_FORM)
+}
+
+/// `POST /ui/login`: a listed token sets the session cookie (8 h) and goes to `/ui`; any other
+/// answers 401 with the form again. The token is never logged.
+pub async fn login(state: web::Data<AppState>, form: web::Form<SignIn>) -> HttpResponse {
+    let token = form.token.trim();
+    let tokens = state.api_tokens.expose();
+    // The cookie carries the token verbatim: only a token in the form of one may be set.
+    let well_formed = token.chars().all(|c| c.is_ascii_graphic() && c != ';');
+    if tokens.is_empty() || (well_formed && crate::http::guard::accepted(token, tokens)) {
+        tracing::info!(by = %super::actions::requester_of(Some(token)), "operator signed in to /ui");
+        return HttpResponse::SeeOther()
+            .insert_header(("Location", "/ui"))
+            .insert_header((
+                "Set-Cookie",
+                format!(
+                    "{}={token}; Path=/; Max-Age=28800; HttpOnly; SameSite=Strict",
+                    crate::http::guard::SESSION_COOKIE
+                ),
+            ))
+            .finish();
+    }
+    let mut response = page(
+        "Kobe: sign in",
+        false,
+        &format!("<p id=\"refused\">That token is not accepted.</p>{SIGN_IN_FORM}"),
+    );
+    *response.status_mut() = actix_web::http::StatusCode::UNAUTHORIZED;
+    response
 }
 
 /// `?id=` of the search box.
@@ -246,8 +294,10 @@ pub async fn task(
         finished = when(task.finished_at),
         cause = escape(task.root_cause.as_deref().unwrap_or("-")),
     );
-    if task.state == TaskState::Failure {
+    if TaskState::RERUNNABLE.contains(&task.state) {
         let _ = write!(body, "<p><button data-retry=\"{id}\">retry</button></p>");
+    } else if !task.state.is_final() {
+        let _ = write!(body, "<p><button data-cancel=\"{id}\">cancel</button></p>");
     }
     body.push_str("<h2>Failed attempts</h2><table id=\"errors\"><tr><th>attempt</th><th>decision</th><th>when</th><th>root cause</th></tr>");
     for e in &errors {

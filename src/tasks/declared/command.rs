@@ -6,7 +6,8 @@
 //! status decides the outcome: 0 is `SUCCESS`, 75 (`EX_TEMPFAIL`) a retry, anything else a
 //! `FAILURE` with the tail of its stderr as the root cause.
 //!
-//! It runs in a process group of its own. At the soft time limit the group gets `SIGTERM`; at
+//! It runs in a process group of its own. At the soft time limit, or when the task is cancelled,
+//! the group gets `SIGTERM`; at
 //! `time_limit_s` the worker abandons the attempt (a `FAILURE`, as for any task) and the group
 //! gets `SIGKILL`. When the program exits,
 //! whatever it left running in its group is killed too, so no attempt leaves an orphan behind.
@@ -100,7 +101,7 @@ impl Program {
     }
 
     /// One attempt: run the program to its end (or its limit) and read its verdict.
-    pub(super) async fn run(&self, mut invocation: Invocation, body: &Value) -> HandlerResult {
+    pub(super) async fn run(&self, invocation: Invocation, body: &Value) -> HandlerResult {
         let input = serde_json::to_vec(body)
             .map_err(|e| TaskError::Permanent(format!("cannot encode the input: {e}")))?;
         let mut command = tokio::process::Command::new(&self.argv[0]);
@@ -141,7 +142,7 @@ impl Program {
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status,
-                () = invocation.soft_limit.reached(), if !terminated => {
+                _ = invocation.wrap_up(), if !terminated => {
                     terminated = true;
                     group.signal(libc::SIGTERM);
                 }

@@ -11,7 +11,8 @@
 //! | 408, 429, 5xx, a timeout, no connection | retry with the task's backoff, no sooner than `Retry-After` (seconds) |
 //! | any other 4xx | `FAILURE` without retry, an excerpt of the body as the root cause |
 //!
-//! The request times out at the task's `time_limit_s`.
+//! The request times out at the task's `time_limit_s`. A cancel (`kobe task cancel`) stops waiting for
+//! the answer and ends the task `REVOKED`; the receiver may still act on the request.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -158,7 +159,17 @@ impl HttpCall {
             request = request.header(name, value.expose().clone());
         }
         let target = redact_url(self.url.as_str());
-        let response = match request.body(body).send().await {
+        let mut cancel = invocation.cancel.clone();
+        let sent = tokio::select! {
+            sent = request.body(body).send() => sent,
+            // The other side may still act on the request: it has the idempotency key.
+            () = cancel.raised() => {
+                return Err(TaskError::Permanent(format!(
+                    "cancelled while waiting for {target}"
+                )))
+            }
+        };
+        let response = match sent {
             Ok(response) => response,
             Err(e) if e.is_timeout() => {
                 return Err(TaskError::Retryable(format!(

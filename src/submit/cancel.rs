@@ -1,0 +1,38 @@
+//! Cancelling a task: what `POST /task/{id}/cancel` and `kobe task cancel` share.
+//!
+//! A waiting task (`PENDING`, `RETRY`) becomes `REVOKED` at once and its message is acked unrun
+//! when a worker receives it. A running one is marked: the worker running it sees the mark within
+//! [`CANCEL_POLL`](crate::worker::CANCEL_POLL) and raises the handler's
+//! [`cancel`](crate::tasks::Invocation::cancel) signal; the task ends `REVOKED` if the handler
+//! stops, or as it would have if it runs to its end. Asking again changes nothing.
+
+use crate::store::attempts::Cancelled;
+use crate::store::{Cache, StoreError, TaskRepository};
+use crate::telemetry::metrics::metrics;
+
+/// Cancels task `id` for `by` (who asked, for its history and the log).
+pub async fn cancel(
+    tasks: &TaskRepository,
+    cache: &Cache,
+    id: &str,
+    by: &str,
+) -> Result<Cancelled, StoreError> {
+    let answer = tasks.cancel(id, by).await?;
+    let outcome = match &answer {
+        Cancelled::Revoked => "revoked",
+        Cancelled::Requested { .. } => "requested",
+        Cancelled::AlreadyRevoked => "already_revoked",
+        Cancelled::Finished(_) => "finished",
+        Cancelled::Missing => "missing",
+    };
+    if matches!(answer, Cancelled::Revoked) {
+        // Best effort: a cached PENDING would hide the cancel until its TTL.
+        let _ = cache.invalidate_status(id).await;
+    }
+    metrics()
+        .task_operations
+        .with_label_values(&["cancel", outcome])
+        .inc();
+    tracing::info!(task_id = %id, by = %by, outcome, "task cancel requested");
+    Ok(answer)
+}
