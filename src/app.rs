@@ -156,16 +156,8 @@ impl App {
                         TaskCommand::Show { id } => {
                             commands::operations::show_task(&settings, &id).await
                         }
-                        TaskCommand::List {
-                            state,
-                            task_name,
-                            within,
-                            limit,
-                        } => {
-                            commands::operations::list_tasks(
-                                &settings, &state, task_name, within, limit,
-                            )
-                            .await
+                        TaskCommand::List(query) => {
+                            commands::operations::list_tasks(&settings, query).await
                         }
                     };
                     match done {

@@ -43,21 +43,8 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
-    /// Tasks in one state, most recently changed first.
-    List {
-        /// PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED.
-        #[arg(long, default_value = "FAILURE")]
-        state: String,
-        /// Only tasks of this name.
-        #[arg(long = "task", value_name = "NAME")]
-        task_name: Option<String>,
-        /// Only tasks changed within this long: 30s, 15m, 12h, 7d.
-        #[arg(long, value_name = "AGE", value_parser = parse_age)]
-        within: Option<std::time::Duration>,
-        /// Show at most this many.
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
-        limit: u32,
-    },
+    /// Tasks in one state (or one job's children), most recently changed first.
+    List(TaskQuery),
     /// One task: its document, its failed attempts (TaskErrorLog) and its replays, as JSON.
     Show {
         /// The task id.
@@ -76,6 +63,33 @@ pub enum TaskCommand {
         /// The task id.
         id: String,
     },
+}
+
+/// Which tasks `kobe task list` shows.
+#[derive(Debug, Args)]
+pub struct TaskQuery {
+    /// PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED (default FAILURE; any state with
+    /// --parent).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only tasks of this name.
+    #[arg(long = "task", value_name = "NAME")]
+    pub task_name: Option<String>,
+    /// Only tasks sent to this route (queue suffix).
+    #[arg(long, value_name = "ROUTE")]
+    pub route: Option<String>,
+    /// Only children of this task (a sharded job's shards).
+    #[arg(long = "parent", value_name = "TASK_ID")]
+    pub parent_id: Option<String>,
+    /// Only tasks whose root cause contains this text (case-insensitive).
+    #[arg(long = "cause", value_name = "TEXT")]
+    pub root_cause: Option<String>,
+    /// Only tasks changed (finished, for a final state) within this long: 30s, 15m, 12h, 7d.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub within: Option<std::time::Duration>,
+    /// Show at most this many.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub limit: u32,
 }
 
 /// Which dead letters a command is about.

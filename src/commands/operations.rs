@@ -124,17 +124,22 @@ pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<bool> {
 }
 
 /// `kobe task list`: a table of tasks in one state, newest change first.
-pub async fn list_tasks(
-    settings: &Settings,
-    state: &str,
-    task_name: Option<String>,
-    within: Option<std::time::Duration>,
-    limit: u32,
-) -> anyhow::Result<bool> {
+pub async fn list_tasks(settings: &Settings, query: crate::cli::TaskQuery) -> anyhow::Result<bool> {
     use crate::store::search::Search;
-    let state: crate::domain::TaskState = state.parse().map_err(anyhow::Error::msg)?;
+    let state = query
+        .state
+        .as_deref()
+        .map(str::parse::<crate::domain::TaskState>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--state: {e}"))?;
+    let parent_id = query
+        .parent_id
+        .as_deref()
+        .map(crate::domain::TaskId::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--parent: {e}"))?;
     let db = super::database(settings).await?;
-    let since = within.map(|w| {
+    let since = query.within.map(|w| {
         let ms = i64::try_from(w.as_millis()).unwrap_or(i64::MAX);
         mongodb::bson::DateTime::from_millis(
             mongodb::bson::DateTime::now()
@@ -144,10 +149,13 @@ pub async fn list_tasks(
     });
     let (tasks, next) = crate::store::TaskRepository::new(&db)
         .search(&Search {
-            state: Some(state),
-            task_name,
+            state,
+            task_name: query.task_name,
+            route: query.route,
+            parent_id: parent_id.map(|id| id.to_string()),
+            root_cause: query.root_cause,
             since,
-            limit,
+            limit: query.limit,
             ..Search::default()
         })
         .await

@@ -1,7 +1,12 @@
-//! Finding tasks for operators: by state, newest change first, a page at a time. Every query
-//! here runs on the `state_updated_at` index (equality on `state`, range and order on
-//! `updated_at`), so a page costs the same on a large collection as on a small one; a task name
-//! narrows the page within that scan.
+//! Finding tasks for operators: by state or by parent job, newest change first, a page at a time.
+//! Every query here runs on an index — `state_updated_at` (equality on `state`, range and order
+//! on `updated_at`), or `parent_id_updated_at` for a job's children (partial: only child tasks pay
+//! for it) — so a page costs the same on a large collection as on a small one. A task name, a
+//! route or a root-cause text narrows the page within that scan; none of them is an index of its
+//! own, because every index on `Tasks` is written on every state change of every task.
+//!
+//! For a finished task `updated_at` is when it finished, so `since`/`until` with a final state is
+//! a range on the finish time.
 
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, DateTime};
@@ -38,8 +43,15 @@ impl Cursor {
 /// One page of a search.
 #[derive(Debug, Clone, Default)]
 pub struct Search {
+    /// Default `FAILURE`, unless `parent_id` is given (then: any state).
     pub state: Option<TaskState>,
     pub task_name: Option<String>,
+    /// The route (queue suffix) it was sent to.
+    pub route: Option<String>,
+    /// Children of this task (a sharded job's shards, say).
+    pub parent_id: Option<String>,
+    /// Root cause containing this text (case-insensitive).
+    pub root_cause: Option<String>,
     /// Changed at or after this time.
     pub since: Option<DateTime>,
     /// Changed before this time.
@@ -49,38 +61,14 @@ pub struct Search {
 }
 
 impl TaskRepository {
-    /// Tasks in `search.state`, most recently changed first; the cursor of the next page when
+    /// Tasks matching `search`, most recently changed first; the cursor of the next page when
     /// there may be one.
     #[tracing::instrument(name = "store.tasks.search", skip(self))]
     pub async fn search(
         &self,
         search: &Search,
     ) -> Result<(Vec<TaskDocument>, Option<Cursor>), StoreError> {
-        let state = search.state.unwrap_or(TaskState::Failure);
-        let mut range = doc! {};
-        if let Some(since) = search.since {
-            range.insert("$gte", since);
-        }
-        if let Some(until) = search.until {
-            range.insert("$lt", until);
-        }
-        let mut filter = doc! {"state": state.as_str()};
-        if !range.is_empty() {
-            filter.insert("updated_at", range);
-        }
-        if let Some(name) = &search.task_name {
-            filter.insert("task_name", name);
-        }
-        if let Some(after) = &search.after {
-            let at = DateTime::from_millis(after.updated_at_ms);
-            filter.insert(
-                "$or",
-                vec![
-                    doc! {"updated_at": {"$lt": at}},
-                    doc! {"updated_at": at, "_id": {"$lt": &after.id}},
-                ],
-            );
-        }
+        let filter = search.filter();
         let limit = search.limit.clamp(1, MAX_PAGE);
         let tasks: Vec<TaskDocument> = self
             .collection
@@ -100,6 +88,95 @@ impl TaskRepository {
         Ok((tasks, next))
     }
 
+    /// The winning plan of `search`'s query as the server explains it (`queryPlanner`), for a
+    /// check that it runs on an index.
+    pub async fn explain_search(
+        &self,
+        search: &Search,
+    ) -> Result<mongodb::bson::Document, StoreError> {
+        let command = doc! {
+            "explain": {
+                "find": super::tasks::COLLECTION,
+                "filter": search.filter(),
+                "sort": {"updated_at": -1, "_id": -1},
+                "limit": i64::from(search.limit.clamp(1, MAX_PAGE)),
+            },
+            "verbosity": "queryPlanner",
+        };
+        Ok(self
+            .collection
+            .client()
+            .database(self.collection.namespace().db.as_str())
+            .run_command(command)
+            .await?)
+    }
+}
+
+impl Search {
+    fn filter(&self) -> mongodb::bson::Document {
+        let search = self;
+        let mut range = doc! {};
+        if let Some(since) = search.since {
+            range.insert("$gte", since);
+        }
+        if let Some(until) = search.until {
+            range.insert("$lt", until);
+        }
+        let mut filter = match (&search.parent_id, search.state) {
+            (Some(parent), state) => {
+                let mut filter = doc! {"parent_id": parent};
+                if let Some(state) = state {
+                    filter.insert("state", state.as_str());
+                }
+                filter
+            }
+            (None, state) => doc! {"state": state.unwrap_or(TaskState::Failure).as_str()},
+        };
+        if !range.is_empty() {
+            filter.insert("updated_at", range);
+        }
+        if let Some(name) = &search.task_name {
+            filter.insert("task_name", name);
+        }
+        if let Some(route) = &search.route {
+            filter.insert("route", route);
+        }
+        if let Some(text) = &search.root_cause {
+            filter.insert(
+                "root_cause",
+                mongodb::bson::Regex {
+                    pattern: regex_escape(text),
+                    options: "i".into(),
+                },
+            );
+        }
+        if let Some(after) = &search.after {
+            let at = DateTime::from_millis(after.updated_at_ms);
+            filter.insert(
+                "$or",
+                vec![
+                    doc! {"updated_at": {"$lt": at}},
+                    doc! {"updated_at": at, "_id": {"$lt": &after.id}},
+                ],
+            );
+        }
+        filter
+    }
+}
+
+/// `text` as a regular expression matching itself.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl TaskRepository {
     /// How many tasks each state has that changed since `since` (index-backed: one count per
     /// state).
     pub async fn counts_since(&self, since: DateTime) -> Result<Vec<(TaskState, u64)>, StoreError> {
@@ -129,5 +206,11 @@ mod tests {
         assert_eq!(Cursor::parse("soon.abc"), None);
         assert_eq!(Cursor::parse("12.a/b"), None);
         assert_eq!(Cursor::parse("12"), None);
+    }
+
+    #[test]
+    fn root_cause_text_is_matched_literally() {
+        assert_eq!(regex_escape("a.b (c)"), "a\\.b \\(c\\)");
+        assert_eq!(regex_escape("plain"), "plain");
     }
 }

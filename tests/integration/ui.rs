@@ -112,6 +112,19 @@ async fn the_page_shows_a_scripted_run_and_the_search_pages_through_failures() {
     assert_eq!((status, problem["field"].as_str()), (422, Some("cursor")));
     let (status, problem) = page("limit=501".into()).await;
     assert_eq!((status, problem["field"].as_str()), (422, Some("limit")));
+    let (status, problem) = page("parent_id=a%2Fb".into()).await;
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (422, Some("parent_id"))
+    );
+    let (status, problem) = page(format!("root_cause={}", "x".repeat(201))).await;
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (422, Some("root_cause"))
+    );
+    let (_, by_cause) =
+        page("state=FAILURE&root_cause=RETRIES%20EXHAUSTED&route=default".into()).await;
+    assert_eq!(by_cause["tasks"].as_array().unwrap().len(), 2, "{by_cause}");
 
     // The dead-letter API: list, then replay one by id (its second attempt succeeds).
     let letters: Value = api.get("/dlq").await.json().await.unwrap();

@@ -15,13 +15,20 @@ use crate::store::TaskDocument;
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SearchQuery {
-    /// `PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE` or `REVOKED` (default `FAILURE`).
+    /// `PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE` or `REVOKED` (default `FAILURE`, or
+    /// any state with `parent_id`).
     pub state: Option<String>,
     /// Only tasks of this name.
     pub task_name: Option<String>,
-    /// Changed at or after this time (RFC 3339).
+    /// Only tasks sent to this route (queue suffix).
+    pub route: Option<String>,
+    /// Only children of this task (a sharded job's shards).
+    pub parent_id: Option<String>,
+    /// Only tasks whose root cause contains this text (case-insensitive, at most 200 characters).
+    pub root_cause: Option<String>,
+    /// Changed at or after this time (RFC 3339); for a finished state, finished at or after.
     pub since: Option<String>,
-    /// Changed before this time (RFC 3339).
+    /// Changed before this time (RFC 3339); for a finished state, finished before.
     pub until: Option<String>,
     /// Tasks per page, 1–500 (default 50). Read as text so a bad value is a 422 naming it.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
@@ -72,7 +79,8 @@ fn time(field: &str, value: Option<&str>) -> Result<Option<DateTime>, ApiError> 
         .transpose()
 }
 
-/// Tasks in one state, most recently changed first (index-backed; cursor pagination).
+/// Tasks in one state, or a job's children, most recently changed first (index-backed; cursor
+/// pagination).
 #[utoipa::path(
     get,
     path = "/task",
@@ -110,9 +118,28 @@ pub async fn search(
                 .ok_or_else(|| ApiError::validation("cursor", "not a cursor this API gave"))
         })
         .transpose()?;
+    if query
+        .root_cause
+        .as_ref()
+        .is_some_and(|t| t.chars().count() > 200)
+    {
+        return Err(ApiError::validation("root_cause", "at most 200 characters"));
+    }
+    let parent_id = query
+        .parent_id
+        .as_deref()
+        .map(|p| {
+            crate::domain::TaskId::parse(p)
+                .map(|id| id.to_string())
+                .map_err(|reason| ApiError::validation("parent_id", reason))
+        })
+        .transpose()?;
     let search = Search {
         state: task_state,
         task_name: query.task_name.clone(),
+        route: query.route.clone(),
+        parent_id,
+        root_cause: query.root_cause.clone().filter(|t| !t.is_empty()),
         since: time("since", query.since.as_deref())?,
         until: time("until", query.until.as_deref())?,
         after,

@@ -314,3 +314,106 @@ async fn a_dedup_claim_whose_task_never_appeared_is_taken_over() {
     );
     api.stop().await;
 }
+
+/// A failed task as the search sees it.
+fn failed(id: &str, route: &str, parent: Option<&str>, cause: &str, at_ms: i64) -> TaskDocument {
+    let mut task = TaskDocument::pending(&TaskId::parse(id).unwrap(), "searched", route);
+    task.state = TaskState::Failure;
+    task.parent_id = parent.map(str::to_owned);
+    task.root_cause = Some(cause.to_owned());
+    task.updated_at = DateTime::from_millis(at_ms);
+    task.finished_at = Some(task.updated_at);
+    task
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_search_filters_by_route_parent_and_root_cause_on_an_index() {
+    use kobe::store::search::Search;
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let tasks = env.tasks();
+    let now = DateTime::now().timestamp_millis();
+    let parent = "job-1";
+    for task in [
+        failed(
+            "t-io-1",
+            "io",
+            None,
+            "Timeout (a.b) talking to S3",
+            now - 3000,
+        ),
+        failed(
+            "t-io-2",
+            "io",
+            Some(parent),
+            "connection refused",
+            now - 2000,
+        ),
+        failed(
+            "t-default",
+            "default",
+            Some(parent),
+            "TIMEOUT again",
+            now - 1000,
+        ),
+    ] {
+        tasks.insert(&task).await.unwrap();
+    }
+    let mut done = TaskDocument::pending(&TaskId::parse("t-done").unwrap(), "searched", "io");
+    done.state = TaskState::Success;
+    done.parent_id = Some(parent.into());
+    tasks.insert(&done).await.unwrap();
+
+    let ids = |search: Search| {
+        let tasks = tasks.clone();
+        async move {
+            let (found, _) = tasks
+                .search(&Search {
+                    limit: 50,
+                    ..search
+                })
+                .await
+                .unwrap();
+            found.into_iter().map(|t| t.id).collect::<Vec<_>>()
+        }
+    };
+    let by_route = Search {
+        route: Some("io".into()),
+        ..Search::default()
+    };
+    assert_eq!(ids(by_route.clone()).await, ["t-io-2", "t-io-1"]);
+    // The children of a job, in any state, newest first; or in one state.
+    let children = Search {
+        parent_id: Some(parent.into()),
+        ..Search::default()
+    };
+    assert_eq!(ids(children.clone()).await.len(), 3);
+    let failed_children = Search {
+        state: Some(TaskState::Failure),
+        ..children.clone()
+    };
+    assert_eq!(ids(failed_children).await, ["t-default", "t-io-2"]);
+    // Root-cause text: case-insensitive, taken literally (the dot and parentheses).
+    let cause = |text: &str| Search {
+        root_cause: Some(text.into()),
+        ..Search::default()
+    };
+    assert_eq!(ids(cause("timeout")).await, ["t-default", "t-io-1"]);
+    assert_eq!(ids(cause("(a.b)")).await, ["t-io-1"]);
+    assert!(ids(cause("(a.c)")).await.is_empty());
+
+    // Each query runs on an index, where the server explains its plans the way MongoDB does.
+    for (search, index) in [
+        (by_route, "state_updated_at"),
+        (cause("timeout"), "state_updated_at"),
+        (children, "parent_id_updated_at"),
+    ] {
+        let plan = tasks.explain_search(&search).await.unwrap().to_string();
+        if plan.contains("winningPlan") && plan.contains("indexName") {
+            assert!(plan.contains(index), "{index} in {plan}");
+            assert!(!plan.contains("COLLSCAN"), "{plan}");
+        } else {
+            eprintln!("this MongoDB-compatible server explains differently: {plan}");
+        }
+    }
+}
