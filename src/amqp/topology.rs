@@ -8,7 +8,13 @@
 //! ```
 //!
 //! `{p}` is the configured prefix (`kobe` by default); tests use their own prefix so they can run in
-//! parallel on one broker. A delay queue has a message TTL and dead-letters into `{p}.tasks`
+//! parallel on one broker. With quorum queues (`KOBE_QUEUE_TYPE=quorum`) every queue that holds a
+//! task — the routes', the delay queues and the DLQ — is a quorum queue, replicated across the
+//! cluster; those that dead-letter do it at least once (`x-dead-letter-strategy`, which needs
+//! `x-overflow=reject-publish`), and the broker's delivery limit is set explicitly and high so
+//! Kobe's own redelivery cap decides what is poison. Quorum queues have no `x-max-priority`:
+//! RabbitMQ 3.x delivers them in order whatever the priority; 4.x has two levels (5–9 before
+//! 0–4). A delay queue has a message TTL and dead-letters into `{p}.tasks`
 //! keeping the message's routing key, so a retried message comes back to its own queue. Every
 //! declaration is idempotent: `serve`, `worker` and `healthcheck` all declare what they use.
 
@@ -36,6 +42,9 @@ pub const RETRY_LEVELS_MS: [u64; 16] = [
     1_200_000, 3_600_000, 21_600_000,
 ];
 
+/// The quorum queues' `x-delivery-limit` unless configured (`KOBE_QUORUM_DELIVERY_LIMIT`).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 10_000;
+
 /// Names and routes of one deployment's exchanges and queues.
 #[derive(Clone, Debug)]
 pub struct Topology {
@@ -43,6 +52,8 @@ pub struct Topology {
     kind: QueueKind,
     /// Task name → route.
     routes: BTreeMap<String, String>,
+    /// Quorum queues' `x-delivery-limit`.
+    delivery_limit: u32,
 }
 
 impl Topology {
@@ -51,7 +62,18 @@ impl Topology {
             prefix: prefix.to_owned(),
             kind,
             routes,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
         }
+    }
+
+    /// The same topology with quorum queues' delivery limit at `limit`.
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = limit.max(1);
+        self
+    }
+
+    pub fn kind(&self) -> QueueKind {
+        self.kind
     }
 
     pub fn tasks_exchange(&self) -> String {
@@ -135,33 +157,37 @@ impl Topology {
                     AmqpValue::ShortShortUInt(Priority::MAX),
                 );
             }
-            QueueKind::Quorum => self.insert_quorum_arguments(&mut args),
+            QueueKind::Quorum => self.insert_quorum_arguments(&mut args, true),
         }
         args
     }
 
-    fn insert_quorum_arguments(&self, args: &mut FieldTable) {
+    /// Quorum queue arguments; `dead_letters`: the queue dead-letters somewhere, at least once.
+    fn insert_quorum_arguments(&self, args: &mut FieldTable, dead_letters: bool) {
         args.insert(
             "x-queue-type".into(),
             AmqpValue::LongString("quorum".into()),
         );
         args.insert(
-            "x-dead-letter-strategy".into(),
-            AmqpValue::LongString("at-least-once".into()),
+            "x-delivery-limit".into(),
+            AmqpValue::LongLongInt(i64::from(self.delivery_limit)),
         );
-        args.insert(
-            "x-overflow".into(),
-            AmqpValue::LongString("reject-publish".into()),
-        );
+        if dead_letters {
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AmqpValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AmqpValue::LongString("reject-publish".into()),
+            );
+        }
     }
 
     fn dead_letter_queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::new();
         if self.kind == QueueKind::Quorum {
-            args.insert(
-                "x-queue-type".into(),
-                AmqpValue::LongString("quorum".into()),
-            );
+            self.insert_quorum_arguments(&mut args, false);
         }
         args
     }
@@ -176,6 +202,9 @@ impl Topology {
             "x-message-ttl".into(),
             AmqpValue::LongLongInt(i64::try_from(level_ms).unwrap_or(i64::MAX)),
         );
+        if self.kind == QueueKind::Quorum {
+            self.insert_quorum_arguments(&mut args, true);
+        }
         args
     }
 
@@ -258,9 +287,24 @@ impl Topology {
                 },
             )
             .map(drop)
-            .map_err(|e| AmqpError::Topology {
-                what: format!("queue {name}"),
-                reason: Cause::of(e),
+            .map_err(|e| {
+                let text = e.to_string();
+                let what = if text.contains("x-queue-type") {
+                    // A queue cannot change type in place.
+                    format!(
+                        "queue {name} (it exists as another queue type than KOBE_QUEUE_TYPE={}; queues cannot change type in place — drain and delete it, or see the README's \"Switching to quorum queues\")",
+                        match self.kind {
+                            QueueKind::Classic => "classic",
+                            QueueKind::Quorum => "quorum",
+                        }
+                    )
+                } else {
+                    format!("queue {name}")
+                };
+                AmqpError::Topology {
+                    what,
+                    reason: Cause::of(e),
+                }
             })
     }
 
@@ -351,5 +395,34 @@ mod tests {
             Some(&AmqpValue::LongString("at-least-once".into()))
         );
         assert!(!args.contains_key("x-max-priority"));
+        assert_eq!(
+            args.get("x-delivery-limit"),
+            Some(&AmqpValue::LongLongInt(i64::from(DEFAULT_DELIVERY_LIMIT)))
+        );
+    }
+
+    #[test]
+    fn with_quorum_every_queue_that_holds_a_task_is_quorum() {
+        let t = Topology::new("kobe", QueueKind::Quorum, BTreeMap::new()).with_delivery_limit(7);
+        let quorum = Some(&AmqpValue::LongString("quorum".into()));
+        for args in [
+            t.task_queue_arguments(),
+            t.retry_queue_arguments(1000),
+            t.dead_letter_queue_arguments(),
+        ] {
+            assert_eq!(args.get("x-queue-type"), quorum);
+            assert_eq!(
+                args.get("x-delivery-limit"),
+                Some(&AmqpValue::LongLongInt(7))
+            );
+        }
+        assert_eq!(
+            t.retry_queue_arguments(1000).get("x-dead-letter-strategy"),
+            Some(&AmqpValue::LongString("at-least-once".into()))
+        );
+        let classic = topology();
+        assert!(!classic
+            .retry_queue_arguments(1000)
+            .contains_key("x-queue-type"));
     }
 }

@@ -102,6 +102,7 @@ pub fn topology(settings: &Settings) -> Topology {
         settings.queue_kind,
         settings.task_routes.clone(),
     )
+    .with_delivery_limit(settings.quorum_delivery_limit)
 }
 
 /// Starts polling the depth of `queues` every 5 s; sending on (or dropping) the returned sender

@@ -141,6 +141,8 @@ pub struct Settings {
     pub amqp_prefix: String,
     /// Classic queues (one broker) or quorum queues (a cluster).
     pub queue_kind: QueueKind,
+    /// With quorum queues: the broker's `x-delivery-limit`.
+    pub quorum_delivery_limit: u32,
     /// Prefix of every Redis key Kobe writes.
     pub redis_prefix: String,
     /// How long a publish may wait for the broker's confirm before the caller gets an error.
@@ -288,6 +290,11 @@ impl Settings {
             log_format: read.parsed("KOBE_LOG_FORMAT")?,
             amqp_prefix: read.name("KOBE_AMQP_PREFIX")?,
             queue_kind: read.parsed("KOBE_QUEUE_TYPE")?,
+            quorum_delivery_limit: read.number(
+                "KOBE_QUORUM_DELIVERY_LIMIT",
+                1..=1_000_000_000,
+                "a number of deliveries",
+            )?,
             redis_prefix: read.name("KOBE_REDIS_PREFIX")?,
             publish_timeout: read.millis("KOBE_PUBLISH_TIMEOUT_MS")?,
             publish_queue: read.number(

@@ -12,6 +12,7 @@ mod dlq;
 mod faults;
 mod http;
 mod observability;
+mod quorum;
 mod store;
 mod ui;
 mod worker;
