@@ -1,5 +1,10 @@
 //! Opening AMQP connections the way Kobe needs them: TCP_NODELAY on, bounded connect time,
-//! credentials from the URL.
+//! credentials from the URL, and several brokers to choose from.
+//!
+//! `RABBITMQ_URL` may list the nodes of a cluster, comma-separated. Every connection — the
+//! publisher's, the consumer's, a health check's — goes to the first node that answers, so when a
+//! connection is lost the reconnect that follows lands on the next live node, and a node that
+//! comes back is used again by the connections opened after it did; nothing needs a restart.
 //!
 //! amiquip's `Connection::insecure_open` leaves Nagle's algorithm on, which holds every small frame
 //! (a publish, a confirm, an ack) for up to 40 ms waiting for more data: publish-then-confirm runs at
@@ -15,24 +20,66 @@ use super::AmqpError;
 use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
-/// What a connection needs besides the socket.
+/// One broker node: where it is and how to log in.
 #[derive(Clone, Debug)]
-pub(crate) struct Endpoint {
+struct Node {
     addrs: Vec<SocketAddr>,
     username: String,
     password: String,
     vhost: String,
     heartbeat: u16,
     /// Shown in logs and errors instead of the URL, which may carry a password.
+    display: String,
+}
+
+/// The broker nodes a connection may go to, in order of preference.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    nodes: Vec<Node>,
+    /// Shown in logs and errors instead of the URLs, which may carry passwords.
     pub(crate) display: String,
 }
 
 impl Endpoint {
-    /// Parses `amqp://user:password@host:port/vhost?heartbeat=N`. A missing user and password mean
+    /// Parses one `amqp://user:password@host:port/vhost?heartbeat=N` URL or several,
+    /// comma-separated (the nodes of a cluster). A missing user and password mean
     /// `guest`/`guest`, a missing vhost means `/`, as in RabbitMQ's URI specification.
     pub(crate) fn parse(url: &ServiceUrl) -> Result<Self, AmqpError> {
-        let display = url.to_string();
-        let parsed = url::Url::parse(url.expose()).map_err(|e| AmqpError::Connect {
+        let nodes = url
+            .expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(Node::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        if nodes.is_empty() {
+            return Err(AmqpError::Connect {
+                endpoint: url.to_string(),
+                reason: "no broker URL given".into(),
+            });
+        }
+        Ok(Self {
+            nodes,
+            display: url.to_string(),
+        })
+    }
+
+    /// Each node as an endpoint of its own, for a report per node.
+    pub(crate) fn each_node(&self) -> Vec<Endpoint> {
+        self.nodes
+            .iter()
+            .map(|node| Endpoint {
+                nodes: vec![node.clone()],
+                display: node.display.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Node {
+    fn parse(text: &str) -> Result<Self, AmqpError> {
+        let display = crate::config::redact_url(text);
+        let parsed = url::Url::parse(text).map_err(|e| AmqpError::Connect {
             endpoint: display.clone(),
             reason: Cause::context("invalid URL", e),
         })?;
@@ -83,7 +130,9 @@ impl Endpoint {
             display,
         })
     }
+}
 
+impl Endpoint {
     /// Connects within `timeout` (TCP connect plus AMQP handshake each get it).
     pub(crate) fn connect(&self, timeout: Duration) -> Result<Connection, AmqpError> {
         self.connect_as(timeout, "kobe")
@@ -96,6 +145,27 @@ impl Endpoint {
         timeout: Duration,
         name: &str,
     ) -> Result<Connection, AmqpError> {
+        let mut errors = Vec::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            match node.connect(timeout, name) {
+                Ok(connection) => {
+                    if index > 0 {
+                        tracing::warn!(node = %node.display, unreachable = %errors.join("; "), "connected to a later RabbitMQ node; the earlier ones did not answer");
+                    }
+                    return Ok(connection);
+                }
+                Err(e) => errors.push(format!("{}: {e}", node.display)),
+            }
+        }
+        Err(AmqpError::Connect {
+            endpoint: self.display.clone(),
+            reason: errors.join("; ").into(),
+        })
+    }
+}
+
+impl Node {
+    fn connect(&self, timeout: Duration, name: &str) -> Result<Connection, String> {
         let mut last_error = String::from("no address to connect to");
         for addr in &self.addrs {
             match TcpStream::connect_timeout(addr, timeout) {
@@ -129,10 +199,7 @@ impl Endpoint {
                 Err(e) => last_error = format!("{addr}: {e}"),
             }
         }
-        Err(AmqpError::Connect {
-            endpoint: self.display.clone(),
-            reason: last_error.into(),
-        })
+        Err(last_error)
     }
 }
 
@@ -146,24 +213,65 @@ mod tests {
             "amqp://user:p%40ss@127.0.0.1:5673/my%2fvhost?heartbeat=10",
         ))
         .unwrap();
-        assert_eq!(e.username, "user");
-        assert_eq!(e.password, "p@ss");
-        assert_eq!(e.vhost, "my/vhost");
-        assert_eq!(e.heartbeat, 10);
-        assert_eq!(e.addrs[0].port(), 5673);
+        let n = &e.nodes[0];
+        assert_eq!(n.username, "user");
+        assert_eq!(n.password, "p@ss");
+        assert_eq!(n.vhost, "my/vhost");
+        assert_eq!(n.heartbeat, 10);
+        assert_eq!(n.addrs[0].port(), 5673);
         assert!(!e.display.contains("p%40ss"));
     }
 
     #[test]
     fn defaults_follow_the_rabbitmq_uri_spec() {
         let e = Endpoint::parse(&ServiceUrl::new("amqp://127.0.0.1")).unwrap();
+        let n = &e.nodes[0];
         assert_eq!(
-            (e.username.as_str(), e.password.as_str()),
+            (n.username.as_str(), n.password.as_str()),
             ("guest", "guest")
         );
-        assert_eq!(e.vhost, "/");
-        assert_eq!(e.addrs[0].port(), 5672);
+        assert_eq!(n.vhost, "/");
+        assert_eq!(n.addrs[0].port(), 5672);
         let e = Endpoint::parse(&ServiceUrl::new("amqp://127.0.0.1/%2f")).unwrap();
-        assert_eq!(e.vhost, "/");
+        assert_eq!(e.nodes[0].vhost, "/");
+    }
+
+    #[test]
+    fn a_list_names_the_nodes_in_order_and_hides_every_password() {
+        let e = Endpoint::parse(&ServiceUrl::new(
+            "amqp://a:secret1@127.0.0.1:5673, amqp://b:secret2@127.0.0.1:5674/v",
+        ))
+        .unwrap();
+        let ports: Vec<u16> = e.nodes.iter().map(|n| n.addrs[0].port()).collect();
+        assert_eq!(ports, [5673, 5674]);
+        assert_eq!(e.nodes[1].vhost, "v");
+        assert!(!e.display.contains("secret"), "{}", e.display);
+        assert_eq!(e.each_node().len(), 2);
+        assert!(Endpoint::parse(&ServiceUrl::new("amqp://x,http://y")).is_err());
+    }
+
+    #[test]
+    fn the_first_node_that_answers_is_used() {
+        // Nothing listens on a port just freed; the machine's broker does on 5672.
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = Endpoint::parse(&ServiceUrl::new(&format!(
+            "amqp://127.0.0.1:{free},amqp://127.0.0.1:5672"
+        )))
+        .unwrap();
+        match e.connect(Duration::from_secs(5)) {
+            Ok(connection) => drop(connection.close()),
+            // A machine without the local broker: the error names both nodes.
+            Err(error) => {
+                let text = error.to_string();
+                assert!(
+                    text.contains(&free.to_string()) && text.contains("5672"),
+                    "{text}"
+                );
+            }
+        }
     }
 }

@@ -65,6 +65,26 @@ pub fn connect(url: &ServiceUrl, timeout: Duration) -> Result<amiquip::Connectio
     connection::Endpoint::parse(url)?.connect(timeout)
 }
 
+/// Each broker node `url` names (one, or a cluster's, comma-separated) and whether it accepts
+/// an AMQP connection within `timeout`. Blocking; nodes are tried one after another.
+pub fn node_reports(url: &ServiceUrl, timeout: Duration) -> Vec<(String, Result<(), String>)> {
+    let endpoint = match connection::Endpoint::parse(url) {
+        Ok(endpoint) => endpoint,
+        Err(e) => return vec![(url.to_string(), Err(e.to_string()))],
+    };
+    endpoint
+        .each_node()
+        .into_iter()
+        .map(|node| {
+            let answer = node
+                .connect_as(timeout, "kobe-healthcheck")
+                .map(|connection| drop(connection.close()))
+                .map_err(|e| e.to_string());
+            (node.display, answer)
+        })
+        .collect()
+}
+
 /// A queue as the broker reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueReport {

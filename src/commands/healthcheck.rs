@@ -66,11 +66,26 @@ async fn rabbitmq(settings: &Settings, budget: Duration) -> Result<String, Strin
     let url = settings.rabbitmq_url.clone();
     let topology = super::topology(settings);
     // amiquip blocks: run it on the blocking pool, and let `bounded` give up on it if need be.
+    // A cluster's nodes get a share of the budget each, after the topology check.
+    let nodes_url = url.clone();
+    let nodes = tokio::task::spawn_blocking(move || {
+        let per_node = budget / 2 / nodes_url.expose().split(',').count().max(1) as u32;
+        crate::amqp::node_reports(&nodes_url, per_node)
+    });
     let reports =
         tokio::task::spawn_blocking(move || crate::amqp::check_topology(&url, &topology, budget))
             .await
             .map_err(|e| format!("check panicked: {e}"))?
             .map_err(|e| e.to_string())?;
+    let nodes = nodes.await.unwrap_or_default();
+    // One node down in a cluster is worth a line, not a failure: Kobe runs on the others.
+    let nodes: Vec<String> = nodes
+        .iter()
+        .map(|(node, answer)| match answer {
+            Ok(()) => format!("{node} up"),
+            Err(e) => format!("{node} DOWN ({e})"),
+        })
+        .collect();
     let queues: Vec<String> = reports
         .iter()
         .map(|q| {
@@ -81,8 +96,8 @@ async fn rabbitmq(settings: &Settings, budget: Duration) -> Result<String, Strin
         })
         .collect();
     Ok(format!(
-        "{} reachable; durable queues: {}",
-        settings.rabbitmq_url,
+        "nodes: {}; durable queues: {}",
+        nodes.join(", "),
         queues.join(", ")
     ))
 }

@@ -58,6 +58,14 @@ impl fmt::Debug for ServiceUrl {
 /// Replaces the password of `scheme://user:password@host…` with `***`. Works on URLs the `url`
 /// crate refuses (MongoDB's `host1,host2` seed lists), and leaves URLs without a password alone.
 pub fn redact_url(url: &str) -> String {
+    // A list of URLs (a cluster's nodes) has a password in each.
+    if url.matches("://").count() > 1 {
+        return url.split(',').map(redact_one).collect::<Vec<_>>().join(",");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
@@ -370,11 +378,21 @@ mod tests {
     }
 
     #[test]
+    fn every_password_of_a_broker_list_is_hidden() {
+        let shown = redact_url("amqp://u:one@h1:5672,amqp://u:two@h2:5672/v");
+        assert_eq!(shown, "amqp://u:***@h1:5672,amqp://u:***@h2:5672/v");
+        let seeds = redact_url("mongodb://u:pw@h1,h2:27017/db?replicaSet=rs");
+        assert_eq!(seeds, "mongodb://u:***@h1,h2:27017/db?replicaSet=rs");
+    }
+
+    #[test]
     fn malformed_values_name_their_variable() {
         for (var, value) in [
             ("KOBE_HTTP_ADDR", "not-an-address"),
             ("KOBE_LOG_FORMAT", "xml"),
             ("RABBITMQ_URL", "http://localhost"),
+            ("RABBITMQ_URL", "amqp://a:5672,http://b:5672"),
+            ("KOBE_QUORUM_DELIVERY_LIMIT", "0"),
             ("MONGODB_URI", "localhost:27017"),
             ("REDIS_URL", "127.0.0.1:6379"),
             ("MONGODB_DB", "bad/name"),

@@ -106,8 +106,17 @@ fn url_setting(
     value: &str,
     schemes: &[&str],
 ) -> Result<ServiceUrl, ConfigError> {
-    let scheme = value.split("://").next().unwrap_or_default();
-    if !value.contains("://") || !schemes.contains(&scheme) {
+    // Several URLs (a cluster's nodes, comma-separated) must each have a scheme given; a
+    // MongoDB seed list (`mongodb://h1,h2`) has one scheme and is one URL.
+    let parts: Vec<&str> = if value.matches("://").count() > 1 {
+        value.split(',').map(str::trim).collect()
+    } else {
+        vec![value]
+    };
+    let fits = |part: &&str| {
+        part.contains("://") && schemes.contains(&part.split("://").next().unwrap_or_default())
+    };
+    if !parts.iter().all(fits) {
         return Err(ConfigError {
             var,
             reason: format!(

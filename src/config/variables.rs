@@ -26,7 +26,7 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
 
 /// Every variable, in the order `.env.example` lists them.
 pub const VARIABLES: &[Variable] = &[
-    var("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", "RabbitMQ: amqp://user:password@host:port/vhost (%2f is the default vhost \"/\"). amqp:// only; terminate TLS in front of the broker. The password is shown as *** in every log line."),
+    var("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", "RabbitMQ: amqp://user:password@host:port/vhost (%2f is the default vhost \"/\"). amqp:// only; terminate TLS in front of the broker. A cluster: its nodes comma-separated — every connection goes to the first that answers and moves to the next when it is lost. Passwords are shown as *** in every log line."),
     var("MONGODB_URI", "mongodb://127.0.0.1:27017", "MongoDB connection string (mongodb:// or mongodb+srv://; TLS options in the string work). Its write concern is Kobe's: with ?w=majority&journal=true (as in docker-compose.yml) a 202 survives the loss of a MongoDB node."),
     var("MONGODB_DB", "kobe", "Kobe's MongoDB database."),
     var("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis: redis://[:password@]host:port/db (rediss:// for TLS)."),

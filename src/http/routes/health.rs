@@ -14,7 +14,9 @@ pub async fn health() -> HttpResponse {
 }
 
 /// Readiness: 200 when RabbitMQ, MongoDB and Redis answer within the probe timeout, 503 naming
-/// the ones that do not.
+/// the ones that do not. `rabbitmq_nodes` says which of the configured broker nodes accept a TCP
+/// connection: with a cluster, one node down is reported there and is not a failure while the
+/// publisher is connected to another.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
     (status = 200, description = "Every dependency answers"),
     (status = 503, description = "`failed` lists the dependencies that do not"),
@@ -39,6 +41,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             state.cache.ping().await.map_err(|e| e.to_string())
         }),
     );
+    let nodes = rabbitmq_nodes(&state.rabbitmq_url, timeout).await;
     let checks = [rabbitmq, mongodb, redis];
     let failed: Vec<&str> = checks
         .iter()
@@ -52,6 +55,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             .iter()
             .map(|(name, error)| (name.to_string(), json!({"ok": error.is_none(), "error": error})))
             .collect::<serde_json::Map<_, _>>(),
+        "rabbitmq_nodes": nodes,
     });
     if failed.is_empty() {
         HttpResponse::Ok().json(body)
@@ -70,4 +74,38 @@ async fn bounded(
         Ok(Err(e)) => (name, Some(e)),
         Err(_) => (name, Some(format!("no answer within {timeout:?}"))),
     }
+}
+
+/// Whether each configured broker node accepts a TCP connection (cheap enough for a probe).
+async fn rabbitmq_nodes(
+    url: &crate::config::ServiceUrl,
+    timeout: std::time::Duration,
+) -> Vec<serde_json::Value> {
+    let probes = url
+        .expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|node| {
+            let shown = crate::config::redact_url(node);
+            let address = url::Url::parse(node).ok().map(|u| {
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or("localhost"),
+                    u.port().unwrap_or(5672)
+                )
+            });
+            async move {
+                let reachable = match address {
+                    Some(address) => matches!(
+                        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
+                            .await,
+                        Ok(Ok(_))
+                    ),
+                    None => false,
+                };
+                json!({"node": shown, "reachable": reachable})
+            }
+        });
+    futures_util::future::join_all(probes).await
 }

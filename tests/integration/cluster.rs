@@ -1,0 +1,232 @@
+//! Beyond one broker: several broker addresses with failover (a private node that is stopped,
+//! then the machine's), and `KOBE_QUEUE_TYPE=quorum` on the local broker (a one-node cluster):
+//! every queue that holds a task is a quorum queue, retries and delays pass through quorum delay
+//! queues, a classic deployment meeting them is told why it cannot start, and priorities do what
+//! this broker version does with them.
+
+use crate::common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{PrivateRabbit, TestEnv};
+use kobe::domain::{QueueKind, TaskState};
+use kobe::tasks::{Invocation, Registry, Task, TaskFuture};
+use serde_json::json;
+
+/// `name type` of every queue with `prefix`, as `rabbitmqctl` reports them.
+fn queue_types(prefix: &str) -> Vec<(String, String)> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "type"])
+        .output()
+        .expect("rabbitmqctl (the RabbitMQ the tests run against is local)");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+        })
+        .filter(|(name, _)| name.starts_with(&format!("{prefix}.")))
+        .collect()
+}
+
+/// The broker's version, from its connection properties.
+fn broker_major_version(url: &kobe::config::ServiceUrl) -> u32 {
+    let connection = kobe::amqp::connect(url, Duration::from_secs(5)).expect("connect");
+    let version = match connection.server_properties().get("version") {
+        Some(amiquip::AmqpValue::LongString(v)) => v.clone(),
+        other => panic!("no version in the server properties: {other:?}"),
+    };
+    let _ = connection.close();
+    version.split('.').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_quorum_queues_every_task_queue_is_quorum_and_retries_and_delays_arrive() {
+    let env = TestEnv::with(&[("KOBE_QUEUE_TYPE", "quorum"), ("KOBE_RETRY_BASE_MS", "100")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(2);
+    let retried = api
+        .submit(
+            json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
+        )
+        .await;
+    let delayed = api
+        .submit(
+            json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}, "countdown": 1.0}),
+        )
+        .await;
+    let task = env.wait_final(&retried, Duration::from_secs(20)).await;
+    assert_eq!((task.state, task.retries), (TaskState::Success, 1));
+    let task = env.wait_final(&delayed, Duration::from_secs(20)).await;
+    assert_eq!((task.state, task.retries), (TaskState::Success, 0));
+
+    let prefix = env.settings.amqp_prefix.clone();
+    let types = queue_types(&prefix);
+    assert_eq!(types.len(), env.topology.all_queues().len(), "{types:?}");
+    assert!(types.iter().all(|(_, kind)| kind == "quorum"), "{types:?}");
+    worker.stop().await;
+
+    // A classic deployment pointed at these queues is told why it cannot declare them.
+    let classic = kobe::amqp::Topology::new(&prefix, QueueKind::Classic, Default::default());
+    let url = env.settings.rabbitmq_url.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        kobe::amqp::check_topology(&url, &classic, Duration::from_secs(5))
+    })
+    .await
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("cannot change type in place"), "{refused}");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_on_quorum_queues_follow_the_broker_version() {
+    let env = TestEnv::with(&[("KOBE_QUEUE_TYPE", "quorum")]).await;
+    env.init_db().await;
+    let publisher = env.publisher();
+    let mut ids = Vec::new();
+    for priority in [0, 9] {
+        let mut message = kobe::amqp::TaskMessage::new(
+            kobe::domain::TaskId::generate(),
+            "demo_long_io",
+            vec![],
+            Default::default(),
+        );
+        message.priority = kobe::domain::Priority::new(priority).unwrap();
+        env.publish_message(&publisher, &message).await;
+        ids.push(message.id.to_string());
+    }
+    let url = env.settings.rabbitmq_url.clone();
+    let major = tokio::task::spawn_blocking(move || broker_major_version(&url))
+        .await
+        .unwrap();
+    let queue = env.topology.queue("default");
+    let order: Vec<String> = env
+        .drain(queue)
+        .await
+        .iter()
+        .filter_map(|m| m.header_text("id"))
+        .collect();
+    if major >= 4 {
+        // Two levels: 5–9 before 0–4.
+        assert_eq!(order, [ids[1].clone(), ids[0].clone()], "RabbitMQ {major}");
+    } else {
+        // RabbitMQ 3.x quorum queues ignore priorities: first in, first out.
+        assert_eq!(order, ids, "RabbitMQ {major}");
+    }
+}
+
+/// Counts its runs, per task id.
+struct Tally(
+    Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    Arc<AtomicUsize>,
+);
+
+impl Task for Tally {
+    fn name(&self) -> &'static str {
+        "tally"
+    }
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        *self
+            .0
+            .lock()
+            .unwrap()
+            .entry(invocation.task_id.to_string())
+            .or_default() += 1;
+        self.1.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(json!("counted")) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_broker_addresses_kobe_moves_to_the_next_when_one_is_lost() {
+    let rabbit = PrivateRabbit::start();
+    let shared = std::env::var("RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let urls = format!("{},{shared}", rabbit.url());
+    let env = TestEnv::with(&[("RABBITMQ_URL", &urls), ("KOBE_PUBLISH_TIMEOUT_MS", "2000")]).await;
+    env.init_db().await;
+    let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let total = Arc::new(AtomicUsize::new(0));
+    let registry = || {
+        let mut registry = Registry::with_builtin_tasks();
+        registry
+            .register(Tally(runs.clone(), total.clone()))
+            .unwrap();
+        registry
+    };
+    let api = env.spawn_api_with(registry()).await;
+    let worker = env.spawn_worker_on(2, Vec::new(), registry());
+
+    let mut accepted = Vec::new();
+    for _ in 0..5 {
+        accepted.push(api.submit(json!({"task_name": "tally"})).await);
+    }
+    for id in &accepted {
+        env.wait_final(id, Duration::from_secs(20)).await;
+    }
+    let ready: serde_json::Value = api.get("/ready").await.json().await.unwrap();
+    assert_eq!(ready["rabbitmq_nodes"][0]["reachable"], true, "{ready}");
+
+    // The first node goes away: the API refuses work (503, not run) until its publisher has
+    // reconnected to the second, then accepts again; the worker moves too.
+    rabbit.stop();
+    let lost = Instant::now();
+    let mut refused = 0;
+    loop {
+        let response = api.start_task(json!({"task_name": "tally"})).await;
+        match response.status().as_u16() {
+            202 => {
+                let body: serde_json::Value = response.json().await.unwrap();
+                accepted.push(body["task_id"].as_str().unwrap().to_owned());
+                break;
+            }
+            503 => refused += 1,
+            other => panic!("unexpected {other}: {:?}", response.text().await),
+        }
+        assert!(
+            lost.elapsed() < Duration::from_secs(60),
+            "no failover within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "the API refused {refused} submission(s) for {:?} after the node was lost",
+        lost.elapsed()
+    );
+    for _ in 0..4 {
+        accepted.push(api.submit(json!({"task_name": "tally"})).await);
+    }
+    for id in &accepted {
+        let task = env.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(task.state, TaskState::Success, "{task:?}");
+    }
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), accepted.len(), "every accepted task ran");
+    assert!(
+        runs.values().all(|n| *n == 1),
+        "each exactly once: {runs:?}"
+    );
+    assert_eq!(total.load(Ordering::SeqCst), accepted.len());
+    let ready: serde_json::Value = api.get("/ready").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["rabbitmq_nodes"][0]["reachable"], false, "{ready}");
+    assert_eq!(ready["rabbitmq_nodes"][1]["reachable"], true, "{ready}");
+    let output = env.kobe_command(&["healthcheck"]).output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        report.contains("DOWN") && report.contains(" up"),
+        "{report}"
+    );
+    assert!(
+        !report.contains(":guest@"),
+        "no password in the report: {report}"
+    );
+    worker.stop().await;
+    api.stop().await;
+}
