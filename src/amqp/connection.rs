@@ -258,7 +258,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let e = Endpoint::parse(&ServiceUrl::new(&format!(
+        let e = Endpoint::parse(&ServiceUrl::new(format!(
             "amqp://127.0.0.1:{free},amqp://127.0.0.1:5672"
         )))
         .unwrap();
