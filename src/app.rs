@@ -137,6 +137,7 @@ impl App {
                 Command::Worker(args) => {
                     commands::worker::run(settings, args.into(), registry, shutdown::signal()).await
                 }
+                Command::Beat => commands::beat::run(settings, registry).await,
                 Command::InitDb => commands::init_db::run(&settings).await,
                 Command::Healthcheck => {
                     if commands::healthcheck::run(&settings).await {
@@ -201,13 +202,13 @@ impl App {
             return Err(first.clone());
         }
         let mut registry = self.registry;
-        if let (Some(file), Command::Serve(_) | Command::Worker(_)) =
+        if let (Some(file), Command::Serve(_) | Command::Worker(_) | Command::Beat) =
             (&settings.tasks_file, command)
         {
             let lookup = |name: &str| std::env::var(name).ok();
             let declared =
                 crate::tasks::declared::load(file, &lookup).map_err(|e| e.to_string())?;
-            for task in declared {
+            for task in declared.tasks {
                 let name = task.name();
                 registry.register_shared(task).map_err(|_| {
                     format!(
@@ -215,6 +216,11 @@ impl App {
                         file.display()
                     )
                 })?;
+            }
+            for schedule in declared.schedules {
+                registry
+                    .schedule(schedule)
+                    .map_err(|reason| format!("{}: {reason}", file.display()))?;
             }
         }
         for (task, route) in registry.routes() {

@@ -20,13 +20,14 @@
 //! | [`store`] | MongoDB repositories, migrations, Redis |
 //! | [`submit`] | the one way a task comes in: dedup, record, publish, confirm; the outbox |
 //! | [`worker`] | the execution core: deliveries, the execution lease, outcomes, group commit |
+//! | [`beat`] | periodic tasks: one leader (a MongoDB lease) fires each slot once |
 //! | [`http`] | the actix-web API |
 //! | [`commands`] | `serve`, `worker`, `init-db`, `healthcheck`: where the modules are wired together |
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //!
 //! Floors, lowest first: `cause`, `config`, `domain`, `telemetry`; then `amqp` and `store`, which
 //! never see each other's types; then `tasks`, which reach the store through their context and
-//! never see AMQP or HTTP; then the services `submit` and `worker`, which use the floors below
+//! never see AMQP or HTTP; then the services `submit`, `worker` and `beat`, which use the floors below
 //! together; then `http`, which calls `submit`; and `commands` (with `app` and `cli` above it),
 //! which builds every client once and wires them. Nothing imports from a floor above its own.
 
@@ -36,6 +37,7 @@
 
 pub mod amqp;
 pub mod app;
+pub mod beat;
 pub mod cause;
 pub mod cli;
 pub mod commands;

@@ -1,5 +1,6 @@
 //! The subcommands: wiring only. This is the one place settings become clients and modules meet.
 
+pub mod beat;
 pub mod healthcheck;
 pub mod init_db;
 pub mod operations;

@@ -20,7 +20,16 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
     let dead_letters = super::dead_letters(settings, &db, submitter.clone(), cache.clone());
+    let beat = if settings.beat {
+        super::beat::beat(settings, &registry, submitter.clone(), &db).await
+    } else {
+        None
+    };
     Ok(AppState {
+        schedules: registry.schedules().to_vec(),
+        leaders: crate::store::LeaderRepository::new(&db),
+        beat_holder: beat.as_ref().map(|b| b.holder.clone()),
+        beat: std::sync::Mutex::new(beat),
         registry,
         tasks: TaskRepository::new(&db),
         errors: ErrorLogRepository::new(&db),
@@ -59,6 +68,17 @@ pub async fn run(
     let outbox = tokio::spawn(outbox.run(settings.outbox_interval, async move {
         let _ = outbox_stopped.await;
     }));
+    let (beat_stop, beat_stopped) = tokio::sync::oneshot::channel::<()>();
+    let beat = state
+        .beat
+        .lock()
+        .ok()
+        .and_then(|mut beat| beat.take())
+        .map(|beat| {
+            tokio::spawn(beat.run(async move {
+                let _ = beat_stopped.await;
+            }))
+        });
     let watched = state.submitter.topology().watched_queues();
     let depths_stop = super::spawn_queue_depth_watch(&settings, watched);
     let app = Application::build(state, addr, settings.shutdown_grace)
@@ -73,6 +93,10 @@ pub async fn run(
         .await
         .context("HTTP server failed")?;
     let _ = outbox_stop.send(());
+    let _ = beat_stop.send(());
+    if let Some(beat) = beat {
+        let _ = beat.await;
+    }
     let _ = depths_stop.send(());
     let _ = outbox.await;
     tracing::info!("HTTP API stopped");

@@ -208,6 +208,10 @@ pub struct Settings {
     pub fast_start: bool,
     /// Tasks declared in a TOML file (`KOBE_TASKS_FILE`), read at start by `serve` and `worker`.
     pub tasks_file: Option<std::path::PathBuf>,
+    /// `serve` fires the periodic tasks (competing for the lead with other replicas).
+    pub beat: bool,
+    /// The schedules' leader lease.
+    pub beat_lease: Duration,
 }
 
 /// Deployment-wide overrides of the retry policies tasks declare.
@@ -350,6 +354,8 @@ impl Settings {
             slot_wait: read.millis("KOBE_SLOT_WAIT_MS")?,
             fast_start: read.flag("KOBE_FAST_START")?,
             tasks_file: read.optional("KOBE_TASKS_FILE").map(Into::into),
+            beat: read.flag("KOBE_BEAT")?,
+            beat_lease: read.millis("KOBE_BEAT_LEASE_MS")?,
         })
     }
 }
@@ -399,6 +405,7 @@ mod tests {
             ("KOBE_PUBLISH_TIMEOUT_MS", "soon"),
             ("KOBE_TASK_ROUTES", "demo_long_io"),
             ("KOBE_SHUTDOWN_GRACE", "-1"),
+            ("KOBE_BEAT", "sometimes"),
             ("KOBE_QUEUE_TYPE", "stream"),
             ("KOBE_RETRY_FACTOR", "0.5"),
             ("KOBE_RETRY_MAX", "many"),

@@ -2,6 +2,7 @@
 
 pub mod document;
 pub mod fingerprint;
+pub mod schedule;
 pub mod shard;
 
 pub use fingerprint::Fingerprint;

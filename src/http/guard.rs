@@ -14,6 +14,7 @@ pub const SESSION_COOKIE: &str = "kobe_session";
 
 fn protected(path: &str, metrics_auth: bool) -> bool {
     path.starts_with("/task")
+        || path.starts_with("/schedules")
         || (path.starts_with("/ui") && path != "/ui/login")
         || path.starts_with("/dlq")
         || (metrics_auth && path == "/metrics")

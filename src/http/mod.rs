@@ -54,6 +54,13 @@ pub struct AppState {
     pub rabbitmq_url: crate::config::ServiceUrl,
     /// The dead-letter queue's operations (`/dlq`).
     pub dead_letters: crate::submit::dead_letters::DeadLetters,
+    /// The periodic tasks (`/schedules`).
+    pub schedules: Vec<crate::domain::schedule::Schedule>,
+    pub leaders: crate::store::LeaderRepository,
+    /// This replica's name in the schedules' lease, when it competes for it.
+    pub beat_holder: Option<String>,
+    /// The firing loop, until `serve` starts it.
+    pub beat: std::sync::Mutex<Option<crate::beat::Beat>>,
 }
 
 /// A route whose other methods answer 405 naming the one it has (`Allow`).
@@ -115,6 +122,7 @@ impl Application {
                 .service(resource("/task/{id}/retry", "POST").route(web::post().to(routes::actions::retry)))
                 .service(resource("/task/{id}/cancel", "POST").route(web::post().to(routes::actions::cancel)))
                 .service(resource("/tasks", "GET").route(web::get().to(routes::catalog::list)))
+                .service(resource("/schedules", "GET").route(web::get().to(routes::schedules::list)))
                 .service(resource("/health", "GET").route(web::get().to(routes::health::health)))
                 .service(resource("/ready", "GET").route(web::get().to(routes::health::ready)))
                 .service(resource("/metrics", "GET").route(web::get().to(routes::metrics::metrics)))

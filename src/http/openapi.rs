@@ -4,7 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::Problem;
-use super::routes::{actions, catalog, dlq, health, search, status, submit};
+use super::routes::{actions, catalog, dlq, health, schedules, search, status, submit};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,7 @@ use super::routes::{actions, catalog, dlq, health, search, status, submit};
         actions::retry,
         actions::cancel,
         catalog::list,
+        schedules::list,
         health::health,
         health::ready,
         super::routes::metrics::metrics,
@@ -35,6 +36,8 @@ use super::routes::{actions, catalog, dlq, health, search, status, submit};
         status::TaskStatus,
         status::ResultAnswer,
         catalog::TaskInfo,
+        schedules::Schedules,
+        schedules::ScheduleInfo,
         actions::Retried,
         actions::CancelAnswer,
         search::TaskPage,

@@ -18,7 +18,7 @@ use super::StoreError;
 use crate::cause::Cause;
 
 /// The spec files, in the order they are applied.
-const SPEC_FILES: [(&str, &str); 7] = [
+const SPEC_FILES: [(&str, &str); 9] = [
     ("Tasks.json", include_str!("../../migrations/Tasks.json")),
     (
         "TaskDedup.json",
@@ -43,6 +43,14 @@ const SPEC_FILES: [(&str, &str); 7] = [
     (
         "ShardMeta.json",
         include_str!("../../migrations/ShardMeta.json"),
+    ),
+    (
+        "Leaders.json",
+        include_str!("../../migrations/Leaders.json"),
+    ),
+    (
+        "ScheduleState.json",
+        include_str!("../../migrations/ScheduleState.json"),
     ),
 ];
 
@@ -310,11 +318,20 @@ mod tests {
                 "PendingTasks",
                 "TaskErrorLog",
                 "RawPayload",
-                "ShardMeta"
+                "ShardMeta",
+                "Leaders",
+                "ScheduleState"
             ]
         );
         for spec in &specs {
-            assert!(!spec.indexes().unwrap().is_empty(), "{}", spec.collection);
+            // Collections of a few documents read by `_id` need no index of their own.
+            let small = ["Leaders", "ScheduleState"].contains(&spec.collection.as_str());
+            assert_eq!(
+                spec.indexes().unwrap().is_empty(),
+                small,
+                "{}",
+                spec.collection
+            );
         }
     }
 

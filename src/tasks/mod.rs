@@ -280,6 +280,8 @@ pub struct DuplicateTask(pub &'static str);
 #[derive(Clone, Default)]
 pub struct Registry {
     tasks: BTreeMap<&'static str, Arc<dyn Task>>,
+    /// Periodic tasks (`[[schedule]]` in the tasks file, or [`Registry::schedule`]).
+    schedules: Vec<crate::domain::schedule::Schedule>,
 }
 
 impl Registry {
@@ -310,6 +312,29 @@ impl Registry {
         }
         self.tasks.insert(name, task);
         Ok(())
+    }
+
+    /// Adds a periodic task. A name already scheduled, or a task not registered, is refused
+    /// (register the task first).
+    pub fn schedule(&mut self, schedule: crate::domain::schedule::Schedule) -> Result<(), String> {
+        if self.schedules.iter().any(|s| s.name == schedule.name) {
+            return Err(format!("schedule `{}` is declared twice", schedule.name));
+        }
+        if !self.tasks.contains_key(schedule.task.as_str()) {
+            return Err(format!(
+                "schedule `{}` names task `{}`, which is not registered (known: {})",
+                schedule.name,
+                schedule.task,
+                self.names().join(", ")
+            ));
+        }
+        self.schedules.push(schedule);
+        Ok(())
+    }
+
+    /// The periodic tasks, in the order they were added.
+    pub fn schedules(&self) -> &[crate::domain::schedule::Schedule] {
+        &self.schedules
     }
 
     /// Task name → route, for every task that names its own route.

@@ -81,6 +81,10 @@ pub struct Metrics {
     /// attempt, a stale attempt, or a lost consumer connection.
     pub duplicate_deliveries: IntCounterVec,
     pub dlq_operations: IntCounterVec,
+    /// 1 while this replica fires the periodic tasks.
+    pub schedule_leader: IntGauge,
+    /// Periodic tasks fired, missed (passed while no replica fired) or failed to submit.
+    pub schedule_firings: IntCounterVec,
     /// Operators' requests on tasks (`retry`, `cancel`), and cancels a worker passed on to a
     /// running handler (`cancel`/`signalled`), by outcome.
     pub task_operations: IntCounterVec,
@@ -122,6 +126,13 @@ impl Metrics {
             IntGauge::new("kobe_tasks_in_flight", "Tasks running now in this process.")
                 .expect("valid metric");
         r.register(Box::new(tasks_in_flight.clone()))
+            .expect("unique metric name");
+        let schedule_leader = IntGauge::new(
+            "kobe_schedule_leader",
+            "1 while this replica fires the periodic tasks.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(schedule_leader.clone()))
             .expect("unique metric name");
         let queue_depth = IntGaugeVec::new(
             Opts::new("kobe_queue_depth", "Messages ready in each queue (polled)."),
@@ -187,6 +198,13 @@ impl Metrics {
                 &["reason"],
             ),
             tasks_in_flight,
+            schedule_leader,
+            schedule_firings: counter(
+                &r,
+                "kobe_schedule_firings_total",
+                "Periodic tasks by schedule and outcome: fired, missed (passed while no replica fired them), failed (not submitted; tried again).",
+                &["schedule", "outcome"],
+            ),
             queue_depth,
             leases: counter(
                 &r,

@@ -125,7 +125,10 @@ fn lookup(name: &str) -> Option<String> {
 /// Kobe's built-in tasks and those `text` declares.
 fn registry(text: &str) -> Registry {
     let mut registry = Registry::with_builtin_tasks();
-    for task in declared::parse(text, Path::new("test.toml"), &lookup).expect("a valid file") {
+    for task in declared::parse(text, Path::new("test.toml"), &lookup)
+        .expect("a valid file")
+        .tasks
+    {
         registry.register_shared(task).expect("a new name");
     }
     registry

@@ -5,6 +5,7 @@
 mod common;
 
 mod api;
+mod beat;
 mod cancel;
 mod cli;
 mod cluster;

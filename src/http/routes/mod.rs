@@ -6,6 +6,7 @@ pub mod dlq;
 pub mod docs;
 pub mod health;
 pub mod metrics;
+pub mod schedules;
 pub mod search;
 pub mod status;
 pub mod submit;

@@ -255,6 +255,28 @@ pub async fn overview(
             );
         }
     }
+    if !state.schedules.is_empty() {
+        let schedules = super::schedules::schedules(&state).await?;
+        let _ = write!(
+            body,
+            "<h2>Schedules</h2><p id=\"leader\">fired by {}</p><table id=\"schedules\"><tr><th>name</th><th>task</th><th>when</th><th>route</th><th>last slot</th><th>next slot</th></tr>",
+            escape(schedules.leader.as_deref().unwrap_or("no replica (none holds the lead)"))
+        );
+        for s in &schedules.schedules {
+            let _ = write!(
+                body,
+                "<tr data-schedule=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&s.name),
+                escape(&s.name),
+                escape(&s.task),
+                escape(&s.when),
+                escape(&s.route),
+                s.last_slot.as_deref().unwrap_or("-"),
+                s.next_slot.as_deref().unwrap_or("-"),
+            );
+        }
+        body.push_str("</table>");
+    }
     body.push_str("<p><a href=\"/docs\">API</a> · <a href=\"/metrics\">metrics</a></p>");
     Ok(page("Kobe", true, &body))
 }

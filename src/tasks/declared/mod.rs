@@ -20,6 +20,19 @@
 //! `kwargs_schema`). The file is read once, at start: anything wrong stops start-up with the
 //! file, the line of the task and the field. `${VAR}` in a header value is replaced by the
 //! variable's value when the file is read; such values are never logged.
+//!
+//! Periodic tasks are `[[schedule]]` tables (see [`crate::domain::schedule`] and `kobe::beat`):
+//!
+//! ```toml
+//! [[schedule]]
+//! name = "nightly-report"       # unique; part of each firing's task id
+//! task = "wordcount"            # a declared or built-in task
+//! cron = "0 2 * * *"            # or: every = 300 (seconds)
+//! timezone = "+01:00"           # required with cron: "UTC" or a fixed offset
+//! kwargs = { text = "..." }
+//! queue = "io"                  # optional: a route other than the task's
+//! missed = "catch_up_one"       # or "skip": slots missed while no scheduler ran
+//! ```
 
 pub mod command;
 pub mod http;
@@ -53,6 +66,30 @@ pub struct DeclarationError {
 struct File {
     #[serde(default)]
     task: Vec<Entry>,
+    #[serde(default)]
+    schedule: Vec<ScheduleEntry>,
+}
+
+/// One `[[schedule]]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleEntry {
+    name: String,
+    task: String,
+    every: Option<u64>,
+    cron: Option<String>,
+    timezone: Option<String>,
+    #[serde(default)]
+    kwargs: toml::value::Table,
+    queue: Option<String>,
+    missed: Option<String>,
+}
+
+/// What a tasks file declares.
+#[derive(Debug, Default)]
+pub struct Declared {
+    pub tasks: Vec<Arc<DeclaredTask>>,
+    pub schedules: Vec<crate::domain::schedule::Schedule>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -187,7 +224,7 @@ impl Task for DeclaredTask {
 pub fn load(
     file: &Path,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<Arc<DeclaredTask>>, DeclarationError> {
+) -> Result<Declared, DeclarationError> {
     let text = std::fs::read_to_string(file).map_err(|e| DeclarationError {
         file: file.to_owned(),
         line: None,
@@ -203,7 +240,7 @@ pub fn parse(
     text: &str,
     file: &Path,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<Arc<DeclaredTask>>, DeclarationError> {
+) -> Result<Declared, DeclarationError> {
     let parsed: File = toml::from_str(text).map_err(|e| DeclarationError {
         file: file.to_owned(),
         line: e.line_col().map(|(line, _)| line + 1),
@@ -211,7 +248,7 @@ pub fn parse(
         field: "syntax".into(),
         reason: e.to_string(),
     })?;
-    let lines = task_lines(text);
+    let lines = header_lines(text, "[[task]]");
     let mut seen = BTreeMap::new();
     let mut tasks = Vec::new();
     for (i, entry) in parsed.task.into_iter().enumerate() {
@@ -232,16 +269,99 @@ pub fn parse(
             build(entry, lookup).map_err(|(f, r)| error(&f, r))?,
         ));
     }
-    Ok(tasks)
+    let lines = header_lines(text, "[[schedule]]");
+    let mut schedules: Vec<crate::domain::schedule::Schedule> = Vec::new();
+    for (i, entry) in parsed.schedule.into_iter().enumerate() {
+        let name = entry.name.clone();
+        let error = |field: &str, reason: String| DeclarationError {
+            file: file.to_owned(),
+            line: lines.get(i).copied(),
+            task: Some(format!("schedule {name}")),
+            field: field.to_owned(),
+            reason,
+        };
+        if schedules.iter().any(|s| s.name == name) {
+            return Err(error("name", "declared twice".into()));
+        }
+        schedules.push(build_schedule(entry).map_err(|(f, r)| error(&f, r))?);
+    }
+    Ok(Declared { tasks, schedules })
 }
 
-/// The 1-based line of each `[[task]]` header, in order.
-fn task_lines(text: &str) -> Vec<usize> {
+/// The 1-based line of each `header` (`[[task]]`, `[[schedule]]`), in order.
+fn header_lines(text: &str, header: &str) -> Vec<usize> {
     text.lines()
         .enumerate()
-        .filter(|(_, line)| line.trim().starts_with("[[task]]"))
+        .filter(|(_, line)| line.trim().starts_with(header))
         .map(|(i, _)| i + 1)
         .collect()
+}
+
+/// The longest `every`: a year.
+const MAX_EVERY_S: u64 = 366 * 24 * 3600;
+
+fn build_schedule(entry: ScheduleEntry) -> Result<crate::domain::schedule::Schedule, FieldError> {
+    use crate::domain::schedule::{parse_offset, Cron, Missed, Schedule, When};
+    check_name("name", &entry.name)?;
+    if entry.task.is_empty() {
+        return Err(field("task", "name the task to run"));
+    }
+    if let Some(queue) = &entry.queue {
+        check_name("queue", queue)?;
+    }
+    let when = match (entry.every, entry.cron) {
+        (Some(_), Some(_)) => return Err(field("every", "give `every` or `cron`, not both")),
+        (None, None) => return Err(field("every", "give `every` (seconds) or `cron`")),
+        (Some(every), None) => {
+            if entry.timezone.is_some() {
+                return Err(field(
+                    "timezone",
+                    "only with `cron`: `every` slots are multiples of the period since the epoch",
+                ));
+            }
+            if every == 0 || every > MAX_EVERY_S {
+                return Err(field(
+                    "every",
+                    format!("expected seconds from 1 to {MAX_EVERY_S}"),
+                ));
+            }
+            When::Every(every)
+        }
+        (None, Some(cron)) => {
+            let expression = Cron::parse(&cron).map_err(|reason| field("cron", reason))?;
+            let timezone = entry.timezone.ok_or_else(|| {
+                field(
+                    "timezone",
+                    "required with `cron`: \"UTC\" or a fixed offset such as \"+02:00\"",
+                )
+            })?;
+            let offset_s = parse_offset(&timezone).map_err(|reason| field("timezone", reason))?;
+            When::Cron {
+                expression,
+                offset_s,
+            }
+        }
+    };
+    let missed = entry
+        .missed
+        .as_deref()
+        .map(str::parse::<Missed>)
+        .transpose()
+        .map_err(|reason| field("missed", reason))?
+        .unwrap_or(Missed::CatchUpOne);
+    let kwargs =
+        match serde_json::to_value(entry.kwargs).map_err(|e| field("kwargs", e.to_string()))? {
+            Value::Object(map) => map,
+            _ => return Err(field("kwargs", "expected a table")),
+        };
+    Ok(Schedule {
+        name: entry.name,
+        task: entry.task,
+        when,
+        kwargs,
+        route: entry.queue,
+        missed,
+    })
 }
 
 type FieldError = (String, String);
@@ -402,7 +522,68 @@ mod tests {
     }
 
     fn parse_text(text: &str) -> Result<Vec<Arc<DeclaredTask>>, DeclarationError> {
-        parse(text, Path::new("tasks.toml"), &env)
+        parse(text, Path::new("tasks.toml"), &env).map(|declared| declared.tasks)
+    }
+
+    #[test]
+    fn schedules_are_declared_with_every_or_cron_and_an_explicit_timezone() {
+        use crate::domain::schedule::{Missed, When};
+        let declared = parse(
+            r#"
+[[schedule]]
+name = "tick"
+task = "demo_long_io"
+every = 60
+kwargs = { duration_ms = 1 }
+
+[[schedule]]
+name = "nightly"
+task = "demo_long_io"
+cron = "0 2 * * *"
+timezone = "+01:00"
+queue = "io"
+missed = "skip"
+"#,
+            Path::new("tasks.toml"),
+            &env,
+        )
+        .unwrap();
+        let [tick, nightly] = declared.schedules.as_slice() else {
+            panic!("{:?}", declared.schedules)
+        };
+        assert_eq!(tick.when, When::Every(60));
+        assert_eq!(tick.kwargs["duration_ms"], 1);
+        assert_eq!(tick.missed, Missed::CatchUpOne);
+        assert!(matches!(nightly.when, When::Cron { offset_s: 3600, .. }));
+        assert_eq!(
+            (nightly.route.as_deref(), nightly.missed),
+            (Some("io"), Missed::Skip)
+        );
+
+        let error = |text: &str| parse(text, Path::new("tasks.toml"), &env).unwrap_err();
+        let base = "[[schedule]]\nname = \"s\"\ntask = \"t\"\n";
+        for (extra, field) in [
+            ("", "every"),
+            ("every = 1\ncron = \"* * * * *\"\n", "every"),
+            ("every = 0\n", "every"),
+            ("cron = \"* * * * *\"\n", "timezone"),
+            (
+                "cron = \"* * * * *\"\ntimezone = \"Europe/Paris\"\n",
+                "timezone",
+            ),
+            ("cron = \"61 * * * *\"\ntimezone = \"UTC\"\n", "cron"),
+            ("every = 5\ntimezone = \"UTC\"\n", "timezone"),
+            ("every = 5\nmissed = \"all\"\n", "missed"),
+        ] {
+            let err = error(&format!("{base}{extra}"));
+            assert_eq!(
+                (err.line, err.field.as_str()),
+                (Some(1), field),
+                "{extra}: {err}"
+            );
+        }
+        let err = error(&format!("{base}every = 5\n\n{base}every = 6\n"));
+        assert_eq!((err.line, err.field.as_str()), (Some(6), "name"), "{err}");
     }
 
     #[test]

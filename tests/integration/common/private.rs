@@ -230,6 +230,14 @@ impl Process {
         self.terminate();
     }
 
+    /// Kills it (SIGKILL: no clean-up of its own), and waits for it.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     fn terminate(&mut self) {
         let Some(mut child) = self.0.take() else {
             return;

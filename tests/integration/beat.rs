@@ -1,0 +1,152 @@
+//! Periodic tasks with two `kobe serve` replicas: one leads and fires each slot once; when it is
+//! killed, the other takes the lead and goes on; every firing is one task, published once.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::TestEnv;
+use mongodb::bson::{doc, Document};
+use serde_json::Value;
+
+async fn schedules(client: &reqwest::Client, base: &str) -> Option<Value> {
+    client
+        .get(format!("{base}/schedules"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// The slots (ms) fired so far, in order.
+async fn fired(env: &TestEnv) -> Vec<i64> {
+    use futures_util::TryStreamExt;
+    let docs: Vec<Document> = env
+        .db
+        .collection::<Document>("Tasks")
+        .find(doc! {"_id": {"$regex": "^schedule:tick:"}})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut slots: Vec<i64> = docs
+        .iter()
+        .map(|d| {
+            d.get_str("_id")
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    slots.sort_unstable();
+    slots
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_fire_each_slot_once_and_the_survivor_takes_over_from_a_killed_leader() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-beat"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tasks.toml");
+    std::fs::write(
+        &file,
+        "[[schedule]]\nname = \"tick\"\ntask = \"demo_long_io\"\nevery = 1\nkwargs = { duration_ms = 1 }\n",
+    )
+    .unwrap();
+    let check = env
+        .kobe_command(&["tasks", "check", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("1 schedule(s)"),
+        "{check:?}"
+    );
+    let client = reqwest::Client::new();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let port = common::free_port();
+        let process = env
+            .kobe_command(&["serve", "--addr", &format!("127.0.0.1:{port}")])
+            .env("KOBE_TASKS_FILE", &file)
+            .env("KOBE_BEAT_LEASE_MS", "2000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(common::Process::new)
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        common::wait_ready(&client, &base).await;
+        replicas.push((base, process));
+    }
+
+    // One of them leads, and says so; the other says who does.
+    let leader = common::eventually(Duration::from_secs(15), "a leader", || async {
+        for (i, (base, _)) in replicas.iter().enumerate() {
+            let answer = schedules(&client, base).await?;
+            if answer["this_replica_leads"] == true {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let other = 1 - leader;
+    let seen_by_other = schedules(&client, &replicas[other].0).await.unwrap();
+    assert_eq!(
+        seen_by_other["this_replica_leads"], false,
+        "{seen_by_other}"
+    );
+    assert!(seen_by_other["leader"].is_string(), "{seen_by_other}");
+    assert_eq!(seen_by_other["schedules"][0]["when"], "every 1 s");
+    common::eventually(Duration::from_secs(15), "three firings", || async {
+        (fired(&env).await.len() >= 3).then_some(())
+    })
+    .await;
+
+    // The leader dies without letting go: the other takes over once the lease lapses.
+    let (_, process) = replicas.remove(leader);
+    process.kill();
+    let at_kill = fired(&env).await;
+    let (survivor, survivor_process) = replicas.remove(0);
+    common::eventually(Duration::from_secs(15), "the survivor leads", || async {
+        (schedules(&client, &survivor).await?["this_replica_leads"] == true).then_some(())
+    })
+    .await;
+    common::eventually(
+        Duration::from_secs(15),
+        "firings after the takeover",
+        || async { (fired(&env).await.len() >= at_kill.len() + 3).then_some(()) },
+    )
+    .await;
+    survivor_process.stop();
+
+    // Each slot once: distinct, whole seconds, in order; the gap while nobody led is at most
+    // the lease and a renewal, and only the latest missed slot was caught up.
+    let slots = fired(&env).await;
+    let mut distinct = slots.clone();
+    distinct.dedup();
+    assert_eq!(distinct, slots, "a slot fired twice: {slots:?}");
+    assert!(slots.iter().all(|s| s % 1000 == 0), "{slots:?}");
+    let widest = slots.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    eprintln!(
+        "slots fired: {slots:?} (killed after {}; widest gap {widest} ms)",
+        at_kill.len()
+    );
+    assert!(widest <= 5000, "gap of {widest} ms: {slots:?}");
+    // Each firing was published once: as many messages wait as tasks were fired.
+    let queue = env.topology.queue("default");
+    let depth = common::eventually(Duration::from_secs(10), "every firing queued", || async {
+        let depth = env.queue_depth(queue.clone()).await?;
+        (depth as usize >= slots.len()).then_some(depth)
+    })
+    .await;
+    assert_eq!(depth as usize, slots.len(), "{slots:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
