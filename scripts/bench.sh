@@ -12,8 +12,12 @@
 #   http     POST /task/start under wrk (64 connections, 10 s): `kobe serve` against FastAPI +
 #            Celery (from PyPI), each with its own worker consuming, same broker and Redis, same run;
 #            req/s and p99 latency as ratios, and MongoDB commands per submission.
+#   cluster  not a speed figure: three private RabbitMQ nodes clustered on this machine, quorum
+#            queues, an API and two workers given every node; 1,200 submissions (some retrying,
+#            some delayed) while a node is stopped, restarted, then another stopped. Checks every
+#            accepted task ran exactly as planned and prints how long the API refused work.
 #
-# Usage: scripts/bench.sh [publish|worker|compare|http]   KOBE_BENCH_TASKS=3000 KOBE_BENCH_MESSAGES=50000
+# Usage: scripts/bench.sh [publish|worker|compare|http|cluster]   KOBE_BENCH_TASKS=3000 KOBE_BENCH_MESSAGES=50000
 #        KOBE_BENCH_WORKER_ARGS="--prefetch-multiplier 10" passes flags to the Kobe worker.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -43,6 +47,20 @@ engine() {
     *) die "unknown engine $1 (documentdb, standin, found)" ;;
   esac
 }
+
+if [ "$which" = cluster ]; then
+  if [ -z "${KOBE_TEST_MONGODB_URI:-}" ]; then
+    find_mongodb "$(free_port)"
+    export KOBE_TEST_MONGODB_URI=$KOBE_MONGO_URI
+  fi
+  if cargo nextest --version >/dev/null 2>&1; then
+    run=(cargo nextest run --test integration --no-capture cluster::a_three_node_cluster)
+  else
+    run=(cargo test --test integration cluster::a_three_node_cluster -- --nocapture)
+  fi
+  KOBE_TEST_CLUSTER=1 "${run[@]}" 2>&1 | grep -E '^cluster:|PASS|FAIL|panicked|assert|test result'
+  exit "${PIPESTATUS[0]}"
+fi
 
 if [ "$which" = all ] || [ "$which" = publish ]; then
   cargo bench --bench publish

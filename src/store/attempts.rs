@@ -44,9 +44,11 @@ impl Attempt {
 /// An outcome to record for an attempt.
 #[derive(Debug, Clone)]
 pub enum Transition {
-    /// The attempt failed and another will follow (its message is already confirmed).
+    /// The attempt failed and another will follow: its message is confirmed, or — `owed` — its
+    /// publish is in doubt and the outbox sends it (`publish_state: pending`).
     Retry {
         root_cause: String,
+        owed: bool,
     },
     Success {
         result: Value,
@@ -138,10 +140,13 @@ fn claim_fields(attempt: &Attempt, now: DateTime, lease: Duration) -> Document {
 fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, StoreError> {
     let mut set = doc! {"state": transition.target().as_str(), "updated_at": now};
     match transition {
-        Transition::Retry { root_cause } => {
+        Transition::Retry { root_cause, owed } => {
             set.insert("root_cause", root_cause);
             // The next attempt starts counting its deliveries afresh.
             set.insert("deliveries", 0_i64);
+            if *owed {
+                set.insert("publish_state", super::tasks::PUBLISH_PENDING);
+            }
         }
         Transition::Success { result } => {
             set.insert("finished_at", now);
@@ -238,6 +243,15 @@ impl TaskRepository {
     ) -> Result<Write, StoreError> {
         let now = DateTime::now();
         let mut set = outcome_fields(transition, now)?;
+        // A retry counts its failure at once: a stale copy of this attempt (redelivered after a
+        // lost ack) then finds a later attempt due and is acked without running.
+        let retries = match transition {
+            Transition::Retry { .. } => attempt.retries.saturating_add(1),
+            _ => attempt.retries,
+        };
+        if matches!(transition, Transition::Retry { .. }) {
+            set.insert("retries", i64::from(retries));
+        }
         let (filter, update) = match holding {
             Holding::Lease => {
                 let filter = doc! {
@@ -251,7 +265,7 @@ impl TaskRepository {
             }
             Holding::Ran => {
                 set.insert("started_at", now);
-                set.insert("retries", i64::from(attempt.retries));
+                set.insert("retries", i64::from(retries));
                 set.insert("attempt_token", &attempt.token);
                 let update = doc! {
                     "$set": set,

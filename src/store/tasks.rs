@@ -313,9 +313,14 @@ impl TaskRepository {
             .find_one_and_update(
                 doc! {
                     "publish_state": PUBLISH_PENDING,
-                    "state": TaskState::Pending.as_str(),
-                    "created_at": {"$lt": older_than},
-                    "$or": [{"outbox_claim_until": null}, {"outbox_claim_until": {"$lt": now}}],
+                    "$and": [
+                        // A new task, or a retry whose next attempt a worker could not confirm.
+                        {"$or": [
+                            {"state": TaskState::Pending.as_str(), "created_at": {"$lt": older_than}},
+                            {"state": TaskState::Retry.as_str(), "updated_at": {"$lt": older_than}},
+                        ]},
+                        {"$or": [{"outbox_claim_until": null}, {"outbox_claim_until": {"$lt": now}}]},
+                    ],
                 },
                 doc! {"$set": {"outbox_claim_until": until}},
             )

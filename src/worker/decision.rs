@@ -128,6 +128,7 @@ pub fn plan(happened: &Happened, attempt: u32, policy: &RetryPolicy, jitter: f64
             Plan {
                 record: Some(Transition::Retry {
                     root_cause: cause.clone(),
+                    owed: false,
                 }),
                 route: Route::Retry {
                     delay: policy

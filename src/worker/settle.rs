@@ -67,6 +67,9 @@ impl Worker {
                 }
                 Step::Again => {
                     if !self.may_continue(job.delivery.tag) {
+                        if self.owe_retry(&job, &mut plan, &done).await {
+                            return;
+                        }
                         // The broker took the message back; a redelivery will finish the job.
                         self.release(&job).await;
                         return;
@@ -105,6 +108,30 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A retry whose publish failed — perhaps only its confirm was lost — for a delivery this
+    /// worker can no longer settle (its connection is gone, or it is stopping): records `RETRY`
+    /// with the next attempt's publish owed, which the outbox pays. Without it the redelivered
+    /// copy would run this attempt again while the next attempt's message may already be
+    /// queued. `true` when recorded.
+    async fn owe_retry(&self, job: &Job<'_>, plan: &mut Plan, done: &Done) -> bool {
+        let Some(Transition::Retry { owed, .. }) = plan.record.as_mut() else {
+            return false;
+        };
+        if done.published != Published::Failed || done.stored != Stored::NotYet {
+            return false;
+        }
+        *owed = true;
+        if self.record(job, plan).await != Stored::Applied {
+            return false;
+        }
+        tracing::warn!("delivery lost with its retry's publish in doubt; RETRY recorded with the next attempt owed to the outbox");
+        metrics()
+            .task_retries
+            .with_label_values(&[job.attempt.task_name.as_str()])
+            .inc();
+        true
     }
 
     /// Writes the plan's record (keeping a large result in `RawPayload` first).

@@ -230,3 +230,190 @@ async fn with_two_broker_addresses_kobe_moves_to_the_next_when_one_is_lost() {
     worker.stop().await;
     api.stop().await;
 }
+
+/// Counts runs per task id; fails the first attempt of tasks submitted with `{"fail_first": true}`.
+struct Flaky(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+impl Task for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        let runs = {
+            let mut all = self.0.lock().unwrap();
+            let n = all.entry(invocation.task_id.to_string()).or_default();
+            *n += 1;
+            *n
+        };
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if invocation.kwargs.get("fail_first") == Some(&json!(true)) && invocation.attempt == 1
+            {
+                return Err(kobe::tasks::TaskError::Retryable(format!(
+                    "planned failure, run {runs}"
+                )));
+            }
+            Ok(json!({"attempt": invocation.attempt}))
+        })
+    }
+}
+
+/// What one submission was told.
+#[derive(Debug)]
+enum Told {
+    Accepted { id: String, fail_first: bool },
+    Refused { id: Option<String>, at: Duration },
+}
+
+/// Three private RabbitMQ nodes clustered on this machine, quorum queues, an API and two workers
+/// given all three addresses; 1,200 submissions (a sixth retrying once, a sixth delayed) while one
+/// node is stopped, restarted, and then another stopped. Every accepted task must end SUCCESS
+/// having run exactly as planned; every refused one must not have run. Minutes long: run by
+/// `scripts/bench.sh cluster` (it sets KOBE_TEST_CLUSTER=1), not by the test suite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_loses_nodes_under_load_and_no_accepted_task_is_lost_or_run_twice() {
+    if std::env::var("KOBE_TEST_CLUSTER").as_deref() != Ok("1") {
+        eprintln!("skipped: set KOBE_TEST_CLUSTER=1 (scripts/bench.sh cluster) to run it");
+        return;
+    }
+    let nodes: Vec<PrivateRabbit> = (0..3).map(|_| PrivateRabbit::start()).collect();
+    nodes[1].join(&nodes[0]);
+    nodes[2].join(&nodes[0]);
+    common::eventually(Duration::from_secs(60), "a three-node cluster", || async {
+        (nodes[0].running_members() == 3).then_some(())
+    })
+    .await;
+    let urls: Vec<String> = nodes.iter().map(PrivateRabbit::url).collect();
+    let env = TestEnv::with(&[
+        ("RABBITMQ_URL", &urls.join(",")),
+        ("KOBE_QUEUE_TYPE", "quorum"),
+        ("KOBE_RETRY_BASE_MS", "200"),
+        ("KOBE_PUBLISH_TIMEOUT_MS", "3000"),
+    ])
+    .await;
+    env.init_db().await;
+    let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let registry = || {
+        let mut registry = Registry::with_builtin_tasks();
+        registry.register(Flaky(runs.clone())).unwrap();
+        registry
+    };
+    let api = Arc::new(env.spawn_api_with(registry()).await);
+    let workers = [
+        env.spawn_worker_on(10, Vec::new(), registry()),
+        env.spawn_worker_on(10, Vec::new(), registry()),
+    ];
+
+    const TOTAL: usize = 1200;
+    let started = Instant::now();
+    let told = Arc::new(std::sync::Mutex::new(Vec::<Told>::new()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut submitters = Vec::new();
+    for _ in 0..8 {
+        let (api, told, next) = (api.clone(), told.clone(), next.clone());
+        submitters.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= TOTAL {
+                    break;
+                }
+                let fail_first = n % 6 == 1;
+                let mut body = json!({"task_name": "flaky", "kwargs": {"fail_first": fail_first}});
+                if n % 6 == 2 {
+                    body["countdown"] = json!(1.5);
+                }
+                let response = api.start_task(body).await;
+                let status = response.status().as_u16();
+                let answer: serde_json::Value = response.json().await.unwrap_or_default();
+                let id = answer["task_id"].as_str().map(str::to_owned);
+                let record = match status {
+                    202 => Told::Accepted {
+                        id: id.expect("a 202 names its task"),
+                        fail_first,
+                    },
+                    503 => Told::Refused {
+                        id,
+                        at: started.elapsed(),
+                    },
+                    other => panic!("unexpected {other}: {answer}"),
+                };
+                told.lock().unwrap().push(record);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let answered = || told.lock().unwrap().len();
+    let wait_for = |count: usize| {
+        let answered = &answered;
+        async move {
+            common::eventually(Duration::from_secs(120), "submissions", || async {
+                (answered() >= count).then_some(())
+            })
+            .await
+        }
+    };
+    wait_for(300).await;
+    let first_loss = started.elapsed();
+    tokio::task::block_in_place(|| nodes[0].stop());
+    wait_for(600).await;
+    tokio::task::block_in_place(|| nodes[0].restart());
+    wait_for(800).await;
+    let second_loss = started.elapsed();
+    tokio::task::block_in_place(|| nodes[1].stop());
+    for submitter in submitters {
+        submitter.await.unwrap();
+    }
+
+    let told = std::mem::take(&mut *told.lock().unwrap());
+    let accepted: Vec<(&String, bool)> = told
+        .iter()
+        .filter_map(|t| match t {
+            Told::Accepted { id, fail_first } => Some((id, *fail_first)),
+            Told::Refused { .. } => None,
+        })
+        .collect();
+    for (id, _) in &accepted {
+        let task = env.wait_final(id, Duration::from_secs(180)).await;
+        assert_eq!(task.state, TaskState::Success, "accepted, then {task:?}");
+    }
+    let runs = runs.lock().unwrap().clone();
+    for (id, fail_first) in &accepted {
+        let expected = if *fail_first { 2 } else { 1 };
+        assert_eq!(runs.get(*id).copied(), Some(expected), "task {id}");
+    }
+    let refused: Vec<(&Option<String>, Duration)> = told
+        .iter()
+        .filter_map(|t| match t {
+            Told::Refused { id, at } => Some((id, *at)),
+            Told::Accepted { .. } => None,
+        })
+        .collect();
+    for (id, _) in &refused {
+        if let Some(id) = id {
+            assert!(!runs.contains_key(id.as_str()), "refused task {id} ran");
+        }
+    }
+    let window = |from: Duration| {
+        let during: Vec<Duration> = refused
+            .iter()
+            .map(|(_, at)| *at)
+            .filter(|at| *at >= from && *at < from + Duration::from_secs(60))
+            .collect();
+        match (during.first(), during.last()) {
+            (Some(a), Some(b)) => format!("{} refused over {:?}", during.len(), *b - *a),
+            _ => "none refused".into(),
+        }
+    };
+    eprintln!(
+        "cluster: {} accepted, {} refused, all ran as planned in {:?}; first node lost: {}; second node lost: {}",
+        accepted.len(),
+        refused.len(),
+        started.elapsed(),
+        window(first_loss),
+        window(second_loss)
+    );
+    assert!(accepted.len() >= 1000, "{} accepted", accepted.len());
+    for worker in workers {
+        worker.stop().await;
+    }
+}

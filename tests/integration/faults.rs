@@ -275,6 +275,89 @@ async fn a_retry_that_cannot_be_published_holds_the_delivery_without_rerunning_i
     api.stop().await;
 }
 
+/// Records the attempts it runs; the first takes 5 s and fails.
+struct SlowFailsFirst(std::sync::Arc<std::sync::Mutex<Vec<u32>>>);
+impl kobe::tasks::Task for SlowFailsFirst {
+    fn name(&self) -> &'static str {
+        "slow_fails_first"
+    }
+    fn run(&self, invocation: kobe::tasks::Invocation) -> kobe::tasks::TaskFuture {
+        self.0.lock().unwrap().push(invocation.attempt);
+        Box::pin(async move {
+            if invocation.attempt == 1 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                return Err(kobe::tasks::TaskError::Retryable(
+                    "first attempt fails".into(),
+                ));
+            }
+            Ok(json!({"attempt": invocation.attempt}))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_while_its_retry_cannot_be_published_owes_the_retry_to_the_outbox() {
+    let rabbit = PrivateRabbit::start();
+    let url = rabbit.url();
+    let env = TestEnv::with(&[
+        ("RABBITMQ_URL", &url),
+        ("KOBE_PUBLISH_TIMEOUT_MS", "800"),
+        ("KOBE_RETRY_BASE_MS", "100"),
+    ])
+    .await;
+    let attempts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let worker = env.worker_with(2, SlowFailsFirst(attempts.clone()));
+    let publisher = env.publisher();
+    let message = kobe::amqp::TaskMessage::new(
+        kobe::domain::TaskId::generate(),
+        "slow_fails_first",
+        vec![],
+        Default::default(),
+    );
+    let id = message.id.to_string();
+    env.publish_message(&publisher, &message).await;
+    let tasks = env.tasks();
+    common::eventually(Duration::from_secs(20), "STARTED", || async {
+        let task = tasks.get(&id).await.ok()??;
+        (task.state == kobe::domain::TaskState::Started).then_some(())
+    })
+    .await;
+    memory_alarm(&rabbit, true);
+    common::eventually(Duration::from_secs(20), "retry publish failing", || async {
+        (common::metric("kobe_amqp_publishes_total{outcome=\"failed\"}") >= 1.0).then_some(())
+    })
+    .await;
+    // The worker stops while it holds the delivery: it cannot settle it any more, and the
+    // retry's message may or may not be queued. It records RETRY with the next attempt owed.
+    worker.stop().await;
+    let owed = tasks.get(&id).await.unwrap().unwrap();
+    assert_eq!(owed.state, kobe::domain::TaskState::Retry, "{owed:?}");
+    assert_eq!(owed.retries, 1);
+    assert_eq!(
+        owed.publish_state,
+        Some(kobe::store::tasks::PublishState::Pending)
+    );
+    memory_alarm(&rabbit, false);
+
+    // The outbox pays the debt; the returned first-attempt message is stale and never runs.
+    let outbox = kobe::submit::outbox::Outbox {
+        tasks: env.tasks(),
+        submitter: env.submitter(),
+        age: Duration::ZERO,
+    };
+    assert_eq!(outbox.sweep_once().await.unwrap(), 1);
+    let worker = env.worker_with(2, SlowFailsFirst(attempts.clone()));
+    let done = env.wait_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(
+        (done.state, done.retries),
+        (kobe::domain::TaskState::Success, 1)
+    );
+    env.wait_queue_empty("default", "the stale copy acked")
+        .await;
+    assert_eq!(*attempts.lock().unwrap(), [1, 2], "each attempt ran once");
+    worker.stop().await;
+}
+
 /// Runs `f` on a channel of the test broker (a connection of its own).
 async fn on_channel<T: Send + 'static>(
     env: &TestEnv,

@@ -87,9 +87,45 @@ impl PrivateRabbit {
         }
     }
 
-    /// Starts the node again on the same port, with the same data (durable queues survive).
+    /// Starts the node again on the same port, with the same data (durable queues survive; a
+    /// cluster member rejoins its cluster).
     pub fn restart(&self) {
         self.launch(free_port());
+    }
+
+    /// Makes this node a member of `seed`'s cluster (it loses its own data).
+    pub fn join(&self, seed: &PrivateRabbit) {
+        for args in [
+            vec!["stop_app"],
+            vec!["reset"],
+            vec!["join_cluster", seed.node.as_str()],
+            vec!["start_app"],
+        ] {
+            let output = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "-n", &self.node])
+                .args(&args)
+                .output()
+                .expect("rabbitmqctl");
+            assert!(output.status.success(), "rabbitmqctl {args:?}: {output:?}");
+        }
+    }
+
+    /// Nodes running in this node's cluster, as it sees them.
+    pub fn running_members(&self) -> usize {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "-n",
+                &self.node,
+                "eval",
+                "length(rabbit_mnesia:cluster_nodes(running)).",
+            ])
+            .output()
+            .expect("rabbitmqctl");
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
     }
 }
 

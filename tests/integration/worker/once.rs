@@ -400,3 +400,61 @@ async fn with_mongodb_down_an_unknown_task_is_neither_acked_nor_dead_lettered() 
         Some(0)
     );
 }
+
+/// Fails its first attempt, counting runs per attempt.
+struct FailsFirst(Arc<std::sync::Mutex<Vec<u32>>>);
+impl Task for FailsFirst {
+    fn name(&self) -> &'static str {
+        "fails_first"
+    }
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        self.0.lock().unwrap().push(invocation.attempt);
+        Box::pin(async move {
+            if invocation.attempt == 1 {
+                return Err(kobe::tasks::TaskError::Retryable(
+                    "first attempt fails".into(),
+                ));
+            }
+            Ok(json!("second time lucky"))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_of_a_failed_attempt_waiting_for_its_retry_is_acked_without_running() {
+    // A long first retry delay: the task sits in RETRY while the copy arrives.
+    let env = TestEnv::with(&[("KOBE_RETRY_BASE_MS", "3000"), ("KOBE_RETRY_MAX", "2")]).await;
+    env.init_db().await;
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let worker = env.worker_with(2, FailsFirst(attempts.clone()));
+    let publisher = env.publisher();
+    let message = TaskMessage::new(TaskId::generate(), "fails_first", vec![], Map::new());
+    let id = message.id.to_string();
+    env.publish_message(&publisher, &message).await;
+    let tasks = env.tasks();
+    let waiting = common::eventually(Duration::from_secs(20), "RETRY", || async {
+        tasks
+            .get(&id)
+            .await
+            .ok()
+            .flatten()
+            .filter(|t| t.state == TaskState::Retry)
+    })
+    .await;
+    assert_eq!(
+        waiting.retries, 1,
+        "the failure is counted when RETRY is recorded"
+    );
+
+    // The first attempt's message again, as after an ack lost with a dropped connection.
+    env.publish_message(&publisher, &message).await;
+    let done = env.wait_final(&id, Duration::from_secs(20)).await;
+    assert_eq!((done.state, done.retries), (TaskState::Success, 1));
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        [1, 2],
+        "attempt 1 ran once, then attempt 2"
+    );
+    assert!(common::metric("kobe_duplicate_deliveries_total{reason=\"stale_attempt\"}") >= 1.0);
+    worker.stop().await;
+}
