@@ -105,6 +105,15 @@ async fn two_replicas_fire_each_slot_once_and_the_survivor_takes_over_from_a_kil
     );
     assert!(seen_by_other["leader"].is_string(), "{seen_by_other}");
     assert_eq!(seen_by_other["schedules"][0]["when"], "every 1 s");
+    let page = client
+        .get(format!("{}/ui", replicas[other].0))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("data-schedule=\"tick\""), "{page}");
     common::eventually(Duration::from_secs(15), "three firings", || async {
         (fired(&env).await.len() >= 3).then_some(())
     })
