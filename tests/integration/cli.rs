@@ -246,7 +246,7 @@ fn help_lists_the_four_commands() {
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
-    for command in ["serve", "worker", "init-db", "healthcheck"] {
+    for command in ["serve", "worker", "beat", "init-db", "healthcheck"] {
         assert!(help.contains(command), "{help}");
     }
     let version = Command::new(env!("CARGO_BIN_EXE_kobe"))
@@ -254,4 +254,13 @@ fn help_lists_the_four_commands() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("kobe "));
+}
+
+#[tokio::test]
+async fn beat_without_schedules_says_what_it_needs() {
+    let env = TestEnv::new().await;
+    let output = kobe(&env, &["beat"], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("[[schedule]]"), "{stderr}");
 }
