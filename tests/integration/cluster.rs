@@ -121,28 +121,6 @@ async fn priorities_on_quorum_queues_follow_the_broker_version() {
     }
 }
 
-/// Counts its runs, per task id.
-struct Tally(
-    Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-    Arc<AtomicUsize>,
-);
-
-impl Task for Tally {
-    fn name(&self) -> &'static str {
-        "tally"
-    }
-    fn run(&self, invocation: Invocation) -> TaskFuture {
-        *self
-            .0
-            .lock()
-            .unwrap()
-            .entry(invocation.task_id.to_string())
-            .or_default() += 1;
-        self.1.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(json!("counted")) })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_broker_addresses_kobe_moves_to_the_next_when_one_is_lost() {
     let rabbit = PrivateRabbit::start();
@@ -152,12 +130,9 @@ async fn with_two_broker_addresses_kobe_moves_to_the_next_when_one_is_lost() {
     let env = TestEnv::with(&[("RABBITMQ_URL", &urls), ("KOBE_PUBLISH_TIMEOUT_MS", "2000")]).await;
     env.init_db().await;
     let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-    let total = Arc::new(AtomicUsize::new(0));
     let registry = || {
         let mut registry = Registry::with_builtin_tasks();
-        registry
-            .register(Tally(runs.clone(), total.clone()))
-            .unwrap();
+        registry.register(Flaky(runs.clone())).unwrap();
         registry
     };
     let api = env.spawn_api_with(registry()).await;
@@ -165,7 +140,7 @@ async fn with_two_broker_addresses_kobe_moves_to_the_next_when_one_is_lost() {
 
     let mut accepted = Vec::new();
     for _ in 0..5 {
-        accepted.push(api.submit(json!({"task_name": "tally"})).await);
+        accepted.push(api.submit(json!({"task_name": "flaky"})).await);
     }
     for id in &accepted {
         env.wait_final(id, Duration::from_secs(20)).await;
@@ -179,7 +154,7 @@ async fn with_two_broker_addresses_kobe_moves_to_the_next_when_one_is_lost() {
     let lost = Instant::now();
     let mut refused = 0;
     loop {
-        let response = api.start_task(json!({"task_name": "tally"})).await;
+        let response = api.start_task(json!({"task_name": "flaky"})).await;
         match response.status().as_u16() {
             202 => {
                 let body: serde_json::Value = response.json().await.unwrap();
@@ -200,7 +175,7 @@ async fn with_two_broker_addresses_kobe_moves_to_the_next_when_one_is_lost() {
         lost.elapsed()
     );
     for _ in 0..4 {
-        accepted.push(api.submit(json!({"task_name": "tally"})).await);
+        accepted.push(api.submit(json!({"task_name": "flaky"})).await);
     }
     for id in &accepted {
         let task = env.wait_final(id, Duration::from_secs(30)).await;
@@ -212,7 +187,6 @@ async fn with_two_broker_addresses_kobe_moves_to_the_next_when_one_is_lost() {
         runs.values().all(|n| *n == 1),
         "each exactly once: {runs:?}"
     );
-    assert_eq!(total.load(Ordering::SeqCst), accepted.len());
     let ready: serde_json::Value = api.get("/ready").await.json().await.unwrap();
     assert_eq!(ready["status"], "ready", "{ready}");
     assert_eq!(ready["rabbitmq_nodes"][0]["reachable"], false, "{ready}");

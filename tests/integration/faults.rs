@@ -225,16 +225,20 @@ fn memory_alarm(rabbit: &PrivateRabbit, on: bool) {
     assert!(status.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_that_cannot_be_published_holds_the_delivery_without_rerunning_it() {
-    let rabbit = PrivateRabbit::start();
-    let url = rabbit.url();
-    let env = TestEnv::with(&[
-        ("RABBITMQ_URL", &url),
+/// A test's slice of the services on its own broker, with short publish timeouts and retries.
+async fn on_private_broker(rabbit: &PrivateRabbit) -> TestEnv {
+    TestEnv::with(&[
+        ("RABBITMQ_URL", &rabbit.url()),
         ("KOBE_PUBLISH_TIMEOUT_MS", "800"),
         ("KOBE_RETRY_BASE_MS", "100"),
     ])
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_cannot_be_published_holds_the_delivery_without_rerunning_it() {
+    let rabbit = PrivateRabbit::start();
+    let env = on_private_broker(&rabbit).await;
     let api = env.spawn_api().await;
     let worker = env.spawn_worker(2);
     let id = api
@@ -298,13 +302,7 @@ impl kobe::tasks::Task for SlowFailsFirst {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_stops_while_its_retry_cannot_be_published_owes_the_retry_to_the_outbox() {
     let rabbit = PrivateRabbit::start();
-    let url = rabbit.url();
-    let env = TestEnv::with(&[
-        ("RABBITMQ_URL", &url),
-        ("KOBE_PUBLISH_TIMEOUT_MS", "800"),
-        ("KOBE_RETRY_BASE_MS", "100"),
-    ])
-    .await;
+    let env = on_private_broker(&rabbit).await;
     let attempts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let worker = env.worker_with(2, SlowFailsFirst(attempts.clone()));
     let publisher = env.publisher();
