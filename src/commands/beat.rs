@@ -5,12 +5,14 @@ use crate::config::Settings;
 use crate::store::LeaderRepository;
 use crate::tasks::Registry;
 
-/// The schedules' firing loop for `serve` and `beat`; `None` without schedules.
-pub async fn beat(
+/// The schedules' firing loop for `serve` and `beat`, under the name `holder`; `None` without
+/// schedules.
+pub fn beat(
     settings: &Settings,
     registry: &Registry,
     submitter: crate::submit::Submitter,
     db: &mongodb::Database,
+    holder: String,
 ) -> Option<Beat> {
     if registry.schedules().is_empty() {
         return None;
@@ -19,7 +21,7 @@ pub async fn beat(
         schedules: registry.schedules().to_vec(),
         submitter,
         leaders: LeaderRepository::new(db),
-        holder: crate::beat::holder_name(),
+        holder,
         lease: settings.beat_lease,
     })
 }
@@ -31,7 +33,8 @@ pub async fn run(settings: Settings, registry: Registry) -> anyhow::Result<()> {
     let publisher = super::publisher(&settings)?;
     let writer = super::writer(&settings, &db);
     let submitter = super::submitter(&settings, &db, cache, publisher, writer);
-    let Some(beat) = beat(&settings, &registry, submitter, &db).await else {
+    let holder = crate::beat::holder_name();
+    let Some(beat) = beat(&settings, &registry, submitter, &db, holder) else {
         anyhow::bail!("no schedules: declare [[schedule]] tables in KOBE_TASKS_FILE");
     };
     beat.run(crate::shutdown::signal()).await;

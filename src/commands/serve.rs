@@ -20,16 +20,13 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
     let dead_letters = super::dead_letters(settings, &db, submitter.clone(), cache.clone());
-    let beat = if settings.beat {
-        super::beat::beat(settings, &registry, submitter.clone(), &db).await
-    } else {
-        None
-    };
+    // This replica competes for the schedules' lead when it has schedules and may fire them.
+    let beat_holder =
+        (settings.beat && !registry.schedules().is_empty()).then(crate::beat::holder_name);
     Ok(AppState {
         schedules: registry.schedules().to_vec(),
         leaders: crate::store::LeaderRepository::new(&db),
-        beat_holder: beat.as_ref().map(|b| b.holder.clone()),
-        beat: std::sync::Mutex::new(beat),
+        beat_holder,
         registry,
         tasks: TaskRepository::new(&db),
         errors: ErrorLogRepository::new(&db),
@@ -70,10 +67,17 @@ pub async fn run(
     }));
     let (beat_stop, beat_stopped) = tokio::sync::oneshot::channel::<()>();
     let beat = state
-        .beat
-        .lock()
-        .ok()
-        .and_then(|mut beat| beat.take())
+        .beat_holder
+        .clone()
+        .and_then(|holder| {
+            super::beat::beat(
+                &settings,
+                &state.registry,
+                state.submitter.clone(),
+                &state.db,
+                holder,
+            )
+        })
         .map(|beat| {
             tokio::spawn(beat.run(async move {
                 let _ = beat_stopped.await;

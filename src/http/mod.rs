@@ -59,8 +59,6 @@ pub struct AppState {
     pub leaders: crate::store::LeaderRepository,
     /// This replica's name in the schedules' lease, when it competes for it.
     pub beat_holder: Option<String>,
-    /// The firing loop, until `serve` starts it.
-    pub beat: std::sync::Mutex<Option<crate::beat::Beat>>,
 }
 
 /// A route whose other methods answer 405 naming the one it has (`Allow`).

@@ -2,7 +2,7 @@
 //! Every query here runs on an index — `state_updated_at` (equality on `state`, range and order
 //! on `updated_at`), or `parent_id_updated_at` for a job's children (partial: only child tasks pay
 //! for it) — so a page costs the same on a large collection as on a small one. A task name, a
-//! route or a root-cause text narrows the page within that scan; none of them is an index of its
+//! route, a root-cause text or a creation-time range narrows the page within that scan; none of them is an index of its
 //! own, because every index on `Tasks` is written on every state change of every task.
 //!
 //! For a finished task `updated_at` is when it finished, so `since`/`until` with a final state is
@@ -52,6 +52,10 @@ pub struct Search {
     pub parent_id: Option<String>,
     /// Root cause containing this text (case-insensitive).
     pub root_cause: Option<String>,
+    /// Created at or after this time (narrows the scan; no index of its own).
+    pub created_since: Option<DateTime>,
+    /// Created before this time.
+    pub created_until: Option<DateTime>,
     /// Changed at or after this time.
     pub since: Option<DateTime>,
     /// Changed before this time.
@@ -140,6 +144,16 @@ impl Search {
         }
         if let Some(route) = &search.route {
             filter.insert("route", route);
+        }
+        let mut created = doc! {};
+        if let Some(since) = search.created_since {
+            created.insert("$gte", since);
+        }
+        if let Some(until) = search.created_until {
+            created.insert("$lt", until);
+        }
+        if !created.is_empty() {
+            filter.insert("created_at", created);
         }
         if let Some(text) = &search.root_cause {
             filter.insert(

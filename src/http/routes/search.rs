@@ -30,6 +30,10 @@ pub struct SearchQuery {
     pub since: Option<String>,
     /// Changed before this time (RFC 3339); for a finished state, finished before.
     pub until: Option<String>,
+    /// Created at or after this time (RFC 3339).
+    pub created_since: Option<String>,
+    /// Created before this time (RFC 3339).
+    pub created_until: Option<String>,
     /// Tasks per page, 1–500 (default 50). Read as text so a bad value is a 422 naming it.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
@@ -142,6 +146,8 @@ pub async fn search(
         root_cause: query.root_cause.clone().filter(|t| !t.is_empty()),
         since: time("since", query.since.as_deref())?,
         until: time("until", query.until.as_deref())?,
+        created_since: time("created_since", query.created_since.as_deref())?,
+        created_until: time("created_until", query.created_until.as_deref())?,
         after,
         limit,
     };

@@ -401,6 +401,13 @@ async fn the_search_filters_by_route_parent_and_root_cause_on_an_index() {
     assert_eq!(ids(cause("timeout")).await, ["t-default", "t-io-1"]);
     assert_eq!(ids(cause("(a.b)")).await, ["t-io-1"]);
     assert!(ids(cause("(a.c)")).await.is_empty());
+    // Created within a range (the three were created now, the search's range is the last minute).
+    let created = |from_ms: i64| Search {
+        created_since: Some(DateTime::from_millis(from_ms)),
+        ..Search::default()
+    };
+    assert_eq!(ids(created(now - 60_000)).await.len(), 3);
+    assert!(ids(created(now + 60_000)).await.is_empty());
 
     // Each query runs on an index, where the server explains its plans the way MongoDB does.
     for (search, index) in [
