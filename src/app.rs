@@ -21,7 +21,8 @@
 //! ```
 //!
 //! Tasks declared in `KOBE_TASKS_FILE` join the registry at start; a name taken twice stops
-//! start-up, naming the file and line.
+//! start-up, naming the file and line. Periodic tasks come from the file's `[[schedule]]` tables or
+//! from [`App::schedule`].
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ use crate::{commands, shutdown, telemetry};
 pub struct App {
     registry: Registry,
     refused: Vec<String>,
+    /// Periodic tasks given in code; added once the tasks file's tasks are in.
+    schedules: Vec<crate::domain::schedule::Schedule>,
 }
 
 impl App {
@@ -61,6 +64,13 @@ impl App {
     /// Adds a task. A name taken twice makes [`App::run`] refuse to start, naming it.
     pub fn task(mut self, task: impl Task) -> Self {
         self.add(Arc::new(task));
+        self
+    }
+
+    /// Adds a periodic task (as a `[[schedule]]` table would): its task must be registered by
+    /// the time the command runs, in code or in `KOBE_TASKS_FILE`.
+    pub fn schedule(mut self, schedule: crate::domain::schedule::Schedule) -> Self {
+        self.schedules.push(schedule);
         self
     }
 
@@ -223,6 +233,12 @@ impl App {
                     .map_err(|reason| format!("{}: {reason}", file.display()))?;
             }
         }
+        // Only the commands that fire or list schedules need them (and their tasks).
+        if matches!(command, Command::Serve(_) | Command::Beat) {
+            for schedule in self.schedules {
+                registry.schedule(schedule)?;
+            }
+        }
         for (task, route) in registry.routes() {
             settings.task_routes.entry(task).or_insert(route);
         }
@@ -243,4 +259,41 @@ fn env_file_argument() -> Option<std::path::PathBuf> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::schedule::{Missed, Schedule, When};
+
+    fn tick(task: &str) -> Schedule {
+        Schedule {
+            name: "tick".into(),
+            task: task.into(),
+            when: When::Every(60),
+            kwargs: Default::default(),
+            route: None,
+            missed: Missed::Skip,
+        }
+    }
+
+    #[test]
+    fn schedules_from_code_join_the_commands_that_fire_them() {
+        let mut settings = Settings::from_lookup(|_| None).unwrap();
+        let app = || {
+            App::new()
+                .with_builtin_tasks()
+                .schedule(tick("demo_long_io"))
+        };
+        let registry = app().registry_for(&mut settings, &Command::Beat).unwrap();
+        assert_eq!(registry.schedules().len(), 1);
+        let registry = app().registry_for(&mut settings, &Command::InitDb).unwrap();
+        assert!(registry.schedules().is_empty());
+        let unknown = App::new()
+            .schedule(tick("nowhere"))
+            .registry_for(&mut settings, &Command::Beat)
+            .err()
+            .unwrap();
+        assert!(unknown.contains("`nowhere`"), "{unknown}");
+    }
 }
