@@ -20,6 +20,31 @@ use super::AmqpError;
 use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
+/// The URL of each node `url` names (one, or a cluster's, comma-separated), in order.
+pub(crate) fn node_urls(url: &ServiceUrl) -> impl Iterator<Item = &str> {
+    url.expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+}
+
+/// Each node `url` names, as `(shown, host:port)`: without resolving names, so async code can
+/// probe them; `None` for a node whose URL does not parse.
+pub fn node_addresses(url: &ServiceUrl) -> Vec<(String, Option<String>)> {
+    node_urls(url)
+        .map(|node| {
+            let address = url::Url::parse(node).ok().map(|u| {
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or("localhost"),
+                    u.port().unwrap_or(5672)
+                )
+            });
+            (crate::config::redact_url(node), address)
+        })
+        .collect()
+}
+
 /// One broker node: where it is and how to log in.
 #[derive(Clone, Debug)]
 struct Node {
@@ -45,11 +70,7 @@ impl Endpoint {
     /// comma-separated (the nodes of a cluster). A missing user and password mean
     /// `guest`/`guest`, a missing vhost means `/`, as in RabbitMQ's URI specification.
     pub(crate) fn parse(url: &ServiceUrl) -> Result<Self, AmqpError> {
-        let nodes = url
-            .expose()
-            .split(',')
-            .map(str::trim)
-            .filter(|part| !part.is_empty())
+        let nodes = node_urls(url)
             .map(Node::parse)
             .collect::<Result<Vec<_>, _>>()?;
         if nodes.is_empty() {

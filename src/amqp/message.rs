@@ -259,15 +259,7 @@ fn repr(value: &Value) -> String {
 }
 
 fn origin() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".to_owned());
+    let host = crate::config::host_name().unwrap_or_else(|| "unknown".to_owned());
     format!("kobe@{host}")
 }
 

@@ -65,6 +65,8 @@ pub fn connect(url: &ServiceUrl, timeout: Duration) -> Result<amiquip::Connectio
     connection::Endpoint::parse(url)?.connect(timeout)
 }
 
+pub use connection::node_addresses;
+
 /// Each broker node `url` names (one, or a cluster's, comma-separated) and whether it accepts
 /// an AMQP connection within `timeout`. Blocking; nodes are tried one after another.
 pub fn node_reports(url: &ServiceUrl, timeout: Duration) -> Vec<(String, Result<(), String>)> {

@@ -44,13 +44,17 @@ pub struct Beat {
 
 /// A name for this replica in the lease.
 pub fn holder_name() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".into());
+    let host = crate::config::host_name().unwrap_or_else(|| "host".into());
     let random = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}:{}:{}", std::process::id(), &random[..8])
+}
+
+/// Where `schedule`'s firings go: its own `queue`, else its task's route.
+pub fn route(schedule: &Schedule, topology: &crate::amqp::Topology) -> String {
+    schedule
+        .route
+        .clone()
+        .unwrap_or_else(|| topology.route_of(&schedule.task).to_owned())
 }
 
 impl Beat {
@@ -169,12 +173,7 @@ impl Beat {
                 tracing::error!(task_id = %id, "a schedule's task id is not a valid id");
                 return;
             };
-            let route = schedule.route.clone().unwrap_or_else(|| {
-                self.submitter
-                    .topology()
-                    .route_of(&schedule.task)
-                    .to_owned()
-            });
+            let route = route(schedule, self.submitter.topology());
             let mut task = NewTask::new(parsed, &schedule.task, &route);
             task.kwargs = schedule.kwargs.clone();
             if let Err(error) = self.submitter.submit_child(task).await {

@@ -69,7 +69,8 @@ async fn rabbitmq(settings: &Settings, budget: Duration) -> Result<String, Strin
     // A cluster's nodes get a share of the budget each, after the topology check.
     let nodes_url = url.clone();
     let nodes = tokio::task::spawn_blocking(move || {
-        let per_node = budget / 2 / nodes_url.expose().split(',').count().max(1) as u32;
+        let count = crate::amqp::node_addresses(&nodes_url).len().max(1);
+        let per_node = budget / 2 / count as u32;
         crate::amqp::node_reports(&nodes_url, per_node)
     });
     let reports =

@@ -108,7 +108,7 @@ pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<bool> {
             println!("revoked  {id}  (already)");
             true
         }
-        Cancelled::Requested { .. } => {
+        Cancelled::Requested => {
             println!("stopping {id}  (running; its handler is asked to stop — `kobe task show {id}` tells how it ended)");
             true
         }

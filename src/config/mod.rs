@@ -55,6 +55,15 @@ impl fmt::Debug for ServiceUrl {
     }
 }
 
+/// This machine's name: `$HOSTNAME`, else `/etc/hostname` (for `origin` headers and lease holders).
+pub fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
 /// Replaces the password of `scheme://user:password@host…` with `***`. Works on URLs the `url`
 /// crate refuses (MongoDB's `host1,host2` seed lists), and leaves URLs without a password alone.
 pub fn redact_url(url: &str) -> String {

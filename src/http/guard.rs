@@ -22,7 +22,7 @@ fn protected(path: &str, metrics_auth: bool) -> bool {
 
 /// Compares against every token without stopping early, in constant time per token, so the
 /// answer's timing says nothing about how much of a token was right.
-fn token_matches(given: &str, tokens: &[String]) -> bool {
+pub(crate) fn token_matches(given: &str, tokens: &[String]) -> bool {
     tokens.iter().fold(false, |found, token| {
         found | bool::from(given.as_bytes().ct_eq(token.as_bytes()))
     })
@@ -39,11 +39,6 @@ pub fn session_token(headers: &actix_web::http::header::HeaderMap) -> Option<Str
         .find(|(name, _)| *name == SESSION_COOKIE)
         .map(|(_, value)| value.trim().to_owned())
         .filter(|value| !value.is_empty())
-}
-
-/// Whether `token` is one of the accepted tokens.
-pub fn accepted(token: &str, tokens: &[String]) -> bool {
-    token_matches(token, tokens)
 }
 
 pub async fn guard(

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::batch::{Write, WriteOp};
 use super::tasks::{states, to_bson, TaskRepository, COLLECTION, PUBLISH_CONFIRMED};
-use super::{is_duplicate_key, StoreError};
+use super::{is_duplicate_key, later, StoreError};
 use crate::domain::TaskState;
 
 /// One attempt of one task, as the lease knows it.
@@ -101,11 +101,6 @@ pub enum Claimed {
     Refused,
 }
 
-fn after(now: DateTime, d: Duration) -> DateTime {
-    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    DateTime::from_millis(now.timestamp_millis().saturating_add(ms))
-}
-
 /// Documents an attempt may take: waiting, or started under a lapsed lease (or under its own
 /// token, when a claim is sent again after an ambiguous failure) — and not from a later attempt.
 fn takeable(attempt: &Attempt, now: DateTime) -> Document {
@@ -132,7 +127,7 @@ fn claim_fields(attempt: &Attempt, now: DateTime, lease: Duration) -> Document {
         "started_at": now,
         "retries": i64::from(attempt.retries),
         "attempt_token": &attempt.token,
-        "lease_until": after(now, lease),
+        "lease_until": later(now, lease),
     }
 }
 
@@ -302,7 +297,7 @@ impl TaskRepository {
             .collection
             .update_one(
                 doc! {"_id": &attempt.task_id, "attempt_token": &attempt.token, "state": TaskState::Started.as_str()},
-                doc! {"$set": {"lease_until": after(DateTime::now(), lease)}},
+                doc! {"$set": {"lease_until": super::from_now(lease)}},
             )
             .await?;
         Ok(outcome.matched_count == 1)
@@ -409,10 +404,8 @@ pub enum Cancelled {
     /// it arrives.
     Revoked,
     /// It is running: its worker tells the handler, and the task ends `REVOKED` if the handler
-    /// stops (or runs to its outcome if it does not). `first` is false when it was asked before.
-    Requested {
-        first: bool,
-    },
+    /// stops (or runs to its outcome if it does not). Asked now or before.
+    Requested,
     /// It was revoked already (asking again changes nothing).
     AlreadyRevoked,
     /// It finished (`SUCCESS`, `FAILURE`): nothing to cancel.
@@ -454,7 +447,7 @@ impl TaskRepository {
                 )
                 .await?;
             if asked.matched_count == 1 {
-                return Ok(Cancelled::Requested { first: true });
+                return Ok(Cancelled::Requested);
             }
             match self.collection.find_one(doc! {"_id": id}).await? {
                 None => return Ok(Cancelled::Missing),
@@ -464,7 +457,7 @@ impl TaskRepository {
                         return Ok(Cancelled::Finished(task.state))
                     }
                     TaskState::Started if task.cancel_requested.is_some() => {
-                        return Ok(Cancelled::Requested { first: false })
+                        return Ok(Cancelled::Requested)
                     }
                     // It moved between the updates and the read: look again.
                     _ => continue,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::{Collection, Database};
 
-use super::{is_duplicate_key, StoreError};
+use super::{from_now, is_duplicate_key, StoreError};
 
 pub const LEADERS: &str = "Leaders";
 pub const SCHEDULE_STATE: &str = "ScheduleState";
@@ -22,11 +22,6 @@ pub struct Leader {
 pub struct LeaderRepository {
     leaders: Collection<Document>,
     schedules: Collection<Document>,
-}
-
-fn after(d: Duration) -> DateTime {
-    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    DateTime::from_millis(DateTime::now().timestamp_millis().saturating_add(ms))
 }
 
 impl LeaderRepository {
@@ -52,7 +47,7 @@ impl LeaderRepository {
             .leaders
             .update_one(
                 doc! {"_id": role, "$or": [{"holder": holder}, {"until": {"$lt": now}}]},
-                doc! {"$set": {"holder": holder, "until": after(lease), "renewed_at": now}},
+                doc! {"$set": {"holder": holder, "until": from_now(lease), "renewed_at": now}},
             )
             .upsert(true)
             .await;

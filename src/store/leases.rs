@@ -11,7 +11,7 @@ use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 
-use super::{is_duplicate_key, StoreError};
+use super::{from_now, is_duplicate_key, StoreError};
 
 pub const COLLECTION: &str = "PendingTasks";
 
@@ -54,10 +54,6 @@ pub struct Lease {
 #[derive(Clone)]
 pub struct LeaseRepository {
     collection: Collection<LeaseItem>,
-}
-
-fn after(d: Duration) -> DateTime {
-    DateTime::from_millis(DateTime::now().timestamp_millis() + d.as_millis() as i64)
 }
 
 impl LeaseRepository {
@@ -126,7 +122,7 @@ impl LeaseRepository {
             takeable.push(doc! {"owner": owner, "taken_by": {"$ne": worker_id}});
         }
         let filter = doc! {"queue": queue, "done": false, "$or": takeable};
-        let mut set = doc! {"taken_by": worker_id, "lease_until": after(duration)};
+        let mut set = doc! {"taken_by": worker_id, "lease_until": from_now(duration)};
         if let Some(owner) = owner {
             set.insert("owner", owner);
         }
@@ -144,7 +140,7 @@ impl LeaseRepository {
                 .with_label_values(&[if reclaimed { "reclaimed" } else { "taken" }])
                 .inc();
             item.taken_by = Some(worker_id.to_owned());
-            item.lease_until = Some(after(duration));
+            item.lease_until = Some(from_now(duration));
             item.leases += 1;
             Lease { item, reclaimed }
         }))
@@ -162,7 +158,7 @@ impl LeaseRepository {
             .collection
             .update_one(
                 doc! {"task_key": task_key, "taken_by": worker_id, "done": false},
-                doc! {"$set": {"lease_until": after(duration)}},
+                doc! {"$set": {"lease_until": from_now(duration)}},
             )
             .await?;
         Ok(outcome.matched_count == 1)
@@ -177,7 +173,7 @@ impl LeaseRepository {
             .update_one(
                 doc! {"task_key": task_key, "taken_by": worker_id, "done": false},
                 doc! {
-                    "$set": {"done": true, "completed_at": now, "gc_at": after(COMPLETED_RETENTION)},
+                    "$set": {"done": true, "completed_at": now, "gc_at": from_now(COMPLETED_RETENTION)},
                     "$unset": {"lease_until": ""},
                 },
             )

@@ -31,6 +31,8 @@ pub use payloads::PayloadRepository;
 pub use shards::{ShardMeta, ShardRepository};
 pub use tasks::{TaskDocument, TaskRepository};
 
+use mongodb::bson::DateTime;
+
 use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
@@ -71,6 +73,17 @@ impl StoreError {
 const TRANSIENT_CODES: &[i32] = &[
     6, 7, 24, 46, 50, 89, 91, 112, 133, 189, 202, 251, 262, 9001, 10107, 11600, 11602, 13435, 13436,
 ];
+
+/// `from` plus `d`, saturating: lease ends, retention times.
+pub(crate) fn later(from: DateTime, d: std::time::Duration) -> DateTime {
+    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    DateTime::from_millis(from.timestamp_millis().saturating_add(ms))
+}
+
+/// `d` from now (see [`later`]).
+pub(crate) fn from_now(d: std::time::Duration) -> DateTime {
+    later(DateTime::now(), d)
+}
 
 /// Whether a server error code means the write may succeed when tried again.
 pub fn is_transient_code(code: i32) -> bool {

@@ -20,7 +20,7 @@ pub async fn cancel(
     let answer = tasks.cancel(id, by).await?;
     let outcome = match &answer {
         Cancelled::Revoked => "revoked",
-        Cancelled::Requested { .. } => "requested",
+        Cancelled::Requested => "requested",
         Cancelled::AlreadyRevoked => "already_revoked",
         Cancelled::Finished(_) => "finished",
         Cancelled::Missing => "missing",

@@ -286,6 +286,23 @@ pub fn next(plan: &Plan, done: &Done) -> Step {
     }
 }
 
+/// What to record when the delivery is lost (its connection gone, the worker stopping) before
+/// `plan` is done. A retry whose publish failed — perhaps only its confirm was lost, so the next
+/// attempt's message may be queued — is recorded `RETRY` with that publish owed to the outbox:
+/// the redelivered copy then finds its attempt counted instead of running it again. `None`: the
+/// task goes back as it is, for the redelivery to finish.
+pub fn when_lost(plan: &Plan, done: &Done) -> Option<Transition> {
+    match (&plan.record, done.published, &done.stored) {
+        (Some(Transition::Retry { root_cause, .. }), Published::Failed, Stored::NotYet) => {
+            Some(Transition::Retry {
+                root_cause: root_cause.clone(),
+                owed: true,
+            })
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +445,33 @@ mod tests {
         assert!(matches!(p.record, Some(Transition::Revoked { .. })));
         assert_eq!(p.route, Route::Ack);
         assert_eq!(walk(&p, &[Stored::Applied], &[]), [Step::Record, Step::Ack]);
+    }
+
+    #[test]
+    fn a_lost_delivery_owes_only_a_retry_whose_publish_is_in_doubt() {
+        let retry = plan(
+            &Happened::Ran(Outcome::Retryable("io".into())),
+            1,
+            &policy(3),
+            0.5,
+        );
+        let failed = Done {
+            published: Published::Failed,
+            stored: Stored::NotYet,
+        };
+        assert!(matches!(
+            when_lost(&retry, &failed),
+            Some(Transition::Retry { owed: true, .. })
+        ));
+        let not_yet = Done::default();
+        assert!(when_lost(&retry, &not_yet).is_none());
+        let success = plan(
+            &Happened::Ran(Outcome::Success(json!(1))),
+            1,
+            &policy(3),
+            0.5,
+        );
+        assert!(when_lost(&success, &failed).is_none());
     }
 
     #[test]

@@ -110,19 +110,13 @@ impl Worker {
         }
     }
 
-    /// A retry whose publish failed — perhaps only its confirm was lost — for a delivery this
-    /// worker can no longer settle (its connection is gone, or it is stopping): records `RETRY`
-    /// with the next attempt's publish owed, which the outbox pays. Without it the redelivered
-    /// copy would run this attempt again while the next attempt's message may already be
-    /// queued. `true` when recorded.
+    /// Records what [`decision::when_lost`] says a delivery this worker can no longer settle (its
+    /// connection is gone, or it is stopping) still owes; `true` when recorded.
     async fn owe_retry(&self, job: &Job<'_>, plan: &mut Plan, done: &Done) -> bool {
-        let Some(Transition::Retry { owed, .. }) = plan.record.as_mut() else {
+        let Some(owed) = decision::when_lost(plan, done) else {
             return false;
         };
-        if done.published != Published::Failed || done.stored != Stored::NotYet {
-            return false;
-        }
-        *owed = true;
+        plan.record = Some(owed);
         if self.record(job, plan).await != Stored::Applied {
             return false;
         }

@@ -354,13 +354,14 @@ async fn a_three_node_cluster_loses_nodes_under_load_and_no_accepted_task_is_los
     );
 
     let told = std::mem::take(&mut *told.lock().unwrap());
-    let accepted: Vec<(&String, bool)> = told
-        .iter()
-        .filter_map(|t| match t {
-            Told::Accepted { id, fail_first } => Some((id, *fail_first)),
-            Told::Refused { .. } => None,
-        })
-        .collect();
+    let mut accepted: Vec<(&String, bool)> = Vec::new();
+    let mut refused: Vec<(&Option<String>, Duration)> = Vec::new();
+    for answer in &told {
+        match answer {
+            Told::Accepted { id, fail_first } => accepted.push((id, *fail_first)),
+            Told::Refused { id, at } => refused.push((id, *at)),
+        }
+    }
     for (id, _) in &accepted {
         let task = env.wait_final(id, Duration::from_secs(120)).await;
         assert_eq!(task.state, TaskState::Success, "accepted, then {task:?}");
@@ -371,13 +372,6 @@ async fn a_three_node_cluster_loses_nodes_under_load_and_no_accepted_task_is_los
         let expected = if *fail_first { 2 } else { 1 };
         assert_eq!(runs.get(*id).copied(), Some(expected), "task {id}");
     }
-    let refused: Vec<(&Option<String>, Duration)> = told
-        .iter()
-        .filter_map(|t| match t {
-            Told::Refused { id, at } => Some((id, *at)),
-            Told::Accepted { .. } => None,
-        })
-        .collect();
     for (id, _) in &refused {
         if let Some(id) = id {
             assert!(!runs.contains_key(id.as_str()), "refused task {id} ran");

@@ -72,9 +72,7 @@ pub async fn cancel(
         Cancelled::Revoked | Cancelled::AlreadyRevoked => {
             Ok(HttpResponse::Ok().json(answer(TaskState::Revoked)))
         }
-        Cancelled::Requested { .. } => {
-            Ok(HttpResponse::Accepted().json(answer(TaskState::Started)))
-        }
+        Cancelled::Requested => Ok(HttpResponse::Accepted().json(answer(TaskState::Started))),
         Cancelled::Finished(task_state) => Err(ApiError::Conflict(format!(
             "task `{id}` is {task_state}; a finished task cannot be cancelled"
         ))),

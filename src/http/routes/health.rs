@@ -81,31 +81,17 @@ async fn rabbitmq_nodes(
     url: &crate::config::ServiceUrl,
     timeout: std::time::Duration,
 ) -> Vec<serde_json::Value> {
-    let probes = url
-        .expose()
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|node| {
-            let shown = crate::config::redact_url(node);
-            let address = url::Url::parse(node).ok().map(|u| {
-                format!(
-                    "{}:{}",
-                    u.host_str().unwrap_or("localhost"),
-                    u.port().unwrap_or(5672)
-                )
-            });
-            async move {
-                let reachable = match address {
-                    Some(address) => matches!(
-                        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
-                            .await,
-                        Ok(Ok(_))
-                    ),
-                    None => false,
-                };
-                json!({"node": shown, "reachable": reachable})
-            }
+    let probes = crate::amqp::node_addresses(url)
+        .into_iter()
+        .map(|(shown, address)| async move {
+            let reachable = match address {
+                Some(address) => matches!(
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await,
+                    Ok(Ok(_))
+                ),
+                None => false,
+            };
+            json!({"node": shown, "reachable": reachable})
         });
     futures_util::future::join_all(probes).await
 }

@@ -87,10 +87,7 @@ pub async fn schedules(state: &AppState) -> Result<Schedules, ApiError> {
                 name: s.name.clone(),
                 task: s.task.clone(),
                 when: s.when.to_string(),
-                route: s
-                    .route
-                    .clone()
-                    .unwrap_or_else(|| topology.route_of(&s.task).to_owned()),
+                route: crate::beat::route(s, topology),
                 missed: match s.missed {
                     Missed::CatchUpOne => "catch_up_one".into(),
                     Missed::Skip => "skip".into(),

@@ -80,7 +80,7 @@ pub async fn login(state: web::Data<AppState>, form: web::Form<SignIn>) -> HttpR
     let tokens = state.api_tokens.expose();
     // The cookie carries the token verbatim: only a token in the form of one may be set.
     let well_formed = token.chars().all(|c| c.is_ascii_graphic() && c != ';');
-    if tokens.is_empty() || (well_formed && crate::http::guard::accepted(token, tokens)) {
+    if tokens.is_empty() || (well_formed && crate::http::guard::token_matches(token, tokens)) {
         tracing::info!(by = %super::actions::requester_of(Some(token)), "operator signed in to /ui");
         return HttpResponse::SeeOther()
             .insert_header(("Location", "/ui"))
