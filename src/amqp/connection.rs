@@ -48,7 +48,10 @@ pub fn node_addresses(url: &ServiceUrl) -> Vec<(String, Option<String>)> {
 /// One broker node: where it is and how to log in.
 #[derive(Clone, Debug)]
 struct Node {
-    addrs: Vec<SocketAddr>,
+    /// Resolved at every connect, not once: a name that does not resolve yet, or whose address
+    /// changes (a node rescheduled elsewhere), is followed without a restart.
+    host: String,
+    port: u16,
     username: String,
     password: String,
     vhost: String,
@@ -118,13 +121,6 @@ impl Node {
         };
         let host = parsed.host_str().unwrap_or("localhost").to_owned();
         let port = parsed.port().unwrap_or(5672);
-        let addrs: Vec<SocketAddr> = (host.as_str(), port)
-            .to_socket_addrs()
-            .map_err(|e| AmqpError::Connect {
-                endpoint: display.clone(),
-                reason: Cause::context(format!("cannot resolve {host}"), e),
-            })?
-            .collect();
         let username = match parsed.username() {
             "" => "guest".to_owned(),
             user => decode(user),
@@ -143,7 +139,8 @@ impl Node {
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(30);
         Ok(Self {
-            addrs,
+            host,
+            port,
             username,
             password,
             vhost,
@@ -186,9 +183,17 @@ impl Endpoint {
 }
 
 impl Node {
+    fn addrs(&self) -> Result<Vec<SocketAddr>, String> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        (host, self.port)
+            .to_socket_addrs()
+            .map(Iterator::collect)
+            .map_err(|e| format!("cannot resolve {}: {e}", self.host))
+    }
+
     fn connect(&self, timeout: Duration, name: &str) -> Result<Connection, String> {
         let mut last_error = String::from("no address to connect to");
-        for addr in &self.addrs {
+        for addr in &self.addrs()? {
             match TcpStream::connect_timeout(addr, timeout) {
                 Ok(stream) => {
                     let opened = stream
@@ -239,7 +244,7 @@ mod tests {
         assert_eq!(n.password, "p@ss");
         assert_eq!(n.vhost, "my/vhost");
         assert_eq!(n.heartbeat, 10);
-        assert_eq!(n.addrs[0].port(), 5673);
+        assert_eq!(n.port, 5673);
         assert!(!e.display.contains("p%40ss"));
     }
 
@@ -252,7 +257,7 @@ mod tests {
             ("guest", "guest")
         );
         assert_eq!(n.vhost, "/");
-        assert_eq!(n.addrs[0].port(), 5672);
+        assert_eq!(n.port, 5672);
         let e = Endpoint::parse(&ServiceUrl::new("amqp://127.0.0.1/%2f")).unwrap();
         assert_eq!(e.nodes[0].vhost, "/");
     }
@@ -263,12 +268,31 @@ mod tests {
             "amqp://a:secret1@127.0.0.1:5673, amqp://b:secret2@127.0.0.1:5674/v",
         ))
         .unwrap();
-        let ports: Vec<u16> = e.nodes.iter().map(|n| n.addrs[0].port()).collect();
+        let ports: Vec<u16> = e.nodes.iter().map(|n| n.port).collect();
         assert_eq!(ports, [5673, 5674]);
         assert_eq!(e.nodes[1].vhost, "v");
         assert!(!e.display.contains("secret"), "{}", e.display);
         assert_eq!(e.each_node().len(), 2);
         assert!(Endpoint::parse(&ServiceUrl::new("amqp://x,http://y")).is_err());
+    }
+
+    #[test]
+    fn a_name_that_does_not_resolve_is_tried_at_each_connect_not_refused_at_start() {
+        let e = Endpoint::parse(&ServiceUrl::new(
+            "amqp://no-such-node.invalid:5672,amqp://127.0.0.1:5672",
+        ))
+        .expect("a name is not resolved when parsed");
+        let refused = Endpoint::parse(&ServiceUrl::new("amqp://no-such-node.invalid:5672"))
+            .unwrap()
+            .connect(Duration::from_secs(2))
+            .err()
+            .expect("an unresolvable node cannot be connected to")
+            .to_string();
+        assert!(refused.contains("cannot resolve no-such-node.invalid"), "{refused}");
+        // The list still reaches the node that resolves (where the machine has its broker).
+        if let Ok(connection) = e.connect(Duration::from_secs(5)) {
+            drop(connection.close());
+        }
     }
 
     #[test]

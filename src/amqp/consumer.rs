@@ -211,9 +211,8 @@ impl ConsumerThread {
                 .connect_as(Duration::from_secs(5), &self.config.name)
             {
                 Ok(mut connection) => {
-                    backoff.reset();
                     let end = match connection.open_channel(None) {
-                        Ok(channel) => self.session(&channel),
+                        Ok(channel) => self.session(&channel, &mut backoff),
                         Err(e) => SessionEnd::Lost(e.to_string()),
                     };
                     // Whatever this connection delivered is back in its queue (or will be once
@@ -253,7 +252,10 @@ impl ConsumerThread {
         }
     }
 
-    fn session(&mut self, channel: &Channel) -> SessionEnd {
+    /// Declares, consumes and settles on one connection until it ends. The backoff is reset only
+    /// once consuming has started, so a declare the broker keeps refusing backs off like a
+    /// connection that keeps failing.
+    fn session(&mut self, channel: &Channel, backoff: &mut Backoff) -> SessionEnd {
         if let Err(e) = self.config.topology.declare(channel) {
             return SessionEnd::Lost(e.to_string());
         }
@@ -269,6 +271,7 @@ impl ConsumerThread {
                 }
             }
         }
+        backoff.reset();
         self.generation += 1;
         self.liveness.set(self.generation);
         tracing::info!(endpoint = %self.endpoint.display, queues = ?self.config.queues, prefetch = self.config.prefetch, "consuming");
@@ -328,9 +331,17 @@ impl ConsumerThread {
             };
             let message = match op.recv(consumers[consumer_index].receiver()) {
                 Ok(message) => message,
-                Err(_) => {
+                // amiquip says nothing when the socket fails (a reset, missed heartbeats, a
+                // killed node): its I/O thread ends and the delivery stream closes. Unless we
+                // cancelled that consumer ourselves, the connection is gone.
+                Err(_) if self.stopped => {
                     active[consumer_index] = false;
                     continue;
+                }
+                Err(_) => {
+                    return SessionEnd::Lost(
+                        "the connection's delivery stream ended (connection lost)".into(),
+                    )
                 }
             };
             match message {

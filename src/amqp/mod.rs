@@ -57,6 +57,10 @@ pub enum AmqpError {
     ConnectionLost(#[source] Cause),
     #[error("AMQP channel error: {0}")]
     Channel(#[source] Cause),
+    /// A message the broker would answer by closing the channel (and so fail every publish in
+    /// flight beside it): refused before it is sent.
+    #[error("RabbitMQ would refuse this message: {0}")]
+    Invalid(String),
 }
 
 /// Opens a connection the way Kobe's own threads do (TCP_NODELAY, bounded connect time), for

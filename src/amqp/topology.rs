@@ -109,6 +109,17 @@ impl Topology {
             .unwrap_or(DEFAULT_ROUTE)
     }
 
+    /// The route a delivery's routing key stands for: the key itself, or — for a message sent
+    /// through the default exchange, whose routing key is the queue's name — that queue's route.
+    /// What Kobe republishes (a retry, a delay) goes through its own exchange, by route.
+    pub fn route_for_key<'a>(&self, routing_key: &'a str) -> &'a str {
+        routing_key
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .filter(|route| !route.is_empty())
+            .unwrap_or(routing_key)
+    }
+
     /// Every route some task is sent to, `default` included.
     pub fn routes(&self) -> Vec<String> {
         let mut routes: Vec<String> = self.routes.values().cloned().collect();
@@ -140,7 +151,10 @@ impl Topology {
         outgoing.properties = outgoing
             .properties
             .with_headers(headers)
-            .with_expiration(delay.as_millis().max(1).to_string());
+            // Never past the level's own TTL, which the queue applies anyway: a delay longer
+            // than the longest level is held in hops (the worker delays a task that is not due
+            // yet again), and no expiration exceeds what the broker accepts.
+            .with_expiration(delay.as_millis().clamp(1, u128::from(level)).to_string());
         outgoing
     }
 
@@ -373,6 +387,39 @@ mod tests {
         assert_eq!(t.route_of("demo_long_io"), "io");
         assert_eq!(t.route_of("anything_else"), DEFAULT_ROUTE);
         assert_eq!(t.routes(), vec!["default".to_owned(), "io".to_owned()]);
+    }
+
+    #[test]
+    fn a_queue_name_as_routing_key_stands_for_its_route() {
+        let t = Topology::new("kobe", QueueKind::Classic, BTreeMap::new());
+        assert_eq!(t.route_for_key("default"), "default");
+        assert_eq!(t.route_for_key(&t.queue("crawl")), "crawl");
+        assert_eq!(t.route_for_key("kobe."), "kobe.");
+        assert_eq!(t.route_for_key("other.crawl"), "other.crawl");
+    }
+
+    #[test]
+    fn a_far_delay_never_carries_an_expiration_past_the_broker_limit() {
+        let t = Topology::new("kobe", QueueKind::Classic, BTreeMap::new());
+        let outgoing = |delay| {
+            t.delayed(
+                crate::amqp::Outgoing {
+                    exchange: t.tasks_exchange(),
+                    routing_key: "default".into(),
+                    body: Vec::new(),
+                    properties: Default::default(),
+                },
+                delay,
+            )
+        };
+        let far = outgoing(Duration::from_secs(100 * 365 * 86_400));
+        assert_eq!(
+            far.properties.expiration().as_deref(),
+            Some(RETRY_LEVELS_MS[RETRY_LEVELS_MS.len() - 1].to_string().as_str())
+        );
+        assert!(far.check().is_ok());
+        let near = outgoing(Duration::from_millis(1_500));
+        assert_eq!(near.properties.expiration().as_deref(), Some("1500"));
     }
 
     #[test]
