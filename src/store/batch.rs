@@ -143,13 +143,17 @@ struct Entry {
 /// after sending what it holds.
 #[derive(Clone)]
 pub struct BatchWriter {
-    requests: mpsc::UnboundedSender<Entry>,
+    requests: mpsc::Sender<Entry>,
 }
+
+/// Writes waiting for the writer at most: while MongoDB stalls, more are refused at once as
+/// unavailable (the caller holds or requeues its work) instead of piling up in memory.
+pub const MAX_QUEUED_WRITES: usize = 20_000;
 
 impl BatchWriter {
     /// Starts the writer on the current tokio runtime.
     pub fn start(db: Database, config: BatchConfig) -> Self {
-        let (requests, inbox) = mpsc::unbounded_channel();
+        let (requests, inbox) = mpsc::channel(MAX_QUEUED_WRITES);
         tokio::spawn(run(db, config, inbox));
         Self { requests }
     }
@@ -168,10 +172,18 @@ impl BatchWriter {
             state: state.clone(),
             reply,
         };
-        if let Err(mpsc::error::SendError(entry)) = self.requests.send(entry) {
-            let _ = entry.reply.send(Err(StoreError::Unavailable(
-                "the batch writer stopped".into(),
-            )));
+        match self.requests.try_send(entry) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(entry)) => {
+                let _ = entry.reply.send(Err(StoreError::Unavailable(
+                    format!("{MAX_QUEUED_WRITES} writes are already waiting for MongoDB").into(),
+                )));
+            }
+            Err(mpsc::error::TrySendError::Closed(entry)) => {
+                let _ = entry.reply.send(Err(StoreError::Unavailable(
+                    "the batch writer stopped".into(),
+                )));
+            }
         }
         Pending {
             state,
@@ -221,7 +233,7 @@ impl Key {
     }
 }
 
-async fn run(db: Database, config: BatchConfig, mut inbox: mpsc::UnboundedReceiver<Entry>) {
+async fn run(db: Database, config: BatchConfig, mut inbox: mpsc::Receiver<Entry>) {
     let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let mut batches: Vec<(Key, Vec<Entry>, usize)> = Vec::new();
     let full = |batches: &[(Key, Vec<Entry>, usize)]| {
@@ -341,6 +353,21 @@ async fn send(
     }
 }
 
+/// `command` with the write concern the URI (or the client's options) asks for. `run_command`
+/// applies none of its own, so without this `w=majority&journal=true` would never reach the
+/// writes an ack depends on.
+fn with_write_concern(db: &Database, mut command: Document) -> Document {
+    if let Some(concern) = db.write_concern() {
+        match bson::to_document(concern) {
+            Ok(concern) if !concern.is_empty() => {
+                command.insert("writeConcern", concern);
+            }
+            _ => {}
+        }
+    }
+    command
+}
+
 /// One command for `entries`; per-statement results, or the error of the whole command.
 async fn execute(
     db: &Database,
@@ -369,6 +396,7 @@ async fn execute(
             .collect();
         doc! {"update": key.collection, "updates": updates, "ordered": false}
     };
+    let command = with_write_concern(db, command);
     let reply = tokio::time::timeout(timeout, db.run_command(command))
         .await
         .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}").into()))??;
