@@ -169,12 +169,22 @@ impl TaskDocument {
     }
 }
 
-/// Whether a transition happened.
+/// How a recorded task stands, for a dedup key pointing at it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    Yes,
-    /// The task was not in a state this transition may leave (typically: already finished).
-    No,
+pub enum Recorded {
+    /// A task that was accepted (or may still be): the key is its.
+    Live,
+    /// Recorded closed so that it never runs: its submission was not accepted.
+    Refused,
+}
+
+/// What [`TaskRepository::refuse`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The task will never run.
+    NotRun,
+    /// A worker has taken it: it runs.
+    Taken,
 }
 
 /// Repository of `Tasks`.
@@ -210,16 +220,23 @@ impl TaskRepository {
         })
     }
 
-    /// Whether a task is recorded.
-    #[tracing::instrument(name = "store.tasks.exists", skip(self))]
-    pub async fn exists(&self, id: &str) -> Result<bool, StoreError> {
+    /// Whether a task is recorded, and if so whether it was refused ([`TaskRepository::refuse`]:
+    /// recorded only so that it never runs).
+    #[tracing::instrument(name = "store.tasks.recorded", skip(self))]
+    pub async fn recorded(&self, id: &str) -> Result<Option<Recorded>, StoreError> {
         Ok(self
             .collection
             .clone_with_type::<Document>()
             .find_one(doc! {"_id": id})
-            .projection(doc! {"_id": 1})
+            .projection(doc! {"refused_at": 1})
             .await?
-            .is_some())
+            .map(|task| {
+                if task.contains_key("refused_at") {
+                    Recorded::Refused
+                } else {
+                    Recorded::Live
+                }
+            }))
     }
 
     #[tracing::instrument(name = "store.tasks.get", skip(self))]
@@ -251,32 +268,86 @@ impl TaskRepository {
             .collect()
     }
 
-    /// Closes a task its submitter was told was not accepted, if no worker has taken it yet.
-    /// `Applied::No` means a worker has: the task runs, and the submitter must be told so.
-    #[tracing::instrument(name = "store.tasks.close_unpublished", skip(self, root_cause))]
-    pub async fn close_unpublished(
+    /// Makes sure task `id` never runs, for a submission about to be answered "not accepted":
+    /// closes it `FAILURE` if it is still waiting, and — when it is not recorded (an insert whose
+    /// answer was lost may still land, or never happened) — records it closed, so a late insert
+    /// is refused. Asking again after an answer was lost gives the same answer (the closed
+    /// document says it was refused). [`Refusal::Taken`]: a worker has it, so it runs and the
+    /// submission was accepted after all.
+    #[tracing::instrument(name = "store.tasks.refuse", skip(self, root_cause))]
+    pub async fn refuse(
         &self,
         id: &str,
+        task_name: &str,
         root_cause: &str,
-    ) -> Result<Applied, StoreError> {
+    ) -> Result<Refusal, StoreError> {
         let now = DateTime::now();
-        let outcome = self
+        let refused = self
             .collection
             .update_one(
                 doc! {"_id": id, "state": TaskState::Pending.as_str()},
-                doc! {"$set": {
-                    "state": TaskState::Failure.as_str(),
-                    "updated_at": now,
-                    "finished_at": now,
-                    "root_cause": root_cause,
-                }},
+                doc! {
+                    "$set": {
+                        "state": TaskState::Failure.as_str(),
+                        "updated_at": now,
+                        "finished_at": now,
+                        "root_cause": root_cause,
+                        "refused_at": now,
+                    },
+                    "$setOnInsert": {
+                        "task_name": task_name,
+                        "created_at": now,
+                        "args": [],
+                        "kwargs": {},
+                        "route": "",
+                        "priority": 0,
+                    },
+                },
             )
-            .await?;
-        Ok(if outcome.matched_count == 1 {
-            Applied::Yes
-        } else {
-            Applied::No
-        })
+            .upsert(true)
+            .await;
+        match refused {
+            Ok(_) => Ok(Refusal::NotRun),
+            Err(e) if super::is_duplicate_key(&e) => {
+                // Recorded and no longer waiting: refused by an earlier try, or taken by a worker.
+                let found = self
+                    .collection
+                    .clone_with_type::<Document>()
+                    .find_one(doc! {"_id": id})
+                    .projection(doc! {"refused_at": 1})
+                    .await?;
+                Ok(match found {
+                    Some(task) if task.contains_key("refused_at") => Refusal::NotRun,
+                    _ => Refusal::Taken,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A closed record of task `id`, inserted only if none exists: once it is in, an insert of
+    /// that id still on its way is refused. For a dedup key taken over from a submission that
+    /// never recorded its task.
+    pub fn tombstone_write(&self, id: &str, task_name: &str, root_cause: &str) -> Write {
+        let now = DateTime::now();
+        Write {
+            collection: COLLECTION,
+            op: WriteOp::Insert(doc! {
+                "_id": id,
+                "task_name": task_name,
+                "state": TaskState::Failure.as_str(),
+                "args": [],
+                "kwargs": {},
+                "route": "",
+                "priority": 0,
+                "created_at": now,
+                "updated_at": now,
+                "finished_at": now,
+                "root_cause": root_cause,
+                "refused_at": now,
+            }),
+            purpose: "tombstone",
+        }
     }
 
     /// Records that the broker confirmed these tasks' messages: one command for the batch. A task

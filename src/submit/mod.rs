@@ -25,7 +25,7 @@ use crate::domain::{Fingerprint, Priority, TaskId};
 use crate::store::batch::{BatchWriter, Written};
 use crate::store::dedup::{Claim, DedupEntry};
 use crate::store::payloads::reference_value;
-use crate::store::tasks::Applied;
+use crate::store::tasks::{Recorded, Refusal};
 use crate::store::{
     Cache, DedupRepository, PayloadRepository, StoreError, TaskDocument, TaskRepository,
 };
@@ -38,9 +38,15 @@ const MARK_BATCH: usize = 500;
 const MARK_WINDOW: Duration = Duration::from_millis(20);
 
 /// A fingerprint claimed this long ago whose task was never recorded belongs to a submission
-/// that died between the two: it is taken over. A live submission records its task within its
-/// MongoDB timeout, well inside this.
-const GHOST_GRACE: Duration = Duration::from_secs(5);
+/// that died between the two (or whose insert is very late): it is taken over, after its task id
+/// is closed so that the late insert is refused. Longer than a group-commit command may take
+/// (10 s), so a live submission is normally not overtaken at all.
+const GHOST_GRACE: Duration = Duration::from_secs(15);
+
+/// Tries of [`TaskRepository::refuse`] while the caller waits, before it goes on in the background.
+const REFUSE_TRIES: u32 = 3;
+/// How long the background goes on trying to refuse a submission already answered 503.
+const REFUSE_BACKGROUND: Duration = Duration::from_secs(600);
 
 /// A task to submit.
 #[derive(Debug, Clone)]
@@ -94,6 +100,22 @@ pub enum SubmitError {
     /// A task id that is not a valid id: refused, never replaced by another.
     #[error("invalid task id `{0}`")]
     InvalidId(String),
+}
+
+/// A submission that was not accepted, and whether it is settled that its task never runs
+/// (`false`: MongoDB did not let the submitter close it yet; it goes on trying).
+struct NotAccepted {
+    error: SubmitError,
+    settled: bool,
+}
+
+impl NotAccepted {
+    fn settled(error: SubmitError) -> Self {
+        Self {
+            error,
+            settled: true,
+        }
+    }
 }
 
 /// What became of a submission with a dedup fingerprint.
@@ -162,9 +184,72 @@ impl Submitter {
     /// Records the task, publishes it and waits for the confirm.
     #[tracing::instrument(name = "submit", skip_all, fields(task_id = %task.id, task = %task.task_name))]
     pub async fn submit(&self, task: NewTask) -> Result<(), SubmitError> {
+        self.submit_settled(task).await.map_err(|refused| refused.error)
+    }
+
+    /// [`Submitter::submit`], saying on refusal whether the task is known never to run.
+    async fn submit_settled(&self, task: NewTask) -> Result<(), NotAccepted> {
         let root_id = task.root_id.clone();
-        let document = self.record(task).await?;
+        let document = self.prepare(task).await.map_err(NotAccepted::settled)?;
+        match self.insert(&document).await {
+            Ok(()) => {}
+            // The insert may have landed with its answer lost: the outbox would then publish a
+            // task its client was told was not accepted. Close its id first.
+            Err(SubmitError::Store(error)) if error.is_transient() => {
+                let cause = format!("not accepted: MongoDB did not answer the insert ({error})");
+                let refusal = self.refuse(&document, cause).await;
+                if refusal == Some(Refusal::Taken) {
+                    return Ok(());
+                }
+                return Err(NotAccepted {
+                    error: SubmitError::Store(error),
+                    settled: refusal.is_some(),
+                });
+            }
+            Err(error) => return Err(NotAccepted::settled(error)),
+        }
         self.publish_document(&document, root_id).await
+    }
+
+    /// Settles that a submission about to be answered "not accepted" never runs; `Some(Taken)`
+    /// when a worker has it already (the submission is accepted after all). When MongoDB does not
+    /// answer within a few tries the caller is answered at once and the tries go on in the
+    /// background (`None`), well before the outbox would look at the task.
+    async fn refuse(&self, document: &TaskDocument, cause: String) -> Option<Refusal> {
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..REFUSE_TRIES {
+            match self
+                .tasks
+                .refuse(&document.id, &document.task_name, &cause)
+                .await
+            {
+                Ok(refusal) => return Some(refusal),
+                Err(error) => tracing::warn!(error = %error, "cannot close the refused submission yet"),
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 3;
+        }
+        let tasks = self.tasks.clone();
+        let (id, name) = (document.id.clone(), document.task_name.clone());
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + REFUSE_BACKGROUND;
+            while tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match tasks.refuse(&id, &name, &cause).await {
+                    Ok(Refusal::NotRun) => {
+                        tracing::info!(task_id = %id, "the refused submission is closed");
+                        return;
+                    }
+                    Ok(Refusal::Taken) => {
+                        tracing::error!(task_id = %id, "a submission answered 503 was taken by a worker before it could be closed; it runs");
+                        return;
+                    }
+                    Err(_) => {}
+                }
+            }
+            tracing::error!(task_id = %id, "cannot close a refused submission; the outbox may still publish it");
+        });
+        None
     }
 
     /// Submits a task at most once per `fingerprint` within `window`: the first submission
@@ -191,11 +276,29 @@ impl Submitter {
                     task_id,
                     claimed_at,
                 } => {
-                    if self.tasks.exists(&task_id).await? {
-                        return Ok(Submitted::Duplicate { task_id });
+                    match self.tasks.recorded(&task_id).await? {
+                        Some(Recorded::Live) => return Ok(Submitted::Duplicate { task_id }),
+                        // Its submission was not accepted and it never runs: the key is free.
+                        Some(Recorded::Refused) => {
+                            if self.dedup.take_over(&task_id, &entry).await? {
+                                break;
+                            }
+                            continue;
+                        }
+                        None => {}
                     }
                     let age = DateTime::now().timestamp_millis() - claimed_at.timestamp_millis();
                     if age > GHOST_GRACE.as_millis() as i64 {
+                        // Its insert may still be on its way: close the id first, so that it
+                        // can never land beside the task that takes the key over.
+                        let tombstone = self.tasks.tombstone_write(
+                            &task_id,
+                            &task.task_name,
+                            "not accepted: its submission never recorded it, and an identical one took its dedup key",
+                        );
+                        if self.writer.write(tombstone).await? == Written::Refused {
+                            continue; // recorded after all: look again
+                        }
                         if self.dedup.take_over(&task_id, &entry).await? {
                             tracing::warn!(ghost_task_id = %task_id, "took over a dedup claim whose task was never recorded");
                             break;
@@ -208,9 +311,15 @@ impl Submitter {
                 }
             }
         }
-        match self.submit(task).await {
+        match self.submit_settled(task).await {
             Ok(()) => Ok(Submitted::Accepted),
-            Err(error) => {
+            // Not accepted, but it may still run (MongoDB did not let us close it): the key stays
+            // its, so a retry is pointed at it and learns how it ends.
+            Err(NotAccepted {
+                error,
+                settled: false,
+            }) => Err(error),
+            Err(NotAccepted { error, .. }) => {
                 // Not accepted, so the next identical submission must be free to try again.
                 if let Err(e) = self
                     .dedup
@@ -231,8 +340,9 @@ impl Submitter {
     #[tracing::instrument(name = "submit.child", skip_all, fields(task_id = %task.id, task = %task.task_name))]
     pub async fn submit_child(&self, task: NewTask) -> Result<(), SubmitError> {
         let id = task.id.clone();
-        let document = match self.record(task).await {
-            Ok(document) => document,
+        let document = self.prepare(task).await?;
+        let document = match self.insert(&document).await {
+            Ok(()) => document,
             Err(SubmitError::Store(StoreError::Duplicate(_))) => {
                 match self.tasks.get(id.as_str()).await? {
                     Some(existing)
@@ -256,8 +366,9 @@ impl Submitter {
         self.republish(&document).await
     }
 
-    /// Records a new task (`PENDING`, publish pending), its large arguments in `RawPayload`.
-    async fn record(&self, task: NewTask) -> Result<TaskDocument, SubmitError> {
+    /// A new task's document (`PENDING`, publish pending), its large arguments put in
+    /// `RawPayload` already.
+    async fn prepare(&self, task: NewTask) -> Result<TaskDocument, SubmitError> {
         let mut document = TaskDocument::pending(&task.id, &task.task_name, &task.route);
         document.priority = task.priority.value();
         document.trace_id = Some(task.trace.trace_id_hex());
@@ -283,12 +394,17 @@ impl Submitter {
             document.args = task.args;
             document.kwargs = task.kwargs;
         }
+        Ok(document)
+    }
+
+    /// Records a prepared task.
+    async fn insert(&self, document: &TaskDocument) -> Result<(), SubmitError> {
         match self
             .writer
-            .write(self.tasks.insert_write(&document)?)
+            .write(self.tasks.insert_write(document)?)
             .await?
         {
-            Written::Applied => Ok(document),
+            Written::Applied => Ok(()),
             Written::Refused => Err(SubmitError::Store(StoreError::Duplicate(
                 format!("task {} exists already", document.id).into(),
             ))),
@@ -302,8 +418,10 @@ impl Submitter {
         &self,
         document: &TaskDocument,
         root_id: Option<String>,
-    ) -> Result<(), SubmitError> {
-        let outgoing = self.message(document, root_id)?;
+    ) -> Result<(), NotAccepted> {
+        let outgoing = self
+            .message(document, root_id)
+            .map_err(NotAccepted::settled)?;
         let error = match self.publisher.publish(outgoing).await {
             Ok(()) => {
                 let _ = self.confirmed.send(document.id.clone());
@@ -311,20 +429,17 @@ impl Submitter {
             }
             Err(error) => error,
         };
-        let closed = self
-            .tasks
-            .close_unpublished(&document.id, &format!("not published: {error}"))
-            .await;
-        match closed {
-            Ok(Applied::Yes) => {
+        let cause = format!("not accepted: the broker did not take it ({error})");
+        match self.refuse(document, cause).await {
+            Some(Refusal::NotRun) => {
                 metrics().lost_confirms.with_label_values(&["closed"]).inc();
                 // A reader may have cached PENDING in between.
                 if let Err(e) = self.cache.invalidate_status(&document.id).await {
                     tracing::warn!(error = %e, "cannot invalidate the cached status");
                 }
-                Err(SubmitError::NotPublished(error))
+                Err(NotAccepted::settled(SubmitError::NotPublished(error)))
             }
-            Ok(Applied::No) => {
+            Some(Refusal::Taken) => {
                 metrics()
                     .lost_confirms
                     .with_label_values(&["accepted"])
@@ -333,11 +448,12 @@ impl Submitter {
                 let _ = self.confirmed.send(document.id.clone());
                 Ok(())
             }
-            Err(e) => {
-                // Neither closed nor known to run: the outbox publishes it once it is old
-                // enough, so it is not lost; the caller is told it was not accepted now.
-                tracing::error!(error = %e, "cannot record the publish failure");
-                Err(SubmitError::NotPublished(error))
+            None => {
+                metrics().lost_confirms.with_label_values(&["closing"]).inc();
+                Err(NotAccepted {
+                    error: SubmitError::NotPublished(error),
+                    settled: false,
+                })
             }
         }
     }
