@@ -18,6 +18,10 @@ pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-kobe-original-routing-key";
 /// Attempts made before a message was dead-lettered.
 pub const ATTEMPTS_HEADER: &str = "x-kobe-attempts";
 
+/// How many times workers that did not know a message's task handed it on (a rolling deploy:
+/// an old worker meets a task only new ones have).
+pub const UNKNOWN_HOPS_HEADER: &str = "x-kobe-unknown-hops";
+
 /// The text of a header, if it is text.
 pub fn text(headers: &FieldTable, name: &str) -> Option<String> {
     match headers.get(name)? {

@@ -105,6 +105,7 @@ pub async fn run(
         WorkerConfig {
             concurrency: options.concurrency,
             slot_wait: settings.slot_wait,
+            unknown_task_grace: settings.unknown_task_grace,
             lease: settings.execution_lease,
             max_deliveries: settings.max_deliveries,
             inline_limit: settings.payload_inline_limit,

@@ -211,6 +211,9 @@ pub struct Settings {
     pub batch_max: usize,
     /// How long a prefetched delivery may wait for a run slot before it goes back to its queue.
     pub slot_wait: Duration,
+    /// How long a message of a task no worker it met knows keeps coming back before it is closed
+    /// as an unknown task.
+    pub unknown_task_grace: Duration,
     /// Start a fresh delivery's handler while its claim is still on its way (see
     /// `worker::pipeline`): one statement per short task instead of two, at the price of a
     /// duplicate publish of a finished short task running once more.
@@ -361,6 +364,7 @@ impl Settings {
             )?),
             batch_max: read.number("KOBE_BATCH_MAX", 1..=10_000, "statements per command")?,
             slot_wait: read.millis("KOBE_SLOT_WAIT_MS")?,
+            unknown_task_grace: read.millis("KOBE_UNKNOWN_TASK_GRACE_MS")?,
             fast_start: read.flag("KOBE_FAST_START")?,
             tasks_file: read.optional("KOBE_TASKS_FILE").map(Into::into),
             beat: read.flag("KOBE_BEAT")?,

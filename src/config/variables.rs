@@ -48,6 +48,7 @@ pub const VARIABLES: &[Variable] = &[
     var("KOBE_WORKER_METRICS_ADDR", "", "Worker: where to serve /metrics; empty: nowhere (the --metrics-addr flag wins)."),
     var("KOBE_SLOT_WAIT_MS", "1000", "Worker: a prefetched message that finds no free run slot within this long goes back to its queue (milliseconds), so a prefetch above the concurrency never holds long tasks back."),
     var("KOBE_EXECUTION_LEASE_MS", "30000", "Worker: a running attempt holds its task's execution lease this long and renews it every third of it (milliseconds). A copy of the task delivered again waits for the attempt to finish, or for its lease to lapse if its worker died."),
+    var("KOBE_UNKNOWN_TASK_GRACE_MS", "300000", "Worker: a message whose task this worker does not know goes back (every 30 s) for a worker that does — during a rolling deploy, say — for this long before it is closed FAILURE and dead-lettered as an unknown task (milliseconds; 0: at once)."),
     var("KOBE_MAX_DELIVERIES", "5", "Worker: starts of one attempt (each ended by a worker dying) after which its message is poison: the task is closed FAILURE and the message dead-lettered with the count."),
     var("KOBE_BATCH_LINGER_US", "1000", "Group commit: how long the first write of a batch waits for company (microseconds, at most 2000)."),
     var("KOBE_BATCH_MAX", "500", "Group commit: statements per MongoDB command at most."),

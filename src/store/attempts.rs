@@ -8,11 +8,12 @@
 //! starting again, and `deliveries` (starts of the current attempt) caps a message that kills every
 //! worker that runs it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::batch::{Write, WriteOp};
 use super::tasks::{states, to_bson, TaskRepository, COLLECTION, PUBLISH_CONFIRMED};
@@ -28,6 +29,19 @@ pub struct Attempt {
     pub retries: u32,
     /// Random, unique to this attempt: the lease is held under it.
     pub token: String,
+    /// What the message says of the task, for a document this attempt's claim creates.
+    pub origin: Arc<Origin>,
+}
+
+/// What a worker knows of a task from its message, written when its claim (or outcome) creates
+/// the task's document — a task no client recorded, sent by a Celery client — so that a rerun
+/// (`POST /task/{id}/retry`, a DLQ replay) runs it with its own arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub route: String,
+    pub priority: u8,
 }
 
 impl Attempt {
@@ -37,7 +51,13 @@ impl Attempt {
             task_name: task_name.to_owned(),
             retries,
             token: uuid::Uuid::new_v4().simple().to_string(),
+            origin: Arc::default(),
         }
+    }
+
+    pub fn with_origin(mut self, origin: Origin) -> Self {
+        self.origin = Arc::new(origin);
+        self
     }
 }
 
@@ -177,6 +197,8 @@ impl TaskRepository {
             "deliveries",
             doc! {"$not": {"$gte": i64::from(max_deliveries)}},
         );
+        // A task an operator asked to stop is not started again (a redelivery of its attempt).
+        filter.insert("cancel_requested", mongodb::bson::Bson::Null);
         Write {
             collection: COLLECTION,
             op: WriteOp::Upsert {
@@ -184,7 +206,7 @@ impl TaskRepository {
                 update: doc! {
                     "$set": claim_fields(attempt, now, lease),
                     "$inc": {"deliveries": 1_i64},
-                    "$setOnInsert": on_insert(&attempt.task_name, now),
+                    "$setOnInsert": on_insert(attempt, now),
                 },
             },
             purpose: "claim",
@@ -265,7 +287,7 @@ impl TaskRepository {
                 let update = doc! {
                     "$set": set,
                     "$inc": {"deliveries": 1_i64},
-                    "$setOnInsert": on_insert(&attempt.task_name, now),
+                    "$setOnInsert": on_insert(attempt, now),
                 };
                 (takeable(attempt, now), update)
             }
@@ -273,11 +295,17 @@ impl TaskRepository {
                 set.insert("attempt_token", &attempt.token);
                 let update = doc! {
                     "$set": set,
-                    "$setOnInsert": on_insert(&attempt.task_name, now),
+                    "$setOnInsert": on_insert(attempt, now),
                 };
                 (takeable(attempt, now), update)
             }
         };
+        let mut filter = filter;
+        if matches!(transition, Transition::Retry { .. }) || holding == Holding::Ran {
+            // No next attempt (nor a start) after an operator asked the task to stop: the write
+            // is refused, and looking at the task finds the cancel.
+            filter.insert("cancel_requested", mongodb::bson::Bson::Null);
+        }
         Ok(Write {
             collection: COLLECTION,
             op: WriteOp::Upsert { filter, update },
@@ -331,14 +359,16 @@ impl TaskRepository {
 }
 
 /// Fields of a document created by a worker for a task no client recorded (a Celery client's).
-fn on_insert(task_name: &str, now: DateTime) -> Document {
+fn on_insert(attempt: &Attempt, now: DateTime) -> Document {
+    let origin = &attempt.origin;
+    let json = |value: Value| to_bson(&value).unwrap_or(mongodb::bson::Bson::Null);
     doc! {
-        "task_name": task_name,
+        "task_name": &attempt.task_name,
         "created_at": now,
-        "args": [],
-        "kwargs": {},
-        "route": "",
-        "priority": 0,
+        "args": json(Value::Array(origin.args.clone())),
+        "kwargs": json(Value::Object(origin.kwargs.clone())),
+        "route": &origin.route,
+        "priority": i32::from(origin.priority),
     }
 }
 

@@ -1,4 +1,8 @@
 //! `RawPayload`: task arguments and results too large to travel in a message or sit in `Tasks`.
+//!
+//! Each payload is collected by the TTL index on `expires_at` once its task can no longer need
+//! it: a result [`RETENTION`] after it is stored, arguments [`RETENTION`] after their task
+//! finished ([`PayloadRepository::expire_write`]) — never while the task may still run.
 
 use mongodb::bson::{doc, DateTime};
 use mongodb::{Collection, Database};
@@ -21,7 +25,13 @@ pub struct RawPayload {
     pub json: String,
     pub bytes: u64,
     pub created_at: DateTime,
+    /// When the TTL index may collect it; none while its task may still need it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime>,
 }
+
+/// How long a payload stays once its task is done with it.
+pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Clone)]
 pub struct PayloadRepository {
@@ -53,12 +63,26 @@ impl PayloadRepository {
             bytes: json.len() as u64,
             json,
             created_at: DateTime::now(),
+            // A result is read after its task finished; arguments are needed until it does.
+            expires_at: (kind == "result").then(|| super::from_now(RETENTION)),
         };
         self.collection
             .replace_one(doc! {"_id": &id}, &payload)
             .upsert(true)
             .await?;
         Ok(id)
+    }
+
+    /// Lets the TTL index collect `reference` [`RETENTION`] from now: its task has finished.
+    pub fn expire_write(&self, reference: &str) -> super::batch::Write {
+        super::batch::Write {
+            collection: COLLECTION,
+            op: super::batch::WriteOp::Upsert {
+                filter: doc! {"_id": reference},
+                update: doc! {"$set": {"expires_at": super::from_now(RETENTION)}},
+            },
+            purpose: "payload_expiry",
+        }
     }
 
     #[tracing::instrument(name = "store.payloads.get", skip(self))]

@@ -274,10 +274,16 @@ impl DeadLetters {
                 task_id: task_id.to_owned(),
                 retries: task.retries,
             },
-            Ok(Rerun::NotFailed(state)) => ReplayOutcome::Stale {
+            // Finished since (an earlier replay ran it): the letter is stale.
+            Ok(Rerun::NotFailed(state)) if state.is_final() => ReplayOutcome::Stale {
                 task_id: task_id.to_owned(),
                 state: state.as_str().to_owned(),
             },
+            // Still on its way (rerun by other means): the letter may be all that is left of its
+            // failure if this run fails too, so it stays.
+            Ok(Rerun::NotFailed(state)) => kept(format!(
+                "the task is {state} now; the letter stays until it finishes"
+            )),
             Ok(Rerun::Missing) => kept("no such task in MongoDB".into()),
             Ok(Rerun::NotPublished(e)) => kept(format!(
                 "the new attempt was not confirmed ({e}); replay it again"

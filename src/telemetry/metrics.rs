@@ -70,13 +70,16 @@ pub struct Metrics {
     pub mongo_batch_size: HistogramVec,
     /// Statements written through group commit, by what they were for.
     pub mongo_statements: IntCounterVec,
-    /// Submissions whose confirm did not come: `closed` (not run, the client got 503) or
-    /// `accepted` (a worker had taken the task already, the client got 202).
+    /// Submissions whose confirm did not come: `closed` (not run, the client got 503),
+    /// `accepted` (a worker had taken the task already, the client got 202) or `closing` (the
+    /// client got 503 and the task is being closed in the background: MongoDB did not answer).
     pub lost_confirms: IntCounterVec,
     /// Deliveries handed back to their queue because no run slot freed up in time.
     pub deliveries_returned: prometheus::IntCounter,
     /// A task's execution lease taken over from an attempt that stopped renewing it.
     pub lease_takeovers: IntCounterVec,
+    /// Handlers stopped because their lease could not be renewed (MongoDB did not answer).
+    pub lease_abandoned: prometheus::IntCounter,
     /// Deliveries settled without running the task again: already finished, held by a live
     /// attempt, a stale attempt, or a lost consumer connection.
     pub duplicate_deliveries: IntCounterVec,
@@ -267,13 +270,23 @@ impl Metrics {
             lost_confirms: counter(
                 &r,
                 "kobe_lost_confirms_total",
-                "Submissions whose confirm did not come: closed (503) or accepted (a worker had the task).",
+                "Submissions whose confirm did not come: closed (503), accepted (a worker had the task) or closing (503; closed once MongoDB answers).",
                 &["outcome"],
             ),
             deliveries_returned: {
                 let metric = prometheus::IntCounter::new(
                     "kobe_deliveries_returned_total",
                     "Deliveries handed back to their queue because no run slot freed up in time.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("unique metric name");
+                metric
+            },
+            lease_abandoned: {
+                let metric = prometheus::IntCounter::new(
+                    "kobe_task_leases_abandoned_total",
+                    "Handlers stopped before their execution lease could lapse, because MongoDB did not answer its renewals.",
                 )
                 .expect("valid metric");
                 r.register(Box::new(metric.clone()))

@@ -90,6 +90,9 @@ pub enum Happened {
     ResultRejected(String),
     /// Kobe's own delivery handling failed (a bug).
     Internal(String),
+    /// An operator cancelled the task while an attempt ran, and this attempt must not go on (a
+    /// retry after the cancel, or a redelivery): it ends `REVOKED`.
+    Cancelled(String),
 }
 
 /// What to record and where the message goes.
@@ -196,6 +199,13 @@ pub fn plan(happened: &Happened, attempt: u32, policy: &RetryPolicy, jitter: f64
             reason::STORE_REJECTED,
         ),
         Happened::Internal(cause) => dead(format!("worker error: {cause}"), reason::INTERNAL),
+        Happened::Cancelled(cause) => Plan {
+            record: Some(Transition::Revoked {
+                root_cause: cause.clone(),
+            }),
+            route: Route::Ack,
+            cause: Some(cause.clone()),
+        },
     }
 }
 

@@ -41,6 +41,9 @@ pub struct Running {
     finished: bool,
     /// Raises the handler's cancel signal.
     cancel: tokio::sync::watch::Sender<bool>,
+    /// The cancel signal was raised because the lease could not be renewed, not by an operator:
+    /// the attempt is abandoned, not revoked.
+    stopped_for_lease: bool,
 }
 
 impl Running {
@@ -71,6 +74,7 @@ impl Running {
             task_name: task.name().to_owned(),
             finished: false,
             cancel,
+            stopped_for_lease: false,
         }
     }
 
@@ -78,6 +82,13 @@ impl Running {
     /// any ending but success is [`Outcome::Revoked`].
     pub fn cancel(&self) -> tokio::sync::watch::Sender<bool> {
         self.cancel.clone()
+    }
+
+    /// Asks the handler to stop because its lease cannot be kept (the cancel signal, which a
+    /// handler already honours); what it then returns is not an operator's revoke.
+    pub fn stop_for_lease(&mut self) {
+        self.stopped_for_lease = true;
+        self.cancel.send_replace(true);
     }
 
     /// How long it has run.
@@ -106,7 +117,7 @@ impl Running {
         self.finish();
         match outcome {
             Outcome::Success(_) => outcome,
-            _ if *self.cancel.borrow() => Outcome::Revoked(match outcome {
+            _ if *self.cancel.borrow() && !self.stopped_for_lease => Outcome::Revoked(match outcome {
                 Outcome::TimedOut(limit) => {
                     format!("cancelled; the handler did not stop within its time limit ({limit:?})")
                 }

@@ -46,6 +46,9 @@ pub struct WorkerConfig {
     pub concurrency: u16,
     /// How long a delivery may wait for a run slot before it goes back to its queue.
     pub slot_wait: Duration,
+    /// How long a message of a task this worker does not know keeps being handed on, for a
+    /// worker that knows it, before it is closed as unknown.
+    pub unknown_task_grace: Duration,
     /// How long an attempt's lease holds without renewal; renewed every third of it.
     pub lease: Duration,
     /// Starts of one attempt after which its message counts as poison.
@@ -173,10 +176,20 @@ impl Worker {
                     "grace period over; unfinished tasks are not acked and return to the queue"
                 );
                 in_hand.abort_all();
-                for attempt in abandoned {
-                    if let Err(error) = self.tasks.release(&attempt).await {
-                        tracing::debug!(error = %error, task_id = %attempt.task_id, "cannot release a lease; it lapses on its own");
+                // All at once and bounded: a MongoDB that does not answer must not hold up the stop.
+                let releases = abandoned.iter().map(|attempt| self.tasks.release(attempt));
+                match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    futures_util::future::join_all(releases),
+                )
+                .await
+                {
+                    Ok(answers) => {
+                        for error in answers.into_iter().filter_map(Result::err) {
+                            tracing::debug!(error = %error, "cannot release a lease; it lapses on its own");
+                        }
                     }
+                    Err(_) => tracing::debug!("no answer to the lease releases; they lapse on their own"),
                 }
             }
         }

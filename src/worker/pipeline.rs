@@ -10,10 +10,11 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use mongodb::bson::DateTime;
+use tokio::sync::SemaphorePermit;
 use tracing::Instrument;
 
 use super::decision::{self, Happened, Outcome};
@@ -21,7 +22,7 @@ use super::execute::{panic_message, Limits, Running};
 use super::settle::Found;
 use super::Worker;
 use crate::amqp::{wire, Delivery, Settlement, TaskMessage};
-use crate::store::attempts::{Attempt, Claimed};
+use crate::store::attempts::{Attempt, Claimed, Origin};
 use crate::store::batch::Written;
 use crate::store::StoreError;
 use crate::tasks::{Invocation, Task};
@@ -118,7 +119,16 @@ impl Worker {
             self.duplicate("lost_connection");
             return;
         }
-        let attempt = Attempt::new(message.id.as_str(), &message.task, message.retries);
+        let attempt =
+            Attempt::new(message.id.as_str(), &message.task, message.retries).with_origin(Origin {
+                args: message.args.clone(),
+                kwargs: message.kwargs.clone(),
+                route: self
+                    .topology
+                    .route_for_key(&delivery.routing_key)
+                    .to_owned(),
+                priority: message.priority.value(),
+            });
         let mut job = Job {
             delivery,
             message: Some(message),
@@ -128,6 +138,20 @@ impl Worker {
         };
         let message = job.message.as_ref().expect("set above");
         let Some(task) = self.registry.get(&message.task) else {
+            // Perhaps only this worker does not know it (an older version beside newer ones): it
+            // goes back for a while before it counts as unknown everywhere.
+            let hops = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| wire::integer(h, wire::UNKNOWN_HOPS_HEADER))
+                .unwrap_or(0);
+            let most = (self.config.unknown_task_grace.as_millis()
+                / UNKNOWN_TASK_WAIT.as_millis()) as i64;
+            if hops < most {
+                tracing::warn!(hops, "a task this worker does not know; handing it on for a worker that does");
+                return self.hand_on_unknown(delivery, hops + 1).await;
+            }
             let happened = Happened::UnknownTask(message.task.clone());
             return self.conclude(job, happened).await;
         };
@@ -176,12 +200,17 @@ impl Worker {
         let speculate =
             self.config.fast_start && !delivery.redelivered && self.config.result_ttl.is_none();
         loop {
+            // A run slot before the claim: waiting for one is not a start, so a backlog never
+            // counts towards the delivery cap nor shows the task STARTED while it waits.
+            let Some(slot) = self.slot(&job).await else {
+                return;
+            };
             *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), false));
             let happened = if speculate {
-                self.run_speculatively(&mut job, task.as_ref(), limits)
+                self.run_speculatively(&mut job, slot, task.as_ref(), limits)
                     .await
             } else {
-                self.run_claimed_first(&mut job, task.as_ref(), limits)
+                self.run_claimed_first(&mut job, slot, task.as_ref(), limits)
                     .await
             };
             *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), job.claimed));
@@ -201,9 +230,12 @@ impl Worker {
     async fn run_claimed_first(
         &self,
         job: &mut Job<'_>,
+        slot: SemaphorePermit<'_>,
         task: &dyn Task,
         limits: Limits,
     ) -> Option<Result<Happened, Retake>> {
+        // The lease the claim asks for is counted from before it is sent.
+        let claimed_at = Instant::now();
         let claimed = if job.delivery.redelivered {
             self.tasks
                 .claim_now(&job.attempt, self.config.lease, self.config.max_deliveries)
@@ -229,15 +261,21 @@ impl Worker {
                         .inc();
                 }
                 self.invalidate_soon(&job.attempt.task_id);
-                let slot = self.slot(job).await?;
                 let running = Running::start(task, self.invocation(job), limits);
                 job.ran = true;
-                let happened = self.supervise(job, running).await;
+                let happened = self.supervise(job, running, claimed_at).await;
                 drop(slot);
                 happened.map(Ok)
             }
-            Ok(Claimed::Refused) => self.refused_claim(job).await,
-            Err(error) => self.claim_failed(job, error).await,
+            // Waiting behind another attempt (or for MongoDB) holds no run slot.
+            Ok(Claimed::Refused) => {
+                drop(slot);
+                self.refused_claim(job).await
+            }
+            Err(error) => {
+                drop(slot);
+                self.claim_failed(job, error).await
+            }
         }
     }
 
@@ -251,8 +289,10 @@ impl Worker {
 
     /// A run slot, or — when none frees up within the slot wait — the message goes back to its
     /// queue for a worker that has room: a delivery never waits long in a worker that cannot
-    /// start it (so prefetching more than `concurrency` only helps while tasks are short).
-    async fn slot(&self, job: &Job<'_>) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    /// start it (so prefetching more than `concurrency` only helps while tasks are short). The
+    /// slot comes before the claim, so going back costs the task nothing: no delivery counted, no
+    /// state written.
+    async fn slot(&self, job: &Job<'_>) -> Option<SemaphorePermit<'_>> {
         match tokio::time::timeout(self.config.slot_wait, self.slots.acquire()).await {
             Ok(Ok(permit)) => Some(permit),
             Ok(Err(_)) | Err(_) => {
@@ -273,10 +313,11 @@ impl Worker {
     async fn run_speculatively(
         &self,
         job: &mut Job<'_>,
+        slot: SemaphorePermit<'_>,
         task: &dyn Task,
         limits: Limits,
     ) -> Option<Result<Happened, Retake>> {
-        let slot = self.slot(job).await?;
+        let claimed_at = Instant::now();
         let mut claim = self.writer.submit(self.tasks.claim_write(
             &job.attempt,
             self.config.lease,
@@ -310,7 +351,7 @@ impl Worker {
             Ok(Written::Applied) => {
                 job.claimed = true;
                 self.invalidate_soon(&job.attempt.task_id);
-                let happened = self.supervise(job, running).await;
+                let happened = self.supervise(job, running, claimed_at).await;
                 drop(slot);
                 happened.map(Ok)
             }
@@ -332,6 +373,7 @@ impl Worker {
         match self.investigate(job).await {
             Some(Found::Takeable) => Some(Err(Retake)),
             Some(Found::Poison(n)) => Some(Ok(Happened::Poison(n))),
+            Some(Found::Cancelled(cause)) => Some(Ok(Happened::Cancelled(cause))),
             Some(Found::Settled) | None => None,
         }
     }
@@ -351,33 +393,95 @@ impl Worker {
         }
     }
 
-    /// Waits for a claimed attempt's handler, renewing its lease; stops the handler if the lease
-    /// is lost (another attempt took the task: one must not run beside it).
-    async fn supervise(&self, job: &Job<'_>, mut running: Running) -> Option<Happened> {
-        let lease = self.config.lease;
-        let mut renew =
-            tokio::time::interval_at(tokio::time::Instant::now() + lease / 3, lease / 3);
+    /// Waits for a claimed attempt's handler while [`Worker::keep_lease`] renews its lease. When
+    /// the lease is lost (another attempt took the task) the handler is stopped at once; when it
+    /// cannot be renewed (MongoDB does not answer) the handler is told to stop and then stopped,
+    /// before the lease can lapse and another worker take the task over — one must never run
+    /// beside the other. The hard time limit holds meanwhile: the handler is watched while a
+    /// renewal waits.
+    async fn supervise(
+        &self,
+        job: &Job<'_>,
+        mut running: Running,
+        claimed_at: Instant,
+    ) -> Option<Happened> {
         let registration = self.active.register(&job.attempt, running.cancel());
-        let outcome = loop {
-            tokio::select! {
-                outcome = running.outcome() => break outcome,
-                _ = renew.tick() => match self.tasks.renew(&job.attempt, lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(ran_ms = running.elapsed().as_millis() as u64, "lease lost to another attempt; stopping this one");
-                        drop(running);
-                        drop(registration);
-                        self.settle(job.delivery, Settlement::Ack);
-                        self.duplicate("lease_lost");
-                        return None;
+        let keep = self.keep_lease(&job.attempt, claimed_at);
+        tokio::pin!(keep);
+        let outcome = tokio::select! {
+            outcome = running.outcome() => outcome,
+            end = &mut keep => match end {
+                LeaseEnd::Lost => {
+                    tracing::warn!(ran_ms = running.elapsed().as_millis() as u64, "lease lost to another attempt; stopping this one");
+                    drop(running);
+                    drop(registration);
+                    self.settle(job.delivery, Settlement::Ack);
+                    self.duplicate("lease_lost");
+                    return None;
+                }
+                LeaseEnd::Unrenewable { stop_by } => {
+                    tracing::error!(
+                        ran_ms = running.elapsed().as_millis() as u64,
+                        "cannot renew the execution lease (MongoDB does not answer); stopping the handler before another worker may take the task over"
+                    );
+                    running.stop_for_lease();
+                    let stopped = tokio::time::timeout_at(stop_by.into(), running.outcome()).await;
+                    match stopped {
+                        // It finished anyway: record it (under the lease, if still ours).
+                        Ok(outcome @ Outcome::Success(_)) => outcome,
+                        _ => {
+                            drop(running);
+                            metrics().lease_abandoned.inc();
+                            // No release: MongoDB does not answer. The lease lapses by itself.
+                            tokio::time::sleep(self.pause.after_outage()).await;
+                            self.settle(job.delivery, Settlement::Requeue);
+                            return None;
+                        }
                     }
-                    // MongoDB is away: keep running; the outcome write will tell.
-                    Err(error) => tracing::warn!(error = %error, "cannot renew the lease"),
-                },
-            }
+                }
+            },
         };
         drop(registration);
         Some(Happened::Ran(outcome))
+    }
+
+    /// Renews `attempt`'s lease every third of it until it is lost or can no longer be trusted.
+    /// Each renewal is bounded in time; the lease is counted from when the last applied renewal
+    /// (or the claim) was *sent*, and trusted until [`LEASE_MARGIN`] of it is left, so a worker
+    /// whose renewals stop answering stops its handler while the lease still holds, by the
+    /// clocks of workers that agree within that margin.
+    async fn keep_lease(&self, attempt: &Attempt, claimed_at: Instant) -> LeaseEnd {
+        let lease = self.config.lease;
+        let every = lease / 3;
+        let margin = lease.mul_f64(LEASE_MARGIN);
+        let mut trusted_until = claimed_at + lease - margin;
+        let mut next = claimed_at + every;
+        loop {
+            tokio::time::sleep_until(next.min(trusted_until).into()).await;
+            let sent = Instant::now();
+            if sent >= trusted_until {
+                // Half the margin to stop in; the rest covers clocks and the store's own delay.
+                return LeaseEnd::Unrenewable {
+                    stop_by: sent + margin / 2,
+                };
+            }
+            let bound = every.min(trusted_until - sent);
+            match tokio::time::timeout(bound, self.tasks.renew(attempt, lease)).await {
+                Ok(Ok(true)) => {
+                    trusted_until = sent + lease - margin;
+                    next = sent + every;
+                }
+                Ok(Ok(false)) => return LeaseEnd::Lost,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error, "cannot renew the lease; trying again");
+                    next = Instant::now() + every / 4;
+                }
+                Err(_) => {
+                    tracing::warn!(bound_ms = bound.as_millis() as u64, "the lease renewal got no answer in time; trying again");
+                    next = Instant::now();
+                }
+            }
+        }
     }
 
     fn invocation(&self, job: &Job<'_>) -> Invocation {
@@ -398,9 +502,42 @@ impl Worker {
 /// The task became takeable while it was being looked at.
 struct Retake;
 
-/// Milliseconds since the epoch of an RFC 3339 time.
+/// The wait between two hands-on of a message whose task this worker does not know (as many as
+/// fit in `KOBE_UNKNOWN_TASK_GRACE_MS`).
+pub const UNKNOWN_TASK_WAIT: Duration = Duration::from_secs(30);
+
+/// Why [`Worker::keep_lease`] stopped renewing.
+enum LeaseEnd {
+    /// Another attempt holds the task now.
+    Lost,
+    /// No renewal was applied for most of the lease: the handler must be stopped by `stop_by`.
+    Unrenewable { stop_by: Instant },
+}
+
+/// The share of the execution lease a worker does not count on: it stops a handler whose lease
+/// it could not renew this long before the lease ends (for the 30 s default, 5 s: workers'
+/// clocks must agree within about half of it).
+pub const LEASE_MARGIN: f64 = 1.0 / 6.0;
+
+/// Milliseconds since the epoch of an RFC 3339 time. A time without a zone (Celery sends one
+/// when its app is not timezone-aware) is UTC, as Celery's default `timezone` says.
 fn millis_of(rfc3339: &str) -> Option<i64> {
     DateTime::parse_rfc3339_str(rfc3339)
+        .or_else(|_| DateTime::parse_rfc3339_str(format!("{rfc3339}Z")))
         .ok()
         .map(|t| t.timestamp_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::millis_of;
+
+    #[test]
+    fn a_time_without_a_zone_is_utc() {
+        let zoned = millis_of("2030-01-02T03:04:05.678+00:00").unwrap();
+        assert_eq!(millis_of("2030-01-02T03:04:05.678").unwrap(), zoned);
+        assert_eq!(millis_of("2030-01-02T03:04:05.678Z").unwrap(), zoned);
+        assert_eq!(millis_of("2030-01-02T04:04:05.678+01:00").unwrap(), zoned);
+        assert!(millis_of("tomorrow").is_none());
+    }
 }

@@ -11,7 +11,7 @@ use mongodb::bson::DateTime;
 use serde_json::Value;
 
 use super::decision::{self, Done, Happened, Plan, Published, Route, Step, Stored};
-use super::pipeline::{AttemptCell, Job};
+use super::pipeline::{AttemptCell, Job, UNKNOWN_TASK_WAIT};
 use super::Worker;
 use crate::amqp::{wire, Delivery, Outgoing, Settlement};
 use crate::store::attempts::{Attempt, Holding, Transition};
@@ -19,6 +19,9 @@ use crate::store::batch::Written;
 use crate::store::payloads::reference_value;
 use crate::store::{Decision, ErrorRecord, StoreError, TaskDocument};
 use crate::telemetry::metrics::metrics;
+
+/// How long letting a lease go may take before it is left to lapse.
+const RELEASE_BOUND: Duration = Duration::from_secs(2);
 
 /// What looking at a task whose write was refused found.
 pub(super) enum Found {
@@ -28,6 +31,8 @@ pub(super) enum Found {
     Takeable,
     /// Its current attempt was started too often: close it as poison.
     Poison(u32),
+    /// An operator asked it to stop: it must not go on; close it `REVOKED` with this cause.
+    Cancelled(String),
 }
 
 impl Worker {
@@ -88,7 +93,9 @@ impl Worker {
                 }
                 Step::Investigate => {
                     match self.investigate(&job).await {
-                        Some(Found::Takeable) => {
+                        // Poison counts starts that reached no outcome; this one has its outcome
+                        // in hand, which is recorded rather than lost.
+                        Some(Found::Takeable) | Some(Found::Poison(_)) => {
                             // It was not ours, and now nobody holds it: record under the claim's
                             // conditions (the outcome is in hand).
                             job.claimed = false;
@@ -97,7 +104,16 @@ impl Worker {
                                 stored: Stored::NotYet,
                             };
                         }
-                        Some(Found::Poison(_)) | Some(Found::Settled) | None => return,
+                        Some(Found::Cancelled(cause)) => {
+                            plan = decision::plan(
+                                &Happened::Cancelled(cause),
+                                job.retries().saturating_add(1),
+                                &Default::default(),
+                                0.0,
+                            );
+                            done = Done::default();
+                        }
+                        Some(Found::Settled) | None => return,
                     }
                 }
                 Step::Replan(happened) => {
@@ -206,6 +222,12 @@ impl Worker {
             m.task_outcomes
                 .with_label_values(&[task, record.target().as_str()])
                 .inc();
+            if record.target().is_final() {
+                if let Some(reference) = wire::payload_reference(&job.delivery.properties) {
+                    // Its arguments are needed no more: the TTL index may collect them later.
+                    let _ = self.writer.submit(self.payloads.expire_write(&reference));
+                }
+            }
         }
         let cause = plan.cause.as_deref().unwrap_or_default();
         match plan.route {
@@ -299,6 +321,13 @@ impl Worker {
                 tokio::time::sleep(wait).await;
                 continue;
             }
+            if let Some(request) = &task.cancel_requested {
+                tracing::info!(by = %request.by, "the task was cancelled while an attempt ran; not going on with it");
+                return Some(Found::Cancelled(format!(
+                    "cancelled by {} while it ran; not run again",
+                    request.by
+                )));
+            }
             if task.deliveries >= self.config.max_deliveries {
                 return Some(Found::Poison(task.deliveries));
             }
@@ -382,7 +411,10 @@ impl Worker {
         let outgoing = self.topology.delayed(
             Outgoing {
                 exchange: self.topology.tasks_exchange(),
-                routing_key: job.delivery.routing_key.clone(),
+                routing_key: self
+                    .topology
+                    .route_for_key(&job.delivery.routing_key)
+                    .to_owned(),
                 body: next.body(),
                 properties,
             },
@@ -421,12 +453,39 @@ impl Worker {
     /// A task not due yet goes back to the delay queues for the time that is left (the longest
     /// delay level is shorter than a far ETA, so this may happen more than once).
     pub(super) async fn delay_again(&self, delivery: &Delivery, wait: Duration) {
+        self.send_back(delivery, delivery.properties.clone(), wait)
+            .await
+    }
+
+    /// A task this worker does not know goes back after [`UNKNOWN_TASK_WAIT`], counted in its
+    /// headers, for a worker that knows it.
+    pub(super) async fn hand_on_unknown(&self, delivery: &Delivery, hops: i64) {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            wire::UNKNOWN_HOPS_HEADER.into(),
+            amiquip::AmqpValue::LongLongInt(hops),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        self.send_back(delivery, properties, UNKNOWN_TASK_WAIT)
+            .await
+    }
+
+    /// Publishes the delivery again through the delay queues after `wait`, then acks it.
+    async fn send_back(
+        &self,
+        delivery: &Delivery,
+        properties: amiquip::AmqpProperties,
+        wait: Duration,
+    ) {
         let again = self.topology.delayed(
             Outgoing {
                 exchange: self.topology.tasks_exchange(),
-                routing_key: delivery.routing_key.clone(),
+                routing_key: self
+                    .topology
+                    .route_for_key(&delivery.routing_key)
+                    .to_owned(),
                 body: delivery.body.clone(),
-                properties: delivery.properties.clone(),
+                properties,
             },
             wait,
         );
@@ -461,10 +520,16 @@ impl Worker {
         self.settle(job.delivery, Settlement::Requeue);
     }
 
+    /// Lets the attempt's lease go, if it holds one. Bounded in time: when MongoDB does not
+    /// answer, the lease lapses on its own.
     pub(super) async fn release(&self, job: &Job<'_>) {
         if job.claimed {
-            if let Err(error) = self.tasks.release(&job.attempt).await {
-                tracing::debug!(error = %error, "cannot release the lease; it lapses on its own");
+            match tokio::time::timeout(RELEASE_BOUND, self.tasks.release(&job.attempt)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(error = %error, "cannot release the lease; it lapses on its own")
+                }
+                Err(_) => tracing::debug!("no answer to the lease release; it lapses on its own"),
             }
         }
     }

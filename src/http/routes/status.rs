@@ -217,6 +217,35 @@ pub struct ResultAnswer {
     pub root_cause: Option<String>,
 }
 
+/// The result MongoDB recorded for a task that succeeded, while the result TTL has not passed
+/// since it finished (a large one read back from `RawPayload`).
+async fn recorded_result(state: &AppState, id: &TaskId) -> Result<Option<Value>, ApiError> {
+    let Some(ttl) = state.result_ttl else {
+        return Ok(None);
+    };
+    let Some(task) = state.tasks.get(id.as_str()).await.map_err(ApiError::store)? else {
+        return Ok(None);
+    };
+    let expired = task.finished_at.is_some_and(|at| {
+        crate::store::later(at, ttl).timestamp_millis()
+            < mongodb::bson::DateTime::now().timestamp_millis()
+    });
+    if expired || task.state != TaskState::Success {
+        return Ok(None);
+    }
+    let Some(result) = task.result else {
+        return Ok(None);
+    };
+    match crate::store::payloads::reference_in(&result) {
+        Some(reference) => state
+            .payloads
+            .get(reference)
+            .await
+            .map_err(ApiError::store),
+        None => Ok(Some(result)),
+    }
+}
+
 /// Never waits: `200` with the result once the task finished, `202` with the state while it
 /// has not, `404` for an unknown id, `410` once the result's TTL passed. Needs
 /// `KOBE_RESULT_BACKEND=redis`.
@@ -256,10 +285,15 @@ pub async fn result(
                 .result(id.as_str())
                 .await
                 .map_err(ApiError::store)?;
-            let stored = stored
-                .ok_or_else(|| ApiError::Gone(format!("the result of `{id}` has expired")))?;
-            let result: Value =
-                serde_json::from_str(&stored).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let result: Value = match stored {
+                Some(stored) => serde_json::from_str(&stored)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
+                // Redis may have missed the write (it is a cache): MongoDB holds the result
+                // until the result TTL says it expired.
+                None => recorded_result(&state, &id).await?.ok_or_else(|| {
+                    ApiError::Gone(format!("the result of `{id}` has expired"))
+                })?,
+            };
             Ok(HttpResponse::Ok().json(ResultAnswer {
                 task_id: id.to_string(),
                 state: TaskState::Success,
