@@ -192,6 +192,9 @@ pub struct ServeArgs {
     pub addr: Option<SocketAddr>,
 }
 
+/// The shipped prefetch multiplier (`KOBE_PREFETCH_MULTIPLIER`).
+pub const DEFAULT_PREFETCH_MULTIPLIER: u16 = 4;
+
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Tasks run at the same time.
@@ -201,7 +204,7 @@ pub struct WorkerArgs {
     /// Messages prefetched per concurrency slot: prefetch = concurrency × multiplier. More than
     /// one lets short tasks share MongoDB commands; a prefetched message that finds no free slot
     /// within KOBE_SLOT_WAIT_MS goes back to its queue, so long tasks are not held back.
-    #[arg(long, env = "KOBE_PREFETCH_MULTIPLIER", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=100))]
+    #[arg(long, env = "KOBE_PREFETCH_MULTIPLIER", default_value_t = DEFAULT_PREFETCH_MULTIPLIER, value_parser = clap::value_parser!(u16).range(1..=100))]
     pub prefetch_multiplier: u16,
 
     /// Routes to consume, comma-separated (queue `<prefix>.<route>` each) [default: every route

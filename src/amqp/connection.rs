@@ -288,7 +288,10 @@ mod tests {
             .err()
             .expect("an unresolvable node cannot be connected to")
             .to_string();
-        assert!(refused.contains("cannot resolve no-such-node.invalid"), "{refused}");
+        assert!(
+            refused.contains("cannot resolve no-such-node.invalid"),
+            "{refused}"
+        );
         // The list still reaches the node that resolves (where the machine has its broker).
         if let Ok(connection) = e.connect(Duration::from_secs(5)) {
             drop(connection.close());

@@ -60,11 +60,16 @@ impl Outgoing {
             ("exchange", Some(self.exchange.as_str())),
             ("routing key", Some(self.routing_key.as_str())),
             ("message id", self.properties.message_id().as_deref()),
-            ("correlation id", self.properties.correlation_id().as_deref()),
+            (
+                "correlation id",
+                self.properties.correlation_id().as_deref(),
+            ),
         ];
         for (what, text) in short {
             if text.is_some_and(|t| t.len() > 255) {
-                return Err(AmqpError::Invalid(format!("{what} is longer than 255 bytes")));
+                return Err(AmqpError::Invalid(format!(
+                    "{what} is longer than 255 bytes"
+                )));
             }
         }
         Ok(())

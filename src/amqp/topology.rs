@@ -415,7 +415,11 @@ mod tests {
         let far = outgoing(Duration::from_secs(100 * 365 * 86_400));
         assert_eq!(
             far.properties.expiration().as_deref(),
-            Some(RETRY_LEVELS_MS[RETRY_LEVELS_MS.len() - 1].to_string().as_str())
+            Some(
+                RETRY_LEVELS_MS[RETRY_LEVELS_MS.len() - 1]
+                    .to_string()
+                    .as_str()
+            )
         );
         assert!(far.check().is_ok());
         let near = outgoing(Duration::from_millis(1_500));

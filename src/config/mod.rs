@@ -364,7 +364,7 @@ impl Settings {
             )?),
             batch_max: read.number("KOBE_BATCH_MAX", 1..=10_000, "statements per command")?,
             slot_wait: read.millis("KOBE_SLOT_WAIT_MS")?,
-            unknown_task_grace: read.millis("KOBE_UNKNOWN_TASK_GRACE_MS")?,
+            unknown_task_grace: read.millis_or_zero("KOBE_UNKNOWN_TASK_GRACE_MS")?,
             fast_start: read.flag("KOBE_FAST_START")?,
             tasks_file: read.optional("KOBE_TASKS_FILE").map(Into::into),
             beat: read.flag("KOBE_BEAT")?,

@@ -83,6 +83,14 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         duration_ms(var, &self.value(var))
     }
 
+    /// Milliseconds where 0 means "none" (rather than a mistake).
+    pub(super) fn millis_or_zero(&self, var: &'static str) -> Result<Duration, ConfigError> {
+        match self.value(var).as_str() {
+            "0" => Ok(Duration::ZERO),
+            value => duration_ms(var, value),
+        }
+    }
+
     pub(super) fn seconds(&self, var: &'static str) -> Result<Duration, ConfigError> {
         duration_secs(var, &self.value(var))
     }

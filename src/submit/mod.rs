@@ -45,6 +45,8 @@ const GHOST_GRACE: Duration = Duration::from_secs(15);
 
 /// Tries of [`TaskRepository::refuse`] while the caller waits, before it goes on in the background.
 const REFUSE_TRIES: u32 = 3;
+/// How long one try may take.
+const REFUSE_BOUND: Duration = Duration::from_secs(2);
 /// How long the background goes on trying to refuse a submission already answered 503.
 const REFUSE_BACKGROUND: Duration = Duration::from_secs(600);
 
@@ -184,7 +186,9 @@ impl Submitter {
     /// Records the task, publishes it and waits for the confirm.
     #[tracing::instrument(name = "submit", skip_all, fields(task_id = %task.id, task = %task.task_name))]
     pub async fn submit(&self, task: NewTask) -> Result<(), SubmitError> {
-        self.submit_settled(task).await.map_err(|refused| refused.error)
+        self.submit_settled(task)
+            .await
+            .map_err(|refused| refused.error)
     }
 
     /// [`Submitter::submit`], saying on refusal whether the task is known never to run.
@@ -218,13 +222,11 @@ impl Submitter {
     async fn refuse(&self, document: &TaskDocument, cause: String) -> Option<Refusal> {
         let mut pause = Duration::from_millis(100);
         for _ in 0..REFUSE_TRIES {
-            match self
-                .tasks
-                .refuse(&document.id, &document.task_name, &cause)
-                .await
-            {
+            match refuse_within(&self.tasks, &document.id, &document.task_name, &cause).await {
                 Ok(refusal) => return Some(refusal),
-                Err(error) => tracing::warn!(error = %error, "cannot close the refused submission yet"),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot close the refused submission yet")
+                }
             }
             tokio::time::sleep(pause).await;
             pause *= 3;
@@ -235,7 +237,7 @@ impl Submitter {
             let until = tokio::time::Instant::now() + REFUSE_BACKGROUND;
             while tokio::time::Instant::now() < until {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                match tasks.refuse(&id, &name, &cause).await {
+                match refuse_within(&tasks, &id, &name, &cause).await {
                     Ok(Refusal::NotRun) => {
                         tracing::info!(task_id = %id, "the refused submission is closed");
                         return;
@@ -429,7 +431,7 @@ impl Submitter {
             }
             Err(error) => error,
         };
-        let cause = format!("not accepted: the broker did not take it ({error})");
+        let cause = format!("not published: {error}");
         match self.refuse(document, cause).await {
             Some(Refusal::NotRun) => {
                 metrics().lost_confirms.with_label_values(&["closed"]).inc();
@@ -449,7 +451,10 @@ impl Submitter {
                 Ok(())
             }
             None => {
-                metrics().lost_confirms.with_label_values(&["closing"]).inc();
+                metrics()
+                    .lost_confirms
+                    .with_label_values(&["closing"])
+                    .inc();
                 Err(NotAccepted {
                     error: SubmitError::NotPublished(error),
                     settled: false,
@@ -530,6 +535,23 @@ impl Submitter {
             _ => outgoing,
         })
     }
+}
+
+/// [`TaskRepository::refuse`], bounded in time: a MongoDB that does not answer must not hold up
+/// the caller's answer.
+async fn refuse_within(
+    tasks: &TaskRepository,
+    id: &str,
+    task_name: &str,
+    cause: &str,
+) -> Result<Refusal, StoreError> {
+    tokio::time::timeout(REFUSE_BOUND, tasks.refuse(id, task_name, cause))
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                format!("no answer within {REFUSE_BOUND:?}").into(),
+            ))
+        })
 }
 
 /// A time as the message carries it (millisecond precision, UTC).

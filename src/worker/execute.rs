@@ -117,12 +117,16 @@ impl Running {
         self.finish();
         match outcome {
             Outcome::Success(_) => outcome,
-            _ if *self.cancel.borrow() && !self.stopped_for_lease => Outcome::Revoked(match outcome {
-                Outcome::TimedOut(limit) => {
-                    format!("cancelled; the handler did not stop within its time limit ({limit:?})")
-                }
-                other => format!("cancelled; the handler stopped: {}", other.cause()),
-            }),
+            _ if *self.cancel.borrow() && !self.stopped_for_lease => {
+                Outcome::Revoked(match outcome {
+                    Outcome::TimedOut(limit) => {
+                        format!(
+                            "cancelled; the handler did not stop within its time limit ({limit:?})"
+                        )
+                    }
+                    other => format!("cancelled; the handler stopped: {}", other.cause()),
+                })
+            }
             _ => outcome,
         }
     }

@@ -189,7 +189,9 @@ impl Worker {
                             tracing::debug!(error = %error, "cannot release a lease; it lapses on its own");
                         }
                     }
-                    Err(_) => tracing::debug!("no answer to the lease releases; they lapse on their own"),
+                    Err(_) => {
+                        tracing::debug!("no answer to the lease releases; they lapse on their own")
+                    }
                 }
             }
         }

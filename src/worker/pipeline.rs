@@ -119,8 +119,8 @@ impl Worker {
             self.duplicate("lost_connection");
             return;
         }
-        let attempt =
-            Attempt::new(message.id.as_str(), &message.task, message.retries).with_origin(Origin {
+        let attempt = Attempt::new(message.id.as_str(), &message.task, message.retries)
+            .with_origin(Origin {
                 args: message.args.clone(),
                 kwargs: message.kwargs.clone(),
                 route: self
@@ -146,10 +146,13 @@ impl Worker {
                 .as_ref()
                 .and_then(|h| wire::integer(h, wire::UNKNOWN_HOPS_HEADER))
                 .unwrap_or(0);
-            let most = (self.config.unknown_task_grace.as_millis()
-                / UNKNOWN_TASK_WAIT.as_millis()) as i64;
+            let most =
+                (self.config.unknown_task_grace.as_millis() / UNKNOWN_TASK_WAIT.as_millis()) as i64;
             if hops < most {
-                tracing::warn!(hops, "a task this worker does not know; handing it on for a worker that does");
+                tracing::warn!(
+                    hops,
+                    "a task this worker does not know; handing it on for a worker that does"
+                );
                 return self.hand_on_unknown(delivery, hops + 1).await;
             }
             let happened = Happened::UnknownTask(message.task.clone());
@@ -477,7 +480,10 @@ impl Worker {
                     next = Instant::now() + every / 4;
                 }
                 Err(_) => {
-                    tracing::warn!(bound_ms = bound.as_millis() as u64, "the lease renewal got no answer in time; trying again");
+                    tracing::warn!(
+                        bound_ms = bound.as_millis() as u64,
+                        "the lease renewal got no answer in time; trying again"
+                    );
                     next = Instant::now();
                 }
             }

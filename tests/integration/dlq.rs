@@ -37,7 +37,7 @@ async fn wait_dead_letters(env: &TestEnv, count: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_replayed_once_and_purged_on_request() {
-    let env = TestEnv::with(&[("KOBE_RETRY_MAX", "0")]).await;
+    let env = TestEnv::with(&[("KOBE_RETRY_MAX", "0"), ("KOBE_UNKNOWN_TASK_GRACE_MS", "0")]).await;
     env.init_db().await;
     let worker = env.spawn_worker(4);
     let publisher = env.publisher();

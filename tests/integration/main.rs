@@ -12,6 +12,7 @@ mod cluster;
 mod declared;
 mod dlq;
 mod faults;
+mod guarantees;
 mod http;
 mod observability;
 mod store;

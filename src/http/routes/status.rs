@@ -223,7 +223,12 @@ async fn recorded_result(state: &AppState, id: &TaskId) -> Result<Option<Value>,
     let Some(ttl) = state.result_ttl else {
         return Ok(None);
     };
-    let Some(task) = state.tasks.get(id.as_str()).await.map_err(ApiError::store)? else {
+    let Some(task) = state
+        .tasks
+        .get(id.as_str())
+        .await
+        .map_err(ApiError::store)?
+    else {
         return Ok(None);
     };
     let expired = task.finished_at.is_some_and(|at| {
@@ -237,11 +242,7 @@ async fn recorded_result(state: &AppState, id: &TaskId) -> Result<Option<Value>,
         return Ok(None);
     };
     match crate::store::payloads::reference_in(&result) {
-        Some(reference) => state
-            .payloads
-            .get(reference)
-            .await
-            .map_err(ApiError::store),
+        Some(reference) => state.payloads.get(reference).await.map_err(ApiError::store),
         None => Ok(Some(result)),
     }
 }
@@ -286,13 +287,14 @@ pub async fn result(
                 .await
                 .map_err(ApiError::store)?;
             let result: Value = match stored {
-                Some(stored) => serde_json::from_str(&stored)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?,
+                Some(stored) => {
+                    serde_json::from_str(&stored).map_err(|e| ApiError::Internal(e.to_string()))?
+                }
                 // Redis may have missed the write (it is a cache): MongoDB holds the result
                 // until the result TTL says it expired.
-                None => recorded_result(&state, &id).await?.ok_or_else(|| {
-                    ApiError::Gone(format!("the result of `{id}` has expired"))
-                })?,
+                None => recorded_result(&state, &id)
+                    .await?
+                    .ok_or_else(|| ApiError::Gone(format!("the result of `{id}` has expired")))?,
             };
             Ok(HttpResponse::Ok().json(ResultAnswer {
                 task_id: id.to_string(),

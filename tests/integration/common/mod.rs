@@ -41,6 +41,7 @@ pub fn unique(prefix: &str) -> String {
 
 mod pool;
 mod private;
+pub mod proxy;
 
 pub use private::{close_connections, free_port, wait_exit, PrivateRabbit, PrivateRedis, Process};
 
@@ -205,15 +206,33 @@ impl TestEnv {
         routes: Vec<String>,
         registry: Registry,
     ) -> TestWorker {
+        self.spawn_worker_with_settings(self.settings.clone(), concurrency, routes, registry)
+    }
+
+    /// A worker of this test's names with settings of the test's own (a connection through a
+    /// proxy, say).
+    pub fn spawn_worker_with_settings(
+        &self,
+        settings: Settings,
+        concurrency: u16,
+        routes: Vec<String>,
+        registry: Registry,
+    ) -> TestWorker {
         let (stop, stopped) = oneshot::channel::<()>();
+        // The shipped default unless the test is about the setting.
+        let prefetch_multiplier = self
+            .vars
+            .get("KOBE_PREFETCH_MULTIPLIER")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(kobe::cli::DEFAULT_PREFETCH_MULTIPLIER);
         let options = commands::worker::WorkerOptions {
             concurrency,
-            prefetch_multiplier: 1,
+            prefetch_multiplier,
             routes,
             metrics_addr: None,
         };
         let join = tokio::spawn(commands::worker::run(
-            self.settings.clone(),
+            settings,
             options,
             registry,
             async move {

@@ -87,6 +87,25 @@ impl PrivateRabbit {
         }
     }
 
+    /// Kills the node with SIGKILL, as a crash or the OOM killer would: no goodbye to its
+    /// clients, whose sockets the kernel closes.
+    pub fn kill(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -9 {pid}");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "private RabbitMQ did not die"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts the node again on the same port, with the same data (durable queues survive; a
     /// cluster member rejoins its cluster).
     pub fn restart(&self) {

@@ -211,7 +211,8 @@ async fn the_soft_time_limit_lets_the_handler_stop_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_unknown_messages_are_dead_lettered_and_the_worker_goes_on() {
-    let env = TestEnv::new().await;
+    // Unknown tasks closed at once, not handed on for other workers first.
+    let env = TestEnv::with(&[("KOBE_UNKNOWN_TASK_GRACE_MS", "0")]).await;
     env.init_db().await;
     let publisher = env.publisher();
     let worker = env.spawn_worker(2);

@@ -367,6 +367,8 @@ async fn with_mongodb_down_an_unknown_task_is_neither_acked_nor_dead_lettered() 
     let env = TestEnv::with(&[
         ("MONGODB_URI", &format!("mongodb://127.0.0.1:{closed}")),
         ("KOBE_DEPENDENCY_TIMEOUT_MS", "300"),
+        // About closing an unknown task, not about handing it on first.
+        ("KOBE_UNKNOWN_TASK_GRACE_MS", "0"),
     ])
     .await;
     let publisher = env.publisher();
