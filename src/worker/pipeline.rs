@@ -1,5 +1,11 @@
-//! One delivery's life: read it, check it can run, take the task's execution lease, run the
-//! handler, then carry out what [`decision`](super::decision) says until the message is settled.
+//! One delivery's life: read it, check it can run, wait for a run slot, take the task's execution
+//! lease, run the handler while the lease is kept, then carry out what
+//! [`decision`](super::decision) says until the message is settled.
+//!
+//! The slot comes before the claim, so a delivery that waits (and perhaps goes back to its queue
+//! for a worker with room) has not started anything: no delivery counted, no `STARTED` shown. The
+//! lease is renewed on its own clock, each renewal bounded; a handler whose lease cannot be kept
+//! is stopped before another worker may take its task over.
 //!
 //! A fresh delivery (not redelivered) starts its handler at once while its `STARTED` claim waits
 //! in the group-commit batch: a handler that finishes before the claim leaves takes the claim back

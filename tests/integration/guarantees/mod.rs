@@ -263,11 +263,20 @@ async fn an_idle_and_a_busy_worker_come_back_after_their_broker_connections_are_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_come_back_after_their_broker_node_is_killed_and_restarted() {
     let rabbit = PrivateRabbit::start();
-    let env = TestEnv::with(&[("RABBITMQ_URL", &rabbit.url())]).await;
+    let env = TestEnv::with(&[
+        ("RABBITMQ_URL", &rabbit.url()),
+        ("KOBE_TASK_ROUTES", "idle_task=idle"),
+    ])
+    .await;
     env.init_db().await;
     let runs: Runs = Runs::default();
-    let registry = registry_with(Recorded::new("killed_node_task", "busy", 3000, &runs));
-    let busy = env.spawn_worker_on(2, vec![], registry.clone());
+    let mut registry = registry_with(Recorded::new("killed_node_task", "busy", 3000, &runs));
+    registry
+        .register(Recorded::new("idle_task", "idle", 10, &runs))
+        .unwrap();
+    let busy = env.spawn_worker_on(2, vec!["default".into()], registry.clone());
+    // Nothing comes to this one's route before the fault.
+    let idle = env.spawn_worker_on(2, vec!["idle".into()], registry.clone());
     let api = env.spawn_api_with(registry).await;
     common::wait_ready(&api.client, &api.address).await;
     let long = api.submit(json!({"task_name": "killed_node_task"})).await;
@@ -296,8 +305,12 @@ async fn workers_come_back_after_their_broker_node_is_killed_and_restarted() {
         body["task_id"].as_str().map(str::to_owned)
     })
     .await;
-    let task = env.wait_final(&fresh, Duration::from_secs(30)).await;
-    assert_eq!(task.state, TaskState::Success);
+    let for_idle = api.submit(json!({"task_name": "idle_task"})).await;
+    for id in [&fresh, &for_idle] {
+        let task = env.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(task.state, TaskState::Success);
+    }
+    assert_eq!(runs_of(&runs, &for_idle)[0].worker, "idle");
     assert!(
         killed_at.elapsed() < Duration::from_secs(40),
         "new work ran {:?} after the restart",
@@ -308,6 +321,7 @@ async fn workers_come_back_after_their_broker_node_is_killed_and_restarted() {
     assert_eq!(runs_of(&runs, &long).len(), 1, "the running task ran again");
     assert_eq!(runs_of(&runs, &fresh).len(), 1);
     busy.stop().await;
+    idle.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
