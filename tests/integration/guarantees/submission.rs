@@ -121,8 +121,8 @@ async fn a_publish_that_fails_while_mongodb_is_away_is_a_503_keeps_its_key_and_n
         env.tasks().get(&id).await.ok().flatten()
     })
     .await;
-    // ...and MongoDB is away when the submitter would close the task.
-    mongo.set(Mode::Blackhole);
+    // ...and MongoDB refuses every connection when the submitter would close the task.
+    mongo.set(Mode::Reset);
     let answer = first.await.unwrap();
     assert!(answer.is_err(), "{answer:?}");
 
