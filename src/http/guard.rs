@@ -1,5 +1,11 @@
-//! Authentication and rate limiting for `/task*` (and `/metrics` when configured): one middleware
-//! so every protected route gets both, before any handler runs.
+//! Authentication and rate limiting: one middleware so every protected route gets both, before
+//! any handler runs.
+//!
+//! Protected is the default. Only a short list of paths is public (health, readiness, the API
+//! description and its page, the sign-in form, `/metrics` unless configured otherwise), and a
+//! path is public only when its fully percent-decoded form is one of them exactly: whatever
+//! spelling of a protected path the router would serve — percent-encoded, doubled or trailing
+//! slashes, dot segments, a path no route has — is protected.
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -13,19 +19,43 @@ use super::{ApiError, AppState};
 pub const SESSION_COOKIE: &str = "kobe_session";
 
 fn protected(path: &str, metrics_auth: bool) -> bool {
-    path.starts_with("/task")
-        || path.starts_with("/schedules")
-        || (path.starts_with("/ui") && path != "/ui/login")
-        || path.starts_with("/dlq")
-        || (metrics_auth && path == "/metrics")
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let public = match decoded.as_ref() {
+        "/health" | "/ready" | "/openapi.json" | "/docs" | "/ui/login" => true,
+        "/metrics" => !metrics_auth,
+        other => other.strip_prefix("/docs/").is_some_and(|asset| {
+            !asset.is_empty() && !asset.contains('/') && !asset.contains("..")
+        }),
+    };
+    !public
 }
 
-/// Compares against every token without stopping early, in constant time per token, so the
-/// answer's timing says nothing about how much of a token was right.
+/// Compares against every token without stopping early, in constant time, so the answer's
+/// timing says nothing about how much of a token was right — nor how long it is: what is
+/// compared are digests of equal length.
 pub(crate) fn token_matches(given: &str, tokens: &[String]) -> bool {
+    use sha2::Digest;
+    let given = sha2::Sha256::digest(given.as_bytes());
     tokens.iter().fold(false, |found, token| {
-        found | bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+        let token = sha2::Sha256::digest(token.as_bytes());
+        found | bool::from(given.as_slice().ct_eq(token.as_slice()))
     })
+}
+
+/// Whether the request carries one of the API tokens (or no tokens are configured).
+pub fn authorized(request: &actix_web::HttpRequest, tokens: &[String]) -> bool {
+    tokens.is_empty() || credential(request.headers()).is_some_and(|t| token_matches(&t, tokens))
+}
+
+/// The bearer token, else the session cookie's.
+fn credential(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
+    headers
+        .get("Authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .map(str::to_owned)
+        .or_else(|| session_token(headers))
 }
 
 /// The token in the session cookie, if the request has one. The cookie is `SameSite=Strict`, so
@@ -58,14 +88,7 @@ pub async fn guard(
             .map(ServiceResponse::map_into_left_body);
     }
 
-    let bearer = request
-        .headers()
-        .get("Authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .map(str::to_owned)
-        .or_else(|| session_token(request.headers()));
+    let bearer = credential(request.headers());
     let tokens = state.api_tokens.expose();
     if !tokens.is_empty() {
         let authorized = bearer.as_deref().is_some_and(|t| token_matches(t, tokens));
@@ -141,6 +164,41 @@ mod tests {
         assert!(protected("/metrics", true));
         assert!(protected("/ui", false));
         assert!(!protected("/ui/login", false));
+        assert!(!protected("/docs/swagger-ui.css", false));
+    }
+
+    #[test]
+    fn no_spelling_of_a_protected_path_is_public() {
+        for path in [
+            "/%74ask/start",
+            "/%64lq",
+            "/%64lq/purge",
+            "//task/start",
+            "/task//start",
+            "/task/start/",
+            "/%75i",
+            "/health/../dlq",
+            "/health%2F..%2Fdlq",
+            "/docs/..%2Fdlq",
+            "/docs/a/b",
+            "/",
+            "/no-such-route",
+        ] {
+            assert!(protected(path, true), "{path} is public");
+        }
+        assert!(protected("/%6detrics", true));
+        assert!(
+            !protected("/%68ealth", true),
+            "a spelling of a public path is public"
+        );
+    }
+
+    #[test]
+    fn a_token_of_another_length_is_refused_like_any_other() {
+        let tokens = vec!["0123456789abcdef".to_owned()];
+        assert!(!token_matches("0", &tokens));
+        assert!(!token_matches(&"x".repeat(1000), &tokens));
+        assert!(token_matches("0123456789abcdef", &tokens));
     }
 
     #[test]

@@ -349,6 +349,11 @@ impl Registry {
         self.tasks.get(name).cloned()
     }
 
+    /// Whether a task of that name is registered.
+    pub fn knows(&self, name: &str) -> bool {
+        self.tasks.contains_key(name)
+    }
+
     /// Every registered task, by name.
     pub fn tasks(&self) -> impl Iterator<Item = Arc<dyn Task>> + '_ {
         self.tasks.values().cloned()

@@ -221,6 +221,16 @@ impl Worker {
         self.liveness.is_live(tag) && !self.stopping.load(Ordering::Acquire)
     }
 
+    /// A task name as a metric label: a name this worker does not know (anyone who can publish
+    /// to the broker chooses it) is counted under one label, so labels stay bounded.
+    fn task_label<'a>(&self, name: &'a str) -> &'a str {
+        if self.registry.knows(name) {
+            name
+        } else {
+            UNKNOWN_TASK_LABEL
+        }
+    }
+
     /// The task's own policy, under the deployment-wide overrides, under the task's overrides.
     fn policy(&self, task: &dyn Task) -> RetryPolicy {
         let mut policy = task.retry_policy();
@@ -281,6 +291,9 @@ impl Pauses {
         pause
     }
 }
+
+/// The metric label of every task name the registry does not know.
+pub const UNKNOWN_TASK_LABEL: &str = "(unknown)";
 
 /// How often a worker running tasks looks for cancel requests.
 pub const CANCEL_POLL: Duration = Duration::from_secs(1);

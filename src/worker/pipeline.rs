@@ -266,7 +266,7 @@ impl Worker {
                     tracing::warn!(previous_attempt = %previous, "took over a task whose attempt stopped renewing its lease");
                     metrics()
                         .lease_takeovers
-                        .with_label_values(&[job.attempt.task_name.as_str()])
+                        .with_label_values(&[self.task_label(&job.attempt.task_name)])
                         .inc();
                 }
                 self.invalidate_soon(&job.attempt.task_id);

@@ -139,7 +139,7 @@ impl Worker {
         tracing::warn!("delivery lost with its retry's publish in doubt; RETRY recorded with the next attempt owed to the outbox");
         metrics()
             .task_retries
-            .with_label_values(&[job.attempt.task_name.as_str()])
+            .with_label_values(&[self.task_label(&job.attempt.task_name)])
             .inc();
         true
     }
@@ -216,7 +216,7 @@ impl Worker {
     /// The message is done: settle it, then count and log what happened.
     async fn acked(&self, job: &Job<'_>, plan: &Plan, done: &Done) {
         self.settle(job.delivery, Settlement::Ack);
-        let task = job.attempt.task_name.as_str();
+        let task = self.task_label(&job.attempt.task_name);
         let m = metrics();
         if let (Some(record), Stored::Applied) = (&plan.record, &done.stored) {
             m.task_outcomes
@@ -335,7 +335,7 @@ impl Worker {
                 tracing::warn!("the attempt holding the task let its lease lapse; taking over");
                 metrics()
                     .lease_takeovers
-                    .with_label_values(&[job.attempt.task_name.as_str()])
+                    .with_label_values(&[self.task_label(&job.attempt.task_name)])
                     .inc();
             }
             // Takeable: the refusal raced a change. Pause a little so a flapping state cannot

@@ -16,13 +16,15 @@ pub async fn health() -> HttpResponse {
 /// Readiness: 200 when RabbitMQ, MongoDB and Redis answer within the probe timeout, 503 naming
 /// the ones that do not. `rabbitmq_nodes` says which of the configured broker nodes accept a TCP
 /// connection: with a cluster, one node down is reported there and is not a failure while the
-/// publisher is connected to another.
+/// publisher is connected to another. With `KOBE_API_TOKENS` set, a caller without a token learns
+/// only which dependency is ok or not: the errors (driver texts, host names) are for the token's
+/// holders, and for the log.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
     (status = 200, description = "Every dependency answers"),
     (status = 503, description = "`failed` lists the dependencies that do not"),
 ))]
 #[tracing::instrument(name = "http.ready", skip_all)]
-pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+pub async fn ready(request: actix_web::HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let timeout = state.dependency_timeout;
     let (rabbitmq, mongodb, redis) = tokio::join!(
         bounded(timeout, "rabbitmq", async {
@@ -48,15 +50,35 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .filter(|(_, e)| e.is_some())
         .map(|(n, _)| *n)
         .collect();
-    let body = json!({
+    for (name, error) in &checks {
+        if let Some(error) = error {
+            tracing::warn!(dependency = name, error = %error, "not ready");
+        }
+    }
+    let detailed = crate::http::guard::authorized(&request, state.api_tokens.expose());
+    let mut body = json!({
         "status": if failed.is_empty() { "ready" } else { "unavailable" },
         "failed": failed,
         "checks": checks
             .iter()
-            .map(|(name, error)| (name.to_string(), json!({"ok": error.is_none(), "error": error})))
+            .map(|(name, error)| {
+                let check = if detailed {
+                    json!({"ok": error.is_none(), "error": error})
+                } else {
+                    json!({"ok": error.is_none()})
+                };
+                (name.to_string(), check)
+            })
             .collect::<serde_json::Map<_, _>>(),
-        "rabbitmq_nodes": nodes,
     });
+    if detailed {
+        body["rabbitmq_nodes"] = json!(nodes);
+    } else {
+        body["rabbitmq_nodes"] = json!(nodes
+            .iter()
+            .map(|n| json!({"reachable": n["reachable"]}))
+            .collect::<Vec<_>>());
+    }
     if failed.is_empty() {
         HttpResponse::Ok().json(body)
     } else {
