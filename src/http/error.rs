@@ -35,6 +35,13 @@ pub enum ApiError {
     /// Missing or wrong bearer token: 401.
     #[error("a valid bearer token is required (Authorization: Bearer <token>)")]
     Unauthorized,
+    /// Authenticated by the page's session cookie, but not from the page itself (another origin,
+    /// or without the session's CSRF token): 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A body that is not JSON on a route that takes JSON: 415.
+    #[error("this route takes a JSON body (Content-Type: application/json), not `{0}`")]
+    UnsupportedMediaType(String),
     /// Over the rate limit: 429 with `Retry-After`.
     #[error("rate limit exceeded; retry in {} ms", retry_after.as_millis())]
     RateLimited { retry_after: std::time::Duration },
@@ -112,6 +119,8 @@ impl ApiError {
             Self::Conflict(_) => ("conflict", "The task is not in a state for this"),
             Self::MethodNotAllowed { .. } => ("method-not-allowed", "Method not allowed"),
             Self::Unauthorized => ("unauthorized", "Unauthorized"),
+            Self::Forbidden(_) => ("forbidden", "Forbidden"),
+            Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
             Self::RateLimited { .. } => ("rate-limited", "Too many requests"),
             Self::ResultBackendOff => ("result-backend-off", "The result backend is off"),
             Self::Gone(_) => ("result-expired", "The result has expired"),
@@ -147,6 +156,8 @@ impl ResponseError for ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Gone(_) => StatusCode::GONE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,

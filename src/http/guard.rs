@@ -10,13 +10,20 @@
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
-use actix_web::{web, Error, ResponseError};
+use actix_web::{web, Error, HttpMessage, ResponseError};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 
-/// The cookie `/ui/login` sets, so a browser on the operator page is let in behind tokens.
-pub const SESSION_COOKIE: &str = "kobe_session";
+use super::session::{self, SESSION_COOKIE};
+
+/// Who a request was authenticated as, for the handlers (the task history's `by`), and the CSRF
+/// token of its page session, if it came with one.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub by: String,
+    pub csrf: Option<String>,
+}
 
 fn protected(path: &str, metrics_auth: bool) -> bool {
     let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
@@ -42,20 +49,76 @@ pub(crate) fn token_matches(given: &str, tokens: &[String]) -> bool {
     })
 }
 
-/// Whether the request carries one of the API tokens (or no tokens are configured).
-pub fn authorized(request: &actix_web::HttpRequest, tokens: &[String]) -> bool {
-    tokens.is_empty() || credential(request.headers()).is_some_and(|t| token_matches(&t, tokens))
-}
-
-/// The bearer token, else the session cookie's.
-fn credential(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
+/// The bearer token, if the request has one.
+fn bearer(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
     headers
         .get("Authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .map(str::to_owned)
-        .or_else(|| session_token(headers))
+}
+
+/// Whether the request carries one of the API tokens as its bearer (or no tokens are
+/// configured). For answers that say more to a token's holder (`/ready`).
+pub fn authorized(request: &actix_web::HttpRequest, tokens: &[String]) -> bool {
+    tokens.is_empty() || bearer(request.headers()).is_some_and(|t| token_matches(&t, tokens))
+}
+
+/// A body declared as something other than JSON: its content type.
+fn not_json(request: &ServiceRequest) -> Option<String> {
+    let headers = request.headers();
+    let has_body = headers.contains_key("transfer-encoding")
+        || headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
+    if !has_body {
+        return None;
+    }
+    // No type at all is read as JSON (and is a 400 if it is not): only a type that says
+    // otherwise — text/plain, a form — is refused. A cookie's page session needs its CSRF token
+    // whatever the body.
+    let content_type = headers.get("content-type")?.to_str().unwrap_or("");
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let json = media == "application/json"
+        || (media.starts_with("application/") && media.ends_with("+json"));
+    (!json).then(|| content_type.to_owned())
+}
+
+/// Runs a Redis call as a task of its own: polled from the runtime rather than from inside the
+/// middleware chain, so the reply parser's deep stack does not sit on top of the chain's.
+async fn off_stack<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T, crate::store::StoreError>> + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    tokio::spawn(call).await.unwrap_or_else(|e| {
+        Err(crate::store::StoreError::Redis(
+            crate::cause::Cause::context("the Redis call stopped", e),
+        ))
+    })
+}
+
+/// Whether the method may change something (the ones a CSRF check guards).
+fn changes_state(method: &actix_web::http::Method) -> bool {
+    !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS")
+}
+
+fn refuse<B>(request: ServiceRequest, error: ApiError) -> ServiceResponse<EitherBody<B>> {
+    // A browser on the operator page is sent to sign in; API clients get the 401.
+    let response = if matches!(error, ApiError::Unauthorized) && request.path().starts_with("/ui") {
+        actix_web::HttpResponse::SeeOther()
+            .insert_header(("Location", "/ui/login"))
+            .finish()
+    } else {
+        error.error_response()
+    };
+    request.into_response(response).map_into_right_body()
 }
 
 /// The token in the session cookie, if the request has one. The cookie is `SameSite=Strict`, so
@@ -75,60 +138,55 @@ pub async fn guard(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, Error> {
+    // The decision runs boxed and is done before the handler starts: the handler's (large)
+    // future then runs on a stack that holds little of the guard's.
+    if let Err(refused) = Box::pin(admit(&request)).await {
+        return Ok(refuse(request, refused));
+    }
+    Box::pin(next.call(request))
+        .await
+        .map(ServiceResponse::map_into_left_body)
+}
+
+/// Lets the request through, or says why not: its token or page session (recorded in the
+/// request as its [`Caller`]), the page's origin and CSRF token, a JSON body, the rate limit.
+async fn admit(request: &ServiceRequest) -> Result<(), ApiError> {
     let Some(state) = request.app_data::<web::Data<AppState>>().cloned() else {
-        return next
-            .call(request)
-            .await
-            .map(ServiceResponse::map_into_left_body);
+        return Ok(());
     };
     if !protected(request.path(), state.metrics_auth) {
-        return next
-            .call(request)
-            .await
-            .map(ServiceResponse::map_into_left_body);
+        return Ok(());
     }
-
-    let bearer = credential(request.headers());
     let tokens = state.api_tokens.expose();
+    // Who the request is, and the name the rate limit counts it under.
+    let mut limited_as = None;
     if !tokens.is_empty() {
-        let authorized = bearer.as_deref().is_some_and(|t| token_matches(t, tokens));
-        if !authorized {
-            // A browser on the operator page is sent to sign in; API clients get the 401.
-            let response = if request.path().starts_with("/ui") {
-                actix_web::HttpResponse::SeeOther()
-                    .insert_header(("Location", "/ui/login"))
-                    .finish()
-            } else {
-                ApiError::Unauthorized.error_response()
-            };
-            return Ok(request.into_response(response).map_into_right_body());
+        let (caller, key) = identify(request, &state)
+            .await?
+            .ok_or(ApiError::Unauthorized)?;
+        request.extensions_mut().insert(caller);
+        limited_as = Some(key);
+    }
+    if changes_state(request.method()) {
+        if let Some(content_type) = not_json(request) {
+            return Err(ApiError::UnsupportedMediaType(content_type));
         }
     }
-
     if state.rate_limit > 0 {
-        // Per token when there is one (a token names a client better than an address), else
-        // per peer address. The token itself never reaches Redis: only a hash of it.
-        let client = match &bearer {
-            Some(token) if !tokens.is_empty() => {
-                format!("token:{:016x}", crate::domain::shard::fnv1a64(token))
-            }
-            _ => format!(
+        // Per token (or page session) when there is one — it names a client better than an
+        // address — else per peer address.
+        let client = limited_as.unwrap_or_else(|| {
+            format!(
                 "ip:{}",
                 request
                     .peer_addr()
                     .map(|a| a.ip().to_string())
                     .unwrap_or_else(|| "unknown".into())
-            ),
-        };
-        match state
-            .cache
-            .over_rate_limit(&client, state.rate_limit, state.rate_window)
-            .await
-        {
-            Ok(Some(retry_after)) => {
-                let response = ApiError::RateLimited { retry_after }.error_response();
-                return Ok(request.into_response(response).map_into_right_body());
-            }
+            )
+        });
+        let (cache, limit, window) = (state.cache.clone(), state.rate_limit, state.rate_window);
+        match off_stack(async move { cache.over_rate_limit(&client, limit, window).await }).await {
+            Ok(Some(retry_after)) => return Err(ApiError::RateLimited { retry_after }),
             Ok(None) => {}
             // Redis down: serve rather than refuse everyone; the limit is a courtesy, not a
             // guarantee.
@@ -137,9 +195,51 @@ pub async fn guard(
             }
         }
     }
-    next.call(request)
+    Ok(())
+}
+
+/// The caller a request's bearer token or page session names, with its rate-limit key; `None`
+/// when it has neither, or one that is not valid.
+async fn identify(
+    request: &ServiceRequest,
+    state: &AppState,
+) -> Result<Option<(Caller, String)>, ApiError> {
+    let tokens = state.api_tokens.expose();
+    if let Some(token) = bearer(request.headers()) {
+        return Ok(token_matches(&token, tokens).then(|| {
+            // The token itself never reaches Redis or a log: a digest of it does.
+            let key = format!("token:{:016x}", crate::domain::shard::fnv1a64(&token));
+            let by = super::routes::actions::requester_of(Some(&token));
+            (Caller { by, csrf: None }, key)
+        }));
+    }
+    let Some(id) = session_token(request.headers()) else {
+        return Ok(None);
+    };
+    let (cache, tokens) = (state.cache.clone(), tokens.to_vec());
+    let Some(found) = off_stack(async move { session::find(&cache, &id, &tokens).await })
         .await
-        .map(ServiceResponse::map_into_left_body)
+        .map_err(ApiError::store)?
+    else {
+        return Ok(None);
+    };
+    if changes_state(request.method()) {
+        let host = request.connection_info().host().to_owned();
+        if let Some(why) = session::cross_site(request.headers(), &host, &found) {
+            tracing::warn!(path = %request.path(), why, "refused a cookie-authenticated request not from the page");
+            return Err(ApiError::Forbidden(format!(
+                "refused: {why}; the page's own buttons send it"
+            )));
+        }
+    }
+    let key = format!("session:{}", found.by);
+    Ok(Some((
+        Caller {
+            by: found.by,
+            csrf: Some(found.csrf),
+        },
+        key,
+    )))
 }
 
 #[cfg(test)]

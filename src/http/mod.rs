@@ -7,6 +7,7 @@ pub mod error;
 pub(crate) mod guard;
 pub mod openapi;
 pub mod routes;
+pub mod session;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
@@ -136,6 +137,7 @@ impl Application {
                         .route(web::get().to(routes::ui::login_form))
                         .route(web::post().to(routes::ui::login)),
                 )
+                .service(resource("/ui/logout", "POST").route(web::post().to(routes::ui::logout)))
                 .service(resource("/ui/task/{id}", "GET").route(web::get().to(routes::ui::task)))
                 .service(resource("/docs/{asset}", "GET").route(web::get().to(routes::docs::asset)))
                 .default_service(web::to(routes::not_found))

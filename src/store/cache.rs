@@ -217,6 +217,40 @@ impl Cache {
         self.run(command, self.timeout).await
     }
 
+    /// Keeps an operator-page session under (a digest of) its id for `ttl`.
+    #[tracing::instrument(name = "cache.session.put", skip_all)]
+    pub async fn put_session(
+        &self,
+        id_digest: &str,
+        json: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut command = redis::cmd("SET");
+        command
+            .arg(self.key(&format!("session:{id_digest}")))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let _: String = self.run(command, self.timeout).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "cache.session.get", skip_all)]
+    pub async fn session(&self, id_digest: &str) -> Result<Option<String>, StoreError> {
+        let mut command = redis::cmd("GET");
+        command.arg(self.key(&format!("session:{id_digest}")));
+        self.run(command, self.timeout).await
+    }
+
+    /// Ends a session (sign-out).
+    #[tracing::instrument(name = "cache.session.drop", skip_all)]
+    pub async fn drop_session(&self, id_digest: &str) -> Result<(), StoreError> {
+        let mut command = redis::cmd("DEL");
+        command.arg(self.key(&format!("session:{id_digest}")));
+        let _: i64 = self.run(command, self.timeout).await?;
+        Ok(())
+    }
+
     /// Counts a request of `client` in the current window; `Some(retry_after)` when it is over
     /// `limit`.
     #[tracing::instrument(name = "cache.rate_limit", skip(self))]

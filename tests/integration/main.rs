@@ -15,6 +15,7 @@ mod faults;
 mod guarantees;
 mod http;
 mod observability;
+mod security;
 mod store;
 mod ui;
 mod worker;

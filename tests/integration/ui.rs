@@ -236,6 +236,10 @@ async fn behind_tokens_a_browser_signs_in_once_and_its_buttons_work() {
         "{cookie}"
     );
     let session = cookie.split(';').next().unwrap().to_owned();
+    assert!(
+        !cookie.contains(token),
+        "the cookie carries the token: {cookie}"
+    );
 
     // The page and its buttons' requests pass with the cookie; without, the API still says 401.
     let page = no_redirects
@@ -245,6 +249,13 @@ async fn behind_tokens_a_browser_signs_in_once_and_its_buttons_work() {
         .await
         .unwrap();
     assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    let csrf = html
+        .split("name=\"kobe-csrf\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page carries its session's CSRF token")
+        .to_owned();
     let id = {
         let response = no_redirects
             .post(format!("{}/task/start", api.address))
@@ -275,7 +286,11 @@ async fn behind_tokens_a_browser_signs_in_once_and_its_buttons_work() {
     let cancel = |cookie: Option<String>| {
         let mut request = no_redirects.post(format!("{}/task/{id}/cancel", api.address));
         if let Some(cookie) = cookie {
-            request = request.header("cookie", cookie);
+            // As the page's own script sends it.
+            request = request
+                .header("cookie", cookie)
+                .header("x-kobe-csrf", &csrf)
+                .header("sec-fetch-site", "same-origin");
         }
         request.send()
     };

@@ -82,14 +82,11 @@ pub async fn cancel(
 
 /// Who asked, for the task's history and the log: the token's fingerprint, never the token.
 pub(crate) fn requester(request: &HttpRequest) -> String {
-    let token = request
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned)
-        .or_else(|| crate::http::guard::session_token(request.headers()));
-    requester_of(token.as_deref())
+    use actix_web::HttpMessage;
+    match request.extensions().get::<crate::http::guard::Caller>() {
+        Some(caller) => caller.by.clone(),
+        None => requester_of(None),
+    }
 }
 
 /// Who a token names, for the log and a task's history: its fingerprint, never the token.

@@ -2,12 +2,12 @@
 //! and consumers per route, what happened in the last hour, the latest failures with a retry
 //! button, and a task's detail (`/ui/task/{id}`) with its failed attempts and replays, with cancel
 //! and retry buttons. It sits behind the same bearer tokens as `/task*`: a browser signs in once
-//! at `/ui/login` with a token, which is kept in an `HttpOnly`, `SameSite=Strict` cookie.
+//! at `/ui/login` with a token and gets a session ([`crate::http::session`]).
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use mongodb::bson::DateTime;
 use serde::Deserialize;
 
@@ -37,22 +37,41 @@ fn when(t: Option<DateTime>) -> String {
 
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}.FAILURE{color:#b00}.SUCCESS{color:#070}.REVOKED{color:#777}code{font-size:90%}";
 
-/// Posts a retry, a cancel or a replay and reloads. Behind `KOBE_API_TOKENS` the request carries
-/// the session cookie `/ui/login` set, like the page's own requests.
-const SCRIPT: &str = "document.addEventListener('click',async e=>{const d=e.target.dataset;let r;if(d.retry||d.cancel){r=await fetch('/task/'+encodeURIComponent(d.retry||d.cancel)+(d.retry?'/retry':'/cancel'),{method:'POST'})}else if(d.replay){r=await fetch('/dlq/replay',{method:'POST',headers:{'content-type':'application/json'},body:JSON.stringify({task_ids:[d.replay]})})}else return;e.target.textContent=r.ok?'done':'refused ('+r.status+')';setTimeout(()=>location.reload(),800)});";
+/// Posts a retry, a cancel, a replay or a sign-out and reloads. Behind `KOBE_API_TOKENS` the
+/// request carries the session cookie `/ui/login` set and the session's CSRF token (from the
+/// page's `kobe-csrf` meta tag), which a page of another origin cannot read.
+const SCRIPT: &str = "document.addEventListener('click',async e=>{const d=e.target.dataset;const m=document.querySelector('meta[name=kobe-csrf]');const h={'x-kobe-csrf':m?m.content:''};let r;if(d.retry||d.cancel){r=await fetch('/task/'+encodeURIComponent(d.retry||d.cancel)+(d.retry?'/retry':'/cancel'),{method:'POST',headers:h})}else if(d.replay){r=await fetch('/dlq/replay',{method:'POST',headers:Object.assign({'content-type':'application/json'},h),body:JSON.stringify({task_ids:[d.replay]})})}else if(d.signout!==undefined){await fetch('/ui/logout',{method:'POST',headers:h});location.href='/ui/login';return}else return;e.target.textContent=r.ok?'done':'refused ('+r.status+')';setTimeout(()=>location.reload(),800)});";
 
-fn page(title: &str, refresh: bool, body: &str) -> HttpResponse {
+/// A page; `csrf`: the signed-in session's token (the page then offers to sign out).
+fn page(title: &str, refresh: bool, body: &str, csrf: Option<&str>) -> HttpResponse {
     let refresh = if refresh {
         "<meta http-equiv=\"refresh\" content=\"10\">"
     } else {
         ""
     };
+    let (meta, sign_out) = match csrf {
+        Some(csrf) => (
+            format!("<meta name=\"kobe-csrf\" content=\"{}\">", escape(csrf)),
+            "<p><button data-signout>sign out</button></p>",
+        ),
+        None => (String::new(), ""),
+    };
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
+        .insert_header(("Cache-Control", "no-store"))
         .body(format!(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}<title>{}</title><style>{STYLE}</style></head><body>{body}<script>{SCRIPT}</script></body></html>",
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}{meta}<title>{}</title><style>{STYLE}</style></head><body>{body}{sign_out}<script>{SCRIPT}</script></body></html>",
             escape(title)
         ))
+}
+
+/// The CSRF token of the request's page session, if it came with one.
+fn csrf_of(request: &HttpRequest) -> Option<String> {
+    use actix_web::HttpMessage;
+    request
+        .extensions()
+        .get::<crate::http::guard::Caller>()
+        .and_then(|caller| caller.csrf.clone())
 }
 
 /// The sign-in form's field.
@@ -63,6 +82,9 @@ pub struct SignIn {
 
 const SIGN_IN_FORM: &str = "<h1>Kobe</h1><form method=\"post\" action=\"/ui/login\"><label>API token <input type=\"password\" name=\"token\" autocomplete=\"current-password\" autofocus></label> <button>sign in</button></form>";
 
+/// Sign-in tries one address may make per minute.
+const SIGN_IN_TRIES: u32 = 10;
+
 /// `GET /ui/login`: the sign-in form (straight to `/ui` when no tokens are configured).
 pub async fn login_form(state: web::Data<AppState>) -> HttpResponse {
     if state.api_tokens.expose().is_empty() {
@@ -70,36 +92,107 @@ pub async fn login_form(state: web::Data<AppState>) -> HttpResponse {
             .insert_header(("Location", "/ui"))
             .finish();
     }
-    page("Kobe: sign in", false, SIGN_IN_FORM)
+    page("Kobe: sign in", false, SIGN_IN_FORM, None)
 }
 
-/// `POST /ui/login`: a listed token sets the session cookie (8 h) and goes to `/ui`; any other
-/// answers 401 with the form again. The token is never logged.
-pub async fn login(state: web::Data<AppState>, form: web::Form<SignIn>) -> HttpResponse {
-    let token = form.token.trim();
-    let tokens = state.api_tokens.expose();
-    // The cookie carries the token verbatim: only a token in the form of one may be set.
-    let well_formed = token.chars().all(|c| c.is_ascii_graphic() && c != ';');
-    if tokens.is_empty() || (well_formed && crate::http::guard::token_matches(token, tokens)) {
-        tracing::info!(by = %super::actions::requester_of(Some(token)), "operator signed in to /ui");
-        return HttpResponse::SeeOther()
-            .insert_header(("Location", "/ui"))
-            .insert_header((
-                "Set-Cookie",
-                format!(
-                    "{}={token}; Path=/; Max-Age=28800; HttpOnly; SameSite=Strict",
-                    crate::http::guard::SESSION_COOKIE
-                ),
-            ))
-            .finish();
-    }
+fn sign_in_page(status: actix_web::http::StatusCode, why: &str) -> HttpResponse {
     let mut response = page(
         "Kobe: sign in",
         false,
-        &format!("<p id=\"refused\">That token is not accepted.</p>{SIGN_IN_FORM}"),
+        &format!("<p id=\"refused\">{}</p>{SIGN_IN_FORM}", escape(why)),
+        None,
     );
-    *response.status_mut() = actix_web::http::StatusCode::UNAUTHORIZED;
+    *response.status_mut() = status;
     response
+}
+
+/// `POST /ui/login`: a listed token opens a session (8 h, kept in Redis; the cookie holds only
+/// its random id) and goes to `/ui`; any other answers 401 with the form again. Tries are
+/// limited per address. The token is never logged nor stored.
+pub async fn login(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    form: web::Form<SignIn>,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let token = form.token.trim();
+    let tokens = state.api_tokens.expose();
+    if tokens.is_empty() {
+        return HttpResponse::SeeOther()
+            .insert_header(("Location", "/ui"))
+            .finish();
+    }
+    let address = request
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    match state
+        .cache
+        .over_rate_limit(
+            &format!("login:{address}"),
+            SIGN_IN_TRIES,
+            Duration::from_secs(60),
+        )
+        .await
+    {
+        Ok(Some(retry_after)) => {
+            tracing::warn!(address = %address, "sign-in tries over the limit");
+            let mut response = sign_in_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many sign-in tries from this address; wait a minute.",
+            );
+            response.headers_mut().insert(
+                actix_web::http::header::RETRY_AFTER,
+                retry_after.as_secs().max(1).into(),
+            );
+            return response;
+        }
+        Ok(None) => {}
+        Err(error) => tracing::warn!(error = %error, "sign-in rate limit unavailable"),
+    }
+    if !crate::http::guard::token_matches(token, tokens) {
+        tracing::warn!(address = %address, "sign-in refused");
+        return sign_in_page(StatusCode::UNAUTHORIZED, "That token is not accepted.");
+    }
+    let by = super::actions::requester_of(Some(token));
+    match crate::http::session::open(&state.cache, token, by.clone()).await {
+        Ok(id) => {
+            tracing::info!(by = %by, "operator signed in to /ui");
+            HttpResponse::SeeOther()
+                .insert_header(("Location", "/ui"))
+                .insert_header((
+                    "Set-Cookie",
+                    crate::http::session::cookie(
+                        Some(&id),
+                        crate::http::session::over_tls(&request),
+                    ),
+                ))
+                .finish()
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot open a session");
+            sign_in_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sessions are kept in Redis, which does not answer; try again shortly.",
+            )
+        }
+    }
+}
+
+/// `POST /ui/logout`: ends the page session and clears its cookie.
+pub async fn logout(request: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(id) = crate::http::guard::session_token(request.headers()) {
+        if let Err(error) = crate::http::session::close(&state.cache, &id).await {
+            tracing::warn!(error = %error, "cannot end the session; it expires on its own");
+        }
+    }
+    HttpResponse::SeeOther()
+        .insert_header(("Location", "/ui/login"))
+        .insert_header((
+            "Set-Cookie",
+            crate::http::session::cookie(None, crate::http::session::over_tls(&request)),
+        ))
+        .finish()
 }
 
 /// `?id=` of the search box.
@@ -110,6 +203,7 @@ pub struct Find {
 
 /// The overview: queues, the last hour, the latest failures, a task search box.
 pub async fn overview(
+    request: HttpRequest,
     state: web::Data<AppState>,
     find: web::Query<Find>,
 ) -> Result<HttpResponse, ApiError> {
@@ -278,11 +372,12 @@ pub async fn overview(
         body.push_str("</table>");
     }
     body.push_str("<p><a href=\"/docs\">API</a> · <a href=\"/metrics\">metrics</a></p>");
-    Ok(page("Kobe", true, &body))
+    Ok(page("Kobe", true, &body, csrf_of(&request).as_deref()))
 }
 
 /// One task: its fields, failed attempts and replays, with a retry button when it failed.
 pub async fn task(
+    request: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -344,7 +439,12 @@ pub async fn task(
         );
     }
     body.push_str("</table>");
-    Ok(page(&format!("Kobe task {}", task.id), false, &body))
+    Ok(page(
+        &format!("Kobe task {}", task.id),
+        false,
+        &body,
+        csrf_of(&request).as_deref(),
+    ))
 }
 
 #[cfg(test)]
