@@ -13,6 +13,8 @@ pub struct Variable {
     pub help: &'static str,
     /// Written commented out in `.env.example` (its mere presence changes behaviour).
     pub commented: bool,
+    /// Holds (or may hold) a credential: keep it out of files that are shared; Kobe never logs it.
+    pub secret: bool,
 }
 
 const fn var(name: &'static str, default: &'static str, help: &'static str) -> Variable {
@@ -21,15 +23,23 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
         default,
         help,
         commented: false,
+        secret: false,
+    }
+}
+
+const fn secret(variable: Variable) -> Variable {
+    Variable {
+        secret: true,
+        ..variable
     }
 }
 
 /// Every variable, in the order `.env.example` lists them.
 pub const VARIABLES: &[Variable] = &[
-    var("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", "RabbitMQ: amqp://user:password@host:port/vhost (%2f is the default vhost \"/\"). amqp:// only; terminate TLS in front of the broker. A cluster: its nodes comma-separated — every connection goes to the first that answers and moves to the next when it is lost. Passwords are shown as *** in every log line."),
-    var("MONGODB_URI", "mongodb://127.0.0.1:27017", "MongoDB connection string (mongodb:// or mongodb+srv://; TLS options in the string work). Its write concern is Kobe's: with ?w=majority&journal=true (as in docker-compose.yml) a 202 survives the loss of a MongoDB node."),
+    secret(var("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", "RabbitMQ: amqp://user:password@host:port/vhost (%2f is the default vhost \"/\"). amqp:// only; terminate TLS in front of the broker. A cluster: its nodes comma-separated — every connection goes to the first that answers and moves to the next when it is lost. Passwords are shown as *** in every log line.")),
+    secret(var("MONGODB_URI", "mongodb://127.0.0.1:27017", "MongoDB connection string (mongodb:// or mongodb+srv://; TLS options in the string work). Its write concern is Kobe's: with ?w=majority&journal=true (as in docker-compose.yml) a 202 survives the loss of a MongoDB node.")),
     var("MONGODB_DB", "kobe", "Kobe's MongoDB database."),
-    var("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis: redis://[:password@]host:port/db (rediss:// for TLS)."),
+    secret(var("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis: redis://[:password@]host:port/db (rediss:// for TLS).")),
     var("KOBE_HTTP_ADDR", "127.0.0.1:8000", "Where `kobe serve` listens. Use 0.0.0.0:8000 inside a container."),
     var("KOBE_LOG_LEVEL", "info", "Log filter (tracing EnvFilter syntax: info, debug, kobe=debug,warn …)."),
     var("KOBE_LOG_FORMAT", "pretty", "Log format: pretty or json (one object per line)."),
@@ -56,7 +66,7 @@ pub const VARIABLES: &[Variable] = &[
     var("KOBE_TASKS_FILE", "", "A TOML file of tasks that need no Rust (kind = \"http\" or \"command\") and of periodic tasks ([[schedule]]), read by serve, worker and beat at start; see examples/tasks.toml and `kobe tasks check FILE`. Empty: none."),
     var("KOBE_BEAT", "true", "Whether `kobe serve` fires the periodic tasks (one replica at a time, by a lease in MongoDB). false: leave it to `kobe beat` or other replicas."),
     var("KOBE_BEAT_LEASE_MS", "15000", "How long the schedules' leader holds its lease without renewing it (renewed every fifth): after a leader dies, another replica fires within about this long."),
-    var("KOBE_TASK_SIGNING_SECRET", "", "The secret (at least 16 characters) an http task signs its request body with (HMAC-SHA256 in X-Kobe-Signature), unless the task names its own variable in signing_secret_env. Required when KOBE_TASKS_FILE declares an http task."),
+    secret(var("KOBE_TASK_SIGNING_SECRET", "", "The secret (at least 16 characters) an http task signs its request body with (HMAC-SHA256 of the timestamp and body, in X-Kobe-Signature), unless the task names its own variable in signing_secret_env. Required when KOBE_TASKS_FILE declares an http task.")),
     var("KOBE_RETRY_MAX", "", "Retries after the first attempt, for every task; empty: each task's own policy (3 retries, 1 s base, factor 2, 300 s cap; delays exponential with jitter)."),
     var("KOBE_RETRY_BASE_MS", "", "Delay before the first retry, for every task (milliseconds); empty: each task's own."),
     var("KOBE_RETRY_FACTOR", "", "Growth of the delay from one retry to the next, for every task; empty: each task's own."),
@@ -72,7 +82,7 @@ pub const VARIABLES: &[Variable] = &[
     var("KOBE_RESULT_TTL", "86400", "With the redis result backend: how long each result is kept (seconds)."),
     var("KOBE_RATE_LIMIT", "0", "Requests per window per client (bearer token, else IP address) on /task* and /tasks; over it, 429 with Retry-After. 0, the default, turns it off (FastAPI and Celery have none); e.g. 100 turns it on."),
     var("KOBE_RATE_WINDOW_MS", "1000", "The rate limit's window (milliseconds)."),
-    var("KOBE_API_TOKENS", "", "Bearer tokens (comma-separated, 16+ characters each). When set, /task* and /tasks need \"Authorization: Bearer <token>\"; /health, /ready, /docs and /openapi.json stay open, /metrics too unless KOBE_METRICS_AUTH=true. Empty: no authentication."),
+    secret(var("KOBE_API_TOKENS", "", "Bearer tokens (comma-separated, 16+ characters each). When set, every route needs \"Authorization: Bearer <token>\" (the operator page: a session from /ui/login) except /health, /ready (which then tells the unauthenticated only what is up), /docs, /openapi.json and /ui/login, and /metrics unless KOBE_METRICS_AUTH=true. Removing a token ends the page sessions opened with it. Empty: no authentication.")),
     var("KOBE_METRICS_AUTH", "false", "Whether /metrics needs a bearer token too."),
     var("KOBE_LOG_PAYLOADS", "false", "Log task arguments when a worker starts a task. Off by default: payloads may hold personal data."),
     Variable {
@@ -100,7 +110,12 @@ pub fn env_example() -> String {
     );
     for v in VARIABLES {
         out.push('\n');
-        for line in wrap(v.help, 98) {
+        let help = if v.secret {
+            format!("Secret. {}", v.help)
+        } else {
+            v.help.to_owned()
+        };
+        for line in wrap(&help, 98) {
             out.push_str("# ");
             out.push_str(&line);
             out.push('\n');
@@ -122,8 +137,9 @@ pub fn markdown_table() -> String {
         } else {
             format!("`{}`", v.default)
         };
+        let secret = if v.secret { "**secret** " } else { "" };
         out.push_str(&format!(
-            "| `{}` | {default} | {} |\n",
+            "| `{}` | {default} | {secret}{} |\n",
             v.name,
             v.help.replace('|', "\\|")
         ));

@@ -80,9 +80,18 @@ async fn answer(request: HttpRequest, body: web::Bytes, calls: web::Data<Calls>)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    // The receiver's side of the signature: recompute it over the bytes received.
-    let signed = header("x-kobe-signature").as_deref()
-        == Some(declared::http::signature(SECRET.as_bytes(), &body).as_str());
+    // The receiver's side of the signature: recompute it over the time sent and the bytes
+    // received, and refuse a stale time (a replay).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let timestamp: Option<u64> = header("x-kobe-timestamp").and_then(|t| t.parse().ok());
+    let signed = timestamp.is_some_and(|t| {
+        now.abs_diff(t) <= 300
+            && header("x-kobe-signature").as_deref()
+                == Some(declared::http::signature(SECRET.as_bytes(), t, &body).as_str())
+    });
     let path = request.path().to_owned();
     let nth = {
         let mut calls = calls.lock().unwrap();
@@ -105,6 +114,22 @@ async fn answer(request: HttpRequest, body: web::Bytes, calls: web::Data<Calls>)
             .insert_header(("Retry-After", "2"))
             .body("slow down"),
         ("/later", _) => HttpResponse::Ok().json(json!("at last")),
+        // Points elsewhere: to a probe of this receiver, or to the origin a query names.
+        ("/redirect", _) => {
+            let to = request
+                .query_string()
+                .strip_prefix("to=")
+                .map(|to| {
+                    percent_encoding::percent_decode_str(to)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+                .unwrap_or_else(|| "/probe".into());
+            HttpResponse::Found()
+                .insert_header(("Location", to))
+                .finish()
+        }
+        ("/probe", _) => HttpResponse::Ok().json(json!("the probe was reached")),
         ("/slow", _) => {
             tokio::time::sleep(Duration::from_secs(3)).await;
             HttpResponse::Ok().finish()
@@ -554,4 +579,72 @@ async fn the_kobe_binary_runs_a_declared_task_on_its_own_route_and_refuses_a_bad
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_task_stays_where_it_was_declared() {
+    let receiver = Receiver::start().await;
+    // Another origin (another port), such as a local admin port or a metadata service.
+    let elsewhere = Receiver::start().await;
+    let base = &receiver.base;
+    let other = format!("{}/probe", elsewhere.base);
+    let encoded: String =
+        percent_encoding::utf8_percent_encode(&other, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    let text = format!(
+        r#"
+[[task]]
+name = "http_redirected"
+kind = "http"
+url = "{base}/redirect"
+
+[[task]]
+name = "http_same_origin"
+kind = "http"
+url = "{base}/redirect"
+follow_redirects = "same-origin"
+
+[[task]]
+name = "http_away"
+kind = "http"
+url = "{base}/redirect?to={encoded}"
+follow_redirects = "same-origin"
+"#
+    );
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker_on(3, Vec::new(), registry(&text));
+    let publisher = env.publisher();
+    let redirected = message("http_redirected", json!({}));
+    let same_origin = message("http_same_origin", json!({}));
+    let away = message("http_away", json!({}));
+    for m in [&redirected, &same_origin, &away] {
+        env.publish_message(&publisher, m).await;
+    }
+    // Not followed by default: a failure that says where it pointed.
+    let done = env
+        .wait_final(redirected.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Failure);
+    let cause = done.root_cause.unwrap();
+    assert!(
+        cause.contains("302") && cause.contains("not followed"),
+        "{cause}"
+    );
+    // Opted in: followed to its own origin only.
+    let done = env
+        .wait_final(same_origin.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Success, "{done:?}");
+    assert_eq!(receiver.calls("/probe").len(), 1);
+    let done = env
+        .wait_final(away.id.as_str(), Duration::from_secs(20))
+        .await;
+    assert_eq!(done.state, TaskState::Failure);
+    assert!(
+        elsewhere.calls("/probe").is_empty(),
+        "the other origin was called"
+    );
+    // The signed headers never went to the other origin either.
+    assert_eq!(receiver.calls("/redirect").len(), 3);
+    worker.stop().await;
 }

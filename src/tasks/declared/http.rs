@@ -1,8 +1,17 @@
 //! `kind = "http"`: one attempt is one `POST` of the invocation as JSON to the task's URL.
 //!
 //! The request carries `Idempotency-Key: <task_id>` (an attempt may be delivered again), the
-//! submission's `traceparent`, and `X-Kobe-Signature: sha256=<hex>`, an HMAC-SHA256 of the body
-//! under a secret from the environment, which the receiver checks before trusting the body.
+//! submission's `traceparent`, `X-Kobe-Timestamp: <unix seconds>` and `X-Kobe-Signature:
+//! sha256=<hex>`, an HMAC-SHA256 of `<timestamp>.<body>` under a secret from the environment,
+//! which the receiver checks — and refuses when the timestamp is stale, so a captured request
+//! cannot be replayed later — before trusting the body.
+//!
+//! The request stays where it was declared: redirects are not followed (a 3xx is the task's
+//! failure, naming where it pointed), unless the task says `follow_redirects = "same-origin"`,
+//! which follows up to five to the declared scheme, host and port only. A host name that
+//! resolves to a loopback or link-local address (DNS rebinding towards a metadata service or a
+//! local admin port) is refused, unless the declared host is itself loopback or link-local.
+//!
 //! The answer decides the outcome:
 //!
 //! | answer | outcome |
@@ -30,6 +39,10 @@ use crate::tasks::{HandlerResult, Invocation, TaskError};
 pub const DEFAULT_SECRET_VARIABLE: &str = "KOBE_TASK_SIGNING_SECRET";
 /// The header carrying the body's signature.
 pub const SIGNATURE_HEADER: &str = "x-kobe-signature";
+/// The header carrying the time the signature covers (unix seconds).
+pub const TIMESTAMP_HEADER: &str = "x-kobe-timestamp";
+/// Redirects `follow_redirects = "same-origin"` follows at most.
+const MAX_REDIRECTS: usize = 5;
 /// Most of a response body kept as a result.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Characters of an error body kept as a root cause.
@@ -37,11 +50,56 @@ const EXCERPT_CHARS: usize = 500;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
-/// The signature of `body` under `secret`, as the `X-Kobe-Signature` header carries it.
-pub fn signature(secret: &[u8], body: &[u8]) -> String {
+/// The signature of `body` sent at `timestamp` (unix seconds) under `secret`, as the
+/// `X-Kobe-Signature` header carries it: HMAC-SHA256 of `<timestamp>.<body>`.
+pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `ip` is of the kinds a request is kept from unless declared: loopback, link-local
+/// (169.254.0.0/16 holds cloud metadata services), unspecified.
+fn guarded(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.to_ipv4_mapped().is_some_and(|v4| guarded(v4.into()))
+        }
+    }
+}
+
+/// Resolves host names as the system does, dropping loopback and link-local addresses.
+struct GuardedResolver;
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|addr| !guarded(addr.ip()))
+                .collect();
+            if found.is_empty() {
+                return Err(format!(
+                    "{host} resolves only to loopback or link-local addresses, which an http task may reach only when its URL names them"
+                )
+                .into());
+            }
+            Ok(Box::new(found.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// A declared HTTP call.
@@ -86,6 +144,7 @@ impl HttpCall {
         url: &str,
         headers: &BTreeMap<String, String>,
         secret_variable: Option<&str>,
+        follow_redirects: Option<&str>,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, FieldError> {
         let url = reqwest::Url::parse(url)
@@ -123,9 +182,43 @@ impl HttpCall {
                 format!("the secret in {variable} needs at least 16 characters"),
             ));
         }
+        let redirects = match follow_redirects {
+            None | Some("none") => reqwest::redirect::Policy::none(),
+            Some("same-origin") => {
+                let origin = url.origin();
+                reqwest::redirect::Policy::custom(move |attempt| {
+                    if attempt.previous().len() > MAX_REDIRECTS {
+                        attempt.error("too many redirects")
+                    } else if attempt.url().origin() == origin {
+                        attempt.follow()
+                    } else {
+                        attempt.stop()
+                    }
+                })
+            }
+            Some(other) => {
+                return Err(field(
+                    "follow_redirects",
+                    format!("expected \"none\" or \"same-origin\", got `{other}`"),
+                ))
+            }
+        };
+        // A host declared as loopback or link-local may be reached; otherwise no name may
+        // lead there.
+        let declared_local = match url.host() {
+            Some(url::Host::Ipv4(ip)) => guarded(ip.into()),
+            Some(url::Host::Ipv6(ip)) => guarded(ip.into()),
+            Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
         install_tls_provider();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("kobe/", env!("CARGO_PKG_VERSION")))
+            .redirect(redirects);
+        if !declared_local {
+            builder = builder.dns_resolver(std::sync::Arc::new(GuardedResolver));
+        }
+        let client = builder
             .build()
             .map_err(|e| field("url", format!("cannot build an HTTP client: {e}")))?;
         Ok(Self {
@@ -145,13 +238,18 @@ impl HttpCall {
     ) -> HandlerResult {
         let body = serde_json::to_vec(body)
             .map_err(|e| TaskError::Permanent(format!("cannot encode the request: {e}")))?;
+        let timestamp = unix_seconds();
         let mut request = self
             .client
             .post(self.url.clone())
             .timeout(limit)
             .header(CONTENT_TYPE, "application/json")
             .header("idempotency-key", invocation.task_id.as_str())
-            .header(SIGNATURE_HEADER, signature(self.secret.expose(), &body));
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(
+                SIGNATURE_HEADER,
+                signature(self.secret.expose(), timestamp, &body),
+            );
         if let Some(traceparent) = &invocation.traceparent {
             request = request.header("traceparent", traceparent);
         }
@@ -190,6 +288,17 @@ impl HttpCall {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        if status.is_redirection() {
+            let to = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(redact_url)
+                .unwrap_or_else(|| "nowhere".into());
+            return Err(TaskError::Permanent(format!(
+                "{target} answered {status}, a redirect to {to}: not followed (an http task stays where it was declared; follow_redirects = \"same-origin\" follows redirects to its own origin)"
+            )));
+        }
         let text = read_capped(response, limit).await?;
         if status.is_success() {
             return Ok(match serde_json::from_str::<Value>(&text) {
@@ -270,12 +379,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_signature_is_hmac_sha256_of_the_body() {
-        // RFC 4231, test case 2.
-        assert_eq!(
-            signature(b"Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    fn the_signature_is_hmac_sha256_of_the_timestamp_and_the_body() {
+        // What a receiver computes: HMAC-SHA256 of `<timestamp>.<body>`.
+        let mut mac = HmacSha256::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"1700000000.{\"a\":1}");
+        let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(signature(b"Jefe", 1_700_000_000, br#"{"a":1}"#), expected);
+        assert_ne!(
+            signature(b"Jefe", 1_700_000_001, br#"{"a":1}"#),
+            expected,
+            "another time, another signature"
         );
+    }
+
+    #[test]
+    fn loopback_and_link_local_addresses_are_guarded() {
+        for ip in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "::1",
+            "fe80::1",
+            "0.0.0.0",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(guarded(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.1.2.3", "93.184.216.34", "2001:db8::1"] {
+            assert!(!guarded(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[test]

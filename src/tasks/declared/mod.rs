@@ -109,6 +109,7 @@ struct Entry {
     #[serde(default)]
     headers: BTreeMap<String, String>,
     signing_secret_env: Option<String>,
+    follow_redirects: Option<String>,
     argv: Option<Vec<String>>,
     #[serde(default)]
     env: Vec<String>,
@@ -469,12 +470,14 @@ fn build(
                 &url,
                 &entry.headers,
                 entry.signing_secret_env.as_deref(),
+                entry.follow_redirects.as_deref(),
                 lookup,
             )?)
         }
         Kind::Command => {
             only(entry.url.is_some(), "url", "http")?;
             only(!entry.headers.is_empty(), "headers", "http")?;
+            only(entry.follow_redirects.is_some(), "follow_redirects", "http")?;
             only(
                 entry.signing_secret_env.is_some(),
                 "signing_secret_env",
