@@ -103,3 +103,118 @@ impl Modify for HeaderConstraints {
         }
     }
 }
+
+/// The document `/openapi.json` serves: the derived one, with the constraints the handlers
+/// enforce that the derived schemas cannot state (bounds of limits, the states a search takes,
+/// "one of these fields"), so a request the document calls valid is one the server accepts as to
+/// its shape.
+pub fn document() -> serde_json::Value {
+    let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    constrain(&mut document);
+    document
+}
+
+fn constrain(document: &mut serde_json::Value) {
+    use serde_json::json;
+    let most = crate::domain::MAX_TIME_LIMIT.as_secs();
+    let schemas = &mut document["components"]["schemas"];
+    for limit in ["time_limit", "soft_time_limit"] {
+        let field = &mut schemas["TaskStart"]["properties"][limit];
+        if field.is_object() {
+            field["exclusiveMinimum"] = json!(0);
+            field["maximum"] = json!(most);
+        }
+    }
+    let countdown = &mut schemas["TaskStart"]["properties"]["countdown"];
+    if countdown.is_object() {
+        countdown["minimum"] = json!(0);
+        countdown["maximum"] = json!(super::routes::submit::MAX_HORIZON.as_secs());
+    }
+    if schemas["ReplayRequest"].is_object() {
+        schemas["ReplayRequest"]["anyOf"] = json!([
+            {"required": ["task_ids"], "properties": {"task_ids": {"type": "array", "minItems": 1}}},
+            {"required": ["task_name"], "properties": {"task_name": {"type": "string"}}},
+            {"required": ["all"], "properties": {"all": {"const": true}}},
+        ]);
+    }
+    if schemas["PurgeRequest"].is_object() {
+        schemas["PurgeRequest"]["anyOf"] = json!([
+            {"required": ["confirm"], "properties": {"confirm": {"const": true}}},
+            {"required": ["dry_run"], "properties": {"dry_run": {"const": true}}},
+        ]);
+    }
+    // What the guard answers before any handler, on every route that changes something.
+    let problem = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        })
+    };
+    if let Some(paths) = document["paths"].as_object_mut() {
+        for operations in paths.values_mut() {
+            let Some(post) = operations.get_mut("post") else {
+                continue;
+            };
+            let responses = &mut post["responses"];
+            if responses.get("403").is_none() {
+                responses["403"] = problem("Authenticated by the operator page's session cookie, but not from the page itself (another origin, or without its X-Kobe-CSRF token)");
+            }
+            if responses.get("415").is_none() {
+                responses["415"] = problem("A body declared as something other than JSON");
+            }
+        }
+    }
+    let states: Vec<&str> = crate::domain::TaskState::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    if let Some(parameters) = document["paths"]["/task"]["get"]["parameters"].as_array_mut() {
+        for parameter in parameters.iter_mut() {
+            match parameter["name"].as_str() {
+                Some("state") => parameter["schema"] = json!({"type": "string", "enum": states}),
+                // A task id.
+                Some("parent_id") => {
+                    parameter["schema"] =
+                        json!({"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"})
+                }
+                // Searched as a literal text, which MongoDB cannot hold a NUL in.
+                Some("root_cause") => {
+                    parameter["schema"] =
+                        json!({"type": "string", "maxLength": 200, "pattern": "^[^\\x00]*$"})
+                }
+                // `next_cursor` of a page: `<updated_at ms>.<task id>` (empty: the first page).
+                Some("cursor") => {
+                    parameter["schema"] = json!({"type": "string", "pattern": "^(|-?[0-9]{1,18}[.][A-Za-z0-9._:-]{1,128})$"})
+                }
+                Some("since" | "until" | "created_since" | "created_until") => {
+                    parameter["schema"] = json!({"type": "string", "format": "date-time"})
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_states_what_the_server_enforces() {
+        let document = document();
+        let schemas = &document["components"]["schemas"];
+        assert_eq!(
+            schemas["TaskStart"]["properties"]["time_limit"]["maximum"],
+            86_400
+        );
+        assert!(schemas["ReplayRequest"]["anyOf"].is_array());
+        assert!(schemas["PurgeRequest"]["anyOf"].is_array());
+        let state = document["paths"]["/task"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "state")
+            .unwrap();
+        assert_eq!(state["schema"]["enum"].as_array().unwrap().len(), 6);
+    }
+}

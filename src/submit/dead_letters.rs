@@ -82,9 +82,10 @@ pub struct LetterSummary {
     pub route: Option<String>,
     /// Milliseconds since the epoch.
     pub dead_lettered_at: Option<i64>,
-    /// The message body (Celery protocol 2 JSON), for `show`.
+    /// The message body (Celery protocol 2 JSON: `[args, kwargs, embed]`, or whatever JSON an
+    /// unreadable message held), for `show`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub body: Option<serde_json::Value>,
 }
 

@@ -185,14 +185,18 @@ pub struct PurgeRequest {
     pub task_name: Option<String>,
     /// Only letters whose reason contains this text.
     pub reason: Option<String>,
-    /// Only letters dead-lettered at least this many seconds ago.
-    pub older_than_s: Option<u64>,
+    /// Only letters dead-lettered at least this many seconds ago (at most ten years).
+    #[schema(minimum = 0, maximum = 315_360_000)]
+    pub older_than_s: Option<f64>,
     #[serde(default)]
     pub confirm: bool,
     /// Count what would be removed; remove nothing.
     #[serde(default)]
     pub dry_run: bool,
 }
+
+/// The oldest `older_than_s` a purge takes: ten years.
+const MAX_AGE_S: f64 = 315_360_000.0;
 
 /// How many letters a purge removed (or, with `dry_run`, would remove).
 #[derive(Debug, Serialize, ToSchema)]
@@ -230,6 +234,18 @@ pub async fn purge(
             "purged letters are gone for good: send \"confirm\": true (or \"dry_run\": true to count them)",
         ));
     }
+    let older_than = match asked.older_than_s {
+        None => None,
+        Some(s) if s.is_finite() && (0.0..=MAX_AGE_S).contains(&s) => {
+            Some(std::time::Duration::from_secs_f64(s))
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "older_than_s",
+                format!("seconds, from 0 to {MAX_AGE_S}"),
+            ))
+        }
+    };
     let by = super::actions::requester(&request);
     let removed = state
         .dead_letters
@@ -237,7 +253,7 @@ pub async fn purge(
             Selection {
                 task_name: asked.task_name,
                 reason: asked.reason,
-                older_than: asked.older_than_s.map(std::time::Duration::from_secs),
+                older_than,
                 ..Selection::default()
             },
             asked.dry_run,

@@ -2,9 +2,7 @@
 //! into the binary so the page works without internet access.
 
 use actix_web::{web, HttpResponse};
-use utoipa::OpenApi;
 
-use crate::http::openapi::ApiDoc;
 use crate::http::ApiError;
 
 const BUNDLE: &str = include_str!("../assets/swagger-ui/swagger-ui-bundle.js");
@@ -28,7 +26,7 @@ const PAGE: &str = r##"<!doctype html>
 "##;
 
 pub async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().json(ApiDoc::openapi())
+    HttpResponse::Ok().json(crate::http::openapi::document())
 }
 
 pub async fn page() -> HttpResponse {

@@ -117,6 +117,8 @@ pub async fn search(
     let after = query
         .cursor
         .as_deref()
+        // An empty cursor is no cursor: the first page.
+        .filter(|c| !c.is_empty())
         .map(|c| {
             Cursor::parse(c)
                 .ok_or_else(|| ApiError::validation("cursor", "not a cursor this API gave"))
@@ -125,9 +127,12 @@ pub async fn search(
     if query
         .root_cause
         .as_ref()
-        .is_some_and(|t| t.chars().count() > 200)
+        .is_some_and(|t| t.chars().count() > 200 || t.contains('\0'))
     {
-        return Err(ApiError::validation("root_cause", "at most 200 characters"));
+        return Err(ApiError::validation(
+            "root_cause",
+            "at most 200 characters, none of them NUL",
+        ));
     }
     let parent_id = query
         .parent_id

@@ -67,7 +67,7 @@ pub struct TaskStart {
 /// Longest accepted idempotency key.
 pub(crate) const MAX_KEY_LEN: usize = 256;
 /// Farthest accepted countdown or ETA.
-const MAX_HORIZON: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const MAX_HORIZON: Duration = Duration::from_secs(30 * 24 * 3600);
 
 pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
