@@ -285,8 +285,8 @@ mod tests {
         let refused = Endpoint::parse(&ServiceUrl::new("amqp://no-such-node.invalid:5672"))
             .unwrap()
             .connect(Duration::from_secs(2))
-            .err()
-            .expect("an unresolvable node cannot be connected to")
+            .map(drop)
+            .expect_err("an unresolvable node cannot be connected to")
             .to_string();
         assert!(
             refused.contains("cannot resolve no-such-node.invalid"),

@@ -528,7 +528,7 @@ async fn batched_writes_carry_the_write_concern_of_the_uri() {
         })
         .await;
     assert!(updated.is_ok(), "{updated:?}");
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     for command in ["insert", "update"] {
         let concern = seen[command]
             .get_document("writeConcern")
