@@ -243,6 +243,10 @@ impl Worker {
         task: &dyn Task,
         limits: Limits,
     ) -> Option<Result<Happened, Retake>> {
+        // Readers stop being served a cached status before the claim can land (the marker keeps
+        // them from caching the old one again), so none is told PENDING once MongoDB says
+        // STARTED; the invalidation after the claim covers a claim slower than the marker.
+        self.invalidator.invalidate(&job.attempt.task_id).await;
         // The lease the claim asks for is counted from before it is sent.
         let claimed_at = Instant::now();
         let claimed = if job.delivery.redelivered {

@@ -204,6 +204,13 @@ async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end()
             request.send()
         };
     let confirm = "{\"confirm\":true}";
+    // What the page's own script sends beside the cookie.
+    let from_page = || {
+        vec![
+            ("x-kobe-csrf", csrf.clone()),
+            ("sec-fetch-site", "same-origin".to_owned()),
+        ]
+    };
     // A page on another port of this host (same site, so SameSite=Strict sends the cookie):
     // a "simple" text/plain request with no preflight.
     let sibling = purge(
@@ -227,16 +234,7 @@ async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end()
     .unwrap();
     assert_eq!(tokenless.status(), 403);
     // The page's token, but not JSON: refused as such.
-    let plain = purge(
-        vec![
-            ("x-kobe-csrf", csrf.clone()),
-            ("sec-fetch-site", "same-origin".into()),
-        ],
-        confirm,
-        "text/plain",
-    )
-    .await
-    .unwrap();
+    let plain = purge(from_page(), confirm, "text/plain").await.unwrap();
     assert_eq!(plain.status(), 415);
     let letters: Value = client
         .get(format!("{}/dlq", api.address))
@@ -253,16 +251,9 @@ async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end()
         "something was purged: {letters}"
     );
     // What the page itself sends passes.
-    let own = purge(
-        vec![
-            ("x-kobe-csrf", csrf.clone()),
-            ("sec-fetch-site", "same-origin".into()),
-        ],
-        confirm,
-        "application/json",
-    )
-    .await
-    .unwrap();
+    let own = purge(from_page(), confirm, "application/json")
+        .await
+        .unwrap();
     assert_eq!(own.status(), 200);
 
     // Sign-out ends the session: the cookie opens nothing afterwards.
