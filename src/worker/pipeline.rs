@@ -209,6 +209,11 @@ impl Worker {
         let speculate =
             self.config.fast_start && !delivery.redelivered && self.config.result_ttl.is_none();
         loop {
+            // Readers stop being served a cached status before the claim can land (the marker
+            // keeps them from caching the old one again), so none is told PENDING once MongoDB
+            // says STARTED; the invalidation after the claim covers a claim slower than the
+            // marker. Done before the slot is held, so it costs no run time.
+            self.invalidator.invalidate(&job.attempt.task_id).await;
             // A run slot before the claim: waiting for one is not a start, so a backlog never
             // counts towards the delivery cap nor shows the task STARTED while it waits.
             let Some(slot) = self.slot(&job).await else {
@@ -243,10 +248,6 @@ impl Worker {
         task: &dyn Task,
         limits: Limits,
     ) -> Option<Result<Happened, Retake>> {
-        // Readers stop being served a cached status before the claim can land (the marker keeps
-        // them from caching the old one again), so none is told PENDING once MongoDB says
-        // STARTED; the invalidation after the claim covers a claim slower than the marker.
-        self.invalidator.invalidate(&job.attempt.task_id).await;
         // The lease the claim asks for is counted from before it is sent.
         let claimed_at = Instant::now();
         let claimed = if job.delivery.redelivered {
