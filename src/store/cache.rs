@@ -66,6 +66,11 @@ impl Cache {
         })
     }
 
+    /// How long a cached status lives (a state change's marker lives twice as long).
+    pub fn status_ttl(&self) -> Duration {
+        self.status_ttl
+    }
+
     /// With a status TTL other than the default 2 s.
     pub fn with_status_ttl(mut self, ttl: Duration) -> Self {
         self.status_ttl = ttl;

@@ -274,7 +274,7 @@ impl Worker {
                         .with_label_values(&[self.task_label(&job.attempt.task_name)])
                         .inc();
                 }
-                self.invalidate_soon(&job.attempt.task_id);
+                self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
                 let running = Running::start(task, self.invocation(job), limits);
                 job.ran = true;
                 let happened = self.supervise(job, running, claimed_at).await;
@@ -290,6 +290,15 @@ impl Worker {
                 drop(slot);
                 self.claim_failed(job, error).await
             }
+        }
+    }
+
+    /// Invalidates the cached status again after a claim that took so long (with the slot wait
+    /// before it) that the marker set before it may have expired; a claim answered in time needs
+    /// no second round trip.
+    fn invalidate_if_slow(&self, task_id: &str, claimed_at: Instant) {
+        if self.config.slot_wait + claimed_at.elapsed() >= self.cache.status_ttl() {
+            self.invalidate_soon(task_id);
         }
     }
 
