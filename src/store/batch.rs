@@ -460,6 +460,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn while_mongodb_stalls_writes_past_the_bound_are_refused_at_once() {
+        // Nothing listens there: every command waits out its timeout, and the inbox fills.
+        let db = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=60000")
+            .await
+            .unwrap()
+            .database("none");
+        let writer = BatchWriter::start(
+            db,
+            BatchConfig {
+                command_timeout: Duration::from_secs(60),
+                ..BatchConfig::default()
+            },
+        );
+        let write = || Write {
+            collection: "Probe",
+            op: WriteOp::Insert(doc! {"_id": "x"}),
+            purpose: "test",
+        };
+        let mut pending: Vec<Pending> = (0..MAX_QUEUED_WRITES + 5_000)
+            .map(|_| writer.submit(write()))
+            .collect();
+        let last = pending.pop().unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), last.result())
+            .await
+            .expect("answered at once, not after the command timeout");
+        match answer {
+            Err(StoreError::Unavailable(cause)) => {
+                assert!(cause.to_string().contains("already waiting"), "{cause}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
     async fn a_withdrawn_write_is_never_sent() {
         let state = Arc::new(AtomicU8::new(QUEUED));
         let (_tx, reply) = oneshot::channel();

@@ -227,3 +227,45 @@ async fn a_failed_task_is_retried_from_the_api_and_the_cli_and_nothing_else_is()
     worker.stop().await;
     api.handle.stop(false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_keeps_the_letter_of_a_task_that_is_still_on_its_way() {
+    let env = TestEnv::with(&[("KOBE_RETRY_MAX", "0")]).await;
+    env.init_db().await;
+    let worker = env.spawn_worker(2);
+    let api = env.spawn_api().await;
+    let id = api
+        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}))
+        .await;
+    env.wait_final(&id, Duration::from_secs(20)).await;
+    wait_dead_letters(&env, 1).await;
+    worker.stop().await;
+    // Rerun by other means while no worker runs: the task is on its way again, not finished.
+    let post = |path: String, body: Value| {
+        let client = api.client.clone();
+        let url = format!("{}{path}", api.address);
+        async move { client.post(url).json(&body).send().await.unwrap() }
+    };
+    assert_eq!(post(format!("/task/{id}/retry"), json!({})).await.status(), 202);
+    let replayed: Value = post("/dlq/replay".into(), json!({"task_ids": [id]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replayed["outcomes"][0]["outcome"], "kept", "{replayed}");
+    let letters: Value = api.get("/dlq").await.json().await.unwrap();
+    assert_eq!(letters["letters"].as_array().unwrap().len(), 1, "{letters}");
+    // Once it has finished, the letter is stale and goes.
+    let worker = env.spawn_worker(2);
+    let task = env.wait_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(task.state, TaskState::Success);
+    let replayed: Value = post("/dlq/replay".into(), json!({"task_ids": [id]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replayed["outcomes"][0]["outcome"], "stale", "{replayed}");
+    let letters: Value = api.get("/dlq").await.json().await.unwrap();
+    assert_eq!(letters["letters"], json!([]), "{letters}");
+    worker.stop().await;
+}

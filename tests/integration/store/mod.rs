@@ -174,6 +174,21 @@ async fn a_100_kib_argument_travels_through_raw_payload_intact() {
     assert_eq!(result["kwargs"]["blob"].as_str().unwrap(), blob);
     assert_eq!(result["args"], json!([1, "two"]));
     assert!(payloads.get(&reference).await.unwrap().is_some());
+    // Neither lives forever: the result expires from when it was stored, the arguments once
+    // their task finished (the TTL index on `expires_at` collects them).
+    let raw = env
+        .db
+        .collection::<mongodb::bson::Document>(kobe::store::payloads::COLLECTION);
+    for id in [&result_ref, &reference] {
+        common::eventually(Duration::from_secs(10), "an expiry", || async {
+            raw.find_one(doc! {"_id": id.as_str()})
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.get_datetime("expires_at").ok().copied())
+        })
+        .await;
+    }
     worker.stop().await;
     api.stop().await;
 }
