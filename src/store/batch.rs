@@ -462,10 +462,11 @@ mod tests {
     #[tokio::test]
     async fn while_mongodb_stalls_writes_past_the_bound_are_refused_at_once() {
         // Nothing listens there: every command waits out its timeout, and the inbox fills.
-        let db = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=60000")
-            .await
-            .unwrap()
-            .database("none");
+        let db =
+            mongodb::Client::with_uri_str("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=60000")
+                .await
+                .unwrap()
+                .database("none");
         let writer = BatchWriter::start(
             db,
             BatchConfig {

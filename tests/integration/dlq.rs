@@ -235,7 +235,9 @@ async fn a_replay_keeps_the_letter_of_a_task_that_is_still_on_its_way() {
     let worker = env.spawn_worker(2);
     let api = env.spawn_api().await;
     let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}))
+        .submit(
+            json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
+        )
         .await;
     env.wait_final(&id, Duration::from_secs(20)).await;
     wait_dead_letters(&env, 1).await;
@@ -246,7 +248,10 @@ async fn a_replay_keeps_the_letter_of_a_task_that_is_still_on_its_way() {
         let url = format!("{}{path}", api.address);
         async move { client.post(url).json(&body).send().await.unwrap() }
     };
-    assert_eq!(post(format!("/task/{id}/retry"), json!({})).await.status(), 202);
+    assert_eq!(
+        post(format!("/task/{id}/retry"), json!({})).await.status(),
+        202
+    );
     let replayed: Value = post("/dlq/replay".into(), json!({"task_ids": [id]}))
         .await
         .json()

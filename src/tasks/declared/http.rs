@@ -10,7 +10,8 @@
 //! failure, naming where it pointed), unless the task says `follow_redirects = "same-origin"`,
 //! which follows up to five to the declared scheme, host and port only. A host name that
 //! resolves to a loopback or link-local address (DNS rebinding towards a metadata service or a
-//! local admin port) is refused, unless the declared host is itself loopback or link-local.
+//! local admin port) is refused, unless the declared host is itself loopback or link-local;
+//! `allow_networks` and `deny_networks` narrow the destinations further.
 //!
 //! The answer decides the outcome:
 //!
@@ -80,20 +81,75 @@ fn guarded(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// Resolves host names as the system does, dropping loopback and link-local addresses.
-struct GuardedResolver;
+/// A network written `address/prefix` (or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Network {
+    address: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    fn parse(text: &str) -> Option<Self> {
+        let (address, prefix) = match text.trim().split_once('/') {
+            Some((address, prefix)) => (address.parse().ok()?, Some(prefix.parse::<u8>().ok()?)),
+            None => (text.trim().parse().ok()?, None),
+        };
+        let most = match address {
+            std::net::IpAddr::V4(_) => 32,
+            std::net::IpAddr::V6(_) => 128,
+        };
+        let prefix = prefix.unwrap_or(most);
+        (prefix <= most).then_some(Self { address, prefix })
+    }
+
+    fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let bits = |ip: std::net::IpAddr| -> (u128, u32) {
+            match ip {
+                std::net::IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+                std::net::IpAddr::V6(v6) => (u128::from(v6), 128),
+            }
+        };
+        let ((net, width), (addr, other)) = (bits(self.address), bits(ip));
+        if width != other {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= width || (net >> shift) == (addr >> shift)
+    }
+}
+
+/// Where an http task may connect: not to loopback or link-local addresses (unless its URL
+/// names one), not into `deny_networks`, and only into `allow_networks` when it lists any.
+#[derive(Debug, Clone, Default)]
+struct Destinations {
+    local_allowed: bool,
+    allow: Vec<Network>,
+    deny: Vec<Network>,
+}
+
+impl Destinations {
+    fn permits(&self, ip: std::net::IpAddr) -> bool {
+        (self.local_allowed || !guarded(ip))
+            && !self.deny.iter().any(|n| n.contains(ip))
+            && (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(ip)))
+    }
+}
+
+/// Resolves host names as the system does, keeping the addresses [`Destinations`] permits.
+struct GuardedResolver(std::sync::Arc<Destinations>);
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
+        let destinations = self.0.clone();
         Box::pin(async move {
             let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
                 .await?
-                .filter(|addr| !guarded(addr.ip()))
+                .filter(|addr| destinations.permits(addr.ip()))
                 .collect();
             if found.is_empty() {
                 return Err(format!(
-                    "{host} resolves only to loopback or link-local addresses, which an http task may reach only when its URL names them"
+                    "{host} resolves to no address this task may reach (loopback and link-local only when its URL names them, allow_networks, deny_networks)"
                 )
                 .into());
             }
@@ -145,6 +201,7 @@ impl HttpCall {
         headers: &BTreeMap<String, String>,
         secret_variable: Option<&str>,
         follow_redirects: Option<&str>,
+        networks: (&[String], &[String]),
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, FieldError> {
         let url = reqwest::Url::parse(url)
@@ -211,14 +268,39 @@ impl HttpCall {
             Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
             None => false,
         };
-        install_tls_provider();
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("kobe/", env!("CARGO_PKG_VERSION")))
-            .redirect(redirects);
-        if !declared_local {
-            builder = builder.dns_resolver(std::sync::Arc::new(GuardedResolver));
+        let parse = |list: &[String], at: &str| {
+            list.iter()
+                .map(|text| {
+                    Network::parse(text).ok_or_else(|| {
+                        field(at, format!("`{text}` is not an address or address/prefix"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let destinations = Destinations {
+            local_allowed: declared_local,
+            allow: parse(networks.0, "allow_networks")?,
+            deny: parse(networks.1, "deny_networks")?,
+        };
+        // An address in the URL is never resolved: check it now.
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::from(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+            _ => None,
+        };
+        if let Some(ip) = literal.filter(|ip| !destinations.permits(*ip)) {
+            return Err(field(
+                "url",
+                format!("{ip} is outside allow_networks or inside deny_networks"),
+            ));
         }
-        let client = builder
+        install_tls_provider();
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("kobe/", env!("CARGO_PKG_VERSION")))
+            .redirect(redirects)
+            .dns_resolver(std::sync::Arc::new(GuardedResolver(std::sync::Arc::new(
+                destinations,
+            ))))
             .build()
             .map_err(|e| field("url", format!("cannot build an HTTP client: {e}")))?;
         Ok(Self {
@@ -390,6 +472,38 @@ mod tests {
             expected,
             "another time, another signature"
         );
+    }
+
+    #[test]
+    fn networks_allow_and_deny_what_they_name() {
+        let net = |t: &str| Network::parse(t).unwrap();
+        let ip = |t: &str| t.parse::<std::net::IpAddr>().unwrap();
+        assert!(net("10.0.0.0/8").contains(ip("10.200.1.1")));
+        assert!(!net("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(net("0.0.0.0/0").contains(ip("93.184.216.34")));
+        assert!(net("192.168.1.7").contains(ip("192.168.1.7")));
+        assert!(!net("192.168.1.7").contains(ip("192.168.1.8")));
+        assert!(net("2001:db8::/32").contains(ip("2001:db8:1::5")));
+        assert!(!net("2001:db8::/32").contains(ip("10.0.0.1")));
+        assert!(Network::parse("10.0.0.0/33").is_none());
+        assert!(Network::parse("ten").is_none());
+        let only_private = Destinations {
+            local_allowed: false,
+            allow: vec![net("10.0.0.0/8")],
+            deny: vec![net("10.9.0.0/16")],
+        };
+        assert!(only_private.permits(ip("10.1.2.3")));
+        assert!(
+            !only_private.permits(ip("10.9.2.3")),
+            "denied within the allowed"
+        );
+        assert!(
+            !only_private.permits(ip("93.184.216.34")),
+            "outside the allowed"
+        );
+        assert!(!only_private.permits(ip("127.0.0.1")));
+        assert!(Destinations::default().permits(ip("93.184.216.34")));
+        assert!(!Destinations::default().permits(ip("169.254.169.254")));
     }
 
     #[test]

@@ -110,6 +110,10 @@ struct Entry {
     headers: BTreeMap<String, String>,
     signing_secret_env: Option<String>,
     follow_redirects: Option<String>,
+    #[serde(default)]
+    allow_networks: Vec<String>,
+    #[serde(default)]
+    deny_networks: Vec<String>,
     argv: Option<Vec<String>>,
     #[serde(default)]
     env: Vec<String>,
@@ -471,6 +475,7 @@ fn build(
                 &entry.headers,
                 entry.signing_secret_env.as_deref(),
                 entry.follow_redirects.as_deref(),
+                (&entry.allow_networks, &entry.deny_networks),
                 lookup,
             )?)
         }
@@ -478,6 +483,8 @@ fn build(
             only(entry.url.is_some(), "url", "http")?;
             only(!entry.headers.is_empty(), "headers", "http")?;
             only(entry.follow_redirects.is_some(), "follow_redirects", "http")?;
+            only(!entry.allow_networks.is_empty(), "allow_networks", "http")?;
+            only(!entry.deny_networks.is_empty(), "deny_networks", "http")?;
             only(
                 entry.signing_secret_env.is_some(),
                 "signing_secret_env",
@@ -666,6 +673,18 @@ argv = ["python3", "scripts/wordcount.py"]
 
         let err = parse_text("[[task]]\nname = \"a\"\nkind = \"command\"\nargv = [\"true\"]\ntime_limit_s = 5\nsoft_time_limit_s = 9\n").unwrap_err();
         assert_eq!(err.field, "soft_time_limit_s");
+    }
+
+    #[test]
+    fn networks_are_checked_where_the_file_names_them() {
+        let denied = "[[task]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/x\"\ndeny_networks = [\"127.0.0.0/8\"]\n";
+        assert_eq!(parse_text(denied).unwrap_err().field, "url");
+        let outside = "[[task]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://192.0.2.1/x\"\nallow_networks = [\"10.0.0.0/8\"]\n";
+        assert_eq!(parse_text(outside).unwrap_err().field, "url");
+        let bad = "[[task]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://x/\"\nallow_networks = [\"ten\"]\n";
+        assert_eq!(parse_text(bad).unwrap_err().field, "allow_networks");
+        let fine = "[[task]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://10.1.2.3/x\"\nallow_networks = [\"10.0.0.0/8\"]\n";
+        assert!(parse_text(fine).is_ok());
     }
 
     #[test]
