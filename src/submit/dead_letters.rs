@@ -23,6 +23,10 @@ use crate::telemetry::metrics::metrics;
 /// Most letters one command looks at: a bound on the time a listing holds them.
 pub const SCAN_LIMIT: usize = 100_000;
 
+/// Dead-letter operations of this process go one at a time, waiting at most this long.
+static READER: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+const READER_WAIT: Duration = Duration::from_secs(15);
+
 /// Why a dead-letter operation could not be done.
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
@@ -154,6 +158,17 @@ impl DeadLetters {
         T: Send + 'static,
         F: FnOnce(&mut DeadLetterQueue) -> Result<T, DeadLetterError> + Send + 'static,
     {
+        // One reader at a time in this process: each holds the letters it read unacknowledged
+        // until it closes, so readers side by side would hide letters from each other and open a
+        // connection each. A reader waits its turn, for a while.
+        let _turn = tokio::time::timeout(READER_WAIT, READER.acquire())
+            .await
+            .map_err(|_| {
+                DeadLetterError::Reader(format!(
+                    "another dead-letter operation has been running for {READER_WAIT:?}; try again shortly"
+                ))
+            })?
+            .map_err(|e| DeadLetterError::Reader(e.to_string()))?;
         let url = self.url.clone();
         let topology = self.topology.clone();
         tokio::task::spawn_blocking(move || {
