@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 
-use super::session::{self, SESSION_COOKIE};
+use super::session;
 
 /// Who a request was authenticated as, for the handlers (the task history's `by`), and the CSRF
 /// token of its page session, if it came with one.
@@ -121,19 +121,6 @@ fn refuse<B>(request: ServiceRequest, error: ApiError) -> ServiceResponse<Either
     request.into_response(response).map_into_right_body()
 }
 
-/// The token in the session cookie, if the request has one. The cookie is `SameSite=Strict`, so
-/// another site's page cannot make a browser send it.
-pub fn session_token(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
-    headers
-        .get_all("cookie")
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.trim().to_owned())
-        .filter(|value| !value.is_empty())
-}
-
 pub async fn guard(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
@@ -213,7 +200,7 @@ async fn identify(
             (Caller { by, csrf: None }, key)
         }));
     }
-    let Some(id) = session_token(request.headers()) else {
+    let Some(id) = session::id_in(request.headers()) else {
         return Ok(None);
     };
     let (cache, tokens) = (state.cache.clone(), tokens.to_vec());
@@ -299,21 +286,5 @@ mod tests {
         assert!(!token_matches("0", &tokens));
         assert!(!token_matches(&"x".repeat(1000), &tokens));
         assert!(token_matches("0123456789abcdef", &tokens));
-    }
-
-    #[test]
-    fn the_session_cookie_is_found_among_others() {
-        let mut headers = actix_web::http::header::HeaderMap::new();
-        headers.insert(
-            actix_web::http::header::COOKIE,
-            "a=1; kobe_session=0123456789abcdef ; b=2".parse().unwrap(),
-        );
-        assert_eq!(session_token(&headers).as_deref(), Some("0123456789abcdef"));
-        let mut empty = actix_web::http::header::HeaderMap::new();
-        empty.insert(
-            actix_web::http::header::COOKIE,
-            "kobe_session=".parse().unwrap(),
-        );
-        assert_eq!(session_token(&empty), None);
     }
 }

@@ -45,6 +45,20 @@ fn random_hex() -> String {
     )
 }
 
+/// The session id in the request's cookie, if it has one. The cookie is `SameSite=Strict`, so
+/// another site's page cannot make a browser send it (another port of the same host can: hence
+/// [`cross_site`]).
+pub fn id_in(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
+    headers
+        .get_all("cookie")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
+}
+
 /// Opens a session for `token` (already checked); returns its id, for the cookie.
 pub async fn open(cache: &Cache, token: &str, by: String) -> Result<String, StoreError> {
     let id = random_hex();
@@ -169,6 +183,22 @@ mod tests {
         assert!(cross_site(&no_token, host, &s).is_some());
         let wrong = headers(&[("x-kobe-csrf", "nope")]);
         assert!(cross_site(&wrong, host, &s).is_some());
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut headers = actix_web::http::header::HeaderMap::new();
+        headers.insert(
+            actix_web::http::header::COOKIE,
+            "a=1; kobe_session=0123456789abcdef ; b=2".parse().unwrap(),
+        );
+        assert_eq!(id_in(&headers).as_deref(), Some("0123456789abcdef"));
+        let mut empty = actix_web::http::header::HeaderMap::new();
+        empty.insert(
+            actix_web::http::header::COOKIE,
+            "kobe_session=".parse().unwrap(),
+        );
+        assert_eq!(id_in(&empty), None);
     }
 
     #[test]

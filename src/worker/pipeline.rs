@@ -455,9 +455,10 @@ impl Worker {
                         _ => {
                             drop(running);
                             metrics().lease_abandoned.inc();
-                            // No release: MongoDB does not answer. The lease lapses by itself.
-                            tokio::time::sleep(self.pause.after_outage()).await;
-                            self.settle(job.delivery, Settlement::Requeue);
+                            // Back to the queue after the outage pause; the release is bounded,
+                            // and the lease lapses by itself if MongoDB still does not answer.
+                            let away = StoreError::Unavailable("the lease cannot be renewed".into());
+                            self.requeue(job, &away).await;
                             return None;
                         }
                     }

@@ -181,7 +181,7 @@ pub async fn login(
 
 /// `POST /ui/logout`: ends the page session and clears its cookie.
 pub async fn logout(request: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Some(id) = crate::http::guard::session_token(request.headers()) {
+    if let Some(id) = crate::http::session::id_in(request.headers()) {
         if let Err(error) = crate::http::session::close(&state.cache, &id).await {
             tracing::warn!(error = %error, "cannot end the session; it expires on its own");
         }
