@@ -24,7 +24,8 @@ venv=${KOBE_CONTRACT_VENV:-$KOBE_ROOT/target/contract-venv}
 if [ ! -x "$venv/bin/schemathesis" ]; then
   log "installing schemathesis from PyPI into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet 'schemathesis>=4,<5'
+  # Pinned: a newer release may generate differently, and CI should fail on Kobe, not on a tool.
+  "$venv/bin/pip" install --quiet 'schemathesis==4.32.5' 'hypothesis==6.170.17'
 fi
 
 cargo build --quiet --bin kobe
@@ -43,6 +44,8 @@ worker=$!
 trap 'stop_mongodb; kill ${serve:-} ${worker:-} 2>/dev/null || true' EXIT
 wait_port 127.0.0.1 "$port" 60 "kobe serve"
 log "schemathesis $("$venv/bin/schemathesis" --version | awk '{print $NF}') against http://127.0.0.1:$port/openapi.json"
+# One worker: with two threads, hypothesis's lambda-source cache once raised inside the generator
+# (a FlakyFailure in schemathesis' coverage phase, no request sent).
 (cd "${TMPDIR:-/tmp}" && "$venv/bin/schemathesis" --config-file "$KOBE_ROOT/scripts/schemathesis.toml" run "http://127.0.0.1:$port/openapi.json" \
   --checks all -H "Authorization: Bearer $token" \
-  --max-examples "${KOBE_CONTRACT_EXAMPLES:-100}" --workers 2 --no-color "$@")
+  --max-examples "${KOBE_CONTRACT_EXAMPLES:-100}" --workers 1 --no-color "$@")
