@@ -17,8 +17,8 @@ cd "$KOBE_ROOT"
 
 ensure_rabbitmq
 ensure_redis
-# The operator page (/ui) is tested in a real browser.
-command -v chromium >/dev/null || apt_install chromium
+# The operator page (/ui) is tested in a real browser, driven over WebDriver.
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || apt_install chromium chromium-driver
 
 cleanup() {
   stop_mongodb

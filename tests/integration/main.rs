@@ -6,6 +6,7 @@ mod common;
 
 mod api;
 mod beat;
+mod browser;
 mod cancel;
 mod cli;
 mod cluster;
