@@ -114,7 +114,6 @@ pub async fn run(
             retry: settings.retry.clone(),
             task_retry: settings.task_retry.clone(),
             shutdown_grace: settings.shutdown_grace,
-            fast_start: settings.fast_start,
         },
     );
     tracing::info!(concurrency = options.concurrency, prefetch, queues = ?queues, "worker started");

@@ -214,10 +214,6 @@ pub struct Settings {
     /// How long a message of a task no worker it met knows keeps coming back before it is closed
     /// as an unknown task.
     pub unknown_task_grace: Duration,
-    /// Start a fresh delivery's handler while its claim is still on its way (see
-    /// `worker::pipeline`): one statement per short task instead of two, at the price of a
-    /// duplicate publish of a finished short task running once more.
-    pub fast_start: bool,
     /// Tasks declared in a TOML file (`KOBE_TASKS_FILE`), read at start by `serve` and `worker`.
     pub tasks_file: Option<std::path::PathBuf>,
     /// `serve` fires the periodic tasks (competing for the lead with other replicas).
@@ -365,7 +361,6 @@ impl Settings {
             batch_max: read.number("KOBE_BATCH_MAX", 1..=10_000, "statements per command")?,
             slot_wait: read.millis("KOBE_SLOT_WAIT_MS")?,
             unknown_task_grace: read.millis_or_zero("KOBE_UNKNOWN_TASK_GRACE_MS")?,
-            fast_start: read.flag("KOBE_FAST_START")?,
             tasks_file: read.optional("KOBE_TASKS_FILE").map(Into::into),
             beat: read.flag("KOBE_BEAT")?,
             beat_lease: read.millis("KOBE_BEAT_LEASE_MS")?,

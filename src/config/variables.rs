@@ -62,7 +62,6 @@ pub const VARIABLES: &[Variable] = &[
     var("KOBE_MAX_DELIVERIES", "5", "Worker: starts of one attempt (each ended by a worker dying) after which its message is poison: the task is closed FAILURE and the message dead-lettered with the count."),
     var("KOBE_BATCH_LINGER_US", "1000", "Group commit: how long the first write of a batch waits for company (microseconds, at most 2000)."),
     var("KOBE_BATCH_MAX", "500", "Group commit: statements per MongoDB command at most."),
-    var("KOBE_FAST_START", "false", "Worker: start a fresh delivery's handler while its STARTED claim is still on its way, so a short task costs one MongoDB statement instead of two. The price: a duplicate publish of a short task that already finished runs it once more (its outcome is discarded)."),
     var("KOBE_TASKS_FILE", "", "A TOML file of tasks that need no Rust (kind = \"http\" or \"command\") and of periodic tasks ([[schedule]]), read by serve, worker and beat at start; see examples/tasks.toml and `kobe tasks check FILE`. Empty: none."),
     var("KOBE_BEAT", "true", "Whether `kobe serve` fires the periodic tasks (one replica at a time, by a lease in MongoDB). false: leave it to `kobe beat` or other replicas."),
     var("KOBE_BEAT_LEASE_MS", "15000", "How long the schedules' leader holds its lease without renewing it (renewed every fifth): after a leader dies, another replica fires within about this long."),

@@ -106,8 +106,6 @@ pub const DEAD_LETTER_SENT: &str = "sent";
 pub enum Holding {
     /// The task's lease (its claim was applied).
     Lease,
-    /// Nothing, but it ran: its claim never left (see [`TaskRepository::outcome_write`]).
-    Ran,
     /// Nothing, and it did not run.
     Nothing,
 }
@@ -249,9 +247,9 @@ impl TaskRepository {
     }
 
     /// Records an outcome as a batched write. With [`Holding::Lease`] the write is refused
-    /// unless the attempt still holds the task's lease; otherwise it carries the claim's
-    /// conditions itself: a short task whose claim was never sent ([`Holding::Ran`]), or a task
-    /// closed without running ([`Holding::Nothing`]: expired, unknown, poison).
+    /// unless the attempt still holds the task's lease; otherwise ([`Holding::Nothing`]: a task
+    /// closed without running — expired, unknown, poison) it carries the claim's conditions
+    /// itself.
     pub fn outcome_write(
         &self,
         attempt: &Attempt,
@@ -280,17 +278,6 @@ impl TaskRepository {
                 };
                 (filter, doc! {"$set": set})
             }
-            Holding::Ran => {
-                set.insert("started_at", now);
-                set.insert("retries", i64::from(retries));
-                set.insert("attempt_token", &attempt.token);
-                let update = doc! {
-                    "$set": set,
-                    "$inc": {"deliveries": 1_i64},
-                    "$setOnInsert": on_insert(attempt, now),
-                };
-                (takeable(attempt, now), update)
-            }
             Holding::Nothing => {
                 set.insert("attempt_token", &attempt.token);
                 let update = doc! {
@@ -301,7 +288,7 @@ impl TaskRepository {
             }
         };
         let mut filter = filter;
-        if matches!(transition, Transition::Retry { .. }) || holding == Holding::Ran {
+        if matches!(transition, Transition::Retry { .. }) {
             // No next attempt (nor a start) after an operator asked the task to stop: the write
             // is refused, and looking at the task finds the cancel.
             filter.insert("cancel_requested", mongodb::bson::Bson::Null);

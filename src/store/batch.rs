@@ -15,11 +15,8 @@
 //! split, so the others still go through.
 //!
 //! Every write is checked when it is submitted (it must serialize and fit in a document), so a bad
-//! value fails its own caller at once and never reaches a batch. A write that was not sent yet can
-//! be withdrawn ([`Pending::withdraw`]): a task that finished before its `STARTED` statement left
-//! replaces it with its outcome.
+//! value fails its own caller at once and never reaches a batch.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,24 +88,12 @@ impl Default for BatchConfig {
     }
 }
 
-const QUEUED: u8 = 0;
-const TAKEN: u8 = 1;
-const WITHDRAWN: u8 = 2;
-
 /// A write handed to the writer and not answered yet.
 pub struct Pending {
-    state: Arc<AtomicU8>,
     reply: oneshot::Receiver<WriteResult>,
 }
 
 impl Pending {
-    /// Takes the write back if it has not been sent; `true` when it never will be.
-    pub fn withdraw(&self) -> bool {
-        self.state
-            .compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
     /// The write's own answer.
     pub async fn result(mut self) -> WriteResult {
         self.wait().await
@@ -125,17 +110,13 @@ impl Pending {
     fn answered(result: WriteResult) -> Self {
         let (tx, reply) = oneshot::channel();
         let _ = tx.send(result);
-        Self {
-            state: Arc::new(AtomicU8::new(TAKEN)),
-            reply,
-        }
+        Self { reply }
     }
 }
 
 struct Entry {
     write: Write,
     bytes: usize,
-    state: Arc<AtomicU8>,
     reply: oneshot::Sender<WriteResult>,
 }
 
@@ -164,12 +145,10 @@ impl BatchWriter {
             Ok(bytes) => bytes,
             Err(error) => return Pending::answered(Err(error)),
         };
-        let state = Arc::new(AtomicU8::new(QUEUED));
         let (reply, receiver) = oneshot::channel();
         let entry = Entry {
             write,
             bytes,
-            state: state.clone(),
             reply,
         };
         match self.requests.try_send(entry) {
@@ -185,10 +164,7 @@ impl BatchWriter {
                 )));
             }
         }
-        Pending {
-            state,
-            reply: receiver,
-        }
+        Pending { reply: receiver }
     }
 
     /// Queues a write and waits for its answer.
@@ -295,18 +271,13 @@ async fn run(db: Database, config: BatchConfig, mut inbox: mpsc::Receiver<Entry>
                     Err(_) => return,
                 },
             };
-            let taken: Vec<Entry> = entries
-                .into_iter()
-                .filter(|e| {
-                    e.state
-                        .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                })
-                .collect();
-            if taken.is_empty() {
-                continue;
-            }
-            tokio::spawn(send(db.clone(), key, taken, config.command_timeout, permit));
+            tokio::spawn(send(
+                db.clone(),
+                key,
+                entries,
+                config.command_timeout,
+                permit,
+            ));
         }
     }
     // Wait for the commands still out, so their answers are delivered before the writer ends.
@@ -492,24 +463,5 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-    }
-
-    #[tokio::test]
-    async fn a_withdrawn_write_is_never_sent() {
-        let state = Arc::new(AtomicU8::new(QUEUED));
-        let (_tx, reply) = oneshot::channel();
-        let pending = Pending {
-            state: state.clone(),
-            reply,
-        };
-        assert!(pending.withdraw());
-        assert_eq!(state.load(Ordering::Acquire), WITHDRAWN);
-        // Once taken by a batch it can no longer be withdrawn.
-        let (_tx, reply) = oneshot::channel();
-        let taken = Pending {
-            state: Arc::new(AtomicU8::new(TAKEN)),
-            reply,
-        };
-        assert!(!taken.withdraw());
     }
 }

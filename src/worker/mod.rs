@@ -64,8 +64,6 @@ pub struct WorkerConfig {
     pub task_retry: BTreeMap<String, RetryOverrides>,
     /// How long a stopping worker lets running tasks finish.
     pub shutdown_grace: Duration,
-    /// Start fresh deliveries while their claim is on its way (`KOBE_FAST_START`).
-    pub fast_start: bool,
 }
 
 /// What a worker talks to.

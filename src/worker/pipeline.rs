@@ -7,12 +7,11 @@
 //! lease is renewed on its own clock, each renewal bounded; a handler whose lease cannot be kept
 //! is stopped before another worker may take its task over.
 //!
-//! A fresh delivery (not redelivered) starts its handler at once while its `STARTED` claim waits
-//! in the group-commit batch: a handler that finishes before the claim leaves takes the claim back
-//! and records its outcome with the claim's conditions in one statement, so a short task costs one
-//! statement; any longer task shows `STARTED` within a batch's linger. Should the claim be refused
-//! (another attempt holds the lease), the handler is stopped. A redelivery — the case where
-//! another copy may still be running — claims in a round trip of its own before anything starts.
+//! No handler starts before its claim is durable: a duplicate publish of a running task (an outbox
+//! re-send after a lost confirm, a client re-sending an id) finds the lease held and never runs
+//! beside it. A fresh delivery's claim joins the group-commit batch; a redelivery — the case where
+//! another copy may still be running — claims in a round trip of its own that says whose lease it
+//! replaced.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -46,8 +45,6 @@ pub(super) struct Job<'a> {
     pub(super) attempt: Attempt,
     /// The attempt holds the task's lease (its claim was applied).
     pub(super) claimed: bool,
-    /// The handler ran (so recording the outcome also records the start).
-    pub(super) ran: bool,
 }
 
 impl Job<'_> {
@@ -86,7 +83,6 @@ impl Worker {
                     message: None,
                     attempt,
                     claimed: false,
-                    ran: false,
                 };
                 let mut plan = decision::plan(
                     &Happened::Malformed(error.to_string()),
@@ -140,7 +136,6 @@ impl Worker {
             message: Some(message),
             attempt,
             claimed: false,
-            ran: false,
         };
         let message = job.message.as_ref().expect("set above");
         let Some(task) = self.registry.get(&message.task) else {
@@ -204,10 +199,6 @@ impl Worker {
             message.hard_time_limit,
             message.soft_time_limit,
         );
-        // Redeliveries and tasks with a result backend claim before they start; fresh ones start
-        // while their claim is on its way (see the module docs).
-        let speculate =
-            self.config.fast_start && !delivery.redelivered && self.config.result_ttl.is_none();
         loop {
             // Readers stop being served a cached status before the claim can land (the marker
             // keeps them from caching the old one again), so none is told PENDING once MongoDB
@@ -220,13 +211,9 @@ impl Worker {
                 return;
             };
             *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), false));
-            let happened = if speculate {
-                self.run_speculatively(&mut job, slot, task.as_ref(), limits)
-                    .await
-            } else {
-                self.run_claimed_first(&mut job, slot, task.as_ref(), limits)
-                    .await
-            };
+            let happened = self
+                .run_claimed(&mut job, slot, task.as_ref(), limits)
+                .await;
             *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), job.claimed));
             match happened {
                 Some(Ok(happened)) => return self.conclude(job, happened).await,
@@ -241,7 +228,7 @@ impl Worker {
     /// Claims first, then runs. A redelivery — which may find another attempt's lease, lapsed
     /// or not — claims in a round trip of its own that says whose lease it replaced; a fresh
     /// delivery's claim joins the group-commit batch.
-    async fn run_claimed_first(
+    async fn run_claimed(
         &self,
         job: &mut Job<'_>,
         slot: SemaphorePermit<'_>,
@@ -276,7 +263,6 @@ impl Worker {
                 }
                 self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
                 let running = Running::start(task, self.invocation(job), limits);
-                job.ran = true;
                 let happened = self.supervise(job, running, claimed_at).await;
                 drop(slot);
                 happened.map(Ok)
@@ -328,66 +314,6 @@ impl Worker {
                 self.release(job).await;
                 self.settle(job.delivery, Settlement::Requeue);
                 None
-            }
-        }
-    }
-
-    /// Starts the handler while the claim waits in the batch (see the module docs).
-    async fn run_speculatively(
-        &self,
-        job: &mut Job<'_>,
-        slot: SemaphorePermit<'_>,
-        task: &dyn Task,
-        limits: Limits,
-    ) -> Option<Result<Happened, Retake>> {
-        let claimed_at = Instant::now();
-        let mut claim = self.writer.submit(self.tasks.claim_write(
-            &job.attempt,
-            self.config.lease,
-            self.config.max_deliveries,
-        ));
-        let mut running = Running::start(task, self.invocation(job), limits);
-        job.ran = true;
-        let claim_answer = tokio::select! {
-            biased;
-            answer = claim.wait() => answer,
-            outcome = running.outcome() => {
-                drop(slot);
-                if matches!(outcome, Outcome::Success(_)) && claim.withdraw() {
-                    // Finished before its claim left: the outcome carries the claim's
-                    // conditions itself (one statement for the whole task).
-                    return Some(Ok(Happened::Ran(outcome)));
-                }
-                // The claim is out: its answer decides whether this outcome counts.
-                return match claim.wait().await {
-                    Ok(Written::Applied) => {
-                        job.claimed = true;
-                        self.invalidate_soon(&job.attempt.task_id);
-                        Some(Ok(Happened::Ran(outcome)))
-                    }
-                    Ok(Written::Refused) => self.refused_claim(job).await,
-                    Err(error) => self.claim_failed(job, error).await,
-                };
-            }
-        };
-        match claim_answer {
-            Ok(Written::Applied) => {
-                job.claimed = true;
-                self.invalidate_soon(&job.attempt.task_id);
-                let happened = self.supervise(job, running, claimed_at).await;
-                drop(slot);
-                happened.map(Ok)
-            }
-            Ok(Written::Refused) => {
-                // Another attempt holds the task: this one must not run beside it.
-                drop(running);
-                drop(slot);
-                self.refused_claim(job).await
-            }
-            Err(error) => {
-                drop(running);
-                drop(slot);
-                self.claim_failed(job, error).await
             }
         }
     }

@@ -158,8 +158,6 @@ impl Worker {
         }
         let holding = if job.claimed {
             Holding::Lease
-        } else if job.ran {
-            Holding::Ran
         } else {
             Holding::Nothing
         };
@@ -561,7 +559,6 @@ impl Worker {
             message: None,
             attempt,
             claimed,
-            ran: false,
         };
         let mut plan = decision::plan(&Happened::Internal(cause), 1, &Default::default(), 0.0);
         if job.attempt.task_id.is_empty() {
