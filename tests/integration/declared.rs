@@ -134,6 +134,24 @@ async fn answer(request: HttpRequest, body: web::Bytes, calls: web::Data<Calls>)
             tokio::time::sleep(Duration::from_secs(3)).await;
             HttpResponse::Ok().finish()
         }
+        // Takes 2 s and notes when it ended (under "/exclusive:end").
+        ("/exclusive", _) => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let ended = Call {
+                at: Instant::now(),
+                body: Value::Null,
+                signed,
+                idempotency_key: None,
+                traceparent: None,
+            };
+            calls
+                .lock()
+                .unwrap()
+                .entry("/exclusive:end".into())
+                .or_default()
+                .push(ended);
+            HttpResponse::Ok().json(json!("done"))
+        }
         _ => HttpResponse::NotFound().finish(),
     }
 }
@@ -647,4 +665,94 @@ follow_redirects = "same-origin"
     // The signed headers never went to the other origin either.
     assert_eq!(receiver.calls("/redirect").len(), 3);
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_of_a_running_http_task_never_calls_its_receiver_beside_it() {
+    let receiver = Receiver::start().await;
+    let text = format!(
+        "[[task]]\nname = \"exclusive\"\nkind = \"http\"\nurl = \"{}/exclusive\"\n",
+        receiver.base
+    );
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker_on(10, Vec::new(), registry(&text));
+    let publisher = env.publisher();
+    let first = message("exclusive", json!({}));
+    env.publish_message(&publisher, &first).await;
+    common::eventually(Duration::from_secs(20), "the receiver called", || async {
+        (!receiver.calls("/exclusive").is_empty()).then_some(())
+    })
+    .await;
+    // The same task published again while its first copy runs (a client re-sending its id, an
+    // outbox re-send after a lost confirm), twice over.
+    env.publish_message(&publisher, &first).await;
+    env.publish_message(&publisher, &first).await;
+    let task = env
+        .wait_final(first.id.as_str(), Duration::from_secs(30))
+        .await;
+    assert_eq!(task.state, TaskState::Success, "{task:?}");
+    env.wait_queue_empty("default", "every copy settled").await;
+    assert_eq!(
+        receiver.calls("/exclusive").len(),
+        1,
+        "a duplicate called the receiver"
+    );
+    worker.stop().await;
+    receiver.handle.stop(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_9_the_receiver_is_called_again_only_once_the_first_worker_is_gone() {
+    let receiver = Receiver::start().await;
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-exclusive"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tasks.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[task]]\nname = \"exclusive\"\nkind = \"http\"\nurl = \"{}/exclusive\"\n",
+            receiver.base
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        env.kobe_command(&["worker"])
+            .env("KOBE_TASKS_FILE", &file)
+            .env("KOBE_TASK_SIGNING_SECRET", SECRET)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(common::Process::new)
+            .unwrap()
+    };
+    let doomed = spawn();
+    let publisher = env.publisher();
+    let first = message("exclusive", json!({}));
+    env.publish_message(&publisher, &first).await;
+    common::eventually(Duration::from_secs(30), "the receiver called", || async {
+        (!receiver.calls("/exclusive").is_empty()).then_some(())
+    })
+    .await;
+    let replacement = spawn();
+    // A duplicate waits for the replacement too.
+    env.publish_message(&publisher, &first).await;
+    doomed.kill();
+    let killed_at = Instant::now();
+    let task = env
+        .wait_final(first.id.as_str(), Duration::from_secs(60))
+        .await;
+    assert_eq!(task.state, TaskState::Success, "{task:?}");
+    env.wait_queue_empty("default", "every copy settled").await;
+    let calls = receiver.calls("/exclusive");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    // The second call began only after the worker making the first was gone.
+    assert!(
+        calls[0].at < killed_at && calls[1].at >= killed_at,
+        "{calls:?}"
+    );
+    replacement.stop();
+    receiver.handle.stop(false).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
