@@ -14,7 +14,16 @@ use crate::store::migrations::{self, Change, Progress};
 pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let db = super::database(settings).await?;
     let mut building = Instant::now();
-    let outcomes = migrations::apply(&db, |progress| {
+    let composite = migrations::composite(&db, settings.index_type).await?;
+    println!(
+        "indexes: {}",
+        if composite {
+            "DocumentDB's composite type (enableCompositeTerm)"
+        } else {
+            "the engine's default type"
+        }
+    );
+    let outcomes = migrations::apply_with(&db, settings.index_type, |progress| {
         match progress {
             Progress::Building {
                 collection,

@@ -146,6 +146,8 @@ pub struct Settings {
     pub mongodb_uri: ServiceUrl,
     /// Database holding Kobe's collections.
     pub mongodb_db: String,
+    /// How `init-db` creates indexes.
+    pub index_type: crate::store::migrations::IndexChoice,
     /// Redis, `redis://[:password@]host:port/db`.
     pub redis_url: ServiceUrl,
     /// Where `kobe serve` listens.
@@ -304,6 +306,7 @@ impl Settings {
             rabbitmq_url: read.url("RABBITMQ_URL", &["amqp"])?,
             mongodb_uri: read.url("MONGODB_URI", &["mongodb", "mongodb+srv"])?,
             mongodb_db: read.name("MONGODB_DB")?,
+            index_type: read.parsed("KOBE_MONGODB_INDEX_TYPE")?,
             redis_url: read.url("REDIS_URL", &["redis", "rediss"])?,
             http_addr,
             log_level,

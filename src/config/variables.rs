@@ -39,6 +39,7 @@ pub const VARIABLES: &[Variable] = &[
     secret(var("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", "RabbitMQ: amqp://user:password@host:port/vhost (%2f is the default vhost \"/\"). amqp:// only; terminate TLS in front of the broker. A cluster: its nodes comma-separated — every connection goes to the first that answers and moves to the next when it is lost. Passwords are shown as *** in every log line.")),
     secret(var("MONGODB_URI", "mongodb://127.0.0.1:27017", "MongoDB connection string (mongodb:// or mongodb+srv://; TLS options in the string work). Its write concern is Kobe's: with ?w=majority&journal=true (as in docker-compose.yml) a 202 survives the loss of a MongoDB node.")),
     var("MONGODB_DB", "kobe", "Kobe's MongoDB database."),
+    var("KOBE_MONGODB_INDEX_TYPE", "auto", "How `init-db` creates indexes: `auto` uses DocumentDB's composite type (2.5× cheaper to keep up to date) where the engine is DocumentDB and the engine's default elsewhere; `standard` or `composite` (DocumentDB only) force one. Existing indexes are left as they are."),
     secret(var("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis: redis://[:password@]host:port/db (rediss:// for TLS).")),
     var("KOBE_HTTP_ADDR", "127.0.0.1:8000", "Where `kobe serve` listens. Use 0.0.0.0:8000 inside a container."),
     var("KOBE_LOG_LEVEL", "info", "Log filter (tracing EnvFilter syntax: info, debug, kobe=debug,warn …)."),

@@ -71,6 +71,79 @@ async fn init_db_creates_every_index_once() {
     assert_eq!(index_names(&env).await, after_first);
 }
 
+/// Whether `collection.index` is of DocumentDB's composite type, as `listIndexes` shows it.
+async fn composite_index(env: &TestEnv, collection: &str, index: &str) -> bool {
+    use futures_util::TryStreamExt;
+    let mut cursor = env
+        .db
+        .collection::<mongodb::bson::Document>(collection)
+        .list_indexes()
+        .await
+        .unwrap()
+        .with_type::<mongodb::bson::Document>();
+    while let Some(raw) = cursor.try_next().await.unwrap() {
+        if raw.get_str("name") == Ok(index) {
+            return raw.contains_key("enableOrderedIndex")
+                || raw.contains_key("enableCompositeTerm");
+        }
+    }
+    panic!("{collection}.{index} missing")
+}
+
+#[tokio::test]
+async fn init_db_makes_composite_indexes_only_on_documentdb_and_says_which() {
+    let env = TestEnv::with_fresh_database(&[]).await;
+    let documentdb = kobe::store::migrations::is_documentdb(&env.db)
+        .await
+        .unwrap();
+    let made = kobe(&env, &["init-db"], &[]);
+    assert!(made.status.success(), "{made:?}");
+    let report = stdout(&made);
+    if documentdb {
+        assert!(
+            report.contains("indexes: DocumentDB's composite type"),
+            "{report}"
+        );
+        assert!(
+            report.contains("created index Tasks.state_updated_at (composite)"),
+            "{report}"
+        );
+        assert!(composite_index(&env, "Tasks", "state_updated_at").await);
+    } else {
+        // A MongoDB server is never sent the option.
+        assert!(
+            report.contains("indexes: the engine's default type"),
+            "{report}"
+        );
+        assert!(!report.contains("(composite)"), "{report}");
+    }
+    // Asked for the standard type, a fresh database gets it on any engine.
+    let standard = TestEnv::with_fresh_database(&[]).await;
+    let made = kobe(
+        &standard,
+        &["init-db"],
+        &[("KOBE_MONGODB_INDEX_TYPE", "standard")],
+    );
+    assert!(made.status.success(), "{made:?}");
+    assert!(stdout(&made).contains("indexes: the engine's default type"));
+    if documentdb {
+        // DocumentDB's server setting may still make it composite; what Kobe sent is the
+        // engine's default, and the report says what the index is.
+        let is_composite = composite_index(&standard, "Tasks", "state_updated_at").await;
+        assert_eq!(
+            stdout(&made).contains("created index Tasks.state_updated_at (composite)"),
+            is_composite
+        );
+    }
+    let refused = kobe(
+        &standard,
+        &["init-db"],
+        &[("KOBE_MONGODB_INDEX_TYPE", "fast")],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("KOBE_MONGODB_INDEX_TYPE"));
+}
+
 #[tokio::test]
 async fn healthcheck_passes_when_everything_holds() {
     let env = TestEnv::new().await;
