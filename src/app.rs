@@ -170,6 +170,9 @@ impl App {
                         TaskCommand::List(query) => {
                             commands::operations::list_tasks(&settings, query).await
                         }
+                        TaskCommand::StartMany { file } => {
+                            commands::operations::start_many(&settings, &registry, &file).await
+                        }
                     };
                     match done {
                         Ok(true) => Ok(()),

@@ -66,6 +66,15 @@ pub enum TaskCommand {
         /// The task id.
         id: String,
     },
+    /// Submit many tasks: one body of POST /task/start per line of FILE (JSON Lines; `-` reads
+    /// standard input). Each line is answered on its own, in order, as one JSON object per line
+    /// ({"index", "status", "task_id"?, "deduplicated"?, "problem"?}); they are sent KOBE_BULK_MAX
+    /// at a time, sharing MongoDB commands and broker confirms. Exit 0 when every line was
+    /// accepted (or was a repeat), 1 otherwise.
+    StartMany {
+        /// A JSON Lines file, or `-`.
+        file: PathBuf,
+    },
 }
 
 /// Which tasks `kobe task list` shows.

@@ -317,3 +317,68 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
         }
     }
 }
+
+/// `kobe task start-many FILE`: one submission per line, answered line by line; `Ok(false)`
+/// when a line was not accepted (exit 1).
+pub async fn start_many(
+    settings: &Settings,
+    registry: &crate::tasks::Registry,
+    file: &std::path::Path,
+) -> anyhow::Result<bool> {
+    use crate::http::routes::bulk::{submit_items, ItemResult};
+    use crate::http::routes::submit::{parse_value, TaskStart};
+    use anyhow::Context;
+    use std::io::BufRead;
+
+    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let opened =
+            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+        Box::new(std::io::BufReader::new(opened))
+    };
+    let submitter = operations(settings).await?.submitter;
+    let trace = crate::telemetry::trace::TraceContext::new_root();
+    let mut lines = reader.lines().enumerate();
+    let mut all_accepted = true;
+    let mut out = std::io::stdout().lock();
+    loop {
+        // KOBE_BULK_MAX lines at a time: their records share insert commands, their publishes
+        // are confirmed pipelined.
+        let mut chunk = Vec::new();
+        for (number, line) in lines.by_ref() {
+            let line = line.with_context(|| format!("{}: line {}", file.display(), number + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            chunk.push((number, line));
+            if chunk.len() == settings.bulk_max {
+                break;
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let (numbers, items): (Vec<usize>, Vec<_>) = chunk
+            .into_iter()
+            .map(|(number, line)| {
+                let item = serde_json::from_str(&line)
+                    .map_err(|e| crate::http::ApiError::MalformedBody(e.to_string()))
+                    .and_then(parse_value::<TaskStart>);
+                (number, item)
+            })
+            .unzip();
+        let answers = submit_items(registry, &submitter, settings.dedup_window, items, trace).await;
+        let results = numbers
+            .into_iter()
+            .zip(answers)
+            .map(|(number, answer)| ItemResult::of(number, answer));
+        for result in results {
+            all_accepted &= result.problem.is_none();
+            use std::io::Write;
+            writeln!(out, "{}", serde_json::to_string(&result)?)?;
+        }
+    }
+    submitter.finish().await;
+    Ok(all_accepted)
+}

@@ -36,6 +36,7 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         dedup_window: settings.dedup_window,
         result_ttl: settings.result_ttl,
         max_body_bytes: settings.max_body_bytes,
+        bulk_max: settings.bulk_max,
         rate_limit: settings.rate_limit,
         rate_window: settings.rate_window,
         api_tokens: settings.api_tokens.clone(),

@@ -184,6 +184,8 @@ pub struct Settings {
     pub outbox_interval: Duration,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Most tasks in one `POST /task/start_many`.
+    pub bulk_max: usize,
     /// How long a status answer may be served from Redis.
     pub status_cache_ttl: Duration,
     /// Keep results in Redis for `GET /task/result/{id}`, for this long; `None`: off.
@@ -341,6 +343,7 @@ impl Settings {
                 1024..=64 * 1024 * 1024,
                 "a number of bytes",
             )?,
+            bulk_max: read.number("KOBE_BULK_MAX", 1..=10_000, "a number of tasks")?,
             status_cache_ttl: read.millis("KOBE_STATUS_CACHE_TTL_MS")?,
             result_ttl,
             rate_limit,

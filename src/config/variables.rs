@@ -76,6 +76,7 @@ pub const VARIABLES: &[Variable] = &[
     var("KOBE_PAYLOAD_INLINE_LIMIT", "16384", "Arguments or results larger than this (bytes of JSON) are kept in MongoDB's RawPayload and the message carries a reference."),
     var("KOBE_OUTBOX_AGE_MS", "30000", "The outbox sweeper in `serve` publishes tasks recorded but never confirmed by the broker once they are this old (milliseconds)."),
     var("KOBE_OUTBOX_INTERVAL_MS", "5000", "How often the outbox sweeper looks (milliseconds)."),
+    var("KOBE_BULK_MAX", "1000", "Most tasks in one POST /task/start_many (1–10,000); its body may be up to 16 × KOBE_MAX_BODY_BYTES."),
     var("KOBE_MAX_BODY_BYTES", "1048576", "Largest accepted request body (bytes); larger ones get 413."),
     var("KOBE_STATUS_CACHE_TTL_MS", "2000", "How long a status answer may come from Redis (milliseconds). Every state change invalidates it."),
     var("KOBE_RESULT_BACKEND", "none", "Result backend: none (GET /task/result answers 404 result-backend-off) or redis."),

@@ -166,21 +166,8 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let status = self.status_code();
-        let (kind, title) = self.kind();
-        let detail = match self {
-            Self::Internal(cause) => {
-                tracing::error!(cause = %cause, "internal error");
-                "internal error; see the server log".to_owned()
-            }
-            other => other.to_string(),
-        };
-        let (field, task_id) = match self {
-            Self::Validation { field, .. } => (Some(field.clone()), None),
-            Self::Unavailable { task_id, .. } => (None, task_id.clone()),
-            _ => (None, None),
-        };
-        let mut response = HttpResponse::build(status);
+        let problem = self.problem();
+        let mut response = HttpResponse::build(self.status_code());
         match self {
             Self::Unavailable { retry_after, .. } => {
                 response.insert_header(("Retry-After", retry_after.to_string()));
@@ -199,13 +186,34 @@ impl ResponseError for ApiError {
         }
         response
             .content_type("application/problem+json")
-            .json(Problem {
-                kind: format!("urn:kobe:problem:{kind}"),
-                title,
-                status: status.as_u16(),
-                detail,
-                field,
-                task_id,
-            })
+            .json(problem)
+    }
+}
+
+impl ApiError {
+    /// The body this error answers with (also one item's answer in a bulk submission).
+    pub fn problem(&self) -> Problem {
+        let status = self.status_code();
+        let (kind, title) = self.kind();
+        let detail = match self {
+            Self::Internal(cause) => {
+                tracing::error!(cause = %cause, "internal error");
+                "internal error; see the server log".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let (field, task_id) = match self {
+            Self::Validation { field, .. } => (Some(field.clone()), None),
+            Self::Unavailable { task_id, .. } => (None, task_id.clone()),
+            _ => (None, None),
+        };
+        Problem {
+            kind: format!("urn:kobe:problem:{kind}"),
+            title,
+            status: status.as_u16(),
+            detail,
+            field,
+            task_id,
+        }
     }
 }

@@ -41,6 +41,8 @@ pub struct AppState {
     pub result_ttl: Option<Duration>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Most tasks in one bulk submission.
+    pub bulk_max: usize,
     /// Requests per window per client on `/task*` (0: unlimited).
     pub rate_limit: u32,
     pub rate_window: Duration,
@@ -116,6 +118,7 @@ impl Application {
                 })
                 .service(resource("/task", "GET").route(web::get().to(routes::search::search)))
                 .service(resource("/task/start", "POST").route(web::post().to(routes::submit::start)))
+                .service(resource("/task/start_many", "POST").route(web::post().to(routes::bulk::start_many)))
                 .service(resource("/task/status/{id}", "GET").route(web::get().to(routes::status::status)))
                 .service(resource("/task/result/{id}", "GET").route(web::get().to(routes::status::result)))
                 .service(resource("/task/{id}/retry", "POST").route(web::post().to(routes::actions::retry)))

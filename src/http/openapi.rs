@@ -4,7 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::Problem;
-use super::routes::{actions, catalog, dlq, health, schedules, search, status, submit};
+use super::routes::{actions, bulk, catalog, dlq, health, schedules, search, status, submit};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +14,7 @@ use super::routes::{actions, catalog, dlq, health, schedules, search, status, su
     ),
     paths(
         submit::start,
+        bulk::start_many,
         status::status,
         status::result,
         search::search,
@@ -33,6 +34,9 @@ use super::routes::{actions, catalog, dlq, health, schedules, search, status, su
         submit::TaskStart,
         submit::Accepted,
         submit::Deduplicated,
+        bulk::TaskStartMany,
+        bulk::BulkResults,
+        bulk::ItemResult,
         status::TaskStatus,
         status::ResultAnswer,
         catalog::TaskInfo,

@@ -13,6 +13,7 @@ pub mod dead_letters;
 pub mod outbox;
 pub mod rerun;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mongodb::bson::DateTime;
@@ -142,6 +143,8 @@ pub struct Submitter {
     /// Arguments larger than this (serialized) go to `RawPayload`.
     inline_limit: usize,
     confirmed: mpsc::UnboundedSender<String>,
+    /// The task marking confirmed tasks, for [`Submitter::finish`].
+    marker: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 /// What a [`Submitter`] writes to and publishes through.
@@ -161,7 +164,7 @@ impl Submitter {
     /// `Submitter` clone is dropped, after a final flush.
     pub fn new(parts: SubmitterParts) -> Self {
         let (confirmed, ids) = mpsc::unbounded_channel();
-        tokio::spawn(mark_confirmed(parts.tasks.clone(), ids));
+        let marker = tokio::spawn(mark_confirmed(parts.tasks.clone(), ids));
         Self {
             tasks: parts.tasks,
             payloads: parts.payloads,
@@ -172,6 +175,19 @@ impl Submitter {
             writer: parts.writer,
             inline_limit: parts.inline_limit,
             confirmed,
+            marker: Arc::new(Mutex::new(Some(marker))),
+        }
+    }
+
+    /// For a process about to exit (a CLI command): waits, a few seconds at most, until the
+    /// confirmed marks of what it submitted are written, so the outbox does not publish those
+    /// tasks again. Call it on the last clone: while others live the marks go on, and this
+    /// waits out its bound.
+    pub async fn finish(self) {
+        let marker = self.marker.lock().expect("marker").take();
+        drop(self);
+        if let Some(marker) = marker {
+            let _ = tokio::time::timeout(Duration::from_secs(5), marker).await;
         }
     }
 
@@ -191,11 +207,58 @@ impl Submitter {
             .map_err(|refused| refused.error)
     }
 
+    /// Submits many tasks together, each with [`Submitter::submit`]'s promise and its own
+    /// answer (in order): their records share the group-commit writer's `insert` commands and
+    /// their publishes are confirmed pipelined, so a batch costs a few round trips in all.
+    pub async fn submit_many(&self, tasks: Vec<NewTask>) -> Vec<Result<(), SubmitError>> {
+        // Every record is built first and then handed to the writer in one go, so the batch
+        // fills its insert commands instead of trickling out in the writer's linger.
+        let mut staged = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let root_id = task.root_id.clone();
+            staged.push(match self.prepare(task).await {
+                Ok(document) => match self.tasks.insert_write(&document) {
+                    Ok(write) => Ok((document, root_id, write)),
+                    Err(error) => Err(SubmitError::Store(error)),
+                },
+                Err(error) => Err(error),
+            });
+        }
+        let pending: Vec<_> = staged
+            .into_iter()
+            .map(|staged| {
+                staged.map(|(document, root_id, write)| {
+                    (document, root_id, self.writer.submit(write))
+                })
+            })
+            .collect();
+        let answers = pending.into_iter().map(|staged| async move {
+            let (document, root_id, pending) = staged?;
+            let inserted = inserted(pending.result().await, &document);
+            self.after_insert(document, root_id, inserted)
+                .await
+                .map_err(|refused| refused.error)
+        });
+        futures_util::future::join_all(answers).await
+    }
+
     /// [`Submitter::submit`], saying on refusal whether the task is known never to run.
     async fn submit_settled(&self, task: NewTask) -> Result<(), NotAccepted> {
         let root_id = task.root_id.clone();
         let document = self.prepare(task).await.map_err(NotAccepted::settled)?;
-        match self.insert(&document).await {
+        let inserted = self.insert(&document).await;
+        self.after_insert(document, root_id, inserted).await
+    }
+
+    /// Goes on from a record's insert: publishes it, or settles that a submission whose insert
+    /// went unanswered never runs.
+    async fn after_insert(
+        &self,
+        document: TaskDocument,
+        root_id: Option<String>,
+        inserted: Result<(), SubmitError>,
+    ) -> Result<(), NotAccepted> {
+        match inserted {
             Ok(()) => {}
             // The insert may have landed with its answer lost: the outbox would then publish a
             // task its client was told was not accepted. Close its id first.
@@ -401,16 +464,8 @@ impl Submitter {
 
     /// Records a prepared task.
     async fn insert(&self, document: &TaskDocument) -> Result<(), SubmitError> {
-        match self
-            .writer
-            .write(self.tasks.insert_write(document)?)
-            .await?
-        {
-            Written::Applied => Ok(()),
-            Written::Refused => Err(SubmitError::Store(StoreError::Duplicate(
-                format!("task {} exists already", document.id).into(),
-            ))),
-        }
+        let written = self.writer.write(self.tasks.insert_write(document)?).await;
+        inserted(written, document)
     }
 
     /// Publishes a just-recorded task. When the broker does not take it, the task is closed as
@@ -561,6 +616,19 @@ fn rfc3339(time: DateTime) -> String {
 }
 
 /// Marks confirmed tasks in batches: under load one `updateMany` covers hundreds of tasks.
+/// A record's insert, as its writer answered it.
+fn inserted(
+    written: Result<Written, StoreError>,
+    document: &TaskDocument,
+) -> Result<(), SubmitError> {
+    match written? {
+        Written::Applied => Ok(()),
+        Written::Refused => Err(SubmitError::Store(StoreError::Duplicate(
+            format!("task {} exists already", document.id).into(),
+        ))),
+    }
+}
+
 async fn mark_confirmed(tasks: TaskRepository, mut ids: mpsc::UnboundedReceiver<String>) {
     while let Some(first) = ids.recv().await {
         let mut batch = vec![first];

@@ -177,3 +177,75 @@ async fn with_mongodb_down_the_api_answers_503_naming_it() {
     assert_eq!(body["checks"]["redis"]["ok"], true, "{body}");
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_many_answers_each_item_as_start_would_and_shares_its_inserts() {
+    let env = TestEnv::with(&[("KOBE_BULK_MAX", "300")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let post = |body: Value| {
+        api.client
+            .post(format!("{}/task/start_many", api.address))
+            .json(&body)
+            .send()
+    };
+    let inserts_before = common::metric("kobe_mongo_commands_total{purpose=\"insert:Tasks\"}");
+    let mut tasks: Vec<Value> = (0..250)
+        .map(|i| json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "n": i}}))
+        .collect();
+    // An unknown task, a bad field, and two items with one key.
+    tasks.push(json!({"task_name": "no_such_task"}));
+    tasks.push(json!({"task_name": "demo_long_io", "priority": 12}));
+    tasks.push(json!({"task_name": "demo_long_io", "dedup_key": "bulk-one"}));
+    tasks.push(json!({"task_name": "demo_long_io", "dedup_key": "bulk-one"}));
+    let response = post(json!({ "tasks": tasks })).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 254);
+    for (i, result) in results.iter().enumerate() {
+        assert_eq!(result["index"], i, "{result}");
+    }
+    assert!(
+        results[..250]
+            .iter()
+            .all(|r| r["status"] == 202 && r["task_id"].is_string()),
+        "{body}"
+    );
+    assert_eq!(results[250]["status"], 422);
+    assert_eq!(results[250]["problem"]["field"], "task_name");
+    assert_eq!(results[251]["status"], 422);
+    assert_eq!(results[251]["problem"]["field"], "priority");
+    let mut keyed: Vec<i64> = results[252..]
+        .iter()
+        .map(|r| r["status"].as_i64().unwrap())
+        .collect();
+    keyed.sort();
+    assert_eq!(keyed, [200, 202], "{body}");
+    assert_eq!(results[252]["task_id"], results[253]["task_id"]);
+    // 251 records in a few insert commands, not one each.
+    let inserts =
+        common::metric("kobe_mongo_commands_total{purpose=\"insert:Tasks\"}") - inserts_before;
+    assert!(inserts <= 3.0, "{inserts} insert commands for 251 records");
+
+    // Every accepted task runs.
+    let worker = env.spawn_worker(10);
+    for result in &results[..250] {
+        let id = result["task_id"].as_str().unwrap();
+        let task = env.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(task.state, kobe::domain::TaskState::Success);
+    }
+
+    // The batch as a whole: none, or more than KOBE_BULK_MAX.
+    let empty = post(json!({"tasks": []})).await.unwrap();
+    assert_eq!(empty.status(), 422);
+    let body: Value = empty.json().await.unwrap();
+    assert_eq!(body["field"], "tasks");
+    let many: Vec<Value> = (0..301)
+        .map(|_| json!({"task_name": "demo_long_io"}))
+        .collect();
+    let over = post(json!({ "tasks": many })).await.unwrap();
+    assert_eq!(over.status(), 422);
+    worker.stop().await;
+    api.stop().await;
+}

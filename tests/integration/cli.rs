@@ -337,3 +337,34 @@ async fn beat_without_schedules_says_what_it_needs() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("[[schedule]]"), "{stderr}");
 }
+
+#[tokio::test]
+async fn task_start_many_submits_a_jsonl_file_line_by_line() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-bulk"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tasks.jsonl");
+    std::fs::write(
+        &file,
+        "{\"task_name\": \"demo_long_io\", \"kwargs\": {\"duration_ms\": 1}}\n\n{\"task_name\": \"nope\"}\nnot json\n{\"task_name\": \"demo_long_io\"}\n",
+    )
+    .unwrap();
+    let output = kobe(&env, &["task", "start-many", file.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let lines: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    // Indexes are the file's line numbers, from 0.
+    let status: Vec<(i64, i64)> = lines
+        .iter()
+        .map(|l| (l["index"].as_i64().unwrap(), l["status"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(status, [(0, 202), (2, 422), (3, 400), (4, 202)]);
+    let id = lines[0]["task_id"].as_str().unwrap();
+    let recorded = env.tasks().get(id).await.unwrap().expect("recorded");
+    assert_eq!(recorded.task_name, "demo_long_io");
+    let _ = std::fs::remove_dir_all(&dir);
+}

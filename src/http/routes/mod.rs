@@ -1,6 +1,7 @@
 //! One file per resource.
 
 pub mod actions;
+pub mod bulk;
 pub mod catalog;
 pub mod dlq;
 pub mod docs;

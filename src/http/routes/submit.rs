@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use crate::domain::{Fingerprint, Priority, TaskId};
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
-use crate::submit::{NewTask, SubmitError, Submitted};
+use crate::submit::{NewTask, SubmitError};
 use crate::telemetry::trace::TraceContext;
 
 /// Body of `POST /task/start`. Unknown fields are refused.
@@ -71,34 +71,43 @@ pub(crate) const MAX_HORIZON: Duration = Duration::from_secs(30 * 24 * 3600);
 
 pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            return ApiError::MalformedBody(inner.to_string());
-        }
-        let message = inner.to_string();
-        // serde names missing and unknown fields only in its message: "missing field `x`".
-        let named = message.split('`').nth(1).filter(|_| {
-            message.starts_with("missing field") || message.starts_with("unknown field")
-        });
-        let field = match (path.as_str(), named) {
-            (".", Some(name)) => name.to_owned(),
-            (".", None) => "body".to_owned(),
-            (path, Some(name)) if message.starts_with("missing") => format!("{path}.{name}"),
-            (path, _) => path.to_owned(),
-        };
-        let reason = message
-            .split(" at line ")
-            .next()
-            .unwrap_or(&message)
-            .to_owned();
-        ApiError::validation(field, reason)
-    })
+    serde_path_to_error::deserialize(deserializer).map_err(named)
+}
+
+/// [`parse_body`] for a value already parsed (one item of a bulk submission).
+pub fn parse_value<T: for<'de> Deserialize<'de>>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(named)
+}
+
+/// A body that does not fit its type, as a 422 naming the field (or a 400 when not JSON).
+fn named(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return ApiError::MalformedBody(inner.to_string());
+    }
+    let message = inner.to_string();
+    // serde names missing and unknown fields only in its message: "missing field `x`".
+    let named = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.starts_with("missing field") || message.starts_with("unknown field"));
+    let field = match (path.as_str(), named) {
+        (".", Some(name)) => name.to_owned(),
+        (".", None) => "body".to_owned(),
+        (path, Some(name)) if message.starts_with("missing") => format!("{path}.{name}"),
+        (path, _) => path.to_owned(),
+    };
+    let reason = message
+        .split(" at line ")
+        .next()
+        .unwrap_or(&message)
+        .to_owned();
+    ApiError::validation(field, reason)
 }
 
 /// Reads the body, refusing more than `limit` bytes with a 413 before reading it all.
-async fn read_body(
+pub(crate) async fn read_body(
     request: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
@@ -294,14 +303,54 @@ async fn start_traced(
     let span = tracing::Span::current();
     span.record("task", submission.task_name.as_str());
     span.record("trace_id", trace.trace_id_hex());
+    let prepared = prepare(
+        &state.registry,
+        state.submitter.topology(),
+        submission,
+        request.headers().get("Idempotency-Key"),
+        trace,
+    )?;
+    span.record("task_id", prepared.task.id.as_str());
+    Ok(
+        match submit_prepared(&state.submitter, state.dedup_window, prepared).await? {
+            Submitted::Accepted { task_id } => HttpResponse::Accepted().json(Accepted { task_id }),
+            Submitted::Duplicate { task_id } => HttpResponse::Ok().json(Deduplicated {
+                task_id,
+                deduplicated: true,
+            }),
+        },
+    )
+}
 
-    let task = state.registry.get(&submission.task_name).ok_or_else(|| {
+/// A submission checked field by field, ready for the submitter.
+pub struct Prepared {
+    task: NewTask,
+    fingerprint: Option<Fingerprint>,
+}
+
+/// What became of a submission the API answers for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    Accepted { task_id: String },
+    Duplicate { task_id: String },
+}
+
+/// Checks a submission (the task, its arguments, priority, route, timing, key) and builds its
+/// task; `header_key` is the request's `Idempotency-Key`, when it applies.
+pub fn prepare(
+    registry: &crate::tasks::Registry,
+    topology: &crate::amqp::Topology,
+    submission: TaskStart,
+    header_key: Option<&actix_web::http::header::HeaderValue>,
+    trace: TraceContext,
+) -> Result<Prepared, ApiError> {
+    let task = registry.get(&submission.task_name).ok_or_else(|| {
         ApiError::validation(
             "task_name",
             format!(
                 "unknown task `{}`; registered tasks: {}",
                 submission.task_name,
-                state.registry.names().join(", ")
+                registry.names().join(", ")
             ),
         )
     })?;
@@ -313,7 +362,6 @@ async fn start_traced(
         Some(p) => Priority::new(p).map_err(|reason| ApiError::validation("priority", reason))?,
         None => task.priority().unwrap_or_default(),
     };
-    let topology = state.submitter.topology();
     let route = match &submission.queue {
         Some(queue) if topology.routes().contains(queue) => queue.clone(),
         Some(queue) => {
@@ -328,11 +376,8 @@ async fn start_traced(
         None => topology.route_of(task.name()).to_owned(),
     };
     let timing = timing(&submission)?;
-    let fingerprint = fingerprint(&request, &submission)?;
-
-    let id = TaskId::generate();
-    span.record("task_id", id.as_str());
-    let mut new = NewTask::new(id.clone(), task.name(), &route);
+    let fingerprint = fingerprint(header_key, &submission)?;
+    let mut new = NewTask::new(TaskId::generate(), task.name(), &route);
     new.args = submission.args;
     new.kwargs = submission.kwargs;
     new.priority = priority;
@@ -341,42 +386,69 @@ async fn start_traced(
     new.expires = timing.expires;
     new.hard_time_limit = timing.hard;
     new.soft_time_limit = timing.soft;
+    Ok(Prepared {
+        task: new,
+        fingerprint,
+    })
+}
+
+/// Hands a checked submission to the submitter and says what became of it, as `/task/start`
+/// answers it.
+pub async fn submit_prepared(
+    submitter: &crate::submit::Submitter,
+    dedup_window: Duration,
+    prepared: Prepared,
+) -> Result<Submitted, ApiError> {
+    let Prepared { task, fingerprint } = prepared;
+    let id = task.id.to_string();
+    let name = task.task_name.clone();
     let submitted = match &fingerprint {
-        Some(fingerprint) => {
-            state
-                .submitter
-                .submit_once(new, fingerprint, state.dedup_window)
-                .await
-        }
-        None => state
-            .submitter
-            .submit(new)
+        Some(fingerprint) => submitter.submit_once(task, fingerprint, dedup_window).await,
+        None => submitter
+            .submit(task)
             .await
-            .map(|()| Submitted::Accepted),
+            .map(|()| crate::submit::Submitted::Accepted),
     };
+    answered(&id, &name, submitted)
+}
+
+impl Prepared {
+    /// With a dedup fingerprint: it must go through [`submit_prepared`] on its own.
+    pub fn keyed(&self) -> bool {
+        self.fingerprint.is_some()
+    }
+
+    pub fn into_task(self) -> NewTask {
+        self.task
+    }
+}
+
+/// The submitter's answer for task `id` of `name`, as the API says it (counted and logged).
+pub fn answered(
+    id: &str,
+    name: &str,
+    submitted: Result<crate::submit::Submitted, SubmitError>,
+) -> Result<Submitted, ApiError> {
     match submitted {
-        Ok(Submitted::Accepted) => {
+        Ok(crate::submit::Submitted::Accepted) => {
             crate::telemetry::metrics::metrics()
                 .tasks_submitted
-                .with_label_values(&[task.name()])
+                .with_label_values(&[name])
                 .inc();
-            tracing::info!("task accepted");
-            Ok(HttpResponse::Accepted().json(Accepted {
-                task_id: id.to_string(),
-            }))
+            tracing::info!(task_id = %id, "task accepted");
+            Ok(Submitted::Accepted {
+                task_id: id.to_owned(),
+            })
         }
-        Ok(Submitted::Duplicate { task_id }) => {
+        Ok(crate::submit::Submitted::Duplicate { task_id }) => {
             tracing::info!(first_task_id = %task_id, "duplicate submission answered with the first task");
-            Ok(HttpResponse::Ok().json(Deduplicated {
-                task_id,
-                deduplicated: true,
-            }))
+            Ok(Submitted::Duplicate { task_id })
         }
         Err(error) => {
-            tracing::warn!(error = %error, "task not accepted");
+            tracing::warn!(task_id = %id, error = %error, "task not accepted");
             Err(match error {
                 SubmitError::Store(e) => ApiError::store(e),
-                SubmitError::NotPublished(e) => ApiError::broker(e, Some(id.to_string())),
+                SubmitError::NotPublished(e) => ApiError::broker(e, Some(id.to_owned())),
                 SubmitError::InvalidId(id) => ApiError::Internal(format!("invalid task id {id}")),
             })
         }
@@ -384,7 +456,7 @@ async fn start_traced(
 }
 
 fn fingerprint(
-    request: &HttpRequest,
+    header_key: Option<&actix_web::http::header::HeaderValue>,
     submission: &TaskStart,
 ) -> Result<Option<Fingerprint>, ApiError> {
     let key = |field: &str, value: &str| -> Result<Fingerprint, ApiError> {
@@ -402,7 +474,7 @@ fn fingerprint(
         .as_deref()
         .map(|value| key("dedup_key", value))
         .transpose()?;
-    if let Some(header) = request.headers().get("Idempotency-Key") {
+    if let Some(header) = header_key {
         // `to_str` lets a tab through; the documented alphabet is printable ASCII and space.
         let value = header
             .to_str()
