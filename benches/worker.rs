@@ -97,6 +97,61 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds a process has used, its waited-for children included (a PostgreSQL backend that
+/// exited counts in the postmaster's share).
+fn cpu_seconds(pid: u32, with_children: bool) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let ticks = fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0);
+    let children = if with_children {
+        fields.get(13).unwrap_or(&0.0) + fields.get(14).unwrap_or(&0.0)
+    } else {
+        0.0
+    };
+    (ticks + children) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU seconds used by every process whose name is one of `names` (RabbitMQ's `beam.smp`, the
+/// store's processes), children included.
+fn cpu_of(names: &[&str]) -> f64 {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if names.contains(&comm.trim()) {
+            total += cpu_seconds(pid, true);
+        }
+    }
+    total
+}
+
+/// The broker's and the store's processes, as `cpu_of` names them.
+const BROKER_PROCESSES: &[&str] = &["beam.smp"];
+const STORE_PROCESSES: &[&str] = &["postgres", "documentdb_gate", "mongod"];
+
 /// The worker process, stopped (SIGTERM, then waited for) however the benchmark ends, so a
 /// failed run leaves no worker behind.
 struct KillOnDrop(std::process::Child);
@@ -230,6 +285,11 @@ fn main() {
         .unwrap()
         .port();
     let started = Instant::now();
+    let (broker_cpu_before, store_cpu_before, redis_cpu_before) = (
+        cpu_of(BROKER_PROCESSES),
+        cpu_of(STORE_PROCESSES),
+        cpu_of(&["redis-server"]),
+    );
     let worker = Command::new(&binary)
         .args(["worker", "--concurrency", &concurrency.to_string()])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
@@ -289,6 +349,10 @@ fn main() {
         (last - first, peak, commands)
     });
     let peak = peak.max(peak_rss_kib(worker.id()).unwrap_or(0));
+    let worker_cpu = cpu_seconds(worker.id(), false);
+    let broker_cpu = cpu_of(BROKER_PROCESSES) - broker_cpu_before;
+    let store_cpu = cpu_of(STORE_PROCESSES) - store_cpu_before;
+    let redis_cpu = cpu_of(&["redis-server"]) - redis_cpu_before;
     drop(worker);
     let kobe_rate = (n - 1) as f64 / (span_ms.max(1) as f64 / 1000.0);
 
@@ -298,6 +362,13 @@ fn main() {
     println!("kobe_drain_per_s={kobe_rate:.0}");
     println!("kobe_peak_rss_kib={peak}");
     println!("kobe_mongo_commands_per_task={:.3}", commands / n as f64);
+    // CPU per drained task, each process on its own: far steadier than wall time on a shared
+    // machine.
+    let per_task = |seconds: f64| seconds * 1e6 / n as f64;
+    println!("kobe_cpu_us_per_task={:.0}", per_task(worker_cpu));
+    println!("kobe_broker_cpu_us_per_task={:.0}", per_task(broker_cpu));
+    println!("kobe_store_cpu_us_per_task={:.0}", per_task(store_cpu));
+    println!("kobe_redis_cpu_us_per_task={:.0}", per_task(redis_cpu));
     println!("mongodb={}", kobe::config::redact_url(&mongodb));
 
     runtime.block_on(async {

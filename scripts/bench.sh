@@ -12,12 +12,15 @@
 #   http     POST /task/start under wrk (64 connections, 10 s): `kobe serve` against FastAPI +
 #            Celery (from PyPI), each with its own worker consuming, same broker and Redis, same run;
 #            req/s and p99 latency as ratios, and MongoDB commands per submission.
+#   bulk     POST /task/start_many (batches of 500, no worker consuming): accepted tasks/s against
+#            the broker's own confirmed-publish rate in the same run; then the drain of those tasks
+#            by one `kobe worker`, against a Celery drain of as many.
 #   cluster  not a speed figure: three private RabbitMQ nodes clustered on this machine, quorum
 #            queues, an API and two workers given every node; 1,200 submissions (some retrying,
 #            some delayed) while a node is stopped, restarted, then another stopped. Checks every
 #            accepted task ran exactly as planned and prints how long the API refused work.
 #
-# Usage: scripts/bench.sh [publish|worker|compare|http|cluster]   KOBE_BENCH_TASKS=3000 KOBE_BENCH_MESSAGES=50000
+# Usage: scripts/bench.sh [publish|worker|compare|http|bulk|cluster]   KOBE_BENCH_TASKS=3000 KOBE_BENCH_MESSAGES=50000
 #        KOBE_BENCH_WORKER_ARGS="--prefetch-multiplier 10" passes flags to the Kobe worker.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -83,8 +86,9 @@ python_venv() {
   if [ ! -x "$venv/bin/uvicorn" ] || [ ! -x "$venv/bin/celery" ]; then
     log "installing Celery 5, FastAPI and uvicorn from PyPI into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet 'celery[redis]>=5,<6' fastapi uvicorn
+    "$venv/bin/pip" install --quiet 'celery[redis]>=5,<6' fastapi uvicorn pymongo
   fi
+  "$venv/bin/python" -c 'import pymongo' 2>/dev/null || "$venv/bin/pip" install --quiet pymongo
 }
 
 if [ "$which" = compare ]; then
@@ -112,6 +116,12 @@ print(f"  drain      Kobe / broker          {f('kobe_drain_per_s')/f('broker_con
 print(f"  drain      Kobe / (store / 2)     {f('kobe_drain_per_s')/(f('store_claims_per_s')/2):6.2f}")
 print(f"  memory     Kobe / Celery          {f('kobe_peak_rss_kib')/f('celery_peak_rss_kib')*100:6.1f} %")
 print(f"  MongoDB commands per tracked task {f('kobe_mongo_commands_per_task'):6.3f}")
+kobe_cpu = f('kobe_cpu_us_per_task') + f('kobe_broker_cpu_us_per_task') + f('kobe_store_cpu_us_per_task') + f('kobe_redis_cpu_us_per_task')
+celery_cpu = f('celery_cpu_us_per_task') + f('celery_broker_cpu_us_per_task') + f('celery_redis_cpu_us_per_task')
+print("  CPU per task (µs)        worker   broker    store    Redis    total")
+print(f"    Kobe               {f('kobe_cpu_us_per_task'):8.0f} {f('kobe_broker_cpu_us_per_task'):8.0f} {f('kobe_store_cpu_us_per_task'):8.0f} {f('kobe_redis_cpu_us_per_task'):8.0f} {kobe_cpu:8.0f}")
+print(f"    Celery             {f('celery_cpu_us_per_task'):8.0f} {f('celery_broker_cpu_us_per_task'):8.0f} {'-':>8} {f('celery_redis_cpu_us_per_task'):8.0f} {celery_cpu:8.0f}")
+print(f"  CPU per task Kobe / Celery        {kobe_cpu/celery_cpu:6.2f}")
 PY
   done
 fi
@@ -179,5 +189,46 @@ print(f"  kobe serve         {float(v['kobe_rps']):8.0f} req/s   p99 {float(kp99
 print(f"  req/s   Kobe / FastAPI+Celery   {float(v['kobe_rps'])/float(v['celery_rps']):6.2f}x")
 print(f"  p99     Kobe / FastAPI+Celery   {float(kp99)/float(cp99):6.2f}")
 print(f"  MongoDB commands per accepted submission {commands/max(accepted,1):6.3f} ({accepted:.0f} accepted)")
+PY
+fi
+
+if [ "$which" = bulk ]; then
+  python_venv
+  cargo build --release --quiet --bin kobe
+  cargo bench --no-run --quiet --bench publish 2>/dev/null
+  engine "${KOBE_BENCH_ENGINE:-documentdb}"
+  log "MongoDB: $KOBE_MONGO_KIND"
+  n=${KOBE_BENCH_BULK_TASKS:-20000}
+  broker=$(cargo bench --quiet --bench publish 2>/dev/null | awk '/raw amiquip/ {print $(NF-3)}')
+  pids=()
+  trap '[ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true; stop_mongodb' EXIT
+  prefix="kobebench-bulk-$$"
+  port=$(free_port)
+  export MONGODB_URI=$KOBE_MONGO_URI MONGODB_DB=${prefix//-/_} KOBE_AMQP_PREFIX=$prefix \
+    KOBE_REDIS_PREFIX=$prefix KOBE_HTTP_ADDR=127.0.0.1:$port KOBE_LOG_LEVEL=warn
+  target/release/kobe --env-file /dev/null init-db >/dev/null
+  target/release/kobe --env-file /dev/null serve & pids+=($!)
+  wait_port 127.0.0.1 "$port" 60 "kobe serve"
+  until curl -sf "http://127.0.0.1:$port/ready" >/dev/null; do sleep 0.2; done
+  kobe=$("$venv/bin/python" scripts/bench/bulk.py "http://127.0.0.1:$port" "$KOBE_MONGO_URI" "$MONGODB_DB" \
+    "$n" 500 -- target/release/kobe --env-file /dev/null worker)
+  kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; pids=()
+  "$venv/bin/python" -c "import pymongo; pymongo.MongoClient('$KOBE_MONGO_URI').drop_database('$MONGODB_DB')"
+  rabbitmqctl list_queues -q name 2>/dev/null | grep "^$prefix" | while read -r q; do
+    rabbitmqctl delete_queue -q "$q" >/dev/null 2>&1 || true
+  done
+  celery=$(cd scripts/bench && "$venv/bin/python" celery_drain.py --tasks "$n" --concurrency 10)
+  python3 - "$kobe" "$celery" "$broker" <<'PY'
+import sys
+kobe, celery, broker = sys.argv[1], sys.argv[2], float(sys.argv[3])
+v = dict(l.split("=", 1) for l in (kobe + "\n" + celery).splitlines() if "=" in l)
+f = lambda k: float(v[k])
+print(f"== POST /task/start_many, batches of 500, two clients, no worker; then one worker drains them; same run ==")
+print(f"  broker, confirmed publishes   {broker:8.0f} msg/s (raw amiquip, one batch)")
+print(f"  start_many accepted           {f('bulk_accepted_per_s'):8.0f} tasks/s (refused {v['bulk_refused']})")
+print(f"  Kobe drain of those           {f('bulk_drain_per_s'):8.0f} tasks/s")
+print(f"  Celery drain of as many       {f('celery_drain_per_s'):8.0f} tasks/s")
+print(f"  accepted   start_many / broker    {f('bulk_accepted_per_s')/broker:6.2f}")
+print(f"  drain      Kobe / Celery          {f('bulk_drain_per_s')/f('celery_drain_per_s'):6.2f}x")
 PY
 fi

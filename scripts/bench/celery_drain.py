@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -67,6 +68,25 @@ def tree_rss_kib(pid):
     return total
 
 
+def cpu_of(names):
+    """CPU seconds of every process named one of `names`, waited-for children included."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() not in names:
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / ticks
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=3000)
@@ -80,6 +100,7 @@ def main():
     preload_s = time.time() - started
 
     here = os.path.dirname(os.path.abspath(__file__))
+    broker_before, redis_before = cpu_of({"beam.smp"}), cpu_of({"redis-server"})
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "celery_drain", "worker", "-Q", QUEUE,
          "-c", str(args.concurrency), "-P", "prefork", "--prefetch-multiplier", "1",
@@ -110,6 +131,8 @@ def main():
             times.append(datetime.datetime.fromisoformat(meta["date_done"]).timestamp())
     finally:
         peak = max(peak, tree_rss_kib(worker.pid))
+        broker_cpu = cpu_of({"beam.smp"}) - broker_before
+        redis_cpu = cpu_of({"redis-server"}) - redis_before
         worker.terminate()
         worker.wait(timeout=60)
         for key in r.scan_iter(match=f"{QUEUE}:*", count=5000):
@@ -120,6 +143,12 @@ def main():
     print(f"celery_preload_per_s={args.tasks / preload_s:.0f}")
     print(f"celery_drain_per_s={rate:.0f}")
     print(f"celery_peak_rss_kib={peak}")
+    # The worker's processes (its prefork children roll up into it once waited for), and the
+    # broker's and Redis's over the drain, per task.
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"celery_cpu_us_per_task={(usage.ru_utime + usage.ru_stime) * 1e6 / args.tasks:.0f}")
+    print(f"celery_broker_cpu_us_per_task={broker_cpu * 1e6 / args.tasks:.0f}")
+    print(f"celery_redis_cpu_us_per_task={redis_cpu * 1e6 / args.tasks:.0f}")
 
 
 if __name__ == "__main__":
