@@ -200,6 +200,7 @@ pub async fn show_task(settings: &Settings, id: &str) -> anyhow::Result<bool> {
         .context("failed to read the task's errors")?;
     let shown = serde_json::json!({
         "task": serde_json::to_value(&task)?,
+        "attempts": serde_json::to_value(crate::store::error_log::history(&task, &errors))?,
         "errors": serde_json::to_value(&errors)?,
     });
     println!("{}", serde_json::to_string_pretty(&shown)?);

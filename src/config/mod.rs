@@ -64,6 +64,18 @@ pub fn host_name() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// This worker process, as the attempts it runs name it: `host:pid`.
+pub fn worker_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        format!(
+            "{}:{}",
+            host_name().unwrap_or_else(|| "unknown".into()),
+            std::process::id()
+        )
+    })
+}
+
 /// Replaces the password of `scheme://user:password@host…` with `***`. Works on URLs the `url`
 /// crate refuses (MongoDB's `host1,host2` seed lists), and leaves URLs without a password alone.
 pub fn redact_url(url: &str) -> String {

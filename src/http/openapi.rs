@@ -54,6 +54,7 @@ use super::routes::{actions, bulk, catalog, dlq, health, schedules, search, stat
         crate::submit::dead_letters::ReplayOutcome,
         search::TaskSummary,
         status::AttemptError,
+        status::AttemptInfo,
         status::JobProgress,
         Problem,
     )),

@@ -146,6 +146,7 @@ fn claim_fields(attempt: &Attempt, now: DateTime, lease: Duration) -> Document {
         "retries": i64::from(attempt.retries),
         "attempt_token": &attempt.token,
         "lease_until": later(now, lease),
+        "worker": crate::config::worker_name(),
     }
 }
 

@@ -107,6 +107,9 @@ pub struct TaskDocument {
     /// Until when that attempt's lease holds; it renews it while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_until: Option<DateTime>,
+    /// The worker (`host:pid`) that holds (or last held) the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
     /// Times the current attempt was started (a redelivery after a crash starts it again).
     #[serde(default)]
     pub deliveries: u32,
@@ -161,6 +164,7 @@ impl TaskDocument {
             outbox_claim_until: None,
             attempt_token: None,
             lease_until: None,
+            worker: None,
             deliveries: 0,
             dead_letter: None,
             replays: Vec::new(),

@@ -45,6 +45,8 @@ pub(super) struct Job<'a> {
     pub(super) attempt: Attempt,
     /// The attempt holds the task's lease (its claim was applied).
     pub(super) claimed: bool,
+    /// When its claim was taken (it ran from then on).
+    pub(super) started_at: Option<DateTime>,
 }
 
 impl Job<'_> {
@@ -83,6 +85,7 @@ impl Worker {
                     message: None,
                     attempt,
                     claimed: false,
+                    started_at: None,
                 };
                 let mut plan = decision::plan(
                     &Happened::Malformed(error.to_string()),
@@ -136,6 +139,7 @@ impl Worker {
             message: Some(message),
             attempt,
             claimed: false,
+            started_at: None,
         };
         let message = job.message.as_ref().expect("set above");
         let Some(task) = self.registry.get(&message.task) else {
@@ -253,6 +257,7 @@ impl Worker {
         match claimed {
             Ok(Claimed::Taken { taken_over }) => {
                 job.claimed = true;
+                job.started_at = Some(DateTime::now());
                 self.pause.recovered();
                 if let Some(previous) = taken_over {
                     tracing::warn!(previous_attempt = %previous, "took over a task whose attempt stopped renewing its lease");

@@ -208,6 +208,10 @@ impl Worker {
             decision,
             retry_delay_ms,
             at: DateTime::now(),
+            worker: job
+                .started_at
+                .map(|_| crate::config::worker_name().to_owned()),
+            started_at: job.started_at,
         })
     }
 
@@ -559,6 +563,7 @@ impl Worker {
             message: None,
             attempt,
             claimed,
+            started_at: None,
         };
         let mut plan = decision::plan(&Happened::Internal(cause), 1, &Default::default(), 0.0);
         if job.attempt.task_id.is_empty() {

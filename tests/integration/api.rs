@@ -249,3 +249,46 @@ async fn start_many_answers_each_item_as_start_would_and_shares_its_inserts() {
     worker.stop().await;
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_lists_every_attempt_with_its_worker_start_end_and_outcome() {
+    let env = TestEnv::with(&[
+        ("KOBE_RETRY_BASE_MS", "50"),
+        ("KOBE_RETRY_MAX_DELAY_MS", "200"),
+    ])
+    .await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(2);
+    let id = api
+        .submit(
+            json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 20, "fail_attempts": 1}}),
+        )
+        .await;
+    let (status, _) = api.wait_for_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(status["state"], "SUCCESS", "{status}");
+    let attempts = status["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{status}");
+    let this_worker = kobe::config::worker_name();
+    for (n, (attempt, outcome)) in attempts.iter().zip(["RETRY", "SUCCESS"]).enumerate() {
+        assert_eq!(attempt["attempt"], n + 1, "{attempt}");
+        assert_eq!(attempt["outcome"], outcome, "{attempt}");
+        assert_eq!(attempt["worker"], this_worker, "{attempt}");
+        let started = attempt["started_at"].as_str().expect("started");
+        let ended = attempt["ended_at"].as_str().expect("ended");
+        assert!(started <= ended, "{attempt}");
+    }
+    assert!(attempts[0]["root_cause"].is_string());
+    assert!(attempts[0]["ended_at"].as_str() <= attempts[1]["started_at"].as_str());
+    // The task's page shows the same attempts.
+    let page = api
+        .get(&format!("/ui/task/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("<h2>Attempts</h2>"), "{page}");
+    assert_eq!(page.matches(this_worker).count(), 2, "{page}");
+    worker.stop().await;
+    api.stop().await;
+}

@@ -29,6 +29,21 @@ pub struct AttemptError {
     pub at: Option<String>,
 }
 
+/// One attempt, as the status shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptInfo {
+    /// 1-based.
+    pub attempt: u32,
+    /// The worker (`host:pid`) that ran it.
+    pub worker: Option<String>,
+    pub started_at: Option<String>,
+    /// Absent while it runs.
+    pub ended_at: Option<String>,
+    /// `RETRY` or `FAILURE` for a failed attempt, `STARTED` while it runs, else the task's state.
+    pub outcome: String,
+    pub root_cause: Option<String>,
+}
+
 /// Progress of a sharded job, on the status of the task that planned it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobProgress {
@@ -63,6 +78,9 @@ pub struct TaskStatus {
     /// Every failed attempt, oldest first (present once there is one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<AttemptError>>,
+    /// Every attempt that ran, oldest first: worker, start, end, outcome (failed attempts are
+    /// kept 30 days).
+    pub attempts: Vec<AttemptInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job: Option<JobProgress>,
 }
@@ -82,6 +100,7 @@ fn status_of(task: &TaskDocument) -> TaskStatus {
         parent_id: task.parent_id.clone(),
         trace_id: task.trace_id.clone(),
         errors: None,
+        attempts: Vec::new(),
         job: None,
     }
 }
@@ -98,12 +117,28 @@ async fn load_status(state: &AppState, id: &TaskId) -> Result<Option<TaskStatus>
     };
     let mut status = status_of(&task);
     // Failures are looked up only for tasks that had some.
-    if task.retries > 0 || task.root_cause.is_some() {
-        let errors = state
+    let failed = task.retries > 0 || task.root_cause.is_some();
+    let errors = if failed {
+        state
             .errors
             .for_task(id.as_str())
             .await
-            .map_err(ApiError::store)?;
+            .map_err(ApiError::store)?
+    } else {
+        Vec::new()
+    };
+    status.attempts = crate::store::error_log::history(&task, &errors)
+        .into_iter()
+        .map(|a| AttemptInfo {
+            attempt: a.attempt,
+            worker: a.worker,
+            started_at: timestamp(a.started_at),
+            ended_at: timestamp(a.ended_at),
+            outcome: a.outcome.as_str().to_owned(),
+            root_cause: a.root_cause,
+        })
+        .collect();
+    if failed {
         if let Some(last) = errors.last() {
             status.root_cause = Some(last.root_cause.clone());
         }

@@ -416,15 +416,18 @@ pub async fn task(
     } else if !task.state.is_final() {
         let _ = write!(body, "<p><button data-cancel=\"{id}\">cancel</button></p>");
     }
-    body.push_str("<h2>Failed attempts</h2><table id=\"errors\"><tr><th>attempt</th><th>decision</th><th>when</th><th>root cause</th></tr>");
-    for e in &errors {
+    body.push_str("<h2>Attempts</h2><table id=\"attempts\"><tr><th>attempt</th><th>worker</th><th>started</th><th>ended</th><th>outcome</th><th>root cause</th></tr>");
+    for a in crate::store::error_log::history(&task, &errors) {
         let _ = write!(
             body,
-            "<tr><td>{}</td><td>{:?}</td><td>{}</td><td>{}</td></tr>",
-            e.attempt,
-            e.decision,
-            when(Some(e.at)),
-            escape(&e.root_cause)
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            a.attempt,
+            escape(a.worker.as_deref().unwrap_or("-")),
+            when(a.started_at),
+            when(a.ended_at),
+            a.outcome,
+            a.outcome,
+            escape(a.root_cause.as_deref().unwrap_or("-"))
         );
     }
     body.push_str(
