@@ -234,23 +234,7 @@ async fn a_signed_in_browser_cannot_be_made_to_purge_from_another_origin_and_the
     env.init_db().await;
     let api = env.spawn_api().await;
     let worker = env.spawn_worker(2);
-    let id = api
-        .client
-        .post(format!("{}/task/start", api.address))
-        .bearer_auth(TOKEN)
-        .json(
-            &json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    env.wait_final(&id, Duration::from_secs(20)).await;
+    let id = crate::security::a_dead_letter(&env, &api, TOKEN).await;
     eventually(Duration::from_secs(20), "the dead letter", || async {
         (dead_letters(&api).await == 1).then_some(())
     })

@@ -5,7 +5,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{TestApi, TestEnv};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "security-test-token-0123456789";
@@ -160,17 +160,13 @@ async fn sign_in(client: &reqwest::Client, base: &str) -> (String, String) {
     (session, csrf)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end() {
-    let env = TestEnv::with(&[("KOBE_API_TOKENS", TOKEN), ("KOBE_RETRY_MAX", "0")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(2);
-    // One dead letter to protect.
+/// A task that fails once with no retries left (`KOBE_RETRY_MAX=0`): its dead letter, once its
+/// message is settled. Needs a worker running.
+pub(crate) async fn a_dead_letter(env: &TestEnv, api: &TestApi, token: &str) -> String {
     let id = api
         .client
         .post(format!("{}/task/start", api.address))
-        .bearer_auth(TOKEN)
+        .bearer_auth(token)
         .json(
             &json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
         )
@@ -185,6 +181,17 @@ async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end()
         .to_owned();
     env.wait_final(&id, Duration::from_secs(20)).await;
     env.wait_queue_empty("default", "settled").await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end() {
+    let env = TestEnv::with(&[("KOBE_API_TOKENS", TOKEN), ("KOBE_RETRY_MAX", "0")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(2);
+    // One dead letter to protect.
+    a_dead_letter(&env, &api, TOKEN).await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -115,11 +115,7 @@ pub async fn start_many(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let incoming = request
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse);
+    let incoming = submit::incoming_trace(&request);
     let span = tracing::info_span!("http.task.start_many", tasks = tracing::field::Empty);
     let trace = crate::telemetry::otel::outgoing(&span, incoming.as_ref());
     async move {

@@ -275,11 +275,7 @@ pub async fn start(
 ) -> Result<HttpResponse, ApiError> {
     // Join the caller's trace if it sent one; the task's message continues it. The span's parent
     // is set before the span is entered, as the exporter requires.
-    let incoming = request
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse);
+    let incoming = incoming_trace(&request);
     let span = tracing::info_span!(
         "http.task.start",
         task = tracing::field::Empty,
@@ -290,6 +286,15 @@ pub async fn start(
     start_traced(state, request, payload, trace)
         .instrument(span)
         .await
+}
+
+/// The trace context the caller sent (`traceparent`), if it is one.
+pub(crate) fn incoming_trace(request: &HttpRequest) -> Option<TraceContext> {
+    request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
 }
 
 async fn start_traced(
