@@ -223,10 +223,11 @@ async fn start_many_answers_each_item_as_start_would_and_shares_its_inserts() {
     keyed.sort();
     assert_eq!(keyed, [200, 202], "{body}");
     assert_eq!(results[252]["task_id"], results[253]["task_id"]);
-    // 251 records in a few insert commands, not one each.
+    // 251 records in a few insert commands, not one each (the batch, split where the writer's
+    // commands in flight cut it, and the keyed items' own).
     let inserts =
         common::metric("kobe_mongo_commands_total{purpose=\"insert:Tasks\"}") - inserts_before;
-    assert!(inserts <= 3.0, "{inserts} insert commands for 251 records");
+    assert!(inserts <= 8.0, "{inserts} insert commands for 251 records");
 
     // Every accepted task runs.
     let worker = env.spawn_worker(10);

@@ -94,10 +94,12 @@ async fn retryable_failures_retry_with_growing_delays_until_success() {
         .map(|e| e.retry_delay_ms.unwrap() as i64)
         .collect();
     assert!(planned[1] > planned[0], "planned delays {planned:?}");
-    // The waits really happened: each attempt came no sooner than its planned delay.
+    // The waits really happened: each attempt started no sooner than its planned delay after the
+    // one before it started (which ran, then published its retry, before the delay began).
+    let started = |e: &kobe::store::ErrorRecord| e.started_at.expect("it ran").timestamp_millis();
     let observed = [
-        errors[1].at.timestamp_millis() - errors[0].at.timestamp_millis(),
-        task.finished_at.unwrap().timestamp_millis() - errors[1].at.timestamp_millis(),
+        started(&errors[1]) - started(&errors[0]),
+        task.started_at.unwrap().timestamp_millis() - started(&errors[1]),
     ];
     for (seen, plan) in observed.iter().zip(&planned) {
         assert!(seen >= plan, "observed {observed:?} planned {planned:?}");
