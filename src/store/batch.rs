@@ -1,8 +1,8 @@
 //! Group commit: many writes from concurrent work, few MongoDB commands.
 //!
 //! Callers hand a [`Write`] to the [`BatchWriter`] and await its own answer. The writer gathers
-//! the writes that arrive while it waits — up to `linger` after the first, or until the batch is
-//! full — and sends each collection's writes as one multi-statement `update` or `insert` command
+//! the writes already queued, then those that arrive for up to `linger` after the first, until
+//! the batch is full — and sends each collection's writes as one multi-statement `update` or `insert` command
 //! (`ordered: false`). While `max_in_flight` commands are already out, new writes keep joining the
 //! next batch: under load batches grow by themselves, at no cost in latency when idle.
 //!
@@ -236,7 +236,18 @@ async fn run(db: Database, config: BatchConfig, mut inbox: mpsc::Receiver<Entry>
                 None => break,
             }
         }
-        // Let company arrive for a moment, unless the batch is full already.
+        // Whatever is queued already joins at once (a burst, a bulk submission)...
+        while !full(&batches) {
+            match inbox.try_recv() {
+                Ok(entry) => add(&mut batches, entry),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        // ...then company may arrive for a moment, unless the batch is full already.
         let deadline = tokio::time::Instant::now() + config.linger;
         while !closed && !full(&batches) {
             tokio::select! {
