@@ -23,7 +23,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
             "the engine's default type"
         }
     );
-    let outcomes = migrations::apply_with(&db, settings.index_type, |progress| {
+    let outcomes = migrations::apply_with(&db, composite, |progress| {
         match progress {
             Progress::Building {
                 collection,

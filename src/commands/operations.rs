@@ -45,6 +45,19 @@ fn row(letter: &LetterSummary) -> String {
 
 /// The clients an operator's command needs, with the publisher connected (or given up on).
 pub async fn operations(settings: &Settings) -> anyhow::Result<DeadLetters> {
+    let (db, cache, submitter) = connected_submitter(settings).await?;
+    Ok(super::dead_letters(settings, &db, submitter, cache))
+}
+
+/// A command's submitter, its publisher connected (or given up on), with the database and cache
+/// it writes to.
+async fn connected_submitter(
+    settings: &Settings,
+) -> anyhow::Result<(
+    mongodb::Database,
+    crate::store::Cache,
+    crate::submit::Submitter,
+)> {
     let db = super::database(settings).await?;
     let cache = super::cache(settings)?;
     let publisher = super::publisher(settings)?;
@@ -58,7 +71,7 @@ pub async fn operations(settings: &Settings) -> anyhow::Result<DeadLetters> {
     }
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
-    Ok(super::dead_letters(settings, &db, submitter, cache))
+    Ok((db, cache, submitter))
 }
 
 /// `kobe task retry ID`; `Ok(false)` when the task was not retried (exit 1).
@@ -338,7 +351,7 @@ pub async fn start_many(
             std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
         Box::new(std::io::BufReader::new(opened))
     };
-    let submitter = operations(settings).await?.submitter;
+    let (_, _, submitter) = connected_submitter(settings).await?;
     let trace = crate::telemetry::trace::TraceContext::new_root();
     let mut lines = reader.lines().enumerate();
     let mut all_accepted = true;

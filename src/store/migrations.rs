@@ -209,17 +209,17 @@ pub async fn apply(
     db: &Database,
     progress: impl FnMut(Progress<'_>),
 ) -> Result<Vec<Outcome>, StoreError> {
-    apply_with(db, IndexChoice::Auto, progress).await
+    let composite = composite(db, IndexChoice::Auto).await?;
+    apply_with(db, composite, progress).await
 }
 
-/// [`apply`], with the index type chosen.
+/// [`apply`], creating missing indexes of DocumentDB's composite type or not (see [`composite`]).
 pub async fn apply_with(
     db: &Database,
-    choice: IndexChoice,
+    composite: bool,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<Vec<Outcome>, StoreError> {
     let specs = specs()?;
-    let composite = composite(db, choice).await?;
     let existing_collections = db.list_collection_names().await?;
     let mut outcomes = Vec::new();
     let mut report = |outcome: Outcome, progress: &mut dyn FnMut(Progress<'_>)| {

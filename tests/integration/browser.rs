@@ -213,20 +213,6 @@ async fn serve_page(html: String) -> String {
     address
 }
 
-async fn dead_letters(api: &crate::common::TestApi) -> usize {
-    let letters: Value = api
-        .client
-        .get(format!("{}/dlq", api.address))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    letters["letters"].as_array().unwrap().len()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_in_browser_cannot_be_made_to_purge_from_another_origin_and_the_page_still_works()
 {
@@ -236,7 +222,7 @@ async fn a_signed_in_browser_cannot_be_made_to_purge_from_another_origin_and_the
     let worker = env.spawn_worker(2);
     let id = crate::security::a_dead_letter(&env, &api, TOKEN).await;
     eventually(Duration::from_secs(20), "the dead letter", || async {
-        (dead_letters(&api).await == 1).then_some(())
+        (crate::security::dead_letters(&api, TOKEN).await == 1).then_some(())
     })
     .await;
 
@@ -291,7 +277,11 @@ fetch("{purge}", {{method: "POST", mode: "no-cors", credentials: "include",
         answer.contains("forbidden") && answer.contains("another site or origin"),
         "the form post was answered: {answer}"
     );
-    assert_eq!(dead_letters(&api).await, 1, "something was purged");
+    assert_eq!(
+        crate::security::dead_letters(&api, TOKEN).await,
+        1,
+        "something was purged"
+    );
 
     // The page's own button still works: replay the letter from the page.
     browser.go(&format!("{}/ui", api.address)).await;
@@ -314,7 +304,7 @@ fetch("{purge}", {{method: "POST", mode: "no-cors", credentials: "include",
         },
     )
     .await;
-    assert_eq!(dead_letters(&api).await, 0);
+    assert_eq!(crate::security::dead_letters(&api, TOKEN).await, 0);
     worker.stop().await;
     api.handle.stop(false).await;
 }

@@ -160,6 +160,21 @@ async fn sign_in(client: &reqwest::Client, base: &str) -> (String, String) {
     (session, csrf)
 }
 
+/// How many dead letters `GET /dlq` lists.
+pub(crate) async fn dead_letters(api: &TestApi, token: &str) -> usize {
+    let letters: Value = api
+        .client
+        .get(format!("{}/dlq", api.address))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    letters["letters"].as_array().unwrap().len()
+}
+
 /// A task that fails once with no retries left (`KOBE_RETRY_MAX=0`): its dead letter, once its
 /// message is settled. Needs a worker running.
 pub(crate) async fn a_dead_letter(env: &TestEnv, api: &TestApi, token: &str) -> String {
@@ -243,20 +258,7 @@ async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end()
     // The page's token, but not JSON: refused as such.
     let plain = purge(from_page(), confirm, "text/plain").await.unwrap();
     assert_eq!(plain.status(), 415);
-    let letters: Value = client
-        .get(format!("{}/dlq", api.address))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        letters["letters"].as_array().unwrap().len(),
-        1,
-        "something was purged: {letters}"
-    );
+    assert_eq!(dead_letters(&api, TOKEN).await, 1, "something was purged");
     // What the page itself sends passes.
     let own = purge(from_page(), confirm, "application/json")
         .await

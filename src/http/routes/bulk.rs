@@ -180,11 +180,10 @@ pub async fn submit_items(
         }
         answers.push(None);
     }
-    let names: Vec<(usize, String, String)> = batch
-        .iter()
-        .map(|(index, task)| (*index, task.id.to_string(), task.task_name.clone()))
-        .collect();
-    let tasks = batch.into_iter().map(|(_, task)| task).collect();
+    let (names, tasks): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|(index, task)| ((index, task.id.to_string(), task.task_name.clone()), task))
+        .unzip();
     let keyed_answers =
         futures_util::future::join_all(keyed.into_iter().map(|(index, prepared)| async move {
             (
