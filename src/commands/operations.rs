@@ -161,7 +161,7 @@ pub async fn list_tasks(settings: &Settings, query: crate::cli::TaskQuery) -> an
         )
     });
     let (tasks, next) = crate::store::TaskRepository::new(&db)
-        .search(&Search {
+        .find(&Search {
             state,
             task_name: query.task_name,
             route: query.route,

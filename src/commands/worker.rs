@@ -94,6 +94,11 @@ pub async fn run(
             tasks: TaskRepository::new(&db),
             errors: ErrorLogRepository::new(&db),
             payloads: PayloadRepository::new(&db),
+            reader: crate::store::lookup::BatchReader::start(
+                db.clone(),
+                settings.batch_linger,
+                std::time::Duration::from_secs(10),
+            ),
             writer,
             cache,
             publisher,

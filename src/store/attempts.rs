@@ -1,15 +1,12 @@
-//! The execution lease on `Tasks`: claims, renewals and the outcomes recorded under them.
+//! Attempts and the outcomes recorded for them in `Tasks`, and the operator's transitions out of
+//! the normal flow (rerun, cancel).
 //!
-//! An attempt may run only while it holds the task's lease: `STARTED` records a random
-//! `attempt_token` and a `lease_until` that the running attempt renews. Another copy of the task
-//! (a redelivery after a lost connection, a duplicate publish) may *take* the task only when it is
-//! waiting (`PENDING`, `RETRY`) or its lease has lapsed; an attempt's outcome is recorded only
-//! under its own token. `retries` in the filter keeps a stale copy of an earlier attempt from
-//! starting again, and `deliveries` (starts of the current attempt) caps a message that kills every
-//! worker that runs it.
+//! An attempt runs only while it holds its lease in
+//! [`TaskLeases`](super::task_leases); its outcome is one conditional write to `Tasks` whose
+//! filter lists the states it may move from, and `retries` in the filter keeps a stale copy of an
+//! earlier attempt from recording anything.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
@@ -17,7 +14,7 @@ use serde_json::{Map, Value};
 
 use super::batch::{Write, WriteOp};
 use super::tasks::{states, to_bson, TaskRepository, COLLECTION, PUBLISH_CONFIRMED};
-use super::{is_duplicate_key, later, StoreError};
+use super::StoreError;
 use crate::domain::TaskState;
 
 /// One attempt of one task, as the lease knows it.
@@ -104,60 +101,28 @@ pub const DEAD_LETTER_SENT: &str = "sent";
 /// What an attempt recording an outcome holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holding {
-    /// The task's lease (its claim was applied).
-    Lease,
-    /// Nothing, and it did not run.
-    Nothing,
-}
-
-/// The answer to a claim made with one round trip.
-#[derive(Debug, Clone)]
-pub enum Claimed {
-    /// The lease is ours. `taken_over` names the attempt whose lapsed lease was taken.
-    Taken { taken_over: Option<String> },
-    /// Someone else has the task, or it is not in a state to start: look at it.
-    Refused,
-}
-
-/// Documents an attempt may take: waiting, or started under a lapsed lease (or under its own
-/// token, when a claim is sent again after an ambiguous failure) — and not from a later attempt.
-fn takeable(attempt: &Attempt, now: DateTime) -> Document {
-    let started = TaskState::Started.as_str();
-    doc! {
-        "_id": &attempt.task_id,
-        "retries": {"$not": {"$gt": i64::from(attempt.retries)}},
-        "$or": [
-            {"state": {"$in": states(&[TaskState::Pending, TaskState::Retry])}},
-            {"state": started, "lease_until": {"$lt": now}},
-            {"state": started, "lease_until": null},
-            {"state": started, "attempt_token": &attempt.token},
-        ],
-    }
-}
-
-/// `$set` fields of a claim. A worker holding the message knows the broker has it: the claim
-/// marks the publish confirmed too, so the submitter's own mark finds nothing to write.
-fn claim_fields(attempt: &Attempt, now: DateTime, lease: Duration) -> Document {
-    doc! {
-        "publish_state": PUBLISH_CONFIRMED,
-        "state": TaskState::Started.as_str(),
-        "updated_at": now,
-        "started_at": now,
-        "retries": i64::from(attempt.retries),
-        "attempt_token": &attempt.token,
-        "lease_until": later(now, lease),
-        "worker": crate::config::worker_name(),
-    }
+    /// The attempt's lease: it ran, from `started_at`, started `deliveries` times.
+    Lease {
+        started_at: DateTime,
+        deliveries: u32,
+    },
+    /// Nothing, and it did not run here; `deliveries`: starts of the attempt seen on its lease
+    /// (a poison message's), 0 when none.
+    Nothing { deliveries: u32 },
 }
 
 /// `$set` fields of an outcome.
 fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, StoreError> {
-    let mut set = doc! {"state": transition.target().as_str(), "updated_at": now};
+    // A worker holding the message knows the broker has it: an outcome marks the publish
+    // confirmed too, so the outbox never sends it again (a retry owed to the outbox aside).
+    let mut set = doc! {
+        "state": transition.target().as_str(),
+        "updated_at": now,
+        "publish_state": PUBLISH_CONFIRMED,
+    };
     match transition {
         Transition::Retry { root_cause, owed } => {
             set.insert("root_cause", root_cause);
-            // The next attempt starts counting its deliveries afresh.
-            set.insert("deliveries", 0_i64);
             if *owed {
                 set.insert("publish_state", super::tasks::PUBLISH_PENDING);
             }
@@ -185,68 +150,6 @@ fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, St
 }
 
 impl TaskRepository {
-    /// The claim of `attempt` as a batched write: the lease for `lease`, refused when another
-    /// attempt holds a live lease, the task is finished, the message is of an earlier attempt, or
-    /// the attempt was started `max_deliveries` times already. Creates the document when no
-    /// client recorded the task (a Celery client's message).
-    pub fn claim_write(&self, attempt: &Attempt, lease: Duration, max_deliveries: u32) -> Write {
-        let now = DateTime::now();
-        let mut filter = takeable(attempt, now);
-        filter.insert(
-            "deliveries",
-            doc! {"$not": {"$gte": i64::from(max_deliveries)}},
-        );
-        // A task an operator asked to stop is not started again (a redelivery of its attempt).
-        filter.insert("cancel_requested", mongodb::bson::Bson::Null);
-        Write {
-            collection: COLLECTION,
-            op: WriteOp::Upsert {
-                filter,
-                update: doc! {
-                    "$set": claim_fields(attempt, now, lease),
-                    "$inc": {"deliveries": 1_i64},
-                    "$setOnInsert": on_insert(attempt, now),
-                },
-            },
-            purpose: "claim",
-        }
-    }
-
-    /// The same claim in one round trip of its own, returning what it replaced: used for
-    /// redeliveries, which may take over a lapsed lease and must say so.
-    #[tracing::instrument(name = "store.tasks.claim", skip_all, fields(task_id = %attempt.task_id))]
-    pub async fn claim_now(
-        &self,
-        attempt: &Attempt,
-        lease: Duration,
-        max_deliveries: u32,
-    ) -> Result<Claimed, StoreError> {
-        let WriteOp::Upsert { filter, update } =
-            self.claim_write(attempt, lease, max_deliveries).op
-        else {
-            unreachable!("a claim is an upsert");
-        };
-        let before = self
-            .collection
-            .clone_with_type::<Document>()
-            .find_one_and_update(filter, update)
-            .upsert(true)
-            .return_document(ReturnDocument::Before)
-            .await;
-        match before {
-            Ok(Some(before)) => {
-                let taken_over = (before.get_str("state") == Ok(TaskState::Started.as_str()))
-                    .then(|| before.get_str("attempt_token").ok().map(str::to_owned))
-                    .flatten()
-                    .filter(|token| *token != attempt.token);
-                Ok(Claimed::Taken { taken_over })
-            }
-            Ok(None) => Ok(Claimed::Taken { taken_over: None }),
-            Err(e) if is_duplicate_key(&e) => Ok(Claimed::Refused),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Records an outcome as a batched write. With [`Holding::Lease`] the write is refused
     /// unless the attempt still holds the task's lease; otherwise ([`Holding::Nothing`]: a task
     /// closed without running — expired, unknown, poison) it carries the claim's conditions
@@ -268,27 +171,37 @@ impl TaskRepository {
         if matches!(transition, Transition::Retry { .. }) {
             set.insert("retries", i64::from(retries));
         }
-        let (filter, update) = match holding {
-            Holding::Lease => {
-                let filter = doc! {
-                    "_id": &attempt.task_id,
-                    "attempt_token": &attempt.token,
-                    // Its own outcome again (sent twice after an ambiguous failure) is not a
-                    // refusal.
-                    "state": {"$in": states(&[TaskState::Started, transition.target()])},
-                };
-                (filter, doc! {"$set": set})
-            }
-            Holding::Nothing => {
+        // Waiting for this attempt (or for an earlier one whose outcome was lost); `STARTED` is
+        // what documents of older versions hold while an attempt runs.
+        let waiting = doc! {
+            "retries": {"$not": {"$gt": i64::from(attempt.retries)}},
+            "state": {"$in": states(&[TaskState::Pending, TaskState::Retry, TaskState::Started])},
+        };
+        let mut filter = match holding {
+            Holding::Lease {
+                started_at,
+                deliveries,
+            } => {
+                set.insert("started_at", started_at);
+                set.insert("worker", crate::config::worker_name());
                 set.insert("attempt_token", &attempt.token);
-                let update = doc! {
-                    "$set": set,
-                    "$setOnInsert": on_insert(attempt, now),
-                };
-                (takeable(attempt, now), update)
+                set.insert("deliveries", i64::from(deliveries));
+                // Its own outcome again (sent twice after an ambiguous failure) is not a
+                // refusal.
+                let again =
+                    doc! {"attempt_token": &attempt.token, "state": transition.target().as_str()};
+                doc! {"_id": &attempt.task_id, "$or": [waiting, again]}
+            }
+            Holding::Nothing { deliveries } => {
+                if deliveries > 0 {
+                    set.insert("deliveries", i64::from(deliveries));
+                }
+                let mut filter = doc! {"_id": &attempt.task_id};
+                filter.extend(waiting);
+                filter
             }
         };
-        let mut filter = filter;
+        let update = doc! {"$set": set, "$setOnInsert": on_insert(attempt, now)};
         if matches!(transition, Transition::Retry { .. }) {
             // No next attempt (nor a start) after an operator asked the task to stop: the write
             // is refused, and looking at the task finds the cancel.
@@ -304,33 +217,6 @@ impl TaskRepository {
                 Transition::Revoked { .. } => "revoked",
             },
         })
-    }
-
-    /// Extends the attempt's lease; `false` when it no longer holds it (taken over, or finished).
-    #[tracing::instrument(name = "store.tasks.renew", skip_all, fields(task_id = %attempt.task_id))]
-    pub async fn renew(&self, attempt: &Attempt, lease: Duration) -> Result<bool, StoreError> {
-        let outcome = self
-            .collection
-            .update_one(
-                doc! {"_id": &attempt.task_id, "attempt_token": &attempt.token, "state": TaskState::Started.as_str()},
-                doc! {"$set": {"lease_until": super::from_now(lease)}},
-            )
-            .await?;
-        Ok(outcome.matched_count == 1)
-    }
-
-    /// Lets the lease lapse now, so a redelivered copy can start at once (the attempt is handing
-    /// its message back without an outcome).
-    #[tracing::instrument(name = "store.tasks.release", skip_all, fields(task_id = %attempt.task_id))]
-    pub async fn release(&self, attempt: &Attempt) -> Result<bool, StoreError> {
-        let outcome = self
-            .collection
-            .update_one(
-                doc! {"_id": &attempt.task_id, "attempt_token": &attempt.token, "state": TaskState::Started.as_str()},
-                doc! {"$set": {"lease_until": DateTime::now()}},
-            )
-            .await?;
-        Ok(outcome.matched_count == 1)
     }
 
     /// Notes that the dead letter owed for a finished task was confirmed.
@@ -432,86 +318,94 @@ pub enum Cancelled {
 }
 
 impl TaskRepository {
-    /// Cancels task `id` for `by`: one conditional update per state it may be in, so a cancel
-    /// racing a worker's claim either revokes the waiting task (and the claim is refused) or finds
-    /// it started (and asks its attempt to stop). Idempotent.
+    /// Cancels task `id` for `by`. The attempt the task waits for is the arbiter: a cancel that
+    /// closes it first ([`LeaseRepository::close`](super::task_leases::LeaseRepository::close))
+    /// revokes the waiting task, and a worker's claim is then refused; one that finds it running
+    /// asks the attempt to stop. Idempotent.
     #[tracing::instrument(name = "store.tasks.cancel", skip(self))]
     pub async fn cancel(&self, id: &str, by: &str) -> Result<Cancelled, StoreError> {
         // A task moves on at most a few times while we look (STARTED -> RETRY, say).
         for _ in 0..4 {
             let now = DateTime::now();
-            let request = doc! {"at": now, "by": by};
+            let request = super::tasks::Replay {
+                at: now,
+                by: by.to_owned(),
+            };
+            let Some(task) = self.stored(id).await? else {
+                // A Celery client's task is recorded by its outcome; until then only its lease
+                // knows it.
+                return Ok(match self.leases.latest_open(id).await? {
+                    Some(lease) if self.leases.ask_to_stop(id, lease.retries, &request).await? => {
+                        Cancelled::Requested
+                    }
+                    _ => Cancelled::Missing,
+                });
+            };
+            match task.state {
+                TaskState::Revoked => return Ok(Cancelled::AlreadyRevoked),
+                TaskState::Success | TaskState::Failure => {
+                    return Ok(Cancelled::Finished(task.state))
+                }
+                TaskState::Pending | TaskState::Retry | TaskState::Started => {}
+            }
+            let retries = task.retries;
+            let closed = self
+                .leases
+                .close(
+                    id,
+                    &task.task_name,
+                    retries,
+                    TaskState::Revoked,
+                    Some(&request),
+                )
+                .await?;
+            let lease = if closed {
+                None
+            } else {
+                self.leases.get(id, retries).await?
+            };
+            match lease {
+                // Nobody holds the attempt, and now nobody can (or an earlier cancel closed it
+                // and stopped before revoking the task).
+                None if closed => {}
+                Some(lease) if lease.closed == Some(TaskState::Revoked) => {}
+                Some(lease) if lease.is_open() => {
+                    self.leases.ask_to_stop(id, retries, &request).await?;
+                    // Kept on the task too: no retry is recorded after it.
+                    self.collection
+                        .update_one(
+                            doc! {"_id": id, "cancel_requested": null},
+                            doc! {"$set": {"cancel_requested": {"at": now, "by": by}}},
+                        )
+                        .await?;
+                    return Ok(Cancelled::Requested);
+                }
+                // Done: its outcome is being recorded; look again.
+                _ => continue,
+            }
             let revoked = self
                 .collection
                 .update_one(
-                    doc! {"_id": id, "state": {"$in": states(&[TaskState::Pending, TaskState::Retry])}},
+                    doc! {
+                        "_id": id,
+                        "retries": i64::from(retries),
+                        "state": {"$in": states(&[TaskState::Pending, TaskState::Retry, TaskState::Started])},
+                    },
                     doc! {"$set": {
                         "state": TaskState::Revoked.as_str(),
                         "updated_at": now,
                         "finished_at": now,
                         "root_cause": format!("cancelled by {by} before it ran"),
-                        "cancel_requested": request.clone(),
+                        "cancel_requested": {"at": now, "by": by},
                     }},
                 )
                 .await?;
             if revoked.matched_count == 1 {
                 return Ok(Cancelled::Revoked);
             }
-            let asked = self
-                .collection
-                .update_one(
-                    doc! {"_id": id, "state": TaskState::Started.as_str(), "cancel_requested": null},
-                    doc! {"$set": {"cancel_requested": request}},
-                )
-                .await?;
-            if asked.matched_count == 1 {
-                return Ok(Cancelled::Requested);
-            }
-            match self.collection.find_one(doc! {"_id": id}).await? {
-                None => return Ok(Cancelled::Missing),
-                Some(task) => match task.state {
-                    TaskState::Revoked => return Ok(Cancelled::AlreadyRevoked),
-                    TaskState::Success | TaskState::Failure => {
-                        return Ok(Cancelled::Finished(task.state))
-                    }
-                    TaskState::Started if task.cancel_requested.is_some() => {
-                        return Ok(Cancelled::Requested)
-                    }
-                    // It moved between the updates and the read: look again.
-                    _ => continue,
-                },
-            }
         }
         Err(StoreError::Unavailable(crate::cause::Cause::new(
             "the task kept changing state while being cancelled; ask again",
         )))
-    }
-
-    /// Of the running attempts `tokens` (task id, attempt token), those whose task an operator
-    /// asked to stop: one query for all of a worker's running tasks.
-    #[tracing::instrument(name = "store.tasks.cancel_requests", skip_all, fields(running = running.len()))]
-    pub async fn cancel_requests(
-        &self,
-        running: &[(String, String)],
-    ) -> Result<Vec<String>, StoreError> {
-        use futures_util::TryStreamExt;
-        let ids: Vec<&str> = running.iter().map(|(id, _)| id.as_str()).collect();
-        let tokens: Vec<&str> = running.iter().map(|(_, token)| token.as_str()).collect();
-        let found: Vec<Document> = self
-            .collection
-            .clone_with_type::<Document>()
-            .find(doc! {
-                "_id": {"$in": ids},
-                "attempt_token": {"$in": tokens},
-                "cancel_requested": {"$ne": null},
-            })
-            .projection(doc! {"attempt_token": 1})
-            .await?
-            .try_collect()
-            .await?;
-        Ok(found
-            .iter()
-            .filter_map(|d| d.get_str("attempt_token").ok().map(str::to_owned))
-            .collect())
     }
 }

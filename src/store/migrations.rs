@@ -24,8 +24,12 @@ use super::StoreError;
 use crate::cause::Cause;
 
 /// The spec files, in the order they are applied.
-const SPEC_FILES: [(&str, &str); 9] = [
+const SPEC_FILES: [(&str, &str); 10] = [
     ("Tasks.json", include_str!("../../migrations/Tasks.json")),
+    (
+        "TaskLeases.json",
+        include_str!("../../migrations/TaskLeases.json"),
+    ),
     (
         "TaskDedup.json",
         include_str!("../../migrations/TaskDedup.json"),
@@ -404,6 +408,7 @@ mod tests {
             names,
             [
                 "Tasks",
+                "TaskLeases",
                 "TaskDedup",
                 "TaskCheckpoint",
                 "PendingTasks",
@@ -415,8 +420,10 @@ mod tests {
             ]
         );
         for spec in &specs {
-            // Collections of a few documents read by `_id` need no index of their own.
-            let small = ["Leaders", "ScheduleState"].contains(&spec.collection.as_str());
+            // Collections of a few documents, or written only by `_id` (the leases), need no
+            // index of their own.
+            let small =
+                ["Leaders", "ScheduleState", "TaskLeases"].contains(&spec.collection.as_str());
             assert_eq!(
                 spec.indexes().unwrap().is_empty(),
                 small,

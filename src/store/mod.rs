@@ -9,11 +9,14 @@ pub mod dedup;
 pub mod error_log;
 pub mod leaders;
 pub mod leases;
+pub mod lookup;
 pub mod migrations;
 pub mod payloads;
 pub mod search;
 pub mod shards;
+pub mod task_leases;
 pub mod tasks;
+pub mod view;
 
 use std::time::Duration;
 

@@ -65,14 +65,23 @@ pub struct Search {
 }
 
 impl TaskRepository {
-    /// Tasks matching `search`, most recently changed first; the cursor of the next page when
-    /// there may be one.
-    #[tracing::instrument(name = "store.tasks.search", skip(self))]
-    pub async fn search(
+    /// Stored documents matching `search` (among `only`, when given, in any waiting state),
+    /// most recently changed first; the cursor of the next page when there may be one. Readers
+    /// go through [`TaskRepository::find`], which lays the running attempts over them.
+    #[tracing::instrument(name = "store.tasks.search", skip(self, only))]
+    pub(super) async fn search(
         &self,
         search: &Search,
+        only: Option<&[&str]>,
     ) -> Result<(Vec<TaskDocument>, Option<Cursor>), StoreError> {
-        let filter = search.filter();
+        let mut filter = search.filter();
+        if let Some(ids) = only {
+            filter.insert("_id", doc! {"$in": ids});
+            filter.insert(
+                "state",
+                doc! {"$in": super::tasks::states(&[TaskState::Pending, TaskState::Retry, TaskState::Started])},
+            );
+        }
         let limit = search.limit.clamp(1, MAX_PAGE);
         let tasks: Vec<TaskDocument> = self
             .collection
@@ -193,7 +202,10 @@ fn regex_escape(text: &str) -> String {
 impl TaskRepository {
     /// How many tasks each state has that changed since `since` (index-backed: one count per
     /// state).
-    pub async fn counts_since(&self, since: DateTime) -> Result<Vec<(TaskState, u64)>, StoreError> {
+    pub(super) async fn counts_since(
+        &self,
+        since: DateTime,
+    ) -> Result<Vec<(TaskState, u64)>, StoreError> {
         let mut counts = Vec::new();
         for state in TaskState::ALL {
             let n = self

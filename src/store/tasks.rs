@@ -195,6 +195,8 @@ pub enum Refusal {
 #[derive(Clone)]
 pub struct TaskRepository {
     pub(super) collection: Collection<TaskDocument>,
+    /// Where the running attempts are (read model, cancels, refusals).
+    pub(super) leases: super::task_leases::LeaseRepository,
 }
 
 pub(super) fn states(states: &[TaskState]) -> Vec<&'static str> {
@@ -205,6 +207,7 @@ impl TaskRepository {
     pub fn new(db: &Database) -> Self {
         Self {
             collection: db.collection(COLLECTION),
+            leases: super::task_leases::LeaseRepository::new(db),
         }
     }
 
@@ -243,8 +246,15 @@ impl TaskRepository {
             }))
     }
 
-    #[tracing::instrument(name = "store.tasks.get", skip(self))]
-    pub async fn get(&self, id: &str) -> Result<Option<TaskDocument>, StoreError> {
+    /// The execution leases of these tasks' attempts.
+    pub fn leases(&self) -> &super::task_leases::LeaseRepository {
+        &self.leases
+    }
+
+    /// The document as stored, without the running attempt laid over it (readers use
+    /// [`TaskRepository::get`]).
+    #[tracing::instrument(name = "store.tasks.stored", skip(self))]
+    pub async fn stored(&self, id: &str) -> Result<Option<TaskDocument>, StoreError> {
         Ok(self.collection.find_one(doc! {"_id": id}).await?)
     }
 
@@ -285,6 +295,17 @@ impl TaskRepository {
         task_name: &str,
         root_cause: &str,
     ) -> Result<Refusal, StoreError> {
+        // First the first attempt's lease, the arbiter between this refusal and a worker's claim.
+        let closed = self
+            .leases
+            .close(id, task_name, 0, TaskState::Failure, None)
+            .await?;
+        if !closed {
+            let lease = self.leases.get(id, 0).await?;
+            if lease.is_none_or(|l| l.closed.is_none()) {
+                return Ok(Refusal::Taken);
+            }
+        }
         let now = DateTime::now();
         let refused = self
             .collection

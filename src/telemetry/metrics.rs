@@ -80,6 +80,10 @@ pub struct Metrics {
     pub lease_takeovers: IntCounterVec,
     /// Handlers stopped because their lease could not be renewed (MongoDB did not answer).
     pub lease_abandoned: prometheus::IntCounter,
+    /// Lease renewals sent (one command for all of a worker's running attempts) and the
+    /// leases they extended.
+    pub lease_renewals: prometheus::IntCounter,
+    pub leases_renewed: prometheus::IntCounter,
     /// Deliveries settled without running the task again: already finished, held by a live
     /// attempt, a stale attempt, or a lost consumer connection.
     pub duplicate_deliveries: IntCounterVec,
@@ -287,6 +291,26 @@ impl Metrics {
                 let metric = prometheus::IntCounter::new(
                     "kobe_task_leases_abandoned_total",
                     "Handlers stopped before their execution lease could lapse, because MongoDB did not answer its renewals.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("unique metric name");
+                metric
+            },
+            lease_renewals: {
+                let metric = prometheus::IntCounter::new(
+                    "kobe_lease_renewals_total",
+                    "Lease renewals sent: one command for all of a worker's running attempts.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(metric.clone()))
+                    .expect("unique metric name");
+                metric
+            },
+            leases_renewed: {
+                let metric = prometheus::IntCounter::new(
+                    "kobe_leases_renewed_total",
+                    "Execution leases extended by those renewals.",
                 )
                 .expect("valid metric");
                 r.register(Box::new(metric.clone()))

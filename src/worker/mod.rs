@@ -36,6 +36,7 @@ use crate::config::RetryOverrides;
 use crate::store::attempts::Attempt;
 use crate::store::batch::BatchWriter;
 use crate::store::cache::Invalidator;
+use crate::store::task_leases::lease_id;
 use crate::store::{Cache, ErrorLogRepository, PayloadRepository, TaskRepository};
 use crate::tasks::{Registry, RetryPolicy, Task, TaskContext};
 
@@ -71,6 +72,8 @@ pub struct Services {
     pub tasks: TaskRepository,
     pub errors: ErrorLogRepository,
     pub payloads: PayloadRepository,
+    /// Batched lookups of the tasks being claimed.
+    pub reader: crate::store::lookup::BatchReader,
     pub writer: BatchWriter,
     pub cache: Cache,
     pub publisher: Publisher,
@@ -89,6 +92,8 @@ pub struct Worker {
     tasks: TaskRepository,
     errors: ErrorLogRepository,
     payloads: PayloadRepository,
+    leases: crate::store::task_leases::LeaseRepository,
+    reader: crate::store::lookup::BatchReader,
     writer: BatchWriter,
     cache: Cache,
     invalidator: Invalidator,
@@ -110,7 +115,9 @@ impl Worker {
     pub fn new(registry: Registry, services: Services, config: WorkerConfig) -> Arc<Self> {
         Arc::new(Self {
             registry,
+            leases: services.tasks.leases().clone(),
             tasks: services.tasks,
+            reader: services.reader,
             errors: services.errors,
             payloads: services.payloads,
             writer: services.writer,
@@ -140,6 +147,8 @@ impl Worker {
     ) {
         let mut in_hand = JoinSet::new();
         let cancels = tokio::spawn(self.clone().watch_cancels());
+        let _keep_leases = AbortOnDrop(tokio::spawn(self.clone().keep_leases()));
+        let _collect = AbortOnDrop(tokio::spawn(self.clone().collect_leases()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -175,7 +184,7 @@ impl Worker {
                 );
                 in_hand.abort_all();
                 // All at once and bounded: a MongoDB that does not answer must not hold up the stop.
-                let releases = abandoned.iter().map(|attempt| self.tasks.release(attempt));
+                let releases = abandoned.iter().map(|attempt| self.leases.release(attempt));
                 match tokio::time::timeout(
                     Duration::from_secs(2),
                     futures_util::future::join_all(releases),
@@ -206,9 +215,64 @@ impl Worker {
             if running.is_empty() {
                 continue;
             }
-            match self.tasks.cancel_requests(&running).await {
+            match self.leases.cancel_requests(&running).await {
                 Ok(tokens) => tokens.iter().for_each(|token| self.active.cancel(token)),
                 Err(error) => tracing::debug!(error = %error, "cannot look for cancel requests"),
+            }
+        }
+    }
+
+    /// Renews the leases of every attempt running here, in one command a tick (every third of
+    /// the lease; sooner after a failed renewal). Each attempt trusts its lease until
+    /// [`pipeline::LEASE_MARGIN`] of it is left from the last renewal *sent* that held it; an
+    /// attempt whose lease another took is told at once.
+    async fn keep_leases(self: Arc<Self>) {
+        let lease = self.config.lease;
+        let every = lease / 3;
+        let margin = lease.mul_f64(pipeline::LEASE_MARGIN);
+        let mut wait = every;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = every;
+            let held = self.active.held();
+            if held.is_empty() {
+                continue;
+            }
+            let sent = std::time::Instant::now();
+            match tokio::time::timeout(every, self.leases.renew(&held, lease)).await {
+                Ok(Ok(tokens)) => {
+                    let m = crate::telemetry::metrics::metrics();
+                    m.lease_renewals.inc();
+                    m.leases_renewed.inc_by(tokens.len() as u64);
+                    self.active
+                        .renewed(&held, &tokens, sent + lease.saturating_sub(margin));
+                    self.pause.recovered();
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error, running = held.len(), "cannot renew the leases; trying again");
+                    wait = every / 4;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        bound_ms = every.as_millis() as u64,
+                        running = held.len(),
+                        "the lease renewal got no answer in time; trying again"
+                    );
+                    wait = every / 4;
+                }
+            }
+        }
+    }
+
+    /// Removes done leases once no late copy can need them (every worker does, rarely: the
+    /// collection holds only the running attempts and the last minutes' done ones).
+    async fn collect_leases(self: Arc<Self>) {
+        let every = crate::store::task_leases::DONE_RETENTION / 3;
+        loop {
+            tokio::time::sleep(every.mul_f64(0.5 + fastrand::f64())).await;
+            match self.leases.collect().await {
+                Ok(n) => tracing::debug!(removed = n, "collected done leases"),
+                Err(error) => tracing::debug!(error = %error, "cannot collect done leases"),
             }
         }
     }
@@ -305,58 +369,113 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Attempts running now (by attempt token), with the switch that asks each handler to stop: a
-/// stopping worker lets their leases go, and the cancel watch tells them of a cancel.
+/// How far a running attempt may trust its lease.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Trust {
+    /// The handler must be stopped by then unless a renewal extends it.
+    pub until: std::time::Instant,
+    /// Another attempt holds the lease now.
+    pub lost: bool,
+}
+
+struct RunningAttempt {
+    attempt: Attempt,
+    cancel: tokio::sync::watch::Sender<bool>,
+    trust: tokio::sync::watch::Sender<Trust>,
+}
+
+/// Attempts running now (by attempt token), with the switch that asks each handler to stop and
+/// the trust in its lease: the lease keeper renews them together, a stopping worker lets them
+/// go, and the cancel watch tells them of a cancel.
 #[derive(Default)]
-struct Active(Mutex<HashMap<String, (Attempt, tokio::sync::watch::Sender<bool>)>>);
+struct Active(Mutex<HashMap<String, RunningAttempt>>);
 
 impl Active {
     fn register(
         &self,
         attempt: &Attempt,
         cancel: tokio::sync::watch::Sender<bool>,
-    ) -> Registration<'_> {
+        trusted_until: std::time::Instant,
+    ) -> (Registration<'_>, tokio::sync::watch::Receiver<Trust>) {
+        let (trust, trusted) = tokio::sync::watch::channel(Trust {
+            until: trusted_until,
+            lost: false,
+        });
         if let Ok(mut active) = self.0.lock() {
-            active.insert(attempt.token.clone(), (attempt.clone(), cancel));
+            active.insert(
+                attempt.token.clone(),
+                RunningAttempt {
+                    attempt: attempt.clone(),
+                    cancel,
+                    trust,
+                },
+            );
         }
-        Registration {
+        let registration = Registration {
             active: self,
             token: attempt.token.clone(),
-        }
+        };
+        (registration, trusted)
     }
 
     fn all(&self) -> Vec<Attempt> {
         self.0
             .lock()
-            .map(|active| {
-                active
-                    .values()
-                    .map(|(attempt, _)| attempt.clone())
-                    .collect()
-            })
+            .map(|active| active.values().map(|r| r.attempt.clone()).collect())
             .unwrap_or_default()
     }
 
-    /// (task id, attempt token) of each running attempt not yet told to stop.
-    fn running(&self) -> Vec<(String, String)> {
+    fn pairs(&self, keep: impl Fn(&RunningAttempt) -> bool) -> Vec<(String, String)> {
         self.0
             .lock()
             .map(|active| {
                 active
                     .values()
-                    .filter(|(_, cancel)| !*cancel.borrow())
-                    .map(|(attempt, _)| (attempt.task_id.clone(), attempt.token.clone()))
+                    .filter(|r| keep(r))
+                    .map(|r| {
+                        let a = &r.attempt;
+                        (lease_id(&a.task_id, a.retries), a.token.clone())
+                    })
                     .collect()
             })
             .unwrap_or_default()
     }
 
+    /// (lease id, attempt token) of each running attempt.
+    fn held(&self) -> Vec<(String, String)> {
+        self.pairs(|_| true)
+    }
+
+    /// (lease id, attempt token) of each running attempt not yet told to stop.
+    fn running(&self) -> Vec<(String, String)> {
+        self.pairs(|r| !*r.cancel.borrow())
+    }
+
+    /// After a renewal of `sent` (lease id, token): those in `kept` trust their lease until
+    /// `until`, the others lost it.
+    fn renewed(&self, sent: &[(String, String)], kept: &[String], until: std::time::Instant) {
+        let Ok(active) = self.0.lock() else { return };
+        for (_, token) in sent {
+            let Some(running) = active.get(token) else {
+                continue;
+            };
+            let lost = !kept.contains(token);
+            running.trust.send_modify(|trust| {
+                if lost {
+                    trust.lost = true;
+                } else if until > trust.until {
+                    trust.until = until;
+                }
+            });
+        }
+    }
+
     /// Asks the attempt holding `token` to stop.
     fn cancel(&self, token: &str) {
         let Ok(active) = self.0.lock() else { return };
-        if let Some((attempt, cancel)) = active.get(token) {
-            if !cancel.send_replace(true) {
-                tracing::info!(task_id = %attempt.task_id, task = %attempt.task_name, "task cancelled by an operator; its handler is told to stop");
+        if let Some(running) = active.get(token) {
+            if !running.cancel.send_replace(true) {
+                tracing::info!(task_id = %running.attempt.task_id, task = %running.attempt.task_name, "task cancelled by an operator; its handler is told to stop");
                 crate::telemetry::metrics::metrics()
                     .task_operations
                     .with_label_values(&["cancel", "signalled"])

@@ -27,9 +27,11 @@ use super::execute::{panic_message, Limits, Running};
 use super::settle::Found;
 use super::Worker;
 use crate::amqp::{wire, Delivery, Settlement, TaskMessage};
-use crate::store::attempts::{Attempt, Claimed, Origin};
+use crate::store::attempts::{Attempt, Origin};
 use crate::store::batch::Written;
+use crate::store::task_leases::TakeOver;
 use crate::store::StoreError;
+use crate::store::TaskDocument;
 use crate::tasks::{Invocation, Task};
 use crate::telemetry::metrics::metrics;
 use crate::telemetry::trace::TraceContext;
@@ -47,6 +49,10 @@ pub(super) struct Job<'a> {
     pub(super) claimed: bool,
     /// When its claim was taken (it ran from then on).
     pub(super) started_at: Option<DateTime>,
+    /// Starts of this attempt, this one included (once claimed).
+    pub(super) deliveries: u32,
+    /// Another copy's lease of this attempt was found: closing it unrun is not this copy's call.
+    pub(super) lease_found: bool,
 }
 
 impl Job<'_> {
@@ -86,6 +92,8 @@ impl Worker {
                     attempt,
                     claimed: false,
                     started_at: None,
+                    deliveries: 0,
+                    lease_found: false,
                 };
                 let mut plan = decision::plan(
                     &Happened::Malformed(error.to_string()),
@@ -140,6 +148,8 @@ impl Worker {
             attempt,
             claimed: false,
             started_at: None,
+            deliveries: 0,
+            lease_found: false,
         };
         let message = job.message.as_ref().expect("set above");
         let Some(task) = self.registry.get(&message.task) else {
@@ -229,9 +239,10 @@ impl Worker {
         }
     }
 
-    /// Claims first, then runs. A redelivery — which may find another attempt's lease, lapsed
-    /// or not — claims in a round trip of its own that says whose lease it replaced; a fresh
-    /// delivery's claim joins the group-commit batch.
+    /// Claims first, then runs. The claim is an insert of the attempt's lease (batched), sent
+    /// together with a lookup of the task (batched too): a task finished, revoked or moved on to
+    /// a later attempt is not run even when no lease of this attempt is left. A lease held
+    /// already is taken over when it lapsed, or waited for while it holds.
     async fn run_claimed(
         &self,
         job: &mut Job<'_>,
@@ -241,46 +252,106 @@ impl Worker {
     ) -> Option<Result<Happened, Retake>> {
         // The lease the claim asks for is counted from before it is sent.
         let claimed_at = Instant::now();
-        let claimed = if job.delivery.redelivered {
-            self.tasks
-                .claim_now(&job.attempt, self.config.lease, self.config.max_deliveries)
-                .await
-        } else {
-            let claim =
-                self.tasks
-                    .claim_write(&job.attempt, self.config.lease, self.config.max_deliveries);
-            self.writer.write(claim).await.map(|written| match written {
-                Written::Applied => Claimed::Taken { taken_over: None },
-                Written::Refused => Claimed::Refused,
-            })
-        };
-        match claimed {
-            Ok(Claimed::Taken { taken_over }) => {
-                job.claimed = true;
-                job.started_at = Some(DateTime::now());
-                self.pause.recovered();
-                if let Some(previous) = taken_over {
-                    tracing::warn!(previous_attempt = %previous, "took over a task whose attempt stopped renewing its lease");
-                    metrics()
-                        .lease_takeovers
-                        .with_label_values(&[self.task_label(&job.attempt.task_name)])
-                        .inc();
-                }
-                self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
-                let running = Running::start(task, self.invocation(job), limits);
-                let happened = self.supervise(job, running, claimed_at).await;
-                drop(slot);
-                happened.map(Ok)
+        let now = DateTime::now();
+        let claim = self.writer.submit(self.leases.claim_write(
+            &job.attempt,
+            self.config.lease,
+            now,
+        ));
+        let (claimed, stored) = tokio::join!(
+            claim.result(),
+            self.reader
+                .get(crate::store::tasks::COLLECTION, &job.attempt.task_id)
+        );
+        let claimed = match claimed {
+            Ok(Written::Applied) => stored.map(|stored| Some((None, 1, now, stored))),
+            Ok(Written::Refused) => {
+                job.lease_found = true;
+                self.take_over(job).await
             }
-            // Waiting behind another attempt (or for MongoDB) holds no run slot.
-            Ok(Claimed::Refused) => {
+            Err(error) => Err(error),
+        };
+        let (taken_over, deliveries, started_at, stored) = match claimed {
+            Ok(Some(claimed)) => claimed,
+            // Held by another copy, or not to be run: looked at, settled or retaken.
+            Ok(None) => {
                 drop(slot);
-                self.refused_claim(job).await
+                return self.refused_claim(job).await;
             }
             Err(error) => {
                 drop(slot);
-                self.claim_failed(job, error).await
+                return self.claim_failed(job, error).await;
             }
+        };
+        job.claimed = true;
+        job.deliveries = deliveries;
+        if let Some(found) = self.not_to_run(job, stored.as_ref()).await {
+            // Ours, but the task says it must not run: let the lease go as done.
+            drop(slot);
+            let _ = self.writer.submit(self.leases.done_write(&job.attempt));
+            job.claimed = false;
+            return found;
+        }
+        job.started_at = Some(started_at);
+        self.pause.recovered();
+        if let Some(previous) = taken_over {
+            tracing::warn!(previous_attempt = %previous, "took over a task whose attempt stopped renewing its lease");
+            metrics()
+                .lease_takeovers
+                .with_label_values(&[self.task_label(&job.attempt.task_name)])
+                .inc();
+        }
+        self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
+        let running = Running::start(task, self.invocation(job), limits);
+        let happened = self.supervise(job, running, claimed_at).await;
+        drop(slot);
+        happened.map(Ok)
+    }
+
+    /// After a refused claim: takes the attempt's lease over when it lapsed, then looks the task
+    /// up afresh (the lapsed holder may have recorded an outcome). `None` when it is not ours.
+    async fn take_over(&self, job: &Job<'_>) -> Result<Option<Claimed>, StoreError> {
+        match self
+            .leases
+            .take_over(&job.attempt, self.config.lease, self.config.max_deliveries)
+            .await?
+        {
+            TakeOver::Taken {
+                previous,
+                deliveries,
+                started_at,
+            } => {
+                let stored = self
+                    .reader
+                    .get(crate::store::tasks::COLLECTION, &job.attempt.task_id)
+                    .await?;
+                Ok(Some((previous, deliveries, started_at, stored)))
+            }
+            TakeOver::Held(_) => Ok(None),
+        }
+    }
+
+    /// What the task's document says against running this attempt, settled where that is the
+    /// answer; `None`: run it.
+    async fn not_to_run(
+        &self,
+        job: &Job<'_>,
+        stored: Option<&mongodb::bson::Document>,
+    ) -> Option<Option<Result<Happened, Retake>>> {
+        let task: TaskDocument = match stored.map(|d| mongodb::bson::from_document(d.clone())) {
+            None => return None,
+            Some(Ok(task)) => task,
+            Some(Err(error)) => {
+                return Some(Some(Ok(Happened::Internal(format!(
+                    "the task's document cannot be read: {error}"
+                )))))
+            }
+        };
+        match self.verdict_on(job, &task).await? {
+            Found::Cancelled(cause) => Some(Some(Ok(Happened::Cancelled(cause)))),
+            Found::Poison(n) => Some(Some(Ok(Happened::Poison(n)))),
+            Found::Takeable => None,
+            Found::Settled => Some(None),
         }
     }
 
@@ -326,7 +397,10 @@ impl Worker {
     async fn refused_claim(&self, job: &mut Job<'_>) -> Option<Result<Happened, Retake>> {
         match self.investigate(job).await {
             Some(Found::Takeable) => Some(Err(Retake)),
-            Some(Found::Poison(n)) => Some(Ok(Happened::Poison(n))),
+            Some(Found::Poison(n)) => {
+                job.deliveries = n;
+                Some(Ok(Happened::Poison(n)))
+            }
             Some(Found::Cancelled(cause)) => Some(Ok(Happened::Cancelled(cause))),
             Some(Found::Settled) | None => None,
         }
@@ -347,44 +421,63 @@ impl Worker {
         }
     }
 
-    /// Waits for a claimed attempt's handler while [`Worker::keep_lease`] renews its lease. When
-    /// the lease is lost (another attempt took the task) the handler is stopped at once; when it
-    /// cannot be renewed (MongoDB does not answer) the handler is told to stop and then stopped,
-    /// before the lease can lapse and another worker take the task over — one must never run
-    /// beside the other. The hard time limit holds meanwhile: the handler is watched while a
-    /// renewal waits.
+    /// Waits for a claimed attempt's handler while the worker's lease keeper renews its lease.
+    /// When the lease is lost (another attempt took the task) the handler is stopped at once;
+    /// when it cannot be renewed (MongoDB does not answer) the handler is told to stop and then
+    /// stopped, before the lease can lapse and another worker take the task over — one must
+    /// never run beside the other. The hard time limit holds meanwhile.
     async fn supervise(
         &self,
         job: &Job<'_>,
         mut running: Running,
         claimed_at: Instant,
     ) -> Option<Happened> {
-        let registration = self.active.register(&job.attempt, running.cancel());
-        let keep = self.keep_lease(&job.attempt, claimed_at);
-        tokio::pin!(keep);
-        let outcome = tokio::select! {
-            outcome = running.outcome() => outcome,
-            end = &mut keep => match end {
-                LeaseEnd::Lost => {
-                    tracing::warn!(ran_ms = running.elapsed().as_millis() as u64, "lease lost to another attempt; stopping this one");
-                    drop(running);
-                    drop(registration);
-                    self.settle(job.delivery, Settlement::Ack);
-                    self.duplicate("lease_lost");
-                    return None;
+        let lease = self.config.lease;
+        let margin = lease.mul_f64(LEASE_MARGIN);
+        let (registration, mut trust) = self.active.register(
+            &job.attempt,
+            running.cancel(),
+            claimed_at + lease.saturating_sub(margin),
+        );
+        let outcome = loop {
+            let now = *trust.borrow_and_update();
+            if now.lost {
+                tracing::warn!(
+                    ran_ms = running.elapsed().as_millis() as u64,
+                    "lease lost to another attempt; stopping this one"
+                );
+                drop(running);
+                drop(registration);
+                self.settle(job.delivery, Settlement::Ack);
+                self.duplicate("lease_lost");
+                return None;
+            }
+            tokio::select! {
+                outcome = running.outcome() => break outcome,
+                changed = trust.changed() => {
+                    if changed.is_err() {
+                        // Unregistered: cannot happen while we hold the registration.
+                        break running.outcome().await;
+                    }
                 }
-                LeaseEnd::Unrenewable { stop_by } => {
+                () = tokio::time::sleep_until(now.until.into()) => {
+                    if trust.borrow().until > Instant::now() {
+                        continue;
+                    }
                     tracing::error!(
                         ran_ms = running.elapsed().as_millis() as u64,
                         "cannot renew the execution lease (MongoDB does not answer); stopping the handler before another worker may take the task over"
                     );
+                    // Half the margin to stop in; the rest covers clocks and the store's delay.
+                    let stop_by = Instant::now() + margin / 2;
                     running.stop_for_lease();
                     let stopped = tokio::time::timeout_at(stop_by.into(), running.outcome()).await;
                     match stopped {
                         // It finished anyway: record it (under the lease, if still ours).
-                        Ok(outcome @ Outcome::Success(_)) => outcome,
+                        Ok(outcome @ Outcome::Success(_)) => break outcome,
                         _ => {
                             drop(running);
+                            drop(registration);
                             metrics().lease_abandoned.inc();
                             // Back to the queue after the outage pause; the release is bounded,
                             // and the lease lapses by itself if MongoDB still does not answer.
@@ -394,52 +487,10 @@ impl Worker {
                         }
                     }
                 }
-            },
+            }
         };
         drop(registration);
         Some(Happened::Ran(outcome))
-    }
-
-    /// Renews `attempt`'s lease every third of it until it is lost or can no longer be trusted.
-    /// Each renewal is bounded in time; the lease is counted from when the last applied renewal
-    /// (or the claim) was *sent*, and trusted until [`LEASE_MARGIN`] of it is left, so a worker
-    /// whose renewals stop answering stops its handler while the lease still holds, by the
-    /// clocks of workers that agree within that margin.
-    async fn keep_lease(&self, attempt: &Attempt, claimed_at: Instant) -> LeaseEnd {
-        let lease = self.config.lease;
-        let every = lease / 3;
-        let margin = lease.mul_f64(LEASE_MARGIN);
-        let mut trusted_until = claimed_at + lease - margin;
-        let mut next = claimed_at + every;
-        loop {
-            tokio::time::sleep_until(next.min(trusted_until).into()).await;
-            let sent = Instant::now();
-            if sent >= trusted_until {
-                // Half the margin to stop in; the rest covers clocks and the store's own delay.
-                return LeaseEnd::Unrenewable {
-                    stop_by: sent + margin / 2,
-                };
-            }
-            let bound = every.min(trusted_until - sent);
-            match tokio::time::timeout(bound, self.tasks.renew(attempt, lease)).await {
-                Ok(Ok(true)) => {
-                    trusted_until = sent + lease - margin;
-                    next = sent + every;
-                }
-                Ok(Ok(false)) => return LeaseEnd::Lost,
-                Ok(Err(error)) => {
-                    tracing::warn!(error = %error, "cannot renew the lease; trying again");
-                    next = Instant::now() + every / 4;
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        bound_ms = bound.as_millis() as u64,
-                        "the lease renewal got no answer in time; trying again"
-                    );
-                    next = Instant::now();
-                }
-            }
-        }
     }
 
     fn invocation(&self, job: &Job<'_>) -> Invocation {
@@ -457,20 +508,21 @@ impl Worker {
     }
 }
 
+/// A claim taken: whose lapsed lease it replaced, the attempt's starts, when it started, and the
+/// task's document as it was looked up.
+type Claimed = (
+    Option<String>,
+    u32,
+    DateTime,
+    Option<mongodb::bson::Document>,
+);
+
 /// The task became takeable while it was being looked at.
 struct Retake;
 
 /// The wait between two hands-on of a message whose task this worker does not know (as many as
 /// fit in `KOBE_UNKNOWN_TASK_GRACE_MS`).
 pub const UNKNOWN_TASK_WAIT: Duration = Duration::from_secs(30);
-
-/// Why [`Worker::keep_lease`] stopped renewing.
-enum LeaseEnd {
-    /// Another attempt holds the task now.
-    Lost,
-    /// No renewal was applied for most of the lease: the handler must be stopped by `stop_by`.
-    Unrenewable { stop_by: Instant },
-}
 
 /// The share of the execution lease a worker does not count on: it stops a handler whose lease
 /// it could not renew this long before the lease ends (for the 30 s default, 5 s: workers'

@@ -14,6 +14,7 @@ use super::decision::{self, Done, Happened, Plan, Published, Route, Step, Stored
 use super::pipeline::{AttemptCell, Job, UNKNOWN_TASK_WAIT};
 use super::Worker;
 use crate::amqp::{wire, Delivery, Outgoing, Settlement};
+use crate::domain::TaskState;
 use crate::store::attempts::{Attempt, Holding, Transition};
 use crate::store::batch::Written;
 use crate::store::payloads::reference_value;
@@ -99,6 +100,7 @@ impl Worker {
                             // It was not ours, and now nobody holds it: record under the claim's
                             // conditions (the outcome is in hand).
                             job.claimed = false;
+                            job.lease_found = true;
                             done = Done {
                                 published: done.published,
                                 stored: Stored::NotYet,
@@ -157,10 +159,26 @@ impl Worker {
             }
         }
         let holding = if job.claimed {
-            Holding::Lease
+            Holding::Lease {
+                started_at: job.started_at.unwrap_or_else(DateTime::now),
+                deliveries: job.deliveries,
+            }
         } else {
-            Holding::Nothing
+            Holding::Nothing {
+                deliveries: job.deliveries,
+            }
         };
+        if !job.claimed && !job.lease_found && !job.attempt.task_id.is_empty() {
+            // Closed unrun (expired, unknown, its arguments lost): its attempt first, so no copy
+            // can start it meanwhile; a copy holding it already has the say.
+            let close = self.leases.close_write(&job.attempt, transition.target());
+            match self.writer.write(close).await {
+                Ok(Written::Applied) => {}
+                Ok(Written::Refused) => return Stored::Refused,
+                Err(error) if error.is_transient() => return Stored::Unavailable,
+                Err(error) => return Stored::Rejected(error.to_string()),
+            }
+        }
         let write = match self.tasks.outcome_write(&job.attempt, transition, holding) {
             Ok(write) => write,
             Err(error) => return Stored::Rejected(error.to_string()),
@@ -187,6 +205,10 @@ impl Worker {
             }
         }
         if stored == Stored::Applied {
+            if job.claimed {
+                // The outcome is in: the lease is done (a courtesy; an undone one lapses).
+                let _ = self.writer.submit(self.leases.done_write(&job.attempt));
+            }
             self.pause.recovered();
             self.invalidator.invalidate(&job.attempt.task_id).await;
         }
@@ -260,8 +282,9 @@ impl Worker {
         }
     }
 
-    /// Looks at a task after a write was refused, and settles the delivery when that is the
-    /// answer. `None` when the delivery was settled (or given up) on the way.
+    /// Looks at a task after a claim or a write was refused — its document, then its attempt's
+    /// lease — and settles the delivery when that is the answer. `None` when the delivery was
+    /// settled (or given up) on the way.
     pub(super) async fn investigate(&self, job: &Job<'_>) -> Option<Found> {
         let mut pauses = self.pause.sequence();
         let mut held = false;
@@ -269,84 +292,119 @@ impl Worker {
             if !self.may_continue(job.delivery.tag) {
                 return None;
             }
-            let task = match self.tasks.get(&job.attempt.task_id).await {
-                Ok(Some(task)) => task,
-                Ok(None) => return Some(Found::Takeable),
+            let looked = async {
+                let task = self.tasks.stored(&job.attempt.task_id).await?;
+                let lease = self
+                    .leases
+                    .get(&job.attempt.task_id, job.attempt.retries)
+                    .await?;
+                Ok::<_, StoreError>((task, lease))
+            };
+            let (task, lease) = match looked.await {
+                Ok(found) => found,
                 Err(error) => {
                     self.requeue(job, &error).await;
                     return None;
                 }
             };
-            if task.state.is_final() {
-                if task.dead_letter.as_deref() == Some(crate::store::attempts::DEAD_LETTER_PENDING)
-                {
-                    // A dead letter owed by an attempt that died before publishing it.
-                    self.pay_dead_letter(job, &task).await;
-                    return Some(Found::Settled);
+            if let Some(task) = &task {
+                if let Some(found) = self.verdict_on(job, task).await {
+                    return Some(found);
                 }
-                self.settle(job.delivery, Settlement::Ack);
-                if task.state == crate::domain::TaskState::Revoked {
-                    tracing::info!(
-                        "task cancelled by an operator; its message is acked without running"
-                    );
-                    self.duplicate("revoked");
-                } else {
-                    tracing::info!(state = %task.state, "task already finished; duplicate delivery acked without running");
-                    self.duplicate("finished");
-                }
-                return Some(Found::Settled);
-            }
-            if task.retries > job.retries() {
-                tracing::info!(
-                    task_retries = task.retries,
-                    "a later attempt exists; stale delivery acked without running"
-                );
-                self.settle(job.delivery, Settlement::Ack);
-                self.duplicate("stale_attempt");
-                return Some(Found::Settled);
             }
             let now = DateTime::now();
-            let live = task.state == crate::domain::TaskState::Started
-                && task.attempt_token.as_deref() != Some(job.attempt.token.as_str())
-                && task.lease_until.is_some_and(|until| until > now);
-            if live {
-                if !held {
-                    held = true;
-                    tracing::info!(lease_until = ?task.lease_until, "another attempt holds the task; holding this copy until it finishes or its lease lapses");
-                    self.duplicate("held");
-                }
-                let until = task
-                    .lease_until
-                    .map(|u| u.timestamp_millis() - now.timestamp_millis())
-                    .unwrap_or(0);
-                let wait = Duration::from_millis(until.clamp(50, 1000) as u64);
-                tokio::time::sleep(wait).await;
+            let Some(lease) = lease else {
+                return Some(Found::Takeable);
+            };
+            if lease.token == job.attempt.token {
+                // Ours (a write sent again after an ambiguous failure).
+                return Some(Found::Takeable);
+            }
+            if let Some(state) = lease.closed {
+                let by = lease
+                    .cancel
+                    .as_ref()
+                    .map_or("an operator", |c| c.by.as_str());
+                return Some(Found::Cancelled(match state {
+                    TaskState::Revoked => format!("cancelled by {by} before it ran"),
+                    _ => "its submission was not accepted".to_owned(),
+                }));
+            }
+            if lease.done_at.is_some() {
+                // Its outcome is on its way to the task's document: look again.
+                tokio::time::sleep(pauses.next().min(Duration::from_millis(200))).await;
                 continue;
             }
-            if let Some(request) = &task.cancel_requested {
+            if lease.lease_until > now {
+                if !held {
+                    held = true;
+                    tracing::info!(lease_until = ?lease.lease_until, "another attempt holds the task; holding this copy until it finishes or its lease lapses");
+                    self.duplicate("held");
+                }
+                let until = lease.lease_until.timestamp_millis() - now.timestamp_millis();
+                tokio::time::sleep(Duration::from_millis(until.clamp(50, 1000) as u64)).await;
+                continue;
+            }
+            if let Some(request) = &lease.cancel {
                 tracing::info!(by = %request.by, "the task was cancelled while an attempt ran; not going on with it");
                 return Some(Found::Cancelled(format!(
                     "cancelled by {} while it ran; not run again",
                     request.by
                 )));
             }
-            if task.deliveries >= self.config.max_deliveries {
-                return Some(Found::Poison(task.deliveries));
+            if lease.deliveries >= self.config.max_deliveries {
+                return Some(Found::Poison(lease.deliveries));
             }
             if held {
                 tracing::warn!("the attempt holding the task let its lease lapse; taking over");
-                metrics()
-                    .lease_takeovers
-                    .with_label_values(&[self.task_label(&job.attempt.task_name)])
-                    .inc();
-            }
-            // Takeable: the refusal raced a change. Pause a little so a flapping state cannot
-            // spin us.
-            if !held {
+            } else {
+                // Takeable: the refusal raced a change. Pause a little so a flapping state
+                // cannot spin us.
                 tokio::time::sleep(pauses.next().min(Duration::from_millis(200))).await;
             }
             return Some(Found::Takeable);
         }
+    }
+
+    /// What the task's document says against this attempt going on, settling the delivery when
+    /// that is the answer: finished (a dead letter it still owes is paid), moved on to a later
+    /// attempt, or cancelled. `None`: nothing against it.
+    pub(super) async fn verdict_on(&self, job: &Job<'_>, task: &TaskDocument) -> Option<Found> {
+        if task.state.is_final() {
+            if task.dead_letter.as_deref() == Some(crate::store::attempts::DEAD_LETTER_PENDING) {
+                // A dead letter owed by an attempt that died before publishing it.
+                self.pay_dead_letter(job, task).await;
+                return Some(Found::Settled);
+            }
+            self.settle(job.delivery, Settlement::Ack);
+            if task.state == TaskState::Revoked {
+                tracing::info!(
+                    "task cancelled by an operator; its message is acked without running"
+                );
+                self.duplicate("revoked");
+            } else {
+                tracing::info!(state = %task.state, "task already finished; duplicate delivery acked without running");
+                self.duplicate("finished");
+            }
+            return Some(Found::Settled);
+        }
+        if task.retries > job.retries() {
+            tracing::info!(
+                task_retries = task.retries,
+                "a later attempt exists; stale delivery acked without running"
+            );
+            self.settle(job.delivery, Settlement::Ack);
+            self.duplicate("stale_attempt");
+            return Some(Found::Settled);
+        }
+        if let Some(request) = &task.cancel_requested {
+            tracing::info!(by = %request.by, "the task was cancelled while an attempt ran; not going on with it");
+            return Some(Found::Cancelled(format!(
+                "cancelled by {} while it ran; not run again",
+                request.by
+            )));
+        }
+        None
     }
 
     /// Publishes the dead letter a finished task still owes, then acks.
@@ -526,7 +584,7 @@ impl Worker {
     /// answer, the lease lapses on its own.
     pub(super) async fn release(&self, job: &Job<'_>) {
         if job.claimed {
-            match tokio::time::timeout(RELEASE_BOUND, self.tasks.release(&job.attempt)).await {
+            match tokio::time::timeout(RELEASE_BOUND, self.leases.release(&job.attempt)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
                     tracing::debug!(error = %error, "cannot release the lease; it lapses on its own")
@@ -564,6 +622,8 @@ impl Worker {
             attempt,
             claimed,
             started_at: None,
+            deliveries: 1,
+            lease_found: claimed,
         };
         let mut plan = decision::plan(&Happened::Internal(cause), 1, &Default::default(), 0.0);
         if job.attempt.task_id.is_empty() {

@@ -156,7 +156,7 @@ pub async fn search(
         after,
         limit,
     };
-    let (tasks, next) = state.tasks.search(&search).await.map_err(ApiError::store)?;
+    let (tasks, next) = state.tasks.find(&search).await.map_err(ApiError::store)?;
     Ok(HttpResponse::Ok().json(TaskPage {
         tasks: tasks.iter().map(TaskSummary::of).collect(),
         next_cursor: next.map(|c| c.encode()),

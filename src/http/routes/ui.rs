@@ -267,7 +267,7 @@ pub async fn overview(
     let hour_ago = DateTime::from_millis(DateTime::now().timestamp_millis() - 3_600_000);
     let counts = state
         .tasks
-        .counts_since(hour_ago)
+        .state_counts(hour_ago)
         .await
         .map_err(ApiError::store)?;
     let count = |wanted: TaskState| {
@@ -298,7 +298,7 @@ pub async fn overview(
 
     let (failures, _) = state
         .tasks
-        .search(&Search {
+        .find(&Search {
             state: Some(TaskState::Failure),
             limit: 20,
             ..Search::default()

@@ -426,13 +426,26 @@ impl QueuedMessage {
 
 impl TestEnv {
     /// A publisher of this test's own, for messages the API would not send.
+    /// A publisher with the shipped confirm timeout, returned once it is connected: on a
+    /// loaded machine connecting and declaring the topology can take seconds, which must not
+    /// come out of the first publish's confirm budget.
     pub fn publisher(&self) -> kobe::amqp::Publisher {
-        kobe::amqp::Publisher::start(
+        let publisher = kobe::amqp::Publisher::start(
             &self.settings.rabbitmq_url,
             self.topology.clone(),
-            Duration::from_secs(5),
+            self.settings.publish_timeout,
         )
-        .expect("publisher")
+        .expect("publisher");
+        let deadline = std::time::Instant::now() + startup_deadline();
+        while let Err(e) = publisher.connected() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the publisher did not connect within {:?}: {e}",
+                startup_deadline()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        publisher
     }
 
     /// A submitter of this test's own, wired as `serve` wires its own.

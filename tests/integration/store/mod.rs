@@ -383,7 +383,7 @@ async fn the_search_filters_by_route_parent_and_root_cause_on_an_index() {
         let tasks = tasks.clone();
         async move {
             let (found, _) = tasks
-                .search(&Search {
+                .find(&Search {
                     limit: 50,
                     ..search
                 })
@@ -438,4 +438,73 @@ async fn the_search_filters_by_route_parent_and_root_cause_on_an_index() {
             eprintln!("this MongoDB-compatible server explains differently: {plan}");
         }
     }
+}
+
+/// A claim writes only the attempt's lease: while tasks run, their `Tasks` documents stay as
+/// submitted, yet the status, the search and `kobe task show` all say STARTED (one read model);
+/// the worker renews its running attempts' leases together, in one command per tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_tasks_are_started_to_every_reader_and_renewed_together() {
+    // About the renewal cadence: a lease of 1.5 s is renewed every 0.5 s.
+    let env = TestEnv::with(&[("KOBE_EXECUTION_LEASE_MS", "1500")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(4);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            api.submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 6000}}))
+                .await,
+        );
+    }
+    for id in &ids {
+        api.wait_for_state(id, Duration::from_secs(20), |b| b["state"] == "STARTED")
+            .await;
+    }
+    let tasks = env.tasks();
+    for id in &ids {
+        let stored = tasks.stored(id).await.unwrap().unwrap();
+        assert_eq!(
+            stored.state,
+            TaskState::Pending,
+            "the claim wrote Tasks: {stored:?}"
+        );
+        let read = tasks.get(id).await.unwrap().unwrap();
+        assert_eq!(read.state, TaskState::Started);
+        assert!(read.worker.is_some(), "{read:?}");
+    }
+    let found: Value = api.get("/task?state=STARTED").await.json().await.unwrap();
+    let listed: Vec<&str> = found["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["task_id"].as_str())
+        .collect();
+    for id in &ids {
+        assert!(listed.contains(&id.as_str()), "{id} not in {found}");
+    }
+    let shown = env
+        .kobe_command(&["task", "show", &ids[0]])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("STARTED"), "{shown}");
+
+    // Renewals: one command covers every running attempt.
+    common::eventually(Duration::from_secs(10), "three renewals", || async {
+        (common::metric("kobe_lease_renewals_total") >= 3.0).then_some(())
+    })
+    .await;
+    let commands = common::metric("kobe_lease_renewals_total");
+    let renewed = common::metric("kobe_leases_renewed_total");
+    assert!(
+        renewed >= 2.0 * commands,
+        "{renewed} leases renewed by {commands} commands"
+    );
+    for id in &ids {
+        let (done, _) = api.wait_for_final(id, Duration::from_secs(20)).await;
+        assert_eq!(done["state"], "SUCCESS", "{done}");
+    }
+    worker.stop().await;
+    api.stop().await;
 }

@@ -338,17 +338,22 @@ async fn a_message_started_too_often_is_closed_as_poison() {
     let publisher = env.publisher();
     // Three attempts started it and died without an outcome (their leases have lapsed).
     let message = TaskMessage::new(TaskId::generate(), "counted", vec![], Map::new());
-    record(
-        &env,
-        &message,
-        mongodb::bson::doc! {
-            "state": "STARTED",
+    record(&env, &message, mongodb::bson::doc! {"state": "PENDING"}).await;
+    let died = mongodb::bson::DateTime::from_millis(0);
+    env.db
+        .collection::<mongodb::bson::Document>(kobe::store::task_leases::COLLECTION)
+        .insert_one(mongodb::bson::doc! {
+            "_id": kobe::store::task_leases::lease_id(message.id.as_str(), 0),
+            "task_id": message.id.as_str(),
+            "task_name": "counted",
+            "retries": 0_i64,
+            "token": "an-attempt-that-died",
+            "started_at": died,
+            "lease_until": died,
             "deliveries": 3_i64,
-            "attempt_token": "an-attempt-that-died",
-            "lease_until": mongodb::bson::DateTime::from_millis(0),
-        },
-    )
-    .await;
+        })
+        .await
+        .unwrap();
     env.publish_message(&publisher, &message).await;
     env.wait_failure(
         message.id.as_str(),
@@ -380,10 +385,12 @@ async fn with_mongodb_down_an_unknown_task_is_neither_acked_nor_dead_lettered() 
         (env.queue_depth(queue.clone()).await? == 0).then_some(())
     })
     .await;
-    // It cannot record FAILURE, so it holds the message and tries again (a second try means
-    // the first one's failure was answered, and nothing was settled on it).
+    // It cannot close the attempt (the write before its FAILURE), so it holds the message and
+    // tries again (a second try means the first one's failure was answered, and nothing was
+    // settled on it).
     common::eventually(Duration::from_secs(20), "FAILURE tried twice", || async {
-        (common::metric("kobe_mongo_statements_total{purpose=\"failure\"}") >= 2.0).then_some(())
+        (common::metric("kobe_mongo_statements_total{purpose=\"lease_close\"}") >= 2.0)
+            .then_some(())
     })
     .await;
     assert_eq!(

@@ -1,0 +1,410 @@
+//! `TaskLeases`: the execution lease of each attempt, in a collection whose only index is `_id`.
+//!
+//! One document per attempt, `_id` = `<task id>:<retries>`. Whoever inserts it first holds that
+//! attempt: a worker's claim is that insert (batched through the group-commit writer), and a
+//! duplicate key means another copy holds or held the attempt. The other writes are to the same
+//! narrow document: takeover of a lapsed lease, renewal (one command per worker for all its
+//! running attempts), release, the mark that the attempt is done, an operator's request to stop.
+//! An operator or a refused submission closes an attempt no worker has taken by inserting it
+//! first ([`LeaseRepository::close`]), so no claim can follow.
+//!
+//! `Tasks` is written at submission and at each outcome; while an attempt runs, `STARTED`, its
+//! start and its worker come from here (see [`TaskRepository::get`](super::TaskRepository)).
+//! A lease stays after its attempt is done, so a copy of the message that comes late still finds
+//! it taken; [`LeaseRepository::collect`] removes done leases after [`DONE_RETENTION`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, DateTime, Document};
+use mongodb::options::ReturnDocument;
+use mongodb::{Collection, Database};
+use serde::{Deserialize, Serialize};
+
+use super::attempts::Attempt;
+use super::batch::{Write, WriteOp};
+use super::tasks::Replay;
+use super::{is_duplicate_key, later, StoreError};
+use crate::domain::TaskState;
+
+pub const COLLECTION: &str = "TaskLeases";
+
+/// How long a done lease stays: longer than any copy of its message takes to arrive (an outbox
+/// re-send, a redelivery after a lost ack). A copy later than that still finds the task's
+/// outcome in `Tasks`.
+pub const DONE_RETENTION: Duration = Duration::from_secs(15 * 60);
+
+/// A lease no one marked done (its worker died after recording the outcome) is removed this
+/// long after it lapsed.
+pub const ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The token of an attempt closed before any worker took it.
+pub const CLOSED_TOKEN: &str = "closed";
+
+/// The `_id` of attempt `retries` of task `task_id`.
+pub fn lease_id(task_id: &str, retries: u32) -> String {
+    format!("{task_id}:{retries}")
+}
+
+/// One attempt's lease, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptLease {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub task_id: String,
+    pub task_name: String,
+    pub retries: u32,
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    pub started_at: DateTime,
+    pub lease_until: DateTime,
+    /// Times this attempt was started (a takeover after a crash starts it again).
+    #[serde(default)]
+    pub deliveries: u32,
+    /// Set once the attempt's outcome is recorded (or it was closed unrun).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_at: Option<DateTime>,
+    /// An operator asked it to stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<Replay>,
+    /// Closed before any worker took it: the state the task was closed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<TaskState>,
+}
+
+impl AttemptLease {
+    /// Running (or its worker died running it): not done and not closed.
+    pub fn is_open(&self) -> bool {
+        self.done_at.is_none() && self.closed.is_none()
+    }
+}
+
+/// What a takeover of a held lease found.
+#[derive(Debug, Clone)]
+pub enum TakeOver {
+    /// Ours now; `previous` is the token of the attempt whose lapsed lease was taken (none when
+    /// it was our own, sent again).
+    Taken {
+        previous: Option<String>,
+        deliveries: u32,
+        started_at: DateTime,
+    },
+    /// Not takeable: here is what holds it (`None`: it is gone, insert again).
+    Held(Option<AttemptLease>),
+}
+
+/// Repository of `TaskLeases`.
+#[derive(Clone)]
+pub struct LeaseRepository {
+    collection: Collection<AttemptLease>,
+}
+
+impl LeaseRepository {
+    pub fn new(db: &Database) -> Self {
+        Self {
+            collection: db.collection(COLLECTION),
+        }
+    }
+
+    fn documents(&self) -> Collection<Document> {
+        self.collection.clone_with_type()
+    }
+
+    /// The claim of `attempt` as a batched insert: applied means the attempt is ours for `lease`.
+    pub fn claim_write(&self, attempt: &Attempt, lease: Duration, now: DateTime) -> Write {
+        Write {
+            collection: COLLECTION,
+            op: WriteOp::Insert(doc! {
+                "_id": lease_id(&attempt.task_id, attempt.retries),
+                "task_id": &attempt.task_id,
+                "task_name": &attempt.task_name,
+                "retries": i64::from(attempt.retries),
+                "token": &attempt.token,
+                "worker": crate::config::worker_name(),
+                "started_at": now,
+                "lease_until": later(now, lease),
+                "deliveries": 1_i64,
+            }),
+            purpose: "claim",
+        }
+    }
+
+    /// Takes the attempt's lease when it lapsed (or is our own, after a claim whose answer was
+    /// lost), counting one more start; refused when it is done, closed, asked to stop or was
+    /// started `max_deliveries` times.
+    #[tracing::instrument(name = "store.leases.take_over", skip_all, fields(task_id = %attempt.task_id))]
+    pub async fn take_over(
+        &self,
+        attempt: &Attempt,
+        lease: Duration,
+        max_deliveries: u32,
+    ) -> Result<TakeOver, StoreError> {
+        let now = DateTime::now();
+        let id = lease_id(&attempt.task_id, attempt.retries);
+        let before = self
+            .collection
+            .find_one_and_update(
+                doc! {
+                    "_id": &id,
+                    "done_at": null,
+                    "closed": null,
+                    "cancel": null,
+                    "deliveries": {"$lt": i64::from(max_deliveries)},
+                    "$or": [{"lease_until": {"$lt": now}}, {"token": &attempt.token}],
+                },
+                doc! {
+                    "$set": {
+                        "token": &attempt.token,
+                        "worker": crate::config::worker_name(),
+                        "started_at": now,
+                        "lease_until": later(now, lease),
+                    },
+                    "$inc": {"deliveries": 1_i64},
+                },
+            )
+            .return_document(ReturnDocument::Before)
+            .await?;
+        Ok(match before {
+            Some(before) => TakeOver::Taken {
+                started_at: now,
+                deliveries: before.deliveries.saturating_add(1),
+                previous: (before.token != attempt.token).then_some(before.token),
+            },
+            None => TakeOver::Held(self.collection.find_one(doc! {"_id": &id}).await?),
+        })
+    }
+
+    /// Marks the attempt done, as a batched write (refused when another attempt holds it now).
+    pub fn done_write(&self, attempt: &Attempt) -> Write {
+        Write {
+            collection: COLLECTION,
+            op: WriteOp::Upsert {
+                filter: doc! {
+                    "_id": lease_id(&attempt.task_id, attempt.retries),
+                    "token": &attempt.token,
+                },
+                update: doc! {"$set": {"done_at": DateTime::now()}},
+            },
+            purpose: "lease_done",
+        }
+    }
+
+    /// Extends the leases of all `running` attempts (lease id, token) in one command; the tokens
+    /// still held. A second command, to find which, only when some were lost.
+    #[tracing::instrument(name = "store.leases.renew", skip_all, fields(running = running.len()))]
+    pub async fn renew(
+        &self,
+        running: &[(String, String)],
+        lease: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let (ids, tokens) = split(running);
+        let filter = doc! {"_id": {"$in": &ids}, "token": {"$in": &tokens}, "done_at": null};
+        let renewed = self
+            .collection
+            .update_many(
+                filter.clone(),
+                doc! {"$set": {"lease_until": super::from_now(lease)}},
+            )
+            .await?;
+        if renewed.matched_count as usize == running.len() {
+            return Ok(tokens);
+        }
+        self.tokens(filter).await
+    }
+
+    /// Lets the lease lapse now, so a redelivered copy can start at once.
+    #[tracing::instrument(name = "store.leases.release", skip_all, fields(task_id = %attempt.task_id))]
+    pub async fn release(&self, attempt: &Attempt) -> Result<bool, StoreError> {
+        let released = self
+            .collection
+            .update_one(
+                doc! {
+                    "_id": lease_id(&attempt.task_id, attempt.retries),
+                    "token": &attempt.token,
+                    "done_at": null,
+                },
+                doc! {"$set": {"lease_until": DateTime::now()}},
+            )
+            .await?;
+        Ok(released.matched_count == 1)
+    }
+
+    /// Of the `running` attempts (lease id, token), the tokens of those an operator asked to stop.
+    #[tracing::instrument(name = "store.leases.cancel_requests", skip_all, fields(running = running.len()))]
+    pub async fn cancel_requests(
+        &self,
+        running: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError> {
+        let (ids, tokens) = split(running);
+        self.tokens(doc! {"_id": {"$in": ids}, "token": {"$in": tokens}, "cancel": {"$ne": null}})
+            .await
+    }
+
+    async fn tokens(&self, filter: Document) -> Result<Vec<String>, StoreError> {
+        let found: Vec<Document> = self
+            .documents()
+            .find(filter)
+            .projection(doc! {"token": 1})
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found
+            .iter()
+            .filter_map(|d| d.get_str("token").ok().map(str::to_owned))
+            .collect())
+    }
+
+    /// Closes `attempt` unrun, as a batched insert, before its task is closed in `state`
+    /// without running (expired, unknown, its arguments lost): refused when a copy holds it.
+    pub fn close_write(&self, attempt: &Attempt, state: TaskState) -> Write {
+        let now = DateTime::now();
+        Write {
+            collection: COLLECTION,
+            op: WriteOp::Insert(doc! {
+                "_id": lease_id(&attempt.task_id, attempt.retries),
+                "task_id": &attempt.task_id,
+                "task_name": &attempt.task_name,
+                "retries": i64::from(attempt.retries),
+                "token": &attempt.token,
+                "started_at": now,
+                "lease_until": now,
+                "deliveries": 0_i64,
+                "done_at": now,
+                "closed": state.as_str(),
+            }),
+            purpose: "lease_close",
+        }
+    }
+
+    /// Closes attempt `retries` of a task before any worker takes it, in `state`: `true` when
+    /// no attempt held it (no claim can follow now), `false` when one does or did.
+    #[tracing::instrument(name = "store.leases.close", skip(self, request))]
+    pub async fn close(
+        &self,
+        task_id: &str,
+        task_name: &str,
+        retries: u32,
+        state: TaskState,
+        request: Option<&Replay>,
+    ) -> Result<bool, StoreError> {
+        let now = DateTime::now();
+        let mut closed = doc! {
+            "_id": lease_id(task_id, retries),
+            "task_id": task_id,
+            "task_name": task_name,
+            "retries": i64::from(retries),
+            "token": CLOSED_TOKEN,
+            "started_at": now,
+            "lease_until": now,
+            "deliveries": 0_i64,
+            "done_at": now,
+            "closed": state.as_str(),
+        };
+        if let Some(request) = request {
+            closed.insert("cancel", doc! {"at": request.at, "by": &request.by});
+        }
+        match self.documents().insert_one(closed).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Asks the running attempt `retries` of a task to stop; `true` when it is running (asked now
+    /// or before).
+    #[tracing::instrument(name = "store.leases.ask_to_stop", skip(self, request))]
+    pub async fn ask_to_stop(
+        &self,
+        task_id: &str,
+        retries: u32,
+        request: &Replay,
+    ) -> Result<bool, StoreError> {
+        let asked = self
+            .collection
+            .update_one(
+                doc! {"_id": lease_id(task_id, retries), "done_at": null, "closed": null},
+                doc! {"$set": {"cancel": {"at": request.at, "by": &request.by}}},
+            )
+            .await?;
+        Ok(asked.matched_count == 1)
+    }
+
+    pub async fn get(
+        &self,
+        task_id: &str,
+        retries: u32,
+    ) -> Result<Option<AttemptLease>, StoreError> {
+        Ok(self
+            .collection
+            .find_one(doc! {"_id": lease_id(task_id, retries)})
+            .await?)
+    }
+
+    /// The open leases of these attempts (task id, retries), by task id: one query.
+    pub async fn open_for(
+        &self,
+        attempts: &[(&str, u32)],
+    ) -> Result<HashMap<String, AttemptLease>, StoreError> {
+        if attempts.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<String> = attempts.iter().map(|(t, r)| lease_id(t, *r)).collect();
+        let found: Vec<AttemptLease> = self
+            .collection
+            .find(doc! {"_id": {"$in": ids}, "done_at": null, "closed": null})
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().map(|l| (l.task_id.clone(), l)).collect())
+    }
+
+    /// The latest open lease of a task no `Tasks` document records yet (a Celery client's task
+    /// that is running): a range of `_id`, on its index.
+    pub async fn latest_open(&self, task_id: &str) -> Result<Option<AttemptLease>, StoreError> {
+        let found: Vec<AttemptLease> = self
+            .collection
+            .find(doc! {
+                "_id": {"$gt": format!("{task_id}:"), "$lt": format!("{task_id};")},
+                "done_at": null,
+                "closed": null,
+            })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().max_by_key(|l| l.retries))
+    }
+
+    /// Every open lease: the running attempts (the collection holds little else).
+    pub async fn open(&self, limit: u32) -> Result<Vec<AttemptLease>, StoreError> {
+        Ok(self
+            .collection
+            .find(doc! {"done_at": null, "closed": null})
+            .limit(i64::from(limit))
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Removes leases done more than [`DONE_RETENTION`] ago and those abandoned for
+    /// [`ABANDONED_RETENTION`]; how many.
+    #[tracing::instrument(name = "store.leases.collect", skip(self))]
+    pub async fn collect(&self) -> Result<u64, StoreError> {
+        let now = DateTime::now().timestamp_millis();
+        let ago = |d: Duration| DateTime::from_millis(now - d.as_millis() as i64);
+        let done = self
+            .collection
+            .delete_many(doc! {"done_at": {"$lt": ago(DONE_RETENTION)}})
+            .await?;
+        let abandoned = self
+            .collection
+            .delete_many(doc! {"done_at": null, "lease_until": {"$lt": ago(ABANDONED_RETENTION)}})
+            .await?;
+        Ok(done.deleted_count + abandoned.deleted_count)
+    }
+}
+
+fn split(running: &[(String, String)]) -> (Vec<String>, Vec<String>) {
+    running.iter().cloned().unzip()
+}
