@@ -10,8 +10,8 @@
 //!
 //! `Tasks` is written at submission and at each outcome; while an attempt runs, `STARTED`, its
 //! start and its worker come from here (see [`TaskRepository::get`](super::TaskRepository)).
-//! A lease stays after its attempt is done, so a copy of the message that comes late still finds
-//! it taken; [`LeaseRepository::collect`] removes done leases after [`DONE_RETENTION`].
+//! A lease stays after its attempt ran, so a copy of the message that comes late still finds it
+//! taken; [`LeaseRepository::collect`] removes leases not held for [`RETENTION`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,14 +30,10 @@ use crate::domain::TaskState;
 
 pub const COLLECTION: &str = "TaskLeases";
 
-/// How long a done lease stays: longer than any copy of its message takes to arrive (an outbox
-/// re-send, a redelivery after a lost ack). A copy later than that still finds the task's
-/// outcome in `Tasks`.
-pub const DONE_RETENTION: Duration = Duration::from_secs(15 * 60);
-
-/// A lease no one marked done (its worker died after recording the outcome) is removed this
-/// long after it lapsed.
-pub const ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How long a lease stays after its attempt last held it (or was closed): a copy of the message
+/// arriving within it (an outbox re-send, a duplicate publish, a backlog) finds the attempt taken.
+/// A redelivered copy also looks at the task's document, whatever its age.
+pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The token of an attempt closed before any worker took it.
 pub const CLOSED_TOKEN: &str = "closed";
@@ -387,21 +383,15 @@ impl LeaseRepository {
             .await?)
     }
 
-    /// Removes leases done more than [`DONE_RETENTION`] ago and those abandoned for
-    /// [`ABANDONED_RETENTION`]; how many.
+    /// Removes leases not held for [`RETENTION`]; how many.
     #[tracing::instrument(name = "store.leases.collect", skip(self))]
     pub async fn collect(&self) -> Result<u64, StoreError> {
-        let now = DateTime::now().timestamp_millis();
-        let ago = |d: Duration| DateTime::from_millis(now - d.as_millis() as i64);
-        let done = self
+        let cutoff = DateTime::now().timestamp_millis() - RETENTION.as_millis() as i64;
+        let collected = self
             .collection
-            .delete_many(doc! {"done_at": {"$lt": ago(DONE_RETENTION)}})
+            .delete_many(doc! {"lease_until": {"$lt": DateTime::from_millis(cutoff)}})
             .await?;
-        let abandoned = self
-            .collection
-            .delete_many(doc! {"done_at": null, "lease_until": {"$lt": ago(ABANDONED_RETENTION)}})
-            .await?;
-        Ok(done.deleted_count + abandoned.deleted_count)
+        Ok(collected.deleted_count)
     }
 }
 

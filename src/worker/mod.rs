@@ -8,7 +8,7 @@
 //! | [`execute`] | running a handler under its time limits, panics caught |
 //! | [`spawner`] | child tasks submitted by running tasks |
 //!
-//! Its promises: a task runs as one live attempt at a time (the execution lease in `Tasks`); a
+//! Its promises: a task runs as one live attempt at a time (the execution lease in `TaskLeases`); a
 //! message is settled only after its outcome is recorded; every store write goes through the
 //! group-commit writer ([`crate::store::batch`]), so concurrent tasks share MongoDB commands; a
 //! panic anywhere in handling a delivery still settles it.
@@ -264,15 +264,15 @@ impl Worker {
         }
     }
 
-    /// Removes done leases once no late copy can need them (every worker does, rarely: the
-    /// collection holds only the running attempts and the last minutes' done ones).
+    /// Removes leases no late copy can need any more (every worker does, about hourly: a scan of
+    /// a narrow collection).
     async fn collect_leases(self: Arc<Self>) {
-        let every = crate::store::task_leases::DONE_RETENTION / 3;
+        let every = Duration::from_secs(3600);
         loop {
             tokio::time::sleep(every.mul_f64(0.5 + fastrand::f64())).await;
             match self.leases.collect().await {
-                Ok(n) => tracing::debug!(removed = n, "collected done leases"),
-                Err(error) => tracing::debug!(error = %error, "cannot collect done leases"),
+                Ok(n) => tracing::debug!(removed = n, "collected old leases"),
+                Err(error) => tracing::debug!(error = %error, "cannot collect old leases"),
             }
         }
     }

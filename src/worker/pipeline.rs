@@ -258,11 +258,12 @@ impl Worker {
             self.config.lease,
             now,
         ));
-        let (claimed, stored) = tokio::join!(
-            claim.result(),
-            self.reader
-                .get(crate::store::tasks::COLLECTION, &job.attempt.task_id)
-        );
+        // The task's document too: a lease of this attempt may be gone (collected after
+        // `RETENTION`), its document never lies.
+        let looked_up = self
+            .reader
+            .get(crate::store::tasks::COLLECTION, &job.attempt.task_id);
+        let (claimed, stored) = tokio::join!(claim.result(), looked_up);
         let claimed = match claimed {
             Ok(Written::Applied) => stored.map(|stored| Some((None, 1, now, stored))),
             Ok(Written::Refused) => {

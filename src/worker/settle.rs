@@ -205,10 +205,6 @@ impl Worker {
             }
         }
         if stored == Stored::Applied {
-            if job.claimed {
-                // The outcome is in: the lease is done (a courtesy; an undone one lapses).
-                let _ = self.writer.submit(self.leases.done_write(&job.attempt));
-            }
             self.pause.recovered();
             self.invalidator.invalidate(&job.attempt.task_id).await;
         }
