@@ -139,24 +139,39 @@ wrk_run() {
 # ms VALUE: wrk's latency (850.00us, 12.34ms, 1.20s) in milliseconds.
 ms() { python3 -c "import sys,re; v=sys.argv[1]; n,u=re.match(r'([0-9.]+)(\w+)',v).groups(); print(float(n)*{'us':0.001,'ms':1,'s':1000,'m':60000}[u])" "$1"; }
 
+# Starts `kobe serve` for benchmark NAME on its own database, queues and port (`$port`), with
+# `$pids` stopped and the store's engine stopped on exit.
+start_api() {
+  pids=()
+  trap '[ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true; stop_mongodb' EXIT
+  prefix="kobebench-$1-$$"
+  port=$(free_port)
+  export MONGODB_URI=$KOBE_MONGO_URI MONGODB_DB=${prefix//-/_} KOBE_AMQP_PREFIX=$prefix \
+    KOBE_REDIS_PREFIX=$prefix KOBE_HTTP_ADDR=127.0.0.1:$port KOBE_LOG_LEVEL=warn
+  target/release/kobe --env-file /dev/null init-db >/dev/null
+  target/release/kobe --env-file /dev/null serve & pids+=($!)
+}
+
+# Waits (60 s at most) until that API answers /ready.
+wait_api() {
+  wait_port 127.0.0.1 "$port" 60 "kobe serve"
+  local deadline=$((SECONDS + 60))
+  until curl -sf "http://127.0.0.1:$port/ready" >/dev/null; do
+    [ $SECONDS -lt $deadline ] || { echo "kobe serve is not ready after 60 s" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+
 if [ "$which" = http ]; then
   command -v wrk >/dev/null || apt_install wrk
   python_venv
   cargo build --release --quiet --bin kobe
   engine "${KOBE_BENCH_ENGINE:-documentdb}"
   log "MongoDB: $KOBE_MONGO_KIND"
-  pids=()
-  trap '[ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true; stop_mongodb' EXIT
-  prefix="kobebench-http-$$"
-  port=$(free_port)
-  export MONGODB_URI=$KOBE_MONGO_URI MONGODB_DB=${prefix//-/_} KOBE_AMQP_PREFIX=$prefix \
-    KOBE_REDIS_PREFIX=$prefix KOBE_HTTP_ADDR=127.0.0.1:$port KOBE_LOG_LEVEL=warn
-  target/release/kobe --env-file /dev/null init-db >/dev/null
-  target/release/kobe --env-file /dev/null serve & pids+=($!)
+  start_api http
   metrics_port=$(free_port)
   target/release/kobe --env-file /dev/null worker --metrics-addr "127.0.0.1:$metrics_port" & pids+=($!)
-  wait_port 127.0.0.1 "$port" 60 "kobe serve"
-  until curl -sf "http://127.0.0.1:$port/ready" >/dev/null; do sleep 0.2; done
+  wait_api
   before=$(curl -s "http://127.0.0.1:$port/metrics")
   kobe=$(KOBE_BENCH_BODY='{"task_name": "demo_long_io", "kwargs": {"duration_ms": 0}}' wrk_run kobe "http://127.0.0.1:$port")
   after=$(curl -s "http://127.0.0.1:$port/metrics")
@@ -200,16 +215,8 @@ if [ "$which" = bulk ]; then
   log "MongoDB: $KOBE_MONGO_KIND"
   n=${KOBE_BENCH_BULK_TASKS:-20000}
   broker=$(cargo bench --quiet --bench publish 2>/dev/null | awk '/raw amiquip/ {print $(NF-3)}')
-  pids=()
-  trap '[ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true; stop_mongodb' EXIT
-  prefix="kobebench-bulk-$$"
-  port=$(free_port)
-  export MONGODB_URI=$KOBE_MONGO_URI MONGODB_DB=${prefix//-/_} KOBE_AMQP_PREFIX=$prefix \
-    KOBE_REDIS_PREFIX=$prefix KOBE_HTTP_ADDR=127.0.0.1:$port KOBE_LOG_LEVEL=warn
-  target/release/kobe --env-file /dev/null init-db >/dev/null
-  target/release/kobe --env-file /dev/null serve & pids+=($!)
-  wait_port 127.0.0.1 "$port" 60 "kobe serve"
-  until curl -sf "http://127.0.0.1:$port/ready" >/dev/null; do sleep 0.2; done
+  start_api bulk
+  wait_api
   kobe=$("$venv/bin/python" scripts/bench/bulk.py "http://127.0.0.1:$port" "$KOBE_MONGO_URI" "$MONGODB_DB" \
     "$n" 500 -- target/release/kobe --env-file /dev/null worker)
   kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; pids=()

@@ -110,19 +110,19 @@ impl LeaseRepository {
 
     /// The claim of `attempt` as a batched insert: applied means the attempt is ours for `lease`.
     pub fn claim_write(&self, attempt: &Attempt, lease: Duration, now: DateTime) -> Write {
+        let mut claim = fresh(
+            &attempt.task_id,
+            &attempt.task_name,
+            attempt.retries,
+            &attempt.token,
+            now,
+        );
+        claim.insert("worker", crate::config::worker_name());
+        claim.insert("lease_until", later(now, lease));
+        claim.insert("deliveries", 1_i64);
         Write {
             collection: COLLECTION,
-            op: WriteOp::Insert(doc! {
-                "_id": lease_id(&attempt.task_id, attempt.retries),
-                "task_id": &attempt.task_id,
-                "task_name": &attempt.task_name,
-                "retries": i64::from(attempt.retries),
-                "token": &attempt.token,
-                "worker": crate::config::worker_name(),
-                "started_at": now,
-                "lease_until": later(now, lease),
-                "deliveries": 1_i64,
-            }),
+            op: WriteOp::Insert(claim),
             purpose: "claim",
         }
     }
@@ -255,21 +255,16 @@ impl LeaseRepository {
     /// Closes `attempt` unrun, as a batched insert, before its task is closed in `state`
     /// without running (expired, unknown, its arguments lost): refused when a copy holds it.
     pub fn close_write(&self, attempt: &Attempt, state: TaskState) -> Write {
-        let now = DateTime::now();
+        let closed = closed_lease(
+            &attempt.task_id,
+            &attempt.task_name,
+            attempt.retries,
+            &attempt.token,
+            state,
+        );
         Write {
             collection: COLLECTION,
-            op: WriteOp::Insert(doc! {
-                "_id": lease_id(&attempt.task_id, attempt.retries),
-                "task_id": &attempt.task_id,
-                "task_name": &attempt.task_name,
-                "retries": i64::from(attempt.retries),
-                "token": &attempt.token,
-                "started_at": now,
-                "lease_until": now,
-                "deliveries": 0_i64,
-                "done_at": now,
-                "closed": state.as_str(),
-            }),
+            op: WriteOp::Insert(closed),
             purpose: "lease_close",
         }
     }
@@ -285,19 +280,7 @@ impl LeaseRepository {
         state: TaskState,
         request: Option<&Replay>,
     ) -> Result<bool, StoreError> {
-        let now = DateTime::now();
-        let mut closed = doc! {
-            "_id": lease_id(task_id, retries),
-            "task_id": task_id,
-            "task_name": task_name,
-            "retries": i64::from(retries),
-            "token": CLOSED_TOKEN,
-            "started_at": now,
-            "lease_until": now,
-            "deliveries": 0_i64,
-            "done_at": now,
-            "closed": state.as_str(),
-        };
+        let mut closed = closed_lease(task_id, task_name, retries, CLOSED_TOKEN, state);
         if let Some(request) = request {
             closed.insert("cancel", doc! {"at": request.at, "by": &request.by});
         }
@@ -393,6 +376,36 @@ impl LeaseRepository {
             .await?;
         Ok(collected.deleted_count)
     }
+}
+
+/// A lease of attempt `retries` taken under `token` at `now`, held until `now` (a claim extends
+/// it), started by no one yet.
+fn fresh(task_id: &str, task_name: &str, retries: u32, token: &str, now: DateTime) -> Document {
+    doc! {
+        "_id": lease_id(task_id, retries),
+        "task_id": task_id,
+        "task_name": task_name,
+        "retries": i64::from(retries),
+        "token": token,
+        "started_at": now,
+        "lease_until": now,
+        "deliveries": 0_i64,
+    }
+}
+
+/// A lease of attempt `retries` closed unrun now, in `state`.
+fn closed_lease(
+    task_id: &str,
+    task_name: &str,
+    retries: u32,
+    token: &str,
+    state: TaskState,
+) -> Document {
+    let now = DateTime::now();
+    let mut lease = fresh(task_id, task_name, retries, token, now);
+    lease.insert("done_at", now);
+    lease.insert("closed", state.as_str());
+    lease
 }
 
 fn split(running: &[(String, String)]) -> (Vec<String>, Vec<String>) {

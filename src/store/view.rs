@@ -113,15 +113,17 @@ impl TaskRepository {
         let (mut tasks, next) = self.search(search, Some(&ids)).await?;
         self.overlay_all(&mut tasks).await?;
         tasks.retain(|t| t.state == TaskState::Started);
-        // Running tasks no client recorded, on the first page.
+        // Running tasks no client recorded, on the first page (one query says which are).
         if search.after.is_none() && search.parent_id.is_none() {
+            let ids: Vec<String> = running.iter().map(|l| l.task_id.clone()).collect();
+            let recorded = self.states(&ids).await?;
             for lease in &running {
-                let known = tasks.iter().any(|t| t.id == lease.task_id);
+                let known = recorded.iter().any(|(id, _)| *id == lease.task_id);
                 let named = search
                     .task_name
                     .as_ref()
                     .is_none_or(|n| *n == lease.task_name);
-                if !known && named && self.stored(&lease.task_id).await?.is_none() {
+                if !known && named {
                     tasks.push(from_lease(lease));
                 }
             }

@@ -105,6 +105,14 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     metric
 }
 
+fn single_counter(registry: &Registry, name: &str, help: &str) -> prometheus::IntCounter {
+    let metric = prometheus::IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric name");
+    metric
+}
+
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let metric = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
@@ -277,46 +285,10 @@ impl Metrics {
                 "Submissions whose confirm did not come: closed (503), accepted (a worker had the task) or closing (503; closed once MongoDB answers).",
                 &["outcome"],
             ),
-            deliveries_returned: {
-                let metric = prometheus::IntCounter::new(
-                    "kobe_deliveries_returned_total",
-                    "Deliveries handed back to their queue because no run slot freed up in time.",
-                )
-                .expect("valid metric");
-                r.register(Box::new(metric.clone()))
-                    .expect("unique metric name");
-                metric
-            },
-            lease_abandoned: {
-                let metric = prometheus::IntCounter::new(
-                    "kobe_task_leases_abandoned_total",
-                    "Handlers stopped before their execution lease could lapse, because MongoDB did not answer its renewals.",
-                )
-                .expect("valid metric");
-                r.register(Box::new(metric.clone()))
-                    .expect("unique metric name");
-                metric
-            },
-            lease_renewals: {
-                let metric = prometheus::IntCounter::new(
-                    "kobe_lease_renewals_total",
-                    "Lease renewals sent: one command for all of a worker's running attempts.",
-                )
-                .expect("valid metric");
-                r.register(Box::new(metric.clone()))
-                    .expect("unique metric name");
-                metric
-            },
-            leases_renewed: {
-                let metric = prometheus::IntCounter::new(
-                    "kobe_leases_renewed_total",
-                    "Execution leases extended by those renewals.",
-                )
-                .expect("valid metric");
-                r.register(Box::new(metric.clone()))
-                    .expect("unique metric name");
-                metric
-            },
+            deliveries_returned: single_counter(&r, "kobe_deliveries_returned_total", "Deliveries handed back to their queue because no run slot freed up in time."),
+            lease_abandoned: single_counter(&r, "kobe_task_leases_abandoned_total", "Handlers stopped before their execution lease could lapse, because MongoDB did not answer its renewals."),
+            lease_renewals: single_counter(&r, "kobe_lease_renewals_total", "Lease renewals sent: one command for all of a worker's running attempts."),
+            leases_renewed: single_counter(&r, "kobe_leases_renewed_total", "Execution leases extended by those renewals."),
             lease_takeovers: counter(
                 &r,
                 "kobe_task_lease_takeovers_total",

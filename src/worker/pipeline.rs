@@ -286,7 +286,7 @@ impl Worker {
         };
         job.claimed = true;
         job.deliveries = deliveries;
-        if let Some(found) = self.not_to_run(job, stored.as_ref()).await {
+        if let Some(found) = self.not_to_run(job, stored).await {
             // Ours, but the task says it must not run: let the lease go as done.
             drop(slot);
             let _ = self.writer.submit(self.leases.done_write(&job.attempt));
@@ -337,9 +337,9 @@ impl Worker {
     async fn not_to_run(
         &self,
         job: &Job<'_>,
-        stored: Option<&mongodb::bson::Document>,
+        stored: Option<mongodb::bson::Document>,
     ) -> Option<Option<Result<Happened, Retake>>> {
-        let task: TaskDocument = match stored.map(|d| mongodb::bson::from_document(d.clone())) {
+        let task: TaskDocument = match stored.map(mongodb::bson::from_document) {
             None => return None,
             Some(Ok(task)) => task,
             Some(Err(error)) => {

@@ -36,6 +36,15 @@ pub(super) enum Found {
     Cancelled(String),
 }
 
+/// An operator asked the task to stop while an attempt ran: this copy does not go on with it.
+fn cancelled_while_running(request: &crate::store::tasks::Replay) -> Found {
+    tracing::info!(by = %request.by, "the task was cancelled while an attempt ran; not going on with it");
+    Found::Cancelled(format!(
+        "cancelled by {} while it ran; not run again",
+        request.by
+    ))
+}
+
 impl Worker {
     /// Plans for what happened and carries the plan out.
     pub(super) async fn conclude(&self, job: Job<'_>, happened: Happened) {
@@ -342,11 +351,7 @@ impl Worker {
                 continue;
             }
             if let Some(request) = &lease.cancel {
-                tracing::info!(by = %request.by, "the task was cancelled while an attempt ran; not going on with it");
-                return Some(Found::Cancelled(format!(
-                    "cancelled by {} while it ran; not run again",
-                    request.by
-                )));
+                return Some(cancelled_while_running(request));
             }
             if lease.deliveries >= self.config.max_deliveries {
                 return Some(Found::Poison(lease.deliveries));
@@ -394,11 +399,7 @@ impl Worker {
             return Some(Found::Settled);
         }
         if let Some(request) = &task.cancel_requested {
-            tracing::info!(by = %request.by, "the task was cancelled while an attempt ran; not going on with it");
-            return Some(Found::Cancelled(format!(
-                "cancelled by {} while it ran; not run again",
-                request.by
-            )));
+            return Some(cancelled_while_running(request));
         }
         None
     }

@@ -162,16 +162,7 @@ async fn sign_in(client: &reqwest::Client, base: &str) -> (String, String) {
 
 /// How many dead letters `GET /dlq` lists.
 pub(crate) async fn dead_letters(api: &TestApi, token: &str) -> usize {
-    let letters: Value = api
-        .client
-        .get(format!("{}/dlq", api.address))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let letters: Value = api.get_as("/dlq", token).await.json().await.unwrap();
     letters["letters"].as_array().unwrap().len()
 }
 
@@ -356,16 +347,7 @@ async fn ready_tells_the_unauthenticated_only_what_is_up() {
         !anonymous.to_string().contains(&closed.to_string()),
         "{anonymous}"
     );
-    let detailed: Value = api
-        .client
-        .get(format!("{}/ready", api.address))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let detailed: Value = api.get_as("/ready", TOKEN).await.json().await.unwrap();
     assert!(
         detailed["checks"]["redis"]["error"].is_string(),
         "{detailed}"

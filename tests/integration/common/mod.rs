@@ -317,6 +317,16 @@ impl TestApi {
             .expect("request")
     }
 
+    /// `GET {path}` on the API with a bearer token.
+    pub async fn get_as(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
+    }
+
     pub async fn status(&self, id: &str) -> reqwest::Response {
         self.client
             .get(format!("{}/task/status/{id}", self.address))
