@@ -86,12 +86,14 @@ pub async fn run(
         });
     let watched = state.submitter.topology().watched_queues();
     let depths_stop = super::spawn_queue_depth_watch(&settings, watched);
+    // Before the listener opens: a SIGTERM from then on is a graceful stop.
+    let stop = crate::shutdown::signal();
     let app = Application::build(state, addr, settings.shutdown_grace)
         .with_context(|| format!("failed to listen on {addr}"))?;
     tracing::info!(addr = %addr, port = app.port(), "serving the HTTP API");
     let handle = app.handle();
     tokio::spawn(async move {
-        crate::shutdown::signal().await;
+        stop.await;
         handle.stop(true).await;
     });
     app.run_until_stopped()
