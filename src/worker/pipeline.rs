@@ -240,9 +240,9 @@ impl Worker {
     }
 
     /// Claims first, then runs. The claim is an insert of the attempt's lease (batched), sent
-    /// together with a lookup of the task (batched too): a task finished, revoked or moved on to
-    /// a later attempt is not run even when no lease of this attempt is left. A lease held
-    /// already is taken over when it lapsed, or waited for while it holds.
+    /// together with a lookup of the task (batched too) where the lease alone cannot tell: a
+    /// task finished, revoked or moved on to a later attempt is not run. A lease held already is
+    /// taken over when it lapsed, or waited for while it holds, and the task looked up afresh.
     async fn run_claimed(
         &self,
         job: &mut Job<'_>,
@@ -258,11 +258,21 @@ impl Worker {
             self.config.lease,
             now,
         ));
-        // The task's document too: a lease of this attempt may be gone (collected after
-        // `RETENTION`), its document never lies.
-        let looked_up = self
-            .reader
-            .get(crate::store::tasks::COLLECTION, &job.attempt.task_id);
+        // The task's document is looked up beside the claim unless this is the first delivery
+        // of a first attempt: then an insert that lands is the task's first holder, and what
+        // could have moved the task on without running it (a cancel, a refused submission, a
+        // verdict reached unrun) closed this lease first. A redelivery's attempt may have
+        // reached an outcome its lease never saw, and a later attempt's message may have been
+        // published by one whose outcome was then refused (a cancel that came meanwhile).
+        let looked_up = async {
+            if job.delivery.redelivered || job.attempt.retries > 0 {
+                self.reader
+                    .get(crate::store::tasks::COLLECTION, &job.attempt.task_id)
+                    .await
+            } else {
+                Ok(None)
+            }
+        };
         let (claimed, stored) = tokio::join!(claim.result(), looked_up);
         let claimed = match claimed {
             Ok(Written::Applied) => stored.map(|stored| Some((None, 1, now, stored))),

@@ -253,6 +253,25 @@ async fn hostile_headers_and_a_panic_in_delivery_handling_still_settle_the_messa
     worker.stop().await;
 }
 
+/// The lease an attempt that started `deliveries` times and died left behind, long lapsed.
+async fn lapsed_lease(env: &TestEnv, message: &TaskMessage, retries: u32, deliveries: u32) {
+    let died = mongodb::bson::DateTime::from_millis(0);
+    env.db
+        .collection::<mongodb::bson::Document>(kobe::store::task_leases::COLLECTION)
+        .insert_one(mongodb::bson::doc! {
+            "_id": kobe::store::task_leases::lease_id(message.id.as_str(), retries),
+            "task_id": message.id.as_str(),
+            "task_name": &message.task,
+            "retries": i64::from(retries),
+            "token": "an-attempt-that-died",
+            "started_at": died,
+            "lease_until": died,
+            "deliveries": i64::from(deliveries),
+        })
+        .await
+        .unwrap();
+}
+
 /// Sets fields of a task document as an earlier attempt would have left them.
 async fn record(env: &TestEnv, message: &TaskMessage, fields: mongodb::bson::Document) {
     let mut document = kobe::store::TaskDocument::pending(&message.id, &message.task, "default");
@@ -282,6 +301,8 @@ async fn a_stale_attempt_never_runs_and_never_moves_retries_back() {
         mongodb::bson::doc! {"state": "RETRY", "retries": 2_i64},
     )
     .await;
+    lapsed_lease(&env, &message, 0, 1).await;
+    lapsed_lease(&env, &message, 1, 1).await;
     env.publish_message(&publisher, &message).await;
     env.wait_queue_empty("default", "stale copy settled").await;
     common::eventually(Duration::from_secs(5), "counted as stale", || async {
@@ -310,6 +331,7 @@ async fn a_dead_letter_owed_by_a_dead_attempt_is_published_by_the_redelivery() {
         mongodb::bson::doc! {"state": "FAILURE", "root_cause": "it broke", "dead_letter": "pending"},
     )
     .await;
+    lapsed_lease(&env, &message, 0, 1).await;
     env.publish_message(&publisher, &message).await;
     let dead = env.dead_letters(1).await;
     assert_eq!(
@@ -339,21 +361,7 @@ async fn a_message_started_too_often_is_closed_as_poison() {
     // Three attempts started it and died without an outcome (their leases have lapsed).
     let message = TaskMessage::new(TaskId::generate(), "counted", vec![], Map::new());
     record(&env, &message, mongodb::bson::doc! {"state": "PENDING"}).await;
-    let died = mongodb::bson::DateTime::from_millis(0);
-    env.db
-        .collection::<mongodb::bson::Document>(kobe::store::task_leases::COLLECTION)
-        .insert_one(mongodb::bson::doc! {
-            "_id": kobe::store::task_leases::lease_id(message.id.as_str(), 0),
-            "task_id": message.id.as_str(),
-            "task_name": "counted",
-            "retries": 0_i64,
-            "token": "an-attempt-that-died",
-            "started_at": died,
-            "lease_until": died,
-            "deliveries": 3_i64,
-        })
-        .await
-        .unwrap();
+    lapsed_lease(&env, &message, 0, 3).await;
     env.publish_message(&publisher, &message).await;
     env.wait_failure(
         message.id.as_str(),
