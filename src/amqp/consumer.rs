@@ -295,33 +295,39 @@ impl ConsumerThread {
                     Ok(command) => command,
                     Err(_) => return SessionEnd::Close,
                 };
-                match command {
-                    Command::Settle(tag, settlement) => {
-                        if tag.generation != self.generation {
-                            tracing::debug!(
-                                "settlement for a delivery of a lost connection ignored"
-                            );
-                            continue;
+                // Settlements that arrived together go out together: the acks of a batch whose
+                // outcomes were written by one command become as few `multiple` acks as the
+                // deliveries still held allow.
+                let mut settlements = Vec::new();
+                let mut next = Some(command);
+                while let Some(command) = next.take() {
+                    match command {
+                        Command::Settle(tag, settlement) => {
+                            if tag.generation == self.generation {
+                                settlements.push((tag.tag, settlement));
+                            } else {
+                                tracing::debug!(
+                                    "settlement for a delivery of a lost connection ignored"
+                                );
+                            }
+                            if settlements.len() < MAX_SETTLEMENTS_AT_ONCE {
+                                next = self.inbox.try_recv().ok();
+                            }
                         }
-                        let Some(delivery) = held.remove(&tag.tag) else {
-                            continue;
-                        };
-                        let result = match settlement {
-                            Settlement::Ack => delivery.ack(channel),
-                            Settlement::DeadLetter => delivery.nack(channel, false),
-                            Settlement::Requeue => delivery.nack(channel, true),
-                        };
-                        if let Err(e) = result {
-                            return SessionEnd::Lost(e.to_string());
+                        Command::StopConsuming => {
+                            self.stopped = true;
+                            for consumer in &consumers {
+                                let _ = consumer.cancel();
+                            }
+                        }
+                        Command::Close => {
+                            let _ = settle_all(channel, &mut held, settlements);
+                            return SessionEnd::Close;
                         }
                     }
-                    Command::StopConsuming => {
-                        self.stopped = true;
-                        for consumer in &consumers {
-                            let _ = consumer.cancel();
-                        }
-                    }
-                    Command::Close => return SessionEnd::Close,
+                }
+                if let Err(e) = settle_all(channel, &mut held, settlements) {
+                    return SessionEnd::Lost(e.to_string());
                 }
                 continue;
             }
@@ -378,5 +384,125 @@ impl ConsumerThread {
                 }
             }
         }
+    }
+}
+
+/// Settlements handled in one go at most, so deliveries keep flowing under a flood of them.
+const MAX_SETTLEMENTS_AT_ONCE: usize = 1024;
+
+/// Sends `settlements` of deliveries in `held`: nacks one by one, acks as [`plan_acks`] says.
+fn settle_all(
+    channel: &Channel,
+    held: &mut HashMap<u64, amiquip::Delivery>,
+    settlements: Vec<(u64, Settlement)>,
+) -> amiquip::Result<()> {
+    let mut acks = Vec::new();
+    for (tag, settlement) in settlements {
+        let requeue = match settlement {
+            Settlement::Ack => {
+                if held.contains_key(&tag) {
+                    acks.push(tag);
+                }
+                continue;
+            }
+            Settlement::DeadLetter => false,
+            Settlement::Requeue => true,
+        };
+        if let Some(delivery) = held.remove(&tag) {
+            delivery.nack(channel, requeue)?;
+        }
+    }
+    if acks.is_empty() {
+        return Ok(());
+    }
+    let plan = plan_acks(held.keys().copied(), &mut acks);
+    if let Some(upto) = plan.multiple {
+        let last = held.remove(&upto).expect("an ack planned is held");
+        held.retain(|&tag, _| tag > upto);
+        last.ack_multiple(channel)?;
+    }
+    for tag in plan.single {
+        if let Some(delivery) = held.remove(&tag) {
+            delivery.ack(channel)?;
+        }
+    }
+    Ok(())
+}
+
+/// How a set of acks is sent.
+#[derive(Debug, PartialEq, Eq)]
+struct AckPlan {
+    /// One `multiple` ack of every held delivery up to this tag, all of them acked.
+    multiple: Option<u64>,
+    /// The rest, one by one.
+    single: Vec<u64>,
+}
+
+/// Splits `acks` (all held) into the run below the lowest held delivery not being acked — one
+/// `multiple` ack covers it, as it covers nothing else — and the rest.
+fn plan_acks(held: impl Iterator<Item = u64>, acks: &mut [u64]) -> AckPlan {
+    acks.sort_unstable();
+    let kept = held
+        .filter(|tag| acks.binary_search(tag).is_err())
+        .min()
+        .unwrap_or(u64::MAX);
+    let below = acks.partition_point(|&tag| tag < kept);
+    if below < 2 {
+        return AckPlan {
+            multiple: None,
+            single: acks.to_vec(),
+        };
+    }
+    AckPlan {
+        multiple: Some(acks[below - 1]),
+        single: acks[below..].to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{plan_acks, AckPlan};
+
+    #[test]
+    fn acks_below_every_delivery_still_held_go_as_one_multiple_ack() {
+        // Held 1..=6; 1, 2, 3 and 5 are acked: 4 is still running.
+        let mut acks = vec![5, 2, 1, 3];
+        assert_eq!(
+            plan_acks(1..=6, &mut acks),
+            AckPlan {
+                multiple: Some(3),
+                single: vec![5]
+            }
+        );
+        // Everything held is acked.
+        let mut acks = vec![7, 8, 9];
+        assert_eq!(
+            plan_acks(7..=9, &mut acks),
+            AckPlan {
+                multiple: Some(9),
+                single: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn an_ack_above_a_delivery_still_held_goes_alone() {
+        let mut acks = vec![2, 4];
+        assert_eq!(
+            plan_acks(1..=4, &mut acks),
+            AckPlan {
+                multiple: None,
+                single: vec![2, 4]
+            }
+        );
+        // A single ack needs no `multiple`.
+        let mut acks = vec![1];
+        assert_eq!(
+            plan_acks(1..=3, &mut acks),
+            AckPlan {
+                multiple: None,
+                single: vec![1]
+            }
+        );
     }
 }
