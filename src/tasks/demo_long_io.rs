@@ -46,8 +46,14 @@ impl Task for DemoLongIo {
         Box::pin(async move {
             let params =
                 params(&invocation.kwargs).map_err(|e| TaskError::Permanent(e.to_string()))?;
+            // No wait at all for 0 (a timer would still wait for its next tick, about 1 ms).
+            let wait = async {
+                if params.duration_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(params.duration_ms)).await;
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(params.duration_ms)) => {}
+                () = wait => {}
                 why = invocation.wrap_up() => {
                     // A real handler would close files or roll back here.
                     let what = match why {
