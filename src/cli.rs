@@ -26,7 +26,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Consume tasks from RabbitMQ and run them.
     Worker(WorkerArgs),
-    /// Fire the periodic tasks ([[schedule]] in KOBE_TASKS_FILE) without serving the API. Any
+    /// Fire the periodic tasks (the schedules in KOBE_TASKS_FILE) without serving the API. Any
     /// number may run beside `serve` replicas: one at a time leads, by a lease in MongoDB.
     Beat,
     /// Create MongoDB collections and indexes from migrations/ (idempotent).

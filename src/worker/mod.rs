@@ -2,8 +2,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`pipeline`] | one delivery's life up to its outcome: checks, the execution lease, running |
-//! | [`settle`] | from the outcome to the settled message: record, publish the retry or dead letter, ack |
+//! | `pipeline` | one delivery's life up to its outcome: checks, the execution lease, running |
+//! | `settle` | from the outcome to the settled message: record, publish the retry or dead letter, ack |
 //! | [`decision`] | the one function that decides what each outcome means (record, retry, dead-letter) |
 //! | [`execute`] | running a handler under its time limits, panics caught |
 //! | [`spawner`] | child tasks submitted by running tasks |

@@ -74,7 +74,7 @@ pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T,
     serde_path_to_error::deserialize(deserializer).map_err(named)
 }
 
-/// [`parse_body`] for a value already parsed (one item of a bulk submission).
+/// `parse_body` for a value already parsed (one item of a bulk submission).
 pub fn parse_value<T: for<'de> Deserialize<'de>>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(named)
 }
