@@ -236,28 +236,14 @@ async fn run(db: Database, config: BatchConfig, mut inbox: mpsc::Receiver<Entry>
                 None => break,
             }
         }
-        // Whatever is queued already joins at once (a burst, a bulk submission)...
-        while !full(&batches) {
-            match inbox.try_recv() {
-                Ok(entry) => add(&mut batches, entry),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        // ...then company may arrive for a moment, unless the batch is full already.
-        let deadline = tokio::time::Instant::now() + config.linger;
-        while !closed && !full(&batches) {
-            tokio::select! {
-                entry = inbox.recv() => match entry {
-                    Some(entry) => add(&mut batches, entry),
-                    None => closed = true,
-                },
-                () = tokio::time::sleep_until(deadline) => break,
-            }
-        }
+        closed = gather(
+            &mut inbox,
+            &mut batches,
+            add,
+            |b: &Vec<_>| full(b),
+            config.linger,
+        )
+        .await;
         // Wait for a command slot; what arrives meanwhile joins this batch.
         let permit = loop {
             if closed || full(&batches) {
@@ -293,6 +279,36 @@ async fn run(db: Database, config: BatchConfig, mut inbox: mpsc::Receiver<Entry>
     }
     // Wait for the commands still out, so their answers are delivered before the writer ends.
     let _ = slots.acquire_many(config.max_in_flight.max(1) as u32).await;
+}
+
+/// Fills a batch from `inbox`: whatever is queued already joins at once (a burst, a bulk
+/// submission), then company may arrive for up to `linger`, until `full` says stop. `true` when
+/// the inbox is closed. The group-commit writer and the batched reader gather alike.
+pub(super) async fn gather<T, B>(
+    inbox: &mut mpsc::Receiver<T>,
+    batch: &mut B,
+    add: impl Fn(&mut B, T),
+    full: impl Fn(&B) -> bool,
+    linger: Duration,
+) -> bool {
+    while !full(batch) {
+        match inbox.try_recv() {
+            Ok(item) => add(batch, item),
+            Err(mpsc::error::TryRecvError::Empty) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
+    }
+    let deadline = tokio::time::Instant::now() + linger;
+    while !full(batch) {
+        tokio::select! {
+            item = inbox.recv() => match item {
+                Some(item) => add(batch, item),
+                None => return true,
+            },
+            () = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    false
 }
 
 /// Sends one batch and answers each of its writes.

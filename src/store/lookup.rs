@@ -63,22 +63,14 @@ async fn run(db: Database, linger: Duration, timeout: Duration, mut inbox: mpsc:
     let slots = Arc::new(Semaphore::new(4));
     while let Some(first) = inbox.recv().await {
         let mut batch = vec![first];
-        while batch.len() < MAX_IDS {
-            match inbox.try_recv() {
-                Ok(lookup) => batch.push(lookup),
-                Err(_) => break,
-            }
-        }
-        let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < MAX_IDS {
-            tokio::select! {
-                lookup = inbox.recv() => match lookup {
-                    Some(lookup) => batch.push(lookup),
-                    None => break,
-                },
-                () = tokio::time::sleep_until(deadline) => break,
-            }
-        }
+        super::batch::gather(
+            &mut inbox,
+            &mut batch,
+            Vec::push,
+            |batch| batch.len() >= MAX_IDS,
+            linger,
+        )
+        .await;
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
