@@ -460,6 +460,24 @@ fn plan_acks(held: impl Iterator<Item = u64>, acks: &mut [u64]) -> AckPlan {
 }
 
 #[cfg(test)]
+impl Delivery {
+    /// A delivery as the worker's unit tests hand it over: first of its connection, not
+    /// redelivered.
+    pub(crate) fn for_tests(routing_key: &str, body: &[u8]) -> Self {
+        Self {
+            tag: DeliveryTag {
+                generation: 0,
+                tag: 1,
+            },
+            redelivered: false,
+            routing_key: routing_key.to_owned(),
+            body: body.to_vec(),
+            properties: AmqpProperties::default(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::{plan_acks, AckPlan};
 

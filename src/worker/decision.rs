@@ -1,9 +1,11 @@
 //! The one place a delivery's fate is decided.
 //!
+//! Before a run, [`on_arrival`], [`on_task`] and [`on_lease`] give the [`Verdict`] on a copy of
+//! a message: run it, close it unrun, settle it without an outcome ([`Disposal`]), or wait.
 //! [`plan`] turns what happened (the handler's outcome, or why the task cannot run) into what must
 //! be recorded and where the message goes; [`next`] turns that plan and what has been done so far
-//! (what the broker and MongoDB answered) into the next step. The delivery pipeline only carries
-//! the steps out, so every path — success, retry, dead letter, duplicate, outage — follows the
+//! (what the broker and MongoDB answered) into the next step. The worker only carries verdicts
+//! and steps out, so every path — success, retry, dead letter, duplicate, outage — follows the
 //! same rules:
 //!
 //! - the message is settled only after its outcome is recorded (acks late);
@@ -16,9 +18,13 @@
 
 use std::time::Duration;
 
+use mongodb::bson::DateTime;
 use serde_json::Value;
 
+use crate::domain::TaskState;
 use crate::store::attempts::Transition;
+use crate::store::task_leases::AttemptLease;
+use crate::store::TaskDocument;
 use crate::tasks::RetryPolicy;
 
 /// The longest wait a `Retry-After` from a task's other side can impose.
@@ -313,6 +319,162 @@ pub fn when_lost(plan: &Plan, done: &Done) -> Option<Transition> {
     }
 }
 
+/// What a copy of a task's message meets before (or instead of) running: its message's own
+/// times, the task's stored document, the attempt's lease. [`on_arrival`], [`on_task`] and
+/// [`on_lease`] decide it; the executor carries it out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Nothing against running it (again): claim it, or write its outcome again.
+    Takeable,
+    /// It must not run: close it with this (a cancel, poison, expired, unknown).
+    Conclude(Happened),
+    /// Settle it without an outcome of its own.
+    Dispose(Disposal),
+    /// Another copy holds the attempt, or its outcome is on its way: look again after `after`.
+    /// `held`: a live lease holds it (this copy is a duplicate being held).
+    Wait { after: Duration, held: bool },
+}
+
+/// How a delivery that reaches no outcome of its own is settled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposal {
+    /// A copy that must not run (the task is finished, revoked, on a later attempt, or its lease
+    /// went to another attempt): acked, counted as a duplicate under `why`.
+    Duplicate(&'static str),
+    /// Its task failed and still owes the dead letter (its attempt died before publishing it):
+    /// publish it with the task's `cause`, then ack.
+    PayDeadLetter { cause: Option<String> },
+    /// Back to its queue for a worker with room (no run slot freed in time); its claim let go.
+    Return,
+    /// MongoDB cannot take it now: back to its queue after the outage pause, its claim let go
+    /// so the redelivery starts at once.
+    Outage(String),
+    /// Through the delay queues after `wait`, then acked: not due yet, or (with `hops`, the
+    /// hands-on so far) a task this worker does not know, for a worker that does.
+    SendBack { wait: Duration, hops: Option<i64> },
+    /// Its connection is gone or the worker is stopping: left unsettled for the broker to hand
+    /// back.
+    Leave,
+}
+
+/// What becomes of a message whose task this worker does not know, handed on `hops` times so
+/// far, of the `most_hops` the grace allows: perhaps only this worker does not know it (an older
+/// version beside newer ones), so it goes on for a while before it counts as unknown everywhere.
+pub fn on_unknown(task: &str, hops: i64, most_hops: i64) -> Verdict {
+    if hops < most_hops {
+        Verdict::Dispose(Disposal::SendBack {
+            wait: UNKNOWN_TASK_WAIT,
+            hops: Some(hops + 1),
+        })
+    } else {
+        Verdict::Conclude(Happened::UnknownTask(task.to_owned()))
+    }
+}
+
+/// What a message's own times say against running it at `now` (milliseconds since the epoch):
+/// not due yet, or expired. [`Verdict::Takeable`]: nothing.
+pub fn on_arrival(message: &crate::amqp::TaskMessage, now: i64) -> Verdict {
+    if let Some(eta) = message.eta.as_deref().and_then(millis_of) {
+        if eta - now > 100 {
+            let wait = Duration::from_millis(u64::try_from(eta - now).unwrap_or(u64::MAX));
+            return Verdict::Dispose(Disposal::SendBack { wait, hops: None });
+        }
+    }
+    match message.expires.as_deref() {
+        Some(expires) if millis_of(expires).is_some_and(|at| at < now) => {
+            Verdict::Conclude(Happened::Expired(expires.to_owned()))
+        }
+        _ => Verdict::Takeable,
+    }
+}
+
+/// What the task's stored document says against attempt `retries` going on: finished (perhaps
+/// owing its dead letter), moved on to a later attempt, or cancelled. `None`: nothing.
+pub fn on_task(task: &TaskDocument, retries: u32) -> Option<Verdict> {
+    if task.state.is_final() {
+        if task.dead_letter.as_deref() == Some(crate::store::attempts::DEAD_LETTER_PENDING) {
+            return Some(Verdict::Dispose(Disposal::PayDeadLetter {
+                cause: task.root_cause.clone(),
+            }));
+        }
+        let why = if task.state == TaskState::Revoked {
+            "revoked"
+        } else {
+            "finished"
+        };
+        return Some(Verdict::Dispose(Disposal::Duplicate(why)));
+    }
+    if task.retries > retries {
+        return Some(Verdict::Dispose(Disposal::Duplicate("stale_attempt")));
+    }
+    task.cancel_requested
+        .as_ref()
+        .map(|request| cancelled_while_running(&request.by))
+}
+
+/// What the attempt's lease says to a copy holding attempt token `token`, at `now`.
+pub fn on_lease(
+    lease: Option<&AttemptLease>,
+    token: &str,
+    now: DateTime,
+    max_deliveries: u32,
+) -> Verdict {
+    // None: nobody holds it; our own: a write sent again after an ambiguous failure.
+    let Some(lease) = lease.filter(|lease| lease.token != token) else {
+        return Verdict::Takeable;
+    };
+    if let Some(state) = lease.closed {
+        let by = lease
+            .cancel
+            .as_ref()
+            .map_or("an operator", |c| c.by.as_str());
+        return Verdict::Conclude(Happened::Cancelled(match state {
+            TaskState::Revoked => format!("cancelled by {by} before it ran"),
+            _ => "its submission was not accepted".to_owned(),
+        }));
+    }
+    if lease.done_at.is_some() {
+        return Verdict::Wait {
+            after: Duration::from_millis(200),
+            held: false,
+        };
+    }
+    if lease.lease_until > now {
+        let left = lease.lease_until.timestamp_millis() - now.timestamp_millis();
+        return Verdict::Wait {
+            after: Duration::from_millis(left.clamp(50, 1000) as u64),
+            held: true,
+        };
+    }
+    if let Some(request) = &lease.cancel {
+        return cancelled_while_running(&request.by);
+    }
+    if lease.deliveries >= max_deliveries {
+        return Verdict::Conclude(Happened::Poison(lease.deliveries));
+    }
+    Verdict::Takeable
+}
+
+/// An operator asked the task to stop while an attempt ran: this copy does not go on with it.
+fn cancelled_while_running(by: &str) -> Verdict {
+    Verdict::Conclude(Happened::Cancelled(format!(
+        "cancelled by {by} while it ran; not run again"
+    )))
+}
+
+/// The wait between two hands-on of a message whose task this worker does not know (as many as
+/// fit in `KOBE_UNKNOWN_TASK_GRACE_MS`).
+pub const UNKNOWN_TASK_WAIT: Duration = Duration::from_secs(30);
+
+/// Milliseconds since the epoch of an RFC 3339 time. A time without a zone (Celery sends one
+/// when its app is not timezone-aware) is UTC, as Celery's default `timezone` says.
+fn millis_of(rfc3339: &str) -> Option<i64> {
+    DateTime::parse_rfc3339_str(rfc3339)
+        .or_else(|_| DateTime::parse_rfc3339_str(format!("{rfc3339}Z")))
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,5 +706,159 @@ mod tests {
         assert_eq!(delay(Duration::from_secs(30)), Duration::from_secs(30));
         assert_eq!(delay(Duration::ZERO), policy.delay_for(1, 0.0));
         assert_eq!(delay(Duration::from_secs(86_400)), MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn a_time_without_a_zone_is_utc() {
+        let zoned = millis_of("2030-01-02T03:04:05.678+00:00").unwrap();
+        assert_eq!(millis_of("2030-01-02T03:04:05.678").unwrap(), zoned);
+        assert_eq!(millis_of("2030-01-02T03:04:05.678Z").unwrap(), zoned);
+        assert_eq!(millis_of("2030-01-02T04:04:05.678+01:00").unwrap(), zoned);
+        assert!(millis_of("tomorrow").is_none());
+    }
+
+    #[test]
+    fn an_unknown_task_is_handed_on_for_its_grace_then_closed_unknown() {
+        assert_eq!(
+            on_unknown("nope", 0, 2),
+            Verdict::Dispose(Disposal::SendBack {
+                wait: UNKNOWN_TASK_WAIT,
+                hops: Some(1)
+            })
+        );
+        assert_eq!(
+            on_unknown("nope", 2, 2),
+            Verdict::Conclude(Happened::UnknownTask("nope".into()))
+        );
+    }
+
+    #[test]
+    fn a_message_not_due_goes_back_and_an_expired_one_is_closed() {
+        let at = |t: &str| millis_of(t).unwrap();
+        let mut message = crate::amqp::TaskMessage::new(
+            crate::domain::TaskId::parse("t1").unwrap(),
+            "demo",
+            vec![],
+            Default::default(),
+        );
+        assert_eq!(on_arrival(&message, 0), Verdict::Takeable);
+        message.eta = Some("2030-01-01T00:01:00Z".into());
+        assert_eq!(
+            on_arrival(&message, at("2030-01-01T00:00:00Z")),
+            Verdict::Dispose(Disposal::SendBack {
+                wait: Duration::from_secs(60),
+                hops: None
+            })
+        );
+        message.eta = None;
+        message.expires = Some("2030-01-01T00:00:00Z".into());
+        assert_eq!(
+            on_arrival(&message, at("2030-01-01T00:00:01Z")),
+            Verdict::Conclude(Happened::Expired("2030-01-01T00:00:00Z".into()))
+        );
+        assert_eq!(
+            on_arrival(&message, at("2029-12-31T23:59:59Z")),
+            Verdict::Takeable
+        );
+    }
+
+    fn stored(state: TaskState, retries: u32) -> TaskDocument {
+        let mut task = TaskDocument::pending(
+            &crate::domain::TaskId::parse("t1").unwrap(),
+            "demo",
+            "default",
+        );
+        task.state = state;
+        task.retries = retries;
+        task
+    }
+
+    #[test]
+    fn the_stored_task_refuses_finished_revoked_stale_and_cancelled_copies() {
+        let duplicate = |why| Some(Verdict::Dispose(Disposal::Duplicate(why)));
+        assert_eq!(
+            on_task(&stored(TaskState::Success, 0), 0),
+            duplicate("finished")
+        );
+        assert_eq!(
+            on_task(&stored(TaskState::Revoked, 0), 0),
+            duplicate("revoked")
+        );
+        assert_eq!(
+            on_task(&stored(TaskState::Retry, 2), 1),
+            duplicate("stale_attempt")
+        );
+        assert_eq!(on_task(&stored(TaskState::Retry, 1), 1), None);
+        let mut owing = stored(TaskState::Failure, 0);
+        owing.dead_letter = Some(crate::store::attempts::DEAD_LETTER_PENDING.into());
+        owing.root_cause = Some("bad".into());
+        assert_eq!(
+            on_task(&owing, 0),
+            Some(Verdict::Dispose(Disposal::PayDeadLetter {
+                cause: Some("bad".into())
+            }))
+        );
+        let mut cancelled = stored(TaskState::Started, 0);
+        cancelled.cancel_requested = Some(crate::store::tasks::Replay {
+            at: DateTime::now(),
+            by: "cli:ops".into(),
+        });
+        assert!(matches!(
+            on_task(&cancelled, 0),
+            Some(Verdict::Conclude(Happened::Cancelled(cause))) if cause.contains("cli:ops")
+        ));
+    }
+
+    #[test]
+    fn the_lease_says_wait_while_held_take_once_lapsed_and_poison_past_the_cap() {
+        let now = DateTime::now();
+        let lease = |token: &str, until_ms: i64, deliveries| AttemptLease {
+            id: "t1:0".into(),
+            task_id: "t1".into(),
+            task_name: "demo".into(),
+            retries: 0,
+            token: token.into(),
+            worker: None,
+            started_at: now,
+            lease_until: DateTime::from_millis(now.timestamp_millis() + until_ms),
+            deliveries,
+            done_at: None,
+            cancel: None,
+            closed: None,
+        };
+        assert_eq!(on_lease(None, "mine", now, 3), Verdict::Takeable);
+        assert_eq!(
+            on_lease(Some(&lease("mine", 5000, 1)), "mine", now, 3),
+            Verdict::Takeable
+        );
+        assert_eq!(
+            on_lease(Some(&lease("other", 5000, 1)), "mine", now, 3),
+            Verdict::Wait {
+                after: Duration::from_secs(1),
+                held: true
+            }
+        );
+        assert_eq!(
+            on_lease(Some(&lease("other", -1, 1)), "mine", now, 3),
+            Verdict::Takeable
+        );
+        assert_eq!(
+            on_lease(Some(&lease("other", -1, 3)), "mine", now, 3),
+            Verdict::Conclude(Happened::Poison(3))
+        );
+        let mut done = lease("other", 5000, 1);
+        done.done_at = Some(now);
+        assert!(matches!(
+            on_lease(Some(&done), "mine", now, 3),
+            Verdict::Wait { held: false, .. }
+        ));
+        let mut closed = lease("closed", 0, 0);
+        closed.closed = Some(TaskState::Failure);
+        assert_eq!(
+            on_lease(Some(&closed), "mine", now, 3),
+            Verdict::Conclude(Happened::Cancelled(
+                "its submission was not accepted".into()
+            ))
+        );
     }
 }

@@ -3,8 +3,11 @@
 //! | module | owns |
 //! |---|---|
 //! | `pipeline` | one delivery's life up to its outcome: checks, the execution lease, running |
-//! | `settle` | from the outcome to the settled message: record, publish the retry or dead letter, ack |
-//! | [`decision`] | the one function that decides what each outcome means (record, retry, dead-letter) |
+//! | [`decision`] | what a copy meets before running, and what each outcome means: pure, tested alone |
+//! | `carry` | carrying decisions out, the only place a delivery is settled; its effects behind a trait |
+//! | `effects` | the worker's effects: record, publish, settle, release, look |
+//! | `upkeep` | the attempts running here: one lease renewal a tick, cancel requests, old leases |
+//! | `job`, `pause` | a delivery being worked on; pauses before trying again |
 //! | [`execute`] | running a handler under its time limits, panics caught |
 //! | [`spawner`] | child tasks submitted by running tasks |
 //!
@@ -15,16 +18,20 @@
 //!
 //! `commands::worker` builds a [`Worker`] from settings; tests build one the same way.
 
+mod carry;
 pub mod decision;
+mod effects;
 pub mod execute;
+mod job;
+mod pause;
 mod pipeline;
-mod settle;
 pub mod spawner;
+mod upkeep;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
@@ -33,12 +40,12 @@ use tokio::task::JoinSet;
 use crate::amqp::consumer::{Liveness, Settler};
 use crate::amqp::{Delivery, Publisher, Topology};
 use crate::config::RetryOverrides;
-use crate::store::attempts::Attempt;
 use crate::store::batch::BatchWriter;
 use crate::store::cache::Invalidator;
-use crate::store::task_leases::lease_id;
 use crate::store::{Cache, ErrorLogRepository, PayloadRepository, TaskRepository};
 use crate::tasks::{Registry, RetryPolicy, Task, TaskContext};
+use pause::Pause;
+use upkeep::Active;
 
 /// How a worker behaves, from settings and the command line.
 #[derive(Debug, Clone)]
@@ -204,79 +211,6 @@ impl Worker {
         }
     }
 
-    /// Tells running handlers whose task an operator cancelled: one query every
-    /// [`CANCEL_POLL`] for all of this worker's running attempts, none while nothing runs.
-    async fn watch_cancels(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(CANCEL_POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let running = self.active.running();
-            if running.is_empty() {
-                continue;
-            }
-            match self.leases.cancel_requests(&running).await {
-                Ok(tokens) => tokens.iter().for_each(|token| self.active.cancel(token)),
-                Err(error) => tracing::debug!(error = %error, "cannot look for cancel requests"),
-            }
-        }
-    }
-
-    /// Renews the leases of every attempt running here, in one command a tick (every third of
-    /// the lease; sooner after a failed renewal). Each attempt trusts its lease until
-    /// [`pipeline::LEASE_MARGIN`] of it is left from the last renewal *sent* that held it; an
-    /// attempt whose lease another took is told at once.
-    async fn keep_leases(self: Arc<Self>) {
-        let lease = self.config.lease;
-        let every = lease / 3;
-        let margin = lease.mul_f64(pipeline::LEASE_MARGIN);
-        let mut wait = every;
-        loop {
-            tokio::time::sleep(wait).await;
-            wait = every;
-            let held = self.active.held();
-            if held.is_empty() {
-                continue;
-            }
-            let sent = std::time::Instant::now();
-            match tokio::time::timeout(every, self.leases.renew(&held, lease)).await {
-                Ok(Ok(tokens)) => {
-                    let m = crate::telemetry::metrics::metrics();
-                    m.lease_renewals.inc();
-                    m.leases_renewed.inc_by(tokens.len() as u64);
-                    self.active
-                        .renewed(&held, &tokens, sent + lease.saturating_sub(margin));
-                    self.pause.recovered();
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(error = %error, running = held.len(), "cannot renew the leases; trying again");
-                    wait = every / 4;
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        bound_ms = every.as_millis() as u64,
-                        running = held.len(),
-                        "the lease renewal got no answer in time; trying again"
-                    );
-                    wait = every / 4;
-                }
-            }
-        }
-    }
-
-    /// Removes leases no late copy can need any more (every worker does, about hourly: a scan of
-    /// a narrow collection).
-    async fn collect_leases(self: Arc<Self>) {
-        let every = Duration::from_secs(3600);
-        loop {
-            tokio::time::sleep(every.mul_f64(0.5 + fastrand::f64())).await;
-            match self.leases.collect().await {
-                Ok(n) => tracing::debug!(removed = n, "collected old leases"),
-                Err(error) => tracing::debug!(error = %error, "cannot collect old leases"),
-            }
-        }
-    }
-
     /// Whether a delivery may still be worked on: its connection is up and the worker is not
     /// stopping. One that may not is left unsettled: the broker hands it back.
     fn may_continue(&self, tag: crate::amqp::DeliveryTag) -> bool {
@@ -312,48 +246,6 @@ impl Worker {
     }
 }
 
-/// Pauses before trying again: per delivery a growing sequence, and across deliveries a pause
-/// that grows while MongoDB keeps failing, so an outage is not a redelivery storm.
-#[derive(Default)]
-struct Pause {
-    /// Consecutive outage pauses handed out; reset by [`Pause::recovered`].
-    outages: AtomicU32,
-}
-
-impl Pause {
-    const FIRST: Duration = Duration::from_millis(250);
-    const MOST: Duration = Duration::from_secs(15);
-
-    fn sequence(&self) -> Pauses {
-        Pauses(Self::FIRST)
-    }
-
-    /// The pause before handing a message back during an outage: 1 s, doubling while the
-    /// outage lasts, up to 15 s.
-    fn after_outage(&self) -> Duration {
-        let n = self.outages.fetch_add(1, Ordering::Relaxed).min(4);
-        (Duration::from_secs(1) * 2u32.pow(n)).min(Self::MOST)
-    }
-
-    /// MongoDB answered again: the next outage starts from the shortest pause.
-    fn recovered(&self) {
-        if self.outages.load(Ordering::Relaxed) != 0 {
-            self.outages.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Growing pauses: 250 ms, 500 ms, 1 s … up to 15 s.
-struct Pauses(Duration);
-
-impl Pauses {
-    fn next(&mut self) -> Duration {
-        let pause = self.0;
-        self.0 = (self.0 * 2).min(Pause::MOST);
-        pause
-    }
-}
-
 /// The metric label of every task name the registry does not know.
 pub const UNKNOWN_TASK_LABEL: &str = "(unknown)";
 
@@ -366,153 +258,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// How far a running attempt may trust its lease.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Trust {
-    /// The handler must be stopped by then unless a renewal extends it.
-    pub until: std::time::Instant,
-    /// Another attempt holds the lease now.
-    pub lost: bool,
-}
-
-struct RunningAttempt {
-    attempt: Attempt,
-    cancel: tokio::sync::watch::Sender<bool>,
-    trust: tokio::sync::watch::Sender<Trust>,
-}
-
-/// Attempts running now (by attempt token), with the switch that asks each handler to stop and
-/// the trust in its lease: the lease keeper renews them together, a stopping worker lets them
-/// go, and the cancel watch tells them of a cancel.
-#[derive(Default)]
-struct Active(Mutex<HashMap<String, RunningAttempt>>);
-
-impl Active {
-    fn register(
-        &self,
-        attempt: &Attempt,
-        cancel: tokio::sync::watch::Sender<bool>,
-        trusted_until: std::time::Instant,
-    ) -> (Registration<'_>, tokio::sync::watch::Receiver<Trust>) {
-        let (trust, trusted) = tokio::sync::watch::channel(Trust {
-            until: trusted_until,
-            lost: false,
-        });
-        if let Ok(mut active) = self.0.lock() {
-            active.insert(
-                attempt.token.clone(),
-                RunningAttempt {
-                    attempt: attempt.clone(),
-                    cancel,
-                    trust,
-                },
-            );
-        }
-        let registration = Registration {
-            active: self,
-            token: attempt.token.clone(),
-        };
-        (registration, trusted)
-    }
-
-    fn all(&self) -> Vec<Attempt> {
-        self.0
-            .lock()
-            .map(|active| active.values().map(|r| r.attempt.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    fn pairs(&self, keep: impl Fn(&RunningAttempt) -> bool) -> Vec<(String, String)> {
-        self.0
-            .lock()
-            .map(|active| {
-                active
-                    .values()
-                    .filter(|r| keep(r))
-                    .map(|r| {
-                        let a = &r.attempt;
-                        (lease_id(&a.task_id, a.retries), a.token.clone())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// (lease id, attempt token) of each running attempt.
-    fn held(&self) -> Vec<(String, String)> {
-        self.pairs(|_| true)
-    }
-
-    /// (lease id, attempt token) of each running attempt not yet told to stop.
-    fn running(&self) -> Vec<(String, String)> {
-        self.pairs(|r| !*r.cancel.borrow())
-    }
-
-    /// After a renewal of `sent` (lease id, token): those in `kept` trust their lease until
-    /// `until`, the others lost it.
-    fn renewed(&self, sent: &[(String, String)], kept: &[String], until: std::time::Instant) {
-        let Ok(active) = self.0.lock() else { return };
-        for (_, token) in sent {
-            let Some(running) = active.get(token) else {
-                continue;
-            };
-            let lost = !kept.contains(token);
-            running.trust.send_modify(|trust| {
-                if lost {
-                    trust.lost = true;
-                } else if until > trust.until {
-                    trust.until = until;
-                }
-            });
-        }
-    }
-
-    /// Asks the attempt holding `token` to stop.
-    fn cancel(&self, token: &str) {
-        let Ok(active) = self.0.lock() else { return };
-        if let Some(running) = active.get(token) {
-            if !running.cancel.send_replace(true) {
-                tracing::info!(task_id = %running.attempt.task_id, task = %running.attempt.task_name, "task cancelled by an operator; its handler is told to stop");
-                crate::telemetry::metrics::metrics()
-                    .task_operations
-                    .with_label_values(&["cancel", "signalled"])
-                    .inc();
-            }
-        }
-    }
-}
-
-/// Removes its attempt from [`Active`] when dropped.
-struct Registration<'a> {
-    active: &'a Active,
-    token: String,
-}
-
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut active) = self.active.0.lock() {
-            active.remove(&self.token);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pauses_grow_and_are_capped() {
-        let pause = Pause::default();
-        let mut sequence = pause.sequence();
-        let taken: Vec<Duration> = (0..8).map(|_| sequence.next()).collect();
-        assert_eq!(taken[0], Duration::from_millis(250));
-        assert!(taken.windows(2).all(|w| w[1] >= w[0]));
-        assert_eq!(*taken.last().unwrap(), Pause::MOST);
-        let outages: Vec<Duration> = (0..8).map(|_| pause.after_outage()).collect();
-        assert_eq!(outages[0], Duration::from_secs(1));
-        assert_eq!(*outages.last().unwrap(), Pause::MOST);
     }
 }

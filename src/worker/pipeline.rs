@@ -14,17 +14,18 @@
 //! replaced.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::FutureExt;
 use mongodb::bson::DateTime;
 use tokio::sync::SemaphorePermit;
 use tracing::Instrument;
 
-use super::decision::{self, Happened, Outcome};
+use super::carry::{self, duplicate};
+use super::decision::{self, Disposal, Happened, Outcome, Verdict, UNKNOWN_TASK_WAIT};
 use super::execute::{panic_message, Limits, Running};
-use super::settle::Found;
+use super::job::{AttemptCell, Job, Next};
 use super::Worker;
 use crate::amqp::{wire, Delivery, Settlement, TaskMessage};
 use crate::store::attempts::{Attempt, Origin};
@@ -36,35 +37,10 @@ use crate::tasks::{Invocation, Task};
 use crate::telemetry::metrics::metrics;
 use crate::telemetry::trace::TraceContext;
 
-/// The attempt a delivery is working on, kept where a panic handler can find it.
-pub(super) type AttemptCell = Arc<Mutex<Option<(Attempt, bool)>>>;
-
-/// A delivery being worked on.
-pub(super) struct Job<'a> {
-    pub(super) delivery: &'a Delivery,
-    /// `None` when the message could not be read.
-    pub(super) message: Option<TaskMessage>,
-    pub(super) attempt: Attempt,
-    /// The attempt holds the task's lease (its claim was applied).
-    pub(super) claimed: bool,
-    /// When its claim was taken (it ran from then on).
-    pub(super) started_at: Option<DateTime>,
-    /// Starts of this attempt, this one included (once claimed).
-    pub(super) deliveries: u32,
-    /// Another copy's lease of this attempt was found: closing it unrun is not this copy's call.
-    pub(super) lease_found: bool,
-}
-
-impl Job<'_> {
-    pub(super) fn retries(&self) -> u32 {
-        self.attempt.retries
-    }
-}
-
 impl Worker {
     /// Handles one delivery to the end, settling it — also when Kobe's own code panics.
     pub(super) async fn handle(self: Arc<Self>, delivery: Delivery) {
-        let cell: AttemptCell = Arc::new(Mutex::new(None));
+        let cell: AttemptCell = Arc::default();
         let handled = AssertUnwindSafe(self.deliver(&delivery, &cell))
             .catch_unwind()
             .await;
@@ -80,33 +56,8 @@ impl Worker {
             Ok(message) => message,
             Err(error) => {
                 tracing::warn!(redelivered = delivery.redelivered, root_cause = %error, "malformed message");
-                let (id, name) = wire::identity(&delivery.properties);
-                let attempt = Attempt::new(
-                    id.as_deref().unwrap_or(""),
-                    name.as_deref().unwrap_or("(unreadable)"),
-                    0,
-                );
-                let job = Job {
-                    delivery,
-                    message: None,
-                    attempt,
-                    claimed: false,
-                    started_at: None,
-                    deliveries: 0,
-                    lease_found: false,
-                };
-                let mut plan = decision::plan(
-                    &Happened::Malformed(error.to_string()),
-                    1,
-                    &Default::default(),
-                    0.0,
-                );
-                if id.is_none() {
-                    // No task to record it on: the dead letter is all there is.
-                    plan.record = None;
-                }
-                self.carry_out(job, plan).await;
-                return;
+                let happened = Happened::Malformed(error.to_string());
+                return self.unreadable(delivery, None, 0, happened).await;
             }
         };
         let parent = message.traceparent.as_deref().and_then(TraceContext::parse);
@@ -126,10 +77,59 @@ impl Worker {
             .await;
     }
 
-    async fn run_message(&self, delivery: &Delivery, message: TaskMessage, cell: &AttemptCell) {
+    /// A delivery that cannot be handled as a task (its message unreadable, or Kobe's handling of
+    /// it panicked): dead-lettered with `happened`, and its task closed when it names one.
+    /// `known`: the attempt it was working on, and whether it holds its lease.
+    async fn unreadable(
+        &self,
+        delivery: &Delivery,
+        known: Option<(Attempt, bool)>,
+        deliveries: u32,
+        happened: Happened,
+    ) {
+        let (attempt, claimed) = known.unwrap_or_else(|| {
+            let (id, name) = wire::identity(&delivery.properties);
+            let attempt = Attempt::new(
+                id.as_deref().unwrap_or(""),
+                name.as_deref().unwrap_or("(unreadable)"),
+                0,
+            );
+            (attempt, false)
+        });
+        let mut job = Job::new(delivery, attempt);
+        job.claimed = claimed;
+        job.lease_found = claimed;
+        job.deliveries = deliveries;
+        let mut plan = decision::plan(&happened, 1, &Default::default(), 0.0);
+        if job.attempt.task_id.is_empty() {
+            // No task to record it on: the dead letter is all there is.
+            plan.record = None;
+        }
+        carry::carry_out(self, job, plan).await;
+    }
+
+    /// Kobe's own handling panicked: dead-letter the message with the reason and close the task,
+    /// so the delivery is settled and its slot freed.
+    async fn after_panic(&self, delivery: &Delivery, cell: &AttemptCell, cause: String) {
+        metrics()
+            .dead_letters
+            .with_label_values(&[decision::reason::INTERNAL])
+            .inc();
+        let known = cell.lock().ok().and_then(|c| c.clone());
+        let again =
+            AssertUnwindSafe(self.unreadable(delivery, known, 1, Happened::Internal(cause)))
+                .catch_unwind()
+                .await;
+        if again.is_err() {
+            // Even that failed: let the broker dead-letter it, without Kobe's headers.
+            self.settler.settle(delivery.tag, Settlement::DeadLetter);
+        }
+    }
+
+    async fn run_message(&self, delivery: &Delivery, mut message: TaskMessage, cell: &AttemptCell) {
         if !self.liveness.is_live(delivery.tag) {
             // Its connection is gone and the broker has handed it back: never start it.
-            self.duplicate("lost_connection");
+            duplicate("lost_connection");
             return;
         }
         let attempt = Attempt::new(message.id.as_str(), &message.task, message.retries)
@@ -142,67 +142,50 @@ impl Worker {
                     .to_owned(),
                 priority: message.priority.value(),
             });
-        let mut job = Job {
-            delivery,
-            message: Some(message),
-            attempt,
-            claimed: false,
-            started_at: None,
-            deliveries: 0,
-            lease_found: false,
+        let task = self.registry.get(&message.task);
+        let verdict = match &task {
+            Some(_) => decision::on_arrival(&message, DateTime::now().timestamp_millis()),
+            None => {
+                let hops = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| wire::integer(h, wire::UNKNOWN_HOPS_HEADER))
+                    .unwrap_or(0);
+                let most = (self.config.unknown_task_grace.as_millis()
+                    / UNKNOWN_TASK_WAIT.as_millis()) as i64;
+                if hops < most {
+                    tracing::warn!(
+                        hops,
+                        "a task this worker does not know; handing it on for a worker that does"
+                    );
+                }
+                decision::on_unknown(&message.task, hops, most)
+            }
         };
-        let message = job.message.as_ref().expect("set above");
-        let Some(task) = self.registry.get(&message.task) else {
-            // Perhaps only this worker does not know it (an older version beside newer ones): it
-            // goes back for a while before it counts as unknown everywhere.
-            let hops = delivery
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| wire::integer(h, wire::UNKNOWN_HOPS_HEADER))
-                .unwrap_or(0);
-            let most =
-                (self.config.unknown_task_grace.as_millis() / UNKNOWN_TASK_WAIT.as_millis()) as i64;
-            if hops < most {
-                tracing::warn!(
-                    hops,
-                    "a task this worker does not know; handing it on for a worker that does"
-                );
-                return self.hand_on_unknown(delivery, hops + 1).await;
-            }
-            let happened = Happened::UnknownTask(message.task.clone());
-            return self.conclude(job, happened).await;
+        let (Some(task), Verdict::Takeable) = (task, &verdict) else {
+            let job = Job::new(delivery, attempt).reading(&message);
+            return self.follow(job, verdict).await;
         };
-        let now = DateTime::now().timestamp_millis();
-        if let Some(eta) = message.eta.as_deref().and_then(millis_of) {
-            if eta - now > 100 {
-                let wait = Duration::from_millis(u64::try_from(eta - now).unwrap_or(u64::MAX));
-                return self.delay_again(delivery, wait).await;
-            }
-        }
-        if let Some(expires) = message.expires.as_deref() {
-            if millis_of(expires).is_some_and(|at| at < now) {
-                let happened = Happened::Expired(expires.to_owned());
-                return self.conclude(job, happened).await;
-            }
-        }
         // The arguments come before the claim: a task is never started without them.
         if let Some(reference) = wire::payload_reference(&delivery.properties) {
             match self.payloads.get(&reference).await {
                 Ok(Some(value)) => {
-                    let message = job.message.as_mut().expect("set above");
                     message.args = value["args"].as_array().cloned().unwrap_or_default();
                     message.kwargs = value["kwargs"].as_object().cloned().unwrap_or_default();
                 }
                 Ok(None) => {
+                    let job = Job::new(delivery, attempt).reading(&message);
                     return self
                         .conclude(job, Happened::PayloadMissing(reference))
-                        .await
+                        .await;
                 }
-                Err(error) => return self.requeue(&job, &error).await,
+                Err(error) => {
+                    let job = Job::new(delivery, attempt);
+                    return carry::dispose(self, &job, Disposal::Outage(error.to_string())).await;
+                }
             }
         }
-        let message = job.message.as_ref().expect("set above");
         if self.config.log_payloads {
             tracing::info!(args = ?message.args, kwargs = ?message.kwargs, "task starting");
         } else {
@@ -213,6 +196,7 @@ impl Worker {
             message.hard_time_limit,
             message.soft_time_limit,
         );
+        let mut job = Job::new(delivery, attempt).reading(&message);
         loop {
             // Readers stop being served a cached status before the claim can land (the marker
             // keeps them from caching the old one again), so none is told PENDING once MongoDB
@@ -221,22 +205,40 @@ impl Worker {
             self.invalidator.invalidate(&job.attempt.task_id).await;
             // A run slot before the claim: waiting for one is not a start, so a backlog never
             // counts towards the delivery cap nor shows the task STARTED while it waits.
-            let Some(slot) = self.slot(&job).await else {
-                return;
+            let Some(slot) = self.slot().await else {
+                return carry::dispose(self, &job, Disposal::Return).await;
             };
             *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), false));
-            let happened = self
-                .run_claimed(&mut job, slot, task.as_ref(), limits)
+            let next = self
+                .run_claimed(&mut job, slot, (task.as_ref(), &message), limits)
                 .await;
             *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), job.claimed));
-            match happened {
-                Some(Ok(happened)) => return self.conclude(job, happened).await,
-                // Settled already (a duplicate, an outage).
-                None => return,
-                // The task became takeable while we looked: claim again.
-                Some(Err(Retake)) => continue,
+            match next {
+                Next::Conclude(happened) => return self.conclude(job, happened).await,
+                Next::Settled => return,
+                Next::Retake => continue,
             }
         }
+    }
+
+    /// Carries a verdict reached before a claim out: close the task unrun, or settle the
+    /// delivery. (Nothing against it: it was to run, and is left for the caller.)
+    async fn follow(&self, job: Job<'_>, verdict: Verdict) {
+        match verdict {
+            Verdict::Conclude(happened) => self.conclude(job, happened).await,
+            Verdict::Dispose(disposal) => carry::dispose(self, &job, disposal).await,
+            Verdict::Takeable | Verdict::Wait { .. } => {}
+        }
+    }
+
+    /// Plans for what happened and carries the plan out.
+    async fn conclude(&self, job: Job<'_>, happened: Happened) {
+        let policy = match self.registry.get(&job.attempt.task_name) {
+            Some(task) if job.message.is_some() => self.policy(task.as_ref()),
+            _ => Default::default(),
+        };
+        let plan = decision::plan(&happened, job.attempt_number(), &policy, fastrand::f64());
+        carry::carry_out(self, job, plan).await;
     }
 
     /// Claims first, then runs. The claim is an insert of the attempt's lease (batched), sent
@@ -247,11 +249,51 @@ impl Worker {
         &self,
         job: &mut Job<'_>,
         slot: SemaphorePermit<'_>,
-        task: &dyn Task,
+        (task, message): (&dyn Task, &TaskMessage),
         limits: Limits,
-    ) -> Option<Result<Happened, Retake>> {
+    ) -> Next {
         // The lease the claim asks for is counted from before it is sent.
         let claimed_at = Instant::now();
+        let (taken_over, deliveries, started_at, stored) = match self.claim(job).await {
+            Ok(Some(claimed)) => claimed,
+            // Held by another copy, or not to be run: looked at, settled or retaken.
+            Ok(None) => {
+                drop(slot);
+                return self.refused_claim(job).await;
+            }
+            Err(error) => {
+                drop(slot);
+                return self.claim_failed(job, error).await;
+            }
+        };
+        job.claimed = true;
+        job.deliveries = deliveries;
+        if let Some(next) = self.not_to_run(job, stored).await {
+            // Ours, but the task says it must not run: let the lease go as done.
+            drop(slot);
+            let _ = self.writer.submit(self.leases.done_write(&job.attempt));
+            job.claimed = false;
+            return next;
+        }
+        job.started_at = Some(started_at);
+        self.pause.recovered();
+        if let Some(previous) = taken_over {
+            tracing::warn!(previous_attempt = %previous, "took over a task whose attempt stopped renewing its lease");
+            metrics()
+                .lease_takeovers
+                .with_label_values(&[self.task_label(&job.attempt.task_name)])
+                .inc();
+        }
+        self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
+        let running = Running::start(task, self.invocation(message), limits);
+        let next = self.supervise(job, running, claimed_at).await;
+        drop(slot);
+        next
+    }
+
+    /// Inserts the attempt's lease (taking a lapsed one over) and looks the task up beside it.
+    /// `None`: another copy holds the attempt.
+    async fn claim(&self, job: &mut Job<'_>) -> Result<Option<Claimed>, StoreError> {
         let now = DateTime::now();
         let claim = self.writer.submit(self.leases.claim_write(
             &job.attempt,
@@ -274,49 +316,13 @@ impl Worker {
             }
         };
         let (claimed, stored) = tokio::join!(claim.result(), looked_up);
-        let claimed = match claimed {
-            Ok(Written::Applied) => stored.map(|stored| Some((None, 1, now, stored))),
-            Ok(Written::Refused) => {
+        match claimed? {
+            Written::Applied => Ok(Some((None, 1, now, stored?))),
+            Written::Refused => {
                 job.lease_found = true;
                 self.take_over(job).await
             }
-            Err(error) => Err(error),
-        };
-        let (taken_over, deliveries, started_at, stored) = match claimed {
-            Ok(Some(claimed)) => claimed,
-            // Held by another copy, or not to be run: looked at, settled or retaken.
-            Ok(None) => {
-                drop(slot);
-                return self.refused_claim(job).await;
-            }
-            Err(error) => {
-                drop(slot);
-                return self.claim_failed(job, error).await;
-            }
-        };
-        job.claimed = true;
-        job.deliveries = deliveries;
-        if let Some(found) = self.not_to_run(job, stored).await {
-            // Ours, but the task says it must not run: let the lease go as done.
-            drop(slot);
-            let _ = self.writer.submit(self.leases.done_write(&job.attempt));
-            job.claimed = false;
-            return found;
         }
-        job.started_at = Some(started_at);
-        self.pause.recovered();
-        if let Some(previous) = taken_over {
-            tracing::warn!(previous_attempt = %previous, "took over a task whose attempt stopped renewing its lease");
-            metrics()
-                .lease_takeovers
-                .with_label_values(&[self.task_label(&job.attempt.task_name)])
-                .inc();
-        }
-        self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
-        let running = Running::start(task, self.invocation(job), limits);
-        let happened = self.supervise(job, running, claimed_at).await;
-        drop(slot);
-        happened.map(Ok)
     }
 
     /// After a refused claim: takes the attempt's lease over when it lapsed, then looks the task
@@ -342,27 +348,29 @@ impl Worker {
         }
     }
 
-    /// What the task's document says against running this attempt, settled where that is the
-    /// answer; `None`: run it.
+    /// What the task's document says against running this attempt, carried out where that
+    /// settles it; `None`: run it.
     async fn not_to_run(
         &self,
         job: &Job<'_>,
         stored: Option<mongodb::bson::Document>,
-    ) -> Option<Option<Result<Happened, Retake>>> {
+    ) -> Option<Next> {
         let task: TaskDocument = match stored.map(mongodb::bson::from_document) {
             None => return None,
             Some(Ok(task)) => task,
             Some(Err(error)) => {
-                return Some(Some(Ok(Happened::Internal(format!(
+                return Some(Next::Conclude(Happened::Internal(format!(
                     "the task's document cannot be read: {error}"
-                )))))
+                ))))
             }
         };
-        match self.verdict_on(job, &task).await? {
-            Found::Cancelled(cause) => Some(Some(Ok(Happened::Cancelled(cause)))),
-            Found::Poison(n) => Some(Some(Ok(Happened::Poison(n)))),
-            Found::Takeable => None,
-            Found::Settled => Some(None),
+        match decision::on_task(&task, job.retries())? {
+            Verdict::Conclude(happened) => Some(Next::Conclude(happened)),
+            Verdict::Dispose(disposal) => {
+                carry::dispose(self, job, disposal).await;
+                Some(Next::Settled)
+            }
+            Verdict::Takeable | Verdict::Wait { .. } => None,
         }
     }
 
@@ -371,24 +379,18 @@ impl Worker {
     /// no second round trip.
     fn invalidate_if_slow(&self, task_id: &str, claimed_at: Instant) {
         if self.config.slot_wait + claimed_at.elapsed() >= self.cache.status_ttl() {
-            self.invalidate_soon(task_id);
+            let invalidator = self.invalidator.clone();
+            let task_id = task_id.to_owned();
+            tokio::spawn(async move { invalidator.invalidate(&task_id).await });
         }
     }
 
-    /// Invalidates the cached status without waiting: used when a task starts, where a reader
-    /// served `PENDING` for another moment is harmless (outcomes wait for theirs).
-    fn invalidate_soon(&self, task_id: &str) {
-        let invalidator = self.invalidator.clone();
-        let task_id = task_id.to_owned();
-        tokio::spawn(async move { invalidator.invalidate(&task_id).await });
-    }
-
-    /// A run slot, or — when none frees up within the slot wait — the message goes back to its
-    /// queue for a worker that has room: a delivery never waits long in a worker that cannot
-    /// start it (so prefetching more than `concurrency` only helps while tasks are short). The
-    /// slot comes before the claim, so going back costs the task nothing: no delivery counted, no
-    /// state written.
-    async fn slot(&self, job: &Job<'_>) -> Option<SemaphorePermit<'_>> {
+    /// A run slot, or `None` when none frees up within the slot wait: then the message goes back
+    /// to its queue for a worker that has room — a delivery never waits long in a worker that
+    /// cannot start it (so prefetching more than `concurrency` only helps while tasks are short).
+    /// The slot comes before the claim, so going back costs the task nothing: no delivery
+    /// counted, no state written.
+    async fn slot(&self) -> Option<SemaphorePermit<'_>> {
         match tokio::time::timeout(self.config.slot_wait, self.slots.acquire()).await {
             Ok(Ok(permit)) => Some(permit),
             Ok(Err(_)) | Err(_) => {
@@ -396,39 +398,35 @@ impl Worker {
                     slot_wait_ms = self.config.slot_wait.as_millis() as u64,
                     "no run slot free in time; the message goes back to its queue"
                 );
-                metrics().deliveries_returned.inc();
-                // A claim taken for it is let go, so wherever it lands next starts at once.
-                self.release(job).await;
-                self.settle(job.delivery, Settlement::Requeue);
                 None
             }
         }
     }
 
-    async fn refused_claim(&self, job: &mut Job<'_>) -> Option<Result<Happened, Retake>> {
-        match self.investigate(job).await {
-            Some(Found::Takeable) => Some(Err(Retake)),
-            Some(Found::Poison(n)) => {
+    async fn refused_claim(&self, job: &mut Job<'_>) -> Next {
+        match carry::investigate(self, job).await {
+            Verdict::Takeable => Next::Retake,
+            Verdict::Conclude(Happened::Poison(n)) => {
                 job.deliveries = n;
-                Some(Ok(Happened::Poison(n)))
+                Next::Conclude(Happened::Poison(n))
             }
-            Some(Found::Cancelled(cause)) => Some(Ok(Happened::Cancelled(cause))),
-            Some(Found::Settled) | None => None,
+            Verdict::Conclude(happened) => Next::Conclude(happened),
+            Verdict::Dispose(disposal) => {
+                carry::dispose(self, job, disposal).await;
+                Next::Settled
+            }
+            Verdict::Wait { .. } => unreachable!("investigate waits itself"),
         }
     }
 
-    async fn claim_failed(
-        &self,
-        job: &mut Job<'_>,
-        error: StoreError,
-    ) -> Option<Result<Happened, Retake>> {
+    async fn claim_failed(&self, job: &Job<'_>, error: StoreError) -> Next {
         if error.is_transient() {
-            self.requeue(job, &error).await;
-            None
+            carry::dispose(self, job, Disposal::Outage(error.to_string())).await;
+            Next::Settled
         } else {
-            Some(Ok(Happened::Internal(format!(
+            Next::Conclude(Happened::Internal(format!(
                 "cannot record the start: {error}"
-            ))))
+            )))
         }
     }
 
@@ -437,12 +435,7 @@ impl Worker {
     /// when it cannot be renewed (MongoDB does not answer) the handler is told to stop and then
     /// stopped, before the lease can lapse and another worker take the task over — one must
     /// never run beside the other. The hard time limit holds meanwhile.
-    async fn supervise(
-        &self,
-        job: &Job<'_>,
-        mut running: Running,
-        claimed_at: Instant,
-    ) -> Option<Happened> {
+    async fn supervise(&self, job: &Job<'_>, mut running: Running, claimed_at: Instant) -> Next {
         let lease = self.config.lease;
         let margin = lease.mul_f64(LEASE_MARGIN);
         let (registration, mut trust) = self.active.register(
@@ -459,9 +452,8 @@ impl Worker {
                 );
                 drop(running);
                 drop(registration);
-                self.settle(job.delivery, Settlement::Ack);
-                self.duplicate("lease_lost");
-                return None;
+                carry::dispose(self, job, Disposal::Duplicate("lease_lost")).await;
+                return Next::Settled;
             }
             tokio::select! {
                 outcome = running.outcome() => break outcome,
@@ -492,20 +484,19 @@ impl Worker {
                             metrics().lease_abandoned.inc();
                             // Back to the queue after the outage pause; the release is bounded,
                             // and the lease lapses by itself if MongoDB still does not answer.
-                            let away = StoreError::Unavailable("the lease cannot be renewed".into());
-                            self.requeue(job, &away).await;
-                            return None;
+                            let away = Disposal::Outage("the lease cannot be renewed".into());
+                            carry::dispose(self, job, away).await;
+                            return Next::Settled;
                         }
                     }
                 }
             }
         };
         drop(registration);
-        Some(Happened::Ran(outcome))
+        Next::Conclude(Happened::Ran(outcome))
     }
 
-    fn invocation(&self, job: &Job<'_>) -> Invocation {
-        let message = job.message.as_ref().expect("a running job has a message");
+    fn invocation(&self, message: &TaskMessage) -> Invocation {
         Invocation {
             task_id: message.id.clone(),
             attempt: message.retries.saturating_add(1),
@@ -528,37 +519,7 @@ type Claimed = (
     Option<mongodb::bson::Document>,
 );
 
-/// The task became takeable while it was being looked at.
-struct Retake;
-
-/// The wait between two hands-on of a message whose task this worker does not know (as many as
-/// fit in `KOBE_UNKNOWN_TASK_GRACE_MS`).
-pub const UNKNOWN_TASK_WAIT: Duration = Duration::from_secs(30);
-
 /// The share of the execution lease a worker does not count on: it stops a handler whose lease
 /// it could not renew this long before the lease ends (for the 30 s default, 5 s: workers'
 /// clocks must agree within about half of it).
 pub const LEASE_MARGIN: f64 = 1.0 / 6.0;
-
-/// Milliseconds since the epoch of an RFC 3339 time. A time without a zone (Celery sends one
-/// when its app is not timezone-aware) is UTC, as Celery's default `timezone` says.
-fn millis_of(rfc3339: &str) -> Option<i64> {
-    DateTime::parse_rfc3339_str(rfc3339)
-        .or_else(|_| DateTime::parse_rfc3339_str(format!("{rfc3339}Z")))
-        .ok()
-        .map(|t| t.timestamp_millis())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::millis_of;
-
-    #[test]
-    fn a_time_without_a_zone_is_utc() {
-        let zoned = millis_of("2030-01-02T03:04:05.678+00:00").unwrap();
-        assert_eq!(millis_of("2030-01-02T03:04:05.678").unwrap(), zoned);
-        assert_eq!(millis_of("2030-01-02T03:04:05.678Z").unwrap(), zoned);
-        assert_eq!(millis_of("2030-01-02T04:04:05.678+01:00").unwrap(), zoned);
-        assert!(millis_of("tomorrow").is_none());
-    }
-}
