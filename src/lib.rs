@@ -19,6 +19,7 @@
 //! | [`tasks`] | the `Task` trait, its errors, the registry, built-in tasks |
 //! | [`store`] | MongoDB repositories, migrations, Redis |
 //! | [`submit`] | the one way a task comes in: dedup, record, publish, confirm; the outbox |
+//! | [`operate`] | what operators do to tasks: cancel, rerun, dead letters, the overview |
 //! | [`worker`] | the execution core: deliveries, the execution lease, outcomes, group commit |
 //! | [`beat`] | periodic tasks: one leader (a MongoDB lease) fires each slot once |
 //! | [`http`] | the actix-web API |
@@ -28,7 +29,7 @@
 //! Floors, lowest first: `cause`, `config`, `domain`, `telemetry`; then `amqp` and `store`, which
 //! never see each other's types; then `tasks`, which reach the store through their context and
 //! never see AMQP or HTTP; then the services `submit`, `worker` and `beat`, which use the floors below
-//! together; then `http`, which calls `submit`; and `commands` (with `app` and `cli` above it),
+//! together; then `operate`, over `submit`; then `http`, which calls both; and `commands` (with `app` and `cli` above it),
 //! which builds every client once and wires them. Nothing imports from a floor above its own.
 
 // A worker's delivery future nests the handler, the store and the Redis measurement deeply
@@ -44,6 +45,7 @@ pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod operate;
 pub mod shutdown;
 pub mod store;
 pub mod submit;

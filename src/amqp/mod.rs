@@ -7,7 +7,7 @@
 
 mod connection;
 pub mod consumer;
-pub mod dead_letters;
+pub mod dead_letter_queue;
 pub mod message;
 pub mod publisher;
 pub mod topology;

@@ -80,19 +80,21 @@ pub fn submitter(
     })
 }
 
-/// The dead-letter operations of a process (`serve`'s `/dlq`, `kobe dlq`), over its submitter.
-pub fn dead_letters(
+/// The operator services of a process (`serve`'s `/dlq` and `/ui`, `kobe dlq`, `kobe task`),
+/// over its submitter.
+pub fn operations(
     settings: &Settings,
     db: &mongodb::Database,
     submitter: crate::submit::Submitter,
     cache: crate::store::Cache,
-) -> crate::submit::dead_letters::DeadLetters {
-    crate::submit::dead_letters::DeadLetters {
+) -> crate::operate::Operations {
+    crate::operate::Operations {
         url: settings.rabbitmq_url.clone(),
         topology: topology(settings),
         tasks: crate::store::TaskRepository::new(db),
         submitter,
         cache,
+        broker_timeout: settings.dependency_timeout,
     }
 }
 

@@ -4,7 +4,8 @@ use anyhow::Context;
 
 use crate::cli::{DlqCommand, LetterFilter};
 use crate::config::Settings;
-use crate::submit::dead_letters::{DeadLetters, LetterSummary, ReplayOutcome, Selection};
+use crate::operate::dead_letters::{LetterSummary, ReplayOutcome, Selection};
+use crate::operate::Operations;
 
 /// Who asked, for the task's history and the log: the operating-system user.
 pub fn operator() -> String {
@@ -44,9 +45,9 @@ fn row(letter: &LetterSummary) -> String {
 }
 
 /// The clients an operator's command needs, with the publisher connected (or given up on).
-pub async fn operations(settings: &Settings) -> anyhow::Result<DeadLetters> {
+pub async fn operations(settings: &Settings) -> anyhow::Result<Operations> {
     let (db, cache, submitter) = connected_submitter(settings).await?;
-    Ok(super::dead_letters(settings, &db, submitter, cache))
+    Ok(super::operations(settings, &db, submitter, cache))
 }
 
 /// A command's submitter, its publisher connected (or given up on), with the database and cache
@@ -76,9 +77,10 @@ async fn connected_submitter(
 
 /// `kobe task retry ID`; `Ok(false)` when the task was not retried (exit 1).
 pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<bool> {
-    use crate::submit::rerun::{rerun, Rerun};
+    use crate::operate::rerun::Rerun;
     let ops = operations(settings).await?;
-    let answer = rerun(&ops.submitter, &ops.tasks, &ops.cache, id, &operator())
+    let answer = ops
+        .rerun(id, &operator())
         .await
         .context("failed to reopen the task")?;
     Ok(match answer {
@@ -109,7 +111,7 @@ pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<bool> {
     let db = super::database(settings).await?;
     let cache = super::cache(settings)?;
     let tasks = crate::store::TaskRepository::new(&db);
-    let answer = crate::submit::cancel::cancel(&tasks, &cache, id, &operator())
+    let answer = crate::operate::cancel::cancel(&tasks, &cache, id, &operator())
         .await
         .context("failed to cancel the task")?;
     Ok(match answer {
@@ -230,7 +232,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
             json,
         } => {
             let found = letters
-                .list(selection(filter, Vec::new()), limit as usize)
+                .dead_letters(selection(filter, Vec::new()), limit as usize)
                 .await
                 .context("failed to read the dead-letter queue")?;
             if json {
@@ -250,7 +252,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
             Ok(true)
         }
         DlqCommand::Show { id } => match letters
-            .show(&id)
+            .dead_letter(&id)
             .await
             .context("failed to read the dead-letter queue")?
         {

@@ -19,7 +19,7 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
     let publisher = super::publisher(settings)?;
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
-    let dead_letters = super::dead_letters(settings, &db, submitter.clone(), cache.clone());
+    let operations = super::operations(settings, &db, submitter.clone(), cache.clone());
     // This replica competes for the schedules' lead when it has schedules and may fire them.
     let beat_holder =
         (settings.beat && !registry.schedules().is_empty()).then(crate::beat::holder_name);
@@ -44,8 +44,7 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         db,
         cache,
         dependency_timeout: settings.dependency_timeout,
-        rabbitmq_url: settings.rabbitmq_url.clone(),
-        dead_letters,
+        operations,
     })
 }
 

@@ -44,7 +44,7 @@ pub(crate) fn token_matches(given: &str, tokens: &[String]) -> bool {
     use sha2::Digest;
     let given = sha2::Sha256::digest(given.as_bytes());
     tokens.iter().fold(false, |found, token| {
-        let token = sha2::Sha256::digest(token.as_bytes());
+        let token = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes());
         found | bool::from(given.as_slice().ct_eq(token.as_slice()))
     })
 }
@@ -196,7 +196,7 @@ async fn identify(
         return Ok(token_matches(&token, tokens).then(|| {
             // The token itself never reaches Redis or a log: a digest of it does.
             let key = format!("token:{:016x}", crate::domain::shard::fnv1a64(&token));
-            let by = super::routes::actions::requester_of(Some(&token));
+            let by = requester_of(Some(&token));
             (Caller { by, csrf: None }, key)
         }));
     }
@@ -227,6 +227,26 @@ async fn identify(
         },
         key,
     )))
+}
+
+/// Who asked, for the task's history and the log: the token's fingerprint, never the token.
+pub(crate) fn requester(request: &actix_web::HttpRequest) -> String {
+    use actix_web::HttpMessage;
+    match request.extensions().get::<Caller>() {
+        Some(caller) => caller.by.clone(),
+        None => requester_of(None),
+    }
+}
+
+/// Who a token names, for the log and a task's history: its fingerprint, never the token.
+pub(crate) fn requester_of(token: Option<&str>) -> String {
+    match token {
+        Some(token) => {
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes());
+            format!("api:token-{}", hex::encode(&digest[..4]))
+        }
+        None => "api:anonymous".into(),
+    }
 }
 
 #[cfg(test)]

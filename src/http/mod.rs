@@ -53,10 +53,8 @@ pub struct AppState {
     pub cache: Cache,
     /// Bound on each readiness probe.
     pub dependency_timeout: Duration,
-    /// The broker, for the queue depths `/ui` shows.
-    pub rabbitmq_url: crate::config::ServiceUrl,
-    /// The dead-letter queue's operations (`/dlq`).
-    pub dead_letters: crate::submit::dead_letters::DeadLetters,
+    /// Cancel, rerun, the dead letters and the overview (`/task/{id}/…`, `/dlq`, `/ui`).
+    pub operations: crate::operate::Operations,
     /// The periodic tasks (`/schedules`).
     pub schedules: Vec<crate::domain::schedule::Schedule>,
     pub leaders: crate::store::LeaderRepository,

@@ -6,57 +6,15 @@
 //! filter lists the states it may move from, and `retries` in the filter keeps a stale copy of an
 //! earlier attempt from recording anything.
 
-use std::sync::Arc;
-
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::batch::{Write, WriteOp};
+pub use super::task_leases::{Attempt, Origin};
 use super::tasks::{states, to_bson, TaskRepository, COLLECTION, PUBLISH_CONFIRMED};
 use super::StoreError;
 use crate::domain::TaskState;
-
-/// One attempt of one task, as the lease knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attempt {
-    pub task_id: String,
-    pub task_name: String,
-    /// Failed attempts before this one (the message's `retries`).
-    pub retries: u32,
-    /// Random, unique to this attempt: the lease is held under it.
-    pub token: String,
-    /// What the message says of the task, for a document this attempt's claim creates.
-    pub origin: Arc<Origin>,
-}
-
-/// What a worker knows of a task from its message, written when its claim (or outcome) creates
-/// the task's document — a task no client recorded, sent by a Celery client — so that a rerun
-/// (`POST /task/{id}/retry`, a DLQ replay) runs it with its own arguments.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Origin {
-    pub args: Vec<Value>,
-    pub kwargs: Map<String, Value>,
-    pub route: String,
-    pub priority: u8,
-}
-
-impl Attempt {
-    pub fn new(task_id: &str, task_name: &str, retries: u32) -> Self {
-        Self {
-            task_id: task_id.to_owned(),
-            task_name: task_name.to_owned(),
-            retries,
-            token: uuid::Uuid::new_v4().simple().to_string(),
-            origin: Arc::default(),
-        }
-    }
-
-    pub fn with_origin(mut self, origin: Origin) -> Self {
-        self.origin = Arc::new(origin);
-        self
-    }
-}
 
 /// An outcome to record for an attempt.
 #[derive(Debug, Clone)]
@@ -327,7 +285,7 @@ impl TaskRepository {
         // A task moves on at most a few times while we look (STARTED -> RETRY, say).
         for _ in 0..4 {
             let now = DateTime::now();
-            let request = super::tasks::Replay {
+            let request = super::tasks::OperatorRequest {
                 at: now,
                 by: by.to_owned(),
             };

@@ -14,6 +14,7 @@
 //! taken; [`LeaseRepository::collect`] removes leases not held for [`RETENTION`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
@@ -21,10 +22,9 @@ use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use super::attempts::Attempt;
 use super::batch::{Write, WriteOp};
-use super::tasks::Replay;
 use super::{is_duplicate_key, later, StoreError};
 use crate::domain::TaskState;
 
@@ -41,6 +41,56 @@ pub const CLOSED_TOKEN: &str = "closed";
 /// The `_id` of attempt `retries` of task `task_id`.
 pub fn lease_id(task_id: &str, retries: u32) -> String {
     format!("{task_id}:{retries}")
+}
+
+/// One attempt of one task, as the lease knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub task_id: String,
+    pub task_name: String,
+    /// Failed attempts before this one (the message's `retries`).
+    pub retries: u32,
+    /// Random, unique to this attempt: the lease is held under it.
+    pub token: String,
+    /// What the message says of the task, for a document this attempt's claim creates.
+    pub origin: Arc<Origin>,
+}
+
+/// What a worker knows of a task from its message, written when its claim (or outcome) creates
+/// the task's document — a task no client recorded, sent by a Celery client — so that a rerun
+/// (`POST /task/{id}/retry`, a DLQ replay) runs it with its own arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub route: String,
+    pub priority: u8,
+}
+
+impl Attempt {
+    pub fn new(task_id: &str, task_name: &str, retries: u32) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            task_name: task_name.to_owned(),
+            retries,
+            token: uuid::Uuid::new_v4().simple().to_string(),
+            origin: Arc::default(),
+        }
+    }
+
+    pub fn with_origin(mut self, origin: Origin) -> Self {
+        self.origin = Arc::new(origin);
+        self
+    }
+}
+
+/// An operator's request about a task, and who made it: a rerun (in the task's `replays`), or a
+/// cancel (on the task and on its running attempt's lease).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorRequest {
+    pub at: DateTime,
+    /// Who asked: `api:token-<fingerprint>` or `cli:<user>`, never a token.
+    pub by: String,
 }
 
 /// One attempt's lease, as stored.
@@ -64,7 +114,7 @@ pub struct AttemptLease {
     pub done_at: Option<DateTime>,
     /// An operator asked it to stop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cancel: Option<Replay>,
+    pub cancel: Option<OperatorRequest>,
     /// Closed before any worker took it: the state the task was closed in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed: Option<TaskState>,
@@ -278,7 +328,7 @@ impl LeaseRepository {
         task_name: &str,
         retries: u32,
         state: TaskState,
-        request: Option<&Replay>,
+        request: Option<&OperatorRequest>,
     ) -> Result<bool, StoreError> {
         let mut closed = closed_lease(task_id, task_name, retries, CLOSED_TOKEN, state);
         if let Some(request) = request {
@@ -298,7 +348,7 @@ impl LeaseRepository {
         &self,
         task_id: &str,
         retries: u32,
-        request: &Replay,
+        request: &OperatorRequest,
     ) -> Result<bool, StoreError> {
         let asked = self
             .collection

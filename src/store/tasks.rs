@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::batch::{Write, WriteOp};
+pub use super::task_leases::OperatorRequest;
 use super::StoreError;
 use crate::cause::Cause;
 use crate::domain::{TaskId, TaskState};
@@ -118,19 +119,11 @@ pub struct TaskDocument {
     pub dead_letter: Option<String>,
     /// Each rerun by an operator (`kobe task retry`, `kobe dlq replay`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub replays: Vec<Replay>,
+    pub replays: Vec<OperatorRequest>,
     /// An operator asked a running task to stop (`kobe task cancel`); its worker tells the
     /// handler. Cleared when the task is run again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cancel_requested: Option<Replay>,
-}
-
-/// An operator's request about a task: a rerun, or a cancel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Replay {
-    pub at: DateTime,
-    /// Who asked: `api:token-<fingerprint>` or `cli:<user>`, never a token.
-    pub by: String,
+    pub cancel_requested: Option<OperatorRequest>,
 }
 
 impl TaskDocument {

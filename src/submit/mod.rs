@@ -8,10 +8,7 @@
 //! submissions share one `insert` command, and each caller still waits for its own document. The
 //! "confirmed" marks are batched too, one `update` for hundreds of tasks.
 
-pub mod cancel;
-pub mod dead_letters;
 pub mod outbox;
-pub mod rerun;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

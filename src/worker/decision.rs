@@ -799,7 +799,7 @@ mod tests {
             }))
         );
         let mut cancelled = stored(TaskState::Started, 0);
-        cancelled.cancel_requested = Some(crate::store::tasks::Replay {
+        cancelled.cancel_requested = Some(crate::store::tasks::OperatorRequest {
             at: DateTime::now(),
             by: "cli:ops".into(),
         });

@@ -3,16 +3,14 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
-use sha2::Digest;
 use utoipa::ToSchema;
 
 use crate::domain::TaskId;
 use crate::domain::TaskState;
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
+use crate::operate::rerun::Rerun;
 use crate::store::attempts::Cancelled;
-use crate::submit::cancel::cancel as cancel_task;
-use crate::submit::rerun::{rerun, Rerun};
 
 /// The answer to a retry.
 #[derive(Debug, Serialize, ToSchema)]
@@ -60,12 +58,14 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
     let task_id = TaskId::parse(&id).map_err(|_| not_found())?;
-    let by = requester(&request);
+    let by = crate::http::guard::requester(&request);
     let answer = |state| CancelAnswer {
         task_id: task_id.to_string(),
         state,
     };
-    match cancel_task(&state.tasks, &state.cache, task_id.as_str(), &by)
+    match state
+        .operations
+        .cancel(task_id.as_str(), &by)
         .await
         .map_err(ApiError::store)?
     {
@@ -77,26 +77,6 @@ pub async fn cancel(
             "task `{id}` is {task_state}; a finished task cannot be cancelled"
         ))),
         Cancelled::Missing => Err(not_found()),
-    }
-}
-
-/// Who asked, for the task's history and the log: the token's fingerprint, never the token.
-pub(crate) fn requester(request: &HttpRequest) -> String {
-    use actix_web::HttpMessage;
-    match request.extensions().get::<crate::http::guard::Caller>() {
-        Some(caller) => caller.by.clone(),
-        None => requester_of(None),
-    }
-}
-
-/// Who a token names, for the log and a task's history: its fingerprint, never the token.
-pub(crate) fn requester_of(token: Option<&str>) -> String {
-    match token {
-        Some(token) => {
-            let digest = sha2::Sha256::digest(token.as_bytes());
-            format!("api:token-{}", hex::encode(&digest[..4]))
-        }
-        None => "api:anonymous".into(),
     }
 }
 
@@ -125,16 +105,12 @@ pub async fn retry(
 ) -> Result<HttpResponse, ApiError> {
     let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
     let task_id = TaskId::parse(&id).map_err(|_| not_found())?;
-    let by = requester(&request);
-    match rerun(
-        &state.submitter,
-        &state.tasks,
-        &state.cache,
-        task_id.as_str(),
-        &by,
-    )
-    .await
-    .map_err(ApiError::store)?
+    let by = crate::http::guard::requester(&request);
+    match state
+        .operations
+        .rerun(task_id.as_str(), &by)
+        .await
+        .map_err(ApiError::store)?
     {
         Rerun::Published(task) => Ok(HttpResponse::Accepted().json(Retried {
             task_id: task.id.clone(),

@@ -7,7 +7,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
-use crate::submit::dead_letters::{DeadLetterError, LetterSummary, ReplayOutcome, Selection};
+use crate::operate::dead_letters::{DeadLetterError, LetterSummary, ReplayOutcome, Selection};
 
 /// Which letters to list.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -90,8 +90,8 @@ pub async fn list(
         ..Selection::default()
     };
     let letters = state
-        .dead_letters
-        .list(selection, limit)
+        .operations
+        .dead_letters(selection, limit)
         .await
         .map_err(unavailable)?;
     Ok(HttpResponse::Ok().json(Letters { letters }))
@@ -127,10 +127,10 @@ pub async fn replay(
             "say which letters: task_ids, task_name, or all",
         ));
     }
-    let by = super::actions::requester(&request);
+    let by = crate::http::guard::requester(&request);
     let wanted = asked.task_ids.clone();
     let outcomes = state
-        .dead_letters
+        .operations
         .replay(
             Selection {
                 task_ids: asked.task_ids,
@@ -170,8 +170,8 @@ pub async fn show(
     task_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let letter = state
-        .dead_letters
-        .show(&task_id)
+        .operations
+        .dead_letter(&task_id)
         .await
         .map_err(unavailable)?
         .ok_or_else(|| ApiError::NotFound(format!("no dead letter for task `{task_id}`")))?;
@@ -246,9 +246,9 @@ pub async fn purge(
             ))
         }
     };
-    let by = super::actions::requester(&request);
+    let by = crate::http::guard::requester(&request);
     let removed = state
-        .dead_letters
+        .operations
         .purge(
             Selection {
                 task_name: asked.task_name,

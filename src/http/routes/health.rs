@@ -43,7 +43,7 @@ pub async fn ready(request: actix_web::HttpRequest, state: web::Data<AppState>) 
             state.cache.ping().await.map_err(|e| e.to_string())
         }),
     );
-    let nodes = rabbitmq_nodes(&state.rabbitmq_url, timeout).await;
+    let nodes = rabbitmq_nodes(&state.operations.url, timeout).await;
     let checks = [rabbitmq, mongodb, redis];
     let failed: Vec<&str> = checks
         .iter()

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::domain::{TaskId, TaskState};
 use crate::http::{ApiError, AppState};
-use crate::store::search::Search;
+use crate::operate::overview::Overview;
 
 /// HTML-escapes text for an element or a quoted attribute.
 fn escape(text: &str) -> String {
@@ -154,7 +154,7 @@ pub async fn login(
         tracing::warn!(address = %address, "sign-in refused");
         return sign_in_page(StatusCode::UNAUTHORIZED, "That token is not accepted.");
     }
-    let by = super::actions::requester_of(Some(token));
+    let by = crate::http::guard::requester_of(Some(token));
     match crate::http::session::open(&state.cache, token, by.clone()).await {
         Ok(id) => {
             tracing::info!(by = %by, "operator signed in to /ui");
@@ -223,25 +223,24 @@ pub async fn overview(
             ))
             .finish());
     }
+    let overview = state.operations.overview().await.map_err(ApiError::store)?;
     let mut body = String::from("<h1>Kobe</h1>");
     body.push_str("<form action=\"/ui\" method=\"get\"><input name=\"id\" size=\"40\" placeholder=\"task id\"> <button>find</button></form>");
+    queues_panel(&mut body, &overview);
+    last_hour_panel(&mut body, &overview);
+    failures_panel(&mut body, &overview);
+    dead_letters_panel(&mut body, &overview);
+    if !state.schedules.is_empty() {
+        schedules_panel(&mut body, &super::schedules::schedules(&state).await?);
+    }
+    body.push_str("<p><a href=\"/docs\">API</a> · <a href=\"/metrics\">metrics</a></p>");
+    Ok(page("Kobe", true, &body, csrf_of(&request).as_deref()))
+}
 
-    // Queues, from the broker (bounded: a broker that does not answer costs one line).
-    let topology = state.submitter.topology().clone();
-    let mut queues: Vec<String> = topology
-        .routes()
-        .iter()
-        .map(|r| topology.queue(r))
-        .collect();
-    queues.push(topology.dead_letter_queue());
-    let url = state.rabbitmq_url.clone();
-    let timeout = state.dependency_timeout.max(Duration::from_secs(1));
-    let reports =
-        tokio::task::spawn_blocking(move || crate::amqp::queue_depths(&url, &queues, timeout))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+/// Queues, from the broker (a broker that did not answer costs one line).
+fn queues_panel(body: &mut String, overview: &Overview) {
     body.push_str("<h2>Queues</h2>");
-    match reports {
+    match &overview.queues {
         Ok(reports) => {
             body.push_str("<table id=\"queues\"><tr><th>queue</th><th>ready messages</th><th>consumers</th></tr>");
             for q in reports {
@@ -259,54 +258,36 @@ pub async fn overview(
             let _ = write!(
                 body,
                 "<p id=\"queues\">RabbitMQ unavailable: {}</p>",
-                escape(&e.to_string())
+                escape(e)
             );
         }
     }
+}
 
-    let hour_ago = DateTime::from_millis(DateTime::now().timestamp_millis() - 3_600_000);
-    let counts = state
-        .tasks
-        .state_counts(hour_ago)
-        .await
-        .map_err(ApiError::store)?;
-    let count = |wanted: TaskState| {
-        counts
-            .iter()
-            .find(|(s, _)| *s == wanted)
-            .map_or(0, |(_, n)| *n)
-    };
-    let (done, failed) = (count(TaskState::Success), count(TaskState::Failure));
+/// Tasks per state in the last hour, throughput and failure rate.
+fn last_hour_panel(body: &mut String, overview: &Overview) {
     body.push_str("<h2>Last hour</h2><table id=\"counts\"><tr>");
-    for (s, _) in &counts {
+    for (s, _) in &overview.last_hour {
         let _ = write!(body, "<th>{s}</th>");
     }
     body.push_str("<th>finished per minute</th><th>failure rate</th></tr><tr>");
-    for (s, n) in &counts {
+    for (s, n) in &overview.last_hour {
         let _ = write!(body, "<td data-state=\"{s}\">{n}</td>");
     }
-    let rate = if done + failed == 0 {
-        "-".to_owned()
-    } else {
-        format!("{:.1} %", 100.0 * failed as f64 / (done + failed) as f64)
-    };
+    let rate = overview
+        .failure_rate()
+        .map_or_else(|| "-".to_owned(), |rate| format!("{rate:.1} %"));
     let _ = write!(
         body,
         "<td id=\"throughput\">{:.1}</td><td id=\"failure-rate\">{rate}</td></tr></table>",
-        (done + failed) as f64 / 60.0
+        overview.finished_per_minute()
     );
+}
 
-    let (failures, _) = state
-        .tasks
-        .find(&Search {
-            state: Some(TaskState::Failure),
-            limit: 20,
-            ..Search::default()
-        })
-        .await
-        .map_err(ApiError::store)?;
+/// The latest failures, each with a retry button.
+fn failures_panel(body: &mut String, overview: &Overview) {
     body.push_str("<h2>Latest failures</h2><table id=\"failures\"><tr><th>task</th><th>name</th><th>attempts</th><th>when</th><th>root cause</th><th></th></tr>");
-    for task in &failures {
+    for task in &overview.failures {
         let id = escape(&task.id);
         let _ = write!(
             body,
@@ -317,15 +298,16 @@ pub async fn overview(
             escape(task.root_cause.as_deref().unwrap_or(""))
         );
     }
-    body.push_str("</table><h2>Dead letters</h2>");
-    match state
-        .dead_letters
-        .list(crate::submit::dead_letters::Selection::default(), 20)
-        .await
-    {
+    body.push_str("</table>");
+}
+
+/// The oldest dead letters, each naming a task with a replay button.
+fn dead_letters_panel(body: &mut String, overview: &Overview) {
+    body.push_str("<h2>Dead letters</h2>");
+    match &overview.dead_letters {
         Ok(letters) => {
             body.push_str("<table id=\"dead-letters\"><tr><th>task</th><th>name</th><th>attempts</th><th>reason</th><th></th></tr>");
-            for letter in &letters {
+            for letter in letters {
                 let id = escape(letter.task_id.as_deref().unwrap_or("-"));
                 let button = match &letter.task_id {
                     Some(_) => format!("<button data-replay=\"{id}\">replay</button>"),
@@ -345,34 +327,33 @@ pub async fn overview(
             let _ = write!(
                 body,
                 "<p id=\"dead-letters\">cannot read the dead-letter queue: {}</p>",
-                escape(&e.to_string())
+                escape(e)
             );
         }
     }
-    if !state.schedules.is_empty() {
-        let schedules = super::schedules::schedules(&state).await?;
+}
+
+/// The periodic tasks and which replica fires them.
+fn schedules_panel(body: &mut String, schedules: &super::schedules::Schedules) {
+    let _ = write!(
+        body,
+        "<h2>Schedules</h2><p id=\"leader\">fired by {}</p><table id=\"schedules\"><tr><th>name</th><th>task</th><th>when</th><th>route</th><th>last slot</th><th>next slot</th></tr>",
+        escape(schedules.leader.as_deref().unwrap_or("no replica (none holds the lead)"))
+    );
+    for s in &schedules.schedules {
         let _ = write!(
             body,
-            "<h2>Schedules</h2><p id=\"leader\">fired by {}</p><table id=\"schedules\"><tr><th>name</th><th>task</th><th>when</th><th>route</th><th>last slot</th><th>next slot</th></tr>",
-            escape(schedules.leader.as_deref().unwrap_or("no replica (none holds the lead)"))
+            "<tr data-schedule=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&s.name),
+            escape(&s.name),
+            escape(&s.task),
+            escape(&s.when),
+            escape(&s.route),
+            s.last_slot.as_deref().unwrap_or("-"),
+            s.next_slot.as_deref().unwrap_or("-"),
         );
-        for s in &schedules.schedules {
-            let _ = write!(
-                body,
-                "<tr data-schedule=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&s.name),
-                escape(&s.name),
-                escape(&s.task),
-                escape(&s.when),
-                escape(&s.route),
-                s.last_slot.as_deref().unwrap_or("-"),
-                s.next_slot.as_deref().unwrap_or("-"),
-            );
-        }
-        body.push_str("</table>");
     }
-    body.push_str("<p><a href=\"/docs\">API</a> · <a href=\"/metrics\">metrics</a></p>");
-    Ok(page("Kobe", true, &body, csrf_of(&request).as_deref()))
+    body.push_str("</table>");
 }
 
 /// One task: its fields, failed attempts and replays, with a retry button when it failed.

@@ -6,10 +6,10 @@
 //! the task reopened with its publish pending: asking again publishes it then, without
 //! reopening it twice.
 
-use super::{SubmitError, Submitter};
 use crate::domain::TaskState;
 use crate::store::attempts::Reopened;
 use crate::store::{Cache, StoreError, TaskDocument, TaskRepository};
+use crate::submit::{SubmitError, Submitter};
 use crate::telemetry::metrics::metrics;
 
 /// What asking for a rerun did.

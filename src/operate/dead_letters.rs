@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::rerun::{rerun, Rerun};
-use super::Submitter;
-use crate::amqp::dead_letters::{DeadLetter, DeadLetterQueue};
-use crate::amqp::{AmqpError, Topology};
-use crate::config::ServiceUrl;
-use crate::store::{Cache, StoreError, TaskRepository};
+use super::rerun::Rerun;
+use super::Operations;
+use crate::amqp::dead_letter_queue::{DeadLetter, DeadLetterQueue};
+use crate::amqp::AmqpError;
+use crate::store::StoreError;
 use crate::telemetry::metrics::metrics;
 
 /// Most letters one command looks at: a bound on the time a listing holds them.
@@ -140,17 +139,7 @@ impl ReplayOutcome {
     }
 }
 
-/// The dead-letter operations of one deployment.
-#[derive(Clone)]
-pub struct DeadLetters {
-    pub url: ServiceUrl,
-    pub topology: Topology,
-    pub tasks: TaskRepository,
-    pub submitter: Submitter,
-    pub cache: Cache,
-}
-
-impl DeadLetters {
+impl Operations {
     /// Runs `work` over a reader of the queue, on a blocking thread; the reader is closed after,
     /// returning every letter not removed.
     async fn with_queue<T, F>(&self, work: F) -> Result<T, DeadLetterError>
@@ -182,7 +171,7 @@ impl DeadLetters {
     }
 
     /// The letters `selection` picks, oldest first, at most `limit`; nothing is removed.
-    pub async fn list(
+    pub async fn dead_letters(
         &self,
         selection: Selection,
         limit: usize,
@@ -205,7 +194,10 @@ impl DeadLetters {
     }
 
     /// The letter of task `task_id`, with its body; nothing is removed.
-    pub async fn show(&self, task_id: &str) -> Result<Option<LetterSummary>, DeadLetterError> {
+    pub async fn dead_letter(
+        &self,
+        task_id: &str,
+    ) -> Result<Option<LetterSummary>, DeadLetterError> {
         let selection = Selection {
             task_ids: vec![task_id.to_owned()],
             ..Selection::default()
@@ -285,7 +277,7 @@ impl DeadLetters {
             task_id: Some(task_id.to_owned()),
             why,
         };
-        match rerun(&self.submitter, &self.tasks, &self.cache, task_id, by).await {
+        match self.rerun(task_id, by).await {
             Ok(Rerun::Published(task)) => ReplayOutcome::Replayed {
                 task_id: task_id.to_owned(),
                 retries: task.retries,
