@@ -30,6 +30,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 use crate::cli::{Cli, Command, TaskCommand, TasksCommand};
+use crate::commands::Ended;
 use crate::config::Settings;
 use crate::tasks::{Registry, Task};
 use crate::{commands, shutdown, telemetry};
@@ -123,10 +124,10 @@ impl App {
         telemetry::init(&settings.log_level, settings.log_format);
         telemetry::install_panic_hook();
         tracing::debug!(
-            rabbitmq = %settings.rabbitmq_url,
-            mongodb = %settings.mongodb_uri,
-            db = %settings.mongodb_db,
-            redis = %settings.redis_url,
+            rabbitmq = %settings.broker.url,
+            mongodb = %settings.mongo.uri,
+            db = %settings.mongo.db,
+            redis = %settings.redis.url,
             tasks = ?registry.names(),
             "settings loaded"
         );
@@ -141,66 +142,21 @@ impl App {
                 return ExitCode::FAILURE;
             }
         };
-        let result = runtime.block_on(async move {
-            match cli.command {
-                Command::Serve(args) => commands::serve::run(settings, args.addr, registry).await,
-                Command::Worker(args) => {
-                    commands::worker::run(settings, args.into(), registry, shutdown::signal()).await
-                }
-                Command::Beat => commands::beat::run(settings, registry).await,
-                Command::InitDb => commands::init_db::run(&settings).await,
-                Command::Healthcheck => {
-                    if commands::healthcheck::run(&settings).await {
-                        Ok(())
-                    } else {
-                        return ExitCode::FAILURE;
-                    }
-                }
-                Command::Task(command) => {
-                    let done = match command {
-                        TaskCommand::Retry { id } => {
-                            commands::operations::retry(&settings, &id).await
-                        }
-                        TaskCommand::Cancel { id } => {
-                            commands::operations::cancel(&settings, &id).await
-                        }
-                        TaskCommand::Show { id } => {
-                            commands::operations::show_task(&settings, &id).await
-                        }
-                        TaskCommand::List(query) => {
-                            commands::operations::list_tasks(&settings, query).await
-                        }
-                        TaskCommand::StartMany { file } => {
-                            commands::operations::start_many(&settings, &registry, &file).await
-                        }
-                    };
-                    match done {
-                        Ok(true) => Ok(()),
-                        Ok(false) => return ExitCode::FAILURE,
-                        Err(error) => {
-                            eprintln!("kobe: {error:#}");
-                            return ExitCode::from(2);
-                        }
-                    }
-                }
-                Command::Dlq(command) => {
-                    match commands::operations::run(&settings, command).await {
-                        Ok(true) => Ok(()),
-                        Ok(false) => return ExitCode::FAILURE,
-                        Err(error) => {
-                            eprintln!("kobe: {error:#}");
-                            return ExitCode::from(2);
-                        }
-                    }
-                }
-                Command::Tasks(_) => Ok(()),
+        // An operator's command tells its person on stderr; a service logs how it failed.
+        let interactive = matches!(cli.command, Command::Task(_) | Command::Dlq(_));
+        let ended = runtime.block_on(dispatch(cli.command, settings, registry));
+        let result = match ended {
+            Ok(Ended::Done) => ExitCode::SUCCESS,
+            Ok(Ended::Refused) => ExitCode::FAILURE,
+            Err(error) if interactive => {
+                eprintln!("kobe: {error:#}");
+                ExitCode::from(2)
             }
-            .map(|()| ExitCode::SUCCESS)
-            .unwrap_or_else(|error| {
+            Err(error) => {
                 tracing::error!(error = ?error, "kobe failed");
                 ExitCode::FAILURE
-            })
-        });
+            }
+        };
         // amiquip threads may still be waiting on a dead broker; do not wait for them.
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         telemetry::otel::shutdown();
@@ -243,7 +199,7 @@ impl App {
             }
         }
         for (task, route) in registry.routes() {
-            settings.task_routes.entry(task).or_insert(route);
+            settings.broker.task_routes.entry(task).or_insert(route);
         }
         Ok(registry)
     }
@@ -262,6 +218,34 @@ fn env_file_argument() -> Option<std::path::PathBuf> {
         }
     }
     None
+}
+
+/// Runs the command with its settings and tasks.
+async fn dispatch(
+    command: Command,
+    settings: Settings,
+    registry: Registry,
+) -> anyhow::Result<Ended> {
+    use commands::operations;
+    match command {
+        Command::Serve(args) => commands::serve::run(settings, args.addr, registry).await,
+        Command::Worker(args) => {
+            commands::worker::run(settings, args.into(), registry, shutdown::signal()).await
+        }
+        Command::Beat => commands::beat::run(settings, registry).await,
+        Command::InitDb => commands::init_db::run(&settings).await,
+        Command::Healthcheck => commands::healthcheck::run(&settings).await,
+        Command::Task(TaskCommand::Retry { id }) => operations::retry(&settings, &id).await,
+        Command::Task(TaskCommand::Cancel { id }) => operations::cancel(&settings, &id).await,
+        Command::Task(TaskCommand::Show { id }) => operations::show_task(&settings, &id).await,
+        Command::Task(TaskCommand::List(query)) => operations::list_tasks(&settings, query).await,
+        Command::Task(TaskCommand::StartMany { file }) => {
+            operations::start_many(&settings, &registry, &file).await
+        }
+        Command::Dlq(command) => operations::run(&settings, command).await,
+        // Checked before any settings are read.
+        Command::Tasks(_) => Ok(Ended::Done),
+    }
 }
 
 #[cfg(test)]

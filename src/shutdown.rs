@@ -39,3 +39,46 @@ pub fn signal() -> impl Future<Output = ()> {
         tracing::info!(signal = "SIGINT", "shutting down");
     }
 }
+
+/// One switch that stops a process's background loops together (the outbox, the scheduler, the
+/// queue-depth watch): each waits on [`Trigger::pulled`], the command pulls it once.
+#[derive(Clone)]
+pub struct Trigger(tokio::sync::watch::Sender<bool>);
+
+impl Default for Trigger {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl Trigger {
+    /// Resolves once the trigger is pulled (at once if it was), or dropped.
+    pub fn pulled(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut pulled = self.0.subscribe();
+        async move {
+            let _ = pulled.wait_for(|pulled| *pulled).await;
+        }
+    }
+
+    pub fn pull(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Trigger;
+
+    #[tokio::test]
+    async fn every_waiter_wakes_when_the_trigger_is_pulled_and_a_late_one_at_once() {
+        let trigger = Trigger::default();
+        let early = tokio::spawn(trigger.pulled());
+        tokio::task::yield_now().await;
+        assert!(!early.is_finished());
+        trigger.pull();
+        early.await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), trigger.pulled())
+            .await
+            .expect("a waiter after the pull wakes at once");
+    }
+}

@@ -256,21 +256,10 @@ impl ConsumerThread {
     /// once consuming has started, so a declare the broker keeps refusing backs off like a
     /// connection that keeps failing.
     fn session(&mut self, channel: &Channel, backoff: &mut Backoff) -> SessionEnd {
-        if let Err(e) = self.config.topology.declare(channel) {
-            return SessionEnd::Lost(e.to_string());
-        }
-        if let Err(e) = channel.qos(0, self.config.prefetch, false) {
-            return SessionEnd::Lost(e.to_string());
-        }
-        let mut consumers = Vec::new();
-        if !self.stopped {
-            for queue in &self.config.queues {
-                match channel.basic_consume(queue.as_str(), ConsumerOptions::default()) {
-                    Ok(consumer) => consumers.push(consumer),
-                    Err(e) => return SessionEnd::Lost(format!("cannot consume {queue}: {e}")),
-                }
-            }
-        }
+        let consumers = match self.start_consuming(channel) {
+            Ok(consumers) => consumers,
+            Err(end) => return end,
+        };
         backoff.reset();
         self.generation += 1;
         self.liveness.set(self.generation);
@@ -291,45 +280,14 @@ impl ConsumerThread {
             let index = op.index();
 
             if index == command_index {
-                let command = match op.recv(&self.inbox) {
-                    Ok(command) => command,
-                    Err(_) => return SessionEnd::Close,
+                let ended = match op.recv(&self.inbox) {
+                    Ok(command) => self.obey(channel, command, &consumers, &mut held),
+                    Err(_) => Some(SessionEnd::Close),
                 };
-                // Settlements that arrived together go out together: the acks of a batch whose
-                // outcomes were written by one command become as few `multiple` acks as the
-                // deliveries still held allow.
-                let mut settlements = Vec::new();
-                let mut next = Some(command);
-                while let Some(command) = next.take() {
-                    match command {
-                        Command::Settle(tag, settlement) => {
-                            if tag.generation == self.generation {
-                                settlements.push((tag.tag, settlement));
-                            } else {
-                                tracing::debug!(
-                                    "settlement for a delivery of a lost connection ignored"
-                                );
-                            }
-                            if settlements.len() < MAX_SETTLEMENTS_AT_ONCE {
-                                next = self.inbox.try_recv().ok();
-                            }
-                        }
-                        Command::StopConsuming => {
-                            self.stopped = true;
-                            for consumer in &consumers {
-                                let _ = consumer.cancel();
-                            }
-                        }
-                        Command::Close => {
-                            let _ = settle_all(channel, &mut held, settlements);
-                            return SessionEnd::Close;
-                        }
-                    }
+                match ended {
+                    Some(end) => return end,
+                    None => continue,
                 }
-                if let Err(e) = settle_all(channel, &mut held, settlements) {
-                    return SessionEnd::Lost(e.to_string());
-                }
-                continue;
             }
 
             let Some(&(_, consumer_index)) = receivers.iter().find(|(i, _)| *i == index) else {
@@ -351,26 +309,7 @@ impl ConsumerThread {
                 }
             };
             match message {
-                ConsumerMessage::Delivery(mut delivery) => {
-                    let tag = DeliveryTag {
-                        generation: self.generation,
-                        tag: delivery.delivery_tag(),
-                    };
-                    let forwarded = Delivery {
-                        tag,
-                        redelivered: delivery.redelivered,
-                        routing_key: std::mem::take(&mut delivery.routing_key),
-                        body: std::mem::take(&mut delivery.body),
-                        properties: std::mem::take(&mut delivery.properties),
-                    };
-                    held.insert(tag.tag, delivery);
-                    if self.deliveries.send(forwarded).is_err() {
-                        // Nobody will run it: give it back at once.
-                        if let Some(delivery) = held.remove(&tag.tag) {
-                            let _ = delivery.nack(channel, true);
-                        }
-                    }
-                }
+                ConsumerMessage::Delivery(delivery) => self.forward(channel, delivery, &mut held),
                 ConsumerMessage::ClientCancelled => active[consumer_index] = false,
                 ConsumerMessage::ServerCancelled => {
                     return SessionEnd::Lost("the broker cancelled the consumer".into())
@@ -382,6 +321,97 @@ impl ConsumerThread {
                 ConsumerMessage::ClientClosedChannel | ConsumerMessage::ClientClosedConnection => {
                     return SessionEnd::Lost("channel closed".into())
                 }
+            }
+        }
+    }
+
+    /// Declares the topology, sets the prefetch and consumes every queue (none once stopped).
+    fn start_consuming<'c>(
+        &self,
+        channel: &'c Channel,
+    ) -> Result<Vec<amiquip::Consumer<'c>>, SessionEnd> {
+        let lost = |e: amiquip::Error| SessionEnd::Lost(e.to_string());
+        self.config
+            .topology
+            .declare(channel)
+            .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        channel.qos(0, self.config.prefetch, false).map_err(lost)?;
+        let mut consumers = Vec::new();
+        if !self.stopped {
+            for queue in &self.config.queues {
+                match channel.basic_consume(queue.as_str(), ConsumerOptions::default()) {
+                    Ok(consumer) => consumers.push(consumer),
+                    Err(e) => return Err(SessionEnd::Lost(format!("cannot consume {queue}: {e}"))),
+                }
+            }
+        }
+        Ok(consumers)
+    }
+
+    /// Carries out `command` and whatever more is waiting. Settlements that arrived together go
+    /// out together: the acks of a batch whose outcomes were written by one command become as
+    /// few `multiple` acks as the deliveries still held allow. `Some`: the session ends.
+    fn obey(
+        &mut self,
+        channel: &Channel,
+        command: Command,
+        consumers: &[amiquip::Consumer<'_>],
+        held: &mut HashMap<u64, amiquip::Delivery>,
+    ) -> Option<SessionEnd> {
+        let mut settlements = Vec::new();
+        let mut next = Some(command);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Settle(tag, settlement) => {
+                    if tag.generation == self.generation {
+                        settlements.push((tag.tag, settlement));
+                    } else {
+                        tracing::debug!("settlement for a delivery of a lost connection ignored");
+                    }
+                    if settlements.len() < MAX_SETTLEMENTS_AT_ONCE {
+                        next = self.inbox.try_recv().ok();
+                    }
+                }
+                Command::StopConsuming => {
+                    self.stopped = true;
+                    for consumer in consumers {
+                        let _ = consumer.cancel();
+                    }
+                }
+                Command::Close => {
+                    let _ = settle_all(channel, held, settlements);
+                    return Some(SessionEnd::Close);
+                }
+            }
+        }
+        settle_all(channel, held, settlements)
+            .err()
+            .map(|e| SessionEnd::Lost(e.to_string()))
+    }
+
+    /// Hands a delivery to the worker, holding it here until it is settled; one nobody will
+    /// run goes back at once.
+    fn forward(
+        &self,
+        channel: &Channel,
+        mut delivery: amiquip::Delivery,
+        held: &mut HashMap<u64, amiquip::Delivery>,
+    ) {
+        let tag = DeliveryTag {
+            generation: self.generation,
+            tag: delivery.delivery_tag(),
+        };
+        let forwarded = Delivery {
+            tag,
+            redelivered: delivery.redelivered,
+            routing_key: std::mem::take(&mut delivery.routing_key),
+            body: std::mem::take(&mut delivery.body),
+            properties: std::mem::take(&mut delivery.properties),
+        };
+        held.insert(tag.tag, delivery);
+        if self.deliveries.send(forwarded).is_err() {
+            if let Some(delivery) = held.remove(&tag.tag) {
+                let _ = delivery.nack(channel, true);
             }
         }
     }

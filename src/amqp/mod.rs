@@ -9,6 +9,7 @@ mod connection;
 pub mod consumer;
 pub mod dead_letter_queue;
 pub mod message;
+pub mod outgoing;
 pub mod publisher;
 pub mod topology;
 pub mod wire;
@@ -18,7 +19,8 @@ use std::time::Duration;
 pub use crate::domain::QueueKind;
 pub use consumer::{Consumer, ConsumerConfig, Delivery, DeliveryTag, Settlement};
 pub use message::{MessageError, TaskMessage};
-pub use publisher::{Outgoing, Publisher};
+pub use outgoing::Outgoing;
+pub use publisher::Publisher;
 pub use topology::Topology;
 
 use crate::cause::Cause;

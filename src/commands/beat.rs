@@ -22,12 +22,12 @@ pub fn beat(
         submitter,
         leaders: LeaderRepository::new(db),
         holder,
-        lease: settings.beat_lease,
+        lease: settings.beat.lease,
     })
 }
 
 /// Runs until SIGTERM/SIGINT.
-pub async fn run(settings: Settings, registry: Registry) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, registry: Registry) -> anyhow::Result<super::Ended> {
     let db = super::database(&settings).await?;
     let cache = super::cache(&settings)?;
     let publisher = super::publisher(&settings)?;
@@ -38,5 +38,5 @@ pub async fn run(settings: Settings, registry: Registry) -> anyhow::Result<()> {
         anyhow::bail!("no schedules: declare [[schedule]] tables in KOBE_TASKS_FILE");
     };
     beat.run(crate::shutdown::signal()).await;
-    Ok(())
+    Ok(super::Ended::Done)
 }

@@ -37,8 +37,8 @@ pub async fn checks(settings: &Settings) -> Vec<Check> {
     ]
 }
 
-/// Prints the checks and returns whether all passed.
-pub async fn run(settings: &Settings) -> bool {
+/// Prints the checks; refused when one failed.
+pub async fn run(settings: &Settings) -> anyhow::Result<super::Ended> {
     let mut healthy = true;
     for check in checks(settings).await {
         match check.outcome {
@@ -49,7 +49,7 @@ pub async fn run(settings: &Settings) -> bool {
             }
         }
     }
-    healthy
+    Ok(healthy.into())
 }
 
 async fn bounded(
@@ -63,7 +63,7 @@ async fn bounded(
 }
 
 async fn rabbitmq(settings: &Settings, budget: Duration) -> Result<String, String> {
-    let url = settings.rabbitmq_url.clone();
+    let url = settings.broker.url.clone();
     let topology = super::topology(settings);
     // amiquip blocks: run it on the blocking pool, and let `bounded` give up on it if need be.
     // A cluster's nodes get a share of the budget each, after the topology check.
@@ -104,12 +104,12 @@ async fn rabbitmq(settings: &Settings, budget: Duration) -> Result<String, Strin
 }
 
 async fn mongodb(settings: &Settings, budget: Duration) -> Result<String, String> {
-    let db = store::connect(&settings.mongodb_uri, &settings.mongodb_db, budget)
+    let db = store::connect(&settings.mongo.uri, &settings.mongo.db, budget)
         .await
         .map_err(|e| e.to_string())?;
     store::ping(&db)
         .await
-        .map_err(|e| format!("{} does not answer ping: {e}", settings.mongodb_uri))?;
+        .map_err(|e| format!("{} does not answer ping: {e}", settings.mongo.uri))?;
     let missing = migrations::missing_indexes(&db)
         .await
         .map_err(|e| e.to_string())?;
@@ -121,16 +121,16 @@ async fn mongodb(settings: &Settings, budget: Duration) -> Result<String, String
     }
     Ok(format!(
         "{} answers; database {} has every index of migrations/",
-        settings.mongodb_uri, settings.mongodb_db
+        settings.mongo.uri, settings.mongo.db
     ))
 }
 
 async fn redis(settings: &Settings, budget: Duration) -> Result<String, String> {
-    let cache = Cache::new(&settings.redis_url, &settings.redis_prefix, budget)
+    let cache = Cache::new(&settings.redis.url, &settings.redis.prefix, budget)
         .map_err(|e| e.to_string())?;
     cache
         .ping()
         .await
-        .map_err(|e| format!("{} does not answer PING: {e}", settings.redis_url))?;
-    Ok(format!("{} answers PING", settings.redis_url))
+        .map_err(|e| format!("{} does not answer PING: {e}", settings.redis.url))?;
+    Ok(format!("{} answers PING", settings.redis.url))
 }

@@ -11,10 +11,10 @@ use crate::store::migrations::{self, Change, Progress};
 /// Applies the migrations and prints one line per collection and index as it goes, so a long
 /// index build shows what it is waiting for. Fails (non-zero exit) when an index exists with
 /// another definition.
-pub async fn run(settings: &Settings) -> anyhow::Result<()> {
+pub async fn run(settings: &Settings) -> anyhow::Result<super::Ended> {
     let db = super::database(settings).await?;
     let mut building = Instant::now();
-    let composite = migrations::composite(&db, settings.index_type).await?;
+    let composite = migrations::composite(&db, settings.mongo.index_type).await?;
     println!(
         "indexes: {}",
         if composite {
@@ -50,7 +50,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     .with_context(|| {
         format!(
             "failed to apply migrations to {} at {}",
-            settings.mongodb_db, settings.mongodb_uri
+            settings.mongo.db, settings.mongo.uri
         )
     })?;
     let count = |wanted: fn(&Change) -> bool| outcomes.iter().filter(|o| wanted(&o.change)).count();
@@ -58,12 +58,12 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let conflicts = count(|c| matches!(c, Change::Conflict(_)));
     println!(
         "database {}: {created} created, {} already present, {conflicts} conflicts",
-        settings.mongodb_db,
+        settings.mongo.db,
         outcomes.len() - created - conflicts
     );
     anyhow::ensure!(
         conflicts == 0,
         "{conflicts} index(es) exist with another definition; drop them or fix migrations/"
     );
-    Ok(())
+    Ok(super::Ended::Done)
 }

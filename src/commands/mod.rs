@@ -11,12 +11,32 @@ pub mod worker;
 use crate::amqp::Topology;
 use crate::config::Settings;
 
+/// How a command ended; every command answers `anyhow::Result<Ended>`, an error being what kept
+/// it from running at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It did what was asked (exit 0).
+    Done,
+    /// It ran, and the answer is no: a check failed, nothing to retry (exit 1).
+    Refused,
+}
+
+impl From<bool> for Ended {
+    fn from(done: bool) -> Self {
+        if done {
+            Self::Done
+        } else {
+            Self::Refused
+        }
+    }
+}
+
 /// The MongoDB database of the settings (nothing is contacted until the first command).
 pub async fn database(settings: &Settings) -> anyhow::Result<mongodb::Database> {
     use anyhow::Context;
     crate::store::connect(
-        &settings.mongodb_uri,
-        &settings.mongodb_db,
+        &settings.mongo.uri,
+        &settings.mongo.db,
         settings.dependency_timeout,
     )
     .await
@@ -27,22 +47,22 @@ pub async fn database(settings: &Settings) -> anyhow::Result<mongodb::Database> 
 pub fn cache(settings: &Settings) -> anyhow::Result<crate::store::Cache> {
     use anyhow::Context;
     Ok(crate::store::Cache::new(
-        &settings.redis_url,
-        &settings.redis_prefix,
+        &settings.redis.url,
+        &settings.redis.prefix,
         settings.dependency_timeout,
     )
     .context("failed to configure the Redis pool")?
-    .with_status_ttl(settings.status_cache_ttl))
+    .with_status_ttl(settings.redis.status_cache_ttl))
 }
 
 /// The confirming publisher of a process; it connects in the background.
 pub fn publisher(settings: &Settings) -> anyhow::Result<crate::amqp::Publisher> {
     use anyhow::Context;
     crate::amqp::Publisher::start_bounded(
-        &settings.rabbitmq_url,
+        &settings.broker.url,
         topology(settings),
-        settings.publish_timeout,
-        settings.publish_queue,
+        settings.broker.publish_timeout,
+        settings.broker.publish_queue,
     )
     .context("failed to start the publisher")
 }
@@ -52,8 +72,8 @@ pub fn writer(settings: &Settings, db: &mongodb::Database) -> crate::store::batc
     crate::store::batch::BatchWriter::start(
         db.clone(),
         crate::store::batch::BatchConfig {
-            linger: settings.batch_linger,
-            max_statements: settings.batch_max,
+            linger: settings.mongo.batch_linger,
+            max_statements: settings.mongo.batch_max,
             ..Default::default()
         },
     )
@@ -76,7 +96,7 @@ pub fn submitter(
         publisher,
         topology: topology(settings),
         writer,
-        inline_limit: settings.payload_inline_limit,
+        inline_limit: settings.submit.payload_inline_limit,
     })
 }
 
@@ -89,7 +109,7 @@ pub fn operations(
     cache: crate::store::Cache,
 ) -> crate::operate::Operations {
     crate::operate::Operations {
-        url: settings.rabbitmq_url.clone(),
+        url: settings.broker.url.clone(),
         topology: topology(settings),
         tasks: crate::store::TaskRepository::new(db),
         submitter,
@@ -101,11 +121,11 @@ pub fn operations(
 /// The topology every command uses.
 pub fn topology(settings: &Settings) -> Topology {
     Topology::new(
-        &settings.amqp_prefix,
-        settings.queue_kind,
-        settings.task_routes.clone(),
+        &settings.broker.prefix,
+        settings.broker.queue_kind,
+        settings.broker.task_routes.clone(),
     )
-    .with_delivery_limit(settings.quorum_delivery_limit)
+    .with_delivery_limit(settings.broker.quorum_delivery_limit)
 }
 
 /// Starts polling the depth of `queues` every 5 s; sending on (or dropping) the returned sender
@@ -113,17 +133,14 @@ pub fn topology(settings: &Settings) -> Topology {
 pub fn spawn_queue_depth_watch(
     settings: &Settings,
     queues: Vec<String>,
-) -> tokio::sync::oneshot::Sender<()> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    stop: &crate::shutdown::Trigger,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(watch_queue_depths(
-        settings.rabbitmq_url.clone(),
+        settings.broker.url.clone(),
         queues,
         std::time::Duration::from_secs(5),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    stop
+        stop.pulled(),
+    ))
 }
 
 /// Polls the depth of `queues` into `kobe_queue_depth` every `interval` until `shutdown`.

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 
+use super::Ended;
 use crate::cli::{DlqCommand, LetterFilter};
 use crate::config::Settings;
 use crate::operate::dead_letters::{LetterSummary, ReplayOutcome, Selection};
@@ -75,8 +76,8 @@ async fn connected_submitter(
     Ok((db, cache, submitter))
 }
 
-/// `kobe task retry ID`; `Ok(false)` when the task was not retried (exit 1).
-pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<bool> {
+/// `kobe task retry ID`; `Ok(Ended::Refused)` when the task was not retried (exit 1).
+pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
     use crate::operate::rerun::Rerun;
     let ops = operations(settings).await?;
     let answer = ops
@@ -86,27 +87,27 @@ pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<bool> {
     Ok(match answer {
         Rerun::Published(task) => {
             println!("retried  {id}  (attempt {})", task.retries + 1);
-            true
+            Ended::Done
         }
         Rerun::NotFailed(state) => {
             eprintln!("kobe: task {id} is {state}; only a FAILURE or REVOKED task can be retried");
-            false
+            Ended::Refused
         }
         Rerun::Missing => {
             eprintln!("kobe: no task {id}");
-            false
+            Ended::Refused
         }
         Rerun::NotPublished(error) => {
             eprintln!(
                 "kobe: the retry of {id} was recorded but not confirmed ({error}); run it again"
             );
-            false
+            Ended::Refused
         }
     })
 }
 
-/// `kobe task cancel ID`; `Ok(false)` when there was nothing to cancel (exit 1).
-pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<bool> {
+/// `kobe task cancel ID`; `Ok(Ended::Refused)` when there was nothing to cancel (exit 1).
+pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
     use crate::store::attempts::Cancelled;
     let db = super::database(settings).await?;
     let cache = super::cache(settings)?;
@@ -117,29 +118,32 @@ pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<bool> {
     Ok(match answer {
         Cancelled::Revoked => {
             println!("revoked  {id}  (it will not run)");
-            true
+            Ended::Done
         }
         Cancelled::AlreadyRevoked => {
             println!("revoked  {id}  (already)");
-            true
+            Ended::Done
         }
         Cancelled::Requested => {
             println!("stopping {id}  (running; its handler is asked to stop — `kobe task show {id}` tells how it ended)");
-            true
+            Ended::Done
         }
         Cancelled::Finished(state) => {
             eprintln!("kobe: task {id} is {state}; a finished task cannot be cancelled");
-            false
+            Ended::Refused
         }
         Cancelled::Missing => {
             eprintln!("kobe: no task {id}");
-            false
+            Ended::Refused
         }
     })
 }
 
 /// `kobe task list`: a table of tasks in one state, newest change first.
-pub async fn list_tasks(settings: &Settings, query: crate::cli::TaskQuery) -> anyhow::Result<bool> {
+pub async fn list_tasks(
+    settings: &Settings,
+    query: crate::cli::TaskQuery,
+) -> anyhow::Result<Ended> {
     use crate::store::search::Search;
     let state = query
         .state
@@ -195,11 +199,11 @@ pub async fn list_tasks(settings: &Settings, query: crate::cli::TaskQuery) -> an
         ""
     };
     println!("{} task(s){more}", tasks.len());
-    Ok(true)
+    Ok(Ended::Done)
 }
 
 /// `kobe task show ID`: the task, its failed attempts and its replays, as JSON.
-pub async fn show_task(settings: &Settings, id: &str) -> anyhow::Result<bool> {
+pub async fn show_task(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
     let db = super::database(settings).await?;
     let Some(task) = crate::store::TaskRepository::new(&db)
         .get(id)
@@ -207,7 +211,7 @@ pub async fn show_task(settings: &Settings, id: &str) -> anyhow::Result<bool> {
         .context("failed to read the task")?
     else {
         eprintln!("kobe: no task {id}");
-        return Ok(false);
+        return Ok(Ended::Refused);
     };
     let errors = crate::store::ErrorLogRepository::new(&db)
         .for_task(id)
@@ -219,11 +223,11 @@ pub async fn show_task(settings: &Settings, id: &str) -> anyhow::Result<bool> {
         "errors": serde_json::to_value(&errors)?,
     });
     println!("{}", serde_json::to_string_pretty(&shown)?);
-    Ok(true)
+    Ok(Ended::Done)
 }
 
-/// Runs a `dlq` subcommand; `Ok(false)` when it did not do what was asked (exit 1).
-pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<bool> {
+/// Runs a `dlq` subcommand; `Ok(Ended::Refused)` when it did not do what was asked (exit 1).
+pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Ended> {
     let letters = operations(settings).await?;
     match command {
         DlqCommand::List {
@@ -249,7 +253,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
                 }
                 println!("{} letter(s)", found.len());
             }
-            Ok(true)
+            Ok(Ended::Done)
         }
         DlqCommand::Show { id } => match letters
             .dead_letter(&id)
@@ -258,11 +262,11 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
         {
             Some(letter) => {
                 println!("{}", serde_json::to_string_pretty(&letter)?);
-                Ok(true)
+                Ok(Ended::Done)
             }
             None => {
                 eprintln!("kobe: no dead letter for task {id}");
-                Ok(false)
+                Ok(Ended::Refused)
             }
         },
         DlqCommand::Replay {
@@ -270,45 +274,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
             all,
             filter,
             dry_run,
-        } => {
-            let filtered = filter.task_name.is_some()
-                || filter.reason.is_some()
-                || filter.older_than.is_some();
-            if ids.is_empty() && !all && !filtered {
-                anyhow::bail!("say which letters to replay: task ids, --task NAME, --reason, --older-than or --all");
-            }
-            let wanted = ids.clone();
-            let outcomes = letters
-                .replay(selection(filter, ids), dry_run, &operator())
-                .await
-                .context("failed to replay from the dead-letter queue")?;
-            let mut ok = true;
-            for outcome in &outcomes {
-                match outcome {
-                    ReplayOutcome::Replayed { task_id, retries } => {
-                        println!("replayed  {task_id}  (attempt {})", retries + 1)
-                    }
-                    ReplayOutcome::WouldReplay { task_id } => println!("would replay  {task_id}"),
-                    ReplayOutcome::Stale { task_id, state } => {
-                        println!("removed stale letter  {task_id}  (the task is {state} now)")
-                    }
-                    ReplayOutcome::Kept { task_id, why } => {
-                        ok = false;
-                        println!(
-                            "kept  {}  {why}",
-                            task_id.as_deref().unwrap_or("(no task id)")
-                        )
-                    }
-                }
-            }
-            let seen = |id: &String| outcomes.iter().any(|o| o.task_id() == Some(id.as_str()));
-            for id in wanted.iter().filter(|id| !seen(id)) {
-                ok = false;
-                eprintln!("kobe: no dead letter for task {id}");
-            }
-            println!("{} letter(s)", outcomes.len());
-            Ok(ok)
-        }
+        } => replay(&letters, ids, all, filter, dry_run).await,
         DlqCommand::Purge {
             filter,
             yes,
@@ -329,18 +295,66 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<boo
                 tracing::info!(by = %operator(), removed = count, "dead letters purged");
                 println!("{count} letter(s) removed");
             }
-            Ok(true)
+            Ok(Ended::Done)
         }
     }
 }
 
-/// `kobe task start-many FILE`: one submission per line, answered line by line; `Ok(false)`
+/// `kobe dlq replay`: refused when a letter was kept or an id has no letter.
+async fn replay(
+    letters: &Operations,
+    ids: Vec<String>,
+    all: bool,
+    filter: LetterFilter,
+    dry_run: bool,
+) -> anyhow::Result<Ended> {
+    let filtered =
+        filter.task_name.is_some() || filter.reason.is_some() || filter.older_than.is_some();
+    if ids.is_empty() && !all && !filtered {
+        anyhow::bail!(
+            "say which letters to replay: task ids, --task NAME, --reason, --older-than or --all"
+        );
+    }
+    let wanted = ids.clone();
+    let outcomes = letters
+        .replay(selection(filter, ids), dry_run, &operator())
+        .await
+        .context("failed to replay from the dead-letter queue")?;
+    let mut ok = true;
+    for outcome in &outcomes {
+        match outcome {
+            ReplayOutcome::Replayed { task_id, retries } => {
+                println!("replayed  {task_id}  (attempt {})", retries + 1)
+            }
+            ReplayOutcome::WouldReplay { task_id } => println!("would replay  {task_id}"),
+            ReplayOutcome::Stale { task_id, state } => {
+                println!("removed stale letter  {task_id}  (the task is {state} now)")
+            }
+            ReplayOutcome::Kept { task_id, why } => {
+                ok = false;
+                println!(
+                    "kept  {}  {why}",
+                    task_id.as_deref().unwrap_or("(no task id)")
+                )
+            }
+        }
+    }
+    let seen = |id: &String| outcomes.iter().any(|o| o.task_id() == Some(id.as_str()));
+    for id in wanted.iter().filter(|id| !seen(id)) {
+        ok = false;
+        eprintln!("kobe: no dead letter for task {id}");
+    }
+    println!("{} letter(s)", outcomes.len());
+    Ok(ok.into())
+}
+
+/// `kobe task start-many FILE`: one submission per line, answered line by line; `Ok(Ended::Refused)`
 /// when a line was not accepted (exit 1).
 pub async fn start_many(
     settings: &Settings,
     registry: &crate::tasks::Registry,
     file: &std::path::Path,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Ended> {
     use crate::http::routes::bulk::{submit_items, ItemResult};
     use crate::http::routes::submit::{parse_value, TaskStart};
     use anyhow::Context;
@@ -368,7 +382,7 @@ pub async fn start_many(
                 continue;
             }
             chunk.push((number, line));
-            if chunk.len() == settings.bulk_max {
+            if chunk.len() == settings.api.bulk_max {
                 break;
             }
         }
@@ -384,7 +398,14 @@ pub async fn start_many(
                 (number, item)
             })
             .unzip();
-        let answers = submit_items(registry, &submitter, settings.dedup_window, items, trace).await;
+        let answers = submit_items(
+            registry,
+            &submitter,
+            settings.submit.dedup_window,
+            items,
+            trace,
+        )
+        .await;
         let results = numbers
             .into_iter()
             .zip(answers)
@@ -396,5 +417,5 @@ pub async fn start_many(
         }
     }
     submitter.finish().await;
-    Ok(all_accepted)
+    Ok(all_accepted.into())
 }

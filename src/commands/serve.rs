@@ -22,7 +22,7 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
     let operations = super::operations(settings, &db, submitter.clone(), cache.clone());
     // This replica competes for the schedules' lead when it has schedules and may fire them.
     let beat_holder =
-        (settings.beat && !registry.schedules().is_empty()).then(crate::beat::holder_name);
+        (settings.beat.enabled && !registry.schedules().is_empty()).then(crate::beat::holder_name);
     Ok(AppState {
         schedules: registry.schedules().to_vec(),
         leaders: crate::store::LeaderRepository::new(&db),
@@ -33,14 +33,14 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         shards: ShardRepository::new(&db),
         payloads: PayloadRepository::new(&db),
         submitter,
-        dedup_window: settings.dedup_window,
-        result_ttl: settings.result_ttl,
-        max_body_bytes: settings.max_body_bytes,
-        bulk_max: settings.bulk_max,
-        rate_limit: settings.rate_limit,
-        rate_window: settings.rate_window,
-        api_tokens: settings.api_tokens.clone(),
-        metrics_auth: settings.metrics_auth,
+        dedup_window: settings.submit.dedup_window,
+        result_ttl: settings.redis.result_ttl,
+        max_body_bytes: settings.api.max_body_bytes,
+        bulk_max: settings.api.bulk_max,
+        rate_limit: settings.api.rate_limit,
+        rate_window: settings.api.rate_window,
+        api_tokens: settings.api.tokens.clone(),
+        metrics_auth: settings.api.metrics_auth,
         db,
         cache,
         dependency_timeout: settings.dependency_timeout,
@@ -53,19 +53,16 @@ pub async fn run(
     settings: Settings,
     addr: Option<SocketAddr>,
     registry: Registry,
-) -> anyhow::Result<()> {
-    let addr = addr.unwrap_or(settings.http_addr);
+) -> anyhow::Result<super::Ended> {
+    let addr = addr.unwrap_or(settings.api.addr);
     let state = state(&settings, registry).await?;
     let outbox = Outbox {
         tasks: state.tasks.clone(),
         submitter: state.submitter.clone(),
-        age: settings.outbox_age,
+        age: settings.submit.outbox_age,
     };
-    let (outbox_stop, outbox_stopped) = tokio::sync::oneshot::channel::<()>();
-    let outbox = tokio::spawn(outbox.run(settings.outbox_interval, async move {
-        let _ = outbox_stopped.await;
-    }));
-    let (beat_stop, beat_stopped) = tokio::sync::oneshot::channel::<()>();
+    let background = crate::shutdown::Trigger::default();
+    let outbox = tokio::spawn(outbox.run(settings.submit.outbox_interval, background.pulled()));
     let beat = state
         .beat_holder
         .clone()
@@ -78,13 +75,9 @@ pub async fn run(
                 holder,
             )
         })
-        .map(|beat| {
-            tokio::spawn(beat.run(async move {
-                let _ = beat_stopped.await;
-            }))
-        });
+        .map(|beat| tokio::spawn(beat.run(background.pulled())));
     let watched = state.submitter.topology().watched_queues();
-    let depths_stop = super::spawn_queue_depth_watch(&settings, watched);
+    let depths = super::spawn_queue_depth_watch(&settings, watched, &background);
     // Before the listener opens: a SIGTERM from then on is a graceful stop.
     let stop = crate::shutdown::signal();
     let app = Application::build(state, addr, settings.shutdown_grace)
@@ -98,13 +91,11 @@ pub async fn run(
     app.run_until_stopped()
         .await
         .context("HTTP server failed")?;
-    let _ = outbox_stop.send(());
-    let _ = beat_stop.send(());
+    background.pull();
     if let Some(beat) = beat {
         let _ = beat.await;
     }
-    let _ = depths_stop.send(());
-    let _ = outbox.await;
+    let _ = tokio::join!(outbox, depths);
     tracing::info!("HTTP API stopped");
-    Ok(())
+    Ok(super::Ended::Done)
 }

@@ -46,7 +46,7 @@ pub async fn run(
     options: WorkerOptions,
     registry: Registry,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<super::Ended> {
     let db = super::database(&settings).await?;
     let topology = super::topology(&settings);
     let routes = if options.routes.is_empty() {
@@ -62,79 +62,27 @@ pub async fn run(
     let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
     let consumer = Consumer::start(
         ConsumerConfig {
-            url: settings.rabbitmq_url.clone(),
+            url: settings.broker.url.clone(),
             topology: topology.clone(),
             queues: queues.clone(),
             prefetch,
-            name: format!("kobe worker {}", settings.amqp_prefix),
+            name: format!("kobe worker {}", settings.broker.prefix),
         },
         deliveries_tx,
     )
     .context("failed to start the consumer")?;
-    let cache = super::cache(&settings)?;
-    let writer = super::writer(&settings, &db);
-    let submitter = super::submitter(
-        &settings,
-        &db,
-        cache.clone(),
-        publisher.clone(),
-        writer.clone(),
-    );
-    let context = Arc::new(TaskContext {
-        leases: LeaseRepository::new(&db),
-        checkpoints: CheckpointRepository::new(&db),
-        shards: ShardRepository::new(&db),
-        spawner: Arc::new(WorkerSpawner { submitter }),
-    });
     let mut watched = queues.clone();
     watched.push(topology.dead_letter_queue());
+    let services = services(&settings, &db, topology, publisher, &consumer)?;
     let worker = Worker::new(
         registry,
-        Services {
-            tasks: TaskRepository::new(&db),
-            errors: ErrorLogRepository::new(&db),
-            payloads: PayloadRepository::new(&db),
-            reader: crate::store::lookup::BatchReader::start(
-                db.clone(),
-                settings.batch_linger,
-                std::time::Duration::from_secs(10),
-            ),
-            writer,
-            cache,
-            publisher,
-            topology,
-            settler: consumer.settler(),
-            liveness: consumer.liveness(),
-            context,
-        },
-        WorkerConfig {
-            concurrency: options.concurrency,
-            slot_wait: settings.slot_wait,
-            unknown_task_grace: settings.unknown_task_grace,
-            lease: settings.execution_lease,
-            max_deliveries: settings.max_deliveries,
-            inline_limit: settings.payload_inline_limit,
-            log_payloads: settings.log_payloads,
-            result_ttl: settings.result_ttl,
-            retry: settings.retry.clone(),
-            task_retry: settings.task_retry.clone(),
-            shutdown_grace: settings.shutdown_grace,
-        },
+        services,
+        worker_config(&settings, options.concurrency),
     );
     tracing::info!(concurrency = options.concurrency, prefetch, queues = ?queues, "worker started");
-
-    let metrics_server = match options.metrics_addr {
-        Some(addr) => {
-            let server = crate::http::Application::metrics_only(addr)
-                .with_context(|| format!("failed to listen on {addr} for metrics"))?;
-            tracing::info!(addr = %addr, port = server.port(), "serving worker metrics");
-            let handle = server.handle();
-            tokio::spawn(server.run_until_stopped());
-            Some(handle)
-        }
-        None => None,
-    };
-    let depths_stop = super::spawn_queue_depth_watch(&settings, watched);
+    let metrics_server = options.metrics_addr.map(serve_metrics).transpose()?;
+    let background = crate::shutdown::Trigger::default();
+    let depths = super::spawn_queue_depth_watch(&settings, watched, &background);
 
     let stop_consuming = {
         let settler = consumer.settler();
@@ -148,10 +96,81 @@ pub async fn run(
     tokio::task::spawn_blocking(move || consumer.close())
         .await
         .context("consumer thread panicked")?;
-    let _ = depths_stop.send(());
+    background.pull();
+    let _ = depths.await;
     if let Some(handle) = metrics_server {
         handle.stop(true).await;
     }
     tracing::info!("worker stopped");
-    Ok(())
+    Ok(super::Ended::Done)
+}
+
+/// How the worker behaves, from settings and `--concurrency`.
+fn worker_config(settings: &Settings, concurrency: u16) -> WorkerConfig {
+    WorkerConfig {
+        concurrency,
+        slot_wait: settings.worker.slot_wait,
+        unknown_task_grace: settings.worker.unknown_task_grace,
+        lease: settings.worker.execution_lease,
+        max_deliveries: settings.worker.max_deliveries,
+        inline_limit: settings.submit.payload_inline_limit,
+        log_payloads: settings.worker.log_payloads,
+        result_ttl: settings.redis.result_ttl,
+        retry: settings.worker.retry.clone(),
+        task_retry: settings.worker.task_retry.clone(),
+        shutdown_grace: settings.shutdown_grace,
+    }
+}
+
+/// Serves `/metrics` alone on `addr`, in the background.
+fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<actix_web::dev::ServerHandle> {
+    let server = crate::http::Application::metrics_only(addr)
+        .with_context(|| format!("failed to listen on {addr} for metrics"))?;
+    tracing::info!(addr = %addr, port = server.port(), "serving worker metrics");
+    let handle = server.handle();
+    tokio::spawn(server.run_until_stopped());
+    Ok(handle)
+}
+
+/// What the worker talks to, built once: the store's repositories and batchers, the cache, the
+/// publisher and the consumer's settler, and what running tasks may use.
+fn services(
+    settings: &Settings,
+    db: &mongodb::Database,
+    topology: crate::amqp::Topology,
+    publisher: crate::amqp::Publisher,
+    consumer: &Consumer,
+) -> anyhow::Result<Services> {
+    let cache = super::cache(settings)?;
+    let writer = super::writer(settings, db);
+    let submitter = super::submitter(
+        settings,
+        db,
+        cache.clone(),
+        publisher.clone(),
+        writer.clone(),
+    );
+    let context = Arc::new(TaskContext {
+        leases: LeaseRepository::new(db),
+        checkpoints: CheckpointRepository::new(db),
+        shards: ShardRepository::new(db),
+        spawner: Arc::new(WorkerSpawner { submitter }),
+    });
+    Ok(Services {
+        tasks: TaskRepository::new(db),
+        errors: ErrorLogRepository::new(db),
+        payloads: PayloadRepository::new(db),
+        reader: crate::store::lookup::BatchReader::start(
+            db.clone(),
+            settings.mongo.batch_linger,
+            std::time::Duration::from_secs(10),
+        ),
+        writer,
+        cache,
+        publisher,
+        topology,
+        settler: consumer.settler(),
+        liveness: consumer.liveness(),
+        context,
+    })
 }

@@ -149,43 +149,119 @@ impl FromStr for LogFormat {
     }
 }
 
-/// Everything Kobe can be told from outside, validated.
+/// Everything Kobe can be told from outside, validated, grouped by who reads it. Every group is
+/// read from the environment by the same [`Reader`], with the same errors naming the variable.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// RabbitMQ, `amqp://user:password@host:port/vhost`.
-    pub rabbitmq_url: ServiceUrl,
-    /// MongoDB connection string.
-    pub mongodb_uri: ServiceUrl,
-    /// Database holding Kobe's collections.
-    pub mongodb_db: String,
-    /// How `init-db` creates indexes.
-    pub index_type: crate::store::migrations::IndexChoice,
-    /// Redis, `redis://[:password@]host:port/db`.
-    pub redis_url: ServiceUrl,
-    /// Where `kobe serve` listens.
-    pub http_addr: SocketAddr,
+    pub broker: BrokerSettings,
+    pub mongo: MongoSettings,
+    pub redis: RedisSettings,
+    pub api: ApiSettings,
+    pub worker: WorkerSettings,
+    pub submit: SubmitSettings,
+    pub beat: BeatSettings,
     /// A `tracing` filter directive such as `info` or `kobe=debug,info`.
     pub log_level: String,
     pub log_format: LogFormat,
+    /// How long a readiness or health probe waits for one dependency.
+    pub dependency_timeout: Duration,
+    /// How long a stopping `serve` or `worker` lets what is in flight finish.
+    pub shutdown_grace: Duration,
+    /// Tasks declared in a TOML file (`KOBE_TASKS_FILE`), read at start by `serve` and `worker`.
+    pub tasks_file: Option<std::path::PathBuf>,
+}
+
+/// RabbitMQ: where it is, how Kobe names and shapes its queues, how publishes wait.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// `amqp://user:password@host:port/vhost` (several, comma-separated, for a cluster).
+    pub url: ServiceUrl,
     /// Prefix of every AMQP exchange and queue name, so several deployments (or tests) can share
     /// one broker without touching each other's messages.
-    pub amqp_prefix: String,
+    pub prefix: String,
     /// Classic queues (one broker) or quorum queues (a cluster).
     pub queue_kind: QueueKind,
     /// With quorum queues: the broker's `x-delivery-limit`.
     pub quorum_delivery_limit: u32,
-    /// Prefix of every Redis key Kobe writes.
-    pub redis_prefix: String,
     /// How long a publish may wait for the broker's confirm before the caller gets an error.
     pub publish_timeout: Duration,
     /// Publishes that may wait for the publishing connection; more are refused at once (503).
     pub publish_queue: usize,
-    /// How long a readiness or health probe waits for one dependency.
-    pub dependency_timeout: Duration,
     /// Task name → route (queue suffix); unrouted tasks go to `default`.
     pub task_routes: BTreeMap<String, String>,
-    /// How long a stopping worker lets in-flight tasks finish.
-    pub shutdown_grace: Duration,
+}
+
+/// MongoDB: where it is, its indexes, and how writes are grouped into commands.
+#[derive(Clone, Debug)]
+pub struct MongoSettings {
+    /// The connection string.
+    pub uri: ServiceUrl,
+    /// The database holding Kobe's collections.
+    pub db: String,
+    /// How `init-db` creates indexes.
+    pub index_type: crate::store::migrations::IndexChoice,
+    /// How long the first write of a group-commit batch waits for others.
+    pub batch_linger: Duration,
+    /// Statements per group-commit command at most.
+    pub batch_max: usize,
+}
+
+/// Redis: where it is, its keys, what it caches.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port/db`.
+    pub url: ServiceUrl,
+    /// Prefix of every Redis key Kobe writes.
+    pub prefix: String,
+    /// How long a status answer may be served from Redis.
+    pub status_cache_ttl: Duration,
+    /// Keep results in Redis for `GET /task/result/{id}`, for this long; `None`: off.
+    pub result_ttl: Option<Duration>,
+}
+
+/// The HTTP API of `kobe serve`.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Most tasks in one `POST /task/start_many`.
+    pub bulk_max: usize,
+    /// Requests per window per client on `/task*`; 0 turns rate limiting off.
+    pub rate_limit: u32,
+    pub rate_window: Duration,
+    /// Bearer tokens accepted on `/task*` (and `/metrics` when `metrics_auth`); empty: no auth.
+    pub tokens: Secret<Vec<String>>,
+    /// Whether `/metrics` needs a token too.
+    pub metrics_auth: bool,
+}
+
+/// How `kobe worker` runs tasks.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// How long a running attempt's execution lease holds without renewal (renewed every third
+    /// of it). A copy of the task delivered again waits at most this long after its attempt died.
+    pub execution_lease: Duration,
+    /// Starts of one attempt after which its message is poison: closed `FAILURE` and
+    /// dead-lettered with the count.
+    pub max_deliveries: u32,
+    /// How long a prefetched delivery may wait for a run slot before it goes back to its queue.
+    pub slot_wait: Duration,
+    /// How long a message of a task no worker it met knows keeps coming back before it is closed
+    /// as an unknown task.
+    pub unknown_task_grace: Duration,
+    /// Overrides of every task's retry policy, where set.
+    pub retry: RetryOverrides,
+    /// Overrides for one task each, applied after `retry`.
+    pub task_retry: BTreeMap<String, RetryOverrides>,
+    /// Log task arguments when a worker starts a task (off: payloads may hold personal data).
+    pub log_payloads: bool,
+}
+
+/// How tasks come in: dedup, large arguments, the outbox.
+#[derive(Clone, Debug)]
+pub struct SubmitSettings {
     /// How long a dedup fingerprint keeps answering with its first task.
     pub dedup_window: Duration,
     /// Arguments and results larger than this many bytes (as JSON) go to `RawPayload`.
@@ -194,48 +270,15 @@ pub struct Settings {
     pub outbox_age: Duration,
     /// ...looking this often.
     pub outbox_interval: Duration,
-    /// Largest accepted request body.
-    pub max_body_bytes: usize,
-    /// Most tasks in one `POST /task/start_many`.
-    pub bulk_max: usize,
-    /// How long a status answer may be served from Redis.
-    pub status_cache_ttl: Duration,
-    /// Keep results in Redis for `GET /task/result/{id}`, for this long; `None`: off.
-    pub result_ttl: Option<Duration>,
-    /// Requests per window per client on `/task*`; 0 turns rate limiting off.
-    pub rate_limit: u32,
-    pub rate_window: Duration,
-    /// Bearer tokens accepted on `/task*` (and `/metrics` when `metrics_auth`); empty: no auth.
-    pub api_tokens: Secret<Vec<String>>,
-    /// Whether `/metrics` needs a token too.
-    pub metrics_auth: bool,
-    /// Log task arguments when a worker starts a task (off: payloads may hold personal data).
-    pub log_payloads: bool,
-    /// Overrides of every task's retry policy, where set.
-    pub retry: RetryOverrides,
-    /// Overrides for one task each, applied after `retry`.
-    pub task_retry: BTreeMap<String, RetryOverrides>,
-    /// How long a running attempt's execution lease holds without renewal (renewed every third
-    /// of it). A copy of the task delivered again waits at most this long after its attempt died.
-    pub execution_lease: Duration,
-    /// Starts of one attempt after which its message is poison: closed `FAILURE` and
-    /// dead-lettered with the count.
-    pub max_deliveries: u32,
-    /// How long the first write of a group-commit batch waits for others.
-    pub batch_linger: Duration,
-    /// Statements per group-commit command at most.
-    pub batch_max: usize,
-    /// How long a prefetched delivery may wait for a run slot before it goes back to its queue.
-    pub slot_wait: Duration,
-    /// How long a message of a task no worker it met knows keeps coming back before it is closed
-    /// as an unknown task.
-    pub unknown_task_grace: Duration,
-    /// Tasks declared in a TOML file (`KOBE_TASKS_FILE`), read at start by `serve` and `worker`.
-    pub tasks_file: Option<std::path::PathBuf>,
-    /// `serve` fires the periodic tasks (competing for the lead with other replicas).
-    pub beat: bool,
+}
+
+/// The periodic tasks.
+#[derive(Clone, Debug)]
+pub struct BeatSettings {
+    /// `serve` fires them (competing for the lead with other replicas).
+    pub enabled: bool,
     /// The schedules' leader lease.
-    pub beat_lease: Duration,
+    pub lease: Duration,
 }
 
 /// Deployment-wide overrides of the retry policies tasks declare.
@@ -317,71 +360,85 @@ impl Settings {
         };
 
         Ok(Self {
-            rabbitmq_url: read.url("RABBITMQ_URL", &["amqp"])?,
-            mongodb_uri: read.url("MONGODB_URI", &["mongodb", "mongodb+srv"])?,
-            mongodb_db: read.name("MONGODB_DB")?,
-            index_type: read.parsed("KOBE_MONGODB_INDEX_TYPE")?,
-            redis_url: read.url("REDIS_URL", &["redis", "rediss"])?,
-            http_addr,
+            broker: BrokerSettings {
+                url: read.url("RABBITMQ_URL", &["amqp"])?,
+                prefix: read.name("KOBE_AMQP_PREFIX")?,
+                queue_kind: read.parsed("KOBE_QUEUE_TYPE")?,
+                quorum_delivery_limit: read.number(
+                    "KOBE_QUORUM_DELIVERY_LIMIT",
+                    1..=1_000_000_000,
+                    "a number of deliveries",
+                )?,
+                publish_timeout: read.millis("KOBE_PUBLISH_TIMEOUT_MS")?,
+                publish_queue: read.number(
+                    "KOBE_PUBLISH_QUEUE",
+                    1..=1_000_000,
+                    "a number of publishes",
+                )?,
+                task_routes: parse_routes(&read.value("KOBE_TASK_ROUTES"))?,
+            },
+            mongo: MongoSettings {
+                uri: read.url("MONGODB_URI", &["mongodb", "mongodb+srv"])?,
+                db: read.name("MONGODB_DB")?,
+                index_type: read.parsed("KOBE_MONGODB_INDEX_TYPE")?,
+                batch_linger: Duration::from_micros(read.number(
+                    "KOBE_BATCH_LINGER_US",
+                    0..=2000,
+                    "microseconds",
+                )?),
+                batch_max: read.number("KOBE_BATCH_MAX", 1..=10_000, "statements per command")?,
+            },
+            redis: RedisSettings {
+                url: read.url("REDIS_URL", &["redis", "rediss"])?,
+                prefix: read.name("KOBE_REDIS_PREFIX")?,
+                status_cache_ttl: read.millis("KOBE_STATUS_CACHE_TTL_MS")?,
+                result_ttl,
+            },
+            api: ApiSettings {
+                addr: http_addr,
+                max_body_bytes: read.number(
+                    "KOBE_MAX_BODY_BYTES",
+                    1024..=64 * 1024 * 1024,
+                    "a number of bytes",
+                )?,
+                bulk_max: read.number("KOBE_BULK_MAX", 1..=10_000, "a number of tasks")?,
+                rate_limit,
+                rate_window: read.millis("KOBE_RATE_WINDOW_MS")?,
+                tokens: Secret::new(api_tokens),
+                metrics_auth: read.flag("KOBE_METRICS_AUTH")?,
+            },
+            worker: WorkerSettings {
+                execution_lease,
+                max_deliveries: read.number(
+                    "KOBE_MAX_DELIVERIES",
+                    1..=u32::MAX,
+                    "a number of deliveries",
+                )?,
+                slot_wait: read.millis("KOBE_SLOT_WAIT_MS")?,
+                unknown_task_grace: read.millis_or_zero("KOBE_UNKNOWN_TASK_GRACE_MS")?,
+                retry,
+                task_retry: parse_task_retry(&read.value("KOBE_TASK_RETRY"))?,
+                log_payloads: read.flag("KOBE_LOG_PAYLOADS")?,
+            },
+            submit: SubmitSettings {
+                dedup_window: read.seconds("KOBE_DEDUP_WINDOW_S")?,
+                payload_inline_limit: read.number(
+                    "KOBE_PAYLOAD_INLINE_LIMIT",
+                    256..=8 * 1024 * 1024,
+                    "a number of bytes",
+                )?,
+                outbox_age: read.millis("KOBE_OUTBOX_AGE_MS")?,
+                outbox_interval: read.millis("KOBE_OUTBOX_INTERVAL_MS")?,
+            },
+            beat: BeatSettings {
+                enabled: read.flag("KOBE_BEAT")?,
+                lease: read.millis("KOBE_BEAT_LEASE_MS")?,
+            },
             log_level,
             log_format: read.parsed("KOBE_LOG_FORMAT")?,
-            amqp_prefix: read.name("KOBE_AMQP_PREFIX")?,
-            queue_kind: read.parsed("KOBE_QUEUE_TYPE")?,
-            quorum_delivery_limit: read.number(
-                "KOBE_QUORUM_DELIVERY_LIMIT",
-                1..=1_000_000_000,
-                "a number of deliveries",
-            )?,
-            redis_prefix: read.name("KOBE_REDIS_PREFIX")?,
-            publish_timeout: read.millis("KOBE_PUBLISH_TIMEOUT_MS")?,
-            publish_queue: read.number(
-                "KOBE_PUBLISH_QUEUE",
-                1..=1_000_000,
-                "a number of publishes",
-            )?,
             dependency_timeout: read.millis("KOBE_DEPENDENCY_TIMEOUT_MS")?,
-            task_routes: parse_routes(&read.value("KOBE_TASK_ROUTES"))?,
             shutdown_grace: read.seconds("KOBE_SHUTDOWN_GRACE")?,
-            dedup_window: read.seconds("KOBE_DEDUP_WINDOW_S")?,
-            payload_inline_limit: read.number(
-                "KOBE_PAYLOAD_INLINE_LIMIT",
-                256..=8 * 1024 * 1024,
-                "a number of bytes",
-            )?,
-            outbox_age: read.millis("KOBE_OUTBOX_AGE_MS")?,
-            outbox_interval: read.millis("KOBE_OUTBOX_INTERVAL_MS")?,
-            max_body_bytes: read.number(
-                "KOBE_MAX_BODY_BYTES",
-                1024..=64 * 1024 * 1024,
-                "a number of bytes",
-            )?,
-            bulk_max: read.number("KOBE_BULK_MAX", 1..=10_000, "a number of tasks")?,
-            status_cache_ttl: read.millis("KOBE_STATUS_CACHE_TTL_MS")?,
-            result_ttl,
-            rate_limit,
-            rate_window: read.millis("KOBE_RATE_WINDOW_MS")?,
-            api_tokens: Secret::new(api_tokens),
-            metrics_auth: read.flag("KOBE_METRICS_AUTH")?,
-            log_payloads: read.flag("KOBE_LOG_PAYLOADS")?,
-            retry,
-            task_retry: parse_task_retry(&read.value("KOBE_TASK_RETRY"))?,
-            execution_lease,
-            max_deliveries: read.number(
-                "KOBE_MAX_DELIVERIES",
-                1..=u32::MAX,
-                "a number of deliveries",
-            )?,
-            batch_linger: Duration::from_micros(read.number(
-                "KOBE_BATCH_LINGER_US",
-                0..=2000,
-                "microseconds",
-            )?),
-            batch_max: read.number("KOBE_BATCH_MAX", 1..=10_000, "statements per command")?,
-            slot_wait: read.millis("KOBE_SLOT_WAIT_MS")?,
-            unknown_task_grace: read.millis_or_zero("KOBE_UNKNOWN_TASK_GRACE_MS")?,
             tasks_file: read.optional("KOBE_TASKS_FILE").map(Into::into),
-            beat: read.flag("KOBE_BEAT")?,
-            beat_lease: read.millis("KOBE_BEAT_LEASE_MS")?,
         })
     }
 }
@@ -402,11 +459,11 @@ mod tests {
     #[test]
     fn defaults_match_the_local_stack() {
         let s = settings(&[]).unwrap();
-        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8000");
-        assert_eq!(s.mongodb_db, "kobe");
+        assert_eq!(s.api.addr.to_string(), "127.0.0.1:8000");
+        assert_eq!(s.mongo.db, "kobe");
         assert_eq!(s.log_format, LogFormat::Pretty);
-        assert_eq!(s.rabbitmq_url.expose(), default_of("RABBITMQ_URL"));
-        assert_eq!(s.amqp_prefix, "kobe");
+        assert_eq!(s.broker.url.expose(), default_of("RABBITMQ_URL"));
+        assert_eq!(s.broker.prefix, "kobe");
     }
 
     #[test]
@@ -456,8 +513,8 @@ mod tests {
     #[test]
     fn routes_parse_into_a_map() {
         let s = settings(&[("KOBE_TASK_ROUTES", "demo_long_io=io, other=bulk")]).unwrap();
-        assert_eq!(s.task_routes.get("demo_long_io").unwrap(), "io");
-        assert_eq!(s.task_routes.get("other").unwrap(), "bulk");
+        assert_eq!(s.broker.task_routes.get("demo_long_io").unwrap(), "io");
+        assert_eq!(s.broker.task_routes.get("other").unwrap(), "bulk");
     }
 
     #[test]
@@ -467,12 +524,12 @@ mod tests {
             "demo_long_io:max=5,base_ms=100,factor=3,cap_ms=2000; other:max=0",
         )])
         .unwrap();
-        let demo = &s.task_retry["demo_long_io"];
+        let demo = &s.worker.task_retry["demo_long_io"];
         assert_eq!(demo.max_retries, Some(5));
         assert_eq!(demo.base_delay, Some(Duration::from_millis(100)));
         assert_eq!(demo.factor, Some(3.0));
         assert_eq!(demo.max_delay, Some(Duration::from_secs(2)));
-        assert_eq!(s.task_retry["other"].max_retries, Some(0));
+        assert_eq!(s.worker.task_retry["other"].max_retries, Some(0));
         let err = settings(&[("KOBE_TASK_RETRY", "demo_long_io:tries=5")]).unwrap_err();
         assert_eq!(err.var, "KOBE_TASK_RETRY");
     }
@@ -480,7 +537,7 @@ mod tests {
     #[test]
     fn tokens_never_show_in_debug_output() {
         let s = settings(&[("KOBE_API_TOKENS", "a-very-long-secret-token")]).unwrap();
-        assert_eq!(s.api_tokens.expose().len(), 1);
+        assert_eq!(s.api.tokens.expose().len(), 1);
         assert!(!format!("{s:?}").contains("a-very-long-secret-token"));
     }
 

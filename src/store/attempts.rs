@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::batch::{Write, WriteOp};
 pub use super::task_leases::{Attempt, Origin};
-use super::tasks::{states, to_bson, TaskRepository, COLLECTION, PUBLISH_CONFIRMED};
+use super::tasks::{states, to_bson, DeadLetterState, PublishState, TaskRepository, COLLECTION};
 use super::StoreError;
 use crate::domain::TaskState;
 
@@ -51,11 +51,6 @@ impl Transition {
     }
 }
 
-/// `dead_letter` while the dead letter is owed.
-pub const DEAD_LETTER_PENDING: &str = "pending";
-/// `dead_letter` once the broker confirmed it.
-pub const DEAD_LETTER_SENT: &str = "sent";
-
 /// What an attempt recording an outcome holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holding {
@@ -76,13 +71,13 @@ fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, St
     let mut set = doc! {
         "state": transition.target().as_str(),
         "updated_at": now,
-        "publish_state": PUBLISH_CONFIRMED,
+        "publish_state": PublishState::Confirmed.as_str(),
     };
     match transition {
         Transition::Retry { root_cause, owed } => {
             set.insert("root_cause", root_cause);
             if *owed {
-                set.insert("publish_state", super::tasks::PUBLISH_PENDING);
+                set.insert("publish_state", PublishState::Pending.as_str());
             }
         }
         Transition::Success { result } => {
@@ -96,7 +91,7 @@ fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, St
             set.insert("finished_at", now);
             set.insert("root_cause", root_cause);
             if *dead_letter {
-                set.insert("dead_letter", DEAD_LETTER_PENDING);
+                set.insert("dead_letter", DeadLetterState::Pending.as_str());
             }
         }
         Transition::Revoked { root_cause } => {
@@ -182,8 +177,8 @@ impl TaskRepository {
         Write {
             collection: COLLECTION,
             op: WriteOp::Upsert {
-                filter: doc! {"_id": task_id, "dead_letter": DEAD_LETTER_PENDING},
-                update: doc! {"$set": {"dead_letter": DEAD_LETTER_SENT}},
+                filter: doc! {"_id": task_id, "dead_letter": DeadLetterState::Pending.as_str()},
+                update: doc! {"$set": {"dead_letter": DeadLetterState::Sent.as_str()}},
             },
             purpose: "dead_letter_sent",
         }
@@ -232,7 +227,7 @@ impl TaskRepository {
                 doc! {
                     "$set": {
                         "state": TaskState::Retry.as_str(),
-                        "publish_state": super::tasks::PUBLISH_PENDING,
+                        "publish_state": PublishState::Pending.as_str(),
                         "updated_at": now,
                         "deliveries": 0_i64,
                     },
@@ -328,42 +323,64 @@ impl TaskRepository {
                 None if closed => {}
                 Some(lease) if lease.closed == Some(TaskState::Revoked) => {}
                 Some(lease) if lease.is_open() => {
-                    self.leases.ask_to_stop(id, retries, &request).await?;
-                    // Kept on the task too: no retry is recorded after it.
-                    self.collection
-                        .update_one(
-                            doc! {"_id": id, "cancel_requested": null},
-                            doc! {"$set": {"cancel_requested": {"at": now, "by": by}}},
-                        )
-                        .await?;
+                    self.ask_running_to_stop(id, retries, &request).await?;
                     return Ok(Cancelled::Requested);
                 }
                 // Done: its outcome is being recorded; look again.
                 _ => continue,
             }
-            let revoked = self
-                .collection
-                .update_one(
-                    doc! {
-                        "_id": id,
-                        "retries": i64::from(retries),
-                        "state": {"$in": states(&[TaskState::Pending, TaskState::Retry, TaskState::Started])},
-                    },
-                    doc! {"$set": {
-                        "state": TaskState::Revoked.as_str(),
-                        "updated_at": now,
-                        "finished_at": now,
-                        "root_cause": format!("cancelled by {by} before it ran"),
-                        "cancel_requested": {"at": now, "by": by},
-                    }},
-                )
-                .await?;
-            if revoked.matched_count == 1 {
+            if self.revoke_unrun(id, retries, &request).await? {
                 return Ok(Cancelled::Revoked);
             }
         }
         Err(StoreError::Unavailable(crate::cause::Cause::new(
             "the task kept changing state while being cancelled; ask again",
         )))
+    }
+
+    /// Asks the running attempt `retries` of task `id` to stop, on its lease and on the task
+    /// (so no retry is recorded after it).
+    async fn ask_running_to_stop(
+        &self,
+        id: &str,
+        retries: u32,
+        request: &super::tasks::OperatorRequest,
+    ) -> Result<(), StoreError> {
+        self.leases.ask_to_stop(id, retries, request).await?;
+        self.collection
+            .update_one(
+                doc! {"_id": id, "cancel_requested": null},
+                doc! {"$set": {"cancel_requested": {"at": request.at, "by": &request.by}}},
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes task `id` while attempt `retries` has not run; `false` when it moved on.
+    async fn revoke_unrun(
+        &self,
+        id: &str,
+        retries: u32,
+        request: &super::tasks::OperatorRequest,
+    ) -> Result<bool, StoreError> {
+        let (now, by) = (request.at, &request.by);
+        let revoked = self
+            .collection
+            .update_one(
+                doc! {
+                    "_id": id,
+                    "retries": i64::from(retries),
+                    "state": {"$in": states(&[TaskState::Pending, TaskState::Retry, TaskState::Started])},
+                },
+                doc! {"$set": {
+                    "state": TaskState::Revoked.as_str(),
+                    "updated_at": now,
+                    "finished_at": now,
+                    "root_cause": format!("cancelled by {by} before it ran"),
+                    "cancel_requested": {"at": now, "by": by},
+                }},
+            )
+            .await?;
+        Ok(revoked.matched_count == 1)
     }
 }

@@ -255,28 +255,8 @@ pub async fn apply_with(
             db.create_collection(&spec.collection).await?;
         }
         if !missing.is_empty() {
-            let names: Vec<String> = missing.iter().map(|(name, _)| name.clone()).collect();
-            progress(Progress::Building {
-                collection: &spec.collection,
-                indexes: &names,
-            });
-            let indexes: Vec<Document> = missing
-                .into_iter()
-                .map(|(_, mut raw)| {
-                    if composite {
-                        raw.insert("enableCompositeTerm", true);
-                    }
-                    raw
-                })
-                .collect();
-            db.run_command(bson::doc! {"createIndexes": &spec.collection, "indexes": indexes})
-                .await?;
-            // What was made, as the engine lists it (a server setting may choose the type too).
-            let made = existing_indexes(db, &spec.collection).await?;
-            checked.extend(names.into_iter().map(|name| {
-                let is_composite = made.iter().any(|(m, c)| *c && index_name(m) == Some(&name));
-                (name, Change::Created, is_composite)
-            }));
+            let created = create(db, &spec.collection, missing, composite, &mut progress).await?;
+            checked.extend(created);
         }
         report(
             Outcome {
@@ -304,6 +284,41 @@ pub async fn apply_with(
         }
     }
     Ok(outcomes)
+}
+
+/// Builds the `missing` indexes of `collection` in one command, and says of each whether the
+/// engine made it composite (a server setting may choose the type too).
+async fn create(
+    db: &Database,
+    collection: &str,
+    missing: Vec<(String, Document)>,
+    composite: bool,
+    progress: &mut impl FnMut(Progress<'_>),
+) -> Result<Vec<(String, Change, bool)>, StoreError> {
+    let names: Vec<String> = missing.iter().map(|(name, _)| name.clone()).collect();
+    progress(Progress::Building {
+        collection,
+        indexes: &names,
+    });
+    let indexes: Vec<Document> = missing
+        .into_iter()
+        .map(|(_, mut raw)| {
+            if composite {
+                raw.insert("enableCompositeTerm", true);
+            }
+            raw
+        })
+        .collect();
+    db.run_command(bson::doc! {"createIndexes": collection, "indexes": indexes})
+        .await?;
+    let made = existing_indexes(db, collection).await?;
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let is_composite = made.iter().any(|(m, c)| *c && index_name(m) == Some(&name));
+            (name, Change::Created, is_composite)
+        })
+        .collect())
 }
 
 /// Indexes of the specs that are missing or differ, as `Collection.index` with the reason.

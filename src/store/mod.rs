@@ -13,6 +13,7 @@ pub mod lookup;
 pub mod migrations;
 pub mod payloads;
 pub mod search;
+pub mod shape;
 pub mod shards;
 pub mod task_leases;
 pub mod tasks;

@@ -96,7 +96,7 @@ impl TaskRepository {
             .flatten()
             .map(|last| Cursor {
                 updated_at_ms: last.updated_at.timestamp_millis(),
-                id: last.id.clone(),
+                id: last.id.to_string(),
             });
         Ok((tasks, next))
     }

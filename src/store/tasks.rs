@@ -16,7 +16,7 @@ use super::batch::{Write, WriteOp};
 pub use super::task_leases::OperatorRequest;
 use super::StoreError;
 use crate::cause::Cause;
-use crate::domain::{TaskId, TaskState};
+use crate::domain::{Priority, TaskId, TaskState};
 
 pub const COLLECTION: &str = "Tasks";
 
@@ -39,14 +39,30 @@ impl PublishState {
     }
 }
 
-pub(super) const PUBLISH_PENDING: &str = "pending";
-pub(super) const PUBLISH_CONFIRMED: &str = "confirmed";
+/// Whether a dead letter owed for a failed task has been published (`dead_letter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterState {
+    /// Owed and not yet confirmed: a redelivery that finds the task finished publishes it.
+    Pending,
+    /// The broker confirmed it.
+    Sent,
+}
+
+impl DeadLetterState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+        }
+    }
+}
 
 /// A task as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskDocument {
     #[serde(rename = "_id")]
-    pub id: String,
+    pub id: TaskId,
     pub task_name: String,
     pub state: TaskState,
     #[serde(default)]
@@ -60,7 +76,7 @@ pub struct TaskDocument {
     #[serde(default)]
     pub route: String,
     #[serde(default)]
-    pub priority: u8,
+    pub priority: Priority,
     /// Failed attempts so far.
     #[serde(default)]
     pub retries: u32,
@@ -83,18 +99,34 @@ pub struct TaskDocument {
     /// The task that spawned this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
-    /// Seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hard_time_limit: Option<f64>,
-    /// Seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub soft_time_limit: Option<f64>,
-    /// ISO 8601: not before.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eta: Option<String>,
-    /// ISO 8601: not after.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires: Option<String>,
+    /// Stored as seconds, as Celery gives it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "super::shape::seconds"
+    )]
+    pub hard_time_limit: Option<Duration>,
+    /// Stored as seconds, as Celery gives it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "super::shape::seconds"
+    )]
+    pub soft_time_limit: Option<Duration>,
+    /// Not before.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "super::shape::time"
+    )]
+    pub eta: Option<DateTime>,
+    /// Not after.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "super::shape::time"
+    )]
+    pub expires: Option<DateTime>,
     /// `pending` until the broker confirmed the message, then `confirmed`. The outbox sweeper
     /// publishes what stays `pending`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,9 +146,9 @@ pub struct TaskDocument {
     /// Times the current attempt was started (a redelivery after a crash starts it again).
     #[serde(default)]
     pub deliveries: u32,
-    /// `pending` while a dead letter owed for this task is unconfirmed, then `sent`.
+    /// Whether a dead letter owed for this task is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dead_letter: Option<String>,
+    pub dead_letter: Option<DeadLetterState>,
     /// Each rerun by an operator (`kobe task retry`, `kobe dlq replay`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replays: Vec<OperatorRequest>,
@@ -131,14 +163,14 @@ impl TaskDocument {
     pub fn pending(id: &TaskId, task_name: &str, route: &str) -> Self {
         let now = DateTime::now();
         Self {
-            id: id.to_string(),
+            id: id.clone(),
             task_name: task_name.to_owned(),
             state: TaskState::Pending,
             args: Vec::new(),
             kwargs: Map::new(),
             payload_ref: None,
             route: route.to_owned(),
-            priority: 0,
+            priority: Priority::default(),
             retries: 0,
             created_at: now,
             updated_at: now,
@@ -377,10 +409,10 @@ impl TaskRepository {
             .update_many(
                 doc! {
                     "_id": {"$in": ids},
-                    "publish_state": PUBLISH_PENDING,
+                    "publish_state": PublishState::Pending.as_str(),
                     "state": {"$in": [TaskState::Pending.as_str(), TaskState::Retry.as_str()]},
                 },
-                doc! {"$set": {"publish_state": PUBLISH_CONFIRMED}, "$unset": {"outbox_claim_until": ""}},
+                doc! {"$set": {"publish_state": PublishState::Confirmed.as_str()}, "$unset": {"outbox_claim_until": ""}},
             )
             .await?;
         Ok(())
@@ -401,7 +433,7 @@ impl TaskRepository {
             .collection
             .find_one_and_update(
                 doc! {
-                    "publish_state": PUBLISH_PENDING,
+                    "publish_state": PublishState::Pending.as_str(),
                     "$and": [
                         // A new task, or a retry whose next attempt a worker could not confirm.
                         {"$or": [
@@ -429,14 +461,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn publish_states_are_stored_as_the_filters_write_them() {
+    fn states_are_stored_as_the_filters_write_them() {
         for state in [PublishState::Pending, PublishState::Confirmed] {
             assert_eq!(
                 bson::to_bson(&state).unwrap(),
                 Bson::String(state.as_str().to_owned())
             );
         }
-        assert_eq!(PublishState::Pending.as_str(), PUBLISH_PENDING);
-        assert_eq!(PublishState::Confirmed.as_str(), PUBLISH_CONFIRMED);
+        for state in [DeadLetterState::Pending, DeadLetterState::Sent] {
+            assert_eq!(
+                bson::to_bson(&state).unwrap(),
+                Bson::String(state.as_str().to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn a_document_an_earlier_version_wrote_still_reads() {
+        let written = bson::doc! {
+            "_id": "t1", "task_name": "demo", "state": "PENDING",
+            "created_at": DateTime::now(), "updated_at": DateTime::now(),
+            "priority": 3, "hard_time_limit": 2.5,
+            "eta": "2030-01-02T03:04:05.678Z", "expires": "2030-01-02T03:04:05.678",
+            "dead_letter": "pending",
+        };
+        let task: TaskDocument = bson::from_document(written).unwrap();
+        assert_eq!(task.id, "t1");
+        assert_eq!(task.priority.value(), 3);
+        assert_eq!(task.hard_time_limit, Some(Duration::from_millis(2500)));
+        let at = DateTime::parse_rfc3339_str("2030-01-02T03:04:05.678Z").unwrap();
+        assert_eq!((task.eta, task.expires), (Some(at), Some(at)));
+        assert_eq!(task.dead_letter, Some(DeadLetterState::Pending));
+        let again: TaskDocument = bson::from_document(bson::to_document(&task).unwrap()).unwrap();
+        assert_eq!(again, task);
+        assert_eq!(
+            bson::to_document(&task).unwrap().get("eta"),
+            Some(&Bson::DateTime(at))
+        );
     }
 }

@@ -40,9 +40,8 @@ pub fn overlay(task: &mut TaskDocument, lease: &AttemptLease) {
 
 /// A task known only by its running attempt's lease.
 fn from_lease(lease: &AttemptLease) -> TaskDocument {
-    let id = TaskId::parse(&lease.task_id).unwrap_or_else(|_| TaskId::generate());
+    let id = TaskId::stored(lease.task_id.clone());
     let mut task = TaskDocument::pending(&id, &lease.task_name, "");
-    task.id = lease.task_id.clone();
     task.retries = lease.retries;
     task.created_at = lease.started_at;
     task.updated_at = lease.started_at;
@@ -85,7 +84,7 @@ impl TaskRepository {
             .collect();
         let open = self.leases.open_for(&waiting).await?;
         for task in tasks.iter_mut() {
-            if let Some(lease) = open.get(&task.id) {
+            if let Some(lease) = open.get(task.id.as_str()) {
                 overlay(task, lease);
             }
         }

@@ -8,7 +8,10 @@
 //! submissions share one `insert` command, and each caller still waits for its own document. The
 //! "confirmed" marks are batched too, one `update` for hundreds of tasks.
 
+mod message;
+mod once;
 pub mod outbox;
+mod refuse;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,13 +20,11 @@ use mongodb::bson::DateTime;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use crate::amqp::wire::PAYLOAD_HEADER;
-use crate::amqp::{AmqpError, Outgoing, Publisher, TaskMessage, Topology};
-use crate::domain::{Fingerprint, Priority, TaskId};
+use crate::amqp::{AmqpError, Publisher, Topology};
+use crate::domain::{Priority, TaskId};
 use crate::store::batch::{BatchWriter, Written};
-use crate::store::dedup::{Claim, DedupEntry};
 use crate::store::payloads::reference_value;
-use crate::store::tasks::{Recorded, Refusal};
+use crate::store::tasks::Refusal;
 use crate::store::{
     Cache, DedupRepository, PayloadRepository, StoreError, TaskDocument, TaskRepository,
 };
@@ -35,18 +36,7 @@ const MARK_BATCH: usize = 500;
 /// ...gathered for at most this long once the first one arrives.
 const MARK_WINDOW: Duration = Duration::from_millis(20);
 
-/// A fingerprint claimed this long ago whose task was never recorded belongs to a submission
-/// that died between the two (or whose insert is very late): it is taken over, after its task id
-/// is closed so that the late insert is refused. Longer than a group-commit command may take
-/// (10 s), so a live submission is normally not overtaken at all.
-const GHOST_GRACE: Duration = Duration::from_secs(15);
-
-/// Tries of [`TaskRepository::refuse`] while the caller waits, before it goes on in the background.
-const REFUSE_TRIES: u32 = 3;
-/// How long one try may take.
-const REFUSE_BOUND: Duration = Duration::from_secs(2);
-/// How long the background goes on trying to refuse a submission already answered 503.
-const REFUSE_BACKGROUND: Duration = Duration::from_secs(600);
+pub use once::Submitted;
 
 /// A task to submit.
 #[derive(Debug, Clone)]
@@ -104,27 +94,18 @@ pub enum SubmitError {
 
 /// A submission that was not accepted, and whether it is settled that its task never runs
 /// (`false`: MongoDB did not let the submitter close it yet; it goes on trying).
-struct NotAccepted {
-    error: SubmitError,
-    settled: bool,
+pub(super) struct NotAccepted {
+    pub(super) error: SubmitError,
+    pub(super) settled: bool,
 }
 
 impl NotAccepted {
-    fn settled(error: SubmitError) -> Self {
+    pub(super) fn settled(error: SubmitError) -> Self {
         Self {
             error,
             settled: true,
         }
     }
-}
-
-/// What became of a submission with a dedup fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Submitted {
-    /// Recorded and confirmed: a new task.
-    Accepted,
-    /// An earlier submission with the same fingerprint created this task (it exists).
-    Duplicate { task_id: String },
 }
 
 /// Records and publishes tasks.
@@ -240,7 +221,7 @@ impl Submitter {
     }
 
     /// [`Submitter::submit`], saying on refusal whether the task is known never to run.
-    async fn submit_settled(&self, task: NewTask) -> Result<(), NotAccepted> {
+    pub(super) async fn submit_settled(&self, task: NewTask) -> Result<(), NotAccepted> {
         let root_id = task.root_id.clone();
         let document = self.prepare(task).await.map_err(NotAccepted::settled)?;
         let inserted = self.insert(&document).await;
@@ -273,126 +254,6 @@ impl Submitter {
             Err(error) => return Err(NotAccepted::settled(error)),
         }
         self.publish_document(&document, root_id).await
-    }
-
-    /// Settles that a submission about to be answered "not accepted" never runs; `Some(Taken)`
-    /// when a worker has it already (the submission is accepted after all). When MongoDB does not
-    /// answer within a few tries the caller is answered at once and the tries go on in the
-    /// background (`None`), well before the outbox would look at the task.
-    async fn refuse(&self, document: &TaskDocument, cause: String) -> Option<Refusal> {
-        let mut pause = Duration::from_millis(100);
-        for _ in 0..REFUSE_TRIES {
-            match refuse_within(&self.tasks, &document.id, &document.task_name, &cause).await {
-                Ok(refusal) => return Some(refusal),
-                Err(error) => {
-                    tracing::warn!(error = %error, "cannot close the refused submission yet")
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause *= 3;
-        }
-        let tasks = self.tasks.clone();
-        let (id, name) = (document.id.clone(), document.task_name.clone());
-        tokio::spawn(async move {
-            let until = tokio::time::Instant::now() + REFUSE_BACKGROUND;
-            while tokio::time::Instant::now() < until {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                match refuse_within(&tasks, &id, &name, &cause).await {
-                    Ok(Refusal::NotRun) => {
-                        tracing::info!(task_id = %id, "the refused submission is closed");
-                        return;
-                    }
-                    Ok(Refusal::Taken) => {
-                        tracing::error!(task_id = %id, "a submission answered 503 was taken by a worker before it could be closed; it runs");
-                        return;
-                    }
-                    Err(_) => {}
-                }
-            }
-            tracing::error!(task_id = %id, "cannot close a refused submission; the outbox may still publish it");
-        });
-        None
-    }
-
-    /// Submits a task at most once per `fingerprint` within `window`: the first submission
-    /// creates it, later ones are pointed at it — only once it exists, so nobody is pointed at a
-    /// task that 404s. A claim whose task never appeared (its submitter died) is taken over after
-    /// a short grace.
-    #[tracing::instrument(name = "submit.dedup", skip_all, fields(task_id = %task.id, task = %task.task_name))]
-    pub async fn submit_once(
-        &self,
-        task: NewTask,
-        fingerprint: &Fingerprint,
-        window: Duration,
-    ) -> Result<Submitted, SubmitError> {
-        let entry = DedupEntry::new(fingerprint.as_str(), task.id.as_str(), window);
-        let mut pause = Duration::from_millis(10);
-        loop {
-            match self.writer.write(self.dedup.claim_write(&entry)?).await? {
-                Written::Applied => break,
-                Written::Refused => {}
-            }
-            match self.dedup.holder(fingerprint.as_str()).await? {
-                Claim::Free => continue,
-                Claim::Held {
-                    task_id,
-                    claimed_at,
-                } => {
-                    match self.tasks.recorded(&task_id).await? {
-                        Some(Recorded::Live) => return Ok(Submitted::Duplicate { task_id }),
-                        // Its submission was not accepted and it never runs: the key is free.
-                        Some(Recorded::Refused) => {
-                            if self.dedup.take_over(&task_id, &entry).await? {
-                                break;
-                            }
-                            continue;
-                        }
-                        None => {}
-                    }
-                    let age = DateTime::now().timestamp_millis() - claimed_at.timestamp_millis();
-                    if age > GHOST_GRACE.as_millis() as i64 {
-                        // Its insert may still be on its way: close the id first, so that it
-                        // can never land beside the task that takes the key over.
-                        let tombstone = self.tasks.tombstone_write(
-                            &task_id,
-                            &task.task_name,
-                            "not accepted: its submission never recorded it, and an identical one took its dedup key",
-                        );
-                        if self.writer.write(tombstone).await? == Written::Refused {
-                            continue; // recorded after all: look again
-                        }
-                        if self.dedup.take_over(&task_id, &entry).await? {
-                            tracing::warn!(ghost_task_id = %task_id, "took over a dedup claim whose task was never recorded");
-                            break;
-                        }
-                        continue;
-                    }
-                    // The first submission is between its claim and its record: wait for it.
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(200));
-                }
-            }
-        }
-        match self.submit_settled(task).await {
-            Ok(()) => Ok(Submitted::Accepted),
-            // Not accepted, but it may still run (MongoDB did not let us close it): the key stays
-            // its, so a retry is pointed at it and learns how it ends.
-            Err(NotAccepted {
-                error,
-                settled: false,
-            }) => Err(error),
-            Err(NotAccepted { error, .. }) => {
-                // Not accepted, so the next identical submission must be free to try again.
-                if let Err(e) = self
-                    .dedup
-                    .release(fingerprint.as_str(), &entry.task_id)
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot release the dedup fingerprint");
-                }
-                Err(error)
-            }
-        }
     }
 
     /// Submits a task spawned by a running task. Spawning is idempotent: a retried parent spawns
@@ -432,15 +293,14 @@ impl Submitter {
     /// `RawPayload` already.
     async fn prepare(&self, task: NewTask) -> Result<TaskDocument, SubmitError> {
         let mut document = TaskDocument::pending(&task.id, &task.task_name, &task.route);
-        document.priority = task.priority.value();
+        document.priority = task.priority;
         document.trace_id = Some(task.trace.trace_id_hex());
         document.traceparent = Some(task.trace.to_string());
         document.parent_id = task.parent_id.clone();
-        // The document and the message keep Celery's forms: seconds, and RFC 3339 text.
-        document.hard_time_limit = task.hard_time_limit.map(|d| d.as_secs_f64());
-        document.soft_time_limit = task.soft_time_limit.map(|d| d.as_secs_f64());
-        document.eta = task.eta.map(rfc3339);
-        document.expires = task.expires.map(rfc3339);
+        document.hard_time_limit = task.hard_time_limit;
+        document.soft_time_limit = task.soft_time_limit;
+        document.eta = task.eta;
+        document.expires = task.expires;
 
         let size = serde_json::to_vec(&task.args).map_or(0, |v| v.len())
             + serde_json::to_vec(&task.kwargs).map_or(0, |v| v.len());
@@ -478,7 +338,7 @@ impl Submitter {
             .map_err(NotAccepted::settled)?;
         let error = match self.publisher.publish(outgoing).await {
             Ok(()) => {
-                let _ = self.confirmed.send(document.id.clone());
+                let _ = self.confirmed.send(document.id.to_string());
                 return Ok(());
             }
             Err(error) => error,
@@ -499,7 +359,7 @@ impl Submitter {
                     .with_label_values(&["accepted"])
                     .inc();
                 tracing::info!(task_id = %document.id, error = %error, "the confirm was lost, but a worker has taken the task: accepted");
-                let _ = self.confirmed.send(document.id.clone());
+                let _ = self.confirmed.send(document.id.to_string());
                 Ok(())
             }
             None => {
@@ -523,93 +383,11 @@ impl Submitter {
             .publish(outgoing)
             .await
             .map_err(SubmitError::NotPublished)?;
-        if let Err(e) = self
-            .tasks
-            .mark_published(std::slice::from_ref(&document.id))
-            .await
-        {
+        if let Err(e) = self.tasks.mark_published(&[document.id.to_string()]).await {
             tracing::warn!(error = %e, "cannot mark the republished task confirmed");
         }
         Ok(())
     }
-
-    fn message(
-        &self,
-        document: &TaskDocument,
-        root_id: Option<String>,
-    ) -> Result<Outgoing, SubmitError> {
-        let id =
-            TaskId::parse(&document.id).map_err(|_| SubmitError::InvalidId(document.id.clone()))?;
-        let (args, kwargs) = match &document.payload_ref {
-            Some(_) => (Vec::new(), Map::new()),
-            None => (document.args.clone(), document.kwargs.clone()),
-        };
-        let mut message = TaskMessage::new(id, &document.task_name, args, kwargs);
-        message.priority = Priority::new(i64::from(document.priority)).unwrap_or_default();
-        message.traceparent = document.traceparent.clone();
-        message.parent_id = document.parent_id.clone();
-        if root_id.is_some() {
-            message.root_id = root_id;
-        }
-        message.hard_time_limit = document.hard_time_limit;
-        message.soft_time_limit = document.soft_time_limit;
-        message.eta = document.eta.clone();
-        message.expires = document.expires.clone();
-        // A replayed task's next attempt (0 for a task never run).
-        message.retries = document.retries;
-        let mut headers = message.headers();
-        if let Some(reference) = &document.payload_ref {
-            headers.insert(
-                PAYLOAD_HEADER.into(),
-                amiquip::AmqpValue::LongString(reference.clone()),
-            );
-        }
-        let outgoing = Outgoing {
-            exchange: self.topology.tasks_exchange(),
-            // A task first recorded by a worker (a Celery client's) has no route of its own.
-            routing_key: match document.route.as_str() {
-                "" => self.topology.route_of(&document.task_name).to_owned(),
-                route => route.to_owned(),
-            },
-            body: message.body(),
-            properties: message.properties().with_headers(headers),
-        };
-        // A countdown or ETA: wait in the delay queues, not in the task queue.
-        let eta = document
-            .eta
-            .as_deref()
-            .and_then(|eta| DateTime::parse_rfc3339_str(eta).ok());
-        let wait = eta.map(|eta| eta.timestamp_millis() - DateTime::now().timestamp_millis());
-        Ok(match wait {
-            Some(wait) if wait > 0 => self
-                .topology
-                .delayed(outgoing, Duration::from_millis(wait as u64)),
-            _ => outgoing,
-        })
-    }
-}
-
-/// [`TaskRepository::refuse`], bounded in time: a MongoDB that does not answer must not hold up
-/// the caller's answer.
-async fn refuse_within(
-    tasks: &TaskRepository,
-    id: &str,
-    task_name: &str,
-    cause: &str,
-) -> Result<Refusal, StoreError> {
-    tokio::time::timeout(REFUSE_BOUND, tasks.refuse(id, task_name, cause))
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                format!("no answer within {REFUSE_BOUND:?}").into(),
-            ))
-        })
-}
-
-/// A time as the message carries it (millisecond precision, UTC).
-fn rfc3339(time: DateTime) -> String {
-    time.try_to_rfc3339_string()
-        .unwrap_or_else(|_| time.timestamp_millis().to_string())
 }
 
 /// Marks confirmed tasks in batches: under load one `updateMany` covers hundreds of tasks.

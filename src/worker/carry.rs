@@ -608,7 +608,7 @@ mod tests {
     #[tokio::test]
     async fn a_task_that_still_owes_its_dead_letter_is_paid_then_acked() {
         let mut owing = task(TaskState::Failure);
-        owing.dead_letter = Some(crate::store::attempts::DEAD_LETTER_PENDING.into());
+        owing.dead_letter = Some(crate::store::tasks::DeadLetterState::Pending);
         let fake = Fake::new()
             .storing([Stored::Refused])
             .publishing([Published::Failed, Published::Confirmed])

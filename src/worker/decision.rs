@@ -24,6 +24,7 @@ use serde_json::Value;
 use crate::domain::TaskState;
 use crate::store::attempts::Transition;
 use crate::store::task_leases::AttemptLease;
+use crate::store::tasks::DeadLetterState;
 use crate::store::TaskDocument;
 use crate::tasks::RetryPolicy;
 
@@ -392,7 +393,7 @@ pub fn on_arrival(message: &crate::amqp::TaskMessage, now: i64) -> Verdict {
 /// owing its dead letter), moved on to a later attempt, or cancelled. `None`: nothing.
 pub fn on_task(task: &TaskDocument, retries: u32) -> Option<Verdict> {
     if task.state.is_final() {
-        if task.dead_letter.as_deref() == Some(crate::store::attempts::DEAD_LETTER_PENDING) {
+        if task.dead_letter == Some(DeadLetterState::Pending) {
             return Some(Verdict::Dispose(Disposal::PayDeadLetter {
                 cause: task.root_cause.clone(),
             }));
@@ -790,7 +791,7 @@ mod tests {
         );
         assert_eq!(on_task(&stored(TaskState::Retry, 1), 1), None);
         let mut owing = stored(TaskState::Failure, 0);
-        owing.dead_letter = Some(crate::store::attempts::DEAD_LETTER_PENDING.into());
+        owing.dead_letter = Some(DeadLetterState::Pending);
         owing.root_cause = Some("bad".into());
         assert_eq!(
             on_task(&owing, 0),

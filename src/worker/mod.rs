@@ -2,7 +2,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | `pipeline` | one delivery's life up to its outcome: checks, the execution lease, running |
+//! | `pipeline` | one delivery's life up to its outcome: checks, the claim, running |
+//! | `supervise` | a running handler watched against its lease |
 //! | [`decision`] | what a copy meets before running, and what each outcome means: pure, tested alone |
 //! | `carry` | carrying decisions out, the only place a delivery is settled; its effects behind a trait |
 //! | `effects` | the worker's effects: record, publish, settle, release, look |
@@ -26,6 +27,7 @@ mod job;
 mod pause;
 mod pipeline;
 pub mod spawner;
+mod supervise;
 mod upkeep;
 
 use std::collections::BTreeMap;

@@ -23,7 +23,7 @@ use tokio::sync::SemaphorePermit;
 use tracing::Instrument;
 
 use super::carry::{self, duplicate};
-use super::decision::{self, Disposal, Happened, Outcome, Verdict, UNKNOWN_TASK_WAIT};
+use super::decision::{self, Disposal, Happened, Verdict, UNKNOWN_TASK_WAIT};
 use super::execute::{panic_message, Limits, Running};
 use super::job::{AttemptCell, Job, Next};
 use super::Worker;
@@ -132,59 +132,17 @@ impl Worker {
             duplicate("lost_connection");
             return;
         }
-        let attempt = Attempt::new(message.id.as_str(), &message.task, message.retries)
-            .with_origin(Origin {
-                args: message.args.clone(),
-                kwargs: message.kwargs.clone(),
-                route: self
-                    .topology
-                    .route_for_key(&delivery.routing_key)
-                    .to_owned(),
-                priority: message.priority.value(),
-            });
+        let attempt = self.attempt_of(delivery, &message);
         let task = self.registry.get(&message.task);
-        let verdict = match &task {
-            Some(_) => decision::on_arrival(&message, DateTime::now().timestamp_millis()),
-            None => {
-                let hops = delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| wire::integer(h, wire::UNKNOWN_HOPS_HEADER))
-                    .unwrap_or(0);
-                let most = (self.config.unknown_task_grace.as_millis()
-                    / UNKNOWN_TASK_WAIT.as_millis()) as i64;
-                if hops < most {
-                    tracing::warn!(
-                        hops,
-                        "a task this worker does not know; handing it on for a worker that does"
-                    );
-                }
-                decision::on_unknown(&message.task, hops, most)
-            }
-        };
+        let verdict = self.on_arrival(delivery, &message, task.is_some());
         let (Some(task), Verdict::Takeable) = (task, &verdict) else {
             let job = Job::new(delivery, attempt).reading(&message);
             return self.follow(job, verdict).await;
         };
         // The arguments come before the claim: a task is never started without them.
-        if let Some(reference) = wire::payload_reference(&delivery.properties) {
-            match self.payloads.get(&reference).await {
-                Ok(Some(value)) => {
-                    message.args = value["args"].as_array().cloned().unwrap_or_default();
-                    message.kwargs = value["kwargs"].as_object().cloned().unwrap_or_default();
-                }
-                Ok(None) => {
-                    let job = Job::new(delivery, attempt).reading(&message);
-                    return self
-                        .conclude(job, Happened::PayloadMissing(reference))
-                        .await;
-                }
-                Err(error) => {
-                    let job = Job::new(delivery, attempt);
-                    return carry::dispose(self, &job, Disposal::Outage(error.to_string())).await;
-                }
-            }
+        if let Err(verdict) = self.load_arguments(delivery, &mut message).await {
+            let job = Job::new(delivery, attempt).reading(&message);
+            return self.follow(job, verdict).await;
         }
         if self.config.log_payloads {
             tracing::info!(args = ?message.args, kwargs = ?message.kwargs, "task starting");
@@ -218,6 +176,62 @@ impl Worker {
                 Next::Settled => return,
                 Next::Retake => continue,
             }
+        }
+    }
+
+    /// The attempt a message asks for, with what a document its claim creates needs.
+    fn attempt_of(&self, delivery: &Delivery, message: &TaskMessage) -> Attempt {
+        Attempt::new(message.id.as_str(), &message.task, message.retries).with_origin(Origin {
+            args: message.args.clone(),
+            kwargs: message.kwargs.clone(),
+            route: self
+                .topology
+                .route_for_key(&delivery.routing_key)
+                .to_owned(),
+            priority: message.priority.value(),
+        })
+    }
+
+    /// What the message says against running it here and now, before anything is looked up.
+    fn on_arrival(&self, delivery: &Delivery, message: &TaskMessage, known: bool) -> Verdict {
+        if known {
+            return decision::on_arrival(message, DateTime::now().timestamp_millis());
+        }
+        let hops = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| wire::integer(h, wire::UNKNOWN_HOPS_HEADER))
+            .unwrap_or(0);
+        let most =
+            (self.config.unknown_task_grace.as_millis() / UNKNOWN_TASK_WAIT.as_millis()) as i64;
+        if hops < most {
+            tracing::warn!(
+                hops,
+                "a task this worker does not know; handing it on for a worker that does"
+            );
+        }
+        decision::on_unknown(&message.task, hops, most)
+    }
+
+    /// Puts arguments kept in `RawPayload` (too large for the message) back into it; the verdict
+    /// when they cannot be had.
+    async fn load_arguments(
+        &self,
+        delivery: &Delivery,
+        message: &mut TaskMessage,
+    ) -> Result<(), Verdict> {
+        let Some(reference) = wire::payload_reference(&delivery.properties) else {
+            return Ok(());
+        };
+        match self.payloads.get(&reference).await {
+            Ok(Some(value)) => {
+                message.args = value["args"].as_array().cloned().unwrap_or_default();
+                message.kwargs = value["kwargs"].as_object().cloned().unwrap_or_default();
+                Ok(())
+            }
+            Ok(None) => Err(Verdict::Conclude(Happened::PayloadMissing(reference))),
+            Err(error) => Err(Verdict::Dispose(Disposal::Outage(error.to_string()))),
         }
     }
 
@@ -430,72 +444,6 @@ impl Worker {
         }
     }
 
-    /// Waits for a claimed attempt's handler while the worker's lease keeper renews its lease.
-    /// When the lease is lost (another attempt took the task) the handler is stopped at once;
-    /// when it cannot be renewed (MongoDB does not answer) the handler is told to stop and then
-    /// stopped, before the lease can lapse and another worker take the task over — one must
-    /// never run beside the other. The hard time limit holds meanwhile.
-    async fn supervise(&self, job: &Job<'_>, mut running: Running, claimed_at: Instant) -> Next {
-        let lease = self.config.lease;
-        let margin = lease.mul_f64(LEASE_MARGIN);
-        let (registration, mut trust) = self.active.register(
-            &job.attempt,
-            running.cancel(),
-            claimed_at + lease.saturating_sub(margin),
-        );
-        let outcome = loop {
-            let now = *trust.borrow_and_update();
-            if now.lost {
-                tracing::warn!(
-                    ran_ms = running.elapsed().as_millis() as u64,
-                    "lease lost to another attempt; stopping this one"
-                );
-                drop(running);
-                drop(registration);
-                carry::dispose(self, job, Disposal::Duplicate("lease_lost")).await;
-                return Next::Settled;
-            }
-            tokio::select! {
-                outcome = running.outcome() => break outcome,
-                changed = trust.changed() => {
-                    if changed.is_err() {
-                        // Unregistered: cannot happen while we hold the registration.
-                        break running.outcome().await;
-                    }
-                }
-                () = tokio::time::sleep_until(now.until.into()) => {
-                    if trust.borrow().until > Instant::now() {
-                        continue;
-                    }
-                    tracing::error!(
-                        ran_ms = running.elapsed().as_millis() as u64,
-                        "cannot renew the execution lease (MongoDB does not answer); stopping the handler before another worker may take the task over"
-                    );
-                    // Half the margin to stop in; the rest covers clocks and the store's delay.
-                    let stop_by = Instant::now() + margin / 2;
-                    running.stop_for_lease();
-                    let stopped = tokio::time::timeout_at(stop_by.into(), running.outcome()).await;
-                    match stopped {
-                        // It finished anyway: record it (under the lease, if still ours).
-                        Ok(outcome @ Outcome::Success(_)) => break outcome,
-                        _ => {
-                            drop(running);
-                            drop(registration);
-                            metrics().lease_abandoned.inc();
-                            // Back to the queue after the outage pause; the release is bounded,
-                            // and the lease lapses by itself if MongoDB still does not answer.
-                            let away = Disposal::Outage("the lease cannot be renewed".into());
-                            carry::dispose(self, job, away).await;
-                            return Next::Settled;
-                        }
-                    }
-                }
-            }
-        };
-        drop(registration);
-        Next::Conclude(Happened::Ran(outcome))
-    }
-
     fn invocation(&self, message: &TaskMessage) -> Invocation {
         Invocation {
             task_id: message.id.clone(),
@@ -518,8 +466,3 @@ type Claimed = (
     DateTime,
     Option<mongodb::bson::Document>,
 );
-
-/// The share of the execution lease a worker does not count on: it stops a handler whose lease
-/// it could not renew this long before the lease ends (for the 30 s default, 5 s: workers'
-/// clocks must agree within about half of it).
-pub const LEASE_MARGIN: f64 = 1.0 / 6.0;

@@ -31,12 +31,12 @@ impl Worker {
 
     /// Renews the leases of every attempt running here, in one command a tick (every third of
     /// the lease; sooner after a failed renewal). Each attempt trusts its lease until
-    /// [`LEASE_MARGIN`](super::pipeline::LEASE_MARGIN) of it is left from the last renewal *sent* that held it; an
+    /// [`LEASE_MARGIN`](super::supervise::LEASE_MARGIN) of it is left from the last renewal *sent* that held it; an
     /// attempt whose lease another took is told at once.
     pub(super) async fn keep_leases(self: Arc<Self>) {
         let lease = self.config.lease;
         let every = lease / 3;
-        let margin = lease.mul_f64(super::pipeline::LEASE_MARGIN);
+        let margin = lease.mul_f64(super::supervise::LEASE_MARGIN);
         let mut wait = every;
         loop {
             tokio::time::sleep(wait).await;

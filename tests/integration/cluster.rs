@@ -64,7 +64,7 @@ async fn with_quorum_queues_every_task_queue_is_quorum_and_retries_and_delays_ar
     let task = env.wait_final(&delayed, Duration::from_secs(20)).await;
     assert_eq!((task.state, task.retries), (TaskState::Success, 0));
 
-    let prefix = env.settings.amqp_prefix.clone();
+    let prefix = env.settings.broker.prefix.clone();
     let types = queue_types(&prefix);
     assert_eq!(types.len(), env.topology.all_queues().len(), "{types:?}");
     assert!(types.iter().all(|(_, kind)| kind == "quorum"), "{types:?}");
@@ -72,7 +72,7 @@ async fn with_quorum_queues_every_task_queue_is_quorum_and_retries_and_delays_ar
 
     // A classic deployment pointed at these queues is told why it cannot declare them.
     let classic = kobe::amqp::Topology::new(&prefix, QueueKind::Classic, Default::default());
-    let url = env.settings.rabbitmq_url.clone();
+    let url = env.settings.broker.url.clone();
     let refused = tokio::task::spawn_blocking(move || {
         kobe::amqp::check_topology(&url, &classic, Duration::from_secs(5))
     })
@@ -101,7 +101,7 @@ async fn priorities_on_quorum_queues_follow_the_broker_version() {
         env.publish_message(&publisher, &message).await;
         ids.push(message.id.to_string());
     }
-    let url = env.settings.rabbitmq_url.clone();
+    let url = env.settings.broker.url.clone();
     let major = tokio::task::spawn_blocking(move || broker_major_version(&url))
         .await
         .unwrap();

@@ -578,11 +578,11 @@ async fn the_kobe_binary_runs_a_declared_task_on_its_own_route_and_refuses_a_bad
     serve.stop();
     // The route the file added is not in the test's own topology: remove its queue here.
     let with_route = kobe::amqp::Topology::new(
-        &env.settings.amqp_prefix,
-        env.settings.queue_kind,
+        &env.settings.broker.prefix,
+        env.settings.broker.queue_kind,
         [("shout".to_owned(), "loud".to_owned())].into(),
     );
-    kobe::amqp::delete_topology(&env.settings.rabbitmq_url, &with_route).unwrap();
+    kobe::amqp::delete_topology(&env.settings.broker.url, &with_route).unwrap();
 
     std::fs::write(&file, "[[task]]\nname = \"shout\"\nkind = \"command\"\n").unwrap();
     let output = env

@@ -361,7 +361,7 @@ async fn on_channel<T: Send + 'static>(
     env: &TestEnv,
     f: impl FnOnce(&amiquip::Channel) -> T + Send + 'static,
 ) -> T {
-    let url = env.settings.rabbitmq_url.clone();
+    let url = env.settings.broker.url.clone();
     tokio::task::spawn_blocking(move || {
         let mut connection = kobe::amqp::connect(&url, Duration::from_secs(5)).expect("connect");
         let channel = connection.open_channel(None).expect("channel");
@@ -407,7 +407,7 @@ async fn a_message_the_broker_nacks_is_a_503_and_the_task_never_runs() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
     // A second queue on the route that takes nothing and refuses publishes: the broker nacks.
-    let full = format!("{}.full", env.settings.amqp_prefix);
+    let full = format!("{}.full", env.settings.broker.prefix);
     let exchange = env.topology.tasks_exchange();
     let declared = full.clone();
     on_channel(&env, move |channel| {

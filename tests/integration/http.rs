@@ -452,7 +452,10 @@ async fn a_countdown_delays_the_start_and_an_expired_task_never_runs() {
     assert_eq!(task.state, kobe::domain::TaskState::Success);
     let waited = task.started_at.unwrap().timestamp_millis() - task.created_at.timestamp_millis();
     assert!(waited >= 1500, "started after {waited} ms");
-    assert_eq!(task.hard_time_limit, Some(10.0));
+    assert_eq!(
+        task.hard_time_limit,
+        Some(std::time::Duration::from_secs(10))
+    );
 
     // A message whose expiry passed while it waited is dropped as FAILURE, never run.
     let publisher = env.publisher();

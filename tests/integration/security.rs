@@ -279,7 +279,7 @@ async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end()
         ("KOBE_API_TOKENS", "another-token-0123456789"),
         ("KOBE_REDIS_PREFIX", env.vars["KOBE_REDIS_PREFIX"].as_str()),
         ("KOBE_AMQP_PREFIX", env.vars["KOBE_AMQP_PREFIX"].as_str()),
-        ("MONGODB_DB", env.settings.mongodb_db.as_str()),
+        ("MONGODB_DB", env.settings.mongo.db.as_str()),
     ])
     .await;
     let other = rotated.spawn_api_unready().await;

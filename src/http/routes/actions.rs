@@ -113,7 +113,7 @@ pub async fn retry(
         .map_err(ApiError::store)?
     {
         Rerun::Published(task) => Ok(HttpResponse::Accepted().json(Retried {
-            task_id: task.id.clone(),
+            task_id: task.id.to_string(),
             attempt: task.retries.saturating_add(1),
         })),
         Rerun::NotFailed(task_state) => Err(ApiError::Conflict(format!(

@@ -56,7 +56,7 @@ pub struct TaskSummary {
 impl TaskSummary {
     pub fn of(task: &TaskDocument) -> Self {
         Self {
-            task_id: task.id.clone(),
+            task_id: task.id.to_string(),
             task_name: task.task_name.clone(),
             state: task.state,
             retries: task.retries,

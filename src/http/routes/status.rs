@@ -87,7 +87,7 @@ pub struct TaskStatus {
 
 fn status_of(task: &TaskDocument) -> TaskStatus {
     TaskStatus {
-        task_id: task.id.clone(),
+        task_id: task.id.to_string(),
         task_name: task.task_name.clone(),
         state: task.state,
         ready: task.state.is_final(),

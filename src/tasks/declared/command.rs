@@ -18,7 +18,7 @@ use std::process::Stdio;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::{excerpt, field, FieldError};
+use super::fields::{excerpt, field, FieldError};
 use crate::config::Secret;
 use crate::tasks::{HandlerResult, Invocation, TaskError};
 

@@ -32,7 +32,8 @@ use hmac::{KeyInit, Mac};
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use serde_json::Value;
 
-use super::{excerpt, field, FieldError};
+use super::destinations::{destinations, GuardedResolver};
+use super::fields::{excerpt, field, FieldError};
 use crate::config::{redact_url, Secret};
 use crate::tasks::{HandlerResult, Invocation, TaskError};
 
@@ -65,97 +66,6 @@ fn unix_seconds() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Whether `ip` is of the kinds a request is kept from unless declared: loopback, link-local
-/// (169.254.0.0/16 holds cloud metadata services), unspecified.
-fn guarded(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| guarded(v4.into()))
-        }
-    }
-}
-
-/// A network written `address/prefix` (or one address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Network {
-    address: std::net::IpAddr,
-    prefix: u8,
-}
-
-impl Network {
-    fn parse(text: &str) -> Option<Self> {
-        let (address, prefix) = match text.trim().split_once('/') {
-            Some((address, prefix)) => (address.parse().ok()?, Some(prefix.parse::<u8>().ok()?)),
-            None => (text.trim().parse().ok()?, None),
-        };
-        let most = match address {
-            std::net::IpAddr::V4(_) => 32,
-            std::net::IpAddr::V6(_) => 128,
-        };
-        let prefix = prefix.unwrap_or(most);
-        (prefix <= most).then_some(Self { address, prefix })
-    }
-
-    fn contains(&self, ip: std::net::IpAddr) -> bool {
-        let bits = |ip: std::net::IpAddr| -> (u128, u32) {
-            match ip {
-                std::net::IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
-                std::net::IpAddr::V6(v6) => (u128::from(v6), 128),
-            }
-        };
-        let ((net, width), (addr, other)) = (bits(self.address), bits(ip));
-        if width != other {
-            return false;
-        }
-        let shift = width - u32::from(self.prefix);
-        shift >= width || (net >> shift) == (addr >> shift)
-    }
-}
-
-/// Where an http task may connect: not to loopback or link-local addresses (unless its URL
-/// names one), not into `deny_networks`, and only into `allow_networks` when it lists any.
-#[derive(Debug, Clone, Default)]
-struct Destinations {
-    local_allowed: bool,
-    allow: Vec<Network>,
-    deny: Vec<Network>,
-}
-
-impl Destinations {
-    fn permits(&self, ip: std::net::IpAddr) -> bool {
-        (self.local_allowed || !guarded(ip))
-            && !self.deny.iter().any(|n| n.contains(ip))
-            && (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(ip)))
-    }
-}
-
-/// Resolves host names as the system does, keeping the addresses [`Destinations`] permits.
-struct GuardedResolver(std::sync::Arc<Destinations>);
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_owned();
-        let destinations = self.0.clone();
-        Box::pin(async move {
-            let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|addr| destinations.permits(addr.ip()))
-                .collect();
-            if found.is_empty() {
-                return Err(format!(
-                    "{host} resolves to no address this task may reach (loopback and link-local only when its URL names them, allow_networks, deny_networks)"
-                )
-                .into());
-            }
-            Ok(Box::new(found.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
 }
 
 /// A declared HTTP call.
@@ -195,6 +105,97 @@ fn expand(value: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String
     Ok(out)
 }
 
+/// How long the other side asks to wait before trying again (`Retry-After` in seconds).
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// A redirect the call does not follow: a permanent failure naming where it pointed.
+fn not_followed(target: &str, response: &reqwest::Response) -> TaskError {
+    let to = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(redact_url)
+        .unwrap_or_else(|| "nowhere".into());
+    TaskError::Permanent(format!(
+        "{target} answered {}, a redirect to {to}: not followed (an http task stays where it was declared; follow_redirects = \"same-origin\" follows redirects to its own origin)",
+        response.status()
+    ))
+}
+
+/// The declared headers, `${VAR}` expanded; their values are secrets.
+fn parse_headers(
+    headers: &BTreeMap<String, String>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(HeaderName, Secret<HeaderValue>)>, FieldError> {
+    let mut parsed = Vec::new();
+    for (name, value) in headers {
+        let at = format!("headers.{name}");
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| field(&at, "not a valid header name"))?;
+        let value = expand(value, lookup).map_err(|reason| field(&at, reason))?;
+        let value =
+            HeaderValue::from_str(&value).map_err(|_| field(&at, "not a valid header value"))?;
+        parsed.push((header, Secret::new(value)));
+    }
+    Ok(parsed)
+}
+
+/// The secret the request body is signed with, from the variable the task names.
+fn signing_secret(
+    secret_variable: Option<&str>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, FieldError> {
+    let variable = secret_variable.unwrap_or(DEFAULT_SECRET_VARIABLE);
+    let secret = lookup(variable).filter(|s| !s.is_empty()).ok_or_else(|| {
+        field(
+            "signing_secret_env",
+            format!("the variable {variable} is not set: it holds the secret the request body is signed with"),
+        )
+    })?;
+    if secret.len() < 16 {
+        return Err(field(
+            "signing_secret_env",
+            format!("the secret in {variable} needs at least 16 characters"),
+        ));
+    }
+    Ok(secret)
+}
+
+/// Which redirects the call follows: none, or those to the URL's own origin.
+fn redirect_policy(
+    follow_redirects: Option<&str>,
+    url: &reqwest::Url,
+) -> Result<reqwest::redirect::Policy, FieldError> {
+    Ok(match follow_redirects {
+        None | Some("none") => reqwest::redirect::Policy::none(),
+        Some("same-origin") => {
+            let origin = url.origin();
+            reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() > MAX_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else if attempt.url().origin() == origin {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            })
+        }
+        Some(other) => {
+            return Err(field(
+                "follow_redirects",
+                format!("expected \"none\" or \"same-origin\", got `{other}`"),
+            ))
+        }
+    })
+}
+
 impl HttpCall {
     pub(super) fn new(
         url: &str,
@@ -216,84 +217,10 @@ impl HttpCall {
                     ),
                 )
             })?;
-        let mut parsed = Vec::new();
-        for (name, value) in headers {
-            let at = format!("headers.{name}");
-            let header = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| field(&at, "not a valid header name"))?;
-            let value = expand(value, lookup).map_err(|reason| field(&at, reason))?;
-            let value = HeaderValue::from_str(&value)
-                .map_err(|_| field(&at, "not a valid header value"))?;
-            parsed.push((header, Secret::new(value)));
-        }
-        let variable = secret_variable.unwrap_or(DEFAULT_SECRET_VARIABLE);
-        let secret = lookup(variable).filter(|s| !s.is_empty()).ok_or_else(|| {
-            field(
-                "signing_secret_env",
-                format!("the variable {variable} is not set: it holds the secret the request body is signed with"),
-            )
-        })?;
-        if secret.len() < 16 {
-            return Err(field(
-                "signing_secret_env",
-                format!("the secret in {variable} needs at least 16 characters"),
-            ));
-        }
-        let redirects = match follow_redirects {
-            None | Some("none") => reqwest::redirect::Policy::none(),
-            Some("same-origin") => {
-                let origin = url.origin();
-                reqwest::redirect::Policy::custom(move |attempt| {
-                    if attempt.previous().len() > MAX_REDIRECTS {
-                        attempt.error("too many redirects")
-                    } else if attempt.url().origin() == origin {
-                        attempt.follow()
-                    } else {
-                        attempt.stop()
-                    }
-                })
-            }
-            Some(other) => {
-                return Err(field(
-                    "follow_redirects",
-                    format!("expected \"none\" or \"same-origin\", got `{other}`"),
-                ))
-            }
-        };
-        // A host declared as loopback or link-local may be reached; otherwise no name may
-        // lead there.
-        let declared_local = match url.host() {
-            Some(url::Host::Ipv4(ip)) => guarded(ip.into()),
-            Some(url::Host::Ipv6(ip)) => guarded(ip.into()),
-            Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-            None => false,
-        };
-        let parse = |list: &[String], at: &str| {
-            list.iter()
-                .map(|text| {
-                    Network::parse(text).ok_or_else(|| {
-                        field(at, format!("`{text}` is not an address or address/prefix"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let destinations = Destinations {
-            local_allowed: declared_local,
-            allow: parse(networks.0, "allow_networks")?,
-            deny: parse(networks.1, "deny_networks")?,
-        };
-        // An address in the URL is never resolved: check it now.
-        let literal = match url.host() {
-            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::from(ip)),
-            Some(url::Host::Ipv6(ip)) => Some(ip.into()),
-            _ => None,
-        };
-        if let Some(ip) = literal.filter(|ip| !destinations.permits(*ip)) {
-            return Err(field(
-                "url",
-                format!("{ip} is outside allow_networks or inside deny_networks"),
-            ));
-        }
+        let parsed = parse_headers(headers, lookup)?;
+        let secret = signing_secret(secret_variable, lookup)?;
+        let redirects = redirect_policy(follow_redirects, &url)?;
+        let destinations = destinations(&url, networks)?;
         install_tls_provider();
         let client = reqwest::Client::builder()
             .user_agent(concat!("kobe/", env!("CARGO_PKG_VERSION")))
@@ -312,14 +239,14 @@ impl HttpCall {
     }
 
     /// One attempt: the request, and what its answer means.
-    pub(super) async fn run(
+    /// The signed request: its idempotency key is the task id, the signature covers the
+    /// timestamp and the body.
+    fn request(
         &self,
         invocation: &Invocation,
-        body: &Value,
+        body: &[u8],
         limit: Duration,
-    ) -> HandlerResult {
-        let body = serde_json::to_vec(body)
-            .map_err(|e| TaskError::Permanent(format!("cannot encode the request: {e}")))?;
+    ) -> reqwest::RequestBuilder {
         let timestamp = unix_seconds();
         let mut request = self
             .client
@@ -330,7 +257,7 @@ impl HttpCall {
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(
                 SIGNATURE_HEADER,
-                signature(self.secret.expose(), timestamp, &body),
+                signature(self.secret.expose(), timestamp, body),
             );
         if let Some(traceparent) = &invocation.traceparent {
             request = request.header("traceparent", traceparent);
@@ -338,10 +265,22 @@ impl HttpCall {
         for (name, value) in &self.headers {
             request = request.header(name, value.expose().clone());
         }
+        request.body(body.to_vec())
+    }
+
+    pub(super) async fn run(
+        &self,
+        invocation: &Invocation,
+        body: &Value,
+        limit: Duration,
+    ) -> HandlerResult {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| TaskError::Permanent(format!("cannot encode the request: {e}")))?;
+        let request = self.request(invocation, &body, limit);
         let target = redact_url(self.url.as_str());
         let mut cancel = invocation.cancel.clone();
         let sent = tokio::select! {
-            sent = request.body(body).send() => sent,
+            sent = request.send() => sent,
             // The other side may still act on the request: it has the idempotency key.
             () = cancel.raised() => {
                 return Err(TaskError::Permanent(format!(
@@ -364,22 +303,9 @@ impl HttpCall {
             }
         };
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(&response);
         if status.is_redirection() {
-            let to = response
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .map(redact_url)
-                .unwrap_or_else(|| "nowhere".into());
-            return Err(TaskError::Permanent(format!(
-                "{target} answered {status}, a redirect to {to}: not followed (an http task stays where it was declared; follow_redirects = \"same-origin\" follows redirects to its own origin)"
-            )));
+            return Err(not_followed(&target, &response));
         }
         let text = read_capped(response, limit).await?;
         if status.is_success() {
@@ -472,55 +398,6 @@ mod tests {
             expected,
             "another time, another signature"
         );
-    }
-
-    #[test]
-    fn networks_allow_and_deny_what_they_name() {
-        let net = |t: &str| Network::parse(t).unwrap();
-        let ip = |t: &str| t.parse::<std::net::IpAddr>().unwrap();
-        assert!(net("10.0.0.0/8").contains(ip("10.200.1.1")));
-        assert!(!net("10.0.0.0/8").contains(ip("11.0.0.1")));
-        assert!(net("0.0.0.0/0").contains(ip("93.184.216.34")));
-        assert!(net("192.168.1.7").contains(ip("192.168.1.7")));
-        assert!(!net("192.168.1.7").contains(ip("192.168.1.8")));
-        assert!(net("2001:db8::/32").contains(ip("2001:db8:1::5")));
-        assert!(!net("2001:db8::/32").contains(ip("10.0.0.1")));
-        assert!(Network::parse("10.0.0.0/33").is_none());
-        assert!(Network::parse("ten").is_none());
-        let only_private = Destinations {
-            local_allowed: false,
-            allow: vec![net("10.0.0.0/8")],
-            deny: vec![net("10.9.0.0/16")],
-        };
-        assert!(only_private.permits(ip("10.1.2.3")));
-        assert!(
-            !only_private.permits(ip("10.9.2.3")),
-            "denied within the allowed"
-        );
-        assert!(
-            !only_private.permits(ip("93.184.216.34")),
-            "outside the allowed"
-        );
-        assert!(!only_private.permits(ip("127.0.0.1")));
-        assert!(Destinations::default().permits(ip("93.184.216.34")));
-        assert!(!Destinations::default().permits(ip("169.254.169.254")));
-    }
-
-    #[test]
-    fn loopback_and_link_local_addresses_are_guarded() {
-        for ip in [
-            "127.0.0.1",
-            "169.254.169.254",
-            "::1",
-            "fe80::1",
-            "0.0.0.0",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(guarded(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["10.1.2.3", "93.184.216.34", "2001:db8::1"] {
-            assert!(!guarded(ip.parse().unwrap()), "{ip}");
-        }
     }
 
     #[test]

@@ -35,18 +35,22 @@
 //! ```
 
 pub mod command;
+mod destinations;
+mod entry;
+pub(crate) mod fields;
 pub mod http;
+mod schedule;
+mod task;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
-use super::{HandlerResult, InvalidInput, Invocation, KwargsSchema, RetryPolicy, Task, TaskFuture};
-use crate::domain::{Priority, MAX_TIME_LIMIT};
+use entry::{build, Entry};
+use schedule::{build_schedule, ScheduleEntry};
+pub use task::{DeclaredTask, Knobs};
 
 /// What is wrong with a tasks file, and where.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -70,159 +74,11 @@ struct File {
     schedule: Vec<ScheduleEntry>,
 }
 
-/// One `[[schedule]]` table as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScheduleEntry {
-    name: String,
-    task: String,
-    every: Option<u64>,
-    cron: Option<String>,
-    timezone: Option<String>,
-    #[serde(default)]
-    kwargs: toml::value::Table,
-    queue: Option<String>,
-    missed: Option<String>,
-}
-
 /// What a tasks file declares.
 #[derive(Debug, Default)]
 pub struct Declared {
     pub tasks: Vec<Arc<DeclaredTask>>,
     pub schedules: Vec<crate::domain::schedule::Schedule>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum Kind {
-    Http,
-    Command,
-}
-
-/// One `[[task]]` table as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Entry {
-    name: String,
-    kind: Kind,
-    url: Option<String>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-    signing_secret_env: Option<String>,
-    follow_redirects: Option<String>,
-    #[serde(default)]
-    allow_networks: Vec<String>,
-    #[serde(default)]
-    deny_networks: Vec<String>,
-    argv: Option<Vec<String>>,
-    #[serde(default)]
-    env: Vec<String>,
-    cwd: Option<PathBuf>,
-    max_output_bytes: Option<usize>,
-    route: Option<String>,
-    priority: Option<u8>,
-    max_retries: Option<u32>,
-    retry_base_ms: Option<u64>,
-    retry_factor: Option<f64>,
-    retry_max_delay_ms: Option<u64>,
-    time_limit_s: Option<f64>,
-    soft_time_limit_s: Option<f64>,
-    kwargs_schema: Option<toml::Value>,
-}
-
-/// The knobs every declared task has.
-#[derive(Debug, Clone)]
-pub struct Knobs {
-    pub name: &'static str,
-    pub route: Option<String>,
-    pub priority: Option<Priority>,
-    pub retry: RetryPolicy,
-    pub time_limit: Duration,
-    pub soft_time_limit: Option<Duration>,
-    pub kwargs_schema: Option<KwargsSchema>,
-}
-
-/// How a declared task does its work.
-#[derive(Debug)]
-enum Runner {
-    Http(http::HttpCall),
-    Command(command::Program),
-}
-
-/// A task read from a tasks file.
-#[derive(Debug)]
-pub struct DeclaredTask {
-    knobs: Knobs,
-    runner: Arc<Runner>,
-}
-
-impl DeclaredTask {
-    /// An HTTP call's request times out at `time_limit_s`; the worker's hard limit comes this
-    /// much later, so an overrunning request ends as a timeout, which is retried.
-    const HTTP_GRACE: Duration = Duration::from_secs(1);
-}
-
-impl Task for DeclaredTask {
-    fn name(&self) -> &'static str {
-        self.knobs.name
-    }
-
-    fn kind(&self) -> &'static str {
-        match *self.runner {
-            Runner::Http(_) => "http",
-            Runner::Command(_) => "command",
-        }
-    }
-
-    fn route(&self) -> Option<&str> {
-        self.knobs.route.as_deref()
-    }
-
-    fn priority(&self) -> Option<Priority> {
-        self.knobs.priority
-    }
-
-    fn kwargs_schema(&self) -> Option<&KwargsSchema> {
-        self.knobs.kwargs_schema.as_ref()
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        self.knobs.retry
-    }
-
-    fn time_limit(&self) -> Duration {
-        match *self.runner {
-            Runner::Http(_) => self.knobs.time_limit + Self::HTTP_GRACE,
-            Runner::Command(_) => self.knobs.time_limit,
-        }
-    }
-
-    fn soft_time_limit(&self) -> Option<Duration> {
-        self.knobs.soft_time_limit
-    }
-
-    fn run(&self, invocation: Invocation) -> TaskFuture {
-        let runner = self.runner.clone();
-        let knobs = self.knobs.clone();
-        Box::pin(async move {
-            let body = serde_json::json!({
-                "task_id": invocation.task_id.as_str(),
-                "task_name": knobs.name,
-                "attempt": invocation.attempt,
-                "args": invocation.args,
-                "kwargs": invocation.kwargs,
-            });
-            let result: HandlerResult = match &*runner {
-                Runner::Http(call) => call.run(&invocation, &body, knobs.time_limit).await,
-                Runner::Command(program) => program.run(invocation, &body).await,
-            };
-            result
-        })
-    }
-
-    fn validate(&self, _args: &[Value], _kwargs: &Map<String, Value>) -> Result<(), InvalidInput> {
-        Ok(())
-    }
 }
 
 /// Reads and checks a tasks file; `lookup` resolves `${VAR}` references and secrets.
@@ -302,226 +158,15 @@ fn header_lines(text: &str, header: &str) -> Vec<usize> {
         .collect()
 }
 
-/// The longest `every`: a year.
-const MAX_EVERY_S: u64 = 366 * 24 * 3600;
-
-fn build_schedule(entry: ScheduleEntry) -> Result<crate::domain::schedule::Schedule, FieldError> {
-    use crate::domain::schedule::{parse_offset, Cron, Missed, Schedule, When};
-    check_name("name", &entry.name)?;
-    if entry.task.is_empty() {
-        return Err(field("task", "name the task to run"));
-    }
-    if let Some(queue) = &entry.queue {
-        check_name("queue", queue)?;
-    }
-    let when = match (entry.every, entry.cron) {
-        (Some(_), Some(_)) => return Err(field("every", "give `every` or `cron`, not both")),
-        (None, None) => return Err(field("every", "give `every` (seconds) or `cron`")),
-        (Some(every), None) => {
-            if entry.timezone.is_some() {
-                return Err(field(
-                    "timezone",
-                    "only with `cron`: `every` slots are multiples of the period since the epoch",
-                ));
-            }
-            if every == 0 || every > MAX_EVERY_S {
-                return Err(field(
-                    "every",
-                    format!("expected seconds from 1 to {MAX_EVERY_S}"),
-                ));
-            }
-            When::Every(every)
-        }
-        (None, Some(cron)) => {
-            let expression = Cron::parse(&cron).map_err(|reason| field("cron", reason))?;
-            let timezone = entry.timezone.ok_or_else(|| {
-                field(
-                    "timezone",
-                    "required with `cron`: \"UTC\" or a fixed offset such as \"+02:00\"",
-                )
-            })?;
-            let offset_s = parse_offset(&timezone).map_err(|reason| field("timezone", reason))?;
-            When::Cron {
-                expression,
-                offset_s,
-            }
-        }
-    };
-    let missed = entry
-        .missed
-        .as_deref()
-        .map(str::parse::<Missed>)
-        .transpose()
-        .map_err(|reason| field("missed", reason))?
-        .unwrap_or(Missed::CatchUpOne);
-    let kwargs =
-        match serde_json::to_value(entry.kwargs).map_err(|e| field("kwargs", e.to_string()))? {
-            Value::Object(map) => map,
-            _ => return Err(field("kwargs", "expected a table")),
-        };
-    Ok(Schedule {
-        name: entry.name,
-        task: entry.task,
-        when,
-        kwargs,
-        route: entry.queue,
-        missed,
-    })
-}
-
-type FieldError = (String, String);
-
-fn field(name: &str, reason: impl Into<String>) -> FieldError {
-    (name.to_owned(), reason.into())
-}
-
-/// Names become metric labels, queue names and routing keys: keep them to a safe alphabet.
-fn check_name(field_name: &str, value: &str) -> Result<(), FieldError> {
-    crate::domain::check_safe_name(value).map_err(|reason| field(field_name, reason))
-}
-
-fn seconds(field_name: &str, value: f64) -> Result<Duration, FieldError> {
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|d| !d.is_zero() && *d <= MAX_TIME_LIMIT)
-        .ok_or_else(|| {
-            field(
-                field_name,
-                format!(
-                    "expected seconds above 0 and at most {}",
-                    MAX_TIME_LIMIT.as_secs()
-                ),
-            )
-        })
-}
-
-fn build(
-    entry: Entry,
-    lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<DeclaredTask, FieldError> {
-    check_name("name", &entry.name)?;
-    if let Some(route) = &entry.route {
-        check_name("route", route)?;
-    }
-    let priority = entry
-        .priority
-        .map(|p| Priority::new(i64::from(p)).map_err(|reason| field("priority", reason)))
-        .transpose()?;
-    let defaults = RetryPolicy::default();
-    let retry = RetryPolicy {
-        max_retries: entry.max_retries.unwrap_or(defaults.max_retries),
-        base_delay: entry
-            .retry_base_ms
-            .map(Duration::from_millis)
-            .unwrap_or(defaults.base_delay),
-        factor: match entry.retry_factor {
-            Some(f) if f.is_finite() && f >= 1.0 => f,
-            Some(_) => return Err(field("retry_factor", "expected a number of at least 1")),
-            None => defaults.factor,
-        },
-        max_delay: entry
-            .retry_max_delay_ms
-            .map(Duration::from_millis)
-            .unwrap_or(defaults.max_delay),
-    };
-    let time_limit = seconds("time_limit_s", entry.time_limit_s.unwrap_or(300.0))?;
-    let soft_time_limit = entry
-        .soft_time_limit_s
-        .map(|s| seconds("soft_time_limit_s", s))
-        .transpose()?;
-    if soft_time_limit.is_some_and(|soft| soft >= time_limit) {
-        return Err(field("soft_time_limit_s", "must be below time_limit_s"));
-    }
-    let kwargs_schema = entry
-        .kwargs_schema
-        .map(|schema| {
-            let json =
-                serde_json::to_value(schema).map_err(|e| field("kwargs_schema", e.to_string()))?;
-            KwargsSchema::new(json).map_err(|reason| field("kwargs_schema", reason))
-        })
-        .transpose()?;
-    let name: &'static str = Box::leak(entry.name.into_boxed_str());
-    let knobs = Knobs {
-        name,
-        route: entry.route,
-        priority,
-        retry,
-        time_limit,
-        soft_time_limit,
-        kwargs_schema,
-    };
-    let only = |present: bool, name: &str, kind: &str| {
-        if present {
-            Err(field(name, format!("only for kind = \"{kind}\"")))
-        } else {
-            Ok(())
-        }
-    };
-    let runner = match entry.kind {
-        Kind::Http => {
-            only(entry.argv.is_some(), "argv", "command")?;
-            only(!entry.env.is_empty(), "env", "command")?;
-            only(entry.cwd.is_some(), "cwd", "command")?;
-            only(
-                entry.max_output_bytes.is_some(),
-                "max_output_bytes",
-                "command",
-            )?;
-            let url = entry
-                .url
-                .ok_or_else(|| field("url", "required for kind = \"http\""))?;
-            Runner::Http(http::HttpCall::new(
-                &url,
-                &entry.headers,
-                entry.signing_secret_env.as_deref(),
-                entry.follow_redirects.as_deref(),
-                (&entry.allow_networks, &entry.deny_networks),
-                lookup,
-            )?)
-        }
-        Kind::Command => {
-            only(entry.url.is_some(), "url", "http")?;
-            only(!entry.headers.is_empty(), "headers", "http")?;
-            only(entry.follow_redirects.is_some(), "follow_redirects", "http")?;
-            only(!entry.allow_networks.is_empty(), "allow_networks", "http")?;
-            only(!entry.deny_networks.is_empty(), "deny_networks", "http")?;
-            only(
-                entry.signing_secret_env.is_some(),
-                "signing_secret_env",
-                "http",
-            )?;
-            let argv = entry
-                .argv
-                .ok_or_else(|| field("argv", "required for kind = \"command\""))?;
-            Runner::Command(command::Program::new(
-                argv,
-                &entry.env,
-                entry.cwd,
-                entry.max_output_bytes,
-                lookup,
-            )?)
-        }
-    };
-    Ok(DeclaredTask {
-        knobs,
-        runner: Arc::new(runner),
-    })
-}
-
-/// The first `limit` characters of `text`, marked when cut.
-pub(crate) fn excerpt(text: &str, limit: usize) -> String {
-    let mut chars = text.chars();
-    let head: String = chars.by_ref().take(limit).collect();
-    if chars.next().is_some() {
-        format!("{head}…")
-    } else {
-        head
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    use serde_json::Map;
+
+    use crate::domain::Priority;
+    use crate::tasks::Task;
 
     fn env(name: &str) -> Option<String> {
         match name {

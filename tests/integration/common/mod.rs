@@ -121,8 +121,8 @@ impl TestEnv {
         let settings =
             Settings::from_lookup(|k| vars.get(k).cloned()).expect("test settings are valid");
         let db = kobe::store::connect(
-            &settings.mongodb_uri,
-            &settings.mongodb_db,
+            &settings.mongo.uri,
+            &settings.mongo.db,
             Duration::from_secs(5),
         )
         .await
@@ -165,7 +165,7 @@ impl TestEnv {
         let state = commands::serve::state(&self.settings, registry)
             .await
             .expect("app state");
-        let app = Application::build(state, self.settings.http_addr, Duration::from_secs(5))
+        let app = Application::build(state, self.settings.api.addr, Duration::from_secs(5))
             .expect("bind");
         let port = app.port();
         let handle = app.handle();
@@ -276,7 +276,7 @@ impl Drop for TestEnv {
                     }
                 });
             }
-            if let Err(e) = kobe::amqp::delete_topology(&settings.rabbitmq_url, &topology) {
+            if let Err(e) = kobe::amqp::delete_topology(&settings.broker.url, &topology) {
                 eprintln!("cleanup of {}: {e}", topology.tasks_exchange());
             }
         })
@@ -376,7 +376,7 @@ impl TestApi {
 
 pub struct TestWorker {
     stop: Option<oneshot::Sender<()>>,
-    join: JoinHandle<anyhow::Result<()>>,
+    join: JoinHandle<anyhow::Result<kobe::commands::Ended>>,
 }
 
 impl TestWorker {
@@ -441,9 +441,9 @@ impl TestEnv {
     /// come out of the first publish's confirm budget.
     pub fn publisher(&self) -> kobe::amqp::Publisher {
         let publisher = kobe::amqp::Publisher::start(
-            &self.settings.rabbitmq_url,
+            &self.settings.broker.url,
             self.topology.clone(),
-            self.settings.publish_timeout,
+            self.settings.broker.publish_timeout,
         )
         .expect("publisher");
         let deadline = std::time::Instant::now() + startup_deadline();
@@ -498,7 +498,7 @@ impl TestEnv {
 
     /// Takes every message now in `queue` (acking them).
     pub async fn drain(&self, queue: String) -> Vec<QueuedMessage> {
-        let url = self.settings.rabbitmq_url.clone();
+        let url = self.settings.broker.url.clone();
         tokio::task::spawn_blocking(move || {
             let mut connection =
                 kobe::amqp::connect(&url, Duration::from_secs(5)).expect("connect");
@@ -523,7 +523,7 @@ impl TestEnv {
 
     /// Messages ready in `queue`, as the broker reports them.
     pub async fn queue_depth(&self, queue: String) -> Option<u32> {
-        let url = self.settings.rabbitmq_url.clone();
+        let url = self.settings.broker.url.clone();
         tokio::task::spawn_blocking(move || {
             let mut connection = kobe::amqp::connect(&url, Duration::from_secs(5)).ok()?;
             let channel = connection.open_channel(None).ok()?;

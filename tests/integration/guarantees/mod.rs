@@ -193,9 +193,9 @@ async fn a_backlog_of_long_tasks_runs_each_once_and_a_wait_is_no_delivery() {
 async fn an_idle_and_a_busy_worker_come_back_after_their_broker_connections_are_reset() {
     // The idle worker consumes a route of its own, so it has nothing to do when the fault comes.
     let env = TestEnv::with(&[("KOBE_TASK_ROUTES", "idle_task=idle")]).await;
-    let proxy = Proxy::start(&address_of(&env.settings.rabbitmq_url)).await;
+    let proxy = Proxy::start(&address_of(&env.settings.broker.url)).await;
     let mut settings = env.settings.clone();
-    settings.rabbitmq_url = through(&proxy, &env.settings.rabbitmq_url);
+    settings.broker.url = through(&proxy, &env.settings.broker.url);
     let runs: Runs = Runs::default();
     let busy = env.spawn_worker_with_settings(
         settings.clone(),
@@ -328,9 +328,9 @@ async fn workers_come_back_after_their_broker_node_is_killed_and_restarted() {
 async fn a_worker_cut_off_from_mongodb_stops_its_handler_before_another_can_take_the_task() {
     // The fixture's 3 s lease: renewed every second, trusted for 2.5 s.
     let env = TestEnv::new().await;
-    let proxy = Proxy::start(&address_of(&env.settings.mongodb_uri)).await;
+    let proxy = Proxy::start(&address_of(&env.settings.mongo.uri)).await;
     let mut cut_off = env.settings.clone();
-    cut_off.mongodb_uri = through(&proxy, &env.settings.mongodb_uri);
+    cut_off.mongo.uri = through(&proxy, &env.settings.mongo.uri);
     let runs: Runs = Runs::default();
     let a = env.spawn_worker_with_settings(
         cut_off,
@@ -393,9 +393,9 @@ async fn a_worker_cut_off_from_mongodb_stops_its_handler_before_another_can_take
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hard_time_limit_holds_while_mongodb_does_not_answer() {
     let env = TestEnv::new().await;
-    let proxy = Proxy::start(&address_of(&env.settings.mongodb_uri)).await;
+    let proxy = Proxy::start(&address_of(&env.settings.mongo.uri)).await;
     let mut cut_off = env.settings.clone();
-    cut_off.mongodb_uri = through(&proxy, &env.settings.mongodb_uri);
+    cut_off.mongo.uri = through(&proxy, &env.settings.mongo.uri);
     let runs: Runs = Runs::default();
     let mut stubborn = Recorded::new("limited_task", "a", 20_000, &runs);
     stubborn.ignore_stop = true;

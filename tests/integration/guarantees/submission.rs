@@ -22,10 +22,10 @@ async fn submitter_through(
     publisher: kobe::amqp::Publisher,
 ) -> (Submitter, kobe::store::TaskRepository) {
     let mut settings = env.settings.clone();
-    settings.mongodb_uri = through(mongo, &env.settings.mongodb_uri);
+    settings.mongo.uri = through(mongo, &env.settings.mongo.uri);
     let db = kobe::store::connect(
-        &settings.mongodb_uri,
-        &settings.mongodb_db,
+        &settings.mongo.uri,
+        &settings.mongo.db,
         Duration::from_secs(5),
     )
     .await
@@ -68,7 +68,7 @@ async fn wait_refused(env: &TestEnv, id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_whose_answer_is_lost_is_a_503_and_never_runs_when_it_lands_late() {
     let env = TestEnv::new().await;
-    let mongo = Proxy::start(&address_of(&env.settings.mongodb_uri)).await;
+    let mongo = Proxy::start(&address_of(&env.settings.mongo.uri)).await;
     let (submitter, _) = submitter_through(&env, &mongo, env.publisher()).await;
     let task = new_task();
     let id = task.id.to_string();
@@ -89,10 +89,10 @@ async fn an_insert_whose_answer_is_lost_is_a_503_and_never_runs_when_it_lands_la
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_that_fails_while_mongodb_is_away_is_a_503_keeps_its_key_and_never_runs() {
     let env = TestEnv::new().await;
-    let mongo = Proxy::start(&address_of(&env.settings.mongodb_uri)).await;
-    let broker = Proxy::start(&address_of(&env.settings.rabbitmq_url)).await;
+    let mongo = Proxy::start(&address_of(&env.settings.mongo.uri)).await;
+    let broker = Proxy::start(&address_of(&env.settings.broker.url)).await;
     let publisher = kobe::amqp::Publisher::start(
-        &through(&broker, &env.settings.rabbitmq_url),
+        &through(&broker, &env.settings.broker.url),
         env.topology.clone(),
         Duration::from_secs(3),
     )
@@ -244,7 +244,7 @@ async fn a_result_redis_missed_is_read_from_mongodb() {
     let api = env.spawn_api().await;
     // The worker's Redis is gone: its result write fails, MongoDB's does not.
     let mut settings = env.settings.clone();
-    settings.redis_url =
+    settings.redis.url =
         kobe::config::ServiceUrl::new(format!("redis://127.0.0.1:{}/0", common::free_port()));
     let worker = env.spawn_worker_with_settings(
         settings,

@@ -79,7 +79,7 @@ async fn one_connection_drop_runs_the_task_once(workers: usize) {
 
     // The broker drops every worker's consumer connection while the task runs: its message
     // is redelivered (to a reconnected consumer of this worker, or to the other worker).
-    let closed = common::close_connections(&format!("kobe worker {}", env.settings.amqp_prefix));
+    let closed = common::close_connections(&format!("kobe worker {}", env.settings.broker.prefix));
     assert_eq!(closed, workers, "consumer connections closed");
 
     let done = env
@@ -345,7 +345,7 @@ async fn a_dead_letter_owed_by_a_dead_attempt_is_published_by_the_redelivery() {
     let tasks = env.tasks();
     common::eventually(Duration::from_secs(10), "debt noted as paid", || async {
         let task = tasks.get(message.id.as_str()).await.ok()??;
-        (task.dead_letter.as_deref() == Some("sent")).then_some(())
+        (task.dead_letter == Some(kobe::store::tasks::DeadLetterState::Sent)).then_some(())
     })
     .await;
     worker.stop().await;
