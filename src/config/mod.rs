@@ -150,7 +150,7 @@ impl FromStr for LogFormat {
 }
 
 /// Everything Kobe can be told from outside, validated, grouped by who reads it. Every group is
-/// read from the environment by the same [`Reader`], with the same errors naming the variable.
+/// read from the environment by the same reader, with the same errors naming the variable.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub broker: BrokerSettings,
