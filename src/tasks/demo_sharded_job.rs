@@ -12,7 +12,7 @@ use std::time::Duration;
 use mongodb::bson::DateTime;
 use serde_json::{json, Map, Value};
 
-use super::{optional_u64, ChildTask, InvalidInput, Invocation, Task, TaskError, TaskFuture};
+use super::{optional_u64, ChildTask, InvalidInput, Invocation, Task, TaskContext, TaskError, TaskFuture};
 use crate::domain::shard::{shard_of, HASH_NAME, STRATEGY};
 use crate::domain::TaskId;
 use crate::store::ShardMeta;
@@ -205,34 +205,17 @@ impl Task for DemoShard {
 
     fn run(&self, invocation: Invocation) -> TaskFuture {
         Box::pin(async move {
-            let kwargs = &invocation.kwargs;
-            let job = job_key(kwargs).map_err(|e| TaskError::Permanent(e.to_string()))?;
-            let shard = optional_u64(kwargs, "shard", 0)
-                .map_err(|e| TaskError::Permanent(e.to_string()))?;
-            let fail_after = match kwargs.get("fail_after") {
-                None | Some(Value::Null) => None,
-                Some(v) => v.as_u64(),
-            };
-            let item_ms = optional_u64(kwargs, "item_ms", 0).unwrap_or(0);
+            let shard = ShardAttempt::of(&invocation)?;
             let context = invocation.context()?;
-            let queue = shard_queue(&job, shard as u32);
-            // Each attempt holds items under its own name, on behalf of the shard task: a retry
-            // takes back what an earlier attempt still held when it died or gave up.
-            let owner = invocation.task_id.to_string();
-            let holder = format!(
-                "{owner}#{}-{}",
-                invocation.attempt,
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            );
             let done = context
                 .checkpoints
-                .done(&queue)
+                .done(&shard.queue)
                 .await
                 .map_err(store_error)?;
             let (mut processed, mut skipped) = (0u64, 0u64);
             while let Some(lease) = context
                 .leases
-                .lease_for(&queue, Some(&owner), &holder, ITEM_LEASE)
+                .lease_for(&shard.queue, Some(&shard.owner), &shard.holder, ITEM_LEASE)
                 .await
                 .map_err(store_error)?
             {
@@ -242,34 +225,17 @@ impl Task for DemoShard {
                     .payload
                     .get("item")
                     .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
-                let worked = async {
-                    if done.contains(&item) {
-                        return Ok(false);
-                    }
-                    if invocation.attempt == 1 && fail_after == Some(processed) {
-                        return Err(TaskError::Retryable(format!(
-                            "simulated failure after {processed} items"
-                        )));
-                    }
-                    if item_ms > 0 {
-                        tokio::time::sleep(Duration::from_millis(item_ms)).await;
-                    }
-                    // The checkpoint is the item's effect: recording it twice is impossible.
-                    context
-                        .checkpoints
-                        .record(&job, &queue, &item, invocation.attempt)
-                        .await
-                        .map_err(store_error)
-                }
-                .await;
-                let recorded = match worked {
-                    Ok(recorded) => recorded,
-                    Err(error) => {
-                        // Hand the item back at once: nobody waits out its lease.
-                        let _ = context.leases.release(&key, &holder).await;
-                        return Err(error);
+                    .unwrap_or_default();
+                let recorded = if done.contains(item) {
+                    false
+                } else {
+                    match shard.work(&context, item, processed).await {
+                        Ok(recorded) => recorded,
+                        Err(error) => {
+                            // Hand the item back at once: nobody waits out its lease.
+                            let _ = context.leases.release(&key, &shard.holder).await;
+                            return Err(error);
+                        }
                     }
                 };
                 if recorded {
@@ -279,23 +245,96 @@ impl Task for DemoShard {
                 }
                 context
                     .leases
-                    .complete(&key, &holder)
+                    .complete(&key, &shard.holder)
                     .await
                     .map_err(store_error)?;
             }
-            // Done only when the frontier is empty: an item still leased elsewhere is not done.
-            let remaining = context
-                .leases
-                .remaining(&queue)
-                .await
-                .map_err(store_error)?;
-            if remaining > 0 {
-                return Err(TaskError::Retryable(format!(
-                    "{remaining} item(s) of {queue} are still leased by another holder"
-                )));
-            }
-            Ok(json!({"job_id": job, "shard": shard, "processed": processed, "skipped": skipped}))
+            shard.finished(&context).await?;
+            Ok(json!({
+                "job_id": shard.job, "shard": shard.index,
+                "processed": processed, "skipped": skipped,
+            }))
         })
+    }
+}
+
+/// One attempt at one shard: which frontier it drains, under which names, and how it is asked to
+/// misbehave.
+struct ShardAttempt {
+    job: String,
+    index: u64,
+    queue: String,
+    /// The shard task, on whose behalf items are held.
+    owner: String,
+    /// This attempt's own name: a retry takes back what an earlier attempt still held when it died
+    /// or gave up.
+    holder: String,
+    attempt: u32,
+    fail_after: Option<u64>,
+    item_ms: u64,
+}
+
+impl ShardAttempt {
+    fn of(invocation: &Invocation) -> Result<Self, TaskError> {
+        let kwargs = &invocation.kwargs;
+        let job = job_key(kwargs).map_err(|e| TaskError::Permanent(e.to_string()))?;
+        let index =
+            optional_u64(kwargs, "shard", 0).map_err(|e| TaskError::Permanent(e.to_string()))?;
+        let owner = invocation.task_id.to_string();
+        let holder = format!(
+            "{owner}#{}-{}",
+            invocation.attempt,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Ok(Self {
+            queue: shard_queue(&job, index as u32),
+            job,
+            index,
+            owner,
+            holder,
+            attempt: invocation.attempt,
+            fail_after: kwargs.get("fail_after").and_then(Value::as_u64),
+            item_ms: optional_u64(kwargs, "item_ms", 0).unwrap_or(0),
+        })
+    }
+
+    /// Works one item; `Ok(false)` when its checkpoint was already there.
+    async fn work(
+        &self,
+        context: &TaskContext,
+        item: &str,
+        processed: u64,
+    ) -> Result<bool, TaskError> {
+        if self.attempt == 1 && self.fail_after == Some(processed) {
+            return Err(TaskError::Retryable(format!(
+                "simulated failure after {processed} items"
+            )));
+        }
+        if self.item_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.item_ms)).await;
+        }
+        // The checkpoint is the item's effect: recording it twice is impossible.
+        context
+            .checkpoints
+            .record(&self.job, &self.queue, item, self.attempt)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Done only when the frontier is empty: an item still leased elsewhere is not done.
+    async fn finished(&self, context: &TaskContext) -> Result<(), TaskError> {
+        let remaining = context
+            .leases
+            .remaining(&self.queue)
+            .await
+            .map_err(store_error)?;
+        if remaining > 0 {
+            return Err(TaskError::Retryable(format!(
+                "{remaining} item(s) of {} are still leased by another holder",
+                self.queue
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -148,10 +148,23 @@ fn type_fits(name: &str, value: &Value) -> bool {
     }
 }
 
+/// Checks `value` against one schema: the rules every value has, then those of its kind.
 fn check(schema: &Value, value: &Value, field: &str) -> Result<(), InvalidInput> {
     let Value::Object(rules) = schema else {
         return Ok(());
     };
+    check_any(rules, value, field)?;
+    match value {
+        Value::Number(_) => check_number(rules, value.as_f64().unwrap_or_default(), field),
+        Value::String(text) => check_text(rules, text, field),
+        Value::Array(items) => check_items(rules, items, field),
+        Value::Object(object) => check_object(rules, object, field),
+        _ => Ok(()),
+    }
+}
+
+/// `type`, `enum` and `const`: what any value may be held to.
+fn check_any(rules: &Map<String, Value>, value: &Value, field: &str) -> Result<(), InvalidInput> {
     if let Some(expected) = rules.get("type") {
         let names: Vec<&str> = match expected {
             Value::Array(names) => names.iter().filter_map(Value::as_str).collect(),
@@ -172,71 +185,83 @@ fn check(schema: &Value, value: &Value, field: &str) -> Result<(), InvalidInput>
             return fail(field, format!("expected {constant}"));
         }
     }
-    if let Some(number) = value.as_f64() {
-        let bound = |keyword: &str| rules.get(keyword).and_then(Value::as_f64);
-        if let Some(min) = bound("minimum").filter(|min| number < *min) {
-            return fail(field, format!("expected at least {min}"));
-        }
-        if let Some(max) = bound("maximum").filter(|max| number > *max) {
-            return fail(field, format!("expected at most {max}"));
-        }
-        if let Some(min) = bound("exclusiveMinimum").filter(|min| number <= *min) {
-            return fail(field, format!("expected more than {min}"));
-        }
-        if let Some(max) = bound("exclusiveMaximum").filter(|max| number >= *max) {
-            return fail(field, format!("expected less than {max}"));
+    Ok(())
+}
+
+fn check_number(rules: &Map<String, Value>, number: f64, field: &str) -> Result<(), InvalidInput> {
+    let bound = |keyword: &str| rules.get(keyword).and_then(Value::as_f64);
+    if let Some(min) = bound("minimum").filter(|min| number < *min) {
+        return fail(field, format!("expected at least {min}"));
+    }
+    if let Some(max) = bound("maximum").filter(|max| number > *max) {
+        return fail(field, format!("expected at most {max}"));
+    }
+    if let Some(min) = bound("exclusiveMinimum").filter(|min| number <= *min) {
+        return fail(field, format!("expected more than {min}"));
+    }
+    if let Some(max) = bound("exclusiveMaximum").filter(|max| number >= *max) {
+        return fail(field, format!("expected less than {max}"));
+    }
+    Ok(())
+}
+
+fn check_text(rules: &Map<String, Value>, text: &str, field: &str) -> Result<(), InvalidInput> {
+    let length = text.chars().count() as u64;
+    if let Some(min) = rules.get("minLength").and_then(Value::as_u64) {
+        if length < min {
+            return fail(field, format!("expected at least {min} characters"));
         }
     }
-    if let Some(text) = value.as_str() {
-        let length = text.chars().count() as u64;
-        if let Some(min) = rules.get("minLength").and_then(Value::as_u64) {
-            if length < min {
-                return fail(field, format!("expected at least {min} characters"));
-            }
+    if let Some(max) = rules.get("maxLength").and_then(Value::as_u64) {
+        if length > max {
+            return fail(field, format!("expected at most {max} characters"));
         }
-        if let Some(max) = rules.get("maxLength").and_then(Value::as_u64) {
-            if length > max {
-                return fail(field, format!("expected at most {max} characters"));
+    }
+    Ok(())
+}
+
+fn check_items(rules: &Map<String, Value>, items: &[Value], field: &str) -> Result<(), InvalidInput> {
+    let count = items.len() as u64;
+    if let Some(min) = rules.get("minItems").and_then(Value::as_u64) {
+        if count < min {
+            return fail(field, format!("expected at least {min} items"));
+        }
+    }
+    if let Some(max) = rules.get("maxItems").and_then(Value::as_u64) {
+        if count > max {
+            return fail(field, format!("expected at most {max} items"));
+        }
+    }
+    if let Some(item) = rules.get("items") {
+        for (i, value) in items.iter().enumerate() {
+            check(item, value, &format!("{field}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_object(
+    rules: &Map<String, Value>,
+    object: &Map<String, Value>,
+    field: &str,
+) -> Result<(), InvalidInput> {
+    if let Some(Value::Array(required)) = rules.get("required") {
+        for name in required.iter().filter_map(Value::as_str) {
+            if !object.contains_key(name) {
+                return fail(&format!("{field}.{name}"), "required");
             }
         }
     }
-    if let Some(items) = value.as_array() {
-        let count = items.len() as u64;
-        if let Some(min) = rules.get("minItems").and_then(Value::as_u64) {
-            if count < min {
-                return fail(field, format!("expected at least {min} items"));
-            }
-        }
-        if let Some(max) = rules.get("maxItems").and_then(Value::as_u64) {
-            if count > max {
-                return fail(field, format!("expected at most {max} items"));
-            }
-        }
-        if let Some(item) = rules.get("items") {
-            for (i, value) in items.iter().enumerate() {
-                check(item, value, &format!("{field}[{i}]"))?;
-            }
-        }
-    }
-    if let Some(object) = value.as_object() {
-        if let Some(Value::Array(required)) = rules.get("required") {
-            for name in required.iter().filter_map(Value::as_str) {
-                if !object.contains_key(name) {
-                    return fail(&format!("{field}.{name}"), "required");
-                }
-            }
-        }
-        let properties = rules.get("properties").and_then(Value::as_object);
-        for (name, value) in object {
-            let at = format!("{field}.{name}");
-            match properties.and_then(|p| p.get(name)) {
-                Some(property) => check(property, value, &at)?,
-                None => match rules.get("additionalProperties") {
-                    Some(Value::Bool(false)) => return fail(&at, "not a known argument"),
-                    Some(extra @ Value::Object(_)) => check(extra, value, &at)?,
-                    _ => {}
-                },
-            }
+    let properties = rules.get("properties").and_then(Value::as_object);
+    for (name, value) in object {
+        let at = format!("{field}.{name}");
+        match properties.and_then(|p| p.get(name)) {
+            Some(property) => check(property, value, &at)?,
+            None => match rules.get("additionalProperties") {
+                Some(Value::Bool(false)) => return fail(&at, "not a known argument"),
+                Some(extra @ Value::Object(_)) => check(extra, value, &at)?,
+                _ => {}
+            },
         }
     }
     Ok(())

@@ -104,24 +104,7 @@ impl Program {
     pub(super) async fn run(&self, invocation: Invocation, body: &Value) -> HandlerResult {
         let input = serde_json::to_vec(body)
             .map_err(|e| TaskError::Permanent(format!("cannot encode the input: {e}")))?;
-        let mut command = tokio::process::Command::new(&self.argv[0]);
-        command
-            .args(&self.argv[1..])
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some(path) = std::env::var_os("PATH") {
-            command.env("PATH", path);
-        }
-        for (name, value) in &self.env {
-            command.env(name, value.expose());
-        }
-        if let Some(cwd) = &self.cwd {
-            command.current_dir(cwd);
-        }
+        let mut command = self.command();
         let program = &self.argv[0];
         let mut child = command
             .spawn()
@@ -155,6 +138,44 @@ impl Program {
         let tail = excerpt(String::from_utf8_lossy(&stderr).trim(), STDERR_TAIL);
         let status = status
             .map_err(|e| TaskError::Retryable(format!("cannot wait for `{program}`: {e}")))?;
+        self.verdict(status, terminated, &stdout, overflowed, &tail)
+    }
+
+    /// The program as it is started: its arguments, only the variables it was given (and `PATH`),
+    /// its own process group so a kill reaches whatever it started.
+    fn command(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(&self.argv[0]);
+        command
+            .args(&self.argv[1..])
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(path) = std::env::var_os("PATH") {
+            command.env("PATH", path);
+        }
+        for (name, value) in &self.env {
+            command.env(name, value.expose());
+        }
+        if let Some(cwd) = &self.cwd {
+            command.current_dir(cwd);
+        }
+        command
+    }
+
+    /// What the program's exit says: its stdout (JSON, else text) on 0, a retry on
+    /// [`EXIT_RETRY`], a failure with the end of its stderr otherwise.
+    fn verdict(
+        &self,
+        status: std::process::ExitStatus,
+        terminated: bool,
+        stdout: &[u8],
+        overflowed: bool,
+        tail: &str,
+    ) -> HandlerResult {
+        let program = &self.argv[0];
         match status.code() {
             Some(0) if overflowed => Err(TaskError::Permanent(format!(
                 "`{program}` wrote more than {} bytes to stdout",
