@@ -125,6 +125,26 @@ impl AttemptLease {
     pub fn is_open(&self) -> bool {
         self.done_at.is_none() && self.closed.is_none()
     }
+
+    /// Task `t1`'s first attempt (`demo`), held under `token` until `lease_until`, started a minute
+    /// before it: the lease the worker's unit tests decide on.
+    #[cfg(test)]
+    pub(crate) fn for_tests(token: &str, lease_until: DateTime, deliveries: u32) -> Self {
+        Self {
+            id: "t1:0".into(),
+            task_id: "t1".into(),
+            task_name: "demo".into(),
+            retries: 0,
+            token: token.into(),
+            worker: None,
+            started_at: DateTime::from_millis(lease_until.timestamp_millis() - 60_000),
+            lease_until,
+            deliveries,
+            done_at: None,
+            cancel: None,
+            closed: None,
+        }
+    }
 }
 
 /// What a takeover of a held lease found.

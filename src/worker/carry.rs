@@ -489,21 +489,8 @@ mod tests {
     }
 
     fn lease(token: &str, until_ms_from_now: i64) -> AttemptLease {
-        let now = DateTime::now().timestamp_millis();
-        AttemptLease {
-            id: "t1:0".into(),
-            task_id: "t1".into(),
-            task_name: "demo".into(),
-            retries: 0,
-            token: token.into(),
-            worker: None,
-            started_at: DateTime::from_millis(now - 60_000),
-            lease_until: DateTime::from_millis(now + until_ms_from_now),
-            deliveries: 1,
-            done_at: None,
-            cancel: None,
-            closed: None,
-        }
+        let until = DateTime::now().timestamp_millis() + until_ms_from_now;
+        AttemptLease::for_tests(token, DateTime::from_millis(until), 1)
     }
 
     use super::super::decision::Outcome;

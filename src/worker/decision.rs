@@ -813,19 +813,9 @@ mod tests {
     #[test]
     fn the_lease_says_wait_while_held_take_once_lapsed_and_poison_past_the_cap() {
         let now = DateTime::now();
-        let lease = |token: &str, until_ms: i64, deliveries| AttemptLease {
-            id: "t1:0".into(),
-            task_id: "t1".into(),
-            task_name: "demo".into(),
-            retries: 0,
-            token: token.into(),
-            worker: None,
-            started_at: now,
-            lease_until: DateTime::from_millis(now.timestamp_millis() + until_ms),
-            deliveries,
-            done_at: None,
-            cancel: None,
-            closed: None,
+        let lease = |token: &str, until_ms: i64, deliveries| {
+            let until = DateTime::from_millis(now.timestamp_millis() + until_ms);
+            AttemptLease::for_tests(token, until, deliveries)
         };
         assert_eq!(on_lease(None, "mine", now, 3), Verdict::Takeable);
         assert_eq!(
