@@ -12,7 +12,9 @@ use std::time::Duration;
 use mongodb::bson::DateTime;
 use serde_json::{json, Map, Value};
 
-use super::{optional_u64, ChildTask, InvalidInput, Invocation, Task, TaskContext, TaskError, TaskFuture};
+use super::{
+    optional_u64, ChildTask, InvalidInput, Invocation, Task, TaskContext, TaskError, TaskFuture,
+};
 use crate::domain::shard::{shard_of, HASH_NAME, STRATEGY};
 use crate::domain::TaskId;
 use crate::store::ShardMeta;

@@ -220,7 +220,11 @@ fn check_text(rules: &Map<String, Value>, text: &str, field: &str) -> Result<(),
     Ok(())
 }
 
-fn check_items(rules: &Map<String, Value>, items: &[Value], field: &str) -> Result<(), InvalidInput> {
+fn check_items(
+    rules: &Map<String, Value>,
+    items: &[Value],
+    field: &str,
+) -> Result<(), InvalidInput> {
     let count = items.len() as u64;
     if let Some(min) = rules.get("minItems").and_then(Value::as_u64) {
         if count < min {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{eventually, TestEnv};
+use crate::common::{eventually, Running, TestEnv};
 
 const TOKEN: &str = "browser-token-0123456789abcdef";
 /// WebDriver's key for an element reference.
@@ -216,10 +216,8 @@ async fn serve_page(html: String) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_in_browser_cannot_be_made_to_purge_from_another_origin_and_the_page_still_works()
 {
-    let env = TestEnv::with(&[("KOBE_API_TOKENS", TOKEN), ("KOBE_RETRY_MAX", "0")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(2);
+    let Running { env, api, worker } =
+        TestEnv::with_worker(&[("KOBE_API_TOKENS", TOKEN), ("KOBE_RETRY_MAX", "0")], 2).await;
     let id = crate::security::a_dead_letter(&env, &api, TOKEN).await;
     eventually(Duration::from_secs(20), "the dead letter", || async {
         (crate::security::dead_letters(&api, TOKEN).await == 1).then_some(())

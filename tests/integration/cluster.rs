@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{PrivateRabbit, TestEnv};
+use common::{PrivateRabbit, Running, TestEnv};
 use kobe::domain::{QueueKind, TaskState};
 use kobe::tasks::{Invocation, Registry, Task, TaskFuture};
 use serde_json::json;
@@ -45,10 +45,11 @@ fn broker_major_version(url: &kobe::config::ServiceUrl) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_quorum_queues_every_task_queue_is_quorum_and_retries_and_delays_arrive() {
-    let env = TestEnv::with(&[("KOBE_QUEUE_TYPE", "quorum"), ("KOBE_RETRY_BASE_MS", "100")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(2);
+    let Running { env, api, worker } = TestEnv::with_worker(
+        &[("KOBE_QUEUE_TYPE", "quorum"), ("KOBE_RETRY_BASE_MS", "100")],
+        2,
+    )
+    .await;
     let retried = api
         .submit(
             json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),

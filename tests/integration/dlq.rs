@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{Running, TestEnv};
 use kobe::amqp::TaskMessage;
 use kobe::domain::{TaskId, TaskState};
 use mongodb::bson::doc;
@@ -155,10 +155,7 @@ async fn dead_letters_are_listed_replayed_once_and_purged_on_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_task_is_retried_from_the_api_and_the_cli_and_nothing_else_is() {
-    let env = TestEnv::with(&[("KOBE_RETRY_MAX", "0")]).await;
-    env.init_db().await;
-    let worker = env.spawn_worker(2);
-    let api = env.spawn_api().await;
+    let Running { env, api, worker } = TestEnv::with_worker(&[("KOBE_RETRY_MAX", "0")], 2).await;
     // Fails its first two attempts, succeeds on the third.
     let id = api
         .submit(
@@ -230,10 +227,7 @@ async fn a_failed_task_is_retried_from_the_api_and_the_cli_and_nothing_else_is()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_keeps_the_letter_of_a_task_that_is_still_on_its_way() {
-    let env = TestEnv::with(&[("KOBE_RETRY_MAX", "0")]).await;
-    env.init_db().await;
-    let worker = env.spawn_worker(2);
-    let api = env.spawn_api().await;
+    let Running { env, api, worker } = TestEnv::with_worker(&[("KOBE_RETRY_MAX", "0")], 2).await;
     let id = api
         .submit(
             json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),

@@ -6,16 +6,8 @@ use crate::common;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{PrivateRabbit, TestEnv};
+use common::{PrivateRabbit, Running, TestEnv};
 use serde_json::{json, Value};
-
-fn signal(child: &Child, name: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
 
 fn spawn_worker_process(env: &TestEnv) -> Child {
     env.kobe_command(&["worker", "--concurrency", "2"])
@@ -32,12 +24,10 @@ async fn sigterm_lets_the_running_task_finish_and_exits_cleanly() {
     let api = env.spawn_api().await;
     let mut worker = spawn_worker_process(&env);
 
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1500}}))
-        .await;
+    let id = api.submit(common::quick_task(1500)).await;
     api.wait_for_state(&id, Duration::from_secs(20), |b| b["state"] == "STARTED")
         .await;
-    signal(&worker, "TERM");
+    common::signal(worker.id(), libc::SIGTERM);
     let status = common::wait_exit(&mut worker, Duration::from_secs(20)).await;
     assert!(status.success(), "{status:?}");
     // It finished before the worker exited: nothing left to redeliver.
@@ -57,13 +47,11 @@ async fn sigkill_loses_nothing_the_task_is_redelivered_and_completes() {
     let api = env.spawn_api().await;
     let mut worker = spawn_worker_process(&env);
 
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1500}}))
-        .await;
+    let id = api.submit(common::quick_task(1500)).await;
     let (started, _) = api
         .wait_for_state(&id, Duration::from_secs(20), |b| b["state"] == "STARTED")
         .await;
-    signal(&worker, "KILL");
+    common::signal(worker.id(), libc::SIGKILL);
     common::wait_exit(&mut worker, Duration::from_secs(10)).await;
 
     let replacement = env.spawn_worker(2);
@@ -79,26 +67,26 @@ async fn sigkill_loses_nothing_the_task_is_redelivered_and_completes() {
 async fn a_broker_restart_loses_no_task_and_needs_no_restart_of_kobe() {
     let rabbit = PrivateRabbit::start();
     let url = rabbit.url();
-    let env = TestEnv::with(&[("RABBITMQ_URL", &url), ("KOBE_PUBLISH_TIMEOUT_MS", "3000")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(1);
+    let Running {
+        env: _env,
+        api,
+        worker,
+    } = TestEnv::with_worker(
+        &[("RABBITMQ_URL", &url), ("KOBE_PUBLISH_TIMEOUT_MS", "3000")],
+        1,
+    )
+    .await;
 
     // A backlog: one task running, the rest waiting in the durable queue.
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(
-            api.submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 400}}))
-                .await,
-        );
+        ids.push(api.submit(common::quick_task(400)).await);
     }
     rabbit.stop();
 
     // With the broker down the API says so, within its publish timeout.
     let started = Instant::now();
-    let response = api
-        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let response = api.start_task(common::quick_task(1)).await;
     assert_eq!(response.status(), 503);
     assert!(
         started.elapsed() < Duration::from_secs(4),
@@ -111,9 +99,7 @@ async fn a_broker_restart_loses_no_task_and_needs_no_restart_of_kobe() {
     // a second of the broker listening again (reconnection attempts are at most 500 ms apart).
     let back = Instant::now();
     let late = common::eventually(Duration::from_secs(30), "API accepting again", || async {
-        let response = api
-            .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-            .await;
+        let response = api.start_task(common::quick_task(1)).await;
         if response.status() != 202 {
             return None;
         }
@@ -175,9 +161,7 @@ async fn with_mongodb_down_a_worker_keeps_the_message_instead_of_losing_it() {
 async fn a_task_that_kills_its_worker_each_time_is_closed_as_poison() {
     let env = TestEnv::with(&[("KOBE_MAX_DELIVERIES", "2")]).await;
     let api = env.spawn_api().await;
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 60000}}))
-        .await;
+    let id = api.submit(common::quick_task(60000)).await;
     // Two workers die running it, one after the other (each start counts one delivery).
     for deliveries in 1..=2u32 {
         let mut worker = spawn_worker_process(&env);
@@ -188,7 +172,7 @@ async fn a_task_that_kills_its_worker_each_time_is_closed_as_poison() {
                 .then_some(())
         })
         .await;
-        signal(&worker, "KILL");
+        common::signal(worker.id(), libc::SIGKILL);
         common::wait_exit(&mut worker, Duration::from_secs(10)).await;
     }
     // The third delivery finds the attempt started twice already: poison, not a third death.
@@ -385,9 +369,7 @@ async fn a_message_no_queue_takes_is_a_503_and_the_task_never_runs() {
             .expect("delete the queue")
     })
     .await;
-    let response = api
-        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let response = api.start_task(common::quick_task(1)).await;
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert!(
@@ -431,9 +413,7 @@ async fn a_message_the_broker_nacks_is_a_503_and_the_task_never_runs() {
             .expect("bind");
     })
     .await;
-    let response = api
-        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let response = api.start_task(common::quick_task(1)).await;
     let status = response.status();
     let body: Value = response.json().await.unwrap();
     on_channel(&env, move |channel| {
@@ -475,9 +455,7 @@ async fn a_full_publisher_queue_answers_503_at_once_with_retry_after() {
         let api = api.clone();
         requests.push(tokio::spawn(async move {
             let started = Instant::now();
-            let response = api
-                .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-                .await;
+            let response = api.start_task(common::quick_task(1)).await;
             let retry_after = response
                 .headers()
                 .get("retry-after")

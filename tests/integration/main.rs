@@ -7,7 +7,7 @@
 
 mod common;
 
-mod api;
+mod api_contract;
 mod beat;
 mod browser;
 mod cancel;
@@ -17,9 +17,9 @@ mod declared;
 mod dlq;
 mod faults;
 mod guarantees;
-mod http;
 mod observability;
 mod security;
 mod store;
+mod submission;
 mod ui;
 mod worker;

@@ -34,9 +34,7 @@ async fn metrics_move_by_exactly_what_happened_and_the_dashboard_queries_only_re
     let before = samples(&scrape(&api).await);
     let worker = env.spawn_worker(4);
 
-    let ok = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let ok = api.submit(common::quick_task(1)).await;
     let retried = api
         .submit(
             json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
@@ -442,7 +440,7 @@ async fn submit_traced(client: &reqwest::Client, base: &str, traceparent: String
     let response = client
         .post(format!("{base}/task/start"))
         .header("traceparent", traceparent)
-        .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+        .json(&common::quick_task(1))
         .send()
         .await
         .unwrap();

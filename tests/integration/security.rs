@@ -5,7 +5,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{TestApi, TestEnv};
+use common::{Running, TestApi, TestEnv};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "security-test-token-0123456789";
@@ -192,10 +192,8 @@ pub(crate) async fn a_dead_letter(env: &TestEnv, api: &TestApi, token: &str) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_cookie_cannot_be_ridden_from_another_origin_and_sessions_end() {
-    let env = TestEnv::with(&[("KOBE_API_TOKENS", TOKEN), ("KOBE_RETRY_MAX", "0")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(2);
+    let Running { env, api, worker } =
+        TestEnv::with_worker(&[("KOBE_API_TOKENS", TOKEN), ("KOBE_RETRY_MAX", "0")], 2).await;
     // One dead letter to protect.
     a_dead_letter(&env, &api, TOKEN).await;
     let client = reqwest::Client::builder()

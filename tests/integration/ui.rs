@@ -4,7 +4,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{Running, TestEnv};
 use serde_json::{json, Value};
 
 /// The page at `url` as Chromium renders it (the DOM after its scripts ran).
@@ -30,13 +30,8 @@ async fn rendered(url: String) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_a_scripted_run_and_the_search_pages_through_failures() {
-    let env = TestEnv::with(&[("KOBE_RETRY_MAX", "0")]).await;
-    env.init_db().await;
-    let worker = env.spawn_worker(2);
-    let api = env.spawn_api().await;
-    let ok = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let Running { env, api, worker } = TestEnv::with_worker(&[("KOBE_RETRY_MAX", "0")], 2).await;
+    let ok = api.submit(common::quick_task(1)).await;
     let mut failed = Vec::new();
     for _ in 0..2 {
         failed.push(
@@ -260,7 +255,7 @@ async fn behind_tokens_a_browser_signs_in_once_and_its_buttons_work() {
         let response = no_redirects
             .post(format!("{}/task/start", api.address))
             .bearer_auth(token)
-            .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+            .json(&common::quick_task(1))
             .send()
             .await
             .unwrap();

@@ -182,7 +182,7 @@ impl Program {
                 self.max_output
             ))),
             Some(0) => {
-                let text = String::from_utf8_lossy(&stdout);
+                let text = String::from_utf8_lossy(stdout);
                 let text = text.trim();
                 Ok(serde_json::from_str(text).unwrap_or_else(|_| {
                     if text.is_empty() {

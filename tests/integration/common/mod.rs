@@ -43,7 +43,24 @@ mod pool;
 mod private;
 pub mod proxy;
 
-pub use private::{close_connections, free_port, wait_exit, PrivateRabbit, PrivateRedis, Process};
+pub use private::{
+    close_connections, free_port, signal, wait_exit, PrivateRabbit, PrivateRedis, Process,
+};
+
+/// The scenario most tests start from: the test's services with Kobe's schema, an API that is
+/// ready and a worker at the shipped settings. Bind `env` (as `_env` if unused): dropping it
+/// gives back the database and deletes the queues.
+pub struct Running {
+    pub env: TestEnv,
+    pub api: TestApi,
+    pub worker: TestWorker,
+}
+
+/// The body of a built-in task that sleeps `duration_ms` and succeeds: the quick task a test
+/// submits when what it runs does not matter.
+pub fn quick_task(duration_ms: u64) -> Value {
+    serde_json::json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": duration_ms}})
+}
 
 /// One test's private slice of the services.
 pub struct TestEnv {
@@ -135,6 +152,16 @@ impl TestEnv {
             topology,
             database,
         }
+    }
+
+    /// A test of its own with `extra` settings, the schema applied, an API and a worker of
+    /// `concurrency` slots: see [`Running`].
+    pub async fn with_worker(extra: &[(&str, &str)], concurrency: u16) -> Running {
+        let env = Self::with(extra).await;
+        env.init_db().await;
+        let api = env.spawn_api().await;
+        let worker = env.spawn_worker(concurrency);
+        Running { env, api, worker }
     }
 
     pub async fn init_db(&self) {

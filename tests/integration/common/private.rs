@@ -6,6 +6,19 @@ use std::time::{Duration, Instant};
 
 use super::unique;
 
+/// Sends `signal` (`libc::SIGTERM`, `libc::SIGKILL`, …) to process `pid`, as an operator or the
+/// kernel would, and asserts it was delivered.
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let sent = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(
+        sent,
+        0,
+        "signal {signal} to {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// A RabbitMQ node of the test's own, on its own port, that the test may stop and start: the
 /// machine's shared broker is never touched.
 pub struct PrivateRabbit {
@@ -91,11 +104,7 @@ impl PrivateRabbit {
     /// clients, whose sockets the kernel closes.
     pub fn kill(&self) {
         let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
-        let status = std::process::Command::new("kill")
-            .args(["-KILL", pid.trim()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -9 {pid}");
+        signal(pid.trim().parse().expect("a pid"), libc::SIGKILL);
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
             assert!(
@@ -297,9 +306,8 @@ impl Process {
         let Some(mut child) = self.0.take() else {
             return;
         };
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        // Gone already is as good as stopped.
+        let _ = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(_)) = child.try_wait() {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::proxy::{Mode, Proxy};
-use common::{PrivateRabbit, TestEnv};
+use common::{PrivateRabbit, Running, TestEnv};
 use kobe::amqp::TaskMessage;
 use kobe::config::ServiceUrl;
 use kobe::domain::{TaskId, TaskState};
@@ -434,12 +434,9 @@ async fn the_hard_time_limit_holds_while_mongodb_does_not_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_far_eta_is_held_in_hops_and_fails_no_submission_beside_it() {
-    let env = TestEnv::new().await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(2);
+    let Running { env, api, worker } = TestEnv::with_worker(&[], 2).await;
     let far = json!({"task_name": "demo_long_io", "eta": "2099-01-01T00:00:00Z"});
-    let near = json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}});
+    let near = common::quick_task(1);
     let mut requests = vec![api.start_task(far.clone())];
     requests.extend((0..20).map(|_| api.start_task(near.clone())));
     let answers = futures_util::future::join_all(requests).await;

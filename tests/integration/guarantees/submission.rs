@@ -252,9 +252,7 @@ async fn a_result_redis_missed_is_read_from_mongodb() {
         vec![],
         kobe::tasks::Registry::with_builtin_tasks(),
     );
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let id = api.submit(common::quick_task(1)).await;
     env.wait_final(&id, Duration::from_secs(30)).await;
     let answer = api.get(&format!("/task/result/{id}")).await;
     assert_eq!(answer.status(), 200);

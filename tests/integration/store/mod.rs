@@ -8,7 +8,7 @@ mod shards;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{Running, TestEnv};
 use kobe::domain::{TaskId, TaskState};
 use kobe::store::{PayloadRepository, TaskDocument, TaskRepository};
 use kobe::submit::outbox::Outbox;
@@ -90,15 +90,11 @@ async fn an_idempotency_key_returns_the_first_task() {
             .json(&body)
             .send()
     };
-    let first = send(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await
-        .unwrap();
+    let first = send(common::quick_task(1)).await.unwrap();
     assert_eq!(first.status(), 202);
     let first: Value = first.json().await.unwrap();
     // Same key, other arguments: still the first task (the key is the client's promise).
-    let again = send(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 2}}))
-        .await
-        .unwrap();
+    let again = send(common::quick_task(2)).await.unwrap();
     assert_eq!(again.status(), 200);
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["task_id"], first["task_id"]);
@@ -239,10 +235,11 @@ async fn the_outbox_publishes_a_task_that_was_never_confirmed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_retries_timestamps_and_the_last_error() {
-    let env = TestEnv::with(&[("KOBE_RETRY_BASE_MS", "100")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(2);
+    let Running {
+        env: _env,
+        api,
+        worker,
+    } = TestEnv::with_worker(&[("KOBE_RETRY_BASE_MS", "100")], 2).await;
     let id = api
         .submit(
             json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
@@ -293,7 +290,7 @@ async fn a_dedup_claim_whose_task_never_appeared_is_taken_over() {
         api.client
             .post(format!("{}/task/start", api.address))
             .header("Idempotency-Key", key)
-            .json(&json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
+            .json(&common::quick_task(1))
             .send()
     };
     // Long dead: taken over at once.
@@ -446,16 +443,11 @@ async fn the_search_filters_by_route_parent_and_root_cause_on_an_index() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_tasks_are_started_to_every_reader_and_renewed_together() {
     // About the renewal cadence: a lease of 1.5 s is renewed every 0.5 s.
-    let env = TestEnv::with(&[("KOBE_EXECUTION_LEASE_MS", "1500")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(4);
+    let Running { env, api, worker } =
+        TestEnv::with_worker(&[("KOBE_EXECUTION_LEASE_MS", "1500")], 4).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(
-            api.submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 6000}}))
-                .await,
-        );
+        ids.push(api.submit(common::quick_task(6000)).await);
     }
     for id in &ids {
         api.wait_for_state(id, Duration::from_secs(20), |b| b["state"] == "STARTED")

@@ -7,7 +7,7 @@ use crate::common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{Running, TestEnv};
 use kobe::domain::{TaskId, TaskState};
 use kobe::store::checkpoints::CheckpointRepository;
 use kobe::store::{LeaseRepository, TaskDocument};
@@ -17,10 +17,8 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sharded_job_resumes_failed_shards_from_their_checkpoints() {
-    let env = TestEnv::with(&[("KOBE_RETRY_BASE_MS", "100")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(4);
+    let Running { env, api, worker } =
+        TestEnv::with_worker(&[("KOBE_RETRY_BASE_MS", "100")], 4).await;
     let job_key = common::unique("job");
     let id = api
         .submit(json!({"task_name": "demo_sharded_job", "kwargs": {"job_key": job_key, "count": 24, "shards": 3, "fail_after": 2}}))

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{Running, TestEnv};
 use kobe::amqp::TaskMessage;
 use kobe::domain::{Priority, TaskId, TaskState};
 use kobe::store::{Decision, ErrorLogRepository};
@@ -65,10 +65,8 @@ impl Task for Counted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_retry_with_growing_delays_until_success() {
-    let env = TestEnv::with(&[("KOBE_RETRY_MAX", "3"), ("KOBE_RETRY_BASE_MS", "300")]).await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(4);
+    let Running { env, api, worker } =
+        TestEnv::with_worker(&[("KOBE_RETRY_MAX", "3"), ("KOBE_RETRY_BASE_MS", "300")], 4).await;
 
     let id = api
         .submit(
@@ -361,9 +359,7 @@ async fn routed_tasks_travel_through_their_own_queue() {
     let env = TestEnv::with(&[("KOBE_TASK_ROUTES", "demo_long_io=io")]).await;
     env.init_db().await;
     let api = env.spawn_api().await;
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let id = api.submit(common::quick_task(1)).await;
     // The message waits in the `io` queue, not in `default`...
     assert_eq!(env.queue_depth(env.topology.queue("io")).await, Some(1));
     assert_eq!(

@@ -1,12 +1,13 @@
-//! The API as clients use it: validation, the status cache, the result backend, rate limits,
-//! authentication, readiness, OpenAPI and the docs page, graceful shutdown.
+//! What a client of the API may rely on beyond one submission: validation, the status cache, the
+//! result backend, rate limits, authentication, readiness, OpenAPI and the docs page, graceful
+//! shutdown.
 
 use crate::common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{PrivateRedis, TestEnv};
+use common::{PrivateRedis, Running, TestEnv};
 use serde_json::{json, Value};
 
 async fn problem(response: reqwest::Response) -> (u16, Value) {
@@ -28,7 +29,7 @@ async fn each_bad_field_is_a_422_naming_it() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
     let ok = |extra: Value| {
-        let mut body = json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}});
+        let mut body = common::quick_task(1);
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
@@ -142,9 +143,7 @@ async fn cached_status_is_never_older_than_mongodb() {
     let env = TestEnv::with(&[("KOBE_STATUS_CACHE_TTL_MS", "5000")]).await;
     env.init_db().await;
     let api = env.spawn_api().await;
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 600}}))
-        .await;
+    let id = api.submit(common::quick_task(600)).await;
     let worker = env.spawn_worker(2);
     let tasks = env.tasks();
     let mut seen = Vec::new();
@@ -192,9 +191,7 @@ async fn with_redis_down_status_still_answers_and_ready_names_redis() {
     .await;
     env.init_db().await;
     let api = env.spawn_api().await;
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let id = api.submit(common::quick_task(1)).await;
     assert_eq!(api.status(&id).await.status(), 200);
     redis.stop();
     let response = api.status(&id).await;
@@ -212,8 +209,7 @@ async fn with_redis_down_status_still_answers_and_ready_names_redis() {
         "{ready}"
     );
     // Rate limiting fails open with Redis down: submissions still go through.
-    api.submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    api.submit(common::quick_task(1)).await;
     api.stop().await;
 }
 
@@ -226,9 +222,7 @@ async fn the_result_backend_serves_results_until_their_ttl() {
         let api = &api;
         async move { api.get(&format!("/task/result/{id}")).await }
     };
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let id = api.submit(common::quick_task(1)).await;
     // No worker yet: not finished, and the answer does not wait.
     let pending = result(id.clone()).await;
     assert_eq!(pending.status(), 202);
@@ -304,7 +298,7 @@ async fn tokens_guard_the_task_routes_but_not_health() {
     env.init_db().await;
     let api = env.spawn_api().await;
     let url = format!("{}/task/start", api.address);
-    let body = json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}});
+    let body = common::quick_task(1);
     let missing = api.client.post(&url).json(&body).send().await.unwrap();
     assert_eq!(problem(missing).await.0, 401);
     let wrong = api
@@ -424,11 +418,7 @@ async fn serve_stops_gracefully_on_sigterm() {
         (r.status() == 200).then_some(())
     })
     .await;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &serve.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::signal(serve.id(), libc::SIGTERM);
     let exit = common::wait_exit(&mut serve, Duration::from_secs(20)).await;
     assert!(exit.success(), "{exit:?}");
     // It stopped accepting.
@@ -441,10 +431,7 @@ async fn serve_stops_gracefully_on_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_countdown_delays_the_start_and_an_expired_task_never_runs() {
-    let env = TestEnv::new().await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(2);
+    let Running { env, api, worker } = TestEnv::with_worker(&[], 2).await;
     let id = api
         .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}, "countdown": 1.5, "time_limit": 10, "soft_time_limit": 5}))
         .await;

@@ -1,23 +1,20 @@
-//! The HTTP API against live RabbitMQ, MongoDB and Redis.
+//! A task submitted through the API, against live RabbitMQ, MongoDB and Redis: its way to an
+//! outcome, the statuses it passes, and what the API answers when the input is wrong or a
+//! dependency is down. What a client may rely on beyond one submission is in `api_contract`.
 
 use crate::common;
 
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{Running, TestEnv};
 use mongodb::bson::doc;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_travels_from_the_api_through_the_worker_to_success() {
-    let env = TestEnv::new().await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(10);
+    let Running { env, api, worker } = TestEnv::with_worker(&[], 10).await;
 
-    let id = api
-        .submit(json!({"task_name": "demo_long_io", "args": [], "kwargs": {"duration_ms": 200}}))
-        .await;
+    let id = api.submit(common::quick_task(200)).await;
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
     let (status, seen) = api.wait_for_final(&id, Duration::from_secs(20)).await;
     assert_eq!(status["state"], "SUCCESS", "{status}");
@@ -106,9 +103,7 @@ async fn an_unreachable_broker_is_503_with_a_reason_and_the_task_is_closed() {
     let url = format!("amqp://guest:guest@127.0.0.1:{closed_port}/%2f");
     let env = TestEnv::with(&[("RABBITMQ_URL", &url), ("KOBE_PUBLISH_TIMEOUT_MS", "2000")]).await;
     let api = env.spawn_api_unready().await;
-    let response = api
-        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let response = api.start_task(common::quick_task(1)).await;
     assert_eq!(response.status(), 503);
     let problem: Value = response.json().await.unwrap();
     let detail = problem["detail"].as_str().unwrap();
@@ -153,9 +148,7 @@ async fn with_mongodb_down_the_api_answers_503_naming_it() {
     ])
     .await;
     let api = env.spawn_api_unready().await;
-    let response = api
-        .start_task(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}}))
-        .await;
+    let response = api.start_task(common::quick_task(1)).await;
     assert_eq!(response.status(), 503);
     let problem: Value = response.json().await.unwrap();
     assert!(
@@ -253,14 +246,18 @@ async fn start_many_answers_each_item_as_start_would_and_shares_its_inserts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_lists_every_attempt_with_its_worker_start_end_and_outcome() {
-    let env = TestEnv::with(&[
-        ("KOBE_RETRY_BASE_MS", "50"),
-        ("KOBE_RETRY_MAX_DELAY_MS", "200"),
-    ])
+    let Running {
+        env: _env,
+        api,
+        worker,
+    } = TestEnv::with_worker(
+        &[
+            ("KOBE_RETRY_BASE_MS", "50"),
+            ("KOBE_RETRY_MAX_DELAY_MS", "200"),
+        ],
+        2,
+    )
     .await;
-    env.init_db().await;
-    let api = env.spawn_api().await;
-    let worker = env.spawn_worker(2);
     let id = api
         .submit(
             json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 20, "fail_attempts": 1}}),
