@@ -35,7 +35,10 @@ impl Cause {
     }
 
     /// A driver's error, described by `context` followed by its own text.
-    pub fn context<E: Error + Send + Sync + 'static>(context: impl fmt::Display, error: E) -> Self {
+    pub(crate) fn context<E: Error + Send + Sync + 'static>(
+        context: impl fmt::Display,
+        error: E,
+    ) -> Self {
         Self {
             detail: format!("{context}: {error}"),
             source: Some(Arc::new(error)),

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 /// Settings come from the environment and an optional .env file; see .env.example.
 #[derive(Debug, Parser)]
 #[command(name = "kobe", version, about, long_about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Read settings from this file instead of ./.env (variables already set win).
     #[arg(long, global = true, value_name = "PATH")]
     pub env_file: Option<PathBuf>,

@@ -43,7 +43,7 @@ pub fn signal() -> impl Future<Output = ()> {
 /// One switch that stops a process's background loops together (the outbox, the scheduler, the
 /// queue-depth watch): each waits on [`Trigger::pulled`], the command pulls it once.
 #[derive(Clone)]
-pub struct Trigger(tokio::sync::watch::Sender<bool>);
+pub(crate) struct Trigger(tokio::sync::watch::Sender<bool>);
 
 impl Default for Trigger {
     fn default() -> Self {
@@ -53,14 +53,14 @@ impl Default for Trigger {
 
 impl Trigger {
     /// Resolves once the trigger is pulled (at once if it was), or dropped.
-    pub fn pulled(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub(crate) fn pulled(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut pulled = self.0.subscribe();
         async move {
             let _ = pulled.wait_for(|pulled| *pulled).await;
         }
     }
 
-    pub fn pull(&self) {
+    pub(crate) fn pull(&self) {
         self.0.send_replace(true);
     }
 }

@@ -48,7 +48,7 @@ pub struct Liveness(Arc<AtomicU64>);
 
 impl Liveness {
     /// Whether the delivery came on the connection that is up now.
-    pub fn is_live(&self, tag: DeliveryTag) -> bool {
+    pub(crate) fn is_live(&self, tag: DeliveryTag) -> bool {
         self.0.load(Ordering::Acquire) == tag.generation
     }
 
@@ -116,7 +116,7 @@ impl Consumer {
     }
 
     /// Tells whether a delivery's connection is still the one up.
-    pub fn liveness(&self) -> Liveness {
+    pub(crate) fn liveness(&self) -> Liveness {
         self.liveness.clone()
     }
 
@@ -127,13 +127,8 @@ impl Consumer {
     }
 
     /// A cheap handle that can only settle, for task futures.
-    pub fn settler(&self) -> Settler {
+    pub(crate) fn settler(&self) -> Settler {
         Settler(self.commands.clone())
-    }
-
-    /// Cancels the consumers: no new deliveries; in-flight ones can still be settled.
-    pub fn stop_consuming(&self) {
-        let _ = self.commands.send(Command::StopConsuming);
     }
 
     /// Closes the connection; unsettled deliveries return to their queues.
@@ -161,7 +156,7 @@ impl Settler {
     }
 
     /// Cancels the consumers: no new deliveries; in-flight ones can still be settled.
-    pub fn stop_consuming(&self) {
+    pub(crate) fn stop_consuming(&self) {
         let _ = self.0.send(Command::StopConsuming);
     }
 }

@@ -1,6 +1,6 @@
-//! Reading the dead-letter queue without losing anything: [`DeadLetterQueue`] takes messages one
+//! Reading the dead-letter queue without losing anything: `DeadLetterQueue` takes messages one
 //! at a time, unacknowledged, on a connection of its own. A letter is removed only by
-//! [`DeadLetterQueue::remove`]; every other one goes back to the queue, in its order, when the
+//! `DeadLetterQueue::remove`; every other one goes back to the queue, in its order, when the
 //! reader is closed or dropped — or when the process dies.
 
 use std::time::Duration;
@@ -52,7 +52,7 @@ impl DeadLetter {
 }
 
 /// A reader of the dead-letter queue (blocking: run it on a blocking thread).
-pub struct DeadLetterQueue {
+pub(crate) struct DeadLetterQueue {
     connection: Option<Connection>,
     channel: Channel,
     queue: String,

@@ -137,7 +137,7 @@ impl TaskMessage {
     }
 
     /// Reads a delivery's properties and body.
-    pub fn decode(properties: &AmqpProperties, body: &[u8]) -> Result<Self, MessageError> {
+    pub(crate) fn decode(properties: &AmqpProperties, body: &[u8]) -> Result<Self, MessageError> {
         if let Some(content_type) = properties.content_type() {
             if content_type != "application/json" {
                 return Err(MessageError::ContentType(content_type.clone()));

@@ -12,7 +12,7 @@ pub mod message;
 pub mod outgoing;
 pub mod publisher;
 pub mod topology;
-pub mod wire;
+pub(crate) mod wire;
 
 use std::time::Duration;
 
@@ -75,7 +75,10 @@ pub use connection::node_addresses;
 
 /// Each broker node `url` names (one, or a cluster's, comma-separated) and whether it accepts
 /// an AMQP connection within `timeout`. Blocking; nodes are tried one after another.
-pub fn node_reports(url: &ServiceUrl, timeout: Duration) -> Vec<(String, Result<(), String>)> {
+pub(crate) fn node_reports(
+    url: &ServiceUrl,
+    timeout: Duration,
+) -> Vec<(String, Result<(), String>)> {
     let endpoint = match connection::Endpoint::parse(url) {
         Ok(endpoint) => endpoint,
         Err(e) => return vec![(url.to_string(), Err(e.to_string()))],
@@ -141,7 +144,7 @@ pub fn check_topology(
 
 /// Messages ready in each of `queues` (passive declares on one short connection); a queue that
 /// does not exist is left out.
-pub fn queue_depths(
+pub(crate) fn queue_depths(
     url: &ServiceUrl,
     queues: &[String],
     timeout: Duration,

@@ -32,7 +32,7 @@ use crate::telemetry::metrics::metrics;
 
 /// Publishes waiting for the publishing thread at most, unless told otherwise; more are refused
 /// with [`AmqpError::Busy`].
-pub const MAX_QUEUED_PUBLISHES: usize = 4096;
+pub(crate) const MAX_QUEUED_PUBLISHES: usize = 4096;
 
 struct Request {
     message: Outgoing,
@@ -64,7 +64,7 @@ impl Publisher {
     }
 
     /// Like [`Publisher::start`], with at most `queued` publishes waiting for the thread.
-    pub fn start_bounded(
+    pub(crate) fn start_bounded(
         url: &ServiceUrl,
         topology: Topology,
         confirm_timeout: Duration,

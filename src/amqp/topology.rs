@@ -43,7 +43,7 @@ pub const RETRY_LEVELS_MS: [u64; 16] = [
 ];
 
 /// The quorum queues' `x-delivery-limit` unless configured (`KOBE_QUORUM_DELIVERY_LIMIT`).
-pub const DEFAULT_DELIVERY_LIMIT: u32 = 10_000;
+pub(crate) const DEFAULT_DELIVERY_LIMIT: u32 = 10_000;
 
 /// Names and routes of one deployment's exchanges and queues.
 #[derive(Clone, Debug)]
@@ -67,7 +67,7 @@ impl Topology {
     }
 
     /// The same topology with quorum queues' delivery limit at `limit`.
-    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+    pub(crate) fn with_delivery_limit(mut self, limit: u32) -> Self {
         self.delivery_limit = limit.max(1);
         self
     }
@@ -80,11 +80,11 @@ impl Topology {
         format!("{}.tasks", self.prefix)
     }
 
-    pub fn retry_exchange(&self) -> String {
+    pub(crate) fn retry_exchange(&self) -> String {
         format!("{}.retry", self.prefix)
     }
 
-    pub fn dead_letter_exchange(&self) -> String {
+    pub(crate) fn dead_letter_exchange(&self) -> String {
         format!("{}.dlx", self.prefix)
     }
 
@@ -102,7 +102,7 @@ impl Topology {
     }
 
     /// The route (routing key) of a task.
-    pub fn route_of<'a>(&'a self, task_name: &str) -> &'a str {
+    pub(crate) fn route_of<'a>(&'a self, task_name: &str) -> &'a str {
         self.routes
             .get(task_name)
             .map(String::as_str)
@@ -112,7 +112,7 @@ impl Topology {
     /// The route a delivery's routing key stands for: the key itself, or — for a message sent
     /// through the default exchange, whose routing key is the queue's name — that queue's route.
     /// What Kobe republishes (a retry, a delay) goes through its own exchange, by route.
-    pub fn route_for_key<'a>(&self, routing_key: &'a str) -> &'a str {
+    pub(crate) fn route_for_key<'a>(&self, routing_key: &'a str) -> &'a str {
         routing_key
             .strip_prefix(self.prefix.as_str())
             .and_then(|rest| rest.strip_prefix('.'))
@@ -340,7 +340,7 @@ impl Topology {
 
     /// Every queue name this topology declares, for checks and for deleting a test's topology.
     /// The queues worth watching: each route's, and the dead-letter queue.
-    pub fn watched_queues(&self) -> Vec<String> {
+    pub(crate) fn watched_queues(&self) -> Vec<String> {
         let mut queues: Vec<String> = self.routes().iter().map(|r| self.queue(r)).collect();
         queues.push(self.dead_letter_queue());
         queues
@@ -354,7 +354,7 @@ impl Topology {
     }
 
     /// Every exchange name this topology declares.
-    pub fn all_exchanges(&self) -> Vec<String> {
+    pub(crate) fn all_exchanges(&self) -> Vec<String> {
         vec![
             self.tasks_exchange(),
             self.retry_exchange(),

@@ -4,23 +4,23 @@
 use amiquip::{AmqpProperties, AmqpValue, FieldTable};
 
 /// Names the `RawPayload` that holds a message's arguments (they were too large to travel).
-pub const PAYLOAD_HEADER: &str = "kobe-payload-ref";
+pub(crate) const PAYLOAD_HEADER: &str = "kobe-payload-ref";
 
 /// The delay level a retried (or delayed) message waits in, matched by the retry exchange.
-pub const RETRY_LEVEL_HEADER: &str = "kobe-retry-level";
+pub(crate) const RETRY_LEVEL_HEADER: &str = "kobe-retry-level";
 
 /// Why a message was dead-lettered (on messages in the dead-letter queue).
-pub const DEAD_LETTER_REASON_HEADER: &str = "x-kobe-reason";
+pub(crate) const DEAD_LETTER_REASON_HEADER: &str = "x-kobe-reason";
 
 /// The routing key a dead-lettered message had, so it can be sent back to its queue.
-pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-kobe-original-routing-key";
+pub(crate) const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-kobe-original-routing-key";
 
 /// Attempts made before a message was dead-lettered.
-pub const ATTEMPTS_HEADER: &str = "x-kobe-attempts";
+pub(crate) const ATTEMPTS_HEADER: &str = "x-kobe-attempts";
 
 /// How many times workers that did not know a message's task handed it on (a rolling deploy:
 /// an old worker meets a task only new ones have).
-pub const UNKNOWN_HOPS_HEADER: &str = "x-kobe-unknown-hops";
+pub(crate) const UNKNOWN_HOPS_HEADER: &str = "x-kobe-unknown-hops";
 
 /// The text of a header, if it is text.
 pub fn text(headers: &FieldTable, name: &str) -> Option<String> {
@@ -33,7 +33,7 @@ pub fn text(headers: &FieldTable, name: &str) -> Option<String> {
 
 /// The task id and name of a message, as far as its headers can be read: enough to record why
 /// a message that cannot be decoded was refused. An id that is not a valid task id is `None`.
-pub fn identity(properties: &AmqpProperties) -> (Option<String>, Option<String>) {
+pub(crate) fn identity(properties: &AmqpProperties) -> (Option<String>, Option<String>) {
     let Some(headers) = properties.headers() else {
         return (None, None);
     };
@@ -42,15 +42,15 @@ pub fn identity(properties: &AmqpProperties) -> (Option<String>, Option<String>)
 }
 
 /// The `RawPayload` reference a message carries instead of its arguments.
-pub fn payload_reference(properties: &AmqpProperties) -> Option<String> {
+pub(crate) fn payload_reference(properties: &AmqpProperties) -> Option<String> {
     text(properties.headers().as_ref()?, PAYLOAD_HEADER)
 }
 
 /// When the message was dead-lettered (milliseconds since the epoch), for `kobe dlq purge`.
-pub const DEAD_LETTERED_AT_HEADER: &str = "x-kobe-dead-lettered-at";
+pub(crate) const DEAD_LETTERED_AT_HEADER: &str = "x-kobe-dead-lettered-at";
 
 /// An integer header, as RabbitMQ may hand any integer width back.
-pub fn integer(headers: &FieldTable, name: &str) -> Option<i64> {
+pub(crate) fn integer(headers: &FieldTable, name: &str) -> Option<i64> {
     match headers.get(name)? {
         AmqpValue::LongLongInt(n) => Some(*n),
         AmqpValue::LongInt(n) => Some(i64::from(*n)),
@@ -63,7 +63,7 @@ pub fn integer(headers: &FieldTable, name: &str) -> Option<i64> {
 
 /// A delivery's properties as it goes to the dead-letter exchange: its own, plus why, where it
 /// came from and how many attempts it had.
-pub fn dead_letter_properties(
+pub(crate) fn dead_letter_properties(
     properties: &AmqpProperties,
     reason: &str,
     routing_key: &str,

@@ -20,7 +20,7 @@ use crate::submit::{NewTask, Submitter};
 use crate::telemetry::metrics::metrics;
 
 /// The role the schedules' leader holds.
-pub const ROLE: &str = "beat";
+pub(crate) const ROLE: &str = "beat";
 
 /// How often the leader looks for due slots.
 const TICK: Duration = Duration::from_millis(250);
@@ -43,7 +43,7 @@ pub struct Beat {
 }
 
 /// A name for this replica in the lease.
-pub fn holder_name() -> String {
+pub(crate) fn holder_name() -> String {
     let host = crate::config::host_name().unwrap_or_else(|| "host".into());
     let random = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}:{}:{}", std::process::id(), &random[..8])

@@ -1,4 +1,4 @@
-//! `kobe beat`: the periodic tasks, fired by whichever replica leads (see [`crate::beat`]).
+//! `kobe beat`: the periodic tasks, fired by whichever replica leads (see `crate::beat`).
 
 use crate::beat::Beat;
 use crate::config::Settings;

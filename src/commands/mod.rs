@@ -130,7 +130,7 @@ pub fn topology(settings: &Settings) -> Topology {
 
 /// Starts polling the depth of `queues` every 5 s; sending on (or dropping) the returned sender
 /// stops it.
-pub fn spawn_queue_depth_watch(
+pub(crate) fn spawn_queue_depth_watch(
     settings: &Settings,
     queues: Vec<String>,
     stop: &crate::shutdown::Trigger,
@@ -144,7 +144,7 @@ pub fn spawn_queue_depth_watch(
 }
 
 /// Polls the depth of `queues` into `kobe_queue_depth` every `interval` until `shutdown`.
-pub async fn watch_queue_depths(
+pub(crate) async fn watch_queue_depths(
     url: crate::config::ServiceUrl,
     queues: Vec<String>,
     interval: std::time::Duration,

@@ -140,7 +140,7 @@ pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
 }
 
 /// `kobe task list`: a table of tasks in one state, newest change first.
-pub async fn list_tasks(
+pub(crate) async fn list_tasks(
     settings: &Settings,
     query: crate::cli::TaskQuery,
 ) -> anyhow::Result<Ended> {
@@ -203,7 +203,7 @@ pub async fn list_tasks(
 }
 
 /// `kobe task show ID`: the task, its failed attempts and its replays, as JSON.
-pub async fn show_task(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
+pub(crate) async fn show_task(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
     let db = super::database(settings).await?;
     let Some(task) = crate::store::TaskRepository::new(&db)
         .get(id)

@@ -1,5 +1,5 @@
 //! `kobe worker`: wiring only. Builds the clients from settings, starts the consumer and hands
-//! its deliveries to the execution core ([`crate::worker`]).
+//! its deliveries to the execution core (`crate::worker`).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -56,7 +56,7 @@ impl fmt::Debug for ServiceUrl {
 }
 
 /// This machine's name: `$HOSTNAME`, else `/etc/hostname` (for `origin` headers and lease holders).
-pub fn host_name() -> Option<String> {
+pub(crate) fn host_name() -> Option<String> {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
@@ -292,7 +292,7 @@ pub struct RetryOverrides {
 
 impl Settings {
     /// Reads settings from the process environment (after `.env`, which `main` loads).
-    pub fn from_env() -> Result<Self, ConfigError> {
+    pub(crate) fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
 

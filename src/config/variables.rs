@@ -103,7 +103,8 @@ pub fn default_of(name: &str) -> &'static str {
 }
 
 /// `.env.example`, generated.
-pub fn env_example() -> String {
+#[cfg(test)]
+pub(crate) fn env_example() -> String {
     let mut out = String::from(
         "# Kobe's settings. Copy to .env (never commit .env) or set them in the environment; variables\n\
          # already set win over this file. Every value shown is the default, which matches the services of\n\
@@ -130,7 +131,8 @@ pub fn env_example() -> String {
 }
 
 /// The README's configuration table, generated.
-pub fn markdown_table() -> String {
+#[cfg(test)]
+pub(crate) fn markdown_table() -> String {
     let mut out = String::from("| variable | default | meaning |\n|---|---|---|\n");
     for v in VARIABLES {
         let default = if v.default.is_empty() {
@@ -148,6 +150,7 @@ pub fn markdown_table() -> String {
     out
 }
 
+#[cfg(test)]
 fn wrap(text: &str, width: usize) -> Vec<String> {
     let mut lines = vec![String::new()];
     for word in text.split_whitespace() {

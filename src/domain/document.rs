@@ -5,7 +5,7 @@ use serde_json::Value;
 
 /// Deepest nesting accepted in task arguments. A task document nests them a level or two
 /// further, and MongoDB refuses documents nested past 100 levels; engines differ below that.
-pub const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 64;
 
 /// Why a value cannot be stored, and where (`kwargs.a.b`, `args[2]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,12 +16,13 @@ pub struct Unstorable {
 
 /// Checks `value`, found at `path`, for what BSON cannot hold: integers past the signed 64-bit
 /// range, keys with a NUL byte, nesting deeper than [`MAX_DEPTH`].
-pub fn check_storable(value: &Value, path: &str) -> Result<(), Unstorable> {
+#[cfg(test)]
+pub(crate) fn check_storable(value: &Value, path: &str) -> Result<(), Unstorable> {
     check(value, path, 0)
 }
 
-/// Checks a task's arguments (see [`check_storable`]).
-pub fn check_arguments(
+/// Checks a task's arguments for what BSON cannot hold, as one document would be checked.
+pub(crate) fn check_arguments(
     args: &[Value],
     kwargs: &serde_json::Map<String, Value>,
 ) -> Result<(), Unstorable> {

@@ -130,7 +130,7 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 6] = [
+    pub(crate) const ALL: [TaskState; 6] = [
         Self::Pending,
         Self::Started,
         Self::Retry,
@@ -158,10 +158,12 @@ impl TaskState {
     }
 
     /// Final states an operator may run again.
-    pub const RERUNNABLE: [TaskState; 2] = [Self::Failure, Self::Revoked];
+    pub(crate) const RERUNNABLE: [TaskState; 2] = [Self::Failure, Self::Revoked];
 
-    /// The states a task may be in for a transition to `self` to be allowed.
-    pub fn allowed_predecessors(self) -> &'static [TaskState] {
+    /// The states a task may be in for a transition to `self` to be allowed: the table the store's
+    /// transition filters are tested against.
+    #[cfg(test)]
+    pub(crate) fn allowed_predecessors(self) -> &'static [TaskState] {
         match self {
             Self::Pending => &[],
             // A redelivery after a crash finds the task STARTED and starts it again.
@@ -241,7 +243,7 @@ impl Priority {
 /// Celery client's `timelimit` of 2e19 s, say) gets this. It stays below the broker's
 /// `consumer_timeout` (deploy/rabbitmq/20-kobe.conf).
 /// Milliseconds since the Unix epoch, now (0 on a clock set before 1970).
-pub fn epoch_millis() -> i64 {
+pub(crate) fn epoch_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -249,7 +251,7 @@ pub fn epoch_millis() -> i64 {
 
 /// Checks a name that ends up in queue names, database names, Redis keys or metric labels: 1–64
 /// characters of letters, digits, `_`, `-` or `.`.
-pub fn check_safe_name(value: &str) -> Result<(), String> {
+pub(crate) fn check_safe_name(value: &str) -> Result<(), String> {
     let ok = !value.is_empty()
         && value.len() <= 64
         && value
@@ -264,10 +266,10 @@ pub fn check_safe_name(value: &str) -> Result<(), String> {
     }
 }
 
-pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_TIME_LIMIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Seconds from a message header as a time limit: absent, non-finite or non-positive values
-/// mean "none given"; values past [`MAX_TIME_LIMIT`] are clamped to it. Never panics.
+/// mean "none given"; values past `MAX_TIME_LIMIT` are clamped to it. Never panics.
 pub fn time_limit(seconds: Option<f64>) -> Option<Duration> {
     let seconds = seconds.filter(|s| s.is_finite() && *s > 0.0)?;
     Some(

@@ -1,6 +1,6 @@
 //! Periodic tasks as declared: when each fires (`every` N seconds, or a five-field `cron`
 //! expression in an explicit timezone), and what it submits. Pure: the firing loop is in
-//! [`crate::beat`].
+//! `crate::beat`.
 //!
 //! Slots are instants every replica computes alike: `every` slots are multiples of the period
 //! since the Unix epoch; `cron` slots are the minutes the expression matches on the timezone's
@@ -62,7 +62,7 @@ impl Schedule {
     }
 
     /// The first slot strictly after `after_ms`.
-    pub fn next_slot(&self, after_ms: i64) -> Option<i64> {
+    pub(crate) fn next_slot(&self, after_ms: i64) -> Option<i64> {
         match &self.when {
             When::Every(period_s) => {
                 let period = i64::try_from(*period_s).ok()?.checked_mul(1000)?;
@@ -84,7 +84,12 @@ impl Schedule {
     /// The latest slot at or before `now_ms` and after `after_ms`, with how many slots in
     /// between it skips; `None` when no slot passed. Looks at most `limit` slots ahead of
     /// `after_ms` (a cron that fires every minute after a year's downtime).
-    pub fn latest_due(&self, after_ms: i64, now_ms: i64, limit: usize) -> Option<(i64, usize)> {
+    pub(crate) fn latest_due(
+        &self,
+        after_ms: i64,
+        now_ms: i64,
+        limit: usize,
+    ) -> Option<(i64, usize)> {
         if let When::Every(period_s) = self.when {
             let period = i64::try_from(period_s).ok()?.checked_mul(1000)?;
             let latest = now_ms.div_euclid(period) * period;
@@ -127,7 +132,7 @@ impl fmt::Display for When {
 }
 
 /// `UTC` or `+HH:MM` / `-HH:MM`.
-pub fn offset_text(offset_s: i32) -> String {
+pub(crate) fn offset_text(offset_s: i32) -> String {
     if offset_s == 0 {
         return "UTC".into();
     }
@@ -139,7 +144,7 @@ pub fn offset_text(offset_s: i32) -> String {
 /// Reads a timezone: `UTC` (or `Z`) or a fixed offset `+HH:MM` / `-HH:MM`. Zone names with
 /// daylight saving time (`Europe/Paris`) are refused: a schedule's slots must not move or repeat
 /// when clocks change, so the offset is written out.
-pub fn parse_offset(text: &str) -> Result<i32, String> {
+pub(crate) fn parse_offset(text: &str) -> Result<i32, String> {
     let refuse = || {
         format!(
             "expected \"UTC\" or a fixed offset such as \"+02:00\" (zone names like \"Europe/Paris\" are not supported: write the offset), got \"{text}\""
@@ -224,7 +229,7 @@ impl Cron {
 
     /// The first matching minute strictly after `after_s` (seconds on the expression's clock),
     /// within the next eight years; `None` if it never matches (`0 0 31 2 *`).
-    pub fn next_after(&self, after_s: i64) -> Option<i64> {
+    pub(crate) fn next_after(&self, after_s: i64) -> Option<i64> {
         let mut minute = after_s.div_euclid(60) + 1;
         let horizon = minute + 8 * 366 * 24 * 60;
         while minute < horizon {

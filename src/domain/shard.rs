@@ -3,9 +3,9 @@
 //! the same shard on every machine, in every version, forever — which `ShardMeta` records.
 
 /// The hash's name as `ShardMeta` stores it.
-pub const HASH_NAME: &str = "fnv1a64";
+pub(crate) const HASH_NAME: &str = "fnv1a64";
 /// The strategy's name as `ShardMeta` stores it.
-pub const STRATEGY: &str = "hash_mod";
+pub(crate) const STRATEGY: &str = "hash_mod";
 
 const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 const PRIME: u64 = 0x0000_0100_0000_01b3;

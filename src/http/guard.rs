@@ -20,7 +20,7 @@ use super::session;
 /// Who a request was authenticated as, for the handlers (the task history's `by`), and the CSRF
 /// token of its page session, if it came with one.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub(crate) struct Caller {
     pub by: String,
     pub csrf: Option<String>,
 }
@@ -61,7 +61,7 @@ fn bearer(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
 
 /// Whether the request carries one of the API tokens as its bearer (or no tokens are
 /// configured). For answers that say more to a token's holder (`/ready`).
-pub fn authorized(request: &actix_web::HttpRequest, tokens: &[String]) -> bool {
+pub(crate) fn authorized(request: &actix_web::HttpRequest, tokens: &[String]) -> bool {
     tokens.is_empty() || bearer(request.headers()).is_some_and(|t| token_matches(&t, tokens))
 }
 
@@ -121,7 +121,7 @@ fn refuse<B>(request: ServiceRequest, error: ApiError) -> ServiceResponse<Either
     request.into_response(response).map_into_right_body()
 }
 
-pub async fn guard(
+pub(crate) async fn guard(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, Error> {

@@ -151,7 +151,7 @@ impl Application {
     }
 
     /// A server with `/metrics` and `/health` alone, for `worker --metrics-addr`.
-    pub fn metrics_only(addr: SocketAddr) -> std::io::Result<Self> {
+    pub(crate) fn metrics_only(addr: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let port = listener.local_addr()?.port();
         let server = HttpServer::new(|| {

@@ -64,7 +64,7 @@ use super::routes::{actions, bulk, catalog, dlq, health, schedules, search, stat
         (name = "operations", description = "Health, readiness and metrics"),
     ),
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// Declares the optional bearer-token scheme (`KOBE_API_TOKENS`).
 struct BearerAuth;

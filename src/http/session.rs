@@ -1,12 +1,12 @@
 //! Sessions of the operator page: `/ui/login` trades an API token for a random session id kept
 //! in Redis with an expiry, never the token itself. The cookie (`HttpOnly`, `SameSite=Strict`,
 //! `Secure` over TLS or behind a proxy that says so) carries only the id; Redis knows it by a
-//! digest, so a copy of Redis holds no usable cookie. A session lasts [`SESSION_TTL`], ends at
+//! digest, so a copy of Redis holds no usable cookie. A session lasts `SESSION_TTL`, ends at
 //! sign-out, and stops working as soon as the token it was opened with leaves `KOBE_API_TOKENS`.
 //!
 //! A cookie is sent by the browser whatever page asked, so a request it authenticates that
 //! changes anything must come from the page: same origin (`Sec-Fetch-Site`, `Origin`) and the
-//! session's CSRF token in [`CSRF_HEADER`], which only the page's own script can read.
+//! session's CSRF token in `CSRF_HEADER`, which only the page's own script can read.
 
 use std::time::Duration;
 
@@ -16,11 +16,11 @@ use sha2::Digest;
 use crate::store::{Cache, StoreError};
 
 /// The cookie that carries the session id.
-pub const SESSION_COOKIE: &str = "kobe_session";
+pub(crate) const SESSION_COOKIE: &str = "kobe_session";
 /// The header the page's script sends its CSRF token in.
-pub const CSRF_HEADER: &str = "x-kobe-csrf";
+pub(crate) const CSRF_HEADER: &str = "x-kobe-csrf";
 /// How long a session lasts.
-pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
+pub(crate) const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 
 /// What Redis keeps of a session.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,7 +48,7 @@ fn random_hex() -> String {
 /// The session id in the request's cookie, if it has one. The cookie is `SameSite=Strict`, so
 /// another site's page cannot make a browser send it (another port of the same host can: hence
 /// [`cross_site`]).
-pub fn id_in(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
+pub(crate) fn id_in(headers: &actix_web::http::header::HeaderMap) -> Option<String> {
     headers
         .get_all("cookie")
         .filter_map(|v| v.to_str().ok())
@@ -105,7 +105,7 @@ pub fn cookie(id: Option<&str>, secure: bool) -> String {
 }
 
 /// Whether the request came over TLS, or through a proxy that says it did.
-pub fn over_tls(request: &actix_web::HttpRequest) -> bool {
+pub(crate) fn over_tls(request: &actix_web::HttpRequest) -> bool {
     request.connection_info().scheme() == "https"
         || request
             .headers()
@@ -115,7 +115,7 @@ pub fn over_tls(request: &actix_web::HttpRequest) -> bool {
 }
 
 /// Why a cookie-authenticated request that changes something is not from the page, if it is not.
-pub fn cross_site(
+pub(crate) fn cross_site(
     headers: &actix_web::http::header::HeaderMap,
     host: &str,
     session: &Session,

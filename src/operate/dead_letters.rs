@@ -20,7 +20,7 @@ use crate::store::StoreError;
 use crate::telemetry::metrics::metrics;
 
 /// Most letters one command looks at: a bound on the time a listing holds them.
-pub const SCAN_LIMIT: usize = 100_000;
+pub(crate) const SCAN_LIMIT: usize = 100_000;
 
 /// Dead-letter operations of this process go one at a time, waiting at most this long.
 static READER: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);

@@ -6,7 +6,7 @@
 
 pub mod cancel;
 pub mod dead_letters;
-pub mod overview;
+pub(crate) mod overview;
 pub mod rerun;
 
 use std::time::Duration;

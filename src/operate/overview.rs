@@ -13,11 +13,11 @@ use crate::store::search::Search;
 use crate::store::{StoreError, TaskDocument};
 
 /// How many of the latest failures and dead letters the overview lists.
-pub const LATEST: u32 = 20;
+pub(crate) const LATEST: u32 = 20;
 
 /// The service at a glance.
 #[derive(Debug)]
-pub struct Overview {
+pub(crate) struct Overview {
     /// Each task queue, then the dead-letter queue, as the broker reports them; why not, when it
     /// does not answer in time.
     pub queues: Result<Vec<QueueReport>, String>,
@@ -39,13 +39,13 @@ impl Overview {
     }
 
     /// Tasks finished (succeeded or failed) per minute over the last hour.
-    pub fn finished_per_minute(&self) -> f64 {
+    pub(crate) fn finished_per_minute(&self) -> f64 {
         (self.count(TaskState::Success) + self.count(TaskState::Failure)) as f64 / 60.0
     }
 
     /// The share of finished tasks that failed in the last hour, in percent; `None` when none
     /// finished.
-    pub fn failure_rate(&self) -> Option<f64> {
+    pub(crate) fn failure_rate(&self) -> Option<f64> {
         let (done, failed) = (
             self.count(TaskState::Success),
             self.count(TaskState::Failure),
@@ -57,7 +57,7 @@ impl Overview {
 impl Operations {
     /// Reads the overview: the broker and the dead-letter queue are asked with bounds, and a
     /// broker that does not answer costs its own line only; MongoDB must answer.
-    pub async fn overview(&self) -> Result<Overview, StoreError> {
+    pub(crate) async fn overview(&self) -> Result<Overview, StoreError> {
         let queues = self.queue_depths();
         let hour_ago = DateTime::from_millis(DateTime::now().timestamp_millis() - 3_600_000);
         let failures = Search {

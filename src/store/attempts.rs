@@ -173,7 +173,7 @@ impl TaskRepository {
     }
 
     /// Notes that the dead letter owed for a finished task was confirmed.
-    pub fn dead_letter_sent_write(&self, task_id: &str) -> Write {
+    pub(crate) fn dead_letter_sent_write(&self, task_id: &str) -> Write {
         Write {
             collection: COLLECTION,
             op: WriteOp::Upsert {
@@ -215,7 +215,7 @@ pub enum Reopened {
 impl TaskRepository {
     /// Reopens a `FAILURE` or `REVOKED` task as `RETRY` with one more retry, for an operator's
     /// rerun: the one transition out of a finished state, made only on request. The publish
-    /// is marked pending until [`TaskRepository::mark_published`] sees it confirmed, so a replay
+    /// is marked pending until `TaskRepository::mark_published` sees it confirmed, so a replay
     /// interrupted in between is finished by the next one.
     #[tracing::instrument(name = "store.tasks.reopen", skip(self))]
     pub async fn reopen(&self, id: &str, replayed_by: &str) -> Result<Reopened, StoreError> {

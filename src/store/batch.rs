@@ -62,7 +62,7 @@ pub enum Written {
     Refused,
 }
 
-pub type WriteResult = Result<Written, StoreError>;
+pub(crate) type WriteResult = Result<Written, StoreError>;
 
 /// Tuning of a [`BatchWriter`].
 #[derive(Debug, Clone, Copy)]
@@ -129,7 +129,7 @@ pub struct BatchWriter {
 
 /// Writes waiting for the writer at most: while MongoDB stalls, more are refused at once as
 /// unavailable (the caller holds or requeues its work) instead of piling up in memory.
-pub const MAX_QUEUED_WRITES: usize = 20_000;
+pub(crate) const MAX_QUEUED_WRITES: usize = 20_000;
 
 impl BatchWriter {
     /// Starts the writer on the current tokio runtime.

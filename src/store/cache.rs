@@ -67,12 +67,12 @@ impl Cache {
     }
 
     /// How long a cached status lives (a state change's marker lives twice as long).
-    pub fn status_ttl(&self) -> Duration {
+    pub(crate) fn status_ttl(&self) -> Duration {
         self.status_ttl
     }
 
     /// With a status TTL other than the default 2 s.
-    pub fn with_status_ttl(mut self, ttl: Duration) -> Self {
+    pub(crate) fn with_status_ttl(mut self, ttl: Duration) -> Self {
         self.status_ttl = ttl;
         self
     }
@@ -132,7 +132,7 @@ impl Cache {
     }
 
     /// `PING`, bounded by the configured timeout.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
         let pong: String = self.run(redis::cmd("PING"), self.timeout).await?;
         if pong == "PONG" {
             Ok(())
@@ -155,7 +155,7 @@ impl Cache {
     /// Caches a status read from MongoDB at `read_started`, unless a state change invalidated
     /// it since (marker present) or the read is too old to trust.
     #[tracing::instrument(name = "cache.status.put", skip(self, json))]
-    pub async fn put_status(
+    pub(crate) async fn put_status(
         &self,
         task_id: &str,
         json: &str,
@@ -176,14 +176,14 @@ impl Cache {
     }
 
     /// Called after every state change, once MongoDB has it.
-    pub async fn invalidate_status(&self, task_id: &str) -> Result<(), StoreError> {
+    pub(crate) async fn invalidate_status(&self, task_id: &str) -> Result<(), StoreError> {
         self.invalidate_statuses(&[task_id.to_owned()]).await
     }
 
     /// Invalidates statuses in one round trip: each key is replaced by a marker that outlives any
     /// entry a reader may still be about to write (see the module docs).
     #[tracing::instrument(name = "cache.status.invalidate_many", skip_all, fields(count = task_ids.len()))]
-    pub async fn invalidate_statuses(&self, task_ids: &[String]) -> Result<(), StoreError> {
+    pub(crate) async fn invalidate_statuses(&self, task_ids: &[String]) -> Result<(), StoreError> {
         let marker_ttl = (self.status_ttl * 2).as_millis() as u64;
         let mut pipe = redis::pipe();
         for id in task_ids {
@@ -199,7 +199,7 @@ impl Cache {
 
     /// Stores a result for `ttl` (result backend).
     #[tracing::instrument(name = "cache.result.put", skip(self, json))]
-    pub async fn put_result(
+    pub(crate) async fn put_result(
         &self,
         task_id: &str,
         json: &str,
@@ -224,7 +224,7 @@ impl Cache {
 
     /// Keeps an operator-page session under (a digest of) its id for `ttl`.
     #[tracing::instrument(name = "cache.session.put", skip_all)]
-    pub async fn put_session(
+    pub(crate) async fn put_session(
         &self,
         id_digest: &str,
         json: &str,
@@ -249,7 +249,7 @@ impl Cache {
 
     /// Ends a session (sign-out).
     #[tracing::instrument(name = "cache.session.drop", skip_all)]
-    pub async fn drop_session(&self, id_digest: &str) -> Result<(), StoreError> {
+    pub(crate) async fn drop_session(&self, id_digest: &str) -> Result<(), StoreError> {
         let mut command = redis::cmd("DEL");
         command.arg(self.key(&format!("session:{id_digest}")));
         let _: i64 = self.run(command, self.timeout).await?;
@@ -259,7 +259,7 @@ impl Cache {
     /// Counts a request of `client` in the current window; `Some(retry_after)` when it is over
     /// `limit`.
     #[tracing::instrument(name = "cache.rate_limit", skip(self))]
-    pub async fn over_rate_limit(
+    pub(crate) async fn over_rate_limit(
         &self,
         client: &str,
         limit: u32,
@@ -310,7 +310,7 @@ async fn measured<T>(
 /// Callers await their own invalidation (so a message is settled only once readers can no longer
 /// be served the old state), and Redis being down only delays them by its short timeout.
 #[derive(Clone)]
-pub struct Invalidator(
+pub(crate) struct Invalidator(
     tokio::sync::mpsc::UnboundedSender<(String, tokio::sync::oneshot::Sender<()>)>,
 );
 
@@ -342,7 +342,7 @@ impl Invalidator {
     }
 
     /// Invalidates one task's cached status, together with whatever else is waiting.
-    pub async fn invalidate(&self, task_id: &str) {
+    pub(crate) async fn invalidate(&self, task_id: &str) {
         let (done, wait) = tokio::sync::oneshot::channel();
         if self.0.send((task_id.to_owned(), done)).is_ok() {
             let _ = wait.await;

@@ -103,7 +103,11 @@ impl DedupRepository {
     /// Takes over a fingerprint held by `ghost` (a task that never appeared); `false` when
     /// someone else changed it first.
     #[tracing::instrument(name = "store.dedup.take_over", skip(self, entry))]
-    pub async fn take_over(&self, ghost: &str, entry: &DedupEntry) -> Result<bool, StoreError> {
+    pub(crate) async fn take_over(
+        &self,
+        ghost: &str,
+        entry: &DedupEntry,
+    ) -> Result<bool, StoreError> {
         let replaced = self
             .collection
             .find_one_and_replace(

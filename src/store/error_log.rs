@@ -58,7 +58,7 @@ impl ErrorLogRepository {
 
     /// The same record as a batched write (see [`super::batch`]), with its own `_id` so that
     /// sending it twice stores it once (the second is refused as a duplicate).
-    pub fn record_write(&self, record: &ErrorRecord) -> Write {
+    pub(crate) fn record_write(&self, record: &ErrorRecord) -> Write {
         let mut document = mongodb::bson::to_document(record).unwrap_or_default();
         document.insert("_id", mongodb::bson::oid::ObjectId::new());
         Write {

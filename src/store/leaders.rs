@@ -8,8 +8,8 @@ use mongodb::{Collection, Database};
 
 use super::{from_now, is_duplicate_key, StoreError};
 
-pub const LEADERS: &str = "Leaders";
-pub const SCHEDULE_STATE: &str = "ScheduleState";
+pub(crate) const LEADERS: &str = "Leaders";
+pub(crate) const SCHEDULE_STATE: &str = "ScheduleState";
 
 /// Who leads a role, and until when (unless renewed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,13 +82,13 @@ impl LeaderRepository {
     }
 
     /// The last slot schedule `name` fired (or started counting from), in ms since the epoch.
-    pub async fn last_slot(&self, name: &str) -> Result<Option<i64>, StoreError> {
+    pub(crate) async fn last_slot(&self, name: &str) -> Result<Option<i64>, StoreError> {
         let found = self.schedules.find_one(doc! {"_id": name}).await?;
         Ok(found.and_then(|d| d.get_i64("last_slot").ok()))
     }
 
     /// Every schedule's last slot, by name.
-    pub async fn last_slots(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    pub(crate) async fn last_slots(&self) -> Result<Vec<(String, i64)>, StoreError> {
         use futures_util::TryStreamExt;
         let all: Vec<Document> = self.schedules.find(doc! {}).await?.try_collect().await?;
         Ok(all
@@ -104,7 +104,7 @@ impl LeaderRepository {
 
     /// Records that schedule `name` got to `slot` (never moving it back).
     #[tracing::instrument(name = "store.leaders.record_slot", skip(self))]
-    pub async fn record_slot(
+    pub(crate) async fn record_slot(
         &self,
         name: &str,
         slot: i64,

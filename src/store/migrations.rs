@@ -218,7 +218,7 @@ pub async fn apply(
 }
 
 /// [`apply`], creating missing indexes of DocumentDB's composite type or not (see [`composite`]).
-pub async fn apply_with(
+pub(crate) async fn apply_with(
     db: &Database,
     composite: bool,
     mut progress: impl FnMut(Progress<'_>),
@@ -322,7 +322,7 @@ async fn create(
 }
 
 /// Indexes of the specs that are missing or differ, as `Collection.index` with the reason.
-pub async fn missing_indexes(db: &Database) -> Result<Vec<String>, StoreError> {
+pub(crate) async fn missing_indexes(db: &Database) -> Result<Vec<String>, StoreError> {
     let mut problems = Vec::new();
     for spec in specs()? {
         let existing = existing_indexes(db, &spec.collection).await?;

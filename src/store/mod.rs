@@ -6,8 +6,8 @@ pub mod batch;
 pub mod cache;
 pub mod checkpoints;
 pub mod dedup;
-pub mod error_log;
-pub mod leaders;
+pub(crate) mod error_log;
+pub(crate) mod leaders;
 pub mod leases;
 pub mod lookup;
 pub mod migrations;
@@ -17,7 +17,7 @@ pub mod shape;
 pub mod shards;
 pub mod task_leases;
 pub mod tasks;
-pub mod view;
+pub(crate) mod view;
 
 use std::time::Duration;
 
@@ -67,7 +67,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether trying again later may succeed.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable(_) | Self::Redis(_))
     }
 }
@@ -90,7 +90,7 @@ pub(crate) fn from_now(d: std::time::Duration) -> DateTime {
 }
 
 /// Whether a server error code means the write may succeed when tried again.
-pub fn is_transient_code(code: i32) -> bool {
+pub(crate) fn is_transient_code(code: i32) -> bool {
     TRANSIENT_CODES.contains(&code)
 }
 
@@ -131,7 +131,7 @@ fn is_permanent_command_code(code: i32) -> bool {
 }
 
 /// True for MongoDB's duplicate-key error (code 11000), however the driver wraps it.
-pub fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+pub(crate) fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
     use mongodb::error::{ErrorKind, WriteFailure};
     match *error.kind {
         ErrorKind::Write(WriteFailure::WriteError(ref e)) => e.code == 11000,
@@ -192,7 +192,7 @@ pub async fn connect(
 }
 
 /// `ping`, for health and readiness.
-pub async fn ping(db: &Database) -> Result<(), StoreError> {
+pub(crate) async fn ping(db: &Database) -> Result<(), StoreError> {
     db.run_command(mongodb::bson::doc! {"ping": 1}).await?;
     Ok(())
 }

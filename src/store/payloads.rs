@@ -1,8 +1,8 @@
 //! `RawPayload`: task arguments and results too large to travel in a message or sit in `Tasks`.
 //!
 //! Each payload is collected by the TTL index on `expires_at` once its task can no longer need
-//! it: a result [`RETENTION`] after it is stored, arguments [`RETENTION`] after their task
-//! finished ([`PayloadRepository::expire_write`]) — never while the task may still run.
+//! it: a result `RETENTION` after it is stored, arguments `RETENTION` after their task
+//! finished (`PayloadRepository::expire_write`) — never while the task may still run.
 
 use mongodb::bson::{doc, DateTime};
 use mongodb::{Collection, Database};
@@ -31,7 +31,7 @@ pub struct RawPayload {
 }
 
 /// How long a payload stays once its task is done with it.
-pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+pub(crate) const RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Clone)]
 pub struct PayloadRepository {
@@ -48,7 +48,7 @@ impl PayloadRepository {
     /// Stores `value` for `task_id` under `kind`; returns the reference. Storing the same
     /// reference again replaces it (a retried attempt's result).
     #[tracing::instrument(name = "store.payloads.put", skip(self, value))]
-    pub async fn put(
+    pub(crate) async fn put(
         &self,
         task_id: &str,
         kind: &str,
@@ -74,7 +74,7 @@ impl PayloadRepository {
     }
 
     /// Lets the TTL index collect `reference` [`RETENTION`] from now: its task has finished.
-    pub fn expire_write(&self, reference: &str) -> super::batch::Write {
+    pub(crate) fn expire_write(&self, reference: &str) -> super::batch::Write {
         super::batch::Write {
             collection: COLLECTION,
             op: super::batch::WriteOp::Upsert {
@@ -97,11 +97,11 @@ impl PayloadRepository {
 }
 
 /// A reference as it is stored in place of a large value: `{"kobe_payload_ref": "<id>"}`.
-pub fn reference_value(reference: &str) -> Value {
+pub(crate) fn reference_value(reference: &str) -> Value {
     serde_json::json!({ "kobe_payload_ref": reference })
 }
 
-/// The reference in a value written by [`reference_value`], if it is one.
+/// The reference in a value written by `reference_value`, if it is one.
 pub fn reference_in(value: &Value) -> Option<&str> {
     value
         .as_object()

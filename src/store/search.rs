@@ -16,7 +16,7 @@ use super::{StoreError, TaskDocument};
 use crate::domain::TaskState;
 
 /// Most tasks in one page.
-pub const MAX_PAGE: u32 = 500;
+pub(crate) const MAX_PAGE: u32 = 500;
 
 /// Where the next page starts: after the task that ended this one (`updated_at`, then id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub struct Cursor {
 
 impl Cursor {
     /// `<milliseconds>.<task id>`, as [`Cursor::parse`] reads it back.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         format!("{}.{}", self.updated_at_ms, self.id)
     }
 

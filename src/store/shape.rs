@@ -8,7 +8,10 @@ pub mod seconds {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match value {
             Some(d) => s.serialize_some(&d.as_secs_f64()),
             None => s.serialize_none(),
@@ -16,7 +19,9 @@ pub mod seconds {
     }
 
     /// A negative or non-finite number of seconds (no version writes one) reads as none.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let seconds = Option::<f64>::deserialize(d)?;
         Ok(seconds
             .filter(|s| s.is_finite() && *s >= 0.0)
@@ -30,11 +35,16 @@ pub mod time {
     use mongodb::bson::{Bson, DateTime};
     use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<S: Serializer>(value: &Option<DateTime>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(
+        value: &Option<DateTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         value.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<DateTime>, D::Error> {
         match Option::<Bson>::deserialize(d)? {
             None | Some(Bson::Null) => Ok(None),
             Some(Bson::DateTime(time)) => Ok(Some(time)),

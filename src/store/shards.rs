@@ -55,7 +55,7 @@ impl ShardRepository {
     }
 
     /// The plan a task made, if it planned a job.
-    pub async fn planned_by(&self, task_id: &str) -> Result<Option<ShardMeta>, StoreError> {
+    pub(crate) async fn planned_by(&self, task_id: &str) -> Result<Option<ShardMeta>, StoreError> {
         Ok(self
             .collection
             .find_one(doc! {"planned_by": task_id})

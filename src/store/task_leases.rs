@@ -11,7 +11,7 @@
 //! `Tasks` is written at submission and at each outcome; while an attempt runs, `STARTED`, its
 //! start and its worker come from here (see [`TaskRepository::get`](super::TaskRepository)).
 //! A lease stays after its attempt ran, so a copy of the message that comes late still finds it
-//! taken; [`LeaseRepository::collect`] removes leases not held for [`RETENTION`].
+//! taken; [`LeaseRepository::collect`] removes leases not held for `RETENTION`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,10 +33,10 @@ pub const COLLECTION: &str = "TaskLeases";
 /// How long a lease stays after its attempt last held it (or was closed): a copy of the message
 /// arriving within it (an outbox re-send, a duplicate publish, a backlog) finds the attempt taken.
 /// A redelivered copy also looks at the task's document, whatever its age.
-pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The token of an attempt closed before any worker took it.
-pub const CLOSED_TOKEN: &str = "closed";
+pub(crate) const CLOSED_TOKEN: &str = "closed";
 
 /// The `_id` of attempt `retries` of task `task_id`.
 pub fn lease_id(task_id: &str, retries: u32) -> String {
@@ -78,7 +78,7 @@ impl Attempt {
         }
     }
 
-    pub fn with_origin(mut self, origin: Origin) -> Self {
+    pub(crate) fn with_origin(mut self, origin: Origin) -> Self {
         self.origin = Arc::new(origin);
         self
     }
@@ -122,7 +122,7 @@ pub struct AttemptLease {
 
 impl AttemptLease {
     /// Running (or its worker died running it): not done and not closed.
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.done_at.is_none() && self.closed.is_none()
     }
 
@@ -149,7 +149,7 @@ impl AttemptLease {
 
 /// What a takeover of a held lease found.
 #[derive(Debug, Clone)]
-pub enum TakeOver {
+pub(crate) enum TakeOver {
     /// Ours now; `previous` is the token of the attempt whose lapsed lease was taken (none when
     /// it was our own, sent again).
     Taken {
@@ -157,8 +157,9 @@ pub enum TakeOver {
         deliveries: u32,
         started_at: DateTime,
     },
-    /// Not takeable: here is what holds it (`None`: it is gone, insert again).
-    Held(Option<AttemptLease>),
+    /// Not takeable: held by a live holder, finished, or gone. The caller reads the lease afresh
+    /// when it needs to know which.
+    Held,
 }
 
 /// Repository of `TaskLeases`.
@@ -201,7 +202,7 @@ impl LeaseRepository {
     /// lost), counting one more start; refused when it is done, closed, asked to stop or was
     /// started `max_deliveries` times.
     #[tracing::instrument(name = "store.leases.take_over", skip_all, fields(task_id = %attempt.task_id))]
-    pub async fn take_over(
+    pub(crate) async fn take_over(
         &self,
         attempt: &Attempt,
         lease: Duration,
@@ -238,12 +239,12 @@ impl LeaseRepository {
                 deliveries: before.deliveries.saturating_add(1),
                 previous: (before.token != attempt.token).then_some(before.token),
             },
-            None => TakeOver::Held(self.collection.find_one(doc! {"_id": &id}).await?),
+            None => TakeOver::Held,
         })
     }
 
     /// Marks the attempt done, as a batched write (refused when another attempt holds it now).
-    pub fn done_write(&self, attempt: &Attempt) -> Write {
+    pub(crate) fn done_write(&self, attempt: &Attempt) -> Write {
         Write {
             collection: COLLECTION,
             op: WriteOp::Upsert {
@@ -299,7 +300,7 @@ impl LeaseRepository {
 
     /// Of the `running` attempts (lease id, token), the tokens of those an operator asked to stop.
     #[tracing::instrument(name = "store.leases.cancel_requests", skip_all, fields(running = running.len()))]
-    pub async fn cancel_requests(
+    pub(crate) async fn cancel_requests(
         &self,
         running: &[(String, String)],
     ) -> Result<Vec<String>, StoreError> {
@@ -324,7 +325,7 @@ impl LeaseRepository {
 
     /// Closes `attempt` unrun, as a batched insert, before its task is closed in `state`
     /// without running (expired, unknown, its arguments lost): refused when a copy holds it.
-    pub fn close_write(&self, attempt: &Attempt, state: TaskState) -> Write {
+    pub(crate) fn close_write(&self, attempt: &Attempt, state: TaskState) -> Write {
         let closed = closed_lease(
             &attempt.task_id,
             &attempt.task_name,
@@ -364,7 +365,7 @@ impl LeaseRepository {
     /// Asks the running attempt `retries` of a task to stop; `true` when it is running (asked now
     /// or before).
     #[tracing::instrument(name = "store.leases.ask_to_stop", skip(self, request))]
-    pub async fn ask_to_stop(
+    pub(crate) async fn ask_to_stop(
         &self,
         task_id: &str,
         retries: u32,
@@ -392,7 +393,7 @@ impl LeaseRepository {
     }
 
     /// The open leases of these attempts (task id, retries), by task id: one query.
-    pub async fn open_for(
+    pub(crate) async fn open_for(
         &self,
         attempts: &[(&str, u32)],
     ) -> Result<HashMap<String, AttemptLease>, StoreError> {
@@ -411,7 +412,10 @@ impl LeaseRepository {
 
     /// The latest open lease of a task no `Tasks` document records yet (a Celery client's task
     /// that is running): a range of `_id`, on its index.
-    pub async fn latest_open(&self, task_id: &str) -> Result<Option<AttemptLease>, StoreError> {
+    pub(crate) async fn latest_open(
+        &self,
+        task_id: &str,
+    ) -> Result<Option<AttemptLease>, StoreError> {
         let found: Vec<AttemptLease> = self
             .collection
             .find(doc! {
@@ -436,7 +440,7 @@ impl LeaseRepository {
             .await?)
     }
 
-    /// Removes leases not held for [`RETENTION`]; how many.
+    /// Removes leases not held for `RETENTION`; how many.
     #[tracing::instrument(name = "store.leases.collect", skip(self))]
     pub async fn collect(&self) -> Result<u64, StoreError> {
         let cutoff = DateTime::now().timestamp_millis() - RETENTION.as_millis() as i64;

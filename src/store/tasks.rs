@@ -243,7 +243,7 @@ impl TaskRepository {
     }
 
     /// A new task as a batched insert: refused when its id is taken.
-    pub fn insert_write(&self, task: &TaskDocument) -> Result<Write, StoreError> {
+    pub(crate) fn insert_write(&self, task: &TaskDocument) -> Result<Write, StoreError> {
         let document = bson::to_document(task).map_err(|e| StoreError::Rejected(Cause::of(e)))?;
         Ok(Write {
             collection: COLLECTION,
@@ -378,7 +378,7 @@ impl TaskRepository {
     /// A closed record of task `id`, inserted only if none exists: once it is in, an insert of
     /// that id still on its way is refused. For a dedup key taken over from a submission that
     /// never recorded its task.
-    pub fn tombstone_write(&self, id: &str, task_name: &str, root_cause: &str) -> Write {
+    pub(crate) fn tombstone_write(&self, id: &str, task_name: &str, root_cause: &str) -> Write {
         let now = DateTime::now();
         Write {
             collection: COLLECTION,
@@ -404,7 +404,7 @@ impl TaskRepository {
     /// a worker has claimed already needs no mark (its claim set it; the outbox only looks at
     /// `PENDING` tasks), so at load most of the batch is matched and not written.
     #[tracing::instrument(name = "store.tasks.mark_published", skip_all, fields(count = ids.len()))]
-    pub async fn mark_published(&self, ids: &[String]) -> Result<(), StoreError> {
+    pub(crate) async fn mark_published(&self, ids: &[String]) -> Result<(), StoreError> {
         self.collection
             .update_many(
                 doc! {
@@ -421,7 +421,7 @@ impl TaskRepository {
     /// Claims one task whose message was never confirmed and which is older than `age`, for
     /// `hold`; other sweepers skip it until then.
     #[tracing::instrument(name = "store.tasks.claim_unpublished", skip(self))]
-    pub async fn claim_unpublished(
+    pub(crate) async fn claim_unpublished(
         &self,
         age: Duration,
         hold: Duration,

@@ -16,7 +16,7 @@ use crate::domain::{TaskId, TaskState};
 
 /// Lays an open lease over its task's document: `STARTED` while the attempt the document waits
 /// for runs. A lease of another attempt, or a finished task, changes nothing.
-pub fn overlay(task: &mut TaskDocument, lease: &AttemptLease) {
+pub(crate) fn overlay(task: &mut TaskDocument, lease: &AttemptLease) {
     if let Some(cancel) = &lease.cancel {
         task.cancel_requested.get_or_insert_with(|| cancel.clone());
     }
@@ -71,7 +71,7 @@ impl TaskRepository {
     }
 
     /// Lays the running attempts over `tasks`: one query for the page.
-    pub async fn overlay_all(&self, tasks: &mut [TaskDocument]) -> Result<(), StoreError> {
+    pub(crate) async fn overlay_all(&self, tasks: &mut [TaskDocument]) -> Result<(), StoreError> {
         let waiting: Vec<(&str, u32)> = tasks
             .iter()
             .filter(|t| {
@@ -132,7 +132,10 @@ impl TaskRepository {
 
     /// How many tasks each state has that changed since `since`, as the read model counts them:
     /// the running attempts move their tasks from waiting to `STARTED`.
-    pub async fn state_counts(&self, since: DateTime) -> Result<Vec<(TaskState, u64)>, StoreError> {
+    pub(crate) async fn state_counts(
+        &self,
+        since: DateTime,
+    ) -> Result<Vec<(TaskState, u64)>, StoreError> {
         let mut counts = self.counts_since(since).await?;
         let running = self.leases.open(MAX_PAGE * 4).await?;
         let ids: Vec<String> = running.iter().map(|l| l.task_id.clone()).collect();

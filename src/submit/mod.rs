@@ -188,7 +188,7 @@ impl Submitter {
     /// Submits many tasks together, each with [`Submitter::submit`]'s promise and its own
     /// answer (in order): their records share the group-commit writer's `insert` commands and
     /// their publishes are confirmed pipelined, so a batch costs a few round trips in all.
-    pub async fn submit_many(&self, tasks: Vec<NewTask>) -> Vec<Result<(), SubmitError>> {
+    pub(crate) async fn submit_many(&self, tasks: Vec<NewTask>) -> Vec<Result<(), SubmitError>> {
         // Every record is built first and then handed to the writer in one go, so the batch
         // fills its insert commands instead of trickling out in the writer's linger.
         let mut staged = Vec::with_capacity(tasks.len());
@@ -377,7 +377,7 @@ impl Submitter {
 
     /// Publishes a task found unconfirmed (by the outbox, or a parent spawning it again). Leaves
     /// it `PENDING` on failure: the next sweep tries again.
-    pub async fn republish(&self, document: &TaskDocument) -> Result<(), SubmitError> {
+    pub(crate) async fn republish(&self, document: &TaskDocument) -> Result<(), SubmitError> {
         let outgoing = self.message(document, None)?;
         self.publisher
             .publish(outgoing)

@@ -111,7 +111,7 @@ fn job_params(kwargs: &Map<String, Value>) -> Result<JobParams, InvalidInput> {
 }
 
 /// The queue (and checkpoint shard key) of one shard.
-pub fn shard_queue(job_key: &str, shard: u32) -> String {
+pub(crate) fn shard_queue(job_key: &str, shard: u32) -> String {
     format!("{job_key}:shard:{shard}")
 }
 

@@ -22,7 +22,7 @@ use crate::domain::{Priority, TaskId};
 use crate::store::{CheckpointRepository, LeaseRepository, ShardRepository};
 
 /// What a handler's future resolves to.
-pub type HandlerResult = Result<Value, TaskError>;
+pub(crate) type HandlerResult = Result<Value, TaskError>;
 pub type TaskFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'static>>;
 
 /// A task's failure, saying what the worker should do next.
@@ -77,7 +77,7 @@ impl Invocation {
 
     /// Resolves when the handler should wrap up: the soft limit passed or the task was cancelled.
     /// Says which.
-    pub async fn wrap_up(&self) -> WrapUp {
+    pub(crate) async fn wrap_up(&self) -> WrapUp {
         let (mut soft_limit, mut cancel) = (self.soft_limit.clone(), self.cancel.clone());
         tokio::select! {
             () = cancel.raised() => WrapUp::Cancelled,
@@ -85,7 +85,7 @@ impl Invocation {
         }
     }
     /// The worker's context, or a permanent error for a task that cannot run without one.
-    pub fn context(&self) -> Result<Arc<TaskContext>, TaskError> {
+    pub(crate) fn context(&self) -> Result<Arc<TaskContext>, TaskError> {
         self.context
             .clone()
             .ok_or_else(|| TaskError::Permanent("this task needs a worker's context".into()))
@@ -94,7 +94,7 @@ impl Invocation {
 
 /// Why a handler is asked to wrap up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WrapUp {
+pub(crate) enum WrapUp {
     SoftLimit,
     Cancelled,
 }
@@ -138,11 +138,11 @@ pub trait Spawner: Send + Sync {
 pub struct Signal(tokio::sync::watch::Receiver<bool>);
 
 /// The soft time limit as a handler sees it.
-pub type SoftLimit = Signal;
+pub(crate) type SoftLimit = Signal;
 
 impl Signal {
     /// A signal and the switch that raises it.
-    pub fn pair() -> (tokio::sync::watch::Sender<bool>, Self) {
+    pub(crate) fn pair() -> (tokio::sync::watch::Sender<bool>, Self) {
         let (raise, signal) = tokio::sync::watch::channel(false);
         (raise, Self(signal))
     }
@@ -200,7 +200,7 @@ impl RetryPolicy {
     /// "equal jitter": half the delay is fixed and half is random, so delays still grow from one
     /// retry to the next while retries of many tasks do not arrive in lockstep. `jitter` is a
     /// uniform sample from [0, 1).
-    pub fn delay_for(&self, retry: u32, jitter: f64) -> Duration {
+    pub(crate) fn delay_for(&self, retry: u32, jitter: f64) -> Duration {
         let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
         let nominal = self.base_delay.as_secs_f64() * self.factor.powi(exponent);
         let capped = nominal.min(self.max_delay.as_secs_f64());
@@ -260,7 +260,7 @@ pub trait Task: Send + Sync + 'static {
 }
 
 /// Checks a submission's arguments against the task's schema, then its own validation.
-pub fn check_input(
+pub(crate) fn check_input(
     task: &dyn Task,
     args: &[Value],
     kwargs: &Map<String, Value>,

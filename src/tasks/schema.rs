@@ -48,7 +48,7 @@ impl KwargsSchema {
     }
 
     /// The schema as given, for the task catalogue.
-    pub fn as_value(&self) -> &Value {
+    pub(crate) fn as_value(&self) -> &Value {
         &self.0
     }
 

@@ -20,7 +20,7 @@ const BUCKETS: &[f64] = &[
 ];
 
 /// Why a message went to the dead-letter queue (the `reason` label).
-pub const DEAD_LETTER_REASONS: [&str; 6] = [
+pub(crate) const DEAD_LETTER_REASONS: [&str; 6] = [
     "malformed",
     "unknown_task",
     "permanent_error",

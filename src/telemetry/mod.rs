@@ -54,7 +54,7 @@ pub fn init(filter: &str, format: LogFormat) {
 
 /// Logs every panic through `tracing`, with its location and a backtrace, so a panic in a task
 /// handler shows up in the same JSON stream as everything else instead of a bare stderr line.
-pub fn install_panic_hook() {
+pub(crate) fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let payload = info
             .payload()

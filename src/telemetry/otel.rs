@@ -50,7 +50,7 @@ pub(super) fn tracer() -> Option<opentelemetry_sdk::trace::Tracer> {
 }
 
 /// Whether spans are being exported.
-pub fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     PROVIDER.get().is_some()
 }
 
@@ -77,7 +77,7 @@ fn remote(parent: &TraceContext) -> Context {
 }
 
 /// Makes `span` a child of `parent` in the exported trace (no-op when not exporting).
-pub fn adopt(span: &tracing::Span, parent: &TraceContext) {
+pub(crate) fn adopt(span: &tracing::Span, parent: &TraceContext) {
     if enabled() {
         let _ = span.set_parent(remote(parent));
     }

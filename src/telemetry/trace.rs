@@ -13,7 +13,7 @@ pub struct TraceContext {
 
 impl TraceContext {
     /// A new trace, as started by a request that carries none.
-    pub fn new_root() -> Self {
+    pub(crate) fn new_root() -> Self {
         Self {
             trace_id: fastrand::u128(1..),
             span_id: fastrand::u64(1..),
@@ -57,7 +57,7 @@ impl TraceContext {
     }
 
     /// The trace id as 32 lowercase hex digits, as logs and trace backends show it.
-    pub fn trace_id_hex(&self) -> String {
+    pub(crate) fn trace_id_hex(&self) -> String {
         format!("{:032x}", self.trace_id)
     }
 }

@@ -33,15 +33,15 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Why a message went to the dead-letter queue: the `reason` label of `kobe_dead_letters_total`.
 pub mod reason {
-    pub const MALFORMED: &str = "malformed";
-    pub const UNKNOWN_TASK: &str = "unknown_task";
-    pub const PERMANENT_ERROR: &str = "permanent_error";
-    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
-    pub const TIME_LIMIT: &str = "time_limit";
-    pub const PAYLOAD_MISSING: &str = "payload_missing";
-    pub const STORE_REJECTED: &str = "store_rejected";
-    pub const POISON: &str = "poison";
-    pub const INTERNAL: &str = "internal_error";
+    pub(crate) const MALFORMED: &str = "malformed";
+    pub(crate) const UNKNOWN_TASK: &str = "unknown_task";
+    pub(crate) const PERMANENT_ERROR: &str = "permanent_error";
+    pub(crate) const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+    pub(crate) const TIME_LIMIT: &str = "time_limit";
+    pub(crate) const PAYLOAD_MISSING: &str = "payload_missing";
+    pub(crate) const STORE_REJECTED: &str = "store_rejected";
+    pub(crate) const POISON: &str = "poison";
+    pub(crate) const INTERNAL: &str = "internal_error";
 }
 
 /// How one run of a handler ended.
@@ -308,7 +308,7 @@ pub fn next(plan: &Plan, done: &Done) -> Step {
 /// attempt's message may be queued — is recorded `RETRY` with that publish owed to the outbox:
 /// the redelivered copy then finds its attempt counted instead of running it again. `None`: the
 /// task goes back as it is, for the redelivery to finish.
-pub fn when_lost(plan: &Plan, done: &Done) -> Option<Transition> {
+pub(crate) fn when_lost(plan: &Plan, done: &Done) -> Option<Transition> {
     match (&plan.record, done.published, &done.stored) {
         (Some(Transition::Retry { root_cause, .. }), Published::Failed, Stored::NotYet) => {
             Some(Transition::Retry {
@@ -324,7 +324,7 @@ pub fn when_lost(plan: &Plan, done: &Done) -> Option<Transition> {
 /// times, the task's stored document, the attempt's lease. [`on_arrival`], [`on_task`] and
 /// [`on_lease`] decide it; the executor carries it out.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Nothing against running it (again): claim it, or write its outcome again.
     Takeable,
     /// It must not run: close it with this (a cancel, poison, expired, unknown).
@@ -338,7 +338,7 @@ pub enum Verdict {
 
 /// How a delivery that reaches no outcome of its own is settled.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Disposal {
+pub(crate) enum Disposal {
     /// A copy that must not run (the task is finished, revoked, on a later attempt, or its lease
     /// went to another attempt): acked, counted as a duplicate under `why`.
     Duplicate(&'static str),
@@ -361,7 +361,7 @@ pub enum Disposal {
 /// What becomes of a message whose task this worker does not know, handed on `hops` times so
 /// far, of the `most_hops` the grace allows: perhaps only this worker does not know it (an older
 /// version beside newer ones), so it goes on for a while before it counts as unknown everywhere.
-pub fn on_unknown(task: &str, hops: i64, most_hops: i64) -> Verdict {
+pub(crate) fn on_unknown(task: &str, hops: i64, most_hops: i64) -> Verdict {
     if hops < most_hops {
         Verdict::Dispose(Disposal::SendBack {
             wait: UNKNOWN_TASK_WAIT,
@@ -374,7 +374,7 @@ pub fn on_unknown(task: &str, hops: i64, most_hops: i64) -> Verdict {
 
 /// What a message's own times say against running it at `now` (milliseconds since the epoch):
 /// not due yet, or expired. [`Verdict::Takeable`]: nothing.
-pub fn on_arrival(message: &crate::amqp::TaskMessage, now: i64) -> Verdict {
+pub(crate) fn on_arrival(message: &crate::amqp::TaskMessage, now: i64) -> Verdict {
     if let Some(eta) = message.eta.as_deref().and_then(millis_of) {
         if eta - now > 100 {
             let wait = Duration::from_millis(u64::try_from(eta - now).unwrap_or(u64::MAX));
@@ -391,7 +391,7 @@ pub fn on_arrival(message: &crate::amqp::TaskMessage, now: i64) -> Verdict {
 
 /// What the task's stored document says against attempt `retries` going on: finished (perhaps
 /// owing its dead letter), moved on to a later attempt, or cancelled. `None`: nothing.
-pub fn on_task(task: &TaskDocument, retries: u32) -> Option<Verdict> {
+pub(crate) fn on_task(task: &TaskDocument, retries: u32) -> Option<Verdict> {
     if task.state.is_final() {
         if task.dead_letter == Some(DeadLetterState::Pending) {
             return Some(Verdict::Dispose(Disposal::PayDeadLetter {
@@ -414,7 +414,7 @@ pub fn on_task(task: &TaskDocument, retries: u32) -> Option<Verdict> {
 }
 
 /// What the attempt's lease says to a copy holding attempt token `token`, at `now`.
-pub fn on_lease(
+pub(crate) fn on_lease(
     lease: Option<&AttemptLease>,
     token: &str,
     now: DateTime,
@@ -465,7 +465,7 @@ fn cancelled_while_running(by: &str) -> Verdict {
 
 /// The wait between two hands-on of a message whose task this worker does not know (as many as
 /// fit in `KOBE_UNKNOWN_TASK_GRACE_MS`).
-pub const UNKNOWN_TASK_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const UNKNOWN_TASK_WAIT: Duration = Duration::from_secs(30);
 
 /// Milliseconds since the epoch of an RFC 3339 time. A time without a zone (Celery sends one
 /// when its app is not timezone-aware) is UTC, as Celery's default `timezone` says.

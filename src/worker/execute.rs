@@ -86,7 +86,7 @@ impl Running {
 
     /// Asks the handler to stop because its lease cannot be kept (the cancel signal, which a
     /// handler already honours); what it then returns is not an operator's revoke.
-    pub fn stop_for_lease(&mut self) {
+    pub(crate) fn stop_for_lease(&mut self) {
         self.stopped_for_lease = true;
         self.cancel.send_replace(true);
     }
@@ -157,7 +157,7 @@ impl Drop for Running {
 }
 
 /// The text of a panic payload.
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

@@ -26,7 +26,7 @@ pub mod execute;
 mod job;
 mod pause;
 mod pipeline;
-pub mod spawner;
+pub(crate) mod spawner;
 mod supervise;
 mod upkeep;
 
@@ -249,10 +249,10 @@ impl Worker {
 }
 
 /// The metric label of every task name the registry does not know.
-pub const UNKNOWN_TASK_LABEL: &str = "(unknown)";
+pub(crate) const UNKNOWN_TASK_LABEL: &str = "(unknown)";
 
 /// How often a worker running tasks looks for cancel requests.
-pub const CANCEL_POLL: Duration = Duration::from_secs(1);
+pub(crate) const CANCEL_POLL: Duration = Duration::from_secs(1);
 
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

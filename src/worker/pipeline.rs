@@ -358,7 +358,7 @@ impl Worker {
                     .await?;
                 Ok(Some((previous, deliveries, started_at, stored)))
             }
-            TakeOver::Held(_) => Ok(None),
+            TakeOver::Held => Ok(None),
         }
     }
 

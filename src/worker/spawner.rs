@@ -8,7 +8,7 @@ use crate::tasks::{ChildTask, Spawner, TaskError};
 
 /// Lets tasks submit child tasks (see [`Submitter::submit_child`]: idempotent, and a child whose
 /// publish failed is published again by the parent's next attempt).
-pub struct WorkerSpawner {
+pub(crate) struct WorkerSpawner {
     pub submitter: Submitter,
 }
 

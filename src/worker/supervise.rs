@@ -87,4 +87,4 @@ impl Worker {
 /// The share of the execution lease a worker does not count on: it stops a handler whose lease
 /// it could not renew this long before the lease ends (for the 30 s default, 5 s: workers'
 /// clocks must agree within about half of it).
-pub const LEASE_MARGIN: f64 = 1.0 / 6.0;
+pub(crate) const LEASE_MARGIN: f64 = 1.0 / 6.0;

@@ -149,13 +149,40 @@ async fn two_replicas_fire_each_slot_once_and_the_survivor_takes_over_from_a_kil
         at_kill.len()
     );
     assert!(widest <= 5000, "gap of {widest} ms: {slots:?}");
-    // Each firing was published once: as many messages wait as tasks were fired.
+    // Each firing is published once. The killed leader may have died between recording a
+    // firing and publishing it: that one is owed by the outbox, which any `serve` relays. One
+    // without the schedule (so nothing new fires) and with a short outbox age settles the debt.
+    let port = common::free_port();
+    let relay = env
+        .kobe_command(&["serve", "--addr", &format!("127.0.0.1:{port}")])
+        .env("KOBE_OUTBOX_AGE_MS", "500")
+        .env("KOBE_OUTBOX_INTERVAL_MS", "200")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(common::Process::new)
+        .unwrap();
+    common::wait_ready(&client, &format!("http://127.0.0.1:{port}")).await;
     let queue = env.topology.queue("default");
-    let depth = common::eventually(Duration::from_secs(10), "every firing queued", || async {
+    common::eventually(Duration::from_secs(15), "every firing queued", || async {
         let depth = env.queue_depth(queue.clone()).await?;
-        (depth as usize >= slots.len()).then_some(depth)
+        (depth as usize >= slots.len()).then_some(())
     })
     .await;
-    assert_eq!(depth as usize, slots.len(), "{slots:?}");
+    relay.stop();
+    // A copy more is allowed where the leader died between the broker's confirm and recording
+    // it (the worker runs the task once); a slot missing or a task never fired is not.
+    let mut queued: Vec<i64> = env
+        .drain(queue)
+        .await
+        .iter()
+        .map(|m| {
+            let id = m.header_text("id").expect("a task id");
+            id.rsplit(':').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    queued.sort_unstable();
+    queued.dedup();
+    assert_eq!(queued, slots, "queued slots against fired ones");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -32,16 +32,16 @@ async fn rendered(url: String) -> String {
 async fn the_page_shows_a_scripted_run_and_the_search_pages_through_failures() {
     let Running { env, api, worker } = TestEnv::with_worker(&[("KOBE_RETRY_MAX", "0")], 2).await;
     let ok = api.submit(common::quick_task(1)).await;
+    // Two failures, one after the other, so the newer one is known.
     let mut failed = Vec::new();
     for _ in 0..2 {
-        failed.push(
-            api.submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}))
-                .await,
-        );
+        let id = api
+            .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}))
+            .await;
+        env.wait_final(&id, Duration::from_secs(20)).await;
+        failed.push(id);
     }
-    for id in failed.iter().chain([&ok]) {
-        env.wait_final(id, Duration::from_secs(20)).await;
-    }
+    env.wait_final(&ok, Duration::from_secs(20)).await;
 
     let dom = rendered(format!("{}/ui", api.address)).await;
     assert!(dom.contains("data-state=\"SUCCESS\">1<"), "{dom}");

@@ -14,7 +14,7 @@ use crate::store::attempts::Cancelled;
 
 /// The answer to a retry.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Retried {
+pub(crate) struct Retried {
     pub task_id: String,
     /// The attempt now on its way (1 is the first).
     pub attempt: u32,
@@ -22,7 +22,7 @@ pub struct Retried {
 
 /// The answer to a cancel.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct CancelAnswer {
+pub(crate) struct CancelAnswer {
     pub task_id: String,
     /// `REVOKED` (it will not run, or it stopped), or `STARTED` (running; its handler is being
     /// asked to stop — watch `GET /task/status/{id}`).

@@ -22,12 +22,12 @@ use crate::tasks::Registry;
 use crate::telemetry::trace::TraceContext;
 
 /// A bulk body may be this many times `KOBE_MAX_BODY_BYTES`.
-pub const BODY_FACTOR: usize = 16;
+pub(crate) const BODY_FACTOR: usize = 16;
 
 /// Body of `POST /task/start_many`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct TaskStartMany {
+pub(crate) struct TaskStartMany {
     /// Each one the body of `POST /task/start`; a per-item idempotency key is its `dedup_key`.
     #[schema(value_type = Vec<TaskStart>, min_items = 1)]
     pub tasks: Vec<Value>,
@@ -35,7 +35,7 @@ pub struct TaskStartMany {
 
 /// What became of one item.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ItemResult {
+pub(crate) struct ItemResult {
     /// The item's position in `tasks`, from 0.
     pub index: usize,
     /// What `POST /task/start` would have answered: 202 recorded and confirmed, 200 a repeat of
@@ -52,7 +52,7 @@ pub struct ItemResult {
 
 /// `200` answer: one result per item, in order.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct BulkResults {
+pub(crate) struct BulkResults {
     pub results: Vec<ItemResult>,
 }
 
@@ -156,7 +156,7 @@ pub async fn start_many(
 /// Submits parsed items together, each answered as `POST /task/start` would answer it, in order:
 /// items without a key go to [`Submitter::submit_many`] as one batch; keyed ones (which may wait
 /// for an earlier submission of their key) go one by one beside it.
-pub async fn submit_items(
+pub(crate) async fn submit_items(
     registry: &Registry,
     submitter: &Submitter,
     dedup_window: Duration,

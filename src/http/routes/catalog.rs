@@ -9,7 +9,7 @@ use crate::http::AppState;
 
 /// A task this deployment can run.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TaskInfo {
+pub(crate) struct TaskInfo {
     pub name: String,
     /// `rust` (compiled in), `http` or `command` (declared in `KOBE_TASKS_FILE`).
     pub kind: String,

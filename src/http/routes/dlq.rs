@@ -12,7 +12,7 @@ use crate::operate::dead_letters::{DeadLetterError, LetterSummary, ReplayOutcome
 /// Which letters to list.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct LetterQuery {
+pub(crate) struct LetterQuery {
     /// Only letters of this task name.
     pub task_name: Option<String>,
     /// Only letters whose reason contains this text.
@@ -24,14 +24,14 @@ pub struct LetterQuery {
 
 /// Dead letters, oldest first.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Letters {
+pub(crate) struct Letters {
     pub letters: Vec<LetterSummary>,
 }
 
 /// Which letters to replay: task ids, a task name, or all of them.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ReplayRequest {
+pub(crate) struct ReplayRequest {
     #[serde(default)]
     pub task_ids: Vec<String>,
     pub task_name: Option<String>,
@@ -45,7 +45,7 @@ pub struct ReplayRequest {
 
 /// What a replay did, letter by letter; `missing` names requested ids with no letter.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Replayed {
+pub(crate) struct Replayed {
     pub outcomes: Vec<ReplayOutcome>,
     pub missing: Vec<String>,
 }
@@ -181,7 +181,7 @@ pub async fn show(
 /// Which letters to purge. Without `dry_run`, `confirm: true` is required: purged letters are gone.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PurgeRequest {
+pub(crate) struct PurgeRequest {
     pub task_name: Option<String>,
     /// Only letters whose reason contains this text.
     pub reason: Option<String>,
@@ -200,7 +200,7 @@ const MAX_AGE_S: f64 = 315_360_000.0;
 
 /// How many letters a purge removed (or, with `dry_run`, would remove).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Purged {
+pub(crate) struct Purged {
     pub removed: usize,
     pub dry_run: bool,
 }

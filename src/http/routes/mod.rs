@@ -1,8 +1,8 @@
 //! One file per resource.
 
-pub mod actions;
+pub(crate) mod actions;
 pub mod bulk;
-pub mod catalog;
+pub(crate) mod catalog;
 pub mod dlq;
 pub mod docs;
 pub mod health;
@@ -38,7 +38,7 @@ pub(crate) fn limit(text: Option<&str>, default: u32, max: u32) -> Result<u32, A
 }
 
 /// Any path no route matches: the same problem shape as every other error.
-pub async fn not_found(request: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+pub(crate) async fn not_found(request: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
     Err(ApiError::NotFound(format!(
         "no route for {} {}",
         request.method(),

@@ -14,7 +14,7 @@ use crate::store::TaskDocument;
 /// The filters of a search.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct SearchQuery {
+pub(crate) struct SearchQuery {
     /// `PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE` or `REVOKED` (default `FAILURE`, or
     /// any state with `parent_id`).
     pub state: Option<String>,
@@ -43,7 +43,7 @@ pub struct SearchQuery {
 
 /// A task in a list.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TaskSummary {
+pub(crate) struct TaskSummary {
     pub task_id: String,
     pub task_name: String,
     #[schema(value_type = String, example = "FAILURE")]
@@ -68,7 +68,7 @@ impl TaskSummary {
 
 /// A page of tasks.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TaskPage {
+pub(crate) struct TaskPage {
     pub tasks: Vec<TaskSummary>,
     /// Pass as `cursor` for the next page; absent on the last one.
     pub next_cursor: Option<String>,

@@ -20,7 +20,7 @@ pub(crate) fn timestamp(t: Option<DateTime>) -> Option<String> {
 
 /// A failed attempt, as the status shows it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct AttemptError {
+pub(crate) struct AttemptError {
     pub attempt: u32,
     pub root_cause: String,
     /// `retry` or `dead_letter`.
@@ -31,7 +31,7 @@ pub struct AttemptError {
 
 /// One attempt, as the status shows it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct AttemptInfo {
+pub(crate) struct AttemptInfo {
     /// 1-based.
     pub attempt: u32,
     /// The worker (`host:pid`) that ran it.
@@ -46,7 +46,7 @@ pub struct AttemptInfo {
 
 /// Progress of a sharded job, on the status of the task that planned it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct JobProgress {
+pub(crate) struct JobProgress {
     pub job_id: String,
     pub shards_total: u32,
     pub shards_done: usize,
@@ -58,7 +58,7 @@ pub struct JobProgress {
 
 /// Where a task is.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TaskStatus {
+pub(crate) struct TaskStatus {
     pub task_id: String,
     pub task_name: String,
     #[schema(value_type = String, example = "SUCCESS")]
@@ -241,7 +241,7 @@ pub async fn status(
 
 /// A finished task's result, from the result backend.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ResultAnswer {
+pub(crate) struct ResultAnswer {
     pub task_id: String,
     #[schema(value_type = String)]
     pub state: TaskState,

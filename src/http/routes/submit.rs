@@ -20,7 +20,7 @@ use crate::telemetry::trace::TraceContext;
 /// Body of `POST /task/start`. Unknown fields are refused.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct TaskStart {
+pub(crate) struct TaskStart {
     /// A registered task (see `GET /tasks`).
     #[schema(example = "demo_long_io")]
     pub task_name: String,
@@ -75,7 +75,7 @@ pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T,
 }
 
 /// `parse_body` for a value already parsed (one item of a bulk submission).
-pub fn parse_value<T: for<'de> Deserialize<'de>>(value: Value) -> Result<T, ApiError> {
+pub(crate) fn parse_value<T: for<'de> Deserialize<'de>>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(named)
 }
 
@@ -139,7 +139,7 @@ pub struct Accepted {
 
 /// `200` answer to a repeated submission.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Deduplicated {
+pub(crate) struct Deduplicated {
     /// The first submission's task.
     pub task_id: String,
     pub deduplicated: bool,
@@ -328,7 +328,7 @@ async fn start_traced(
 }
 
 /// A submission checked field by field, ready for the submitter.
-pub struct Prepared {
+pub(crate) struct Prepared {
     task: NewTask,
     fingerprint: Option<Fingerprint>,
 }
@@ -342,7 +342,7 @@ pub enum Submitted {
 
 /// Checks a submission (the task, its arguments, priority, route, timing, key) and builds its
 /// task; `header_key` is the request's `Idempotency-Key`, when it applies.
-pub fn prepare(
+pub(crate) fn prepare(
     registry: &crate::tasks::Registry,
     topology: &crate::amqp::Topology,
     submission: TaskStart,
@@ -399,7 +399,7 @@ pub fn prepare(
 
 /// Hands a checked submission to the submitter and says what became of it, as `/task/start`
 /// answers it.
-pub async fn submit_prepared(
+pub(crate) async fn submit_prepared(
     submitter: &crate::submit::Submitter,
     dedup_window: Duration,
     prepared: Prepared,
@@ -423,7 +423,7 @@ impl Prepared {
         self.fingerprint.is_some()
     }
 
-    pub fn into_task(self) -> NewTask {
+    pub(crate) fn into_task(self) -> NewTask {
         self.task
     }
 }

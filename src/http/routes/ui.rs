@@ -86,7 +86,7 @@ const SIGN_IN_FORM: &str = "<h1>Kobe</h1><form method=\"post\" action=\"/ui/logi
 const SIGN_IN_TRIES: u32 = 10;
 
 /// `GET /ui/login`: the sign-in form (straight to `/ui` when no tokens are configured).
-pub async fn login_form(state: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn login_form(state: web::Data<AppState>) -> HttpResponse {
     if state.api_tokens.expose().is_empty() {
         return HttpResponse::SeeOther()
             .insert_header(("Location", "/ui"))
@@ -197,12 +197,12 @@ pub async fn logout(request: HttpRequest, state: web::Data<AppState>) -> HttpRes
 
 /// `?id=` of the search box.
 #[derive(Debug, Deserialize)]
-pub struct Find {
+pub(crate) struct Find {
     pub id: Option<String>,
 }
 
 /// The overview: queues, the last hour, the latest failures, a task search box.
-pub async fn overview(
+pub(crate) async fn overview(
     request: HttpRequest,
     state: web::Data<AppState>,
     find: web::Query<Find>,

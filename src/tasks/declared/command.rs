@@ -23,14 +23,14 @@ use crate::config::Secret;
 use crate::tasks::{HandlerResult, Invocation, TaskError};
 
 /// The exit status that asks for a retry (`EX_TEMPFAIL` of sysexits.h).
-pub const EXIT_RETRY: i32 = 75;
+pub(crate) const EXIT_RETRY: i32 = 75;
 /// Stdout kept by default.
 const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
 /// Bytes of stderr kept for the root cause.
 const STDERR_TAIL: usize = 2048;
 
 /// A declared program.
-pub struct Program {
+pub(crate) struct Program {
     argv: Vec<String>,
     env: Vec<(String, Secret<String>)>,
     cwd: Option<PathBuf>,

@@ -38,11 +38,11 @@ use crate::config::{redact_url, Secret};
 use crate::tasks::{HandlerResult, Invocation, TaskError};
 
 /// The variable holding the signing secret when a task names none.
-pub const DEFAULT_SECRET_VARIABLE: &str = "KOBE_TASK_SIGNING_SECRET";
+pub(crate) const DEFAULT_SECRET_VARIABLE: &str = "KOBE_TASK_SIGNING_SECRET";
 /// The header carrying the body's signature.
-pub const SIGNATURE_HEADER: &str = "x-kobe-signature";
+pub(crate) const SIGNATURE_HEADER: &str = "x-kobe-signature";
 /// The header carrying the time the signature covers (unix seconds).
-pub const TIMESTAMP_HEADER: &str = "x-kobe-timestamp";
+pub(crate) const TIMESTAMP_HEADER: &str = "x-kobe-timestamp";
 /// Redirects `follow_redirects = "same-origin"` follows at most.
 const MAX_REDIRECTS: usize = 5;
 /// Most of a response body kept as a result.
@@ -69,7 +69,7 @@ fn unix_seconds() -> u64 {
 }
 
 /// A declared HTTP call.
-pub struct HttpCall {
+pub(crate) struct HttpCall {
     url: reqwest::Url,
     headers: Vec<(HeaderName, Secret<HeaderValue>)>,
     secret: Secret<Vec<u8>>,
