@@ -67,6 +67,16 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// 404 for a task id that names no task (or is no task id at all).
+    pub(crate) fn no_task(id: &str) -> Self {
+        Self::NotFound(format!("no task with id `{id}`"))
+    }
+
+    /// The task id in a path, or the 404 a malformed one deserves: no task has that id.
+    pub(crate) fn task_id(id: &str) -> Result<crate::domain::TaskId, Self> {
+        crate::domain::TaskId::parse(id).map_err(|_| Self::no_task(id))
+    }
+
     pub fn validation(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Validation {
             field: field.into(),

@@ -5,7 +5,6 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::domain::TaskId;
 use crate::domain::TaskState;
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
@@ -56,8 +55,8 @@ pub async fn cancel(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
-    let task_id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let not_found = || ApiError::no_task(&id);
+    let task_id = ApiError::task_id(&id)?;
     let by = crate::http::guard::requester(&request);
     let answer = |state| CancelAnswer {
         task_id: task_id.to_string(),
@@ -103,8 +102,8 @@ pub async fn retry(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
-    let task_id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let not_found = || ApiError::no_task(&id);
+    let task_id = ApiError::task_id(&id)?;
     let by = crate::http::guard::requester(&request);
     match state
         .operations

@@ -231,8 +231,8 @@ pub async fn status(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
-    let id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let not_found = || ApiError::no_task(&id);
+    let id = ApiError::task_id(&id)?;
     let json = status_json(&state, &id).await?.ok_or_else(not_found)?;
     Ok(HttpResponse::Ok()
         .content_type("application/json")
@@ -309,8 +309,8 @@ pub async fn result(
     if state.result_ttl.is_none() {
         return Err(ApiError::ResultBackendOff);
     }
-    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
-    let id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let not_found = || ApiError::no_task(&id);
+    let id = ApiError::task_id(&id)?;
     let json = status_json(&state, &id).await?.ok_or_else(not_found)?;
     let status: Value =
         serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string()))?;

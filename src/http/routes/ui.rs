@@ -11,7 +11,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use mongodb::bson::DateTime;
 use serde::Deserialize;
 
-use crate::domain::{TaskId, TaskState};
+use crate::domain::TaskState;
 use crate::http::{ApiError, AppState};
 use crate::operate::overview::Overview;
 
@@ -362,8 +362,8 @@ pub async fn task(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let not_found = || ApiError::NotFound(format!("no task with id `{id}`"));
-    let task_id = TaskId::parse(&id).map_err(|_| not_found())?;
+    let not_found = || ApiError::no_task(&id);
+    let task_id = ApiError::task_id(&id)?;
     let task = state
         .tasks
         .get(task_id.as_str())
