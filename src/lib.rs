@@ -106,6 +106,7 @@ pub(crate) mod cause;
 pub(crate) mod operate;
 pub(crate) mod shutdown;
 pub(crate) mod worker;
+pub(crate) mod workflow;
 
 pub use app::App;
 pub use tasks::{Invocation, Registry, Task, TaskError, TaskFuture};

@@ -37,7 +37,12 @@ pub struct TaskMessage {
     pub traceparent: Option<String>,
     /// Who published it (`kobe@hostname`).
     pub origin: String,
+    /// The workflow it is a step of (header `kobe_workflow`; Celery workers ignore it).
+    pub workflow_id: Option<String>,
 }
+
+/// The header naming the workflow a task is a step of.
+pub const WORKFLOW_HEADER: &str = "kobe_workflow";
 
 /// Why a delivery could not be read as a task message. Such a message is dead-lettered.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -71,6 +76,7 @@ impl TaskMessage {
             priority: Priority::default(),
             traceparent: None,
             origin: origin(),
+            workflow_id: None,
         }
     }
 
@@ -120,6 +126,9 @@ impl TaskMessage {
         h.insert("origin".into(), text(&self.origin));
         if let Some(traceparent) = &self.traceparent {
             h.insert("traceparent".into(), text(traceparent));
+        }
+        if let Some(workflow) = &self.workflow_id {
+            h.insert(WORKFLOW_HEADER.into(), text(workflow));
         }
         h
     }
@@ -186,6 +195,7 @@ impl TaskMessage {
             priority,
             traceparent: optional_text(headers, "traceparent"),
             origin: optional_text(headers, "origin").unwrap_or_default(),
+            workflow_id: optional_text(headers, WORKFLOW_HEADER),
         })
     }
 }

@@ -32,6 +32,11 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         errors: ErrorLogRepository::new(&db),
         shards: ShardRepository::new(&db),
         payloads: PayloadRepository::new(&db),
+        workflows: crate::workflow::Workflows::new(
+            &db,
+            PayloadRepository::new(&db),
+            submitter.clone(),
+        ),
         submitter,
         dedup_window: settings.submit.dedup_window,
         result_ttl: settings.redis.result_ttl,

@@ -154,8 +154,11 @@ fn services(
         leases: LeaseRepository::new(db),
         checkpoints: CheckpointRepository::new(db),
         shards: ShardRepository::new(db),
-        spawner: Arc::new(WorkerSpawner { submitter }),
+        spawner: Arc::new(WorkerSpawner {
+            submitter: submitter.clone(),
+        }),
     });
+    let workflows = crate::workflow::Workflows::new(db, PayloadRepository::new(db), submitter);
     Ok(Services {
         tasks: TaskRepository::new(db),
         errors: ErrorLogRepository::new(db),
@@ -172,5 +175,6 @@ fn services(
         settler: consumer.settler(),
         liveness: consumer.liveness(),
         context,
+        workflows,
     })
 }

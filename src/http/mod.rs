@@ -35,6 +35,8 @@ pub struct AppState {
     pub payloads: PayloadRepository,
     /// Records and publishes tasks.
     pub submitter: Submitter,
+    /// Starts workflows and shows them.
+    pub workflows: crate::workflow::Workflows,
     /// How long a dedup fingerprint holds.
     pub dedup_window: Duration,
     /// With the result backend on: how long results stay.
@@ -121,6 +123,9 @@ impl Application {
                 .service(resource("/task/result/{id}", "GET").route(web::get().to(routes::status::result)))
                 .service(resource("/task/{id}/retry", "POST").route(web::post().to(routes::actions::retry)))
                 .service(resource("/task/{id}/cancel", "POST").route(web::post().to(routes::actions::cancel)))
+                .service(resource("/workflow/start", "POST").route(web::post().to(routes::workflow::start)))
+                .service(resource("/workflow/{id}", "GET").route(web::get().to(routes::workflow::show)))
+                .service(resource("/workflow/{id}/cancel", "POST").route(web::post().to(routes::workflow::cancel)))
                 .service(resource("/tasks", "GET").route(web::get().to(routes::catalog::list)))
                 .service(resource("/schedules", "GET").route(web::get().to(routes::schedules::list)))
                 .service(resource("/health", "GET").route(web::get().to(routes::health::health)))

@@ -4,7 +4,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::Problem;
-use super::routes::{actions, bulk, catalog, dlq, health, schedules, search, status, submit};
+use super::routes::{
+    actions, bulk, catalog, dlq, health, schedules, search, status, submit, workflow,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +16,9 @@ use super::routes::{actions, bulk, catalog, dlq, health, schedules, search, stat
     ),
     paths(
         submit::start,
+        workflow::start,
+        workflow::show,
+        workflow::cancel,
         bulk::start_many,
         status::status,
         status::result,
@@ -31,6 +36,10 @@ use super::routes::{actions, bulk, catalog, dlq, health, schedules, search, stat
         super::routes::metrics::metrics,
     ),
     components(schemas(
+        workflow::WorkflowAccepted,
+        workflow::WorkflowCancelled,
+        crate::workflow::WorkflowView,
+        crate::workflow::StepView,
         submit::TaskStart,
         submit::Accepted,
         submit::Deduplicated,
@@ -61,6 +70,7 @@ use super::routes::{actions, bulk, catalog, dlq, health, schedules, search, stat
     modifiers(&BearerAuth, &HeaderConstraints),
     tags(
         (name = "tasks", description = "Submitting tasks and following them"),
+        (name = "workflows", description = "Chains, groups and chords of tasks"),
         (name = "operations", description = "Health, readiness and metrics"),
     ),
 )]

@@ -24,7 +24,7 @@ use super::StoreError;
 use crate::cause::Cause;
 
 /// The spec files, in the order they are applied.
-const SPEC_FILES: [(&str, &str); 10] = [
+const SPEC_FILES: [(&str, &str); 12] = [
     ("Tasks.json", include_str!("../../migrations/Tasks.json")),
     (
         "TaskLeases.json",
@@ -61,6 +61,14 @@ const SPEC_FILES: [(&str, &str); 10] = [
     (
         "ScheduleState.json",
         include_str!("../../migrations/ScheduleState.json"),
+    ),
+    (
+        "Workflows.json",
+        include_str!("../../migrations/Workflows.json"),
+    ),
+    (
+        "WorkflowSteps.json",
+        include_str!("../../migrations/WorkflowSteps.json"),
     ),
 ];
 
@@ -431,14 +439,16 @@ mod tests {
                 "RawPayload",
                 "ShardMeta",
                 "Leaders",
-                "ScheduleState"
+                "ScheduleState",
+                "Workflows",
+                "WorkflowSteps"
             ]
         );
         for spec in &specs {
-            // Collections of a few documents, or written only by `_id` (the leases), need no
-            // index of their own.
-            let small =
-                ["Leaders", "ScheduleState", "TaskLeases"].contains(&spec.collection.as_str());
+            // Collections of a few documents, or read and written only by `_id` (the leases, the
+            // workflows), need no index of their own.
+            let small = ["Leaders", "ScheduleState", "TaskLeases", "Workflows"]
+                .contains(&spec.collection.as_str());
             assert_eq!(
                 spec.indexes().unwrap().is_empty(),
                 small,

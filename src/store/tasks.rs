@@ -99,6 +99,9 @@ pub struct TaskDocument {
     /// The task that spawned this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// The workflow it is a step of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
     /// Stored as seconds, as Celery gives it.
     #[serde(
         default,
@@ -181,6 +184,7 @@ impl TaskDocument {
             trace_id: None,
             traceparent: None,
             parent_id: None,
+            workflow_id: None,
             hard_time_limit: None,
             soft_time_limit: None,
             eta: None,

@@ -25,6 +25,7 @@ impl Submitter {
         message.priority = document.priority;
         message.traceparent = document.traceparent.clone();
         message.parent_id = document.parent_id.clone();
+        message.workflow_id = document.workflow_id.clone();
         if root_id.is_some() {
             message.root_id = root_id;
         }

@@ -56,6 +56,8 @@ pub struct NewTask {
     pub eta: Option<DateTime>,
     /// Do not run after this.
     pub expires: Option<DateTime>,
+    /// The workflow it is a step of: its outcome hands the workflow on.
+    pub workflow_id: Option<String>,
 }
 
 impl NewTask {
@@ -74,6 +76,7 @@ impl NewTask {
             soft_time_limit: None,
             eta: None,
             expires: None,
+            workflow_id: None,
         }
     }
 }
@@ -297,6 +300,7 @@ impl Submitter {
         document.trace_id = Some(task.trace.trace_id_hex());
         document.traceparent = Some(task.trace.to_string());
         document.parent_id = task.parent_id.clone();
+        document.workflow_id = task.workflow_id.clone();
         document.hard_time_limit = task.hard_time_limit;
         document.soft_time_limit = task.soft_time_limit;
         document.eta = task.eta;

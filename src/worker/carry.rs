@@ -52,6 +52,10 @@ pub(super) trait Effects {
     fn acked(&self, job: &Job<'_>, plan: &Plan, done: &Done);
     /// Notes that the dead letter a finished task owed is published.
     fn dead_letter_paid(&self, job: &Job<'_>);
+    /// Hands on the workflow the task is a step of (if it is one), its final outcome stored;
+    /// `false` when that could not be done now: the delivery goes back, and its redelivery,
+    /// finding the task finished, hands on again.
+    async fn hand_on(&self, job: &Job<'_>) -> bool;
     /// The delivery may still be worked on: its connection is up, the worker not stopping.
     fn may_continue(&self, job: &Job<'_>) -> bool;
     /// Starts of one attempt after which its message counts as poison.
@@ -81,6 +85,11 @@ pub(super) async fn carry_out<E: Effects>(fx: &E, mut job: Job<'_>, mut plan: Pl
                 done.published = fx.publish(&job, Publish::DeadLetter { cause }).await;
             }
             Step::Ack => {
+                let ended = plan.record.as_ref().is_some_and(|r| r.target().is_final())
+                    && done.stored == Stored::Applied;
+                if ended && !fx.hand_on(&job).await {
+                    return hand_back(fx, &job).await;
+                }
                 fx.settle(&job, Settlement::Ack);
                 fx.acked(&job, &plan, &done);
                 account(fx, &job, &plan, &done);
@@ -200,6 +209,9 @@ pub(super) async fn dispose<E: Effects>(fx: &E, job: &Job<'_>, disposal: Disposa
                 }
                 _ => {}
             }
+            if matches!(why, "finished" | "revoked") && !fx.hand_on(job).await {
+                return hand_back(fx, job).await;
+            }
             fx.settle(job, Settlement::Ack);
             duplicate(why);
         }
@@ -232,6 +244,18 @@ pub(super) async fn dispose<E: Effects>(fx: &E, job: &Job<'_>, disposal: Disposa
         }
         Disposal::Leave => {}
     }
+}
+
+/// Gives a finished step's delivery back after its workflow could not be handed on: after the
+/// outage pause, so its redelivery does not spin.
+async fn hand_back<E: Effects>(fx: &E, job: &Job<'_>) {
+    let pause = fx.outage_pause();
+    tracing::warn!(
+        pause_ms = pause.as_millis() as u64,
+        "cannot hand the workflow on now; the delivery returns to the queue"
+    );
+    fx.sleep(pause).await;
+    fx.settle(job, Settlement::Requeue);
 }
 
 /// Publishes until the broker confirms, pausing between tries; `false` when the delivery may not
@@ -433,6 +457,13 @@ mod tests {
 
         fn dead_letter_paid(&self, _: &Job<'_>) {
             self.note("dead letter paid");
+        }
+
+        async fn hand_on(&self, job: &Job<'_>) -> bool {
+            if job.message.is_some_and(|m| m.workflow_id.is_some()) {
+                self.note("hand on");
+            }
+            true
         }
 
         fn may_continue(&self, _: &Job<'_>) -> bool {

@@ -119,6 +119,19 @@ impl Effects for Worker {
         }
     }
 
+    async fn hand_on(&self, job: &Job<'_>) -> bool {
+        let Some(workflow) = job.message.and_then(|m| m.workflow_id.as_deref()) else {
+            return true;
+        };
+        match self.workflows.advance(workflow, &job.attempt.task_id).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(error = %error, workflow_id = workflow, "cannot hand the workflow on");
+                false
+            }
+        }
+    }
+
     async fn look(
         &self,
         job: &Job<'_>,

@@ -93,6 +93,8 @@ pub struct Services {
     pub liveness: Liveness,
     /// What tasks may use (leases, checkpoints, child tasks).
     pub context: Arc<TaskContext>,
+    /// Hands workflows on as their steps finish.
+    pub workflows: crate::workflow::Workflows,
 }
 
 /// Everything the delivery pipelines share.
@@ -111,6 +113,7 @@ pub struct Worker {
     settler: Settler,
     liveness: Liveness,
     context: Arc<TaskContext>,
+    workflows: crate::workflow::Workflows,
     config: WorkerConfig,
     /// One permit per handler that may run at once.
     slots: Semaphore,
@@ -137,6 +140,7 @@ impl Worker {
             settler: services.settler,
             liveness: services.liveness,
             context: services.context,
+            workflows: services.workflows,
             slots: Semaphore::new(usize::from(config.concurrency.max(1))),
             config,
             pause: Pause::default(),

@@ -23,3 +23,4 @@ mod store;
 mod submission;
 mod ui;
 mod worker;
+mod workflow;

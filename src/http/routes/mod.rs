@@ -12,6 +12,7 @@ pub mod search;
 pub mod status;
 pub mod submit;
 pub mod ui;
+pub(crate) mod workflow;
 
 use actix_web::HttpRequest;
 

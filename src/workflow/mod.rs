@@ -1,0 +1,334 @@
+//! Workflows: chains, groups and chords of tasks, each step a task of its own.
+//!
+//! A workflow is recorded whole before anything runs (`Workflows`, one `WorkflowSteps` document
+//! per step, its `_id` the step's task id). Its first steps are submitted at once; every other
+//! step is submitted by whoever records the last outcome it waits for: the worker, after the
+//! outcome is stored and before the delivery is acked. That hand-on is idempotent at each
+//! stage — an arrival is counted once per member ([`WorkflowRepository::arrive`]), a step's task
+//! id is fixed, so its submission is [`Submitter::submit_child`]'s — and it is redone by a
+//! redelivery of the finished step, so a worker killed between the outcome and the submission
+//! costs a delay, never a step. A chord's join is one write per member: no polling, no unlock
+//! task.
+//!
+//! A step that fails for good ends the workflow `FAILURE`: no later step is submitted (they read
+//! `REVOKED`, with the reason), running siblings finish, and the `on_failure` step is submitted
+//! once with the failed step's task id and root cause.
+
+pub mod shape;
+
+use std::collections::HashMap;
+
+use mongodb::bson::DateTime;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::domain::{TaskId, TaskState};
+use crate::store::payloads::reference_in;
+use crate::store::workflows::{
+    step_id, StepDocument, StepOutcome, StepTask, WorkflowDocument, WorkflowRepository,
+};
+use crate::store::{PayloadRepository, StoreError};
+use crate::submit::{NewTask, SubmitError, Submitter};
+use shape::{Input, Planned};
+
+/// Records workflows, starts them and hands each on as its steps finish.
+#[derive(Clone)]
+pub struct Workflows {
+    repository: WorkflowRepository,
+    payloads: PayloadRepository,
+    submitter: Submitter,
+}
+
+/// A workflow checked step by step, ready to start.
+pub struct Checked {
+    pub id: String,
+    /// Each step of the plan with the task it submits.
+    pub steps: Vec<(Planned, StepTask)>,
+    pub on_failure: Option<StepTask>,
+}
+
+/// A workflow as a client sees it.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct WorkflowView {
+    pub workflow_id: String,
+    /// `PENDING`, `STARTED`, `SUCCESS`, `FAILURE` or `REVOKED`.
+    pub state: String,
+    /// The step whose failure (or cancel) ended it, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub steps: Vec<StepView>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct StepView {
+    pub path: String,
+    pub task_id: String,
+    pub task_name: String,
+    /// The task's state; a step not submitted yet is `PENDING`, or `REVOKED` once the workflow
+    /// ended without it.
+    pub state: String,
+    /// Whether its task was submitted.
+    pub submitted: bool,
+}
+
+/// The prefix of every workflow id.
+pub const ID_PREFIX: &str = "wf-";
+
+impl Workflows {
+    pub fn new(db: &mongodb::Database, payloads: PayloadRepository, submitter: Submitter) -> Self {
+        Self {
+            repository: WorkflowRepository::new(db),
+            payloads,
+            submitter,
+        }
+    }
+
+    /// Records the workflow and submits its first steps, each confirmed by the broker; `false`
+    /// when it was recorded before (same id: its start is finished now, nothing doubled).
+    #[tracing::instrument(name = "workflow.start", skip_all, fields(workflow_id = %checked.id))]
+    pub async fn start(&self, checked: Checked) -> Result<bool, SubmitError> {
+        let now = DateTime::now();
+        let id = checked.id;
+        let task_id = |i: usize| step_id(&id, i).to_string();
+        let steps: Vec<StepDocument> = checked
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(index, (planned, task))| StepDocument {
+                task_id: task_id(index),
+                workflow_id: id.clone(),
+                index: index as u32,
+                path: planned.path.clone(),
+                task: task.clone(),
+                immutable: planned.immutable,
+                input: serde_json::to_value(&planned.input).unwrap_or_default(),
+                waits_for: planned.waits_for().into_iter().map(task_id).collect(),
+                next: planned.next.iter().copied().map(task_id).collect(),
+                arrived: Vec::new(),
+            })
+            .collect();
+        let plan: Vec<Planned> = checked.steps.into_iter().map(|(p, _)| p).collect();
+        let workflow = WorkflowDocument {
+            id: id.clone(),
+            state: TaskState::Pending,
+            steps: steps.len() as u32,
+            ends: shape::ends(&plan).into_iter().map(task_id).collect(),
+            ended: Vec::new(),
+            failed_step: None,
+            reason: None,
+            on_failure: checked.on_failure,
+            created_at: now,
+            updated_at: now,
+        };
+        let new = self.repository.insert(&workflow, &steps).await?;
+        for step in steps.iter().filter(|s| s.waits_for.is_empty()) {
+            self.submit(&id, step, Vec::new()).await?;
+        }
+        Ok(new)
+    }
+
+    /// The workflow and each step's state.
+    pub async fn show(&self, id: &str) -> Result<Option<WorkflowView>, StoreError> {
+        let Some(workflow) = self.repository.get(id).await? else {
+            return Ok(None);
+        };
+        let steps = self.repository.steps(id).await?;
+        let ids: Vec<String> = steps.iter().map(|s| s.task_id.clone()).collect();
+        let outcomes: HashMap<String, StepOutcome> = self
+            .repository
+            .outcomes(&ids)
+            .await?
+            .into_iter()
+            .map(|o| (o.task_id.clone(), o))
+            .collect();
+        let ended = workflow.state != TaskState::Pending;
+        let state = if ended {
+            workflow.state
+        } else if outcomes.values().any(|o| o.state != TaskState::Pending) {
+            TaskState::Started
+        } else {
+            TaskState::Pending
+        };
+        Ok(Some(WorkflowView {
+            workflow_id: workflow.id,
+            state: state.as_str().to_owned(),
+            failed_step: workflow.failed_step,
+            reason: workflow.reason,
+            steps: steps
+                .into_iter()
+                .map(|step| {
+                    let outcome = outcomes.get(&step.task_id);
+                    let state = match outcome {
+                        Some(outcome) => outcome.state,
+                        None if ended => TaskState::Revoked,
+                        None => TaskState::Pending,
+                    };
+                    StepView {
+                        path: step.path,
+                        task_id: step.task_id,
+                        task_name: step.task.task_name,
+                        state: state.as_str().to_owned(),
+                        submitted: outcome.is_some(),
+                    }
+                })
+                .collect(),
+        }))
+    }
+
+    /// Ends a running workflow `REVOKED`, so no later step is submitted; returns the task ids of
+    /// its steps whose tasks exist and have not finished, for the caller to cancel. `None`: no
+    /// such workflow.
+    pub async fn revoke(&self, id: &str, by: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let Some(workflow) = self.repository.get(id).await? else {
+            return Ok(None);
+        };
+        if workflow.state == TaskState::Pending {
+            let reason = format!("cancelled by {by}");
+            self.repository
+                .close(id, TaskState::Revoked, Some(("", &reason)))
+                .await?;
+        }
+        let steps = self.repository.steps(id).await?;
+        let ids: Vec<String> = steps.into_iter().map(|s| s.task_id).collect();
+        Ok(Some(
+            self.repository
+                .outcomes(&ids)
+                .await?
+                .into_iter()
+                .filter(|o| !o.state.is_final())
+                .map(|o| o.task_id)
+                .collect(),
+        ))
+    }
+
+    /// Hands the workflow on after step `task_id`'s outcome was stored: the steps waiting for
+    /// it when it succeeded, the workflow's end when it was the last, its failure (and
+    /// `on_failure`) when it failed for good. Safe to call again for the same outcome, from any
+    /// worker, at any time after it.
+    #[tracing::instrument(name = "workflow.advance", skip(self))]
+    pub async fn advance(&self, workflow_id: &str, task_id: &str) -> Result<(), SubmitError> {
+        let Some(outcome) = self.repository.outcomes(&[task_id.to_owned()]).await?.pop() else {
+            return Ok(());
+        };
+        match outcome.state {
+            TaskState::Success => {
+                let Some(step) = self.repository.step(task_id).await? else {
+                    return Ok(());
+                };
+                if step.next.is_empty() {
+                    self.repository.end(workflow_id, task_id).await?;
+                }
+                for next in &step.next {
+                    if self.repository.arrive(next, task_id).await? {
+                        self.submit_next(workflow_id, next).await?;
+                    }
+                }
+                Ok(())
+            }
+            TaskState::Failure | TaskState::Revoked => self.fail(workflow_id, &outcome).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Ends the workflow with `failed`'s failure and submits `on_failure` once (again, after a
+    /// crash, for the step that ended it: the submission is idempotent).
+    async fn fail(&self, workflow_id: &str, failed: &StepOutcome) -> Result<(), SubmitError> {
+        let cause = failed
+            .root_cause
+            .clone()
+            .unwrap_or_else(|| format!("step ended {}", failed.state));
+        let reason = format!("step {} ended {}: {cause}", failed.task_id, failed.state);
+        self.repository
+            .close(
+                workflow_id,
+                TaskState::Failure,
+                Some((&failed.task_id, &reason)),
+            )
+            .await?;
+        let Some(workflow) = self.repository.get(workflow_id).await? else {
+            return Ok(());
+        };
+        if workflow.failed_step.as_deref() != Some(failed.task_id.as_str()) {
+            return Ok(());
+        }
+        let Some(on_failure) = workflow.on_failure else {
+            return Ok(());
+        };
+        let id = TaskId::stored(format!("{workflow_id}:on_failure"));
+        let mut task = new_task(id, workflow_id, &on_failure);
+        task.args = vec![Value::from(failed.task_id.clone()), Value::from(cause)];
+        task.args.extend(on_failure.args);
+        self.submitter.submit_child(task).await
+    }
+
+    /// Submits the step `step_id`, every step it waits for having succeeded, with their results.
+    async fn submit_next(&self, workflow_id: &str, step_id: &str) -> Result<(), SubmitError> {
+        let running = self
+            .repository
+            .get(workflow_id)
+            .await?
+            .is_some_and(|w| w.state == TaskState::Pending);
+        let Some(step) = self.repository.step(step_id).await? else {
+            return Ok(());
+        };
+        if !running {
+            // Ended (failed or cancelled) meanwhile: later steps never run.
+            return Ok(());
+        }
+        let mut results: HashMap<String, Value> = HashMap::new();
+        for outcome in self.repository.outcomes(&step.waits_for).await? {
+            let mut result = outcome.result.unwrap_or(Value::Null);
+            if let Some(reference) = reference_in(&result) {
+                result = self.payloads.get(reference).await?.unwrap_or(Value::Null);
+            }
+            results.insert(outcome.task_id, result);
+        }
+        let input: Input = serde_json::from_value(step.input.clone()).unwrap_or(Input::Nothing);
+        let given = input.value(&|index| {
+            results
+                .get(crate::store::workflows::step_id(workflow_id, index).as_str())
+                .cloned()
+                .unwrap_or(Value::Null)
+        });
+        let received = if step.immutable || input == Input::Nothing {
+            Vec::new()
+        } else {
+            vec![given]
+        };
+        self.submit(workflow_id, &step, received).await
+    }
+
+    /// Submits a step's task, `received` before its own arguments.
+    async fn submit(
+        &self,
+        workflow_id: &str,
+        step: &StepDocument,
+        received: Vec<Value>,
+    ) -> Result<(), SubmitError> {
+        let mut task = new_task(
+            TaskId::stored(step.task_id.clone()),
+            workflow_id,
+            &step.task,
+        );
+        task.args = received;
+        task.args.extend(step.task.args.iter().cloned());
+        task.parent_id = step.waits_for.last().cloned();
+        self.submitter.submit_child(task).await
+    }
+}
+
+/// A step's task, marked as the workflow's.
+fn new_task(id: TaskId, workflow_id: &str, step: &StepTask) -> NewTask {
+    let mut task = NewTask::new(id, &step.task_name, &step.route);
+    task.kwargs = step.kwargs.clone();
+    task.priority = step.priority;
+    task.root_id = Some(workflow_id.to_owned());
+    task.workflow_id = Some(workflow_id.to_owned());
+    task.hard_time_limit = step.hard_time_limit.map(std::time::Duration::from_secs_f64);
+    task.soft_time_limit = step.soft_time_limit.map(std::time::Duration::from_secs_f64);
+    task.eta = step.eta;
+    task.expires = step.expires;
+    task
+}

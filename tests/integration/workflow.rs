@@ -1,0 +1,413 @@
+//! Workflows against live services: results passed along a chain, a chord that joins once, a
+//! failure that stops what comes after and runs `on_failure` once, a finished step handed on
+//! twice, a start sent twice, a cancel. Each counts how often every step ran.
+
+use crate::common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{TestApi, TestEnv, TestWorker};
+use kobe::tasks::{Invocation, Registry, Task, TaskError, TaskFuture};
+use serde_json::{json, Value};
+
+/// Runs of each task id.
+type Runs = Arc<Mutex<HashMap<String, u32>>>;
+
+/// `wf_add`: the sum of every number in its arguments (lists included), after `sleep_ms`;
+/// fails for good with `fail: true`. Counts its runs.
+struct Add {
+    runs: Runs,
+}
+
+fn sum(value: &Value) -> i64 {
+    match value {
+        Value::Number(n) => n.as_i64().unwrap_or_default(),
+        Value::Array(items) => items.iter().map(sum).sum(),
+        _ => 0,
+    }
+}
+
+impl Task for Add {
+    fn name(&self) -> &'static str {
+        "wf_add"
+    }
+
+    fn run(&self, invocation: Invocation) -> TaskFuture {
+        *self
+            .runs
+            .lock()
+            .unwrap()
+            .entry(invocation.task_id.to_string())
+            .or_default() += 1;
+        Box::pin(async move {
+            if let Some(ms) = invocation.kwargs.get("sleep_ms").and_then(Value::as_u64) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if invocation.kwargs.get("fail") == Some(&json!(true)) {
+                return Err(TaskError::Permanent("asked to fail".into()));
+            }
+            Ok(json!(sum(&Value::Array(invocation.args.clone()))))
+        })
+    }
+}
+
+struct Fleet {
+    env: TestEnv,
+    api: TestApi,
+    worker: TestWorker,
+    runs: Runs,
+}
+
+/// An API and a worker (at the shipped settings) that know `wf_add`.
+async fn fleet() -> Fleet {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let runs = Runs::default();
+    let mut registry = Registry::with_builtin_tasks();
+    registry.register(Add { runs: runs.clone() }).unwrap();
+    let api = env.spawn_api_with(registry).await;
+    common::eventually(common::startup_deadline(), "API ready", || async {
+        (api.get("/ready").await.status() == 200).then_some(())
+    })
+    .await;
+    let worker = env.worker_with(8, Add { runs: runs.clone() });
+    Fleet {
+        env,
+        api,
+        worker,
+        runs,
+    }
+}
+
+impl Fleet {
+    async fn start(&self, body: Value) -> reqwest::Response {
+        self.api
+            .client
+            .post(format!("{}/workflow/start", self.api.address))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn started(&self, body: Value) -> String {
+        let response = self.start(body).await;
+        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+        let body: Value = response.json().await.unwrap();
+        body["workflow_id"].as_str().unwrap().to_owned()
+    }
+
+    async fn show(&self, id: &str) -> Value {
+        self.api
+            .get(&format!("/workflow/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the workflow ended; returns it.
+    async fn ended(&self, id: &str) -> Value {
+        common::eventually(Duration::from_secs(30), "the workflow ends", || async {
+            let view = self.show(id).await;
+            matches!(
+                view["state"].as_str(),
+                Some("SUCCESS" | "FAILURE" | "REVOKED")
+            )
+            .then_some(view)
+        })
+        .await
+    }
+
+    /// The result MongoDB recorded for the step.
+    async fn result(&self, task_id: &str) -> Value {
+        let task = self
+            .env
+            .tasks()
+            .get(task_id)
+            .await
+            .unwrap()
+            .expect("a task");
+        task.result.unwrap_or_default()
+    }
+
+    fn runs_of(&self, task_id: &str) -> u32 {
+        self.runs
+            .lock()
+            .unwrap()
+            .get(task_id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    async fn stop(self) {
+        self.worker.stop().await;
+        self.api.stop().await;
+        drop(self.env);
+    }
+}
+
+fn step_ids(view: &Value) -> Vec<String> {
+    view["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["task_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_passes_results_on_and_a_chord_joins_once_with_its_members_results_in_order() {
+    let fleet = fleet().await;
+    let id = fleet
+        .started(json!({"workflow": {"chain": [
+            {"task_name": "wf_add", "args": [1, 2]},
+            {"group": [
+                // The first member finishes last: the list still follows the members' order.
+                {"task_name": "wf_add", "args": [10], "kwargs": {"sleep_ms": 300}},
+                {"task_name": "wf_add", "args": [20]},
+            ]},
+            {"task_name": "wf_add"},
+            {"task_name": "wf_add", "args": [1000], "immutable": true},
+        ]}}))
+        .await;
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "SUCCESS", "{view}");
+    let steps = step_ids(&view);
+    assert_eq!(steps.len(), 5);
+    let paths: Vec<&str> = view["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "workflow.chain[0]",
+            "workflow.chain[1].group[0]",
+            "workflow.chain[1].group[1]",
+            "workflow.chain[2]",
+            "workflow.chain[3]",
+        ]
+    );
+    // 1+2 = 3; the members get 3 first: 13 and 23; the callback gets [13, 23]; the immutable
+    // step gets nothing before its own argument.
+    let results = [json!(3), json!(13), json!(23), json!(36), json!(1000)];
+    for (step, expected) in steps.iter().zip(results) {
+        assert_eq!(fleet.result(step).await, expected, "{step}");
+        assert_eq!(fleet.runs_of(step), 1, "{step} ran once");
+    }
+    let status: Value = fleet.api.status(&steps[3]).await.json().await.unwrap();
+    assert_eq!(status["state"], "SUCCESS");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_of_many_members_runs_its_callback_once_after_all_of_them() {
+    let fleet = fleet().await;
+    let members: Vec<Value> = (0..60)
+        .map(|i| json!({"task_name": "wf_add", "args": [i], "kwargs": {"sleep_ms": (i * 7) % 50}}))
+        .collect();
+    let id = fleet
+        .started(json!({"workflow": {"chain": [{"group": members}, {"task_name": "wf_add"}]}}))
+        .await;
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "SUCCESS", "{view}");
+    let steps = step_ids(&view);
+    let callback = steps.last().unwrap();
+    assert_eq!(fleet.result(callback).await, json!((0..60).sum::<i64>()));
+    for step in &steps {
+        assert_eq!(fleet.runs_of(step), 1, "{step} ran once");
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_failing_for_good_fails_the_workflow_stops_later_steps_and_runs_on_failure_once() {
+    let fleet = fleet().await;
+    let id = fleet
+        .started(json!({
+            "workflow": {"chain": [
+                {"task_name": "wf_add", "args": [1]},
+                {"task_name": "wf_add", "kwargs": {"fail": true}},
+                {"task_name": "wf_add", "args": [5]},
+            ]},
+            "on_failure": {"task_name": "wf_add", "args": [7]},
+        }))
+        .await;
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "FAILURE", "{view}");
+    let steps = step_ids(&view);
+    assert_eq!(view["failed_step"], steps[1].as_str());
+    assert!(
+        view["reason"].as_str().unwrap().contains("asked to fail"),
+        "{view}"
+    );
+    assert_eq!(view["steps"][2]["state"], "REVOKED", "{view}");
+    assert_eq!(view["steps"][2]["submitted"], false, "{view}");
+    let on_failure = format!("{id}:on_failure");
+    common::eventually(Duration::from_secs(20), "on_failure ran", || async {
+        (fleet.runs_of(&on_failure) == 1).then_some(())
+    })
+    .await;
+    // It received the failed step's id and root cause before its own argument.
+    let status: Value = fleet.api.status(&on_failure).await.json().await.unwrap();
+    assert_eq!(status["state"], "SUCCESS", "{status}");
+    assert_eq!(fleet.runs_of(&steps[0]), 1);
+    assert_eq!(fleet.runs_of(&steps[1]), 1);
+    assert_eq!(
+        fleet.runs_of(&steps[2]),
+        0,
+        "a step after the failure never runs"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_step_delivered_again_hands_on_again_and_the_next_step_still_runs_once() {
+    let fleet = fleet().await;
+    let id = fleet
+        .started(json!({"workflow": {"chain": [
+            {"task_name": "wf_add", "args": [1]},
+            {"task_name": "wf_add", "args": [2]},
+        ]}}))
+        .await;
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "SUCCESS", "{view}");
+    let steps = step_ids(&view);
+    // The copy a broker redelivers when a worker dies between the outcome and its ack: the
+    // worker finds the step finished, hands the workflow on again, and nothing runs twice.
+    let publisher = fleet.env.publisher();
+    for step in &steps {
+        let mut copy = kobe::amqp::TaskMessage::new(
+            kobe::domain::TaskId::parse(step).unwrap(),
+            "wf_add",
+            vec![json!(1)],
+            Default::default(),
+        );
+        copy.workflow_id = Some(id.clone());
+        fleet.env.publish_message(&publisher, &copy).await;
+    }
+    fleet
+        .env
+        .wait_queue_empty("default", "the copies are taken")
+        .await;
+    common::eventually(Duration::from_secs(10), "the copies are acked", || async {
+        let acked = common::metric("kobe_duplicate_deliveries_total{reason=\"finished\"}");
+        (acked >= 2.0).then_some(())
+    })
+    .await;
+    for step in &steps {
+        assert_eq!(fleet.runs_of(step), 1, "{step} ran once");
+    }
+    assert_eq!(fleet.show(&id).await["state"], "SUCCESS");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_sent_twice_with_one_key_starts_one_workflow() {
+    let fleet = fleet().await;
+    let body = json!({"workflow": {"chain": [
+        {"task_name": "wf_add", "args": [1]},
+        {"task_name": "wf_add", "args": [2]},
+    ]}});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let response = fleet
+            .api
+            .client
+            .post(format!("{}/workflow/start", fleet.api.address))
+            .header("Idempotency-Key", "nightly-2026-12-02")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let answer: Value = response.json().await.unwrap();
+        ids.push(answer["workflow_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids[0], ids[1]);
+    let view = fleet.ended(&ids[0]).await;
+    assert_eq!(view["state"], "SUCCESS");
+    for step in step_ids(&view) {
+        assert_eq!(fleet.runs_of(&step), 1, "{step} ran once");
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_step_is_422_naming_its_path_and_records_nothing() {
+    let fleet = fleet().await;
+    let cases = [
+        (
+            json!({"workflow": {"chain": [{"task_name": "wf_add"}, {"group": [{"task_name": "nope"}]}]}}),
+            "workflow.chain[1].group[0].task_name",
+        ),
+        (
+            json!({"workflow": {"chain": [{"task_name": "wf_add", "priority": 12}]}}),
+            "workflow.chain[0].priority",
+        ),
+        (json!({"workflow": {"group": []}}), "workflow.group"),
+        (json!({"steps": []}), "steps"),
+        (
+            json!({"workflow": {"task_name": "wf_add"}, "on_failure": {"task_name": "nope"}}),
+            "on_failure.task_name",
+        ),
+    ];
+    for (body, field) in cases {
+        let response = fleet.start(body.clone()).await;
+        assert_eq!(response.status(), 422, "{body}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["field"], field, "{problem}");
+    }
+    let recorded = fleet
+        .env
+        .db
+        .collection::<mongodb::bson::Document>("Workflows")
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0);
+    assert_eq!(fleet.api.get("/workflow/wf-none").await.status(), 404);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_workflow_revokes_what_has_not_run_and_submits_nothing_more() {
+    let fleet = fleet().await;
+    let id = fleet
+        .started(json!({"workflow": {"chain": [
+            {"task_name": "demo_long_io", "kwargs": {"duration_ms": 30000}},
+            {"task_name": "wf_add", "args": [1]},
+        ]}}))
+        .await;
+    let first = format!("{id}:0");
+    fleet
+        .api
+        .wait_for_state(&first, Duration::from_secs(20), |b| b["state"] == "STARTED")
+        .await;
+    let response = fleet
+        .api
+        .client
+        .post(format!("{}/workflow/{id}/cancel", fleet.api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["state"], "REVOKED", "{answer}");
+    assert_eq!(answer["cancelled"], 1, "{answer}");
+    let (status, _) = fleet
+        .api
+        .wait_for_final(&first, Duration::from_secs(20))
+        .await;
+    assert_eq!(status["state"], "REVOKED", "{status}");
+    let view = fleet.show(&id).await;
+    assert_eq!(view["state"], "REVOKED");
+    assert_eq!(view["steps"][1]["state"], "REVOKED");
+    assert_eq!(fleet.runs_of(&format!("{id}:1")), 0);
+    fleet.stop().await;
+}
