@@ -112,6 +112,7 @@ pub fn operations(
         url: settings.broker.url.clone(),
         topology: topology(settings),
         tasks: crate::store::TaskRepository::new(db),
+        workflows: crate::store::workflows::WorkflowRepository::new(db),
         submitter,
         cache,
         broker_timeout: settings.dependency_timeout,

@@ -24,6 +24,8 @@ pub struct Operations {
     pub url: ServiceUrl,
     pub topology: Topology,
     pub tasks: TaskRepository,
+    /// A rerun step's workflow goes on again.
+    pub workflows: crate::store::workflows::WorkflowRepository,
     pub submitter: Submitter,
     pub cache: Cache,
     /// How long the broker may take to report the queues for the overview.
@@ -38,6 +40,6 @@ impl Operations {
 
     /// Runs failed task `id` again as its next attempt, for `by`.
     pub async fn rerun(&self, id: &str, by: &str) -> Result<rerun::Rerun, StoreError> {
-        rerun::rerun(&self.submitter, &self.tasks, &self.cache, id, by).await
+        rerun::rerun(self, id, by).await
     }
 }

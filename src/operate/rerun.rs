@@ -6,10 +6,11 @@
 //! the task reopened with its publish pending: asking again publishes it then, without
 //! reopening it twice.
 
+use super::Operations;
 use crate::domain::TaskState;
 use crate::store::attempts::Reopened;
-use crate::store::{Cache, StoreError, TaskDocument, TaskRepository};
-use crate::submit::{SubmitError, Submitter};
+use crate::store::{StoreError, TaskDocument};
+use crate::submit::SubmitError;
 use crate::telemetry::metrics::metrics;
 
 /// What asking for a rerun did.
@@ -25,14 +26,16 @@ pub enum Rerun {
     NotPublished(SubmitError),
 }
 
-/// Reruns task `id` for `by` (who asked, for its history and the log).
-pub async fn rerun(
-    submitter: &Submitter,
-    tasks: &TaskRepository,
-    cache: &Cache,
-    id: &str,
-    by: &str,
-) -> Result<Rerun, StoreError> {
+/// Reruns task `id` for `by` (who asked, for its history and the log). A step whose failure
+/// ended its workflow reopens the workflow too: if it now succeeds, the workflow goes on.
+pub async fn rerun(operations: &Operations, id: &str, by: &str) -> Result<Rerun, StoreError> {
+    let Operations {
+        submitter,
+        tasks,
+        cache,
+        workflows,
+        ..
+    } = operations;
     let refused = |outcome: &str| {
         metrics()
             .task_operations
@@ -50,6 +53,11 @@ pub async fn rerun(
             return Ok(Rerun::Missing);
         }
     };
+    if let Some(workflow) = &task.workflow_id {
+        if workflows.reopen(workflow, id).await? {
+            tracing::info!(workflow_id = %workflow, task_id = %id, "workflow reopened by the rerun of the step that ended it");
+        }
+    }
     // Best effort: a cached final state would hide the rerun until its TTL.
     let _ = cache.invalidate_status(id).await;
     tracing::info!(task_id = %id, by = %by, retries = task.retries, "task rerun requested");

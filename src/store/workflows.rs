@@ -194,7 +194,8 @@ impl WorkflowRepository {
         self.close(workflow_id, TaskState::Success, None).await
     }
 
-    /// Ends a running workflow in `state` (with the step and reason that ended it); `false`
+    /// Ends a running workflow in `state` (with the step, if one did, and the reason that ended
+    /// it); `false`
     /// when it had ended already.
     #[tracing::instrument(name = "store.workflows.close", skip(self))]
     pub async fn close(
@@ -205,7 +206,9 @@ impl WorkflowRepository {
     ) -> Result<bool, StoreError> {
         let mut set = doc! {"state": state.as_str(), "updated_at": DateTime::now()};
         if let Some((step, reason)) = failed {
-            set.insert("failed_step", step);
+            if !step.is_empty() {
+                set.insert("failed_step", step);
+            }
             set.insert("reason", reason);
         }
         let closed = self
@@ -216,6 +219,27 @@ impl WorkflowRepository {
             )
             .await?;
         Ok(closed.modified_count == 1)
+    }
+
+    /// Runs a workflow that step `step` ended `FAILURE` again, for the step's rerun; `false`
+    /// when it ended otherwise (by another step, or a cancel) or runs.
+    #[tracing::instrument(name = "store.workflows.reopen", skip(self))]
+    pub async fn reopen(&self, workflow_id: &str, step: &str) -> Result<bool, StoreError> {
+        let reopened = self
+            .workflows
+            .update_one(
+                doc! {
+                    "_id": workflow_id,
+                    "state": TaskState::Failure.as_str(),
+                    "failed_step": step,
+                },
+                doc! {
+                    "$set": {"state": TaskState::Pending.as_str(), "updated_at": DateTime::now()},
+                    "$unset": {"failed_step": "", "reason": ""},
+                },
+            )
+            .await?;
+        Ok(reopened.modified_count == 1)
     }
 
     /// The tasks of `ids` as stored now (missing ones left out).

@@ -95,6 +95,10 @@ pub struct Metrics {
     /// Operators' requests on tasks (`retry`, `cancel`), and cancels a worker passed on to a
     /// running handler (`cancel`/`signalled`), by outcome.
     pub task_operations: IntCounterVec,
+    /// Workflows started, and ended by state (`SUCCESS`, `FAILURE`, `REVOKED`).
+    pub workflows: IntCounterVec,
+    /// From the last outcome a step waited for to that step's submission confirmed.
+    pub workflow_join_duration: HistogramVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -312,6 +316,18 @@ impl Metrics {
                 "kobe_task_operations_total",
                 "Operators' requests on tasks (retry, cancel) by outcome, and cancels passed on to running handlers (cancel/signalled).",
                 &["operation", "outcome"],
+            ),
+            workflows: counter(
+                &r,
+                "kobe_workflows_total",
+                "Workflows started (state STARTED) and ended, by state.",
+                &["state"],
+            ),
+            workflow_join_duration: histogram(
+                &r,
+                "kobe_workflow_join_duration_seconds",
+                "From the last outcome a step waited for to that step's submission confirmed.",
+                &[],
             ),
             registry: r,
         };

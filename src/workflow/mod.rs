@@ -29,6 +29,7 @@ use crate::store::workflows::{
 };
 use crate::store::{PayloadRepository, StoreError};
 use crate::submit::{NewTask, SubmitError, Submitter};
+use crate::telemetry::metrics::metrics;
 use shape::{Input, Planned};
 
 /// Records workflows, starts them and hands each on as its steps finish.
@@ -123,6 +124,9 @@ impl Workflows {
             updated_at: now,
         };
         let new = self.repository.insert(&workflow, &steps).await?;
+        if new {
+            metrics().workflows.with_label_values(&["STARTED"]).inc();
+        }
         for step in steps.iter().filter(|s| s.waits_for.is_empty()) {
             self.submit(&id, step, Vec::new()).await?;
         }
@@ -186,9 +190,14 @@ impl Workflows {
         };
         if workflow.state == TaskState::Pending {
             let reason = format!("cancelled by {by}");
-            self.repository
+            if self
+                .repository
                 .close(id, TaskState::Revoked, Some(("", &reason)))
-                .await?;
+                .await?
+            {
+                metrics().workflows.with_label_values(&["REVOKED"]).inc();
+                tracing::info!(workflow_id = id, by, "workflow cancelled");
+            }
         }
         let steps = self.repository.steps(id).await?;
         let ids: Vec<String> = steps.into_iter().map(|s| s.task_id).collect();
@@ -217,12 +226,18 @@ impl Workflows {
                 let Some(step) = self.repository.step(task_id).await? else {
                     return Ok(());
                 };
-                if step.next.is_empty() {
-                    self.repository.end(workflow_id, task_id).await?;
+                if step.next.is_empty() && self.repository.end(workflow_id, task_id).await? {
+                    metrics().workflows.with_label_values(&["SUCCESS"]).inc();
+                    tracing::info!(workflow_id, "workflow succeeded");
                 }
                 for next in &step.next {
                     if self.repository.arrive(next, task_id).await? {
+                        let joined = std::time::Instant::now();
                         self.submit_next(workflow_id, next).await?;
+                        metrics()
+                            .workflow_join_duration
+                            .with_label_values::<&str>(&[])
+                            .observe(joined.elapsed().as_secs_f64());
                     }
                 }
                 Ok(())
@@ -240,13 +255,18 @@ impl Workflows {
             .clone()
             .unwrap_or_else(|| format!("step ended {}", failed.state));
         let reason = format!("step {} ended {}: {cause}", failed.task_id, failed.state);
-        self.repository
+        if self
+            .repository
             .close(
                 workflow_id,
                 TaskState::Failure,
                 Some((&failed.task_id, &reason)),
             )
-            .await?;
+            .await?
+        {
+            metrics().workflows.with_label_values(&["FAILURE"]).inc();
+            tracing::warn!(workflow_id, failed_step = %failed.task_id, root_cause = %cause, "workflow failed");
+        }
         let Some(workflow) = self.repository.get(workflow_id).await? else {
             return Ok(());
         };

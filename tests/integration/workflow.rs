@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 type Runs = Arc<Mutex<HashMap<String, u32>>>;
 
 /// `wf_add`: the sum of every number in its arguments (lists included), after `sleep_ms`;
-/// fails for good with `fail: true`. Counts its runs.
+/// fails for good with `fail: true`, or on its first run with `fail_once: true`. Counts its
+/// runs.
 struct Add {
     runs: Runs,
 }
@@ -35,13 +36,16 @@ impl Task for Add {
     }
 
     fn run(&self, invocation: Invocation) -> TaskFuture {
-        *self
-            .runs
-            .lock()
-            .unwrap()
-            .entry(invocation.task_id.to_string())
-            .or_default() += 1;
+        let runs = {
+            let mut runs = self.runs.lock().unwrap();
+            let count = runs.entry(invocation.task_id.to_string()).or_default();
+            *count += 1;
+            *count
+        };
         Box::pin(async move {
+            if runs == 1 && invocation.kwargs.get("fail_once") == Some(&json!(true)) {
+                return Err(TaskError::Permanent("failed its first run".into()));
+            }
             if let Some(ms) = invocation.kwargs.get("sleep_ms").and_then(Value::as_u64) {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
@@ -202,6 +206,20 @@ async fn a_chain_passes_results_on_and_a_chord_joins_once_with_its_members_resul
     }
     let status: Value = fleet.api.status(&steps[3]).await.json().await.unwrap();
     assert_eq!(status["state"], "SUCCESS");
+    assert_eq!(
+        status["workflow_id"],
+        id.as_str(),
+        "a step says whose it is"
+    );
+    assert_eq!(
+        common::metric("kobe_workflows_total{state=\"SUCCESS\"}"),
+        1.0
+    );
+    // Two members after the first step, the callback after them, the last step after it.
+    assert_eq!(
+        common::metric("kobe_workflow_join_duration_seconds_count"),
+        4.0
+    );
     fleet.stop().await;
 }
 
@@ -263,6 +281,34 @@ async fn a_step_failing_for_good_fails_the_workflow_stops_later_steps_and_runs_o
         0,
         "a step after the failure never runs"
     );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_retried_to_success_lets_the_workflow_go_on() {
+    let fleet = fleet().await;
+    let id = fleet
+        .started(json!({"workflow": {"chain": [
+            {"task_name": "wf_add", "args": [1], "kwargs": {"fail_once": true}},
+            {"task_name": "wf_add", "args": [5]},
+        ]}}))
+        .await;
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "FAILURE", "{view}");
+    let first = format!("{id}:0");
+    let retried = fleet
+        .api
+        .client
+        .post(format!("{}/task/{first}/retry", fleet.api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 202, "{:?}", retried.text().await);
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "SUCCESS", "{view}");
+    assert_eq!(fleet.runs_of(&first), 2);
+    assert_eq!(fleet.runs_of(&format!("{id}:1")), 1);
+    assert_eq!(fleet.result(&format!("{id}:1")).await, json!(6));
     fleet.stop().await;
 }
 
@@ -407,6 +453,11 @@ async fn a_cancelled_workflow_revokes_what_has_not_run_and_submits_nothing_more(
     assert_eq!(status["state"], "REVOKED", "{status}");
     let view = fleet.show(&id).await;
     assert_eq!(view["state"], "REVOKED");
+    assert!(
+        view["reason"].as_str().unwrap().starts_with("cancelled by"),
+        "{view}"
+    );
+    assert!(view.get("failed_step").is_none(), "{view}");
     assert_eq!(view["steps"][1]["state"], "REVOKED");
     assert_eq!(fleet.runs_of(&format!("{id}:1")), 0);
     fleet.stop().await;

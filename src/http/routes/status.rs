@@ -74,6 +74,9 @@ pub(crate) struct TaskStatus {
     /// The last error, if any.
     pub root_cause: Option<String>,
     pub parent_id: Option<String>,
+    /// The workflow it is a step of (see `GET /workflow/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
     pub trace_id: Option<String>,
     /// Every failed attempt, oldest first (present once there is one).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -98,6 +101,7 @@ fn status_of(task: &TaskDocument) -> TaskStatus {
         finished_at: timestamp(task.finished_at),
         root_cause: task.root_cause.clone(),
         parent_id: task.parent_id.clone(),
+        workflow_id: task.workflow_id.clone(),
         trace_id: task.trace_id.clone(),
         errors: None,
         attempts: Vec::new(),
