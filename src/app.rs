@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, TaskCommand, TasksCommand};
+use crate::cli::{Cli, Command, TaskCommand, TasksCommand, WorkflowCommand};
 use crate::commands::Ended;
 use crate::config::Settings;
 use crate::tasks::{Registry, Task};
@@ -143,7 +143,10 @@ impl App {
             }
         };
         // An operator's command tells its person on stderr; a service logs how it failed.
-        let interactive = matches!(cli.command, Command::Task(_) | Command::Dlq(_));
+        let interactive = matches!(
+            cli.command,
+            Command::Task(_) | Command::Dlq(_) | Command::Workflow(_)
+        );
         let ended = runtime.block_on(dispatch(cli.command, settings, registry));
         let result = match ended {
             Ok(Ended::Done) => ExitCode::SUCCESS,
@@ -164,15 +167,20 @@ impl App {
     }
 
     /// The registry the command runs with: the tasks given in code, then those of
-    /// `KOBE_TASKS_FILE` (for `serve` and `worker`), whose routes join the settings' unless
+    /// `KOBE_TASKS_FILE` (for `serve`, `worker`, `beat` and the commands that submit), whose routes join the settings' unless
     /// `KOBE_TASK_ROUTES` routes the task already.
     fn registry_for(self, settings: &mut Settings, command: &Command) -> Result<Registry, String> {
         if let Some(first) = self.refused.first() {
             return Err(first.clone());
         }
         let mut registry = self.registry;
-        if let (Some(file), Command::Serve(_) | Command::Worker(_) | Command::Beat) =
-            (&settings.tasks_file, command)
+        let submits = matches!(
+            command,
+            Command::Task(TaskCommand::StartMany { .. })
+                | Command::Workflow(WorkflowCommand::Start { .. })
+        );
+        if let (Some(file), Command::Serve(_) | Command::Worker(_) | Command::Beat, _)
+        | (Some(file), _, true) = (&settings.tasks_file, command, submits)
         {
             let lookup = |name: &str| std::env::var(name).ok();
             let declared =
@@ -243,6 +251,15 @@ async fn dispatch(
             operations::start_many(&settings, &registry, &file).await
         }
         Command::Dlq(command) => operations::run(&settings, command).await,
+        Command::Workflow(WorkflowCommand::Start { file, key }) => {
+            commands::workflow::start(&settings, &registry, &file, key.as_deref()).await
+        }
+        Command::Workflow(WorkflowCommand::Show { id }) => {
+            commands::workflow::show(&settings, &id).await
+        }
+        Command::Workflow(WorkflowCommand::Cancel { id }) => {
+            commands::workflow::cancel(&settings, &id).await
+        }
         // Checked before any settings are read.
         Command::Tasks(_) => Ok(Ended::Done),
     }

@@ -42,6 +42,35 @@ pub enum Command {
     /// Look into the dead-letter queue and act on it: list, show, replay, purge.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Start a workflow (chain, group, chord), look at one, cancel one.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCommand {
+    /// Start the workflow in FILE (`-`: standard input), the body POST /workflow/start takes:
+    /// {"workflow": {"chain": [...]}, "on_failure": {...}}. Prints {"workflow_id"} once it is
+    /// recorded and its first steps are confirmed; a bad step is refused (exit 1) naming its path.
+    Start {
+        /// A JSON file, or `-`.
+        file: std::path::PathBuf,
+        /// An idempotency key: starts with the same key start one workflow (and a start cut
+        /// short is finished by running it again).
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// A workflow's state and each step's path, task id and state, as JSON.
+    Show {
+        /// The workflow id (wf-…).
+        id: String,
+    },
+    /// Cancel a workflow: no later step is submitted, waiting steps are revoked, running ones
+    /// asked to stop. Asking again is harmless.
+    Cancel {
+        /// The workflow id (wf-…).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

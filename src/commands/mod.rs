@@ -7,6 +7,7 @@ pub mod operations;
 pub mod serve;
 pub mod tasks;
 pub mod worker;
+pub mod workflow;
 
 use crate::amqp::Topology;
 use crate::config::Settings;

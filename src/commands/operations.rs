@@ -53,7 +53,7 @@ pub async fn operations(settings: &Settings) -> anyhow::Result<Operations> {
 
 /// A command's submitter, its publisher connected (or given up on), with the database and cache
 /// it writes to.
-async fn connected_submitter(
+pub(super) async fn connected_submitter(
     settings: &Settings,
 ) -> anyhow::Result<(
     mongodb::Database,

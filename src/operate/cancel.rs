@@ -1,4 +1,5 @@
-//! Cancelling a task: what `POST /task/{id}/cancel` and `kobe task cancel` share.
+//! Cancelling a task: what `POST /task/{id}/cancel` and `kobe task cancel` share; and a
+//! workflow, for `POST /workflow/{id}/cancel` and `kobe workflow cancel`.
 //!
 //! A waiting task (`PENDING`, `RETRY`) becomes `REVOKED` at once and its message is acked unrun
 //! when a worker receives it. A running one is marked: the worker running it sees the mark within
@@ -35,4 +36,28 @@ pub async fn cancel(
         .inc();
     tracing::info!(task_id = %id, by = %by, outcome, "task cancel requested");
     Ok(answer)
+}
+
+/// Cancels workflow `id` for `by`: it ends `REVOKED` so no later step is submitted, and each of
+/// its steps' tasks not finished is cancelled as [`cancel`] would. Its state afterwards and how
+/// many tasks were cancelled; `None`: no such workflow.
+pub async fn workflow(
+    workflows: &crate::workflow::Workflows,
+    tasks: &TaskRepository,
+    cache: &Cache,
+    id: &str,
+    by: &str,
+) -> Result<Option<(String, usize)>, StoreError> {
+    let Some(running) = workflows.revoke(id, by).await? else {
+        return Ok(None);
+    };
+    for task_id in &running {
+        cancel(tasks, cache, task_id, by).await?;
+    }
+    let state = workflows
+        .show(id)
+        .await?
+        .map(|v| v.state)
+        .unwrap_or_default();
+    Ok(Some((state, running.len())))
 }

@@ -462,3 +462,56 @@ async fn a_cancelled_workflow_revokes_what_has_not_run_and_submits_nothing_more(
     assert_eq!(fleet.runs_of(&format!("{id}:1")), 0);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_starts_shows_and_refuses_a_workflow_as_the_api_does() {
+    use std::io::Write;
+    use std::process::Stdio;
+
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let worker = env.spawn_worker(4);
+    let run = |args: &[&str], input: &str| {
+        let mut child = env
+            .kobe_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let chain = json!({"workflow": {"chain": [
+        {"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}},
+        {"task_name": "demo_long_io", "kwargs": {"duration_ms": 1}},
+    ]}});
+    let started = run(&["workflow", "start", "-"], &chain.to_string());
+    assert!(started.status.success(), "{started:?}");
+    let answer: Value = serde_json::from_slice(&started.stdout).unwrap();
+    let id = answer["workflow_id"].as_str().unwrap().to_owned();
+    let view = common::eventually(Duration::from_secs(30), "the workflow ends", || async {
+        let shown = run(&["workflow", "show", &id], "");
+        let view: Value = serde_json::from_slice(&shown.stdout).ok()?;
+        (view["state"] == "SUCCESS").then_some(view)
+    })
+    .await;
+    assert_eq!(view["steps"].as_array().unwrap().len(), 2, "{view}");
+
+    let bad =
+        json!({"workflow": {"chain": [{"task_name": "demo_long_io"}, {"task_name": "nope"}]}});
+    let refused = run(&["workflow", "start", "-"], &bad.to_string());
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("workflow.chain[1].task_name"),
+        "{refused:?}"
+    );
+    let missing = run(&["workflow", "show", "wf-none"], "");
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    worker.stop().await;
+}

@@ -7,13 +7,15 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::submit::{incoming_trace, parse_value, prepare, read_body, TaskStart};
+use crate::amqp::Topology;
 use crate::domain::fingerprint::Fingerprint;
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
 use crate::store::workflows::StepTask;
 use crate::submit::SubmitError;
+use crate::tasks::Registry;
 use crate::telemetry::trace::TraceContext;
-use crate::workflow::shape::{self, Canvas, Planned};
+use crate::workflow::shape::{self, Planned};
 use crate::workflow::{Checked, WorkflowView, ID_PREFIX};
 
 /// The answer to an accepted workflow.
@@ -60,29 +62,15 @@ pub async fn start(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&request, payload, state.max_body_bytes).await?;
     let body: Map<String, Value> = super::submit::parse_body(&body)?;
-    if let Some(unknown) = body
-        .keys()
-        .find(|k| !matches!(k.as_str(), "workflow" | "on_failure"))
-    {
-        return Err(ApiError::validation(
-            unknown.clone(),
-            "unknown field; expected `workflow` and `on_failure`",
-        ));
-    }
-    let tree = body
-        .get("workflow")
-        .ok_or_else(|| ApiError::validation("workflow", "missing field `workflow`"))?;
-    let canvas =
-        shape::read(tree, "workflow").map_err(|e| ApiError::validation(e.path, e.reason))?;
     let trace = incoming_trace(&request).unwrap_or_else(TraceContext::new_root);
     let key = request
         .headers()
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap_or_default().to_owned());
     let checked = check(
-        &state,
-        canvas,
-        body.get("on_failure"),
+        &state.registry,
+        state.submitter.topology(),
+        &body,
         key.as_deref(),
         &trace,
     )?;
@@ -101,14 +89,31 @@ pub async fn start(
     Ok(HttpResponse::Accepted().json(WorkflowAccepted { workflow_id: id }))
 }
 
-/// Checks every step as `/task/start` would, naming a bad one by its path.
-fn check(
-    state: &AppState,
-    canvas: Canvas,
-    on_failure: Option<&Value>,
+/// Checks a start's body (`workflow`, `on_failure`) and every step in it as `/task/start`
+/// would, naming a bad one by its path; `key` (an `Idempotency-Key`) fixes the workflow's id.
+/// `kobe workflow start` checks the same way.
+pub(crate) fn check(
+    registry: &Registry,
+    topology: &Topology,
+    body: &Map<String, Value>,
     key: Option<&str>,
     trace: &TraceContext,
 ) -> Result<Checked, ApiError> {
+    if let Some(unknown) = body
+        .keys()
+        .find(|k| !matches!(k.as_str(), "workflow" | "on_failure"))
+    {
+        return Err(ApiError::validation(
+            unknown.clone(),
+            "unknown field; expected `workflow` and `on_failure`",
+        ));
+    }
+    let tree = body
+        .get("workflow")
+        .ok_or_else(|| ApiError::validation("workflow", "missing field `workflow`"))?;
+    let canvas =
+        shape::read(tree, "workflow").map_err(|e| ApiError::validation(e.path, e.reason))?;
+    let on_failure = body.get("on_failure");
     let id = match key {
         Some(key) if key.is_empty() || key.len() > super::submit::MAX_KEY_LEN => {
             return Err(ApiError::validation(
@@ -127,13 +132,15 @@ fn check(
     let steps = shape::plan(canvas)
         .into_iter()
         .map(|planned| {
-            let task = step_task(state, &planned.path, &planned.body, trace)?;
+            let task = step_task(registry, topology, &planned.path, &planned.body, trace)?;
             Ok((planned, task))
         })
         .collect::<Result<Vec<(Planned, StepTask)>, ApiError>>()?;
     let on_failure = match on_failure {
         None | Some(Value::Null) => None,
-        Some(Value::Object(body)) => Some(step_task(state, "on_failure", body, trace)?),
+        Some(Value::Object(body)) => {
+            Some(step_task(registry, topology, "on_failure", body, trace)?)
+        }
         Some(_) => return Err(ApiError::validation("on_failure", "expected a step")),
     };
     Ok(Checked {
@@ -145,7 +152,8 @@ fn check(
 
 /// One step's task, checked as `/task/start` checks a body; errors name `path.field`.
 fn step_task(
-    state: &AppState,
+    registry: &Registry,
+    topology: &Topology,
     path: &str,
     body: &Map<String, Value>,
     trace: &TraceContext,
@@ -164,15 +172,9 @@ fn step_task(
             "a step is deduplicated with its workflow: send an Idempotency-Key with the start",
         ));
     }
-    let task = prepare(
-        &state.registry,
-        state.submitter.topology(),
-        submission,
-        None,
-        *trace,
-    )
-    .map_err(at)?
-    .into_task();
+    let task = prepare(registry, topology, submission, None, *trace)
+        .map_err(at)?
+        .into_task();
     Ok(StepTask {
         task_name: task.task_name,
         args: task.args,
@@ -229,25 +231,16 @@ pub async fn cancel(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let by = crate::http::guard::requester(&request);
-    let Some(running) = state
-        .workflows
-        .revoke(&id, &by)
-        .await
-        .map_err(ApiError::store)?
-    else {
-        return Err(ApiError::NotFound(format!("no workflow with id `{id}`")));
-    };
-    for task_id in &running {
-        state
-            .operations
-            .cancel(task_id, &by)
+    let cancelled =
+        crate::operate::cancel::workflow(&state.workflows, &state.tasks, &state.cache, &id, &by)
             .await
             .map_err(ApiError::store)?;
+    match cancelled {
+        Some((state, cancelled)) => Ok(HttpResponse::Ok().json(WorkflowCancelled {
+            workflow_id: id.into_inner(),
+            state,
+            cancelled,
+        })),
+        None => Err(ApiError::NotFound(format!("no workflow with id `{id}`"))),
     }
-    let view = state.workflows.show(&id).await.map_err(ApiError::store)?;
-    Ok(HttpResponse::Ok().json(WorkflowCancelled {
-        workflow_id: id.into_inner(),
-        state: view.map(|v| v.state).unwrap_or_default(),
-        cancelled: running.len(),
-    }))
 }
