@@ -145,6 +145,7 @@ impl Application {
                 )
                 .service(resource("/ui/logout", "POST").route(web::post().to(routes::ui::logout)))
                 .service(resource("/ui/task/{id}", "GET").route(web::get().to(routes::ui::task)))
+                .service(resource("/ui/workflow/{id}", "GET").route(web::get().to(routes::workflow_page::show)))
                 .service(resource("/docs/{asset}", "GET").route(web::get().to(routes::docs::asset)))
                 .default_service(web::to(routes::not_found))
         })

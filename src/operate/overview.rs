@@ -1,5 +1,5 @@
 //! The overview of the whole service that the operator page shows: each queue's depth and
-//! consumers, what happened in the last hour, the latest failures and dead letters.
+//! consumers, what happened in the last hour, the latest failures, dead letters and workflows.
 
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ pub(crate) struct Overview {
     pub failures: Vec<TaskDocument>,
     /// The oldest letters in the dead-letter queue; why not, when it cannot be read.
     pub dead_letters: Result<Vec<LetterSummary>, String>,
+    /// The workflows changed last, newest first.
+    pub workflows: Vec<crate::store::workflows::WorkflowDocument>,
 }
 
 impl Overview {
@@ -65,17 +67,19 @@ impl Operations {
             limit: LATEST,
             ..Search::default()
         };
-        let (queues, last_hour, failures, dead_letters) = tokio::join!(
+        let (queues, last_hour, failures, dead_letters, workflows) = tokio::join!(
             queues,
             self.tasks.state_counts(hour_ago),
             self.tasks.find(&failures),
             self.dead_letters(Selection::default(), LATEST as usize),
+            self.workflows.recent(i64::from(LATEST)),
         );
         Ok(Overview {
             queues,
             last_hour: last_hour?,
             failures: failures?.0,
             dead_letters: dead_letters.map_err(|e| e.to_string()),
+            workflows: workflows?,
         })
     }
 

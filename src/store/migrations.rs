@@ -445,10 +445,10 @@ mod tests {
             ]
         );
         for spec in &specs {
-            // Collections of a few documents, or read and written only by `_id` (the leases, the
-            // workflows), need no index of their own.
-            let small = ["Leaders", "ScheduleState", "TaskLeases", "Workflows"]
-                .contains(&spec.collection.as_str());
+            // Collections of a few documents, or written only by `_id` (the leases), need no
+            // index of their own.
+            let small =
+                ["Leaders", "ScheduleState", "TaskLeases"].contains(&spec.collection.as_str());
             assert_eq!(
                 spec.indexes().unwrap().is_empty(),
                 small,

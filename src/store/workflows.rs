@@ -133,6 +133,17 @@ impl WorkflowRepository {
         Ok(self.workflows.find_one(doc! {"_id": id}).await?)
     }
 
+    /// The workflows changed last, newest first.
+    pub async fn recent(&self, limit: i64) -> Result<Vec<WorkflowDocument>, StoreError> {
+        let cursor = self
+            .workflows
+            .find(doc! {})
+            .sort(doc! {"updated_at": -1})
+            .limit(limit)
+            .await?;
+        Ok(cursor.try_collect().await?)
+    }
+
     pub async fn step(&self, task_id: &str) -> Result<Option<StepDocument>, StoreError> {
         Ok(self.steps.find_one(doc! {"_id": task_id}).await?)
     }

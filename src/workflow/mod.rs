@@ -72,6 +72,8 @@ pub struct StepView {
     pub state: String,
     /// Whether its task was submitted.
     pub submitted: bool,
+    /// The steps it waits for, by task id.
+    pub waits_for: Vec<String>,
 }
 
 /// The prefix of every workflow id.
@@ -175,6 +177,7 @@ impl Workflows {
                         task_name: step.task.task_name,
                         state: state.as_str().to_owned(),
                         submitted: outcome.is_some(),
+                        waits_for: step.waits_for,
                     }
                 })
                 .collect(),

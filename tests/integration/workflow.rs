@@ -515,3 +515,53 @@ async fn the_command_line_starts_shows_and_refuses_a_workflow_as_the_api_does() 
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_draws_the_workflow_with_each_step_in_its_state_and_the_overview_lists_it() {
+    let fleet = fleet().await;
+    let id = fleet
+        .started(json!({"workflow": {"chain": [
+            {"task_name": "wf_add", "args": [1]},
+            {"group": [
+                {"task_name": "wf_add", "args": [2]},
+                {"task_name": "wf_add", "kwargs": {"fail": true}},
+            ]},
+            {"task_name": "wf_add"},
+        ]}}))
+        .await;
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "FAILURE", "{view}");
+    // Its siblings finish: the member that did not fail succeeds.
+    common::eventually(Duration::from_secs(20), "the sibling finishes", || async {
+        (fleet.show(&id).await["steps"][1]["state"] == "SUCCESS").then_some(())
+    })
+    .await;
+    let url = format!("{}/ui/workflow/{id}", fleet.api.address);
+    let dom = crate::ui::rendered(url.clone()).await;
+    assert!(dom.contains("<svg id=\"graph\""), "{dom}");
+    let steps = step_ids(&view);
+    let states = ["SUCCESS", "SUCCESS", "FAILURE", "REVOKED"];
+    for (step, state) in steps.iter().zip(states) {
+        assert!(
+            dom.contains(&format!(
+                "href=\"/ui/task/{step}\" data-step=\"{step}\" data-state=\"{state}\""
+            )),
+            "{step} drawn {state}: {dom}"
+        );
+    }
+    // One arrow per wait: the two members after the first step, the callback after both.
+    assert_eq!(dom.matches("<line ").count(), 4, "{dom}");
+    assert!(dom.contains("asked to fail"), "the reason is shown: {dom}");
+    let picture = crate::ui::screenshot(&url, "workflow").await;
+    assert!(
+        std::fs::metadata(&picture).unwrap().len() > 1000,
+        "{picture:?}"
+    );
+    eprintln!("screenshot: {}", picture.display());
+    let overview = crate::ui::rendered(format!("{}/ui", fleet.api.address)).await;
+    assert!(
+        overview.contains(&format!("data-workflow=\"{id}\"")),
+        "{overview}"
+    );
+    fleet.stop().await;
+}

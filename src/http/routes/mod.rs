@@ -13,6 +13,7 @@ pub mod status;
 pub mod submit;
 pub mod ui;
 pub(crate) mod workflow;
+pub(crate) mod workflow_page;
 
 use actix_web::HttpRequest;
 

@@ -16,7 +16,7 @@ use crate::http::{ApiError, AppState};
 use crate::operate::overview::Overview;
 
 /// HTML-escapes text for an element or a quoted attribute.
-fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -31,7 +31,7 @@ fn escape(text: &str) -> String {
     out
 }
 
-fn when(t: Option<DateTime>) -> String {
+pub(super) fn when(t: Option<DateTime>) -> String {
     super::status::timestamp(t).unwrap_or_else(|| "-".into())
 }
 
@@ -43,7 +43,7 @@ const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}t
 const SCRIPT: &str = "document.addEventListener('click',async e=>{const d=e.target.dataset;const m=document.querySelector('meta[name=kobe-csrf]');const h={'x-kobe-csrf':m?m.content:''};let r;if(d.retry||d.cancel){r=await fetch('/task/'+encodeURIComponent(d.retry||d.cancel)+(d.retry?'/retry':'/cancel'),{method:'POST',headers:h})}else if(d.replay){r=await fetch('/dlq/replay',{method:'POST',headers:Object.assign({'content-type':'application/json'},h),body:JSON.stringify({task_ids:[d.replay]})})}else if(d.signout!==undefined){await fetch('/ui/logout',{method:'POST',headers:h});location.href='/ui/login';return}else return;e.target.textContent=r.ok?'done':'refused ('+r.status+')';setTimeout(()=>location.reload(),800)});";
 
 /// A page; `csrf`: the signed-in session's token (the page then offers to sign out).
-fn page(title: &str, refresh: bool, body: &str, csrf: Option<&str>) -> HttpResponse {
+pub(super) fn page(title: &str, refresh: bool, body: &str, csrf: Option<&str>) -> HttpResponse {
     let refresh = if refresh {
         "<meta http-equiv=\"refresh\" content=\"10\">"
     } else {
@@ -66,7 +66,7 @@ fn page(title: &str, refresh: bool, body: &str, csrf: Option<&str>) -> HttpRespo
 }
 
 /// The CSRF token of the request's page session, if it came with one.
-fn csrf_of(request: &HttpRequest) -> Option<String> {
+pub(super) fn csrf_of(request: &HttpRequest) -> Option<String> {
     use actix_web::HttpMessage;
     request
         .extensions()
@@ -230,6 +230,7 @@ pub(crate) async fn overview(
     last_hour_panel(&mut body, &overview);
     failures_panel(&mut body, &overview);
     dead_letters_panel(&mut body, &overview);
+    super::workflow_page::workflows_panel(&mut body, &overview);
     if !state.schedules.is_empty() {
         schedules_panel(&mut body, &super::schedules::schedules(&state).await?);
     }
