@@ -15,12 +15,16 @@
 #   bulk     POST /task/start_many (batches of 500, no worker consuming): accepted tasks/s against
 #            the broker's own confirmed-publish rate in the same run; then the drain of those tasks
 #            by one `kobe worker`, against a Celery drain of as many.
+#   canvas   workflows against Celery's canvas on the same broker and Redis, same run: a chord of
+#            1,000 no-op members and a callback, and a chain of 100 no-op steps, from the call to
+#            the callback's result (Kobe: `kobe worker --concurrency 10`; Celery: prefork x10);
+#            and Kobe's chord join, from the last member's finish to the callback's start.
 #   cluster  not a speed figure: three private RabbitMQ nodes clustered on this machine, quorum
 #            queues, an API and two workers given every node; 1,200 submissions (some retrying,
 #            some delayed) while a node is stopped, restarted, then another stopped. Checks every
 #            accepted task ran exactly as planned and prints how long the API refused work.
 #
-# Usage: scripts/bench.sh [publish|worker|compare|http|bulk|cluster]   KOBE_BENCH_TASKS=3000 KOBE_BENCH_MESSAGES=50000
+# Usage: scripts/bench.sh [publish|worker|compare|http|bulk|canvas|cluster]   KOBE_BENCH_TASKS=3000 KOBE_BENCH_MESSAGES=50000
 #        KOBE_BENCH_WORKER_ARGS="--prefetch-multiplier 10" passes flags to the Kobe worker.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -237,5 +241,33 @@ print(f"  Kobe drain of those           {f('bulk_drain_per_s'):8.0f} tasks/s")
 print(f"  Celery drain of as many       {f('celery_drain_per_s'):8.0f} tasks/s")
 print(f"  accepted   start_many / broker    {f('bulk_accepted_per_s')/broker:6.2f}")
 print(f"  drain      Kobe / Celery          {f('bulk_drain_per_s')/f('celery_drain_per_s'):6.2f}x")
+PY
+fi
+
+if [ "$which" = canvas ]; then
+  python_venv
+  cargo build --release --quiet --bin kobe
+  engine "${KOBE_BENCH_ENGINE:-documentdb}"
+  log "MongoDB: $KOBE_MONGO_KIND"
+  members=${KOBE_BENCH_CHORD_MEMBERS:-1000}
+  steps=${KOBE_BENCH_CHAIN_STEPS:-100}
+  start_api canvas
+  target/release/kobe --env-file /dev/null worker --concurrency 10 & pids+=($!)
+  wait_api
+  kobe=$("$venv/bin/python" scripts/bench/canvas.py "http://127.0.0.1:$port" "$KOBE_MONGO_URI" \
+    "$MONGODB_DB" --members "$members" --steps "$steps")
+  kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true; pids=()
+  "$venv/bin/python" -c "import pymongo; pymongo.MongoClient('$KOBE_MONGO_URI').drop_database('$MONGODB_DB')"
+  celery=$(cd scripts/bench && "$venv/bin/python" celery_canvas.py --members "$members" --steps "$steps" --concurrency 10)
+  python3 - "$kobe" "$celery" "$members" "$steps" <<'PY'
+import sys
+kobe, celery, members, steps = sys.argv[1:]
+v = dict(l.split("=", 1) for l in (kobe + "\n" + celery).splitlines() if "=" in l)
+f = lambda k: float(v[k])
+print(f"== workflows, time to the callback's result, same broker and Redis, same run ==")
+print(f"  chord of {members} + callback   Kobe {f('kobe_chord_s'):7.2f} s   Celery {f('celery_chord_s'):7.2f} s   Kobe join {f('kobe_chord_join_ms'):.0f} ms")
+print(f"  chain of {steps}              Kobe {f('kobe_chain_s'):7.2f} s   Celery {f('celery_chain_s'):7.2f} s")
+print(f"  chord      Kobe / Celery (speed)  {f('celery_chord_s')/f('kobe_chord_s'):6.2f}x")
+print(f"  chain      Kobe / Celery (speed)  {f('celery_chain_s')/f('kobe_chain_s'):6.2f}x")
 PY
 fi
