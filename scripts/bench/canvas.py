@@ -9,6 +9,7 @@ callback's start, from the tasks' own times in MongoDB. Prints `key=value` lines
 import argparse
 import json
 import time
+import urllib.error
 import urllib.request
 
 import pymongo
@@ -19,8 +20,11 @@ def post(base, path, body):
         base + path, data=json.dumps(body).encode(), method="POST",
         headers={"content-type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=120) as answer:
-        return json.load(answer)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return json.load(answer)
+    except urllib.error.HTTPError as error:
+        raise SystemExit(f"POST {path}: {error.code} {error.read().decode()}")
 
 
 def get(base, path):

@@ -39,6 +39,9 @@ pub struct TaskMessage {
     pub origin: String,
     /// The workflow it is a step of (header `kobe_workflow`; Celery workers ignore it).
     pub workflow_id: Option<String>,
+    /// Celery's canvas riding on the body (`callbacks`, `errbacks`, `chain`, `chord`), kept
+    /// when any of them is set: what runs after this task.
+    pub embed: Option<Value>,
 }
 
 /// The header naming the workflow a task is a step of.
@@ -77,16 +80,14 @@ impl TaskMessage {
             traceparent: None,
             origin: origin(),
             workflow_id: None,
+            embed: None,
         }
     }
 
     /// The JSON body Celery expects.
     pub fn body(&self) -> Vec<u8> {
-        let body = json!([
-            self.args,
-            self.kwargs,
-            {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
-        ]);
+        let none = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null});
+        let body = json!([self.args, self.kwargs, self.embed.as_ref().unwrap_or(&none)]);
         serde_json::to_vec(&body).unwrap_or_default()
     }
 
@@ -178,7 +179,7 @@ impl TaskMessage {
             .map_err(|_| MessageError::BadHeader("priority"))?
             .unwrap_or_default();
 
-        let (args, kwargs) = parse_body(body)?;
+        let (args, kwargs, embed) = parse_body(body)?;
         Ok(Self {
             id,
             task,
@@ -196,11 +197,15 @@ impl TaskMessage {
             traceparent: optional_text(headers, "traceparent"),
             origin: optional_text(headers, "origin").unwrap_or_default(),
             workflow_id: optional_text(headers, WORKFLOW_HEADER),
+            embed,
         })
     }
 }
 
-fn parse_body(body: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), MessageError> {
+/// The body's arguments, and its canvas when any part of it is set.
+type Body = (Vec<Value>, Map<String, Value>, Option<Value>);
+
+fn parse_body(body: &[u8]) -> Result<Body, MessageError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| MessageError::Body(e.to_string()))?;
     let Value::Array(mut parts) = value else {
@@ -209,6 +214,12 @@ fn parse_body(body: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), MessageEr
     if parts.len() < 2 {
         return Err(MessageError::Body("fewer than two elements".into()));
     }
+    let embed = parts.get(2).filter(|embed| {
+        ["callbacks", "errbacks", "chain", "chord"]
+            .iter()
+            .any(|part| embed.get(part).is_some_and(|v| !v.is_null()))
+    });
+    let embed = embed.cloned();
     let kwargs = match parts.swap_remove(1) {
         Value::Object(map) => map,
         Value::Null => Map::new(),
@@ -219,7 +230,7 @@ fn parse_body(body: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), MessageEr
         Value::Null => Vec::new(),
         _ => return Err(MessageError::Body("args is not an array".into())),
     };
-    Ok((args, kwargs))
+    Ok((args, kwargs, embed))
 }
 
 fn required_text(headers: &FieldTable, name: &'static str) -> Result<String, MessageError> {

@@ -102,6 +102,9 @@ pub struct TaskDocument {
     /// The workflow it is a step of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow_id: Option<String>,
+    /// Celery's canvas its message carries (what runs after it), for a republish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed: Option<Value>,
     /// Stored as seconds, as Celery gives it.
     #[serde(
         default,
@@ -185,6 +188,7 @@ impl TaskDocument {
             traceparent: None,
             parent_id: None,
             workflow_id: None,
+            embed: None,
             hard_time_limit: None,
             soft_time_limit: None,
             eta: None,

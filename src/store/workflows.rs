@@ -36,6 +36,9 @@ pub struct WorkflowDocument {
     /// Submitted once if it fails, with the failed step's task id and root cause.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failure: Option<StepTask>,
+    /// The start's W3C trace context: its steps are traced as its children.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     pub created_at: DateTime,
     pub updated_at: DateTime,
 }

@@ -26,6 +26,7 @@ impl Submitter {
         message.traceparent = document.traceparent.clone();
         message.parent_id = document.parent_id.clone();
         message.workflow_id = document.workflow_id.clone();
+        message.embed = document.embed.clone();
         if root_id.is_some() {
             message.root_id = root_id;
         }

@@ -58,6 +58,8 @@ pub struct NewTask {
     pub expires: Option<DateTime>,
     /// The workflow it is a step of: its outcome hands the workflow on.
     pub workflow_id: Option<String>,
+    /// Celery's canvas that runs after it (the rest of a Celery client's chain).
+    pub embed: Option<Value>,
 }
 
 impl NewTask {
@@ -77,6 +79,7 @@ impl NewTask {
             eta: None,
             expires: None,
             workflow_id: None,
+            embed: None,
         }
     }
 }
@@ -301,6 +304,7 @@ impl Submitter {
         document.traceparent = Some(task.trace.to_string());
         document.parent_id = task.parent_id.clone();
         document.workflow_id = task.workflow_id.clone();
+        document.embed = task.embed.clone();
         document.hard_time_limit = task.hard_time_limit;
         document.soft_time_limit = task.soft_time_limit;
         document.eta = task.eta;

@@ -52,7 +52,8 @@ pub(super) trait Effects {
     fn acked(&self, job: &Job<'_>, plan: &Plan, done: &Done);
     /// Notes that the dead letter a finished task owed is published.
     fn dead_letter_paid(&self, job: &Job<'_>);
-    /// Hands on the workflow the task is a step of (if it is one), its final outcome stored;
+    /// Hands on the workflow the task is a step of (if it is one), and submits what its
+    /// message's Celery canvas asks for (if any), its final outcome stored;
     /// `false` when that could not be done now: the delivery goes back, and its redelivery,
     /// finding the task finished, hands on again.
     async fn hand_on(&self, job: &Job<'_>) -> bool;
@@ -460,7 +461,10 @@ mod tests {
         }
 
         async fn hand_on(&self, job: &Job<'_>) -> bool {
-            if job.message.is_some_and(|m| m.workflow_id.is_some()) {
+            if job
+                .message
+                .is_some_and(|m| m.workflow_id.is_some() || m.embed.is_some())
+            {
                 self.note("hand on");
             }
             true

@@ -120,16 +120,23 @@ impl Effects for Worker {
     }
 
     async fn hand_on(&self, job: &Job<'_>) -> bool {
-        let Some(workflow) = job.message.and_then(|m| m.workflow_id.as_deref()) else {
+        let Some(message) = job.message else {
             return true;
         };
-        match self.workflows.advance(workflow, &job.attempt.task_id).await {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(error = %error, workflow_id = workflow, "cannot hand the workflow on");
-                false
+        let task_id = &job.attempt.task_id;
+        if let Some(workflow) = &message.workflow_id {
+            if let Err(error) = self.workflows.advance(workflow, task_id).await {
+                tracing::warn!(error = %error, workflow_id = %workflow, "cannot hand the workflow on");
+                return false;
             }
         }
+        if let Some(embed) = &message.embed {
+            if let Err(error) = self.workflows.celery_canvas(task_id, embed).await {
+                tracing::warn!(error = %error, "cannot submit what the message's Celery canvas asks for");
+                return false;
+            }
+        }
+        true
     }
 
     async fn look(

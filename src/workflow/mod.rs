@@ -14,6 +14,7 @@
 //! `REVOKED`, with the reason), running siblings finish, and the `on_failure` step is submitted
 //! once with the failed step's task id and root cause.
 
+pub mod celery;
 pub mod shape;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use crate::store::workflows::{
 use crate::store::{PayloadRepository, StoreError};
 use crate::submit::{NewTask, SubmitError, Submitter};
 use crate::telemetry::metrics::metrics;
+use crate::telemetry::trace::TraceContext;
 use shape::{Input, Planned};
 
 /// Records workflows, starts them and hands each on as its steps finish.
@@ -46,6 +48,8 @@ pub struct Checked {
     /// Each step of the plan with the task it submits.
     pub steps: Vec<(Planned, StepTask)>,
     pub on_failure: Option<StepTask>,
+    /// The start's trace: every step's task is traced as its child.
+    pub trace: TraceContext,
 }
 
 /// A workflow as a client sees it.
@@ -122,17 +126,40 @@ impl Workflows {
             failed_step: None,
             reason: None,
             on_failure: checked.on_failure,
+            traceparent: Some(checked.trace.to_string()),
             created_at: now,
             updated_at: now,
         };
         let new = self.repository.insert(&workflow, &steps).await?;
-        if new {
-            metrics().workflows.with_label_values(&["STARTED"]).inc();
+        let first = steps.iter().filter(|s| s.waits_for.is_empty());
+        if !new {
+            // A start sent again: finish what the first one may have left, one idempotent
+            // submission at a time.
+            for step in first {
+                self.submit(&id, step, Vec::new(), checked.trace).await?;
+            }
+            return Ok(false);
         }
-        for step in steps.iter().filter(|s| s.waits_for.is_empty()) {
-            self.submit(&id, step, Vec::new()).await?;
+        metrics().workflows.with_label_values(&["STARTED"]).inc();
+        // A new workflow's first steps share insert commands and pipelined confirms (a group of
+        // a thousand is one batch, not a thousand round trips).
+        let tasks: Vec<NewTask> = first
+            .clone()
+            .map(|step| self.step_task(&id, step, Vec::new(), checked.trace))
+            .collect();
+        let answers = self.submitter.submit_many(tasks).await;
+        let mut refused = None;
+        for (step, answer) in first.zip(answers) {
+            if let Err(error) = answer {
+                // Closed as never run: the workflow fails with it, saying why.
+                let _ = self.advance(&id, &step.task_id).await;
+                refused.get_or_insert(error);
+            }
         }
-        Ok(new)
+        match refused {
+            Some(error) => Err(error),
+            None => Ok(true),
+        }
     }
 
     /// The workflow and each step's state.
@@ -221,12 +248,18 @@ impl Workflows {
     /// worker, at any time after it.
     #[tracing::instrument(name = "workflow.advance", skip(self))]
     pub async fn advance(&self, workflow_id: &str, task_id: &str) -> Result<(), SubmitError> {
-        let Some(outcome) = self.repository.outcomes(&[task_id.to_owned()]).await?.pop() else {
+        // Both asked at once: a member of a large group waits one round trip, not two.
+        let ids = [task_id.to_owned()];
+        let (outcome, step) = tokio::join!(
+            self.repository.outcomes(&ids),
+            self.repository.step(task_id)
+        );
+        let Some(outcome) = outcome?.pop() else {
             return Ok(());
         };
         match outcome.state {
             TaskState::Success => {
-                let Some(step) = self.repository.step(task_id).await? else {
+                let Some(step) = step? else {
                     return Ok(());
                 };
                 if step.next.is_empty() && self.repository.end(workflow_id, task_id).await? {
@@ -248,6 +281,43 @@ impl Workflows {
             TaskState::Failure | TaskState::Revoked => self.fail(workflow_id, &outcome).await,
             _ => Ok(()),
         }
+    }
+
+    /// Submits what a Celery client's canvas (`embed`, on task `task_id`'s message) asks to
+    /// run after the task's final outcome: the chain's next task and the callbacks after a
+    /// success, the errbacks after a failure. Idempotent, as [`Workflows::advance`] is.
+    #[tracing::instrument(name = "workflow.celery_canvas", skip(self, embed))]
+    pub async fn celery_canvas(&self, task_id: &str, embed: &Value) -> Result<(), SubmitError> {
+        let Some(outcome) = self.repository.outcomes(&[task_id.to_owned()]).await?.pop() else {
+            return Ok(());
+        };
+        let next = match outcome.state {
+            TaskState::Success => {
+                let mut result = outcome.result.unwrap_or(Value::Null);
+                if let Some(reference) = reference_in(&result) {
+                    result = self.payloads.get(reference).await?.unwrap_or(Value::Null);
+                }
+                celery::after_success(embed, task_id, &result)
+            }
+            TaskState::Failure => celery::after_failure(embed, task_id),
+            _ => Vec::new(),
+        };
+        for next in next {
+            let id =
+                TaskId::parse(&next.id).map_err(|_| SubmitError::InvalidId(next.id.clone()))?;
+            let route = self
+                .submitter
+                .topology()
+                .route_of(&next.task_name)
+                .to_owned();
+            let mut task = NewTask::new(id, &next.task_name, &route);
+            task.args = next.args;
+            task.kwargs = next.kwargs;
+            task.parent_id = Some(task_id.to_owned());
+            task.embed = next.embed;
+            self.submitter.submit_child(task).await?;
+        }
+        Ok(())
     }
 
     /// Ends the workflow with `failed`'s failure and submits `on_failure` once (again, after a
@@ -276,11 +346,11 @@ impl Workflows {
         if workflow.failed_step.as_deref() != Some(failed.task_id.as_str()) {
             return Ok(());
         }
-        let Some(on_failure) = workflow.on_failure else {
+        let Some(on_failure) = workflow.on_failure.clone() else {
             return Ok(());
         };
         let id = TaskId::stored(format!("{workflow_id}:on_failure"));
-        let mut task = new_task(id, workflow_id, &on_failure);
+        let mut task = new_task(id, workflow_id, &on_failure, trace_of(&workflow));
         task.args = vec![Value::from(failed.task_id.clone()), Value::from(cause)];
         task.args.extend(on_failure.args);
         self.submitter.submit_child(task).await
@@ -288,18 +358,17 @@ impl Workflows {
 
     /// Submits the step `step_id`, every step it waits for having succeeded, with their results.
     async fn submit_next(&self, workflow_id: &str, step_id: &str) -> Result<(), SubmitError> {
-        let running = self
-            .repository
-            .get(workflow_id)
-            .await?
-            .is_some_and(|w| w.state == TaskState::Pending);
-        let Some(step) = self.repository.step(step_id).await? else {
-            return Ok(());
-        };
-        if !running {
+        let (workflow, step) = tokio::join!(
+            self.repository.get(workflow_id),
+            self.repository.step(step_id)
+        );
+        let Some(workflow) = workflow?.filter(|w| w.state == TaskState::Pending) else {
             // Ended (failed or cancelled) meanwhile: later steps never run.
             return Ok(());
-        }
+        };
+        let Some(step) = step? else {
+            return Ok(());
+        };
         let mut results: HashMap<String, Value> = HashMap::new();
         for outcome in self.repository.outcomes(&step.waits_for).await? {
             let mut result = outcome.result.unwrap_or(Value::Null);
@@ -320,7 +389,8 @@ impl Workflows {
         } else {
             vec![given]
         };
-        self.submit(workflow_id, &step, received).await
+        self.submit(workflow_id, &step, received, trace_of(&workflow))
+            .await
     }
 
     /// Submits a step's task, `received` before its own arguments.
@@ -329,22 +399,46 @@ impl Workflows {
         workflow_id: &str,
         step: &StepDocument,
         received: Vec<Value>,
+        trace: TraceContext,
     ) -> Result<(), SubmitError> {
+        let task = self.step_task(workflow_id, step, received, trace);
+        self.submitter.submit_child(task).await
+    }
+
+    /// A step's task, `received` before its own arguments.
+    fn step_task(
+        &self,
+        workflow_id: &str,
+        step: &StepDocument,
+        received: Vec<Value>,
+        trace: TraceContext,
+    ) -> NewTask {
         let mut task = new_task(
             TaskId::stored(step.task_id.clone()),
             workflow_id,
             &step.task,
+            trace,
         );
         task.args = received;
         task.args.extend(step.task.args.iter().cloned());
         task.parent_id = step.waits_for.last().cloned();
-        self.submitter.submit_child(task).await
+        task
     }
 }
 
-/// A step's task, marked as the workflow's.
-fn new_task(id: TaskId, workflow_id: &str, step: &StepTask) -> NewTask {
+/// The trace a workflow's steps are children of (a new one for a workflow recorded without).
+fn trace_of(workflow: &WorkflowDocument) -> TraceContext {
+    workflow
+        .traceparent
+        .as_deref()
+        .and_then(TraceContext::parse)
+        .unwrap_or_else(TraceContext::new_root)
+}
+
+/// A step's task, marked as the workflow's and traced under its start.
+fn new_task(id: TaskId, workflow_id: &str, step: &StepTask, trace: TraceContext) -> NewTask {
     let mut task = NewTask::new(id, &step.task_name, &step.route);
+    task.trace = trace.child();
     task.kwargs = step.kwargs.clone();
     task.priority = step.priority;
     task.root_id = Some(workflow_id.to_owned());

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 /// Deepest nesting of `chain` and `group` accepted.
 pub const MAX_DEPTH: usize = 8;
 /// Most steps in one workflow (the `on_failure` step included).
-pub const MAX_STEPS: usize = 1_000;
+pub const MAX_STEPS: usize = 5_000;
 
 /// A node of the tree as sent: a step's body is kept as JSON, for the caller to check as
 /// `/task/start` would.

@@ -565,3 +565,54 @@ async fn the_page_draws_the_workflow_with_each_step_in_its_state_and_the_overvie
     );
     fleet.stop().await;
 }
+
+/// A signature as a Celery client freezes it into a message (`add.s(3)` with its id).
+fn celery_signature(task: &str, args: Value, id: &str) -> Value {
+    json!({"task": task, "args": args, "kwargs": {}, "options": {"task_id": id},
+           "subtask_type": null, "immutable": false, "chord_size": null})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_celery_clients_chain_and_link_run_on_kobe_workers_once_with_the_results_passed_on() {
+    let fleet = fleet().await;
+    let publisher = fleet.env.publisher();
+    let id = |name: &str| format!("{name}-{}", uuid::Uuid::new_v4());
+    let (a, b, c, link) = (id("a"), id("b"), id("c"), id("link"));
+    // chain(wf_add.s(1, 2), wf_add.s(3), wf_add.s(4)).apply_async(link=...) as Celery sends
+    // it: the first task's body carries the rest of the chain, reversed, and the link.
+    let mut first = kobe::amqp::TaskMessage::new(
+        kobe::domain::TaskId::parse(&a).unwrap(),
+        "wf_add",
+        vec![json!(1), json!(2)],
+        Default::default(),
+    );
+    first.embed = Some(json!({
+        "callbacks": [celery_signature("wf_add", json!([100]), &link)],
+        "errbacks": null,
+        "chain": [
+            celery_signature("wf_add", json!([4]), &c),
+            celery_signature("wf_add", json!([3]), &b),
+        ],
+        "chord": null,
+    }));
+    fleet.env.publish_message(&publisher, &first).await;
+    let last = fleet.env.wait_final(&c, Duration::from_secs(30)).await;
+    assert_eq!(last.result, Some(json!(10)), "1+2, then +3, then +4");
+    let linked = fleet.env.wait_final(&link, Duration::from_secs(30)).await;
+    assert_eq!(
+        linked.result,
+        Some(json!(103)),
+        "the link gets the first result"
+    );
+    // The same message again (a redelivery): nothing runs twice.
+    fleet.env.publish_message(&publisher, &first).await;
+    common::eventually(Duration::from_secs(10), "the copy is acked", || async {
+        (common::metric("kobe_duplicate_deliveries_total{reason=\"finished\"}") >= 1.0)
+            .then_some(())
+    })
+    .await;
+    for task in [&a, &b, &c, &link] {
+        assert_eq!(fleet.runs_of(task), 1, "{task} ran once");
+    }
+    fleet.stop().await;
+}

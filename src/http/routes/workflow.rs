@@ -39,7 +39,7 @@ pub struct WorkflowCancelled {
 /// `"immutable": true` when it must not receive what came before it. A step after a step gets
 /// that step's result as its first positional argument; a step after a group gets the list of
 /// the members' results, in the members' order. Answered once the whole workflow is recorded
-/// and its first steps are confirmed by the broker. At most 1,000 steps, nested at most 8 deep.
+/// and its first steps are confirmed by the broker. At most 5,000 steps, nested at most 8 deep.
 #[utoipa::path(
     post,
     path = "/workflow/start",
@@ -147,6 +147,7 @@ pub(crate) fn check(
         id,
         steps,
         on_failure,
+        trace: *trace,
     })
 }
 
