@@ -86,16 +86,9 @@ impl App {
     pub fn run(self) -> ExitCode {
         // The .env file is read before the command line is parsed, so flags that fall back to
         // variables (`--concurrency` ← KOBE_CONCURRENCY) see its values too.
-        let env_file = env_file_argument();
-        let dotenv = match &env_file {
-            Some(path) => dotenvy::from_path(path),
-            None => dotenvy::dotenv().map(drop),
-        };
-        if let Err(error) = &dotenv {
-            if !error.not_found() || env_file.is_some() {
-                eprintln!("kobe: cannot read the .env file: {error}");
-                return ExitCode::from(2);
-            }
+        if let Err(error) = load_env_file() {
+            eprintln!("kobe: cannot read the .env file: {error}");
+            return ExitCode::from(2);
         }
         let cli = Cli::parse();
         if let Command::Tasks(TasksCommand::Check { file }) = &cli.command {
@@ -167,8 +160,8 @@ impl App {
     }
 
     /// The registry the command runs with: the tasks given in code, then those of
-    /// `KOBE_TASKS_FILE` (for `serve`, `worker`, `beat` and the commands that submit), whose routes join the settings' unless
-    /// `KOBE_TASK_ROUTES` routes the task already.
+    /// `KOBE_TASKS_FILE` (for `serve`, `worker`, `beat` and the commands that submit), whose
+    /// routes join the settings' unless `KOBE_TASK_ROUTES` routes the task already.
     fn registry_for(self, settings: &mut Settings, command: &Command) -> Result<Registry, String> {
         if let Some(first) = self.refused.first() {
             return Err(first.clone());
@@ -210,6 +203,19 @@ impl App {
             settings.broker.task_routes.entry(task).or_insert(route);
         }
         Ok(registry)
+    }
+}
+
+/// Reads `--env-file PATH`, or `./.env` when there is one (its absence is no error).
+fn load_env_file() -> Result<(), dotenvy::Error> {
+    let env_file = env_file_argument();
+    let read = match &env_file {
+        Some(path) => dotenvy::from_path(path),
+        None => dotenvy::dotenv().map(drop),
+    };
+    match read {
+        Err(error) if !error.not_found() || env_file.is_some() => Err(error),
+        _ => Ok(()),
     }
 }
 
