@@ -15,23 +15,14 @@ import subprocess
 import sys
 import time
 
-from celery import Celery, chain, chord, group
+from celery import chain, chord, group
+
+from celery_common import make_app
 
 PREFIX = f"kobebench-canvas-{os.getpid()}"
-BROKER = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//").replace("%2f", "")
-REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("KOBE_BENCH_CELERY_QUEUE", PREFIX)
 
-app = Celery("celery_canvas", broker=BROKER, backend=REDIS)
-app.conf.update(
-    task_acks_late=True,
-    worker_prefetch_multiplier=1,
-    broker_transport_options={"confirm_publish": True},
-    result_backend_transport_options={"global_keyprefix": f"{QUEUE}:"},
-    task_default_queue=QUEUE,
-    worker_hijack_root_logger=False,
-    broker_connection_retry_on_startup=True,
-)
+app = make_app("celery_canvas", QUEUE)
 
 
 @app.task(name="noop")

@@ -82,6 +82,9 @@ pub struct StepDocument {
     pub waits_for: Vec<String>,
     /// The steps that wait for it, by task id.
     pub next: Vec<String>,
+    /// Those of `next` that wait for more than this one: its arrival is counted there.
+    #[serde(default)]
+    pub joins: Vec<String>,
     /// Those of `waits_for` that succeeded, each counted once.
     #[serde(default)]
     pub arrived: Vec<String>,

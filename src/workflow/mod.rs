@@ -113,6 +113,13 @@ impl Workflows {
                 input: serde_json::to_value(&planned.input).unwrap_or_default(),
                 waits_for: planned.waits_for().into_iter().map(task_id).collect(),
                 next: planned.next.iter().copied().map(task_id).collect(),
+                joins: planned
+                    .next
+                    .iter()
+                    .copied()
+                    .filter(|&n| plan_waits(&checked.steps, n) > 1)
+                    .map(task_id)
+                    .collect(),
                 arrived: Vec::new(),
             })
             .collect();
@@ -267,9 +274,13 @@ impl Workflows {
                     tracing::info!(workflow_id, "workflow succeeded");
                 }
                 for next in &step.next {
-                    if self.repository.arrive(next, task_id).await? {
+                    // A step that waits for this one alone needs no count: its fixed id makes
+                    // its submission once.
+                    let ready =
+                        !step.joins.contains(next) || self.repository.arrive(next, task_id).await?;
+                    if ready {
                         let joined = std::time::Instant::now();
-                        self.submit_next(workflow_id, next).await?;
+                        self.submit_next(workflow_id, next, &outcome).await?;
                         metrics()
                             .workflow_join_duration
                             .with_label_values::<&str>(&[])
@@ -357,7 +368,13 @@ impl Workflows {
     }
 
     /// Submits the step `step_id`, every step it waits for having succeeded, with their results.
-    async fn submit_next(&self, workflow_id: &str, step_id: &str) -> Result<(), SubmitError> {
+    /// `known`: the outcome that made it ready, not read again.
+    async fn submit_next(
+        &self,
+        workflow_id: &str,
+        step_id: &str,
+        known: &StepOutcome,
+    ) -> Result<(), SubmitError> {
         let (workflow, step) = tokio::join!(
             self.repository.get(workflow_id),
             self.repository.step(step_id)
@@ -369,8 +386,18 @@ impl Workflows {
         let Some(step) = step? else {
             return Ok(());
         };
+        let others: Vec<String> = step
+            .waits_for
+            .iter()
+            .filter(|w| **w != known.task_id)
+            .cloned()
+            .collect();
+        let mut outcomes = vec![known.clone()];
+        if !others.is_empty() {
+            outcomes.extend(self.repository.outcomes(&others).await?);
+        }
         let mut results: HashMap<String, Value> = HashMap::new();
-        for outcome in self.repository.outcomes(&step.waits_for).await? {
+        for outcome in outcomes {
             let mut result = outcome.result.unwrap_or(Value::Null);
             if let Some(reference) = reference_in(&result) {
                 result = self.payloads.get(reference).await?.unwrap_or(Value::Null);
@@ -424,6 +451,11 @@ impl Workflows {
         task.parent_id = step.waits_for.last().cloned();
         task
     }
+}
+
+/// How many steps step `index` of the plan waits for.
+fn plan_waits(steps: &[(Planned, StepTask)], index: usize) -> usize {
+    steps.get(index).map_or(0, |(p, _)| p.waits_for().len())
 }
 
 /// The trace a workflow's steps are children of (a new one for a workflow recorded without).

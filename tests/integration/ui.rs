@@ -7,12 +7,9 @@ use std::time::Duration;
 use common::{Running, TestEnv};
 use serde_json::{json, Value};
 
-/// A picture of the page at `url`, as Chromium draws it, saved in the tests' output folder
-/// (`target/tmp/screenshots/NAME.png`); returns where.
-pub(crate) async fn screenshot(url: &str, name: &str) -> std::path::PathBuf {
-    let folder = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
-    std::fs::create_dir_all(&folder).unwrap();
-    let path = folder.join(format!("{name}.png"));
+/// Headless Chromium with a profile of its own (removed after), asked to do `what` to `url`;
+/// its standard output.
+async fn chromium(what: &[&str], url: &str) -> Vec<u8> {
     let profile = std::env::temp_dir().join(common::unique("kobe-chromium"));
     let output = tokio::process::Command::new("chromium")
         .args([
@@ -21,38 +18,32 @@ pub(crate) async fn screenshot(url: &str, name: &str) -> std::path::PathBuf {
             "--disable-gpu",
             "--disable-dev-shm-usage",
             "--disable-background-networking",
-            "--window-size=1000,600",
             &format!("--user-data-dir={}", profile.display()),
-            &format!("--screenshot={}", path.display()),
-            url,
         ])
+        .args(what)
+        .arg(url)
         .output()
         .await
         .expect("chromium (scripts/test.sh installs it)");
     let _ = std::fs::remove_dir_all(&profile);
     assert!(output.status.success(), "{output:?}");
+    output.stdout
+}
+
+/// A picture of the page at `url`, as Chromium draws it, saved in the tests' output folder
+/// (`target/tmp/screenshots/NAME.png`); returns where.
+pub(crate) async fn screenshot(url: &str, name: &str) -> std::path::PathBuf {
+    let folder = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    std::fs::create_dir_all(&folder).unwrap();
+    let path = folder.join(format!("{name}.png"));
+    let target = format!("--screenshot={}", path.display());
+    chromium(&["--window-size=1000,600", &target], url).await;
     path
 }
 
 /// The page at `url` as Chromium renders it (the DOM after its scripts ran).
 pub(crate) async fn rendered(url: String) -> String {
-    let profile = std::env::temp_dir().join(common::unique("kobe-chromium"));
-    let output = tokio::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            &format!("--user-data-dir={}", profile.display()),
-            "--dump-dom",
-            &url,
-        ])
-        .output()
-        .await
-        .expect("chromium (scripts/test.sh installs it)");
-    let _ = std::fs::remove_dir_all(&profile);
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    String::from_utf8_lossy(&chromium(&["--dump-dom"], &url).await).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
