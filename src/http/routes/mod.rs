@@ -6,6 +6,7 @@ pub(crate) mod catalog;
 pub mod dlq;
 pub mod docs;
 pub mod health;
+pub(crate) mod html;
 pub mod metrics;
 pub mod schedules;
 pub mod search;

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::ui::{csrf_of, escape, page, when};
+use super::html::{csrf_of, escape, page, when};
 use crate::http::{ApiError, AppState};
 use crate::operate::overview::Overview;
 use crate::workflow::{StepView, WorkflowView};
