@@ -43,13 +43,16 @@ impl Cursor {
 /// One page of a search.
 #[derive(Debug, Clone, Default)]
 pub struct Search {
-    /// Default `FAILURE`, unless `parent_id` is given (then: any state).
+    /// Default `FAILURE`, unless `parent_id` or `workflow_id` is given (then: any state).
     pub state: Option<TaskState>,
     pub task_name: Option<String>,
     /// The route (queue suffix) it was sent to.
     pub route: Option<String>,
     /// Children of this task (a sharded job's shards, say).
     pub parent_id: Option<String>,
+    /// Steps of this workflow (any state unless `state` says): their ids are `<workflow>:…`, so
+    /// the `_id` index finds them.
+    pub workflow_id: Option<String>,
     /// Root cause containing this text (case-insensitive).
     pub root_cause: Option<String>,
     /// Created at or after this time (narrows the scan; no index of its own).
@@ -135,9 +138,16 @@ impl Search {
         if let Some(until) = search.until {
             range.insert("$lt", until);
         }
-        let mut filter = match (&search.parent_id, search.state) {
-            (Some(parent), state) => {
-                let mut filter = doc! {"parent_id": parent};
+        let scope = match (&search.parent_id, &search.workflow_id) {
+            (Some(parent), _) => Some(doc! {"parent_id": parent}),
+            (None, Some(workflow)) => Some(doc! {"_id": mongodb::bson::Regex {
+                pattern: format!("^{}:", regex_escape(workflow)),
+                options: String::new(),
+            }}),
+            (None, None) => None,
+        };
+        let mut filter = match (scope, search.state) {
+            (Some(mut filter), state) => {
                 if let Some(state) = state {
                     filter.insert("state", state.as_str());
                 }

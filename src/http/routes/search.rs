@@ -16,7 +16,7 @@ use crate::store::TaskDocument;
 #[into_params(parameter_in = Query)]
 pub(crate) struct SearchQuery {
     /// `PENDING`, `STARTED`, `RETRY`, `SUCCESS`, `FAILURE` or `REVOKED` (default `FAILURE`, or
-    /// any state with `parent_id`).
+    /// any state with `parent_id` or `workflow_id`).
     pub state: Option<String>,
     /// Only tasks of this name.
     pub task_name: Option<String>,
@@ -24,6 +24,9 @@ pub(crate) struct SearchQuery {
     pub route: Option<String>,
     /// Only children of this task (a sharded job's shards).
     pub parent_id: Option<String>,
+    /// Only the steps of this workflow (any state unless `state` is given).
+    #[param(pattern = "^wf-[0-9a-f]{32}$")]
+    pub workflow_id: Option<String>,
     /// Only tasks whose root cause contains this text (case-insensitive, at most 200 characters).
     pub root_cause: Option<String>,
     /// Changed at or after this time (RFC 3339); for a finished state, finished at or after.
@@ -143,11 +146,23 @@ pub async fn search(
                 .map_err(|reason| ApiError::validation("parent_id", reason))
         })
         .transpose()?;
+    let workflow_id = query
+        .workflow_id
+        .as_deref()
+        .map(|w| match crate::domain::TaskId::parse(w) {
+            Ok(_) if w.starts_with(crate::workflow::ID_PREFIX) => Ok(w.to_owned()),
+            _ => Err(ApiError::validation(
+                "workflow_id",
+                "a workflow id: wf- and 32 hex digits",
+            )),
+        })
+        .transpose()?;
     let search = Search {
         state: task_state,
         task_name: query.task_name.clone(),
         route: query.route.clone(),
         parent_id,
+        workflow_id,
         root_cause: query.root_cause.clone().filter(|t| !t.is_empty()),
         since: time("since", query.since.as_deref())?,
         until: time("until", query.until.as_deref())?,

@@ -48,6 +48,9 @@ pub struct WorkflowCancelled {
     request_body(content = Object, description = "{\"workflow\": a chain, a group or a step, \"on_failure\": a step}"),
     responses(
         (status = 202, description = "Recorded, first steps confirmed", body = WorkflowAccepted),
+        (status = 400, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A step or node is invalid; `field` names its path", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "MongoDB or RabbitMQ unavailable; start again with the same Idempotency-Key to finish", body = Problem, content_type = "application/problem+json"),
@@ -197,6 +200,8 @@ fn step_task(
     params(("id" = String, Path, description = "Workflow id")),
     responses(
         (status = 200, description = "The workflow", body = WorkflowView),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workflow", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "MongoDB unavailable", body = Problem, content_type = "application/problem+json"),
     ),
@@ -221,6 +226,8 @@ pub async fn show(
     params(("id" = String, Path, description = "Workflow id")),
     responses(
         (status = 200, description = "Cancelled (or it had ended)", body = WorkflowCancelled),
+        (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workflow", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "MongoDB unavailable; ask again", body = Problem, content_type = "application/problem+json"),
     ),
