@@ -364,21 +364,12 @@ impl TaskRepository {
             )
             .upsert(true)
             .await;
+        // The lease is closed: no worker runs attempt 0 now, whatever the task's document says.
+        // A worker that met the closed lease first may have closed the document already (the
+        // upsert's insert then collides): it is refused all the same.
         match refused {
             Ok(_) => Ok(Refusal::NotRun),
-            Err(e) if super::is_duplicate_key(&e) => {
-                // Recorded and no longer waiting: refused by an earlier try, or taken by a worker.
-                let found = self
-                    .collection
-                    .clone_with_type::<Document>()
-                    .find_one(doc! {"_id": id})
-                    .projection(doc! {"refused_at": 1})
-                    .await?;
-                Ok(match found {
-                    Some(task) if task.contains_key("refused_at") => Refusal::NotRun,
-                    _ => Refusal::Taken,
-                })
-            }
+            Err(e) if super::is_duplicate_key(&e) => Ok(Refusal::NotRun),
             Err(e) => Err(e.into()),
         }
     }

@@ -100,6 +100,9 @@ pub enum Happened {
     /// An operator cancelled the task while an attempt ran, and this attempt must not go on (a
     /// retry after the cancel, or a redelivery): it ends `REVOKED`.
     Cancelled(String),
+    /// Its submission was answered "not accepted" and its lease closed before any worker took
+    /// it: it never runs, and ends `FAILURE` as the submitter records it.
+    Refused(String),
 }
 
 /// What to record and where the message goes.
@@ -209,6 +212,14 @@ pub fn plan(happened: &Happened, attempt: u32, policy: &RetryPolicy, jitter: f64
         Happened::Cancelled(cause) => Plan {
             record: Some(Transition::Revoked {
                 root_cause: cause.clone(),
+            }),
+            route: Route::Ack,
+            cause: Some(cause.clone()),
+        },
+        Happened::Refused(cause) => Plan {
+            record: Some(Transition::Failure {
+                root_cause: cause.clone(),
+                dead_letter: false,
             }),
             route: Route::Ack,
             cause: Some(cause.clone()),
@@ -413,6 +424,9 @@ pub(crate) fn on_task(task: &TaskDocument, retries: u32) -> Option<Verdict> {
         .map(|request| cancelled_while_running(&request.by))
 }
 
+/// The root cause a worker records for a task whose refused submission it met first.
+pub(crate) const REFUSED: &str = "not published: its submission was not accepted";
+
 /// What the attempt's lease says to a copy holding attempt token `token`, at `now`.
 pub(crate) fn on_lease(
     lease: Option<&AttemptLease>,
@@ -429,10 +443,10 @@ pub(crate) fn on_lease(
             .cancel
             .as_ref()
             .map_or("an operator", |c| c.by.as_str());
-        return Verdict::Conclude(Happened::Cancelled(match state {
-            TaskState::Revoked => format!("cancelled by {by} before it ran"),
-            _ => "its submission was not accepted".to_owned(),
-        }));
+        return Verdict::Conclude(match state {
+            TaskState::Revoked => Happened::Cancelled(format!("cancelled by {by} before it ran")),
+            _ => Happened::Refused(REFUSED.to_owned()),
+        });
     }
     if lease.done_at.is_some() {
         return Verdict::Wait {
@@ -847,9 +861,7 @@ mod tests {
         closed.closed = Some(TaskState::Failure);
         assert_eq!(
             on_lease(Some(&closed), "mine", now, 3),
-            Verdict::Conclude(Happened::Cancelled(
-                "its submission was not accepted".into()
-            ))
+            Verdict::Conclude(Happened::Refused(REFUSED.into()))
         );
     }
 }

@@ -274,7 +274,17 @@ async fn the_request_over_the_limit_gets_429_with_retry_after() {
     for _ in 0..3 {
         assert_eq!(api.status("unknown").await.status(), 404);
     }
-    let over = api.status("unknown").await;
+    // The next one is over the limit. The limiter serves rather than refuses when Redis does not
+    // answer within its bound (or a new window began meanwhile), so a loaded machine may let one
+    // more through: a 429 must come within a few.
+    let mut over = api.status("unknown").await;
+    for _ in 0..4 {
+        if over.status() == 429 {
+            break;
+        }
+        assert_eq!(over.status(), 404);
+        over = api.status("unknown").await;
+    }
     assert_eq!(over.status(), 429);
     let retry_after: u64 = over.headers()["retry-after"]
         .to_str()

@@ -500,3 +500,23 @@ async fn running_tasks_are_started_to_every_reader_and_renewed_together() {
     worker.stop().await;
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_that_a_worker_recorded_first_is_still_a_refusal() {
+    use kobe::store::tasks::Refusal;
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let tasks = env.tasks();
+    // A worker met the closed lease and recorded the task FAILURE before the submitter's own
+    // write: the submitter must still answer "not run", since nothing runs it.
+    let id = TaskId::generate();
+    let mut task = TaskDocument::pending(&id, "demo_long_io", "default");
+    task.state = TaskState::Failure;
+    task.root_cause = Some("not published: its submission was not accepted".into());
+    tasks.insert(&task).await.unwrap();
+    let refusal = tasks
+        .refuse(&id, "demo_long_io", "not published: no confirm")
+        .await
+        .unwrap();
+    assert_eq!(refusal, Refusal::NotRun);
+}
