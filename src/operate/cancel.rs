@@ -48,16 +48,11 @@ pub async fn workflow(
     id: &str,
     by: &str,
 ) -> Result<Option<(String, usize)>, StoreError> {
-    let Some(running) = workflows.revoke(id, by).await? else {
+    let Some((state, running)) = workflows.revoke(id, by).await? else {
         return Ok(None);
     };
     for task_id in &running {
         cancel(tasks, cache, task_id, by).await?;
     }
-    let state = workflows
-        .show(id)
-        .await?
-        .map(|v| v.state)
-        .unwrap_or_default();
-    Ok(Some((state, running.len())))
+    Ok(Some((state.as_str().to_owned(), running.len())))
 }

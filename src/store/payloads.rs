@@ -85,6 +85,15 @@ impl PayloadRepository {
         }
     }
 
+    /// A stored result as it was returned: read from `RawPayload` when `result` is a reference to
+    /// it, else `result` itself; `None` when the referenced payload is gone.
+    pub async fn resolve(&self, result: Value) -> Result<Option<Value>, StoreError> {
+        match reference_in(&result) {
+            Some(reference) => self.get(reference).await,
+            None => Ok(Some(result)),
+        }
+    }
+
     #[tracing::instrument(name = "store.payloads.get", skip(self))]
     pub async fn get(&self, reference: &str) -> Result<Option<Value>, StoreError> {
         let Some(payload) = self.collection.find_one(doc! {"_id": reference}).await? else {

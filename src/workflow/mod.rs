@@ -24,7 +24,6 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::domain::{TaskId, TaskState};
-use crate::store::payloads::reference_in;
 use crate::store::workflows::{
     step_id, StepDocument, StepOutcome, StepTask, WorkflowDocument, WorkflowRepository,
 };
@@ -218,14 +217,19 @@ impl Workflows {
         }))
     }
 
-    /// Ends a running workflow `REVOKED`, so no later step is submitted; returns the task ids of
-    /// its steps whose tasks exist and have not finished, for the caller to cancel. `None`: no
-    /// such workflow.
-    pub async fn revoke(&self, id: &str, by: &str) -> Result<Option<Vec<String>>, StoreError> {
+    /// Ends a running workflow `REVOKED`, so no later step is submitted; returns its state now
+    /// and the task ids of its steps whose tasks exist and have not finished, for the caller to
+    /// cancel. `None`: no such workflow.
+    pub async fn revoke(
+        &self,
+        id: &str,
+        by: &str,
+    ) -> Result<Option<(TaskState, Vec<String>)>, StoreError> {
         let Some(workflow) = self.repository.get(id).await? else {
             return Ok(None);
         };
-        if workflow.state == TaskState::Pending {
+        let mut state = workflow.state;
+        if state == TaskState::Pending {
             let reason = format!("cancelled by {by}");
             if self
                 .repository
@@ -234,19 +238,23 @@ impl Workflows {
             {
                 metrics().workflows.with_label_values(&["REVOKED"]).inc();
                 tracing::info!(workflow_id = id, by, "workflow cancelled");
+                state = TaskState::Revoked;
+            } else if let Some(ended) = self.repository.get(id).await? {
+                // It ended otherwise meanwhile.
+                state = ended.state;
             }
         }
         let steps = self.repository.steps(id).await?;
         let ids: Vec<String> = steps.into_iter().map(|s| s.task_id).collect();
-        Ok(Some(
-            self.repository
-                .outcomes(&ids)
-                .await?
-                .into_iter()
-                .filter(|o| !o.state.is_final())
-                .map(|o| o.task_id)
-                .collect(),
-        ))
+        let running = self
+            .repository
+            .outcomes(&ids)
+            .await?
+            .into_iter()
+            .filter(|o| !o.state.is_final())
+            .map(|o| o.task_id)
+            .collect();
+        Ok(Some((state, running)))
     }
 
     /// Hands the workflow on after step `task_id`'s outcome was stored: the steps waiting for
@@ -304,10 +312,7 @@ impl Workflows {
         };
         let next = match outcome.state {
             TaskState::Success => {
-                let mut result = outcome.result.unwrap_or(Value::Null);
-                if let Some(reference) = reference_in(&result) {
-                    result = self.payloads.get(reference).await?.unwrap_or(Value::Null);
-                }
+                let result = self.result_of(outcome).await?;
                 celery::after_success(embed, task_id, &result)
             }
             TaskState::Failure => celery::after_failure(embed, task_id),
@@ -398,11 +403,8 @@ impl Workflows {
         }
         let mut results: HashMap<String, Value> = HashMap::new();
         for outcome in outcomes {
-            let mut result = outcome.result.unwrap_or(Value::Null);
-            if let Some(reference) = reference_in(&result) {
-                result = self.payloads.get(reference).await?.unwrap_or(Value::Null);
-            }
-            results.insert(outcome.task_id, result);
+            let id = outcome.task_id.clone();
+            results.insert(id, self.result_of(outcome).await?);
         }
         let input: Input = serde_json::from_value(step.input.clone()).unwrap_or(Input::Nothing);
         let given = input.value(&|index| {
@@ -418,6 +420,12 @@ impl Workflows {
         };
         self.submit(workflow_id, &step, received, trace_of(&workflow))
             .await
+    }
+
+    /// What a finished step returned, read from `RawPayload` when it was kept there.
+    async fn result_of(&self, outcome: StepOutcome) -> Result<Value, StoreError> {
+        let result = outcome.result.unwrap_or(Value::Null);
+        Ok(self.payloads.resolve(result).await?.unwrap_or(Value::Null))
     }
 
     /// Submits a step's task, `received` before its own arguments.

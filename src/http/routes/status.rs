@@ -280,10 +280,11 @@ async fn recorded_result(state: &AppState, id: &TaskId) -> Result<Option<Value>,
     let Some(result) = task.result else {
         return Ok(None);
     };
-    match crate::store::payloads::reference_in(&result) {
-        Some(reference) => state.payloads.get(reference).await.map_err(ApiError::store),
-        None => Ok(Some(result)),
-    }
+    state
+        .payloads
+        .resolve(result)
+        .await
+        .map_err(ApiError::store)
 }
 
 /// Never waits: `200` with the result once the task finished, `202` with the state while it
