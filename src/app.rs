@@ -284,6 +284,7 @@ mod tests {
             kwargs: Default::default(),
             route: None,
             missed: Missed::Skip,
+            workflow: None,
         }
     }
 

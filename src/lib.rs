@@ -42,6 +42,9 @@
 //! }
 //! ```
 //!
+//! Workflows (chains, groups, chords) are built with [`Workflow`] and [`Step`] into the JSON
+//! `POST /workflow/start` takes; a schedule may start one.
+//!
 //! `examples/custom_worker.rs` is a fuller one (a kwargs schema, a retry policy, a time limit).
 //!
 //! The other public modules (`amqp`, `store`, `submit`, `http`, `commands`, `telemetry`, `cli`)
@@ -65,6 +68,7 @@
 //! | `operate` | what operators do to tasks: cancel, rerun, dead letters, the overview |
 //! | `worker` | the execution core: deliveries, the execution lease, outcomes, group commit |
 //! | `beat` | periodic tasks: one leader (a MongoDB lease) fires each slot once |
+//! | `workflow` | chains, groups and chords: recorded whole, handed on by the worker that finishes a step; [`Workflow`] builds one |
 //! | `http` | the actix-web API |
 //! | `commands` | `serve`, `worker`, `init-db`, `healthcheck`: where the modules are wired together |
 //! | `shutdown` | SIGTERM/SIGINT |
@@ -110,3 +114,4 @@ pub(crate) mod workflow;
 
 pub use app::App;
 pub use tasks::{Invocation, Registry, Task, TaskError, TaskFuture};
+pub use workflow::build::{Step, Workflow};

@@ -7,7 +7,8 @@
 //! [`Submitter::submit_child`]: a slot submitted twice — by two leaders for a moment, or again
 //! after a failed publish — is one task, published once. Where each schedule got to is kept in
 //! `ScheduleState`, so a new leader goes on from there: slots missed meanwhile follow the
-//! schedule's policy ([`Missed`]).
+//! schedule's policy ([`Missed`]). A schedule may start a workflow instead of a task: the slot
+//! fixes the workflow's id, so a slot fired twice is one workflow.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -40,6 +41,16 @@ pub struct Beat {
     pub holder: String,
     /// How long the lease holds without renewal; renewed every fifth of it.
     pub lease: Duration,
+    /// What the schedules that start workflows need; `None` when none does.
+    pub workflows: Option<ScheduledWorkflows>,
+}
+
+/// The workflows schedules start: the service, and each schedule's workflow as checked at
+/// start-up; a firing starts a copy of it under the slot's id.
+pub struct ScheduledWorkflows {
+    pub service: crate::workflow::Workflows,
+    /// Schedule name → its workflow, checked.
+    pub checked: HashMap<String, crate::workflow::Checked>,
 }
 
 /// A name for this replica in the lease.
@@ -49,8 +60,12 @@ pub(crate) fn holder_name() -> String {
     format!("{host}:{}:{}", std::process::id(), &random[..8])
 }
 
-/// Where `schedule`'s firings go: its own `queue`, else its task's route.
+/// Where `schedule`'s firings go: its own `queue`, else its task's route (a workflow's steps
+/// each go to their own).
 pub fn route(schedule: &Schedule, topology: &crate::amqp::Topology) -> String {
+    if schedule.workflow.is_some() {
+        return "(each step's)".into();
+    }
     schedule
         .route
         .clone()
@@ -121,6 +136,34 @@ impl Beat {
         }
     }
 
+    /// Submits the firing at `slot`: its task, or its workflow (started under an id the slot
+    /// fixes); returns that id.
+    async fn submit_slot(&self, schedule: &Schedule, slot: i64) -> Result<String, String> {
+        let id = schedule.task_id(slot);
+        if schedule.workflow.is_some() {
+            let (service, checked) = self
+                .workflows
+                .as_ref()
+                .and_then(|w| Some((&w.service, w.checked.get(&schedule.name)?)))
+                .ok_or("its workflow was not checked at start-up")?;
+            let mut checked = checked.clone();
+            checked.id = crate::workflow::id_for_key(&id);
+            checked.trace = crate::telemetry::trace::TraceContext::new_root();
+            let workflow_id = checked.id.clone();
+            service.start(checked).await.map_err(|e| e.to_string())?;
+            return Ok(workflow_id);
+        }
+        let parsed = TaskId::parse(&id).map_err(|_| format!("`{id}` is not a valid task id"))?;
+        let route = route(schedule, self.submitter.topology());
+        let mut task = NewTask::new(parsed, &schedule.task, &route);
+        task.kwargs = schedule.kwargs.clone();
+        self.submitter
+            .submit_child(task)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(id)
+    }
+
     /// Fires `schedule`'s latest due slot, if any, by its missed-slot policy.
     async fn fire_due(&self, schedule: &Schedule, reached: &mut HashMap<String, i64>) {
         let now = epoch_millis();
@@ -168,21 +211,16 @@ impl Beat {
         }
         let mut task_id = None;
         if fire {
-            let id = schedule.task_id(slot);
-            let Ok(parsed) = TaskId::parse(&id) else {
-                tracing::error!(task_id = %id, "a schedule's task id is not a valid id");
-                return;
+            let id = match self.submit_slot(schedule, slot).await {
+                Ok(id) => id,
+                Err(error) => {
+                    // Not recorded as reached: the next tick submits the same id again.
+                    tracing::warn!(schedule = %schedule.name, slot, error = %error, "cannot submit the schedule's firing; trying again");
+                    count("failed", 1);
+                    return;
+                }
             };
-            let route = route(schedule, self.submitter.topology());
-            let mut task = NewTask::new(parsed, &schedule.task, &route);
-            task.kwargs = schedule.kwargs.clone();
-            if let Err(error) = self.submitter.submit_child(task).await {
-                // Not recorded as reached: the next tick submits the same id again.
-                tracing::warn!(schedule = %schedule.name, task_id = %id, error = %error, "cannot submit the schedule's task; trying again");
-                count("failed", 1);
-                return;
-            }
-            tracing::info!(schedule = %schedule.name, task_id = %id, late_ms = late.as_millis() as u64, "schedule fired");
+            tracing::info!(schedule = %schedule.name, id = %id, late_ms = late.as_millis() as u64, "schedule fired");
             count("fired", 1);
             task_id = Some(id);
         }

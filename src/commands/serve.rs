@@ -61,6 +61,17 @@ pub async fn run(
 ) -> anyhow::Result<super::Ended> {
     let addr = addr.unwrap_or(settings.api.addr);
     let state = state(&settings, registry).await?;
+    // A schedule's bad workflow stops start-up before anything runs.
+    let beat = match state.beat_holder.clone() {
+        Some(holder) => super::beat::beat(
+            &settings,
+            &state.registry,
+            state.submitter.clone(),
+            &state.db,
+            holder,
+        )?,
+        None => None,
+    };
     let outbox = Outbox {
         tasks: state.tasks.clone(),
         submitter: state.submitter.clone(),
@@ -68,19 +79,7 @@ pub async fn run(
     };
     let background = crate::shutdown::Trigger::default();
     let outbox = tokio::spawn(outbox.run(settings.submit.outbox_interval, background.pulled()));
-    let beat = state
-        .beat_holder
-        .clone()
-        .and_then(|holder| {
-            super::beat::beat(
-                &settings,
-                &state.registry,
-                state.submitter.clone(),
-                &state.db,
-                holder,
-            )
-        })
-        .map(|beat| tokio::spawn(beat.run(background.pulled())));
+    let beat = beat.map(|beat| tokio::spawn(beat.run(background.pulled())));
     let watched = state.submitter.topology().watched_queues();
     let depths = super::spawn_queue_depth_watch(&settings, watched, &background);
     // Before the listener opens: a SIGTERM from then on is a graceful stop.

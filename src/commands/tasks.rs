@@ -28,7 +28,10 @@ pub fn check(file: &Path) -> Result<(), DeclarationError> {
     for schedule in declared.schedules {
         println!(
             "  schedule {:<15} task={:<18} {} missed={:?}",
-            schedule.name, schedule.task, schedule.when, schedule.missed
+            schedule.name,
+            schedule.fires(),
+            schedule.when,
+            schedule.missed
         );
     }
     Ok(())

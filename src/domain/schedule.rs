@@ -53,12 +53,25 @@ pub struct Schedule {
     /// The route to send it to, instead of the task's own.
     pub route: Option<String>,
     pub missed: Missed,
+    /// Starts this workflow (the body `POST /workflow/start` takes: `workflow` and an optional
+    /// `on_failure`) instead of one task; `task`, `kwargs` and `route` are then unused. Each
+    /// slot is one workflow, its id fixed by the slot (see [`Schedule::task_id`]).
+    pub workflow: Option<Map<String, Value>>,
 }
 
 impl Schedule {
     /// The task id of the firing at `slot_ms`.
     pub fn task_id(&self, slot_ms: i64) -> String {
         format!("schedule:{}:{slot_ms}", self.name)
+    }
+
+    /// What a firing submits: its task's name, or `workflow`.
+    pub fn fires(&self) -> &str {
+        if self.workflow.is_some() {
+            "workflow"
+        } else {
+            &self.task
+        }
     }
 
     /// The first slot strictly after `after_ms`.
@@ -402,6 +415,7 @@ mod tests {
             kwargs: Map::new(),
             route: None,
             missed: Missed::CatchUpOne,
+            workflow: None,
         }
     }
 

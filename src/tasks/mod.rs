@@ -315,12 +315,13 @@ impl Registry {
     }
 
     /// Adds a periodic task. A name already scheduled, or a task not registered, is refused
-    /// (register the task first).
+    /// (register the task first). A schedule that starts a workflow has its steps checked when
+    /// the schedules start firing, as `POST /workflow/start` checks them.
     pub fn schedule(&mut self, schedule: crate::domain::schedule::Schedule) -> Result<(), String> {
         if self.schedules.iter().any(|s| s.name == schedule.name) {
             return Err(format!("schedule `{}` is declared twice", schedule.name));
         }
-        if !self.tasks.contains_key(schedule.task.as_str()) {
+        if schedule.workflow.is_none() && !self.tasks.contains_key(schedule.task.as_str()) {
             return Err(format!(
                 "schedule `{}` names task `{}`, which is not registered (known: {})",
                 schedule.name,

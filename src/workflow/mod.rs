@@ -14,6 +14,7 @@
 //! `REVOKED`, with the reason), running siblings finish, and the `on_failure` step is submitted
 //! once with the failed step's task id and root cause.
 
+pub mod build;
 pub mod celery;
 pub mod shape;
 
@@ -42,6 +43,7 @@ pub struct Workflows {
 }
 
 /// A workflow checked step by step, ready to start.
+#[derive(Clone)]
 pub struct Checked {
     pub id: String,
     /// Each step of the plan with the task it submits.
@@ -81,6 +83,19 @@ pub struct StepView {
 
 /// The prefix of every workflow id.
 pub const ID_PREFIX: &str = "wf-";
+
+/// The id of the workflow a start with idempotency key `key` makes: the same key, the same
+/// workflow (a start sent again, a schedule's slot fired twice).
+pub(crate) fn id_for_key(key: &str) -> String {
+    let digest = crate::domain::fingerprint::Fingerprint::of_key("workflow", key);
+    let hex = digest.as_str().rsplit(':').next().unwrap_or_default();
+    format!("{ID_PREFIX}{}", &hex[..32])
+}
+
+/// A new workflow id, for a start without a key.
+pub(crate) fn new_id() -> String {
+    format!("{ID_PREFIX}{}", uuid::Uuid::new_v4().simple())
+}
 
 impl Workflows {
     pub fn new(db: &mongodb::Database, payloads: PayloadRepository, submitter: Submitter) -> Self {

@@ -186,3 +186,124 @@ async fn two_replicas_fire_each_slot_once_and_the_survivor_takes_over_from_a_kil
     assert_eq!(queued, slots, "queued slots against fired ones");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The workflows a schedule started, by id, with their states.
+async fn workflows(env: &TestEnv) -> Vec<Document> {
+    use futures_util::TryStreamExt;
+    env.db
+        .collection::<Document>("Workflows")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_starts_one_workflow_per_slot_and_a_bad_step_stops_start_up() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-beat-workflow"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[schedule]]\nname = \"crawl\"\nevery = 1\nworkflow = '{\"chain\": [{\"task_name\": \"demo_long_io\"}, {\"task_name\": \"nowhere\"}]}'\n",
+    )
+    .unwrap();
+    let refused = env
+        .kobe_command(&["serve", "--addr", "127.0.0.1:0"])
+        .env("KOBE_TASKS_FILE", &bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("schedule `crawl`: workflow.chain[1].task_name"),
+        "{stderr}"
+    );
+
+    let file = dir.join("tasks.toml");
+    std::fs::write(
+        &file,
+        r#"[[schedule]]
+name = "crawl"
+every = 1
+workflow = { chain = [{ task_name = "demo_long_io", kwargs = { duration_ms = 1 } }, { task_name = "demo_long_io", immutable = true, kwargs = { duration_ms = 1 } }] }
+"#,
+    )
+    .unwrap();
+    let port = common::free_port();
+    let serve = env
+        .kobe_command(&["serve", "--addr", &format!("127.0.0.1:{port}")])
+        .env("KOBE_TASKS_FILE", &file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(common::Process::new)
+        .unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_ready(&client, &base).await;
+    let worker = env.spawn_worker(2);
+    common::eventually(Duration::from_secs(30), "three workflows done", || async {
+        let done = workflows(&env)
+            .await
+            .iter()
+            .filter(|w| w.get_str("state") == Ok("SUCCESS"))
+            .count();
+        (done >= 3).then_some(())
+    })
+    .await;
+    // Every firing the leader counted is a workflow of its own (a slot fired twice would be
+    // the same one), each of two steps that ran once.
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    serve.stop();
+    let fired: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("kobe_schedule_firings_total") && l.contains("\"fired\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    let started = workflows(&env).await;
+    assert!(fired >= 3.0, "{metrics}");
+    // The scrape and the stop leave room for one more firing between them.
+    assert!(
+        (started.len() as f64 - fired).abs() <= 1.0,
+        "{} workflows for {fired} firings",
+        started.len()
+    );
+    for workflow in started
+        .iter()
+        .filter(|w| w.get_str("state") == Ok("SUCCESS"))
+    {
+        let id = workflow.get_str("_id").unwrap();
+        let steps: Vec<Document> = {
+            use futures_util::TryStreamExt;
+            env.db
+                .collection::<Document>("Tasks")
+                .find(doc! {"workflow_id": id})
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap()
+        };
+        assert_eq!(steps.len(), 2, "{id}: {steps:?}");
+        for step in &steps {
+            let task = env.tasks().get(step.get_str("_id").unwrap()).await;
+            let task = task.unwrap().unwrap();
+            assert_eq!(task.state, kobe::domain::TaskState::Success, "{step}");
+            assert_eq!(task.deliveries, 1, "{step}");
+        }
+    }
+    worker.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

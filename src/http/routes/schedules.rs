@@ -85,7 +85,7 @@ pub async fn schedules(state: &AppState) -> Result<Schedules, ApiError> {
                 .map(|(_, slot)| *slot);
             ScheduleInfo {
                 name: s.name.clone(),
-                task: s.task.clone(),
+                task: s.fires().to_owned(),
                 when: s.when.to_string(),
                 route: crate::beat::route(s, topology),
                 missed: match s.missed {

@@ -8,7 +8,6 @@ use utoipa::ToSchema;
 
 use super::submit::{incoming_trace, parse_value, prepare, read_body, TaskStart};
 use crate::amqp::Topology;
-use crate::domain::fingerprint::Fingerprint;
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
 use crate::store::workflows::StepTask;
@@ -16,7 +15,7 @@ use crate::submit::SubmitError;
 use crate::tasks::Registry;
 use crate::telemetry::trace::TraceContext;
 use crate::workflow::shape::{self, Planned};
-use crate::workflow::{Checked, WorkflowView, ID_PREFIX};
+use crate::workflow::{Checked, WorkflowView};
 
 /// The answer to an accepted workflow.
 #[derive(Debug, Serialize, ToSchema)]
@@ -125,12 +124,8 @@ pub(crate) fn check(
             ))
         }
         // The key makes the id: a start sent again finds the workflow it started.
-        Some(key) => {
-            let digest = Fingerprint::of_key("workflow", key);
-            let hex = digest.as_str().rsplit(':').next().unwrap_or_default();
-            format!("{ID_PREFIX}{}", &hex[..32])
-        }
-        None => format!("{ID_PREFIX}{}", uuid::Uuid::new_v4().simple()),
+        Some(key) => crate::workflow::id_for_key(key),
+        None => crate::workflow::new_id(),
     };
     let steps = shape::plan(canvas)
         .into_iter()

@@ -32,6 +32,12 @@
 //! kwargs = { text = "..." }
 //! queue = "io"                  # optional: a route other than the task's
 //! missed = "catch_up_one"       # or "skip": slots missed while no scheduler ran
+//!
+//! [[schedule]]
+//! name = "nightly-crawl"        # each slot starts one workflow instead of one task
+//! every = 86400
+//! workflow = '{"chain": [{"task_name": "fetch"}, {"task_name": "merge"}]}'  # or a TOML table
+//! on_failure = { task_name = "notify", kwargs = { to = "ops" } }           # optional
 //! ```
 
 pub mod command;
@@ -239,6 +245,51 @@ missed = "skip"
         }
         let err = error(&format!("{base}every = 5\n\n{base}every = 6\n"));
         assert_eq!((err.line, err.field.as_str()), (Some(6), "name"), "{err}");
+    }
+
+    #[test]
+    fn a_schedule_may_start_a_workflow_written_as_json_or_as_tables() {
+        let declared = parse(
+            r#"
+[[schedule]]
+name = "nightly-crawl"
+every = 3600
+workflow = '{"chain": [{"task_name": "fetch"}, {"task_name": "merge"}]}'
+on_failure = { task_name = "alert" }
+
+[[schedule]]
+name = "fan-out"
+every = 60
+workflow = { group = [{ task_name = "parse", args = [1] }, { task_name = "parse", args = [2] }] }
+"#,
+            Path::new("tasks.toml"),
+            &env,
+        )
+        .unwrap();
+        let [crawl, fan_out] = declared.schedules.as_slice() else {
+            panic!("{:?}", declared.schedules)
+        };
+        let crawl = crawl.workflow.as_ref().unwrap();
+        assert_eq!(crawl["workflow"]["chain"][1]["task_name"], "merge");
+        assert_eq!(crawl["on_failure"]["task_name"], "alert");
+        let fan_out = fan_out.workflow.as_ref().unwrap();
+        assert_eq!(fan_out["workflow"]["group"][1]["args"][0], 2);
+        assert!(!fan_out.contains_key("on_failure"));
+
+        let error = |extra: &str| {
+            let text = format!("[[schedule]]\nname = \"s\"\nevery = 5\n{extra}");
+            let err = parse(&text, Path::new("tasks.toml"), &env).unwrap_err();
+            (err.field, err.reason)
+        };
+        let (field, reason) = error("task = \"t\"\nworkflow = '{\"task_name\": \"t\"}'\n");
+        assert_eq!(field, "workflow", "{reason}");
+        let (field, reason) = error("workflow = '{not json'\n");
+        assert_eq!(field, "workflow", "{reason}");
+        assert!(reason.contains("JSON"), "{reason}");
+        let (field, _) = error("task = \"t\"\non_failure = { task_name = \"a\" }\n");
+        assert_eq!(field, "on_failure");
+        let (field, _) = error("");
+        assert_eq!(field, "task");
     }
 
     #[test]
