@@ -575,3 +575,134 @@ async fn a_503_means_the_task_never_runs_and_a_202_that_it_runs_once() {
     let kept = common::metric("kobe_lost_confirms_total{outcome=\"accepted\"}");
     eprintln!("{refused} refused, {accepted} accepted ({kept} of them after a lost confirm, because a worker had the task)");
 }
+
+/// Each run's invocation (one JSON line per run) in `file`, for the task ids it ran.
+fn runs_in(file: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .map(|run| run["task_id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_a_steps_outcome_and_its_hand_on_loses_no_step_and_runs_none_twice()
+{
+    use common::proxy::{Mode, Proxy};
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-handon"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let runs = dir.join("runs.jsonl");
+    let file = dir.join("tasks.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[task]]\nname = \"wf_step\"\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"cat >> {runs}; echo >> {runs}; sleep 1; echo 1\"]\n",
+            runs = runs.display()
+        ),
+    )
+    .unwrap();
+    let port = common::free_port();
+    let serve = env
+        .kobe_command(&["serve", "--addr", &format!("127.0.0.1:{port}")])
+        .env("KOBE_TASKS_FILE", &file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Process::new)
+        .unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_ready(&client, &base).await;
+    // The worker reaches MongoDB through a proxy the test slows down.
+    let uri = &env.vars["MONGODB_URI"];
+    let address = url::Url::parse(uri).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        address.host_str().unwrap(),
+        address.port().unwrap_or(27017)
+    );
+    let proxy = Proxy::start(&upstream).await;
+    let mut worker = env
+        .kobe_command(&["worker"])
+        .env("KOBE_TASKS_FILE", &file)
+        .env("MONGODB_URI", proxy.url_for(uri))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let started = client
+        .post(format!("{base}/workflow/start"))
+        .json(&json!({"workflow": {"chain": [
+            {"task_name": "wf_step"},
+            {"task_name": "wf_step", "immutable": true}
+        ]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let workflow: Value = started.json().await.unwrap();
+    let workflow = workflow["workflow_id"].as_str().unwrap().to_owned();
+    let (first, second) = (format!("{workflow}:0"), format!("{workflow}:1"));
+    let tasks = env.tasks();
+    common::eventually(
+        Duration::from_secs(30),
+        "the first step running",
+        || async {
+            let task = tasks.get(&first).await.ok()??;
+            (task.state == kobe::domain::TaskState::Started).then_some(())
+        },
+    )
+    .await;
+    // Every answer MongoDB sends the worker now takes 400 ms: its outcome lands while the
+    // hand-on (a read, another read, the next step's insert) is still under way.
+    proxy.set(Mode::Slow(Duration::from_millis(400)));
+    common::eventually(
+        Duration::from_secs(30),
+        "the first step's outcome",
+        || async {
+            let task = tasks.get(&first).await.ok()??;
+            (task.state == kobe::domain::TaskState::Success).then_some(())
+        },
+    )
+    .await;
+    common::signal(worker.id(), libc::SIGKILL);
+    common::wait_exit(&mut worker, Duration::from_secs(10)).await;
+    assert!(
+        tasks.get(&second).await.unwrap().is_none(),
+        "the next step was submitted before the kill: the test missed its window"
+    );
+
+    // Another worker gets the first step's delivery again, finds it finished and hands on.
+    let mut replacement = env
+        .kobe_command(&["worker"])
+        .env("KOBE_TASKS_FILE", &file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ended = common::eventually(Duration::from_secs(30), "the workflow ends", || async {
+        let view: Value = client
+            .get(format!("{base}/workflow/{workflow}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (view["state"] != "PENDING" && view["state"] != "STARTED").then_some(view)
+    })
+    .await;
+    assert_eq!(ended["state"], "SUCCESS", "{ended}");
+    let ran = runs_in(&runs);
+    let times = |id: &str| ran.iter().filter(|r| *r == id).count();
+    assert_eq!((times(&first), times(&second)), (1, 1), "runs: {ran:?}");
+    assert_eq!(tasks.get(&first).await.unwrap().unwrap().deliveries, 1);
+    common::signal(replacement.id(), libc::SIGTERM);
+    common::wait_exit(&mut replacement, Duration::from_secs(20)).await;
+    serve.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

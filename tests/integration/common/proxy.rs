@@ -1,7 +1,8 @@
 //! A TCP proxy the test controls, between Kobe and one of its services, to break connections the
 //! way networks do: pass bytes through, blackhole them (connections stay open, nothing arrives
 //! either way: a partition or a hung server; traffic resumes when it passes again), or reset every connection (RST, as after a crash or
-//! a middlebox timeout) and refuse new ones until it passes again.
+//! a middlebox timeout) and refuse new ones until it passes again, or hold every answer a while
+//! (a slow server).
 
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +18,8 @@ pub enum Mode {
     Blackhole,
     /// Reset every open connection, and reset new ones as they come.
     Reset,
+    /// Pass traffic, each answer from the service held this long first (a slow server).
+    Slow(std::time::Duration),
 }
 
 pub struct Proxy {
@@ -103,7 +106,7 @@ async fn relay(mut client: TcpStream, upstream: String, mut mode: watch::Receive
                 }
             }
         }
-        Mode::Pass => {}
+        Mode::Pass | Mode::Slow(_) => {}
     }
     let Ok(mut server) = TcpStream::connect(&upstream).await else {
         return reset(&client);
@@ -111,7 +114,8 @@ async fn relay(mut client: TcpStream, upstream: String, mut mode: watch::Receive
     let _ = server.set_nodelay(true);
     let (mut from_client, mut to_client) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
     loop {
-        if *mode.borrow() != Mode::Pass {
+        let current = *mode.borrow();
+        if matches!(current, Mode::Blackhole | Mode::Reset) {
             // Blackholed: nothing is read, so nothing arrives either way (the peers' bytes wait
             // in the sockets, as packets a partition holds do), until the mode changes.
             if mode.changed().await.is_err() || *mode.borrow() == Mode::Reset {
@@ -128,7 +132,12 @@ async fn relay(mut client: TcpStream, upstream: String, mut mode: watch::Receive
             },
             read = server.read(&mut to_client) => match read {
                 Ok(0) | Err(_) => return,
-                Ok(n) => if client.write_all(&to_client[..n]).await.is_err() { return },
+                Ok(n) => {
+                    if let Mode::Slow(delay) = current {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if client.write_all(&to_client[..n]).await.is_err() { return }
+                }
             },
             changed = mode.changed() => {
                 if changed.is_err() || *mode.borrow() == Mode::Reset {
