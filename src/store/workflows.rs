@@ -88,6 +88,9 @@ pub struct StepDocument {
     /// Those of `waits_for` that succeeded, each counted once.
     #[serde(default)]
     pub arrived: Vec<String>,
+    /// Its own `on_failure` step, submitted once if it fails for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<StepTask>,
 }
 
 /// A step's task as the workflow reads it.

@@ -48,6 +48,8 @@ pub struct Checked {
     pub id: String,
     /// Each step of the plan with the task it submits.
     pub steps: Vec<(Planned, StepTask)>,
+    /// The steps' own `on_failure` tasks, by step index.
+    pub on_step_failure: HashMap<usize, StepTask>,
     pub on_failure: Option<StepTask>,
     /// The start's trace: every step's task is traced as its child.
     pub trace: TraceContext,
@@ -135,6 +137,7 @@ impl Workflows {
                     .map(task_id)
                     .collect(),
                 arrived: Vec::new(),
+                on_failure: checked.on_step_failure.get(&index).cloned(),
             })
             .collect();
         let plan: Vec<Planned> = checked.steps.into_iter().map(|(p, _)| p).collect();
@@ -287,9 +290,10 @@ impl Workflows {
         let Some(outcome) = outcome?.pop() else {
             return Ok(());
         };
+        let step = step?;
         match outcome.state {
             TaskState::Success => {
-                let Some(step) = step? else {
+                let Some(step) = step else {
                     return Ok(());
                 };
                 if step.next.is_empty() && self.repository.end(workflow_id, task_id).await? {
@@ -312,7 +316,9 @@ impl Workflows {
                 }
                 Ok(())
             }
-            TaskState::Failure | TaskState::Revoked => self.fail(workflow_id, &outcome).await,
+            TaskState::Failure | TaskState::Revoked => {
+                self.fail(workflow_id, &outcome, step.as_ref()).await
+            }
             _ => Ok(()),
         }
     }
@@ -352,12 +358,28 @@ impl Workflows {
     }
 
     /// Ends the workflow with `failed`'s failure and submits `on_failure` once (again, after a
-    /// crash, for the step that ended it: the submission is idempotent).
-    async fn fail(&self, workflow_id: &str, failed: &StepOutcome) -> Result<(), SubmitError> {
+    /// crash, for the step that ended it: the submission is idempotent); a step that failed for
+    /// good has its own `on_failure` submitted once too, whether or not it ended the workflow.
+    async fn fail(
+        &self,
+        workflow_id: &str,
+        failed: &StepOutcome,
+        step: Option<&StepDocument>,
+    ) -> Result<(), SubmitError> {
         let cause = failed
             .root_cause
             .clone()
             .unwrap_or_else(|| format!("step ended {}", failed.state));
+        let errback = |id: String, on_failure: &StepTask, trace| {
+            let mut task = new_task(TaskId::stored(id), workflow_id, on_failure, trace);
+            task.args = vec![
+                Value::from(failed.task_id.clone()),
+                Value::from(cause.clone()),
+            ];
+            task.args.extend(on_failure.args.iter().cloned());
+            task.parent_id = Some(failed.task_id.clone());
+            task
+        };
         let reason = format!("step {} ended {}: {cause}", failed.task_id, failed.state);
         if self
             .repository
@@ -374,17 +396,25 @@ impl Workflows {
         let Some(workflow) = self.repository.get(workflow_id).await? else {
             return Ok(());
         };
+        if let Some(on_failure) = step
+            .filter(|_| failed.state == TaskState::Failure)
+            .and_then(|s| s.on_failure.as_ref())
+        {
+            let id = format!("{}:on_failure", failed.task_id);
+            self.submitter
+                .submit_child(errback(id, on_failure, trace_of(&workflow)))
+                .await?;
+        }
         if workflow.failed_step.as_deref() != Some(failed.task_id.as_str()) {
             return Ok(());
         }
         let Some(on_failure) = workflow.on_failure.clone() else {
             return Ok(());
         };
-        let id = TaskId::stored(format!("{workflow_id}:on_failure"));
-        let mut task = new_task(id, workflow_id, &on_failure, trace_of(&workflow));
-        task.args = vec![Value::from(failed.task_id.clone()), Value::from(cause)];
-        task.args.extend(on_failure.args);
-        self.submitter.submit_child(task).await
+        let id = format!("{workflow_id}:on_failure");
+        self.submitter
+            .submit_child(errback(id, &on_failure, trace_of(&workflow)))
+            .await
     }
 
     /// Submits the step `step_id`, every step it waits for having succeeded, with their results.

@@ -19,6 +19,8 @@ pub enum Canvas {
         body: Map<String, Value>,
         /// `true`: the step does not receive what came before it.
         immutable: bool,
+        /// Its own `on_failure` step (Celery's `link_error`), as sent.
+        on_failure: Option<Map<String, Value>>,
     },
     Chain(Vec<Canvas>),
     Group(Vec<Canvas>),
@@ -104,10 +106,28 @@ fn read_node(
             ))
         }
     };
+    let on_failure = match body.remove("on_failure") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(step)) => {
+            // It is a task of its own: it counts as a step.
+            *steps += 1;
+            if *steps > MAX_STEPS {
+                return Err(misshapen(path, format!("more than {MAX_STEPS} steps")));
+            }
+            Some(step)
+        }
+        Some(_) => {
+            return Err(misshapen(
+                &format!("{path}.on_failure"),
+                "expected a step: {\"task_name\": …}",
+            ))
+        }
+    };
     Ok(Canvas::Step {
         path: path.to_owned(),
         body,
         immutable,
+        on_failure,
     })
 }
 
@@ -147,6 +167,8 @@ pub struct Planned {
     pub path: String,
     pub body: Map<String, Value>,
     pub immutable: bool,
+    /// Its own `on_failure` step's body, run if it fails for good.
+    pub on_failure: Option<Map<String, Value>>,
     /// What it receives; its steps are what it waits for.
     pub input: Input,
     /// The steps that wait for it (empty: it ends the workflow).
@@ -180,11 +202,13 @@ fn place(canvas: Canvas, input: Input, steps: &mut Vec<Planned>) -> Input {
             path,
             body,
             immutable,
+            on_failure,
         } => {
             steps.push(Planned {
                 path,
                 body,
                 immutable,
+                on_failure,
                 input,
                 next: Vec::new(),
             });
@@ -263,6 +287,7 @@ mod tests {
         assert_eq!(steps[1].input, Input::One(0));
         assert!(steps[1].immutable);
         assert!(!steps[1].body.contains_key("immutable"));
+        assert_eq!(steps[1].on_failure, None);
         assert_eq!(
             steps[3].input,
             Input::List(vec![Input::One(1), Input::One(2)])
@@ -270,8 +295,14 @@ mod tests {
         let value = steps[3].input.value(&|i| json!(format!("r{i}")));
         assert_eq!(value, json!(["r1", "r2"]));
         // A group with nothing after it ends the workflow with all its members.
-        let steps = planned(json!({"group": [{"task_name": "a"}, {"task_name": "b"}]}));
+        let steps = planned(json!({"group": [
+            {"task_name": "a", "on_failure": {"task_name": "alert"}},
+            {"task_name": "b"},
+        ]}));
         assert_eq!(ends(&steps), vec![0, 1]);
+        // A step's own on_failure is kept apart from its body.
+        assert_eq!(steps[0].on_failure.as_ref().unwrap()["task_name"], "alert");
+        assert!(!steps[0].body.contains_key("on_failure"));
         assert_eq!(steps[0].input, Input::Nothing);
     }
 
@@ -287,6 +318,10 @@ mod tests {
         assert_eq!(
             bad(json!({"chain": [{"task_name": "a", "immutable": 1}]})).path,
             "workflow.chain[0].immutable"
+        );
+        assert_eq!(
+            bad(json!({"chain": [{"task_name": "a", "on_failure": "b"}]})).path,
+            "workflow.chain[0].on_failure"
         );
         let mut deep = json!({"task_name": "a"});
         for _ in 0..=MAX_DEPTH {

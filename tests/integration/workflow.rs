@@ -250,7 +250,8 @@ async fn a_step_failing_for_good_fails_the_workflow_stops_later_steps_and_runs_o
         .started(json!({
             "workflow": {"chain": [
                 {"task_name": "wf_add", "args": [1]},
-                {"task_name": "wf_add", "kwargs": {"fail": true}},
+                {"task_name": "wf_add", "kwargs": {"fail": true},
+                 "on_failure": {"task_name": "wf_add", "args": [9]}},
                 {"task_name": "wf_add", "args": [5]},
             ]},
             "on_failure": {"task_name": "wf_add", "args": [7]},
@@ -274,6 +275,16 @@ async fn a_step_failing_for_good_fails_the_workflow_stops_later_steps_and_runs_o
     // It received the failed step's id and root cause before its own argument.
     let status: Value = fleet.api.status(&on_failure).await.json().await.unwrap();
     assert_eq!(status["state"], "SUCCESS", "{status}");
+    // The failed step's own on_failure ran once too.
+    let own = format!("{}:on_failure", steps[1]);
+    common::eventually(
+        Duration::from_secs(20),
+        "the step's on_failure ran",
+        || async { (fleet.runs_of(&own) == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(fleet.runs_of(&own), 1);
+    assert_eq!(fleet.runs_of(&on_failure), 1);
     assert_eq!(fleet.runs_of(&steps[0]), 1);
     assert_eq!(fleet.runs_of(&steps[1]), 1);
     assert_eq!(

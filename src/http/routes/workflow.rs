@@ -35,7 +35,8 @@ pub struct WorkflowCancelled {
 
 /// Starts a workflow: `{"workflow": {"chain": [...]}}` (or `{"group": [...]}`, or one step),
 /// with an optional `on_failure` step. A step is the body `/task/start` takes, plus
-/// `"immutable": true` when it must not receive what came before it. A step after a step gets
+/// `"immutable": true` when it must not receive what came before it, and its own `on_failure`
+/// step (Celery's `link_error`) if it should have one. A step after a step gets
 /// that step's result as its first positional argument; a step after a group gets the list of
 /// the members' results, in the members' order. Answered once the whole workflow is recorded
 /// and its first steps are confirmed by the broker. At most 5,000 steps, nested at most 8 deep.
@@ -134,6 +135,13 @@ pub(crate) fn check(
             Ok((planned, task))
         })
         .collect::<Result<Vec<(Planned, StepTask)>, ApiError>>()?;
+    let mut on_step_failure = std::collections::HashMap::new();
+    for (index, (planned, _)) in steps.iter().enumerate() {
+        if let Some(body) = &planned.on_failure {
+            let path = format!("{}.on_failure", planned.path);
+            on_step_failure.insert(index, step_task(registry, topology, &path, body, trace)?);
+        }
+    }
     let on_failure = match on_failure {
         None | Some(Value::Null) => None,
         Some(Value::Object(body)) => {
@@ -144,6 +152,7 @@ pub(crate) fn check(
     Ok(Checked {
         id,
         steps,
+        on_step_failure,
         on_failure,
         trace: *trace,
     })
