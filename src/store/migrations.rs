@@ -24,7 +24,7 @@ use super::StoreError;
 use crate::cause::Cause;
 
 /// The spec files, in the order they are applied.
-const SPEC_FILES: [(&str, &str); 12] = [
+const SPEC_FILES: [(&str, &str); 13] = [
     ("Tasks.json", include_str!("../../migrations/Tasks.json")),
     (
         "TaskLeases.json",
@@ -69,6 +69,10 @@ const SPEC_FILES: [(&str, &str); 12] = [
     (
         "WorkflowSteps.json",
         include_str!("../../migrations/WorkflowSteps.json"),
+    ),
+    (
+        "WorkflowJoins.json",
+        include_str!("../../migrations/WorkflowJoins.json"),
     ),
 ];
 
@@ -441,14 +445,15 @@ mod tests {
                 "Leaders",
                 "ScheduleState",
                 "Workflows",
-                "WorkflowSteps"
+                "WorkflowSteps",
+                "WorkflowJoins"
             ]
         );
         for spec in &specs {
             // Collections of a few documents, or written only by `_id` (the leases), need no
             // index of their own.
-            let small =
-                ["Leaders", "ScheduleState", "TaskLeases"].contains(&spec.collection.as_str());
+            let small = ["Leaders", "ScheduleState", "TaskLeases", "WorkflowJoins"]
+                .contains(&spec.collection.as_str());
             assert_eq!(
                 spec.indexes().unwrap().is_empty(),
                 small,

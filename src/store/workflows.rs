@@ -1,6 +1,8 @@
-//! `Workflows` and `WorkflowSteps`: a workflow's state, and each step's task, what it waits for
-//! and who has arrived. A step's `_id` is its task's id, so submitting it is idempotent; a
-//! member's arrival at the step after it is one conditional write that counts it once.
+//! `Workflows`, `WorkflowSteps` and `WorkflowJoins`: a workflow's state, each step's task and
+//! what it waits for, and for each step that waits for several, who has arrived. A step's `_id`
+//! is its task's id, so submitting it is idempotent; a member's arrival at the step after it is
+//! one conditional write to a small document of its own (a bit per member and a count), which
+//! counts it once.
 
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, DateTime, Document};
@@ -14,6 +16,10 @@ use crate::domain::{Priority, TaskId, TaskState};
 
 pub(crate) const WORKFLOWS: &str = "Workflows";
 pub(crate) const WORKFLOW_STEPS: &str = "WorkflowSteps";
+pub(crate) const WORKFLOW_JOINS: &str = "WorkflowJoins";
+
+/// Members one word of a join's bitmap holds (an `i64`, its sign bit and a few more unused).
+const SLOTS_PER_WORD: u32 = 60;
 
 /// A workflow as stored. `PENDING` until it ends: what runs is read from its steps' tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,9 +91,9 @@ pub struct StepDocument {
     /// Those of `next` that wait for more than this one: its arrival is counted there.
     #[serde(default)]
     pub joins: Vec<String>,
-    /// Those of `waits_for` that succeeded, each counted once.
+    /// Its place among what each of `joins` waits for (same order as `joins`).
     #[serde(default)]
-    pub arrived: Vec<String>,
+    pub join_slots: Vec<u32>,
     /// Its own `on_failure` step, submitted once if it fails for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failure: Option<StepTask>,
@@ -106,6 +112,7 @@ pub struct StepOutcome {
 pub struct WorkflowRepository {
     workflows: Collection<WorkflowDocument>,
     steps: Collection<StepDocument>,
+    joins: Collection<Document>,
     tasks: Collection<Document>,
 }
 
@@ -114,12 +121,14 @@ impl WorkflowRepository {
         Self {
             workflows: db.collection(WORKFLOWS),
             steps: db.collection(WORKFLOW_STEPS),
+            joins: db.collection(WORKFLOW_JOINS),
             tasks: db.collection(super::tasks::COLLECTION),
         }
     }
 
-    /// Records a workflow and its steps; `false` when a workflow of that id was recorded before
-    /// (its steps are written again where missing, so a start cut short can be finished).
+    /// Records a workflow, its steps and a join for each step that waits for several; `false`
+    /// when a workflow of that id was recorded before (its steps and joins are written again
+    /// where missing, so a start cut short can be finished).
     #[tracing::instrument(name = "store.workflows.insert", skip_all, fields(workflow_id = %workflow.id))]
     pub async fn insert(
         &self,
@@ -131,11 +140,39 @@ impl WorkflowRepository {
             Err(e) if is_duplicate_key(&e) => false,
             Err(e) => return Err(e.into()),
         };
-        match self.steps.insert_many(steps).ordered(false).await {
-            Ok(_) => Ok(new),
-            Err(e) if is_duplicate_key(&e) && !new => Ok(false),
-            Err(e) => Err(e.into()),
+        let joins: Vec<Document> = steps
+            .iter()
+            .filter(|s| s.waits_for.len() > 1)
+            .map(|s| {
+                let mut join = doc! {
+                    "_id": &s.task_id,
+                    "workflow_id": &s.workflow_id,
+                    "needs": s.waits_for.len() as i64,
+                    "count": 0i64,
+                };
+                for word in 0..(s.waits_for.len() as u32).div_ceil(SLOTS_PER_WORD) {
+                    join.insert(format!("b{word}"), 0i64);
+                }
+                join
+            })
+            .collect();
+        let (steps, joins) = tokio::join!(
+            async { self.steps.insert_many(steps).ordered(false).await },
+            async {
+                if joins.is_empty() {
+                    return Ok(None);
+                }
+                self.joins.insert_many(joins).ordered(false).await.map(Some)
+            }
+        );
+        for written in [steps.map(drop), joins.map(drop)] {
+            match written {
+                Ok(()) => {}
+                Err(e) if is_duplicate_key(&e) && !new => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(new)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<WorkflowDocument>, StoreError> {
@@ -167,16 +204,20 @@ impl WorkflowRepository {
         Ok(cursor.try_collect().await?)
     }
 
-    /// Counts `from` as arrived at `step`, once however often it is told; `true` when every
-    /// step it waits for has arrived. One round trip (two when `from` had arrived already).
+    /// Counts the member in `slot` as arrived at join `step`, once however often it is told;
+    /// `true` when every member has arrived. One round trip on a document of a few words (two
+    /// when it had arrived already), so the members of a large group do not queue behind the
+    /// rewrite of a growing list.
     #[tracing::instrument(name = "store.workflows.arrive", skip(self))]
-    pub async fn arrive(&self, step: &str, from: &str) -> Result<bool, StoreError> {
-        let counts = doc! {"arrived": 1, "waits_for": 1};
-        let steps = self.steps.clone_with_type::<Document>();
-        let after = steps
+    pub async fn arrive(&self, step: &str, slot: u32) -> Result<bool, StoreError> {
+        let word = format!("b{}", slot / SLOTS_PER_WORD);
+        let bit = slot % SLOTS_PER_WORD;
+        let counts = doc! {"count": 1, "needs": 1};
+        let after = self
+            .joins
             .find_one_and_update(
-                doc! {"_id": step, "arrived": {"$ne": from}},
-                doc! {"$push": {"arrived": from}},
+                doc! {"_id": step, &word: {"$bitsAllClear": [bit]}},
+                doc! {"$bit": {&word: {"or": 1i64 << bit}}, "$inc": {"count": 1i64}},
             )
             .projection(counts.clone())
             .return_document(ReturnDocument::After)
@@ -185,13 +226,18 @@ impl WorkflowRepository {
             Some(after) => Some(after),
             // Told before: whether it is complete is what it says now.
             None => {
-                steps
+                self.joins
                     .find_one(doc! {"_id": step})
                     .projection(counts)
                     .await?
             }
         };
-        Ok(after.is_some_and(|a| length(&a, "arrived") >= length(&a, "waits_for")))
+        let number = |d: &Document, field: &str| {
+            d.get_i64(field)
+                .or_else(|_| d.get_i32(field).map(i64::from))
+                .unwrap_or(0)
+        };
+        Ok(after.is_some_and(|a| number(&a, "count") >= number(&a, "needs")))
     }
 
     /// Counts an end step as succeeded; `true` when all have. The workflow is then closed

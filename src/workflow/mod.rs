@@ -129,14 +129,14 @@ impl Workflows {
                 input: serde_json::to_value(&planned.input).unwrap_or_default(),
                 waits_for: planned.waits_for().into_iter().map(task_id).collect(),
                 next: planned.next.iter().copied().map(task_id).collect(),
-                joins: planned
-                    .next
+                joins: joins_of(&checked.steps, index)
                     .iter()
-                    .copied()
-                    .filter(|&n| plan_waits(&checked.steps, n) > 1)
-                    .map(task_id)
+                    .map(|&(join, _)| task_id(join))
                     .collect(),
-                arrived: Vec::new(),
+                join_slots: joins_of(&checked.steps, index)
+                    .iter()
+                    .map(|&(_, slot)| slot)
+                    .collect(),
                 on_failure: checked.on_step_failure.get(&index).cloned(),
             })
             .collect();
@@ -303,8 +303,13 @@ impl Workflows {
                 for next in &step.next {
                     // A step that waits for this one alone needs no count: its fixed id makes
                     // its submission once.
-                    let ready =
-                        !step.joins.contains(next) || self.repository.arrive(next, task_id).await?;
+                    let ready = match step.joins.iter().position(|j| j == next) {
+                        None => true,
+                        Some(i) => {
+                            let slot = step.join_slots.get(i).copied().unwrap_or_default();
+                            self.repository.arrive(next, slot).await?
+                        }
+                    };
                     if ready {
                         let joined = std::time::Instant::now();
                         self.submit_next(workflow_id, next, &outcome).await?;
@@ -506,9 +511,21 @@ impl Workflows {
     }
 }
 
-/// How many steps step `index` of the plan waits for.
-fn plan_waits(steps: &[(Planned, StepTask)], index: usize) -> usize {
-    steps.get(index).map_or(0, |(p, _)| p.waits_for().len())
+/// The steps after step `index` that wait for more than it, each with its place among what
+/// that step waits for.
+fn joins_of(steps: &[(Planned, StepTask)], index: usize) -> Vec<(usize, u32)> {
+    let Some((planned, _)) = steps.get(index) else {
+        return Vec::new();
+    };
+    planned
+        .next
+        .iter()
+        .filter_map(|&next| {
+            let waits = steps.get(next)?.0.waits_for();
+            let slot = waits.iter().position(|&w| w == index)?;
+            (waits.len() > 1).then_some((next, slot as u32))
+        })
+        .collect()
 }
 
 /// The trace a workflow's steps are children of (a new one for a workflow recorded without).

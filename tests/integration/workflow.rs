@@ -273,7 +273,10 @@ async fn a_step_failing_for_good_fails_the_workflow_stops_later_steps_and_runs_o
     })
     .await;
     // It received the failed step's id and root cause before its own argument.
-    let status: Value = fleet.api.status(&on_failure).await.json().await.unwrap();
+    let (status, _) = fleet
+        .api
+        .wait_for_final(&on_failure, Duration::from_secs(20))
+        .await;
     assert_eq!(status["state"], "SUCCESS", "{status}");
     // The failed step's own on_failure ran once too.
     let own = format!("{}:on_failure", steps[1]);
