@@ -58,6 +58,18 @@ ensure_python_venv() {
   python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 }
 
+# ensure_celery_venv: Celery 5 and Flower from PyPI, for the mixed-fleet tests, in a venv outside
+# the clone (KOBE_CELERY_VENV, default ~/.cache/kobe/celery-venv) so clean clones share it.
+ensure_celery_venv() {
+  ensure_python_venv
+  export KOBE_CELERY_VENV=${KOBE_CELERY_VENV:-$HOME/.cache/kobe/celery-venv}
+  if ! "$KOBE_CELERY_VENV/bin/python" -c 'import celery, redis, flower' 2>/dev/null; then
+    log "installing Celery 5 and Flower from PyPI into $KOBE_CELERY_VENV"
+    python3 -m venv "$KOBE_CELERY_VENV"
+    "$KOBE_CELERY_VENV/bin/pip" install --quiet 'celery[redis]>=5,<6' 'flower>=2,<3'
+  fi
+}
+
 docker_engine() { command -v docker >/dev/null && timeout 5 docker info >/dev/null 2>&1; }
 
 standin_script() {

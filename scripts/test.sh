@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test (unit and integration) against real services on localhost:
 #   RabbitMQ and Redis: the machine's own (started or installed if needed);
+#   Celery 5 and Flower from PyPI, in a venv at $KOBE_CELERY_VENV (default ~/.cache/kobe/celery-venv);
 #   MongoDB, first of: $KOBE_TEST_MONGODB_URI; a private `mongod` from PATH; Docker Compose's
 #   `mongodb` service if a Docker engine answers; DocumentDB through $KOBE_DOCUMENTDB (default
 #   ../shared/tools/documentdb/run.sh); the wire-protocol stand-in at $KOBE_MONGO_STANDIN (default
@@ -17,6 +18,8 @@ cd "$KOBE_ROOT"
 
 ensure_rabbitmq
 ensure_redis
+# Mixed fleets are tested against a real Celery and Flower.
+ensure_celery_venv
 # The operator page (/ui) is tested in a real browser, driven over WebDriver.
 command -v chromium >/dev/null && command -v chromedriver >/dev/null || apt_install chromium chromium-driver
 

@@ -8,6 +8,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::amqp::{Consumer, ConsumerConfig};
+use crate::store::celery_results::CeleryResults;
 use crate::cli::WorkerArgs;
 use crate::config::Settings;
 use crate::store::{
@@ -176,5 +177,17 @@ fn services(
         liveness: consumer.liveness(),
         context,
         workflows,
+        celery_results: settings
+            .celery
+            .results
+            .as_ref()
+            .map(|url| {
+                CeleryResults::new(
+                    url,
+                    settings.celery.result_expires,
+                    settings.dependency_timeout,
+                )
+            })
+            .transpose()?,
     })
 }

@@ -160,6 +160,7 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub submit: SubmitSettings,
     pub beat: BeatSettings,
+    pub celery: CelerySettings,
     /// A `tracing` filter directive such as `info` or `kobe=debug,info`.
     pub log_level: String,
     pub log_format: LogFormat,
@@ -217,6 +218,16 @@ pub struct RedisSettings {
     pub status_cache_ttl: Duration,
     /// Keep results in Redis for `GET /task/result/{id}`, for this long; `None`: off.
     pub result_ttl: Option<Duration>,
+}
+
+/// Working beside a Celery fleet on one broker.
+#[derive(Clone, Debug)]
+pub struct CelerySettings {
+    /// Celery's Redis result backend, written by Kobe workers as Celery workers write it; `None`:
+    /// not written.
+    pub results: Option<ServiceUrl>,
+    /// How long a result stays there (Celery's `result_expires`).
+    pub result_expires: Duration,
 }
 
 /// The HTTP API of `kobe serve`.
@@ -433,6 +444,10 @@ impl Settings {
             beat: BeatSettings {
                 enabled: read.flag("KOBE_BEAT")?,
                 lease: read.millis("KOBE_BEAT_LEASE_MS")?,
+            },
+            celery: CelerySettings {
+                results: read.optional_url("KOBE_CELERY_RESULTS", &["redis", "rediss"])?,
+                result_expires: read.seconds("KOBE_CELERY_RESULT_EXPIRES")?,
             },
             log_level,
             log_format: read.parsed("KOBE_LOG_FORMAT")?,

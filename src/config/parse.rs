@@ -75,6 +75,17 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         url_setting(var, &self.value(var), schemes)
     }
 
+    /// A URL that may be left unset (`None`).
+    pub(super) fn optional_url(
+        &self,
+        var: &'static str,
+        schemes: &[&str],
+    ) -> Result<Option<ServiceUrl>, ConfigError> {
+        self.optional(var)
+            .map(|value| url_setting(var, &value, schemes))
+            .transpose()
+    }
+
     pub(super) fn name(&self, var: &'static str) -> Result<String, ConfigError> {
         name_setting(var, &self.value(var))
     }

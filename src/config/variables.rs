@@ -81,6 +81,8 @@ pub const VARIABLES: &[Variable] = &[
     var("KOBE_STATUS_CACHE_TTL_MS", "2000", "How long a status answer may come from Redis (milliseconds). Every state change invalidates it."),
     var("KOBE_RESULT_BACKEND", "none", "Result backend: none (GET /task/result answers 404 result-backend-off) or redis."),
     var("KOBE_RESULT_TTL", "86400", "With the redis result backend: how long each result is kept (seconds)."),
+    secret(var("KOBE_CELERY_RESULTS", "", "Celery's result backend, as Celery's result_backend names it (redis://[:password@]host:port/db): Kobe workers write each task's state and result there as a Celery worker does (celery-task-meta-<id>, published on the key's channel), so Python's AsyncResult(id).get(), .state and .traceback work for tasks run by Kobe. A finished task's delivery is acked once its meta is written. Empty: not written.")),
+    var("KOBE_CELERY_RESULT_EXPIRES", "86400", "With KOBE_CELERY_RESULTS: how long each task's meta is kept (seconds; Celery's result_expires)."),
     var("KOBE_RATE_LIMIT", "0", "Requests per window per client (bearer token, else IP address) on /task* and /tasks; over it, 429 with Retry-After. 0, the default, turns it off (FastAPI and Celery have none); e.g. 100 turns it on."),
     var("KOBE_RATE_WINDOW_MS", "1000", "The rate limit's window (milliseconds)."),
     secret(var("KOBE_API_TOKENS", "", "Bearer tokens (comma-separated, 16+ characters each). When set, every route needs \"Authorization: Bearer <token>\" (the operator page: a session from /ui/login) except /health, /ready (which then tells the unauthenticated only what is up), /docs, /openapi.json and /ui/login, and /metrics unless KOBE_METRICS_AUTH=true. Removing a token ends the page sessions opened with it. Empty: no authentication.")),

@@ -4,6 +4,7 @@
 pub mod attempts;
 pub mod batch;
 pub mod cache;
+pub mod celery_results;
 pub mod checkpoints;
 pub mod dedup;
 pub(crate) mod error_log;

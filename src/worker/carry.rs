@@ -52,11 +52,12 @@ pub(super) trait Effects {
     fn acked(&self, job: &Job<'_>, plan: &Plan, done: &Done);
     /// Notes that the dead letter a finished task owed is published.
     fn dead_letter_paid(&self, job: &Job<'_>);
-    /// Hands on the workflow the task is a step of (if it is one), and submits what its
-    /// message's Celery canvas asks for (if any), its final outcome stored;
+    /// Its final outcome stored (`outcome`, or as the store has it when `None`): writes it to
+    /// Celery's result backend (when on), hands on the workflow the task is a step of (if it is
+    /// one), and submits what its message's Celery canvas asks for (if any);
     /// `false` when that could not be done now: the delivery goes back, and its redelivery,
     /// finding the task finished, hands on again.
-    async fn hand_on(&self, job: &Job<'_>) -> bool;
+    async fn hand_on(&self, job: &Job<'_>, outcome: Option<&Transition>) -> bool;
     /// The delivery may still be worked on: its connection is up, the worker not stopping.
     fn may_continue(&self, job: &Job<'_>) -> bool;
     /// Starts of one attempt after which its message counts as poison.
@@ -88,7 +89,7 @@ pub(super) async fn carry_out<E: Effects>(fx: &E, mut job: Job<'_>, mut plan: Pl
             Step::Ack => {
                 let ended = plan.record.as_ref().is_some_and(|r| r.target().is_final())
                     && done.stored == Stored::Applied;
-                if ended && !fx.hand_on(&job).await {
+                if ended && !fx.hand_on(&job, plan.record.as_ref()).await {
                     return hand_back(fx, &job).await;
                 }
                 fx.settle(&job, Settlement::Ack);
@@ -210,7 +211,7 @@ pub(super) async fn dispose<E: Effects>(fx: &E, job: &Job<'_>, disposal: Disposa
                 }
                 _ => {}
             }
-            if matches!(why, "finished" | "revoked") && !fx.hand_on(job).await {
+            if matches!(why, "finished" | "revoked") && !fx.hand_on(job, None).await {
                 return hand_back(fx, job).await;
             }
             fx.settle(job, Settlement::Ack);
@@ -460,7 +461,7 @@ mod tests {
             self.note("dead letter paid");
         }
 
-        async fn hand_on(&self, job: &Job<'_>) -> bool {
+        async fn hand_on(&self, job: &Job<'_>, _outcome: Option<&Transition>) -> bool {
             if job
                 .message
                 .is_some_and(|m| m.workflow_id.is_some() || m.embed.is_some())

@@ -13,7 +13,8 @@ use super::Worker;
 use crate::amqp::{wire, Outgoing, Settlement};
 use crate::store::attempts::{Holding, Transition};
 use crate::store::batch::Written;
-use crate::store::payloads::reference_value;
+use crate::store::celery_results::{About, CeleryResults, Meta};
+use crate::store::payloads::{reference_in, reference_value};
 use crate::store::task_leases::AttemptLease;
 use crate::store::{Decision, ErrorRecord, StoreError, TaskDocument};
 
@@ -119,7 +120,13 @@ impl Effects for Worker {
         }
     }
 
-    async fn hand_on(&self, job: &Job<'_>) -> bool {
+    async fn hand_on(&self, job: &Job<'_>, outcome: Option<&Transition>) -> bool {
+        if let Some(results) = &self.celery_results {
+            if let Err(error) = self.celery_outcome(results, job, outcome).await {
+                tracing::warn!(error = %error, "cannot write the outcome to Celery's result backend");
+                return false;
+            }
+        }
         let Some(message) = job.message else {
             return true;
         };
@@ -165,6 +172,14 @@ impl Effects for Worker {
                 let _ = self.writer.submit(self.payloads.expire_write(&reference));
             }
         }
+        if let (Some(results), Transition::Retry { root_cause, .. }) = (&self.celery_results, record) {
+            results.put_soon(
+                celery_about(job),
+                Meta::Retry {
+                    cause: root_cause.clone(),
+                },
+            );
+        }
         if matches!(plan.route, Route::DeadLetter { .. }) {
             // The debt is paid; noting it is a courtesy (a redelivery would find the task
             // finished and at worst publish a second dead letter).
@@ -200,6 +215,50 @@ impl Effects for Worker {
 }
 
 impl Worker {
+    /// Writes a finished task's outcome to Celery's result backend: `outcome` as recorded, or
+    /// (a redelivery of a finished task) as the store has it. A result kept in `RawPayload` is
+    /// read back, for Python gets the value.
+    async fn celery_outcome(
+        &self,
+        results: &CeleryResults,
+        job: &Job<'_>,
+        outcome: Option<&Transition>,
+    ) -> Result<(), StoreError> {
+        if job.attempt.task_id.is_empty() {
+            return Ok(());
+        }
+        let meta = match outcome {
+            Some(Transition::Success { result }) => Some(Meta::Success {
+                result: result.clone(),
+            }),
+            Some(Transition::Failure { root_cause, .. }) => Some(Meta::Failure {
+                cause: root_cause.clone(),
+            }),
+            Some(Transition::Revoked { root_cause }) => Some(Meta::Revoked {
+                cause: root_cause.clone(),
+            }),
+            Some(Transition::Retry { .. }) => None,
+            None => self
+                .tasks
+                .stored(&job.attempt.task_id)
+                .await?
+                .and_then(|task| Meta::of_state(task.state, task.result, task.root_cause)),
+        };
+        let Some(mut meta) = meta.filter(Meta::is_final) else {
+            return Ok(());
+        };
+        if let Meta::Success { result } = &mut meta {
+            if reference_in(result).is_some() {
+                *result = self
+                    .payloads
+                    .resolve(result.clone())
+                    .await?
+                    .unwrap_or(Value::Null);
+            }
+        }
+        results.put(&celery_about(job), &meta).await
+    }
+
     /// Puts the result in the result backend (when on) and keeps a large one in `RawPayload`,
     /// leaving a reference in its place. The backend copy is written first, so a client who sees
     /// `SUCCESS` finds the result.
@@ -284,6 +343,19 @@ impl Worker {
         self.topology
             .route_for_key(&job.delivery.routing_key)
             .to_owned()
+    }
+}
+
+/// What Celery's meta says of the task besides its state.
+pub(super) fn celery_about(job: &Job<'_>) -> About {
+    let message = job.message;
+    About {
+        task_id: job.attempt.task_id.clone(),
+        name: job.attempt.task_name.clone(),
+        args: message.map(|m| m.args.clone()).unwrap_or_default(),
+        kwargs: message.map(|m| m.kwargs.clone()).unwrap_or_default(),
+        retries: job.attempt.retries,
+        queue: job.delivery.routing_key.clone(),
     }
 }
 

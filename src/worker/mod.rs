@@ -95,6 +95,8 @@ pub struct Services {
     pub context: Arc<TaskContext>,
     /// Hands workflows on as their steps finish.
     pub workflows: crate::workflow::Workflows,
+    /// Celery's result backend, written as a Celery worker writes it (`KOBE_CELERY_RESULTS`).
+    pub celery_results: Option<crate::store::celery_results::CeleryResults>,
 }
 
 /// Everything the delivery pipelines share.
@@ -114,6 +116,7 @@ pub struct Worker {
     liveness: Liveness,
     context: Arc<TaskContext>,
     workflows: crate::workflow::Workflows,
+    celery_results: Option<crate::store::celery_results::CeleryResults>,
     config: WorkerConfig,
     /// One permit per handler that may run at once.
     slots: Semaphore,
@@ -141,6 +144,7 @@ impl Worker {
             liveness: services.liveness,
             context: services.context,
             workflows: services.workflows,
+            celery_results: services.celery_results,
             slots: Semaphore::new(usize::from(config.concurrency.max(1))),
             config,
             pause: Pause::default(),

@@ -29,6 +29,7 @@ use super::job::{AttemptCell, Job, Next};
 use super::Worker;
 use crate::amqp::{wire, Delivery, Settlement, TaskMessage};
 use crate::store::attempts::{Attempt, Origin};
+use crate::store::celery_results::Meta;
 use crate::store::batch::Written;
 use crate::store::task_leases::TakeOver;
 use crate::store::StoreError;
@@ -299,6 +300,9 @@ impl Worker {
                 .inc();
         }
         self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
+        if let Some(results) = &self.celery_results {
+            results.put_soon(super::effects::celery_about(job), Meta::Started);
+        }
         let running = Running::start(task, self.invocation(message), limits);
         let next = self.supervise(job, running, claimed_at).await;
         drop(slot);

@@ -11,6 +11,7 @@ mod api_contract;
 mod beat;
 mod browser;
 mod cancel;
+mod celery;
 mod cli;
 mod cluster;
 mod declared;
