@@ -68,6 +68,7 @@
 //! | `operate` | what operators do to tasks: cancel, rerun, dead letters, the overview |
 //! | `worker` | the execution core: deliveries, the execution lease, outcomes, group commit |
 //! | `beat` | periodic tasks: one leader (a MongoDB lease) fires each slot once |
+//! | `celery` | tracking what Python Celery workers run for Kobe, from their task events |
 //! | `workflow` | chains, groups and chords: recorded whole, handed on by the worker that finishes a step; [`Workflow`] builds one |
 //! | `http` | the actix-web API |
 //! | `commands` | `serve`, `worker`, `init-db`, `healthcheck`: where the modules are wired together |
@@ -75,7 +76,7 @@
 //!
 //! Floors, lowest first: `cause`, `config`, `domain`, `telemetry`; then `amqp` and `store`, which
 //! never see each other's types; then `tasks`, which reach the store through their context and
-//! never see AMQP or HTTP; then the services `submit`, `worker` and `beat`, which use the floors
+//! never see AMQP or HTTP; then the services `submit`, `worker`, `beat` and `celery`, which use the floors
 //! below together; then `operate`, over `submit`; then `http`, which calls both; and `commands`
 //! (with `app` and `cli` above it), which builds every client once and wires them. Nothing imports
 //! from a floor above its own.
@@ -107,6 +108,7 @@ pub mod telemetry;
 
 pub(crate) mod beat;
 pub(crate) mod cause;
+pub(crate) mod celery;
 pub(crate) mod operate;
 pub(crate) mod shutdown;
 pub(crate) mod worker;

@@ -54,7 +54,13 @@ pub struct Topology {
     routes: BTreeMap<String, String>,
     /// Quorum queues' `x-delivery-limit`.
     delivery_limit: u32,
+    /// Also Celery's event exchange and the queue of its task events Kobe tracks Celery workers
+    /// by (see [`crate::celery`]).
+    celery_events: bool,
 }
+
+/// Celery's event exchange (a topic exchange; `event_exchange` in Celery's settings).
+pub const CELERY_EVENT_EXCHANGE: &str = "celeryev";
 
 impl Topology {
     pub fn new(prefix: &str, kind: QueueKind, routes: BTreeMap<String, String>) -> Self {
@@ -63,7 +69,20 @@ impl Topology {
             kind,
             routes,
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
+            celery_events: false,
         }
+    }
+
+    /// The same topology with Celery's event exchange and the queue of its task events.
+    pub fn with_celery_events(mut self) -> Self {
+        self.celery_events = true;
+        self
+    }
+
+    /// Where Celery workers' task events wait for Kobe: one durable queue that every `serve`
+    /// replica shares, so each event is taken once, and those sent while none runs wait.
+    pub fn celery_events_queue(&self) -> String {
+        format!("{}.celery-events", self.prefix)
     }
 
     /// The same topology with quorum queues' delivery limit at `limit`.
@@ -271,6 +290,28 @@ impl Topology {
             )?;
         }
 
+        if self.celery_events {
+            durable_exchange(ExchangeType::Topic, CELERY_EVENT_EXCHANGE.to_owned())?;
+            let mut args = FieldTable::new();
+            // Bounded: events nobody takes for long (no `serve` running) give way to newer ones.
+            args.insert("x-max-length".into(), AmqpValue::LongInt(1_000_000));
+            if self.kind == QueueKind::Quorum {
+                args.insert(
+                    "x-queue-type".into(),
+                    AmqpValue::LongString("quorum".into()),
+                );
+            }
+            let queue = self.celery_events_queue();
+            self.declare_queue(channel, &queue, args)?;
+            self.bind(
+                channel,
+                &queue,
+                CELERY_EVENT_EXCHANGE,
+                "task.#",
+                FieldTable::new(),
+            )?;
+        }
+
         for level in RETRY_LEVELS_MS {
             let queue = self.retry_queue(level);
             self.declare_queue(channel, &queue, self.retry_queue_arguments(level))?;
@@ -350,6 +391,9 @@ impl Topology {
         let mut queues: Vec<String> = self.routes().iter().map(|r| self.queue(r)).collect();
         queues.push(self.dead_letter_queue());
         queues.extend(RETRY_LEVELS_MS.iter().map(|l| self.retry_queue(*l)));
+        if self.celery_events {
+            queues.push(self.celery_events_queue());
+        }
         queues
     }
 

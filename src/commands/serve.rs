@@ -80,6 +80,7 @@ pub async fn run(
     let background = crate::shutdown::Trigger::default();
     let outbox = tokio::spawn(outbox.run(settings.submit.outbox_interval, background.pulled()));
     let beat = beat.map(|beat| tokio::spawn(beat.run(background.pulled())));
+    let celery = spawn_celery_tracking(&settings, &state, background.pulled())?;
     let watched = state.submitter.topology().watched_queues();
     let depths = super::spawn_queue_depth_watch(&settings, watched, &background);
     // Before the listener opens: a SIGTERM from then on is a graceful stop.
@@ -99,7 +100,50 @@ pub async fn run(
     if let Some(beat) = beat {
         let _ = beat.await;
     }
+    if let Some(celery) = celery {
+        let _ = celery.await;
+    }
     let _ = tokio::join!(outbox, depths);
     tracing::info!("HTTP API stopped");
     Ok(super::Ended::Done)
+}
+
+/// Takes Celery workers' task events into the store until `shutdown`, when the registry has
+/// tasks they run (`kind = "celery"`); `None` when it has none.
+pub fn spawn_celery_tracking(
+    settings: &Settings,
+    state: &AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let names = state.registry.celery_tasks();
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let results = settings
+        .celery
+        .results
+        .as_ref()
+        .map(|url| {
+            crate::store::celery_results::CeleryResults::new(
+                url,
+                settings.celery.result_expires,
+                settings.dependency_timeout,
+            )
+        })
+        .transpose()?;
+    let tracking = crate::celery::Tracking {
+        tasks: state.tasks.clone(),
+        names,
+        cache: state.cache.clone(),
+        payloads: state.payloads.clone(),
+        inline_limit: settings.submit.payload_inline_limit,
+        workflows: state.workflows.clone(),
+        results,
+    };
+    let settings = settings.clone();
+    Ok(Some(tokio::spawn(async move {
+        if let Err(error) = tracking.run(&settings, shutdown).await {
+            tracing::error!(error = %error, "cannot track Celery workers' task events");
+        }
+    })))
 }

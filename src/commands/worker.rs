@@ -8,9 +8,9 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::amqp::{Consumer, ConsumerConfig};
-use crate::store::celery_results::CeleryResults;
 use crate::cli::WorkerArgs;
 use crate::config::Settings;
+use crate::store::celery_results::CeleryResults;
 use crate::store::{
     CheckpointRepository, ErrorLogRepository, LeaseRepository, PayloadRepository, ShardRepository,
     TaskRepository,
@@ -50,8 +50,14 @@ pub async fn run(
 ) -> anyhow::Result<super::Ended> {
     let db = super::database(&settings).await?;
     let topology = super::topology(&settings);
+    // Celery workers take what is theirs; a message of theirs that reaches a Kobe worker all the
+    // same (on a queue it was told to consume) is handed on as a task it does not know.
+    let celery_routes = registry.celery_only_routes();
+    let registry = registry.run_here();
     let routes = if options.routes.is_empty() {
-        topology.routes()
+        let mut routes = topology.routes();
+        routes.retain(|route| !celery_routes.contains(route));
+        routes
     } else {
         options.routes.clone()
     };

@@ -254,6 +254,68 @@ impl TaskRepository {
     }
 }
 
+/// What a Celery worker's task event reports of a task it runs.
+#[derive(Debug, Clone)]
+pub enum Reported {
+    /// `task-started`, by the worker (`name@host`).
+    Started { worker: String },
+    /// `task-retried`, `task-succeeded`, `task-failed`, `task-revoked`.
+    Outcome(Transition),
+}
+
+impl TaskRepository {
+    /// Records what a Celery worker's event (sent at `at`, seconds since the epoch) reports of a
+    /// task Kobe published for Celery workers — one of `names`, which keeps Kobe's own tasks out
+    /// of it. Forward only: an outcome never moves a finished task, and a passing state
+    /// (`STARTED`, `RETRY`) is taken only from an event later than the last one taken, so an
+    /// event sent twice, or arriving late, changes nothing. `Some(workflow id)` when the
+    /// report was taken; `None` when it changed nothing.
+    pub async fn celery_report(
+        &self,
+        id: &str,
+        names: &[String],
+        reported: &Reported,
+        at: f64,
+    ) -> Result<Option<Option<String>>, StoreError> {
+        let now = DateTime::now();
+        let later = doc! {"$or": [{"celery_at": {"$exists": false}}, {"celery_at": {"$lt": at}}]};
+        let (from, mut set, passing): (&[TaskState], Document, bool) = match reported {
+            Reported::Started { worker } => (
+                &[TaskState::Pending, TaskState::Retry],
+                doc! {"state": TaskState::Started.as_str(), "started_at": now, "updated_at": now, "worker": worker},
+                true,
+            ),
+            Reported::Outcome(transition @ Transition::Retry { .. }) => (
+                &[TaskState::Pending, TaskState::Started],
+                outcome_fields(transition, now)?,
+                true,
+            ),
+            Reported::Outcome(transition) => (
+                &[TaskState::Pending, TaskState::Started, TaskState::Retry],
+                outcome_fields(transition, now)?,
+                false,
+            ),
+        };
+        set.insert("celery_at", at);
+        let mut filter =
+            doc! {"_id": id, "task_name": {"$in": names}, "state": {"$in": states(from)}};
+        if passing {
+            filter.extend(later);
+        }
+        let mut update = doc! {"$set": set};
+        if matches!(reported, Reported::Outcome(Transition::Retry { .. })) {
+            update.insert("$inc", doc! {"retries": 1_i64});
+        }
+        let taken = self
+            .collection
+            .clone_with_type::<Document>()
+            .find_one_and_update(filter, update)
+            .projection(doc! {"workflow_id": 1})
+            .await?;
+        Ok(taken.map(|task| task.get_str("workflow_id").ok().map(str::to_owned)))
+    }
+}
+
 /// What asking to cancel a task did.
 #[derive(Debug, Clone)]
 pub enum Cancelled {

@@ -77,7 +77,11 @@ pub enum Meta {
 
 impl Meta {
     /// The meta of a stored state; `None` for `PENDING`, which Celery never stores.
-    pub fn of_state(state: TaskState, result: Option<Value>, cause: Option<String>) -> Option<Self> {
+    pub fn of_state(
+        state: TaskState,
+        result: Option<Value>,
+        cause: Option<String>,
+    ) -> Option<Self> {
         let cause = cause.unwrap_or_default();
         Some(match state {
             TaskState::Pending => return None,
@@ -110,9 +114,7 @@ impl Meta {
 
     /// Celery's JSON meta (`result_extended` fields included) at `now`.
     pub fn to_json(&self, about: &About, now: DateTime) -> Value {
-        let exception = |module: &str, kind: &str, cause: &str| {
-            json!({"exc_type": kind, "exc_message": [cause], "exc_module": module})
-        };
+        let exception = |module: &str, kind: &str, cause: &str| json!({"exc_type": kind, "exc_message": [cause], "exc_module": module});
         let (result, traceback) = match self {
             Self::Started => (
                 json!({"pid": std::process::id(), "hostname": celery_hostname()}),
@@ -123,7 +125,10 @@ impl Meta {
                 exception("celery.exceptions", "Retry", cause),
                 traceback_of(cause),
             ),
-            Self::Failure { cause } => (exception("builtins", "Exception", cause), traceback_of(cause)),
+            Self::Failure { cause } => (
+                exception("builtins", "Exception", cause),
+                traceback_of(cause),
+            ),
             Self::Revoked { cause } => (
                 exception(
                     "celery.exceptions",
@@ -221,6 +226,28 @@ impl CeleryResults {
                 .await
                 .map_err(|e| StoreError::Redis(Cause::of(e)))?;
             Ok(())
+        };
+        tokio::time::timeout(self.timeout, attempt)
+            .await
+            .map_err(|_| StoreError::Redis(format!("no answer within {:?}", self.timeout).into()))?
+    }
+
+    /// The meta stored for a task, if any (what a Celery worker, or a Kobe one, wrote).
+    #[tracing::instrument(name = "celery.result.get", skip(self))]
+    pub async fn meta(&self, task_id: &str) -> Result<Option<Value>, StoreError> {
+        let attempt = async {
+            let mut conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Redis(Cause::of(e)))?;
+            let mut command = redis::cmd("GET");
+            command.arg(meta_key(task_id));
+            let stored: Option<String> = command
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(Cause::of(e)))?;
+            Ok(stored.and_then(|json| serde_json::from_str(&json).ok()))
         };
         tokio::time::timeout(self.timeout, attempt)
             .await

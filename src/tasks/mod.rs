@@ -21,6 +21,9 @@ pub use schema::KwargsSchema;
 use crate::domain::{Priority, TaskId};
 use crate::store::{CheckpointRepository, LeaseRepository, ShardRepository};
 
+/// [`Task::kind`] of a task Python Celery workers run.
+pub const CELERY_KIND: &str = "celery";
+
 /// What a handler's future resolves to.
 pub(crate) type HandlerResult = Result<Value, TaskError>;
 pub type TaskFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'static>>;
@@ -223,7 +226,8 @@ pub trait Task: Send + Sync + 'static {
     fn run(&self, invocation: Invocation) -> TaskFuture;
 
     /// What kind of task this is, as `GET /tasks` shows it: `rust` for a task compiled in,
-    /// `http` or `command` for one declared in `KOBE_TASKS_FILE`.
+    /// `http`, `command` or `celery` (run by Python Celery workers) for one declared in
+    /// `KOBE_TASKS_FILE`.
     fn kind(&self) -> &'static str {
         "rust"
     }
@@ -344,6 +348,39 @@ impl Registry {
             .values()
             .filter_map(|task| Some((task.name().to_owned(), task.route()?.to_owned())))
             .collect()
+    }
+
+    /// The tasks Kobe's workers run: all but those Celery workers do (`kind = "celery"`).
+    pub fn run_here(&self) -> Self {
+        let mut here = self.clone();
+        here.tasks.retain(|_, task| task.kind() != CELERY_KIND);
+        here
+    }
+
+    /// Names of the tasks Celery workers run (`kind = "celery"`).
+    pub fn celery_tasks(&self) -> Vec<String> {
+        self.tasks
+            .values()
+            .filter(|task| task.kind() == CELERY_KIND)
+            .map(|task| task.name().to_owned())
+            .collect()
+    }
+
+    /// Routes only Celery workers' tasks travel on: Kobe's workers leave their queues alone.
+    pub fn celery_only_routes(&self) -> Vec<String> {
+        let mut celery: Vec<String> = Vec::new();
+        let mut here: Vec<&str> = vec![crate::amqp::topology::DEFAULT_ROUTE];
+        for task in self.tasks.values() {
+            match (task.kind() == CELERY_KIND, task.route()) {
+                (true, Some(route)) => celery.push(route.to_owned()),
+                (false, Some(route)) => here.push(route),
+                _ => {}
+            }
+        }
+        celery.retain(|route| !here.contains(&route.as_str()));
+        celery.sort();
+        celery.dedup();
+        celery
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<dyn Task>> {

@@ -172,7 +172,9 @@ impl Effects for Worker {
                 let _ = self.writer.submit(self.payloads.expire_write(&reference));
             }
         }
-        if let (Some(results), Transition::Retry { root_cause, .. }) = (&self.celery_results, record) {
+        if let (Some(results), Transition::Retry { root_cause, .. }) =
+            (&self.celery_results, record)
+        {
             results.put_soon(
                 celery_about(job),
                 Meta::Retry {

@@ -22,7 +22,8 @@ pub fn celery_venv() -> PathBuf {
     let venv = std::env::var_os("KOBE_CELERY_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kobe/celery-venv")
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/kobe/celery-venv")
         });
     assert!(
         venv.join("bin/celery").exists(),
@@ -73,7 +74,11 @@ impl Task for Add {
             if invocation.args.contains(&json!("boom")) {
                 return Err(TaskError::Permanent("ValueError: boom".into()));
             }
-            Ok(json!(invocation.args.iter().filter_map(Value::as_i64).sum::<i64>()))
+            Ok(json!(invocation
+                .args
+                .iter()
+                .filter_map(Value::as_i64)
+                .sum::<i64>()))
         })
     }
 }
@@ -94,7 +99,10 @@ async fn a_python_clients_async_result_gets_a_kobe_workers_result_and_its_failur
     assert_eq!(sent["result"], 42, "{sent}");
     assert_eq!(sent["ready"], true);
     assert_eq!(sent["name"], "py_add", "result_extended fields: {sent}");
-    assert!(sent["worker"].as_str().unwrap().starts_with("kobe-"), "{sent}");
+    assert!(
+        sent["worker"].as_str().unwrap().starts_with("kobe-"),
+        "{sent}"
+    );
     let id = sent["task_id"].as_str().unwrap().to_owned();
     assert_eq!(
         env.wait_final(&id, Duration::from_secs(10)).await.result,
@@ -108,7 +116,10 @@ async fn a_python_clients_async_result_gets_a_kobe_workers_result_and_its_failur
     assert_eq!(failed["error"], "Exception", "{failed}");
     assert_eq!(failed["message"], "ValueError: boom", "{failed}");
     assert!(
-        failed["traceback"].as_str().unwrap().contains("ValueError: boom"),
+        failed["traceback"]
+            .as_str()
+            .unwrap()
+            .contains("ValueError: boom"),
         "{failed}"
     );
 
@@ -130,4 +141,217 @@ async fn a_python_clients_async_result_gets_a_kobe_workers_result_and_its_failur
     assert_eq!(runs.lock().unwrap().len(), 3);
     worker.stop().await;
     api.stop().await;
+}
+
+/// A Python Celery worker (`celery worker -E`) on the test's `py` queue, stopped on drop.
+struct PythonWorker {
+    child: std::process::Child,
+    dir: PathBuf,
+    runs: PathBuf,
+}
+
+impl PythonWorker {
+    fn start(env: &TestEnv) -> Self {
+        let dir = std::env::temp_dir().join(common::unique("kobe-celery-worker"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let runs = dir.join("runs");
+        std::fs::write(&runs, "").unwrap();
+        let log = std::fs::File::create(dir.join("worker.log")).unwrap();
+        let child = Command::new(celery_venv().join("bin/celery"))
+            .args([
+                "-A",
+                "worker",
+                "worker",
+                "-E",
+                "--pool",
+                "solo",
+                "--without-mingle",
+            ])
+            .args(["--without-gossip", "--loglevel", "INFO", "-n"])
+            .arg(format!("py-{}@%h", std::process::id()))
+            .args(["-Q", &format!("{}.py", env.settings.broker.prefix)])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/celery"))
+            .env("RABBITMQ_URL", env.settings.broker.url.expose())
+            .env("KOBE_AMQP_PREFIX", &env.settings.broker.prefix)
+            .env("KOBE_CELERY_RESULTS", RESULTS)
+            .env("PEER_RUNS", &runs)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("celery worker starts");
+        Self { child, dir, runs }
+    }
+
+    fn runs_of(&self, id: &str) -> usize {
+        std::fs::read_to_string(&self.runs)
+            .unwrap()
+            .lines()
+            .filter(|line| *line == id)
+            .count()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("worker.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PythonWorker {
+    fn drop(&mut self) {
+        common::signal(self.child.id(), libc::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_)))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const TASKS_FILE: &str = r#"
+[[task]]
+name = "py_mul"
+kind = "celery"
+route = "py"
+
+[[task]]
+name = "py_fail"
+kind = "celery"
+route = "py"
+max_retries = 0
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_kobe_routes_to_python_workers_get_their_outcomes_from_celerys_events() {
+    let env = TestEnv::with(&[
+        ("KOBE_CELERY_RESULTS", RESULTS),
+        ("KOBE_TASK_ROUTES", "py_mul=py,py_fail=py"),
+        ("KOBE_RESULT_BACKEND", "redis"),
+    ])
+    .await;
+    env.init_db().await;
+    let file = std::env::temp_dir().join(format!("{}.toml", common::unique("kobe-celery-tasks")));
+    std::fs::write(&file, TASKS_FILE).unwrap();
+    let mut registry = kobe::tasks::Registry::with_builtin_tasks();
+    for task in kobe::tasks::declared::load(&file, &|_| None).unwrap().tasks {
+        registry.register_shared(task).unwrap();
+    }
+    std::fs::remove_file(&file).unwrap();
+    let api = env.spawn_api_with(registry.clone()).await;
+    let state = kobe::commands::serve::state(&env.settings, registry.clone())
+        .await
+        .unwrap();
+    let (stop_tracking, stopped) = tokio::sync::oneshot::channel::<()>();
+    let tracking = kobe::commands::serve::spawn_celery_tracking(&env.settings, &state, async {
+        let _ = stopped.await;
+    })
+    .unwrap()
+    .expect("celery tasks are declared: their events are tracked");
+    // A Kobe worker with the shipped routes runs beside the Python one, and never takes theirs.
+    let kobe_worker = env.spawn_worker_on(4, Vec::new(), registry);
+    let python = tokio::task::block_in_place(|| PythonWorker::start(&env));
+
+    let product = api
+        .submit(json!({"task_name": "py_mul", "args": [6, 7]}))
+        .await;
+    let failing = api.submit(json!({"task_name": "py_fail"})).await;
+    let (done, seen) = api.wait_for_final(&product, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "SUCCESS", "{done}\n{}", python.log());
+    let answer: Value = api
+        .get(&format!("/task/result/{product}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["result"],
+        json!({"product": 42, "factors": {"6": 7}}),
+        "the result as Celery's JSON has it, read from its backend (the event's repr has an int key): {answer}"
+    );
+    assert!(
+        seen.iter()
+            .all(|s| ["PENDING", "STARTED", "SUCCESS"].contains(&s.as_str())),
+        "{seen:?}"
+    );
+    let (failed, _) = api.wait_for_final(&failing, Duration::from_secs(60)).await;
+    assert_eq!(failed["state"], "FAILURE", "{failed}");
+    assert!(
+        failed["root_cause"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no such page"),
+        "{failed}"
+    );
+    let stored = env.wait_final(&product, Duration::from_secs(5)).await;
+    assert!(
+        stored
+            .worker
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("py-"),
+        "the Python worker ran it: {:?}",
+        stored.worker
+    );
+    assert!(stored.started_at.is_some());
+
+    // An event sent twice, or late, changes nothing.
+    let publisher = env.publisher();
+    for (routing_key, event) in [
+        (
+            "task.started",
+            json!({"type": "task-started", "uuid": product, "hostname": "late@h", "timestamp": 1.0}),
+        ),
+        (
+            "task.succeeded",
+            json!({"type": "task-succeeded", "uuid": product, "result": "7", "timestamp": 9e9}),
+        ),
+        (
+            "task.failed",
+            json!({"type": "task-failed", "uuid": product, "exception": "late", "timestamp": 9e9}),
+        ),
+    ] {
+        publisher
+            .publish(kobe::amqp::Outgoing {
+                exchange: "celeryev".into(),
+                routing_key: routing_key.into(),
+                body: event.to_string().into_bytes(),
+                properties: amiquip::AmqpProperties::default()
+                    .with_content_type("application/json".into()),
+            })
+            .await
+            .unwrap();
+    }
+    let events = env
+        .topology
+        .clone()
+        .with_celery_events()
+        .celery_events_queue();
+    common::eventually(
+        Duration::from_secs(10),
+        "the late events are taken",
+        || async { (env.queue_depth(events.clone()).await? == 0).then_some(()) },
+    )
+    .await;
+    let again = env.wait_final(&product, Duration::from_secs(5)).await;
+    assert_eq!(again.state, kobe::domain::TaskState::Success);
+    assert_eq!(
+        again.result,
+        Some(json!({"product": 42, "factors": {"6": 7}}))
+    );
+    assert_eq!(again.worker, stored.worker);
+
+    assert_eq!(python.runs_of(&product), 1, "ran once, by Python");
+    assert_eq!(python.runs_of(&failing), 1, "ran once, by Python");
+    drop(python);
+    let _ = stop_tracking.send(());
+    let _ = tracking.await;
+    kobe_worker.stop().await;
+    api.stop().await;
+    let topology = env.topology.clone().with_celery_events();
+    let url = env.settings.broker.url.clone();
+    tokio::task::spawn_blocking(move || kobe::amqp::delete_topology(&url, &topology))
+        .await
+        .unwrap()
+        .ok();
 }

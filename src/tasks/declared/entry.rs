@@ -18,6 +18,8 @@ use crate::tasks::{KwargsSchema, RetryPolicy};
 enum Kind {
     Http,
     Command,
+    /// Run by Python Celery workers: Kobe records and publishes it, and tracks its outcome.
+    Celery,
 }
 
 /// One `[[task]]` table as written.
@@ -130,6 +132,42 @@ fn runner(entry: Entry, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Runne
         }
     };
     Ok(match entry.kind {
+        Kind::Celery => {
+            for (present, name) in [
+                (entry.url.is_some(), "url"),
+                (!entry.headers.is_empty(), "headers"),
+                (entry.follow_redirects.is_some(), "follow_redirects"),
+                (!entry.allow_networks.is_empty(), "allow_networks"),
+                (!entry.deny_networks.is_empty(), "deny_networks"),
+                (entry.signing_secret_env.is_some(), "signing_secret_env"),
+                (entry.argv.is_some(), "argv"),
+                (!entry.env.is_empty(), "env"),
+                (entry.cwd.is_some(), "cwd"),
+                (entry.max_output_bytes.is_some(), "max_output_bytes"),
+            ] {
+                if present {
+                    return Err(field(
+                        name,
+                        "not for kind = \"celery\" (Python workers do its work)",
+                    ));
+                }
+            }
+            match entry.route.as_deref() {
+                None => {
+                    return Err(field(
+                        "route",
+                        "required for kind = \"celery\": the queue its Celery workers consume",
+                    ))
+                }
+                Some(crate::amqp::topology::DEFAULT_ROUTE) => {
+                    return Err(field(
+                        "route",
+                        "a route of its own, not `default`, which Kobe's workers consume",
+                    ))
+                }
+                Some(_) => Runner::Celery,
+            }
+        }
         Kind::Http => {
             only(entry.argv.is_some(), "argv", "command")?;
             only(!entry.env.is_empty(), "env", "command")?;

@@ -1,5 +1,7 @@
 //! Tasks that need no Rust: declared in a TOML file (`KOBE_TASKS_FILE`) and run by calling an
-//! HTTP endpoint ([`http`]) or a program ([`command`]).
+//! HTTP endpoint ([`http`]) or a program ([`command`]), or run by Python Celery workers
+//! (`kind = "celery"`: Kobe accepts, records and publishes it on its `route`, which Kobe's own
+//! workers then leave alone, and tracks its outcome from Celery's task events).
 //!
 //! ```toml
 //! [[task]]
@@ -13,6 +15,11 @@
 //! name = "wordcount"
 //! kind = "command"
 //! argv = ["python3", "scripts/wordcount.py"]
+//!
+//! [[task]]
+//! name = "crawl"
+//! kind = "celery"                # Python workers run it: celery worker -E -Q kobe.py
+//! route = "py"                   # required, and not `default`
 //! ```
 //!
 //! Every declared task has a built-in task's knobs (`route`, `priority`, `max_retries`,
@@ -329,6 +336,37 @@ argv = ["python3", "scripts/wordcount.py"]
         assert_eq!(missing.field, "kwargs.to");
         assert_eq!(tasks[1].kind(), "command");
         assert!(!format!("{:?}", tasks[0]).contains("t0ken"));
+    }
+
+    #[test]
+    fn a_celery_task_names_its_own_route_and_kobes_workers_leave_it_alone() {
+        let declared =
+            parse_text("[[task]]\nname = \"py_crawl\"\nkind = \"celery\"\nroute = \"py\"\n")
+                .unwrap();
+        let mut registry = crate::tasks::Registry::with_builtin_tasks();
+        for task in declared {
+            assert_eq!(task.kind(), "celery");
+            registry.register_shared(task).unwrap();
+        }
+        assert_eq!(registry.celery_tasks(), vec!["py_crawl".to_owned()]);
+        assert_eq!(registry.celery_only_routes(), vec!["py".to_owned()]);
+        assert!(registry.knows("py_crawl"), "the API accepts it");
+        assert!(
+            !registry.run_here().knows("py_crawl"),
+            "a Kobe worker never runs it"
+        );
+        assert!(registry.run_here().knows("demo_long_io"));
+
+        let err = parse_text("[[task]]\nname = \"a\"\nkind = \"celery\"\n").unwrap_err();
+        assert_eq!(err.field, "route");
+        let err = parse_text("[[task]]\nname = \"a\"\nkind = \"celery\"\nroute = \"default\"\n")
+            .unwrap_err();
+        assert_eq!(err.field, "route");
+        let err = parse_text(
+            "[[task]]\nname = \"a\"\nkind = \"celery\"\nroute = \"py\"\nurl = \"https://x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "url");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::{command, http};
 use crate::domain::Priority;
 use crate::tasks::{
-    HandlerResult, InvalidInput, Invocation, KwargsSchema, RetryPolicy, Task, TaskFuture,
+    HandlerResult, InvalidInput, Invocation, KwargsSchema, RetryPolicy, Task, TaskError, TaskFuture,
 };
 
 /// The knobs every declared task has.
@@ -28,6 +28,8 @@ pub struct Knobs {
 pub(super) enum Runner {
     Http(http::HttpCall),
     Command(command::Program),
+    /// Python Celery workers do its work; Kobe's never take it.
+    Celery,
 }
 
 /// A task read from a tasks file.
@@ -52,6 +54,7 @@ impl Task for DeclaredTask {
         match *self.runner {
             Runner::Http(_) => "http",
             Runner::Command(_) => "command",
+            Runner::Celery => "celery",
         }
     }
 
@@ -74,7 +77,7 @@ impl Task for DeclaredTask {
     fn time_limit(&self) -> Duration {
         match *self.runner {
             Runner::Http(_) => self.knobs.time_limit + Self::HTTP_GRACE,
-            Runner::Command(_) => self.knobs.time_limit,
+            Runner::Command(_) | Runner::Celery => self.knobs.time_limit,
         }
     }
 
@@ -96,6 +99,10 @@ impl Task for DeclaredTask {
             let result: HandlerResult = match &*runner {
                 Runner::Http(call) => call.run(&invocation, &body, knobs.time_limit).await,
                 Runner::Command(program) => program.run(invocation, &body).await,
+                Runner::Celery => Err(TaskError::Permanent(format!(
+                    "`{}` is run by Celery workers (kind = \"celery\"), not by Kobe's",
+                    knobs.name
+                ))),
             };
             result
         })
