@@ -233,7 +233,9 @@ async fn tasks_kobe_routes_to_python_workers_get_their_outcomes_from_celerys_eve
     env.init_db().await;
     let file = std::env::temp_dir().join(format!("{}.toml", common::unique("kobe-celery-tasks")));
     std::fs::write(&file, TASKS_FILE).unwrap();
+    let runs = Arc::new(Mutex::new(HashMap::new()));
     let mut registry = kobe::tasks::Registry::with_builtin_tasks();
+    registry.register(Add { runs: runs.clone() }).unwrap();
     for task in kobe::tasks::declared::load(&file, &|_| None).unwrap().tasks {
         registry.register_shared(task).unwrap();
     }
@@ -340,6 +342,43 @@ async fn tasks_kobe_routes_to_python_workers_get_their_outcomes_from_celerys_eve
         Some(json!({"product": 42, "factors": {"6": 7}}))
     );
     assert_eq!(again.worker, stored.worker);
+
+    // A workflow step Python runs is handed on to the next, which Kobe runs.
+    let response = api
+        .client
+        .post(format!("{}/workflow/start", api.address))
+        .json(&json!({"workflow": {"chain": [
+            {"task_name": "py_mul", "args": [2, 3]},
+            {"task_name": "py_add", "args": [1, 2], "immutable": true},
+        ]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let workflow = response.json::<Value>().await.unwrap()["workflow_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let view = common::eventually(Duration::from_secs(60), "the workflow ends", || async {
+        let view: Value = api
+            .get(&format!("/workflow/{workflow}"))
+            .await
+            .json()
+            .await
+            .ok()?;
+        (view["state"] != "PENDING" && view["state"] != "STARTED").then_some(view)
+    })
+    .await;
+    assert_eq!(view["state"], "SUCCESS", "{view}");
+    let steps = view["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{view}");
+    let first = steps[0]["task_id"].as_str().unwrap();
+    assert_eq!(python.runs_of(first), 1, "the first step ran once, by Python");
+    assert_eq!(
+        runs.lock().unwrap().get(steps[1]["task_id"].as_str().unwrap()),
+        Some(&1),
+        "the second ran once, on Kobe"
+    );
 
     assert_eq!(python.runs_of(&product), 1, "ran once, by Python");
     assert_eq!(python.runs_of(&failing), 1, "ran once, by Python");
