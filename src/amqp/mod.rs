@@ -5,7 +5,7 @@
 //! it over channels (requests in, `oneshot` replies out). Nothing here knows about MongoDB, Redis
 //! or HTTP.
 
-mod connection;
+pub(crate) mod connection;
 pub mod consumer;
 pub mod dead_letter_queue;
 pub mod message;

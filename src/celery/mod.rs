@@ -14,6 +14,7 @@
 //! of a workflow is handed on when its outcome is taken.
 
 mod events;
+pub mod fleet;
 
 use std::future::Future;
 use std::time::Duration;
@@ -86,7 +87,12 @@ impl Tracking {
 
     /// Records every event of one delivery; it goes back when MongoDB cannot take them now.
     async fn take(&self, delivery: &Delivery) -> Settlement {
-        for event in events::parse(&delivery.body) {
+        // Kobe's own workers' events (KOBE_CELERY_EVENTS) are for Celery's tools; their outcomes
+        // are recorded already.
+        let events = events::parse(&delivery.body)
+            .into_iter()
+            .filter(|event| !event.hostname.starts_with("kobe-"));
+        for event in events {
             if let Err(error) = self.record(&event, delivery.redelivered).await {
                 tracing::warn!(error = %error, task_id = %event.uuid, "cannot record a Celery task event now; it goes back to its queue");
                 tokio::time::sleep(OUTAGE_PAUSE).await;

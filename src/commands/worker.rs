@@ -8,6 +8,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::amqp::{Consumer, ConsumerConfig};
+use crate::celery::fleet::{Announcer, FleetConfig};
 use crate::cli::WorkerArgs;
 use crate::config::Settings;
 use crate::store::celery_results::CeleryResults;
@@ -80,7 +81,23 @@ pub async fn run(
     .context("failed to start the consumer")?;
     let mut watched = queues.clone();
     watched.push(topology.dead_letter_queue());
-    let services = services(&settings, &db, topology, publisher, &consumer)?;
+    let mut services = services(&settings, &db, topology, publisher, &consumer)?;
+    let revokes = settings.celery.events.then(|| {
+        let (announcer, revokes) = Announcer::start(FleetConfig {
+            url: settings.broker.url.clone(),
+            concurrency: options.concurrency,
+            prefetch,
+            queues: queues.clone(),
+            registered: registry.names().iter().map(|n| (*n).to_owned()).collect(),
+        });
+        services.celery_events = Some(announcer.clone());
+        let revoking = tokio::spawn(revoke_on_request(
+            revokes,
+            services.tasks.clone(),
+            services.cache.clone(),
+        ));
+        (announcer, revoking)
+    });
     let worker = Worker::new(
         registry,
         services,
@@ -104,12 +121,32 @@ pub async fn run(
         .await
         .context("consumer thread panicked")?;
     background.pull();
+    if let Some((announcer, revoking)) = revokes {
+        announcer.stop();
+        revoking.abort();
+    }
     let _ = depths.await;
     if let Some(handle) = metrics_server {
         handle.stop(true).await;
     }
     tracing::info!("worker stopped");
     Ok(super::Ended::Done)
+}
+
+/// Cancels each task Celery's tools ask to revoke (Flower, `celery control revoke`), as
+/// `kobe task cancel` does: a waiting task is revoked, a running one asked to stop.
+async fn revoke_on_request(
+    mut revokes: mpsc::UnboundedReceiver<String>,
+    tasks: crate::store::TaskRepository,
+    cache: crate::store::Cache,
+) {
+    while let Some(id) = revokes.recv().await {
+        if let Err(error) =
+            crate::operate::cancel::cancel(&tasks, &cache, &id, "celery control revoke").await
+        {
+            tracing::warn!(error = %error, task_id = %id, "cannot cancel the task Celery's tools revoked");
+        }
+    }
 }
 
 /// How the worker behaves, from settings and `--concurrency`.
@@ -183,6 +220,7 @@ fn services(
         liveness: consumer.liveness(),
         context,
         workflows,
+        celery_events: None,
         celery_results: settings
             .celery
             .results

@@ -64,6 +64,19 @@ pub(crate) fn host_name() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// This worker process where Celery's tools show workers (Flower, `celery inspect`, a task's
+/// result meta), in Celery's `name@host` form: `kobe-<pid>@<host>`.
+pub fn celery_hostname() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        format!(
+            "kobe-{}@{}",
+            std::process::id(),
+            host_name().unwrap_or_else(|| "unknown".into())
+        )
+    })
+}
+
 /// This worker process, as the attempts it runs name it: `host:pid`.
 pub fn worker_name() -> &'static str {
     static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -228,6 +241,8 @@ pub struct CelerySettings {
     pub results: Option<ServiceUrl>,
     /// How long a result stays there (Celery's `result_expires`).
     pub result_expires: Duration,
+    /// Workers send Celery's worker and task events and answer Celery's remote control.
+    pub events: bool,
 }
 
 /// The HTTP API of `kobe serve`.
@@ -448,6 +463,7 @@ impl Settings {
             celery: CelerySettings {
                 results: read.optional_url("KOBE_CELERY_RESULTS", &["redis", "rediss"])?,
                 result_expires: read.seconds("KOBE_CELERY_RESULT_EXPIRES")?,
+                events: read.flag("KOBE_CELERY_EVENTS")?,
             },
             log_level,
             log_format: read.parsed("KOBE_LOG_FORMAT")?,

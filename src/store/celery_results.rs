@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 
 use super::StoreError;
 use crate::cause::Cause;
-use crate::config::ServiceUrl;
+use crate::config::{celery_hostname, ServiceUrl};
 use crate::domain::TaskState;
 
 /// Sets the key for its expiry and publishes it, unless a passing state would replace a final
@@ -40,18 +40,6 @@ return 1
 /// Celery's key (and channel) for a task's meta.
 pub fn meta_key(task_id: &str) -> String {
     format!("celery-task-meta-{task_id}")
-}
-
-/// The name a Kobe worker goes by where Celery shows workers: `kobe-<pid>@<host>`.
-pub fn celery_hostname() -> &'static str {
-    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    NAME.get_or_init(|| {
-        format!(
-            "kobe-{}@{}",
-            std::process::id(),
-            crate::config::host_name().unwrap_or_else(|| "unknown".into())
-        )
-    })
 }
 
 /// What a task's meta says besides its state: Celery's `result_extended` fields.

@@ -11,6 +11,7 @@ use super::decision::{Done, Plan, Published, Route, Stored};
 use super::job::Job;
 use super::Worker;
 use crate::amqp::{wire, Outgoing, Settlement};
+use crate::celery::fleet::Ended;
 use crate::store::attempts::{Holding, Transition};
 use crate::store::batch::Written;
 use crate::store::celery_results::{About, CeleryResults, Meta};
@@ -171,6 +172,9 @@ impl Effects for Worker {
                 // Its arguments are needed no more: the TTL index may collect them later.
                 let _ = self.writer.submit(self.payloads.expire_write(&reference));
             }
+        }
+        if let Some(events) = &self.celery_events {
+            events.ended(&job.attempt.task_id, ended_of(record));
         }
         if let (Some(results), Transition::Retry { root_cause, .. }) =
             (&self.celery_results, record)
@@ -345,6 +349,24 @@ impl Worker {
         self.topology
             .route_for_key(&job.delivery.routing_key)
             .to_owned()
+    }
+}
+
+/// How an attempt ended, as Celery's task events say it.
+fn ended_of(record: &Transition) -> Ended {
+    match record {
+        Transition::Success { result } => Ended::Succeeded {
+            result: result.clone(),
+        },
+        Transition::Failure { root_cause, .. } => Ended::Failed {
+            cause: root_cause.clone(),
+        },
+        Transition::Retry { root_cause, .. } => Ended::Retried {
+            cause: root_cause.clone(),
+        },
+        Transition::Revoked { root_cause } => Ended::Revoked {
+            cause: root_cause.clone(),
+        },
     }
 }
 

@@ -97,6 +97,8 @@ pub struct Services {
     pub workflows: crate::workflow::Workflows,
     /// Celery's result backend, written as a Celery worker writes it (`KOBE_CELERY_RESULTS`).
     pub celery_results: Option<crate::store::celery_results::CeleryResults>,
+    /// Tells Celery's tools what this worker does (`KOBE_CELERY_EVENTS`).
+    pub celery_events: Option<crate::celery::fleet::Announcer>,
 }
 
 /// Everything the delivery pipelines share.
@@ -117,6 +119,7 @@ pub struct Worker {
     context: Arc<TaskContext>,
     workflows: crate::workflow::Workflows,
     celery_results: Option<crate::store::celery_results::CeleryResults>,
+    celery_events: Option<crate::celery::fleet::Announcer>,
     config: WorkerConfig,
     /// One permit per handler that may run at once.
     slots: Semaphore,
@@ -145,6 +148,7 @@ impl Worker {
             context: services.context,
             workflows: services.workflows,
             celery_results: services.celery_results,
+            celery_events: services.celery_events,
             slots: Semaphore::new(usize::from(config.concurrency.max(1))),
             config,
             pause: Pause::default(),

@@ -28,6 +28,7 @@ use super::execute::{panic_message, Limits, Running};
 use super::job::{AttemptCell, Job, Next};
 use super::Worker;
 use crate::amqp::{wire, Delivery, Settlement, TaskMessage};
+use crate::celery::fleet;
 use crate::store::attempts::{Attempt, Origin};
 use crate::store::batch::Written;
 use crate::store::celery_results::Meta;
@@ -302,6 +303,18 @@ impl Worker {
         self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
         if let Some(results) = &self.celery_results {
             results.put_soon(super::effects::celery_about(job), Meta::Started);
+        }
+        if let Some(events) = &self.celery_events {
+            events.started(fleet::Started {
+                task_id: job.attempt.task_id.clone(),
+                name: job.attempt.task_name.clone(),
+                args: message.args.clone(),
+                kwargs: message.kwargs.clone(),
+                retries: job.attempt.retries,
+                root_id: message.root_id.clone(),
+                parent_id: message.parent_id.clone(),
+                queue: job.delivery.routing_key.clone(),
+            });
         }
         let running = Running::start(task, self.invocation(message), limits);
         let next = self.supervise(job, running, claimed_at).await;

@@ -373,9 +373,15 @@ async fn tasks_kobe_routes_to_python_workers_get_their_outcomes_from_celerys_eve
     let steps = view["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 2, "{view}");
     let first = steps[0]["task_id"].as_str().unwrap();
-    assert_eq!(python.runs_of(first), 1, "the first step ran once, by Python");
     assert_eq!(
-        runs.lock().unwrap().get(steps[1]["task_id"].as_str().unwrap()),
+        python.runs_of(first),
+        1,
+        "the first step ran once, by Python"
+    );
+    assert_eq!(
+        runs.lock()
+            .unwrap()
+            .get(steps[1]["task_id"].as_str().unwrap()),
         Some(&1),
         "the second ran once, on Kobe"
     );
@@ -393,4 +399,131 @@ async fn tasks_kobe_routes_to_python_workers_get_their_outcomes_from_celerys_eve
         .await
         .unwrap()
         .ok();
+}
+
+/// Flower on a free port, watching the test's broker; stopped on drop.
+struct Flower {
+    child: std::process::Child,
+    address: String,
+    log: PathBuf,
+}
+
+impl Flower {
+    fn start(env: &TestEnv) -> Self {
+        let port = common::free_port();
+        let log = std::env::temp_dir().join(format!("{}.log", common::unique("kobe-flower")));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(celery_venv().join("bin/celery"))
+            .arg(format!("--broker={}", env.settings.broker.url.expose()))
+            .args(["flower", "--address=127.0.0.1", "--inspect_timeout=3000"])
+            // Flower 2 answers its API only to a signed-in user unless told otherwise.
+            .env("FLOWER_UNAUTHENTICATED_API", "true")
+            .arg(format!("--port={port}"))
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("flower starts");
+        Self {
+            child,
+            address: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<Value> {
+        reqwest::get(format!("{}{path}", self.address))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Flower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_lists_a_kobe_worker_and_its_tasks_and_celerys_revoke_cancels_a_running_one() {
+    let common::Running { env, api, worker } =
+        TestEnv::with_worker(&[("KOBE_CELERY_EVENTS", "true")], 4).await;
+    let flower = Flower::start(&env);
+    let me = kobe::config::celery_hostname();
+    // Flower hears the worker's heartbeats.
+    common::eventually(
+        Duration::from_secs(60),
+        "Flower sees the Kobe worker alive",
+        || async {
+            let alive = flower.get("/api/workers?status=true").await?;
+            (alive[me] == true).then_some(())
+        },
+    )
+    .await;
+
+    let done = api.submit(common::quick_task(20)).await;
+    api.wait_for_final(&done, Duration::from_secs(30)).await;
+    let task = common::eventually(Duration::from_secs(30), "Flower lists the task", || async {
+        let tasks = flower.get("/api/tasks").await?;
+        let task = tasks.get(&done)?.clone();
+        (task["state"] == "SUCCESS").then_some(task)
+    })
+    .await;
+    assert_eq!(task["name"], "demo_long_io", "{task}");
+    assert_eq!(task["worker"], me, "{task}");
+
+    // Its remote control answers Flower's inspection. Flower answers from what it inspected last
+    // and inspects again in the background, so ask until the answer counts the task.
+    let workers = common::eventually(
+        Duration::from_secs(30),
+        "Flower's inspection counts the task",
+        || async {
+            let workers = flower.get("/api/workers?refresh=1").await?;
+            (workers.get(me)?["stats"]["total"]["demo_long_io"] == 1).then_some(workers)
+        },
+    )
+    .await;
+    let inspected = &workers[me];
+    assert!(
+        inspected["registered"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("demo_long_io")),
+        "{inspected}\n{}",
+        flower.log()
+    );
+    assert_eq!(
+        inspected["stats"]["pool"]["max-concurrency"], 4,
+        "{inspected}"
+    );
+
+    // `celery control revoke` reaches Kobe's cancel, which stops the running task.
+    let long = api.submit(common::quick_task(60_000)).await;
+    api.wait_for_state(&long, Duration::from_secs(30), |s| s["state"] == "STARTED")
+        .await;
+    let revoke = tokio::task::block_in_place(|| {
+        Command::new(celery_venv().join("bin/celery"))
+            .arg(format!("--broker={}", env.settings.broker.url.expose()))
+            .args(["control", "--timeout=5", "revoke", &long])
+            .output()
+            .unwrap()
+    });
+    let said = String::from_utf8_lossy(&revoke.stdout);
+    assert!(
+        revoke.status.success() && said.contains(me),
+        "{said}\n{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    let (ended, _) = api.wait_for_final(&long, Duration::from_secs(30)).await;
+    assert_eq!(ended["state"], "REVOKED", "{ended}");
+    worker.stop().await;
+    api.stop().await;
 }
