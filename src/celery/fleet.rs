@@ -374,15 +374,7 @@ impl Fleet {
         fields.insert("pid".into(), std::process::id().into());
         fields.insert("clock".into(), self.clock.into());
         let body = Value::Object(fields).to_string();
-        let mut headers = FieldTable::new();
-        headers.insert(
-            "hostname".into(),
-            amiquip::AmqpValue::LongString(self.hostname.into()),
-        );
-        let properties = AmqpProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_headers(headers);
+        let properties = json_properties("hostname", self.hostname);
         channel
             .basic_publish(
                 CELERY_EVENT_EXCHANGE,
@@ -411,15 +403,7 @@ impl Fleet {
         ) else {
             return Ok(());
         };
-        let mut headers = FieldTable::new();
-        headers.insert(
-            "ticket".into(),
-            amiquip::AmqpValue::LongString(ticket.into()),
-        );
-        let properties = AmqpProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_headers(headers);
+        let properties = json_properties("ticket", ticket);
         let reply = json!({ self.hostname: answer }).to_string();
         channel
             .basic_publish(
@@ -492,6 +476,16 @@ impl Fleet {
             _ => return None,
         })
     }
+}
+
+/// A JSON message's properties as kombu sends them, with the one header Celery's tools read.
+fn json_properties(header: &str, value: &str) -> AmqpProperties {
+    let mut headers = FieldTable::new();
+    headers.insert(header.into(), amiquip::AmqpValue::LongString(value.into()));
+    AmqpProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_headers(headers)
 }
 
 /// The 1, 5 and 15 minute load averages, as Celery reports them.
