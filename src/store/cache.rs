@@ -15,9 +15,11 @@ use super::StoreError;
 use crate::cause::Cause;
 use crate::config::ServiceUrl;
 
-/// INCR the window's counter and, on its first request, set the counter's expiry.
+/// INCR this window's counter (on its first request, set its expiry) and read the previous
+/// window's: a sliding window, so tries that straddle a boundary still add up.
 const RATE_LIMIT_SCRIPT: &str = "local n = redis.call('INCR', KEYS[1]) \
-     if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end return n";
+     if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end \
+     return {n, tonumber(redis.call('GET', KEYS[2]) or '0')}";
 
 /// What an invalidated status key holds.
 const MARKER: &str = "!invalidated";
@@ -271,22 +273,54 @@ impl Cache {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let slot = now_ms / window_ms;
-        let key = self.key(&format!("ratelimit:{client}:{slot}"));
-        // One atomic round trip: count, and give a new window its expiry.
+        // Both counters in one hash slot (`{client}`), as a script's keys must be.
+        let key = |slot: u64| self.key(&format!("ratelimit:{{{client}}}:{slot}"));
+        // One atomic round trip: count, give a new window its expiry, read the last window.
         let mut command = redis::cmd("EVAL");
         command
             .arg(RATE_LIMIT_SCRIPT)
-            .arg(1)
-            .arg(&key)
+            .arg(2)
+            .arg(key(slot))
+            .arg(key(slot.saturating_sub(1)))
             .arg(window_ms * 2);
-        let count: u64 = self.run(command, self.op_timeout).await?;
-        if count > u64::from(limit) {
-            let left = (slot + 1) * window_ms - now_ms;
-            Ok(Some(Duration::from_millis(left.max(1))))
-        } else {
-            Ok(None)
-        }
+        let (current, previous): (u64, u64) = self.run(command, self.op_timeout).await?;
+        Ok(over_sliding_limit(
+            current,
+            previous,
+            now_ms % window_ms,
+            window_ms,
+            limit,
+        ))
     }
+}
+
+/// Whether `current` requests in this window, `elapsed_ms` into it, and `previous` in the one
+/// before (counted for the part of it still inside the last `window_ms`) are over `limit`; if
+/// so, how long until they are not.
+fn over_sliding_limit(
+    current: u64,
+    previous: u64,
+    elapsed_ms: u64,
+    window_ms: u64,
+    limit: u32,
+) -> Option<Duration> {
+    let limit = u64::from(limit);
+    // previous × (window − elapsed) / window + current > limit, in integers.
+    let weighted = |elapsed: u64| previous * (window_ms - elapsed) + current * window_ms;
+    if weighted(elapsed_ms) <= limit * window_ms {
+        return None;
+    }
+    let left = window_ms - elapsed_ms;
+    if current > limit || previous == 0 {
+        // Not under it before the next window, where this one's count weighs in.
+        return Some(Duration::from_millis(left.max(1)));
+    }
+    // The previous window's share falls as this one goes on: under the limit once
+    // previous × (window − e) ≤ (limit − current) × window.
+    let under_at = window_ms.saturating_sub((limit - current) * window_ms / previous);
+    Some(Duration::from_millis(
+        under_at.saturating_sub(elapsed_ms).clamp(1, left.max(1)),
+    ))
 }
 
 /// Records a Redis call's latency, and its failure if it failed.
@@ -347,5 +381,34 @@ impl Invalidator {
         if self.0.send((task_id.to_owned(), done)).is_ok() {
             let _ = wait.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::over_sliding_limit;
+    use std::time::Duration;
+
+    #[test]
+    fn tries_that_straddle_a_window_boundary_still_add_up() {
+        // 10 tries at the very end of one minute, 2 at the start of the next: limited.
+        assert!(over_sliding_limit(2, 10, 5, 60_000, 10).is_some());
+        // Within one window, the limit itself is allowed and one more is not.
+        assert_eq!(over_sliding_limit(10, 0, 30_000, 60_000, 10), None);
+        assert_eq!(
+            over_sliding_limit(11, 0, 30_000, 60_000, 10),
+            Some(Duration::from_millis(30_000))
+        );
+    }
+
+    #[test]
+    fn the_previous_window_weighs_less_as_this_one_goes_on() {
+        // Half way in, 10 before count as 5: 5 + 5 is at the limit, 5 + 6 over it.
+        assert_eq!(over_sliding_limit(5, 10, 30_000, 60_000, 10), None);
+        // 10 × (60 − e)/60 + 6 ≤ 10 once e ≥ 36 s: 6 s from now.
+        assert_eq!(
+            over_sliding_limit(6, 10, 30_000, 60_000, 10),
+            Some(Duration::from_millis(6_000))
+        );
     }
 }
