@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::amqp::connection::Endpoint;
 use crate::amqp::topology::CELERY_EVENT_EXCHANGE;
 use crate::config::{celery_hostname, ServiceUrl};
+use crate::store::celery_results::{About, Meta};
 
 /// How often a worker says it is alive (Celery's default `freq`).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -46,31 +47,18 @@ pub struct FleetConfig {
     pub registered: Vec<String>,
 }
 
-/// One task's start, as `task-received` and `task-started` tell it.
+/// One task's start, as `task-received` and `task-started` tell it: what its Celery meta says
+/// of it, and the workflow it belongs to.
 #[derive(Debug, Clone)]
 pub struct Started {
-    pub task_id: String,
-    pub name: String,
-    pub args: Vec<Value>,
-    pub kwargs: Map<String, Value>,
-    pub retries: u32,
+    pub about: About,
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
-    pub queue: String,
-}
-
-/// How a task's attempt ended.
-#[derive(Debug, Clone)]
-pub enum Ended {
-    Succeeded { result: Value },
-    Failed { cause: String },
-    Retried { cause: String },
-    Revoked { cause: String },
 }
 
 enum Note {
     Started(Started),
-    Ended { task_id: String, ended: Ended },
+    Ended { task_id: String, ended: Meta },
     Stop,
 }
 
@@ -99,7 +87,8 @@ impl Announcer {
         let _ = self.notes.send(Note::Started(started));
     }
 
-    pub fn ended(&self, task_id: &str, ended: Ended) {
+    /// How an attempt ended, as its Celery meta says it (`Started` is no end, and sends nothing).
+    pub fn ended(&self, task_id: &str, ended: Meta) {
         let _ = self.notes.send(Note::Ended {
             task_id: task_id.to_owned(),
             ended,
@@ -290,49 +279,55 @@ impl Fleet {
         match note {
             Note::Started(started) => {
                 let at = now();
+                let about = &started.about;
                 self.active.insert(
-                    started.task_id.clone(),
+                    about.task_id.clone(),
                     Active {
                         started: started.clone(),
                         at,
                     },
                 );
                 let received = json!({
-                    "uuid": started.task_id, "name": started.name,
-                    "args": repr(&Value::Array(started.args.clone())),
-                    "kwargs": repr(&Value::Object(started.kwargs.clone())),
+                    "uuid": about.task_id, "name": about.name,
+                    "args": repr(&Value::Array(about.args.clone())),
+                    "kwargs": repr(&Value::Object(about.kwargs.clone())),
                     "root_id": started.root_id, "parent_id": started.parent_id,
-                    "retries": started.retries, "eta": null, "expires": null,
+                    "retries": about.retries, "eta": null, "expires": null,
                 });
                 vec![
                     ("task-received", fields(received)),
-                    ("task-started", fields(json!({"uuid": started.task_id}))),
+                    ("task-started", fields(json!({"uuid": about.task_id}))),
                 ]
             }
+            Note::Ended {
+                ended: Meta::Started,
+                ..
+            } => Vec::new(),
             Note::Ended { task_id, ended } => {
                 let runtime = self
                     .active
                     .remove(task_id)
                     .map(|active| {
-                        *self.total.entry(active.started.name).or_default() += 1;
+                        *self.total.entry(active.started.about.name).or_default() += 1;
                         now() - active.at
                     })
                     .unwrap_or_default();
                 self.processed += 1;
                 let event = match ended {
-                    Ended::Succeeded { result } => (
+                    Meta::Started => unreachable!("answered above"),
+                    Meta::Success { result } => (
                         "task-succeeded",
                         json!({"uuid": task_id, "result": repr(result), "runtime": runtime}),
                     ),
-                    Ended::Failed { cause } => (
+                    Meta::Failure { cause } => (
                         "task-failed",
                         json!({"uuid": task_id, "exception": cause, "traceback": cause}),
                     ),
-                    Ended::Retried { cause } => (
+                    Meta::Retry { cause } => (
                         "task-retried",
                         json!({"uuid": task_id, "exception": cause, "traceback": cause}),
                     ),
-                    Ended::Revoked { cause } => (
+                    Meta::Revoked { cause } => (
                         "task-revoked",
                         json!({"uuid": task_id, "terminated": true, "signum": null, "expired": false, "reason": cause}),
                     ),
@@ -429,7 +424,7 @@ impl Fleet {
                 self.active
                     .values()
                     .map(|active| {
-                        let s = &active.started;
+                        let s = &active.started.about;
                         json!({
                             "id": s.task_id, "name": s.name, "type": s.name,
                             "args": s.args, "kwargs": s.kwargs, "hostname": self.hostname,
@@ -520,14 +515,16 @@ mod tests {
 
     fn started(id: &str) -> Started {
         Started {
-            task_id: id.into(),
-            name: "wordcount".into(),
-            args: vec![json!(1)],
-            kwargs: Map::new(),
-            retries: 0,
+            about: About {
+                task_id: id.into(),
+                name: "wordcount".into(),
+                args: vec![json!(1)],
+                kwargs: Map::new(),
+                retries: 0,
+                queue: "kobe.default".into(),
+            },
             root_id: None,
             parent_id: None,
-            queue: "kobe.default".into(),
         }
     }
 
@@ -543,7 +540,7 @@ mod tests {
 
         let events = fleet.account(&Note::Ended {
             task_id: "t1".into(),
-            ended: Ended::Succeeded { result: json!(3) },
+            ended: Meta::Success { result: json!(3) },
         });
         assert_eq!(events[0].0, "task-succeeded");
         assert_eq!(events[0].1["result"], "3");

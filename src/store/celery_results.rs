@@ -15,6 +15,7 @@ use deadpool_redis::{redis, Config, Pool, Runtime};
 use mongodb::bson::DateTime;
 use serde_json::{json, Map, Value};
 
+use super::attempts::Transition;
 use super::StoreError;
 use crate::cause::Cause;
 use crate::config::{celery_hostname, ServiceUrl};
@@ -81,6 +82,24 @@ impl Meta {
             TaskState::Failure => Self::Failure { cause },
             TaskState::Revoked => Self::Revoked { cause },
         })
+    }
+
+    /// The meta of an attempt's recorded outcome.
+    pub fn of_transition(transition: &Transition) -> Self {
+        match transition {
+            Transition::Success { result } => Self::Success {
+                result: result.clone(),
+            },
+            Transition::Retry { root_cause, .. } => Self::Retry {
+                cause: root_cause.clone(),
+            },
+            Transition::Failure { root_cause, .. } => Self::Failure {
+                cause: root_cause.clone(),
+            },
+            Transition::Revoked { root_cause } => Self::Revoked {
+                cause: root_cause.clone(),
+            },
+        }
     }
 
     fn status(&self) -> &'static str {

@@ -11,7 +11,6 @@ use super::decision::{Done, Plan, Published, Route, Stored};
 use super::job::Job;
 use super::Worker;
 use crate::amqp::{wire, Outgoing, Settlement};
-use crate::celery::fleet::Ended;
 use crate::store::attempts::{Holding, Transition};
 use crate::store::batch::Written;
 use crate::store::celery_results::{About, CeleryResults, Meta};
@@ -174,17 +173,10 @@ impl Effects for Worker {
             }
         }
         if let Some(events) = &self.celery_events {
-            events.ended(&job.attempt.task_id, ended_of(record));
+            events.ended(&job.attempt.task_id, Meta::of_transition(record));
         }
-        if let (Some(results), Transition::Retry { root_cause, .. }) =
-            (&self.celery_results, record)
-        {
-            results.put_soon(
-                celery_about(job),
-                Meta::Retry {
-                    cause: root_cause.clone(),
-                },
-            );
+        if let (Some(results), Transition::Retry { .. }) = (&self.celery_results, record) {
+            results.put_soon(celery_about(job), Meta::of_transition(record));
         }
         if matches!(plan.route, Route::DeadLetter { .. }) {
             // The debt is paid; noting it is a courtesy (a redelivery would find the task
@@ -234,16 +226,8 @@ impl Worker {
             return Ok(());
         }
         let meta = match outcome {
-            Some(Transition::Success { result }) => Some(Meta::Success {
-                result: result.clone(),
-            }),
-            Some(Transition::Failure { root_cause, .. }) => Some(Meta::Failure {
-                cause: root_cause.clone(),
-            }),
-            Some(Transition::Revoked { root_cause }) => Some(Meta::Revoked {
-                cause: root_cause.clone(),
-            }),
-            Some(Transition::Retry { .. }) => None,
+            // A retry's meta was put as it was recorded; it is not final.
+            Some(transition) => Some(Meta::of_transition(transition)),
             None => self
                 .tasks
                 .stored(&job.attempt.task_id)
@@ -349,24 +333,6 @@ impl Worker {
         self.topology
             .route_for_key(&job.delivery.routing_key)
             .to_owned()
-    }
-}
-
-/// How an attempt ended, as Celery's task events say it.
-fn ended_of(record: &Transition) -> Ended {
-    match record {
-        Transition::Success { result } => Ended::Succeeded {
-            result: result.clone(),
-        },
-        Transition::Failure { root_cause, .. } => Ended::Failed {
-            cause: root_cause.clone(),
-        },
-        Transition::Retry { root_cause, .. } => Ended::Retried {
-            cause: root_cause.clone(),
-        },
-        Transition::Revoked { root_cause } => Ended::Revoked {
-            cause: root_cause.clone(),
-        },
     }
 }
 

@@ -306,14 +306,9 @@ impl Worker {
         }
         if let Some(events) = &self.celery_events {
             events.started(fleet::Started {
-                task_id: job.attempt.task_id.clone(),
-                name: job.attempt.task_name.clone(),
-                args: message.args.clone(),
-                kwargs: message.kwargs.clone(),
-                retries: job.attempt.retries,
+                about: super::effects::celery_about(job),
                 root_id: message.root_id.clone(),
                 parent_id: message.parent_id.clone(),
-                queue: job.delivery.routing_key.clone(),
             });
         }
         let running = Running::start(task, self.invocation(message), limits);
