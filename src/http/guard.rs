@@ -171,18 +171,46 @@ async fn admit(request: &ServiceRequest) -> Result<(), ApiError> {
                     .unwrap_or_else(|| "unknown".into())
             )
         });
-        let (cache, limit, window) = (state.cache.clone(), state.rate_limit, state.rate_window);
-        match off_stack(async move { cache.over_rate_limit(&client, limit, window).await }).await {
-            Ok(Some(retry_after)) => return Err(ApiError::RateLimited { retry_after }),
-            Ok(None) => {}
-            // Redis down: serve rather than refuse everyone; the limit is a courtesy, not a
-            // guarantee.
-            Err(error) => {
-                tracing::warn!(error = %error, "rate limiter unavailable; request allowed")
-            }
-        }
+        request.extensions_mut().insert(RateKey(client.clone()));
+        count(&state, client, 1).await?;
     }
     Ok(())
+}
+
+/// The name the rate limit counted a request under, for a handler that counts more.
+#[derive(Clone)]
+struct RateKey(String);
+
+/// Counts `cost` requests of `client`; the 429 when that is over the limit.
+async fn count(state: &AppState, client: String, cost: u32) -> Result<(), ApiError> {
+    let (cache, limit, window) = (state.cache.clone(), state.rate_limit, state.rate_window);
+    match off_stack(async move { cache.over_rate_limit(&client, limit, window, cost).await }).await
+    {
+        Ok(Some(retry_after)) => Err(ApiError::RateLimited { retry_after }),
+        Ok(None) => Ok(()),
+        // Redis down: serve rather than refuse everyone; the limit is a courtesy, not a
+        // guarantee.
+        Err(error) => {
+            tracing::warn!(error = %error, "rate limiter unavailable; request allowed");
+            Ok(())
+        }
+    }
+}
+
+/// Counts `more` requests against the limit for a request the guard let through as one (a bulk
+/// submission counts each of its items); the 429 when they put its client over the limit.
+pub(crate) async fn count_more(
+    request: &actix_web::HttpRequest,
+    state: &AppState,
+    more: usize,
+) -> Result<(), ApiError> {
+    let key = request.extensions().get::<RateKey>().cloned();
+    match key {
+        Some(RateKey(client)) if more > 0 => {
+            count(state, client, u32::try_from(more).unwrap_or(u32::MAX)).await
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The caller a request's bearer token or page session names, with its rate-limit key; `None`

@@ -123,16 +123,21 @@ impl Modify for HeaderConstraints {
 /// enforce that the derived schemas cannot state (bounds of limits, the states a search takes,
 /// "one of these fields"), so a request the document calls valid is one the server accepts as to
 /// its shape.
-pub fn document() -> serde_json::Value {
+/// `bulk_max` is this server's `KOBE_BULK_MAX`.
+pub fn document(bulk_max: usize) -> serde_json::Value {
     let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
-    constrain(&mut document);
+    constrain(&mut document, bulk_max);
     document
 }
 
-fn constrain(document: &mut serde_json::Value) {
+fn constrain(document: &mut serde_json::Value, bulk_max: usize) {
     use serde_json::json;
     let most = crate::domain::MAX_TIME_LIMIT.as_secs();
     let schemas = &mut document["components"]["schemas"];
+    let tasks = &mut schemas["TaskStartMany"]["properties"]["tasks"];
+    if tasks.is_object() {
+        tasks["maxItems"] = json!(bulk_max);
+    }
     for limit in ["time_limit", "soft_time_limit"] {
         let field = &mut schemas["TaskStart"]["properties"][limit];
         if field.is_object() {
@@ -216,8 +221,12 @@ mod tests {
 
     #[test]
     fn the_document_states_what_the_server_enforces() {
-        let document = document();
+        let document = document(250);
         let schemas = &document["components"]["schemas"];
+        assert_eq!(
+            schemas["TaskStartMany"]["properties"]["tasks"]["maxItems"],
+            250
+        );
         assert_eq!(
             schemas["TaskStart"]["properties"]["time_limit"]["maximum"],
             86_400

@@ -17,8 +17,8 @@ use crate::config::ServiceUrl;
 
 /// INCR this window's counter (on its first request, set its expiry) and read the previous
 /// window's: a sliding window, so tries that straddle a boundary still add up.
-const RATE_LIMIT_SCRIPT: &str = "local n = redis.call('INCR', KEYS[1]) \
-     if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end \
+const RATE_LIMIT_SCRIPT: &str = "local n = redis.call('INCRBY', KEYS[1], ARGV[2]) \
+     if n == tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end \
      return {n, tonumber(redis.call('GET', KEYS[2]) or '0')}";
 
 /// What an invalidated status key holds.
@@ -258,14 +258,15 @@ impl Cache {
         Ok(())
     }
 
-    /// Counts a request of `client` in the current window; `Some(retry_after)` when it is over
-    /// `limit`.
+    /// Counts `cost` requests of `client` in the current window; `Some(retry_after)` when that
+    /// puts it over `limit`.
     #[tracing::instrument(name = "cache.rate_limit", skip(self))]
     pub(crate) async fn over_rate_limit(
         &self,
         client: &str,
         limit: u32,
         window: Duration,
+        cost: u32,
     ) -> Result<Option<Duration>, StoreError> {
         let window_ms = window.as_millis().max(1) as u64;
         let now_ms = std::time::SystemTime::now()
@@ -282,7 +283,8 @@ impl Cache {
             .arg(2)
             .arg(key(slot))
             .arg(key(slot.saturating_sub(1)))
-            .arg(window_ms * 2);
+            .arg(window_ms * 2)
+            .arg(cost.max(1));
         let (current, previous): (u64, u64) = self.run(command, self.op_timeout).await?;
         Ok(over_sliding_limit(
             current,

@@ -54,7 +54,17 @@ impl PayloadRepository {
         kind: &str,
         value: &Value,
     ) -> Result<String, StoreError> {
-        let json = value.to_string();
+        self.put_json(task_id, kind, value.to_string()).await
+    }
+
+    /// [`PayloadRepository::put`] for a value already written as JSON text.
+    #[tracing::instrument(name = "store.payloads.put_json", skip(self, json))]
+    pub(crate) async fn put_json(
+        &self,
+        task_id: &str,
+        kind: &str,
+        json: String,
+    ) -> Result<String, StoreError> {
         let id = format!("{task_id}:{kind}");
         let payload = RawPayload {
             id: id.clone(),

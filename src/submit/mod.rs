@@ -60,6 +60,10 @@ pub struct NewTask {
     pub workflow_id: Option<String>,
     /// Celery's canvas that runs after it (the rest of a Celery client's chain).
     pub embed: Option<Value>,
+    /// `args` and `kwargs` as the JSON text `{"args": …, "kwargs": …}` once
+    /// [`Submitter::pack`] found them too large to keep inline: a large submission then waits
+    /// for its record as text, not as a tree of values many times its size.
+    pub packed_arguments: Option<String>,
 }
 
 impl NewTask {
@@ -80,6 +84,7 @@ impl NewTask {
             expires: None,
             workflow_id: None,
             embed: None,
+            packed_arguments: None,
         }
     }
 }
@@ -295,6 +300,24 @@ impl Submitter {
         self.republish(&document).await
     }
 
+    /// Turns `task`'s arguments into their JSON text when they are larger than the inline limit
+    /// (they will be kept in `RawPayload`), dropping the values; small ones stay as they are.
+    /// Idempotent.
+    pub(crate) fn pack(&self, task: &mut NewTask) {
+        if task.packed_arguments.is_some() {
+            return;
+        }
+        let size = serde_json::to_vec(&task.args).map_or(0, |v| v.len())
+            + serde_json::to_vec(&task.kwargs).map_or(0, |v| v.len());
+        if size > self.inline_limit {
+            let value = serde_json::json!({
+                "args": std::mem::take(&mut task.args),
+                "kwargs": std::mem::take(&mut task.kwargs),
+            });
+            task.packed_arguments = Some(value.to_string());
+        }
+    }
+
     /// A new task's document (`PENDING`, publish pending), its large arguments put in
     /// `RawPayload` already.
     async fn prepare(&self, task: NewTask) -> Result<TaskDocument, SubmitError> {
@@ -310,11 +333,13 @@ impl Submitter {
         document.eta = task.eta;
         document.expires = task.expires;
 
-        let size = serde_json::to_vec(&task.args).map_or(0, |v| v.len())
-            + serde_json::to_vec(&task.kwargs).map_or(0, |v| v.len());
-        if size > self.inline_limit {
-            let value = serde_json::json!({"args": task.args, "kwargs": task.kwargs});
-            let reference = self.payloads.put(task.id.as_str(), "args", &value).await?;
+        let mut task = task;
+        self.pack(&mut task);
+        if let Some(json) = task.packed_arguments {
+            let reference = self
+                .payloads
+                .put_json(task.id.as_str(), "args", json)
+                .await?;
             document.kwargs = reference_value(&reference)
                 .as_object()
                 .cloned()

@@ -9,6 +9,7 @@ mod common;
 
 mod api_contract;
 mod beat;
+mod bounds;
 mod browser;
 mod cancel;
 mod celery;

@@ -8,13 +8,13 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tracing::Instrument;
 use utoipa::ToSchema;
 
 use std::time::Duration;
 
-use super::submit::{self, parse_body, parse_value, read_body, Submitted, TaskStart};
+use super::submit::{self, off_thread, parse_body, read_body, Submitted, TaskStart};
 use crate::http::error::Problem;
 use crate::http::{ApiError, AppState};
 use crate::submit::Submitter;
@@ -28,9 +28,11 @@ pub(crate) const BODY_FACTOR: usize = 16;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TaskStartMany {
-    /// Each one the body of `POST /task/start`; a per-item idempotency key is its `dedup_key`.
+    /// Each one the body of `POST /task/start` (at most `KOBE_MAX_BODY_BYTES` as sent, as that
+    /// route allows); a per-item idempotency key is its `dedup_key`. Kept as sent until its
+    /// size is known, so an item over the bound costs nothing more than reading it.
     #[schema(value_type = Vec<TaskStart>, min_items = 1)]
-    pub tasks: Vec<Value>,
+    pub tasks: Vec<Box<RawValue>>,
 }
 
 /// What became of one item.
@@ -121,32 +123,45 @@ pub async fn start_many(
     async move {
         let limit = state.max_body_bytes.saturating_mul(BODY_FACTOR);
         let body = read_body(&request, payload, limit).await?;
-        let many: TaskStartMany = parse_body(&body)?;
-        drop(body);
-        if many.tasks.is_empty() || many.tasks.len() > state.bulk_max {
-            return Err(ApiError::validation(
-                "tasks",
-                format!("between 1 and {} tasks (KOBE_BULK_MAX)", state.bulk_max),
-            ));
-        }
-        tracing::Span::current().record("tasks", many.tasks.len());
-        let items = many
-            .tasks
+        // Reading and checking up to 16 MiB is CPU work: it runs beside the HTTP workers, which
+        // keep answering other requests meanwhile.
+        let checking = state.clone();
+        let (bulk_max, item_max) = (state.bulk_max, state.max_body_bytes);
+        let items = off_thread(body.len(), move || {
+            let many: TaskStartMany = parse_body(&body)?;
+            drop(body);
+            if many.tasks.is_empty() || many.tasks.len() > bulk_max {
+                return Err(ApiError::validation(
+                    "tasks",
+                    format!("between 1 and {bulk_max} tasks (KOBE_BULK_MAX)"),
+                ));
+            }
+            Ok(many
+                .tasks
+                .into_iter()
+                .map(|item| {
+                    let item = item_of(&item, item_max)?;
+                    submit::prepare(
+                        &checking.registry,
+                        checking.submitter.topology(),
+                        item,
+                        None,
+                        trace,
+                    )
+                    .map(|prepared| prepared.pack(&checking.submitter))
+                })
+                .collect::<Vec<_>>())
+        })
+        .await??;
+        tracing::Span::current().record("tasks", items.len());
+        // The guard counted the request once; each further item counts too.
+        crate::http::guard::count_more(&request, &state, items.len() - 1).await?;
+        let results = submit_prepared_items(&state.submitter, state.dedup_window, items)
+            .await
             .into_iter()
-            .map(parse_value::<TaskStart>)
+            .enumerate()
+            .map(|(index, answer)| ItemResult::of(index, answer))
             .collect();
-        let results = submit_items(
-            &state.registry,
-            &state.submitter,
-            state.dedup_window,
-            items,
-            trace,
-        )
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(index, answer)| ItemResult::of(index, answer))
-        .collect();
         Ok(HttpResponse::Ok().json(BulkResults { results }))
     }
     .instrument(span)
@@ -163,13 +178,36 @@ pub(crate) async fn submit_items(
     items: Vec<Result<TaskStart, ApiError>>,
     trace: TraceContext,
 ) -> Vec<Result<Submitted, ApiError>> {
+    let prepared = items
+        .into_iter()
+        .map(|item| {
+            item.and_then(|submission| {
+                submit::prepare(registry, submitter.topology(), submission, None, trace)
+            })
+        })
+        .collect();
+    submit_prepared_items(submitter, dedup_window, prepared).await
+}
+
+/// One item of a bulk body: at most `max_bytes` as sent (413 for that item alone, as
+/// `/task/start` would answer it), then read as `/task/start` reads its body.
+fn item_of(item: &RawValue, max_bytes: usize) -> Result<TaskStart, ApiError> {
+    if item.get().len() > max_bytes {
+        return Err(ApiError::PayloadTooLarge { limit: max_bytes });
+    }
+    parse_body(item.get().as_bytes())
+}
+
+/// [`submit_items`] for items already checked.
+pub(crate) async fn submit_prepared_items(
+    submitter: &Submitter,
+    dedup_window: Duration,
+    items: Vec<Result<submit::Prepared, ApiError>>,
+) -> Vec<Result<Submitted, ApiError>> {
     let mut answers: Vec<Option<Result<Submitted, ApiError>>> = Vec::with_capacity(items.len());
     let mut batch = Vec::new();
     let mut keyed = Vec::new();
-    for (index, item) in items.into_iter().enumerate() {
-        let prepared = item.and_then(|submission| {
-            submit::prepare(registry, submitter.topology(), submission, None, trace)
-        });
+    for (index, prepared) in items.into_iter().enumerate() {
         match prepared {
             Ok(prepared) if prepared.keyed() => keyed.push((index, prepared)),
             Ok(prepared) => batch.push((index, prepared.into_task())),

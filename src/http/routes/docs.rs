@@ -25,8 +25,9 @@ const PAGE: &str = r##"<!doctype html>
 </html>
 "##;
 
-pub async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().json(crate::http::openapi::document())
+pub async fn openapi(state: Option<web::Data<crate::http::AppState>>) -> HttpResponse {
+    let bulk_max = state.map_or(1_000, |state| state.bulk_max);
+    HttpResponse::Ok().json(crate::http::openapi::document(bulk_max))
 }
 
 pub async fn page() -> HttpResponse {

@@ -131,6 +131,24 @@ pub(crate) async fn read_body(
     Ok(body)
 }
 
+/// Bodies larger than this are read and checked on the blocking pool, so an HTTP worker thread
+/// (one of a few, each serving many connections) is never held by one request's CPU work.
+const INLINE_BYTES: usize = 64 * 1024;
+
+/// Runs `work` (reading and checking a body of `bytes`) where it cannot hold up other requests:
+/// inline when small, else on the blocking pool.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    bytes: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    if bytes <= INLINE_BYTES {
+        return Ok(work());
+    }
+    web::block(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking pool: {e}")))
+}
+
 /// `202` answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
@@ -304,17 +322,23 @@ async fn start_traced(
     trace: TraceContext,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&request, payload, state.max_body_bytes).await?;
-    let submission: TaskStart = parse_body(&body)?;
     let span = tracing::Span::current();
-    span.record("task", submission.task_name.as_str());
     span.record("trace_id", trace.trace_id_hex());
-    let prepared = prepare(
-        &state.registry,
-        state.submitter.topology(),
-        submission,
-        request.headers().get("Idempotency-Key"),
-        trace,
-    )?;
+    let key = request.headers().get("Idempotency-Key").cloned();
+    let checking = state.clone();
+    let prepared = off_thread(body.len(), move || {
+        let submission: TaskStart = parse_body(&body)?;
+        prepare(
+            &checking.registry,
+            checking.submitter.topology(),
+            submission,
+            key.as_ref(),
+            trace,
+        )
+        .map(|prepared| prepared.pack(&checking.submitter))
+    })
+    .await??;
+    span.record("task", prepared.task.task_name.as_str());
     span.record("task_id", prepared.task.id.as_str());
     Ok(
         match submit_prepared(&state.submitter, state.dedup_window, prepared).await? {
@@ -418,6 +442,12 @@ pub(crate) async fn submit_prepared(
 }
 
 impl Prepared {
+    /// Keeps large arguments as JSON text from here on (see [`crate::submit::Submitter::pack`]).
+    pub(crate) fn pack(mut self, submitter: &crate::submit::Submitter) -> Self {
+        submitter.pack(&mut self.task);
+        self
+    }
+
     /// With a dedup fingerprint: it must go through [`submit_prepared`] on its own.
     pub fn keyed(&self) -> bool {
         self.fingerprint.is_some()

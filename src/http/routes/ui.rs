@@ -73,6 +73,7 @@ pub async fn login(
             &format!("login:{address}"),
             SIGN_IN_TRIES,
             Duration::from_secs(60),
+            1,
         )
         .await
     {
