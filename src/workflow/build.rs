@@ -128,7 +128,7 @@ mod tests {
         ]});
         assert_eq!(built.to_json(), written);
         let read = super::super::shape::read(&built.to_json(), "workflow").unwrap();
-        let steps = super::super::shape::plan(read);
+        let steps = super::super::shape::plan(read).unwrap();
         assert_eq!(steps.len(), 4);
         assert!(steps[3].immutable);
         assert!(!built.body(None).contains_key("on_failure"));

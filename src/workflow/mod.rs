@@ -115,6 +115,7 @@ impl Workflows {
         let now = DateTime::now();
         let id = checked.id;
         let task_id = |i: usize| step_id(&id, i).to_string();
+        let mut joins = shape::joins(checked.steps.iter().map(|(planned, _)| planned));
         let steps: Vec<StepDocument> = checked
             .steps
             .iter()
@@ -129,23 +130,25 @@ impl Workflows {
                 input: serde_json::to_value(&planned.input).unwrap_or_default(),
                 waits_for: planned.waits_for().into_iter().map(task_id).collect(),
                 next: planned.next.iter().copied().map(task_id).collect(),
-                joins: joins_of(&checked.steps, index)
+                joins: joins[index]
                     .iter()
                     .map(|&(join, _)| task_id(join))
                     .collect(),
-                join_slots: joins_of(&checked.steps, index)
-                    .iter()
-                    .map(|&(_, slot)| slot)
+                join_slots: std::mem::take(&mut joins[index])
+                    .into_iter()
+                    .map(|(_, slot)| slot)
                     .collect(),
                 on_failure: checked.on_step_failure.get(&index).cloned(),
             })
             .collect();
-        let plan: Vec<Planned> = checked.steps.into_iter().map(|(p, _)| p).collect();
         let workflow = WorkflowDocument {
             id: id.clone(),
             state: TaskState::Pending,
             steps: steps.len() as u32,
-            ends: shape::ends(&plan).into_iter().map(task_id).collect(),
+            ends: shape::ends(checked.steps.iter().map(|(planned, _)| planned))
+                .into_iter()
+                .map(task_id)
+                .collect(),
             ended: Vec::new(),
             failed_step: None,
             reason: None,
@@ -509,23 +512,6 @@ impl Workflows {
         task.parent_id = step.waits_for.last().cloned();
         task
     }
-}
-
-/// The steps after step `index` that wait for more than it, each with its place among what
-/// that step waits for.
-fn joins_of(steps: &[(Planned, StepTask)], index: usize) -> Vec<(usize, u32)> {
-    let Some((planned, _)) = steps.get(index) else {
-        return Vec::new();
-    };
-    planned
-        .next
-        .iter()
-        .filter_map(|&next| {
-            let waits = steps.get(next)?.0.waits_for();
-            let slot = waits.iter().position(|&w| w == index)?;
-            (waits.len() > 1).then_some((next, slot as u32))
-        })
-        .collect()
 }
 
 /// The trace a workflow's steps are children of (a new one for a workflow recorded without).

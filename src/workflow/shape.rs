@@ -9,6 +9,10 @@ use serde_json::{Map, Value};
 pub const MAX_DEPTH: usize = 8;
 /// Most steps in one workflow (the `on_failure` step included).
 pub const MAX_STEPS: usize = 5_000;
+/// Most edges in one workflow: the sum over its steps of how many steps each waits for. A group
+/// followed by a group makes every member of the second wait for every member of the first, so
+/// a bound on steps alone lets 150 KB ask for millions of joins.
+pub const MAX_EDGES: usize = 20_000;
 
 /// A node of the tree as sent: a step's body is kept as JSON, for the caller to check as
 /// `/task/start` would.
@@ -151,6 +155,15 @@ impl Input {
         }
     }
 
+    /// How many steps it is made of, without listing them.
+    pub fn width(&self) -> usize {
+        match self {
+            Self::Nothing => 0,
+            Self::One(_) => 1,
+            Self::List(items) => items.iter().map(Self::width).sum(),
+        }
+    }
+
     /// The value it makes, `result` giving each step's result.
     pub fn value(&self, result: &impl Fn(usize) -> Value) -> Value {
         match self {
@@ -183,27 +196,45 @@ impl Planned {
 }
 
 /// Flattens the tree: steps in the order of the tree, each with what it receives and who waits
-/// for it.
-pub fn plan(canvas: Canvas) -> Vec<Planned> {
+/// for it. Refused, naming the step that crosses it, past [`MAX_EDGES`]: the work is linear in
+/// the edges, and stops at the bound.
+pub fn plan(canvas: Canvas) -> Result<Vec<Planned>, Misshapen> {
     let mut steps = Vec::new();
-    place(canvas, Input::Nothing, &mut steps);
+    let mut edges = 0;
+    place(canvas, Input::Nothing, &mut steps, &mut edges)?;
     for index in 0..steps.len() {
         for before in steps[index].waits_for() {
             steps[before].next.push(index);
         }
     }
-    steps
+    Ok(steps)
 }
 
-/// Places `canvas` after what made `input`; returns what it makes.
-fn place(canvas: Canvas, input: Input, steps: &mut Vec<Planned>) -> Input {
-    match canvas {
+/// Places `canvas` after what made `input`; returns what it makes. `edges` counts what the
+/// steps placed so far wait for. Each copy of an input is followed by a step that counts it, so
+/// the copies cost no more than the bound.
+fn place(
+    canvas: Canvas,
+    input: Input,
+    steps: &mut Vec<Planned>,
+    edges: &mut usize,
+) -> Result<Input, Misshapen> {
+    Ok(match canvas {
         Canvas::Step {
             path,
             body,
             immutable,
             on_failure,
         } => {
+            *edges += input.width();
+            if *edges > MAX_EDGES {
+                return Err(misshapen(
+                    &path,
+                    format!(
+                        "more than {MAX_EDGES} edges (the steps each step waits for, summed): a group after a group makes every member of the second wait for every member of the first; put a step between them"
+                    ),
+                ));
+            }
             steps.push(Planned {
                 path,
                 body,
@@ -214,22 +245,47 @@ fn place(canvas: Canvas, input: Input, steps: &mut Vec<Planned>) -> Input {
             });
             Input::One(steps.len() - 1)
         }
-        Canvas::Chain(nodes) => nodes
-            .into_iter()
-            .fold(input, |before, node| place(node, before, steps)),
+        Canvas::Chain(nodes) => {
+            let mut before = input;
+            for node in nodes {
+                before = place(node, before, steps, edges)?;
+            }
+            before
+        }
         Canvas::Group(members) => Input::List(
             members
                 .into_iter()
-                .map(|member| place(member, input.clone(), steps))
-                .collect(),
+                .map(|member| place(member, input.clone(), steps, edges))
+                .collect::<Result<_, _>>()?,
         ),
+    })
+}
+
+/// For every step, the steps after it that wait for more than it, each with its place among
+/// what that step waits for: where the step's success is counted. One pass over the edges.
+pub fn joins<'a>(steps: impl IntoIterator<Item = &'a Planned>) -> Vec<Vec<(usize, u32)>> {
+    let mut joins = Vec::new();
+    for (index, step) in steps.into_iter().enumerate() {
+        joins.push(Vec::new());
+        let waits = step.waits_for();
+        if waits.len() < 2 {
+            continue;
+        }
+        for (slot, before) in waits.into_iter().enumerate() {
+            // What a step waits for comes before it.
+            joins[before].push((index, slot as u32));
+        }
     }
+    joins
 }
 
 /// The steps that end the workflow: its result is theirs, and it succeeds when they all did.
-pub fn ends(steps: &[Planned]) -> Vec<usize> {
-    (0..steps.len())
-        .filter(|&i| steps[i].next.is_empty())
+pub fn ends<'a>(steps: impl IntoIterator<Item = &'a Planned>) -> Vec<usize> {
+    steps
+        .into_iter()
+        .enumerate()
+        .filter(|(_, step)| step.next.is_empty())
+        .map(|(i, _)| i)
         .collect()
 }
 
@@ -239,7 +295,38 @@ mod tests {
     use serde_json::json;
 
     fn planned(value: Value) -> Vec<Planned> {
-        plan(read(&value, "workflow").unwrap())
+        plan(read(&value, "workflow").unwrap()).unwrap()
+    }
+
+    fn group(n: usize) -> Value {
+        json!({"group": (0..n).map(|_| json!({"task_name": "a"})).collect::<Vec<_>>()})
+    }
+
+    #[test]
+    fn a_group_after_a_group_is_bounded_by_its_edges_and_costs_no_more_than_the_bound() {
+        // 2,500 × 2,500 members: 6.25 M edges, within every other bound. Refused at the first
+        // step over the bound, long before the copies grow.
+        let wide = json!({"chain": [group(2_500), group(2_500)]});
+        let refused = plan(read(&wide, "workflow").unwrap()).unwrap_err();
+        assert_eq!(refused.path, "workflow.chain[1].group[8]");
+        assert!(refused.reason.contains("more than 20000 edges"));
+        // At the bound: 141 × 141 = 19,881 edges, planned, and each member of the second group
+        // counts its arrival at its own slot of every join.
+        let steps = planned(json!({"chain": [group(141), group(141)]}));
+        let edges: usize = steps.iter().map(|s| s.waits_for().len()).sum();
+        assert_eq!(edges, 141 * 141);
+        let joined = joins(&steps);
+        assert_eq!(joined[5].len(), 141);
+        assert_eq!(joined[5][0], (141, 5));
+        assert!(joined[141].is_empty());
+        // The largest group with a callback: every step but two in the group.
+        let steps = planned(
+            json!({"chain": [{"task_name": "a"}, group(MAX_STEPS - 2), {"task_name": "b"}]}),
+        );
+        assert_eq!(steps.len(), MAX_STEPS);
+        assert_eq!(joins(&steps)[1], vec![(MAX_STEPS - 1, 0)]);
+        // A step waiting for one step alone needs no join.
+        assert!(joins(&steps)[0].is_empty());
     }
 
     fn paths_and_inputs(steps: &[Planned]) -> Vec<(&str, Input)> {

@@ -185,3 +185,43 @@ async fn a_bulk_submission_counts_each_item_against_the_rate_limit() {
     assert!(over.headers().contains_key("retry-after"));
     api.stop().await;
 }
+
+fn steps(n: usize) -> Value {
+    json!({"group": (0..n).map(|_| common::quick_task(1)).collect::<Vec<_>>()})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_is_bounded_by_its_edges_and_the_largest_allowed_one_starts() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let post = |body: Value| {
+        send_beside_probes(&api, "/workflow/start", serde_json::to_vec(&body).unwrap())
+    };
+    // A group of 2,500 after a group of 2,500: 6.25 M edges in about 150 KB. It once kept a
+    // core busy for minutes and grew to gigabytes.
+    let (status, answer, took, slowest) =
+        post(json!({"workflow": {"chain": [steps(2_500), steps(2_500)]}})).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["field"], "workflow.chain[1].group[8]");
+    assert!(took < Duration::from_secs(5), "answered in {took:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a /health probe took {slowest:?}"
+    );
+    // The most edges allowed (141 × 141 = 19,881) and the most steps allowed (5,000: a step, a
+    // group of 4,998 and a callback): recorded and started.
+    for workflow in [
+        json!({"chain": [steps(141), steps(141)]}),
+        json!({"chain": [common::quick_task(1), steps(4_998), common::quick_task(1)]}),
+    ] {
+        let (status, answer, took, slowest) = post(json!({ "workflow": workflow })).await;
+        assert_eq!(status, 202, "{answer}");
+        assert!(took < Duration::from_secs(30), "answered in {took:?}");
+        assert!(
+            slowest < Duration::from_millis(500),
+            "a /health probe took {slowest:?}"
+        );
+    }
+    api.stop().await;
+}

@@ -64,19 +64,24 @@ pub async fn start(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&request, payload, state.max_body_bytes).await?;
-    let body: Map<String, Value> = super::submit::parse_body(&body)?;
     let trace = incoming_trace(&request).unwrap_or_else(TraceContext::new_root);
     let key = request
         .headers()
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap_or_default().to_owned());
-    let checked = check(
-        &state.registry,
-        state.submitter.topology(),
-        &body,
-        key.as_deref(),
-        &trace,
-    )?;
+    // Up to 5,000 steps, each checked as a submission: CPU work, beside the HTTP workers.
+    let checking = state.clone();
+    let checked = super::submit::off_thread(body.len(), move || {
+        let body: Map<String, Value> = super::submit::parse_body(&body)?;
+        check(
+            &checking.registry,
+            checking.submitter.topology(),
+            &body,
+            key.as_deref(),
+            &trace,
+        )
+    })
+    .await??;
     let id = checked.id.clone();
     // Whatever did not finish, a start sent again with the same key finishes.
     let new = state
@@ -129,6 +134,7 @@ pub(crate) fn check(
         None => crate::workflow::new_id(),
     };
     let steps = shape::plan(canvas)
+        .map_err(|e| ApiError::validation(e.path, e.reason))?
         .into_iter()
         .map(|planned| {
             let task = step_task(registry, topology, &planned.path, &planned.body, trace)?;
