@@ -13,12 +13,13 @@ COPY migrations ./migrations
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin kobe
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+# tini as PID 1 reaps what a command task's programs leave to it (a killed group's processes).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home kobe
 COPY --from=build /src/target/release/kobe /usr/local/bin/kobe
 USER kobe
 ENV KOBE_HTTP_ADDR=0.0.0.0:8000 KOBE_LOG_FORMAT=json
 EXPOSE 8000
-ENTRYPOINT ["kobe"]
+ENTRYPOINT ["tini", "--", "kobe"]
 CMD ["serve"]

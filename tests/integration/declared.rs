@@ -756,3 +756,92 @@ async fn after_a_kill_9_the_receiver_is_called_again_only_once_the_first_worker_
     receiver.handle.stop(false).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The processes whose command line holds `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_dies_with_a_worker_killed_by_sigkill_and_runs_once_at_a_time() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-orphan"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ran = dir.join("ran.txt");
+    // A sleep no other process on the machine has, so the test can find its own.
+    let marker = format!("{}.{}", 8, std::process::id());
+    let file = dir.join("tasks.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[task]]\nname = \"slow\"\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"echo start >> {ran}; sleep {marker}; echo end >> {ran}\"]\n\n\
+             [[task]]\nname = \"quick\"\nkind = \"command\"\nargv = [\"sh\", \"-c\", \"echo quick >> {ran}\"]\n",
+            ran = ran.display()
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        env.kobe_command(&["worker"])
+            .env("KOBE_TASKS_FILE", &file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(common::Process::new)
+            .unwrap()
+    };
+    let lines = || {
+        std::fs::read_to_string(&ran)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let doomed = spawn();
+    let publisher = env.publisher();
+    let slow = message("slow", json!({}));
+    env.publish_message(&publisher, &slow).await;
+    common::eventually(Duration::from_secs(30), "the command started", || async {
+        (lines() == ["start"] && !processes_with(&marker).is_empty()).then_some(())
+    })
+    .await;
+    doomed.kill();
+    // Its whole group goes with it: the shell and its sleep.
+    common::eventually(Duration::from_secs(5), "no orphan left", || async {
+        processes_with(&marker).is_empty().then_some(())
+    })
+    .await;
+    // The next worker takes the attempt over once its lease lapses and runs it alone, to its
+    // end; a command that finishes by itself leaves no watchdog behind either.
+    let replacement = spawn();
+    let task = env
+        .wait_final(slow.id.as_str(), Duration::from_secs(90))
+        .await;
+    assert_eq!(task.state, TaskState::Success, "{task:?}");
+    assert_eq!(lines(), ["start", "start", "end"]);
+    let quick = message("quick", json!({}));
+    env.publish_message(&publisher, &quick).await;
+    let task = env
+        .wait_final(quick.id.as_str(), Duration::from_secs(30))
+        .await;
+    assert_eq!(task.state, TaskState::Success, "{task:?}");
+    common::eventually(
+        Duration::from_secs(5),
+        "no process of the task left",
+        || async { processes_with(&marker).is_empty().then_some(()) },
+    )
+    .await;
+    replacement.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,6 +11,12 @@
 //! `time_limit_s` the worker abandons the attempt (a `FAILURE`, as for any task) and the group
 //! gets `SIGKILL`. When the program exits,
 //! whatever it left running in its group is killed too, so no attempt leaves an orphan behind.
+//!
+//! That holds when the worker itself dies without a word (`kill -9`, the OOM killer): each group
+//! holds a watchdog, a forked copy of the program's process that does nothing but wait on a pipe
+//! whose writing end only the worker holds. The kernel closes it when the worker dies, and the
+//! watchdog kills the group — so the attempt a later worker takes over never runs beside an
+//! orphan of the one before.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -45,6 +51,55 @@ impl std::fmt::Debug for Program {
             .field("env", &names)
             .field("cwd", &self.cwd)
             .finish_non_exhaustive()
+    }
+}
+
+/// The reading end of the worker's life line: a pipe whose writing end this process keeps open
+/// until it dies (both ends close on exec, so no program inherits them). Made once.
+fn life_line() -> std::io::Result<libc::c_int> {
+    static LINE: std::sync::OnceLock<Result<libc::c_int, i32>> = std::sync::OnceLock::new();
+    let line = LINE.get_or_init(|| {
+        let mut ends = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given, which has two.
+        let made = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+        if made != 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        // The writing end is never closed: it lives exactly as long as the process.
+        Ok(ends[0])
+    });
+    line.map_err(std::io::Error::from_raw_os_error)
+}
+
+/// In the program's process, between fork and exec (its own group already): forks the watchdog,
+/// which keeps only the life line, waits for it to close, and kills the group. Only
+/// async-signal-safe calls (fork, close, read, kill, _exit) happen here.
+fn fork_watchdog(line: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: called in the single-threaded child between fork and exec; the watchdog branch
+    // makes only async-signal-safe system calls and never returns.
+    unsafe {
+        let group = libc::getpid();
+        match libc::fork() {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => {
+                // Nothing of the program's: its pipes must close when it exits, and the
+                // writing end of the line (inherited through fork) must not keep it open.
+                for fd in 0..line {
+                    libc::close(fd);
+                }
+                libc::syscall(libc::SYS_close_range, line + 1, libc::c_uint::MAX, 0);
+                let mut byte = 0u8;
+                loop {
+                    let read = libc::read(line, (&mut byte as *mut u8).cast(), 1);
+                    if read == 0 || (read < 0 && *libc::__errno_location() != libc::EINTR) {
+                        break;
+                    }
+                }
+                libc::kill(-group, libc::SIGKILL);
+                libc::_exit(0)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -161,6 +216,13 @@ impl Program {
         }
         if let Some(cwd) = &self.cwd {
             command.current_dir(cwd);
+        }
+        if let Ok(line) = life_line() {
+            // SAFETY: the closure runs between fork and exec and only calls fork_watchdog, which
+            // keeps to async-signal-safe calls.
+            unsafe {
+                command.pre_exec(move || fork_watchdog(line));
+            }
         }
         command
     }
