@@ -6,7 +6,6 @@
 //! the topology and consumes again; settlements for deliveries of the old connection are dropped,
 //! since the broker has already returned those messages to their queues.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -17,6 +16,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender};
 use tokio::sync::mpsc;
 
 use super::connection::Endpoint;
+use super::held::{Action, Held};
 use super::{AmqpError, Backoff, Topology};
 use crate::cause::Cause;
 use crate::config::ServiceUrl;
@@ -259,7 +259,7 @@ impl ConsumerThread {
         self.generation += 1;
         self.liveness.set(self.generation);
         tracing::info!(endpoint = %self.endpoint.display, queues = ?self.config.queues, prefetch = self.config.prefetch, "consuming");
-        let mut held: HashMap<u64, amiquip::Delivery> = HashMap::new();
+        let mut held: Held<amiquip::Delivery> = Held::new();
         let mut active: Vec<bool> = vec![true; consumers.len()];
 
         loop {
@@ -351,7 +351,7 @@ impl ConsumerThread {
         channel: &Channel,
         command: Command,
         consumers: &[amiquip::Consumer<'_>],
-        held: &mut HashMap<u64, amiquip::Delivery>,
+        held: &mut Held<amiquip::Delivery>,
     ) -> Option<SessionEnd> {
         let mut settlements = Vec::new();
         let mut next = Some(command);
@@ -390,7 +390,7 @@ impl ConsumerThread {
         &self,
         channel: &Channel,
         mut delivery: amiquip::Delivery,
-        held: &mut HashMap<u64, amiquip::Delivery>,
+        held: &mut Held<amiquip::Delivery>,
     ) {
         let tag = DeliveryTag {
             generation: self.generation,
@@ -403,9 +403,9 @@ impl ConsumerThread {
             body: std::mem::take(&mut delivery.body),
             properties: std::mem::take(&mut delivery.properties),
         };
-        held.insert(tag.tag, delivery);
+        held.receive(tag.tag, delivery);
         if self.deliveries.send(forwarded).is_err() {
-            if let Some(delivery) = held.remove(&tag.tag) {
+            if let Some(delivery) = held.remove(tag.tag) {
                 let _ = delivery.nack(channel, true);
             }
         }
@@ -415,73 +415,20 @@ impl ConsumerThread {
 /// Settlements handled in one go at most, so deliveries keep flowing under a flood of them.
 const MAX_SETTLEMENTS_AT_ONCE: usize = 1024;
 
-/// Sends `settlements` of deliveries in `held`: nacks one by one, acks as [`plan_acks`] says.
+/// Sends `settlements` of deliveries in `held` as [`Held::settle`] plans them.
 fn settle_all(
     channel: &Channel,
-    held: &mut HashMap<u64, amiquip::Delivery>,
+    held: &mut Held<amiquip::Delivery>,
     settlements: Vec<(u64, Settlement)>,
 ) -> amiquip::Result<()> {
-    let mut acks = Vec::new();
-    for (tag, settlement) in settlements {
-        let requeue = match settlement {
-            Settlement::Ack => {
-                if held.contains_key(&tag) {
-                    acks.push(tag);
-                }
-                continue;
-            }
-            Settlement::DeadLetter => false,
-            Settlement::Requeue => true,
-        };
-        if let Some(delivery) = held.remove(&tag) {
-            delivery.nack(channel, requeue)?;
-        }
-    }
-    if acks.is_empty() {
-        return Ok(());
-    }
-    let plan = plan_acks(held.keys().copied(), &mut acks);
-    if let Some(upto) = plan.multiple {
-        let last = held.remove(&upto).expect("an ack planned is held");
-        held.retain(|&tag, _| tag > upto);
-        last.ack_multiple(channel)?;
-    }
-    for tag in plan.single {
-        if let Some(delivery) = held.remove(&tag) {
-            delivery.ack(channel)?;
+    for action in held.settle(settlements) {
+        match action {
+            Action::Nack { delivery, requeue } => delivery.nack(channel, requeue)?,
+            Action::Ack(delivery) => delivery.ack(channel)?,
+            Action::AckMultiple(delivery) => delivery.ack_multiple(channel)?,
         }
     }
     Ok(())
-}
-
-/// How a set of acks is sent.
-#[derive(Debug, PartialEq, Eq)]
-struct AckPlan {
-    /// One `multiple` ack of every held delivery up to this tag, all of them acked.
-    multiple: Option<u64>,
-    /// The rest, one by one.
-    single: Vec<u64>,
-}
-
-/// Splits `acks` (all held) into the run below the lowest held delivery not being acked — one
-/// `multiple` ack covers it, as it covers nothing else — and the rest.
-fn plan_acks(held: impl Iterator<Item = u64>, acks: &mut [u64]) -> AckPlan {
-    acks.sort_unstable();
-    let kept = held
-        .filter(|tag| acks.binary_search(tag).is_err())
-        .min()
-        .unwrap_or(u64::MAX);
-    let below = acks.partition_point(|&tag| tag < kept);
-    if below < 2 {
-        return AckPlan {
-            multiple: None,
-            single: acks.to_vec(),
-        };
-    }
-    AckPlan {
-        multiple: Some(acks[below - 1]),
-        single: acks[below..].to_vec(),
-    }
 }
 
 #[cfg(test)]
@@ -499,53 +446,5 @@ impl Delivery {
             body: body.to_vec(),
             properties: AmqpProperties::default(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{plan_acks, AckPlan};
-
-    #[test]
-    fn acks_below_every_delivery_still_held_go_as_one_multiple_ack() {
-        // Held 1..=6; 1, 2, 3 and 5 are acked: 4 is still running.
-        let mut acks = vec![5, 2, 1, 3];
-        assert_eq!(
-            plan_acks(1..=6, &mut acks),
-            AckPlan {
-                multiple: Some(3),
-                single: vec![5]
-            }
-        );
-        // Everything held is acked.
-        let mut acks = vec![7, 8, 9];
-        assert_eq!(
-            plan_acks(7..=9, &mut acks),
-            AckPlan {
-                multiple: Some(9),
-                single: vec![]
-            }
-        );
-    }
-
-    #[test]
-    fn an_ack_above_a_delivery_still_held_goes_alone() {
-        let mut acks = vec![2, 4];
-        assert_eq!(
-            plan_acks(1..=4, &mut acks),
-            AckPlan {
-                multiple: None,
-                single: vec![2, 4]
-            }
-        );
-        // A single ack needs no `multiple`.
-        let mut acks = vec![1];
-        assert_eq!(
-            plan_acks(1..=3, &mut acks),
-            AckPlan {
-                multiple: None,
-                single: vec![1]
-            }
-        );
     }
 }

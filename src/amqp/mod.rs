@@ -8,6 +8,7 @@
 pub(crate) mod connection;
 pub mod consumer;
 pub mod dead_letter_queue;
+mod held;
 pub mod message;
 pub mod outgoing;
 pub mod publisher;
