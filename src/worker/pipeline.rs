@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use mongodb::bson::DateTime;
+use serde_json::Value;
 use tokio::sync::SemaphorePermit;
 use tracing::Instrument;
 
@@ -128,7 +129,7 @@ impl Worker {
         }
     }
 
-    async fn run_message(&self, delivery: &Delivery, mut message: TaskMessage, cell: &AttemptCell) {
+    async fn run_message(&self, delivery: &Delivery, message: TaskMessage, cell: &AttemptCell) {
         if !self.liveness.is_live(delivery.tag) {
             // Its connection is gone and the broker has handed it back: never start it.
             duplicate("lost_connection");
@@ -141,11 +142,6 @@ impl Worker {
             let job = Job::new(delivery, attempt).reading(&message);
             return self.follow(job, verdict).await;
         };
-        // The arguments come before the claim: a task is never started without them.
-        if let Err(verdict) = self.load_arguments(delivery, &mut message).await {
-            let job = Job::new(delivery, attempt).reading(&message);
-            return self.follow(job, verdict).await;
-        }
         if self.config.log_payloads {
             tracing::info!(args = ?message.args, kwargs = ?message.kwargs, "task starting");
         } else {
@@ -216,22 +212,29 @@ impl Worker {
         decision::on_unknown(&message.task, hops, most)
     }
 
-    /// Puts arguments kept in `RawPayload` (too large for the message) back into it; the verdict
-    /// when they cannot be had.
+    /// Puts arguments kept in `RawPayload` (too large for the message) into the invocation,
+    /// moved out of the stored value, not copied; the verdict when they cannot be had.
     async fn load_arguments(
         &self,
         delivery: &Delivery,
-        message: &mut TaskMessage,
+        invocation: &mut Invocation,
     ) -> Result<(), Verdict> {
         let Some(reference) = wire::payload_reference(&delivery.properties) else {
             return Ok(());
         };
         match self.payloads.get(&reference).await {
-            Ok(Some(value)) => {
-                message.args = value["args"].as_array().cloned().unwrap_or_default();
-                message.kwargs = value["kwargs"].as_object().cloned().unwrap_or_default();
+            Ok(Some(Value::Object(mut value))) => {
+                invocation.args = match value.remove("args") {
+                    Some(Value::Array(args)) => args,
+                    _ => Vec::new(),
+                };
+                invocation.kwargs = match value.remove("kwargs") {
+                    Some(Value::Object(kwargs)) => kwargs,
+                    _ => Default::default(),
+                };
                 Ok(())
             }
+            Ok(Some(_)) => Err(Verdict::Conclude(Happened::PayloadMissing(reference))),
             Ok(None) => Err(Verdict::Conclude(Happened::PayloadMissing(reference))),
             Err(error) => Err(Verdict::Dispose(Disposal::Outage(error.to_string()))),
         }
@@ -291,6 +294,22 @@ impl Worker {
             job.claimed = false;
             return next;
         }
+        // Arguments kept in RawPayload are loaded only now, in a run slot and under a claim
+        // that counted this start: a worker holds at most one attempt's arguments per slot
+        // (never its whole prefetch's), and one killed while loading them has counted a
+        // delivery, so the poison cut-off ends a task that kills every worker it reaches.
+        let mut invocation = self.invocation(message);
+        if let Err(verdict) = self.load_arguments(job.delivery, &mut invocation).await {
+            drop(slot);
+            return match verdict {
+                Verdict::Conclude(happened) => Next::Conclude(happened),
+                Verdict::Dispose(disposal) => {
+                    carry::dispose(self, job, disposal).await;
+                    Next::Settled
+                }
+                Verdict::Takeable | Verdict::Wait { .. } => Next::Settled,
+            };
+        }
         job.started_at = Some(started_at);
         self.pause.recovered();
         if let Some(previous) = taken_over {
@@ -311,7 +330,7 @@ impl Worker {
                 parent_id: message.parent_id.clone(),
             });
         }
-        let running = Running::start(task, self.invocation(message), limits);
+        let running = Running::start(task, invocation, limits);
         let next = self.supervise(job, running, claimed_at).await;
         drop(slot);
         next

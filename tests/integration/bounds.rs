@@ -225,3 +225,69 @@ async fn a_workflow_is_bounded_by_its_edges_and_the_largest_allowed_one_starts()
     }
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_deliveries_load_no_arguments_until_they_have_a_slot_and_a_claim() {
+    // Deliveries wait in the worker for a slot as long as the blockers run (at the default they
+    // would go back to the queue after a second, and come again).
+    let env = TestEnv::with(&[("KOBE_SLOT_WAIT_MS", "20000")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    // Two slots, held by two long tasks; at the default prefetch the worker takes six more
+    // deliveries, each with arguments of about 1 MB kept in RawPayload (several times that as
+    // values in memory, once loaded).
+    let blockers = [
+        api.submit(common::quick_task(5_000)).await,
+        api.submit(common::quick_task(5_000)).await,
+    ];
+    let worker = env.spawn_worker(2);
+    for id in &blockers {
+        api.wait_for_state(id, Duration::from_secs(20), |b| b["state"] == "STARTED")
+            .await;
+    }
+    let item = heavy_item(env.settings.api.max_body_bytes - 200, 8);
+    let mut large = Vec::new();
+    for _ in 0..6 {
+        let response = api
+            .client
+            .post(format!("{}/task/start", api.address))
+            .header("content-type", "application/json")
+            .body(item.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        large.push(body["task_id"].as_str().unwrap().to_owned());
+    }
+    // All six are prefetched (the queue is empty) while the blockers still run ...
+    env.wait_queue_empty("default", "the large tasks prefetched")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... and none has read its arguments: take them away, and each finds them missing when it
+    // gets its slot and claim. (Loaded on arrival, they all ran.)
+    let payloads = env.db.collection::<mongodb::bson::Document>("RawPayload");
+    let ids: Vec<String> = large.iter().map(|id| format!("{id}:args")).collect();
+    let deleted = payloads
+        .delete_many(mongodb::bson::doc! {"_id": {"$in": &ids}})
+        .await
+        .unwrap();
+    assert_eq!(deleted.deleted_count, 6);
+    for id in &blockers {
+        let (done, _) = api.wait_for_final(id, Duration::from_secs(60)).await;
+        assert_eq!(done["state"], "SUCCESS", "{done}");
+    }
+    for id in &large {
+        let (done, _) = api.wait_for_final(id, Duration::from_secs(60)).await;
+        assert_eq!(done["state"], "FAILURE", "{done}");
+        assert!(
+            done["root_cause"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(":args"),
+            "{done}"
+        );
+    }
+    worker.stop().await;
+    api.stop().await;
+}
