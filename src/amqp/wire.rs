@@ -61,6 +61,23 @@ pub(crate) fn integer(headers: &FieldTable, name: &str) -> Option<i64> {
     }
 }
 
+/// Longest reason a dead letter's header carries (bytes); the whole one is in `TaskErrorLog`. The
+/// headers travel in one frame, which the broker bounds (128 KiB by default): a longer reason —
+/// a task's error text can be anything — would have the dead letter refused again and again.
+pub(crate) const MAX_REASON_BYTES: usize = 4096;
+
+/// `reason` cut at a character boundary to [`MAX_REASON_BYTES`], marked where it was cut.
+fn bounded_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_owned();
+    }
+    let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end])
+}
+
 /// A delivery's properties as it goes to the dead-letter exchange: its own, plus why, where it
 /// came from and how many attempts it had.
 pub(crate) fn dead_letter_properties(
@@ -72,7 +89,7 @@ pub(crate) fn dead_letter_properties(
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(
         DEAD_LETTER_REASON_HEADER.into(),
-        AmqpValue::LongString(reason.to_owned()),
+        AmqpValue::LongString(bounded_reason(reason)),
     );
     headers.insert(
         ORIGINAL_ROUTING_KEY_HEADER.into(),
@@ -94,6 +111,25 @@ pub(crate) fn dead_letter_properties(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_reason_fits_in_its_frame_whatever_the_error_said() {
+        // A Rust task's error of 200 KB, multibyte at the cut.
+        let reason = "é".repeat(100_000);
+        let properties =
+            dead_letter_properties(&AmqpProperties::default(), &reason, "kobe.default", Some(3));
+        let headers = properties.headers().clone().unwrap();
+        let AmqpValue::LongString(kept) = &headers[DEAD_LETTER_REASON_HEADER] else {
+            panic!("no reason header");
+        };
+        assert!(
+            kept.len() <= MAX_REASON_BYTES && kept.ends_with('…'),
+            "{}",
+            kept.len()
+        );
+        assert!(reason.starts_with(kept.trim_end_matches('…')));
+        assert_eq!(bounded_reason("short"), "short");
+    }
 
     #[test]
     fn identity_reads_what_it_can_and_refuses_unsafe_ids() {

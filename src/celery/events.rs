@@ -78,9 +78,18 @@ impl TaskEvent {
     }
 }
 
+/// Deepest nesting of lists and dicts read from a `repr`; deeper is kept as text. An event comes
+/// from whoever can publish on `celeryev`: its nesting must not choose how deep `serve` recurses.
+const MAX_REPR_DEPTH: usize = 32;
+/// Longest `repr` read as a value (Celery cuts its own at 1,024 characters); longer is text.
+const MAX_REPR_BYTES: usize = 64 * 1024;
+
 /// A Python `repr` as JSON where it is one of JSON's values (numbers, strings, `None`, `True`,
-/// `False`, and lists and dicts of them); any other `repr` as its text.
+/// `False`, and lists and dicts of them, nested at most 32 deep); any other `repr` as its text.
 pub fn value_of_repr(repr: &str) -> Value {
+    if repr.len() > MAX_REPR_BYTES {
+        return Value::String(repr.to_owned());
+    }
     Repr::new(repr)
         .value()
         .unwrap_or_else(|| Value::String(repr.to_owned()))
@@ -90,6 +99,8 @@ pub fn value_of_repr(repr: &str) -> Value {
 struct Repr<'a> {
     text: &'a [u8],
     at: usize,
+    /// Lists and dicts open around the reader now.
+    depth: usize,
 }
 
 impl<'a> Repr<'a> {
@@ -97,6 +108,7 @@ impl<'a> Repr<'a> {
         Self {
             text: text.as_bytes(),
             at: 0,
+            depth: 0,
         }
     }
 
@@ -125,8 +137,19 @@ impl<'a> Repr<'a> {
     fn literal(&mut self) -> Option<Value> {
         self.blank();
         match *self.text.get(self.at)? {
-            b'[' | b'(' => self.sequence(),
-            b'{' => self.dict(),
+            b'[' | b'(' | b'{' if self.depth >= MAX_REPR_DEPTH => None,
+            b'[' | b'(' => {
+                self.depth += 1;
+                let value = self.sequence();
+                self.depth -= 1;
+                value
+            }
+            b'{' => {
+                self.depth += 1;
+                let value = self.dict();
+                self.depth -= 1;
+                value
+            }
             b'\'' | b'"' => self.string().map(Value::String),
             _ => self.word(),
         }
@@ -242,6 +265,23 @@ mod tests {
         assert_eq!(value_of_repr("<object at 0x7f>"), json!("<object at 0x7f>"));
         assert_eq!(value_of_repr("{1: 2}"), json!("{1: 2}"));
         assert_eq!(value_of_repr("[1, 2"), json!("[1, 2"));
+    }
+
+    #[test]
+    fn a_repr_nested_or_long_past_its_bounds_is_kept_as_text_without_recursing_into_it() {
+        // The crafted event that overflowed serve's stack: 200,000 open brackets.
+        let crafted = "[".repeat(200_000);
+        assert_eq!(value_of_repr(&crafted), Value::String(crafted.clone()));
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let mut deepest = json!(1);
+        for _ in 0..MAX_REPR_DEPTH {
+            deepest = json!([deepest]);
+        }
+        assert_eq!(value_of_repr(&nested(MAX_REPR_DEPTH)), deepest);
+        let deeper = nested(MAX_REPR_DEPTH + 1);
+        assert_eq!(value_of_repr(&deeper), Value::String(deeper.clone()));
+        let long = format!("[{}]", "1, ".repeat(MAX_REPR_BYTES / 3));
+        assert!(value_of_repr(&long).is_string());
     }
 
     #[test]
