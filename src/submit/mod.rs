@@ -61,7 +61,7 @@ pub struct NewTask {
     /// Celery's canvas that runs after it (the rest of a Celery client's chain).
     pub embed: Option<Value>,
     /// `args` and `kwargs` as the JSON text `{"args": …, "kwargs": …}` once
-    /// [`Submitter::pack`] found them too large to keep inline: a large submission then waits
+    /// `Submitter::pack` found them too large to keep inline: a large submission then waits
     /// for its record as text, not as a tree of values many times its size.
     pub packed_arguments: Option<String>,
 }
