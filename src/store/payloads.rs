@@ -76,6 +76,16 @@ impl PayloadRepository {
             // A result is read after its task finished; arguments are needed until it does.
             expires_at: (kind == "result").then(|| super::from_now(RETENTION)),
         };
+        if kind == "args" {
+            // A task's arguments are written once, by its submission: an insert, which costs
+            // the store a fraction of an upsert. A duplicate is the same task's submission
+            // again (a fixed child id), with the same arguments.
+            return match self.collection.insert_one(&payload).await {
+                Ok(_) => Ok(id),
+                Err(error) if super::is_duplicate_key(&error) => Ok(id),
+                Err(error) => Err(error.into()),
+            };
+        }
         self.collection
             .replace_one(doc! {"_id": &id}, &payload)
             .upsert(true)

@@ -202,17 +202,22 @@ impl Submitter {
     pub(crate) async fn submit_many(&self, tasks: Vec<NewTask>) -> Vec<Result<(), SubmitError>> {
         // Every record is built first and then handed to the writer in one go, so the batch
         // fills its insert commands instead of trickling out in the writer's linger.
-        let mut staged = Vec::with_capacity(tasks.len());
-        for task in tasks {
+        // Large arguments go to RawPayload first, all at once rather than one round trip each.
+        let prepared = futures_util::future::join_all(tasks.into_iter().map(|task| async move {
             let root_id = task.root_id.clone();
-            staged.push(match self.prepare(task).await {
-                Ok(document) => match self.tasks.insert_write(&document) {
+            (root_id, self.prepare(task).await)
+        }))
+        .await;
+        let staged: Vec<_> = prepared
+            .into_iter()
+            .map(|(root_id, prepared)| {
+                let document = prepared?;
+                match self.tasks.insert_write(&document) {
                     Ok(write) => Ok((document, root_id, write)),
                     Err(error) => Err(SubmitError::Store(error)),
-                },
-                Err(error) => Err(error),
-            });
-        }
+                }
+            })
+            .collect();
         let pending: Vec<_> = staged
             .into_iter()
             .map(|staged| {
