@@ -49,8 +49,11 @@ pub struct Beat {
 /// start-up; a firing starts a copy of it under the slot's id.
 pub struct ScheduledWorkflows {
     pub service: crate::workflow::Workflows,
-    /// Schedule name → its workflow, checked.
-    pub checked: HashMap<String, crate::workflow::Checked>,
+    /// Checks schedule `name`'s workflow for one firing, keyed by the firing's id: checked anew
+    /// each time, so its steps' countdowns and expiries count from the firing, not from
+    /// start-up (they were checked once then too, so a bad one stops start-up).
+    #[allow(clippy::type_complexity)]
+    pub check: Box<dyn Fn(&str, &str) -> Result<crate::workflow::Checked, String> + Send + Sync>,
 }
 
 /// A name for this replica in the lease.
@@ -141,14 +144,13 @@ impl Beat {
     async fn submit_slot(&self, schedule: &Schedule, slot: i64) -> Result<String, String> {
         let id = schedule.task_id(slot);
         if schedule.workflow.is_some() {
-            let (service, checked) = self
+            let workflows = self
                 .workflows
                 .as_ref()
-                .and_then(|w| Some((&w.service, w.checked.get(&schedule.name)?)))
                 .ok_or("its workflow was not checked at start-up")?;
-            let mut checked = checked.clone();
-            checked.id = crate::workflow::id_for_key(&id);
-            checked.trace = crate::telemetry::trace::TraceContext::new_root();
+            // The slot's id is the start's key: a slot fired twice is one workflow.
+            let checked = (workflows.check)(&schedule.name, &id)?;
+            let service = &workflows.service;
             let workflow_id = checked.id.clone();
             service.start(checked).await.map_err(|e| e.to_string())?;
             return Ok(workflow_id);

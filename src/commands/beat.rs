@@ -21,30 +21,34 @@ pub fn beat(
     if registry.schedules().is_empty() {
         return Ok(None);
     }
-    let mut checked = HashMap::new();
-    for schedule in registry.schedules() {
-        let Some(body) = &schedule.workflow else {
-            continue;
-        };
+    let bodies: HashMap<String, serde_json::Map<String, serde_json::Value>> = registry
+        .schedules()
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), s.workflow.clone()?)))
+        .collect();
+    let (registry_of_check, topology) = (registry.clone(), submitter.topology().clone());
+    let check = move |name: &str, key: &str| {
+        let body = bodies
+            .get(name)
+            .ok_or_else(|| format!("schedule `{name}` has no workflow"))?;
         let trace = crate::telemetry::trace::TraceContext::new_root();
-        let workflow = crate::http::routes::workflow::check(
-            registry,
-            submitter.topology(),
-            body,
-            Some(&schedule.name),
-            &trace,
-        )
-        .map_err(|error| match error {
-            ApiError::Validation { field, reason } => {
-                anyhow::anyhow!("schedule `{}`: {field}: {reason}", schedule.name)
-            }
-            other => anyhow::anyhow!("schedule `{}`: {other}", schedule.name),
-        })?;
-        checked.insert(schedule.name.clone(), workflow);
+        crate::http::routes::workflow::check(&registry_of_check, &topology, body, Some(key), &trace)
+            .map_err(|error| match error {
+                ApiError::Validation { field, reason } => {
+                    format!("schedule `{name}`: {field}: {reason}")
+                }
+                other => format!("schedule `{name}`: {other}"),
+            })
+    };
+    // Each is checked now, so a bad one stops start-up, and again at each firing.
+    let mut any = false;
+    for schedule in registry.schedules().iter().filter(|s| s.workflow.is_some()) {
+        check(&schedule.name, &schedule.name).map_err(anyhow::Error::msg)?;
+        any = true;
     }
-    let workflows = (!checked.is_empty()).then(|| ScheduledWorkflows {
+    let workflows = any.then(|| ScheduledWorkflows {
         service: crate::workflow::Workflows::new(db, PayloadRepository::new(db), submitter.clone()),
-        checked,
+        check: Box::new(check),
     });
     Ok(Some(Beat {
         schedules: registry.schedules().to_vec(),

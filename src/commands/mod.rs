@@ -113,7 +113,11 @@ pub fn operations(
         url: settings.broker.url.clone(),
         topology: topology(settings),
         tasks: crate::store::TaskRepository::new(db),
-        workflows: crate::store::workflows::WorkflowRepository::new(db),
+        workflows: crate::workflow::Workflows::new(
+            db,
+            crate::store::PayloadRepository::new(db),
+            submitter.clone(),
+        ),
         submitter,
         cache,
         broker_timeout: settings.dependency_timeout,

@@ -25,7 +25,7 @@ pub struct Operations {
     pub topology: Topology,
     pub tasks: TaskRepository,
     /// A rerun step's workflow goes on again.
-    pub workflows: crate::store::workflows::WorkflowRepository,
+    pub workflows: crate::workflow::Workflows,
     pub submitter: Submitter,
     pub cache: Cache,
     /// How long the broker may take to report the queues for the overview.

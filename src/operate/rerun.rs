@@ -54,8 +54,15 @@ pub async fn rerun(operations: &Operations, id: &str, by: &str) -> Result<Rerun,
         }
     };
     if let Some(workflow) = &task.workflow_id {
-        if workflows.reopen(workflow, id).await? {
-            tracing::info!(workflow_id = %workflow, task_id = %id, "workflow reopened by the rerun of the step that ended it");
+        match workflows.reopen(workflow, id).await {
+            Ok(true) => {
+                tracing::info!(workflow_id = %workflow, task_id = %id, "workflow reopened by the rerun of the step that ended it")
+            }
+            Ok(false) => {}
+            Err(SubmitError::Store(error)) => return Err(error),
+            Err(error) => {
+                tracing::warn!(error = %error, workflow_id = %workflow, "cannot hand the reopened workflow on")
+            }
         }
     }
     // Best effort: a cached final state would hide the rerun until its TTL.

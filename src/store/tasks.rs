@@ -20,6 +20,10 @@ use crate::domain::{Priority, TaskId, TaskState};
 
 pub const COLLECTION: &str = "Tasks";
 
+/// The root cause a worker records for a task whose refused submission it met first (the
+/// submitter's own refusal marks the task `refused_at`).
+pub(crate) const REFUSED: &str = "not published: its submission was not accepted";
+
 /// Whether the broker has confirmed a task's message (`publish_state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

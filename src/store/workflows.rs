@@ -45,6 +45,10 @@ pub struct WorkflowDocument {
     /// The start's W3C trace context: its steps are traced as its children.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// How many times a rerun of the step that failed it ran it again: each failure after one
+    /// submits `on_failure` anew.
+    #[serde(default)]
+    pub reopens: u32,
     pub created_at: DateTime,
     pub updated_at: DateTime,
 }
@@ -106,6 +110,9 @@ pub struct StepOutcome {
     pub state: TaskState,
     pub result: Option<Value>,
     pub root_cause: Option<String>,
+    /// Its submission was refused (the broker did not take it): closed so that it never runs,
+    /// and the start sent again runs it.
+    pub refused: bool,
 }
 
 #[derive(Clone)]
@@ -240,20 +247,32 @@ impl WorkflowRepository {
         Ok(after.is_some_and(|a| number(&a, "count") >= number(&a, "needs")))
     }
 
-    /// Counts an end step as succeeded; `true` when all have. The workflow is then closed
-    /// `SUCCESS`, unless it ended otherwise first.
+    /// Counts an end step as succeeded, whatever the workflow's state (one that failed meanwhile
+    /// may be reopened by a rerun, and must not wait for this step again); `true` when all have.
+    /// The workflow is then closed `SUCCESS`, unless it ended otherwise first.
     #[tracing::instrument(name = "store.workflows.end", skip(self))]
     pub async fn end(&self, workflow_id: &str, step: &str) -> Result<bool, StoreError> {
-        let after = self
-            .workflows
-            .clone_with_type::<Document>()
+        let documents = self.workflows.clone_with_type::<Document>();
+        // Pushed only where it is not counted yet (an `$addToSet` that finds its value already
+        // there corrupts the document on some engines); counted before, it is read as it is,
+        // so a hand-on done again still closes a workflow a crash left open.
+        let counted = documents
             .find_one_and_update(
-                doc! {"_id": workflow_id, "state": TaskState::Pending.as_str()},
-                doc! {"$addToSet": {"ended": step}, "$set": {"updated_at": DateTime::now()}},
+                doc! {"_id": workflow_id, "ended": {"$ne": step}},
+                doc! {"$push": {"ended": step}, "$set": {"updated_at": DateTime::now()}},
             )
             .projection(doc! {"ended": 1, "ends": 1})
             .return_document(ReturnDocument::After)
             .await?;
+        let after = match counted {
+            Some(after) => Some(after),
+            None => {
+                documents
+                    .find_one(doc! {"_id": workflow_id})
+                    .projection(doc! {"ended": 1, "ends": 1})
+                    .await?
+            }
+        };
         if after.is_none_or(|a| length(&a, "ended") < length(&a, "ends")) {
             return Ok(false);
         }
@@ -302,6 +321,7 @@ impl WorkflowRepository {
                 doc! {
                     "$set": {"state": TaskState::Pending.as_str(), "updated_at": DateTime::now()},
                     "$unset": {"failed_step": "", "reason": ""},
+                    "$inc": {"reopens": 1},
                 },
             )
             .await?;
@@ -313,7 +333,7 @@ impl WorkflowRepository {
         let cursor = self
             .tasks
             .find(doc! {"_id": {"$in": ids}})
-            .projection(doc! {"state": 1, "result": 1, "root_cause": 1})
+            .projection(doc! {"state": 1, "result": 1, "root_cause": 1, "refused_at": 1})
             .await?;
         let found: Vec<Document> = cursor.try_collect().await?;
         Ok(found
@@ -324,6 +344,9 @@ impl WorkflowRepository {
                     state: task.get_str("state").ok()?.parse().ok()?,
                     result: task.get("result").map(|r| r.clone().into_relaxed_extjson()),
                     root_cause: task.get_str("root_cause").ok().map(str::to_owned),
+                    // Closed by the submitter, or by a worker that met its closed lease first.
+                    refused: task.contains_key("refused_at")
+                        || task.get_str("root_cause") == Ok(super::tasks::REFUSED),
                 })
             })
             .collect())

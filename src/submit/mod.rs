@@ -103,6 +103,20 @@ pub enum SubmitError {
     InvalidId(String),
 }
 
+impl SubmitError {
+    /// Whether submitting the same again can never succeed (an id or a document the store
+    /// refuses), as against an outage that may pass.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::InvalidId(_) => true,
+            Self::Store(error) => {
+                matches!(error, StoreError::Rejected(_) | StoreError::Malformed(_))
+            }
+            Self::NotPublished(_) => false,
+        }
+    }
+}
+
 /// A submission that was not accepted, and whether it is settled that its task never runs
 /// (`false`: MongoDB did not let the submitter close it yet; it goes on trying).
 pub(super) struct NotAccepted {

@@ -424,8 +424,7 @@ pub(crate) fn on_task(task: &TaskDocument, retries: u32) -> Option<Verdict> {
         .map(|request| cancelled_while_running(&request.by))
 }
 
-/// The root cause a worker records for a task whose refused submission it met first.
-pub(crate) const REFUSED: &str = "not published: its submission was not accepted";
+use crate::store::tasks::REFUSED;
 
 /// What the attempt's lease says to a copy holding attempt token `token`, at `now`.
 pub(crate) fn on_lease(

@@ -131,16 +131,30 @@ impl Effects for Worker {
             return true;
         };
         let task_id = &job.attempt.task_id;
+        // An error that trying again cannot mend (an id over the bound, arguments no store
+        // takes) is said and the delivery acked: handing it back would cycle it for ever.
         if let Some(workflow) = &message.workflow_id {
-            if let Err(error) = self.workflows.advance(workflow, task_id).await {
-                tracing::warn!(error = %error, workflow_id = %workflow, "cannot hand the workflow on");
-                return false;
+            match self.workflows.advance(workflow, task_id).await {
+                Ok(()) => {}
+                Err(error) if error.is_permanent() => {
+                    tracing::error!(error = %error, workflow_id = %workflow, "the workflow cannot be handed on, now or later");
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, workflow_id = %workflow, "cannot hand the workflow on");
+                    return false;
+                }
             }
         }
         if let Some(embed) = &message.embed {
-            if let Err(error) = self.workflows.celery_canvas(task_id, embed).await {
-                tracing::warn!(error = %error, "cannot submit what the message's Celery canvas asks for");
-                return false;
+            match self.workflows.celery_canvas(task_id, embed).await {
+                Ok(()) => {}
+                Err(error) if error.is_permanent() => {
+                    tracing::error!(error = %error, "what the message's Celery canvas asks for can never be submitted; it is dropped");
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot submit what the message's Celery canvas asks for");
+                    return false;
+                }
             }
         }
         true

@@ -28,7 +28,7 @@ use crate::domain::{TaskId, TaskState};
 use crate::store::workflows::{
     step_id, StepDocument, StepOutcome, StepTask, WorkflowDocument, WorkflowRepository,
 };
-use crate::store::{PayloadRepository, StoreError};
+use crate::store::{PayloadRepository, StoreError, TaskRepository};
 use crate::submit::{NewTask, SubmitError, Submitter};
 use crate::telemetry::metrics::metrics;
 use crate::telemetry::trace::TraceContext;
@@ -40,6 +40,10 @@ pub struct Workflows {
     repository: WorkflowRepository,
     payloads: PayloadRepository,
     submitter: Submitter,
+    /// To rerun a first step the broker did not take, when the start is sent again.
+    tasks: TaskRepository,
+    /// To close the steps not submitted yet when the workflow is cancelled.
+    leases: crate::store::task_leases::LeaseRepository,
 }
 
 /// A workflow checked step by step, ready to start.
@@ -105,6 +109,8 @@ impl Workflows {
             repository: WorkflowRepository::new(db),
             payloads,
             submitter,
+            tasks: TaskRepository::new(db),
+            leases: crate::store::task_leases::LeaseRepository::new(db),
         }
     }
 
@@ -154,6 +160,7 @@ impl Workflows {
             reason: None,
             on_failure: checked.on_failure,
             traceparent: Some(checked.trace.to_string()),
+            reopens: 0,
             created_at: now,
             updated_at: now,
         };
@@ -161,9 +168,22 @@ impl Workflows {
         let first = steps.iter().filter(|s| s.waits_for.is_empty());
         if !new {
             // A start sent again: finish what the first one may have left, one idempotent
-            // submission at a time.
+            // submission at a time, and run again a first step the broker did not take then.
+            let ids: Vec<String> = first.clone().map(|s| s.task_id.clone()).collect();
+            let outcomes: HashMap<String, StepOutcome> = self
+                .repository
+                .outcomes(&ids)
+                .await?
+                .into_iter()
+                .map(|o| (o.task_id.clone(), o))
+                .collect();
             for step in first {
-                self.submit(&id, step, Vec::new(), checked.trace).await?;
+                match outcomes.get(&step.task_id) {
+                    Some(refused) if refused.state == TaskState::Failure && refused.refused => {
+                        self.rerun_refused(&step.task_id).await?
+                    }
+                    _ => self.submit(&id, step, Vec::new(), checked.trace).await?,
+                }
             }
             return Ok(false);
         }
@@ -175,18 +195,32 @@ impl Workflows {
             .map(|step| self.step_task(&id, step, Vec::new(), checked.trace))
             .collect();
         let answers = self.submitter.submit_many(tasks).await;
-        let mut refused = None;
-        for (step, answer) in first.zip(answers) {
-            if let Err(error) = answer {
-                // Closed as never run: the workflow fails with it, saying why.
-                let _ = self.advance(&id, &step.task_id).await;
-                refused.get_or_insert(error);
-            }
-        }
-        match refused {
+        // A first step the broker did not take is closed as never run. The workflow does not
+        // fail for it (nothing of it is run for a start answered 503, `on_failure` included):
+        // it waits, and the start sent again with its key runs that step.
+        match answers.into_iter().find_map(Result::err) {
             Some(error) => Err(error),
             None => Ok(true),
         }
+    }
+
+    /// Runs again a step closed unrun when the broker did not take it, as its next attempt.
+    async fn rerun_refused(&self, task_id: &str) -> Result<(), SubmitError> {
+        use crate::store::attempts::Reopened;
+        let task = match self
+            .tasks
+            .reopen(task_id, "workflow start sent again")
+            .await?
+        {
+            Reopened::Now(task) | Reopened::Unpublished(task) => task,
+            Reopened::MovedOn(_) | Reopened::Missing => return Ok(()),
+        };
+        self.submitter.republish(&task).await
+    }
+
+    /// The workflows changed last, newest first (for the page).
+    pub async fn recent(&self, limit: i64) -> Result<Vec<WorkflowDocument>, StoreError> {
+        self.repository.recent(limit).await
     }
 
     /// The workflow and each step's state.
@@ -266,15 +300,43 @@ impl Workflows {
             }
         }
         let steps = self.repository.steps(id).await?;
-        let ids: Vec<String> = steps.into_iter().map(|s| s.task_id).collect();
-        let running = self
-            .repository
-            .outcomes(&ids)
-            .await?
-            .into_iter()
+        let ids: Vec<String> = steps.iter().map(|s| s.task_id.clone()).collect();
+        let outcomes = self.repository.outcomes(&ids).await?;
+        let submitted: std::collections::HashSet<&str> =
+            outcomes.iter().map(|o| o.task_id.as_str()).collect();
+        let mut running: Vec<String> = outcomes
+            .iter()
             .filter(|o| !o.state.is_final())
-            .map(|o| o.task_id)
+            .map(|o| o.task_id.clone())
             .collect();
+        if state == TaskState::Revoked {
+            // A step being handed on right now checked the workflow before it was closed, and
+            // its task may be recorded after the list above: close its first attempt as
+            // cancelled first, so whatever submits it later never runs it. A close refused
+            // means its task was recorded meanwhile: cancelled as the others are.
+            let request = crate::store::tasks::OperatorRequest {
+                at: DateTime::now(),
+                by: by.to_owned(),
+            };
+            for step in steps
+                .iter()
+                .filter(|s| !submitted.contains(s.task_id.as_str()))
+            {
+                let closed = self
+                    .leases
+                    .close(
+                        &step.task_id,
+                        &step.task.task_name,
+                        0,
+                        TaskState::Revoked,
+                        Some(&request),
+                    )
+                    .await?;
+                if !closed {
+                    running.push(step.task_id.clone());
+                }
+            }
+        }
         Ok(Some((state, running)))
     }
 
@@ -315,7 +377,22 @@ impl Workflows {
                     };
                     if ready {
                         let joined = std::time::Instant::now();
-                        self.submit_next(workflow_id, next, &outcome).await?;
+                        if let Err(error) = self.submit_next(workflow_id, next, &outcome).await {
+                            if !error.is_permanent() {
+                                return Err(error);
+                            }
+                            // It can never be submitted (an id or arguments no store takes):
+                            // the workflow fails with it, rather than its hand-on being tried
+                            // for ever.
+                            let failed = StepOutcome {
+                                task_id: next.clone(),
+                                state: TaskState::Failure,
+                                result: None,
+                                root_cause: Some(format!("cannot be submitted: {error}")),
+                                refused: false,
+                            };
+                            return self.fail(workflow_id, &failed, None).await;
+                        }
                         metrics()
                             .workflow_join_duration
                             .with_label_values::<&str>(&[])
@@ -324,6 +401,9 @@ impl Workflows {
                 }
                 Ok(())
             }
+            // A step whose submission was refused has not failed: the workflow waits for its
+            // start to be sent again.
+            TaskState::Failure if outcome.refused => Ok(()),
             TaskState::Failure | TaskState::Revoked => {
                 self.fail(workflow_id, &outcome, step.as_ref()).await
             }
@@ -405,7 +485,7 @@ impl Workflows {
             return Ok(());
         };
         if let Some(on_failure) = step
-            .filter(|_| failed.state == TaskState::Failure)
+            .filter(|_| failed.state == TaskState::Failure && workflow.state != TaskState::Revoked)
             .and_then(|s| s.on_failure.as_ref())
         {
             let id = format!("{}:on_failure", failed.task_id);
@@ -419,10 +499,48 @@ impl Workflows {
         let Some(on_failure) = workflow.on_failure.clone() else {
             return Ok(());
         };
-        let id = format!("{workflow_id}:on_failure");
+        // Once per failure of the workflow: a failure after a rerun reopened it submits its own.
+        let id = match workflow.reopens {
+            0 => format!("{workflow_id}:on_failure"),
+            n => format!("{workflow_id}:on_failure:{n}"),
+        };
         self.submitter
             .submit_child(errback(id, &on_failure, trace_of(&workflow)))
             .await
+    }
+
+    /// Runs the workflow again for the rerun of step `task_id`, when that step's failure ended
+    /// it; `false` when it ended otherwise (another step, a cancel) or runs. A step that failed
+    /// (or was cancelled) while it was ended fails it again at once, rather than leaving it to
+    /// wait for a step that will not come.
+    pub async fn reopen(&self, workflow_id: &str, task_id: &str) -> Result<bool, SubmitError> {
+        if !self.repository.reopen(workflow_id, task_id).await? {
+            return Ok(false);
+        }
+        self.reopened(workflow_id, task_id).await?;
+        Ok(true)
+    }
+
+    async fn reopened(&self, workflow_id: &str, task_id: &str) -> Result<(), SubmitError> {
+        let steps = self.repository.steps(workflow_id).await?;
+        let ids: Vec<String> = steps
+            .iter()
+            .map(|s| s.task_id.clone())
+            .filter(|id| id != task_id)
+            .collect();
+        let failed = self
+            .repository
+            .outcomes(&ids)
+            .await?
+            .into_iter()
+            .find(|o| matches!(o.state, TaskState::Failure | TaskState::Revoked));
+        match failed {
+            Some(failed) => {
+                let step = steps.iter().find(|s| s.task_id == failed.task_id);
+                self.fail(workflow_id, &failed, step).await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Submits the step `step_id`, every step it waits for having succeeded, with their results.

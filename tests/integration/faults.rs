@@ -192,23 +192,6 @@ async fn a_task_that_kills_its_worker_each_time_is_closed_as_poison() {
     api.stop().await;
 }
 
-/// Sets a private node's memory high watermark: 0 raises the memory alarm, which blocks every
-/// publisher while consumers go on.
-fn memory_alarm(rabbit: &PrivateRabbit, on: bool) {
-    let watermark = if on { "0" } else { "0.4" };
-    let status = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "-n",
-            &rabbit.node,
-            "set_vm_memory_high_watermark",
-            watermark,
-        ])
-        .status()
-        .expect("rabbitmqctl");
-    assert!(status.success());
-}
-
 /// A test's slice of the services on its own broker, with short publish timeouts and retries.
 async fn on_private_broker(rabbit: &PrivateRabbit) -> TestEnv {
     TestEnv::with(&[
@@ -232,7 +215,7 @@ async fn a_retry_that_cannot_be_published_holds_the_delivery_without_rerunning_i
         .await;
     // The broker refuses publishes while the first attempt fails: its retry cannot be sent.
     // (The attempt runs 5 s, so the alarm is up before it ends even on a loaded machine.)
-    memory_alarm(&rabbit, true);
+    rabbit.memory_alarm(true);
     let tasks = env.tasks();
     let running = tasks.get(&id).await.unwrap().unwrap();
     assert!(
@@ -249,7 +232,7 @@ async fn a_retry_that_cannot_be_published_holds_the_delivery_without_rerunning_i
     assert_eq!(held.state, kobe::domain::TaskState::Started, "{held:?}");
     assert_eq!(held.deliveries, 1);
     assert!(errors.for_task(&id).await.unwrap().is_empty());
-    memory_alarm(&rabbit, false);
+    rabbit.memory_alarm(false);
 
     let (done, seen) = api.wait_for_final(&id, Duration::from_secs(30)).await;
     assert_eq!(done["state"], "SUCCESS", "{done}");
@@ -304,7 +287,7 @@ async fn a_worker_that_stops_while_its_retry_cannot_be_published_owes_the_retry_
         (task.state == kobe::domain::TaskState::Started).then_some(())
     })
     .await;
-    memory_alarm(&rabbit, true);
+    rabbit.memory_alarm(true);
     common::eventually(Duration::from_secs(20), "retry publish failing", || async {
         (common::metric("kobe_amqp_publishes_total{outcome=\"failed\"}") >= 1.0).then_some(())
     })
@@ -319,7 +302,7 @@ async fn a_worker_that_stops_while_its_retry_cannot_be_published_owes_the_retry_
         owed.publish_state,
         Some(kobe::store::tasks::PublishState::Pending)
     );
-    memory_alarm(&rabbit, false);
+    rabbit.memory_alarm(false);
 
     // The outbox pays the debt; the returned first-attempt message is stale and never runs.
     let outbox = kobe::submit::outbox::Outbox {

@@ -52,6 +52,9 @@ impl Task for Add {
             if invocation.kwargs.get("fail") == Some(&json!(true)) {
                 return Err(TaskError::Permanent("asked to fail".into()));
             }
+            if let Some(bytes) = invocation.kwargs.get("bytes").and_then(Value::as_u64) {
+                return Ok(json!("x".repeat(bytes as usize)));
+            }
             Ok(json!(sum(&Value::Array(invocation.args.clone()))))
         })
     }
@@ -66,7 +69,11 @@ struct Fleet {
 
 /// An API and a worker (at the shipped settings) that know `wf_add`.
 async fn fleet() -> Fleet {
-    let env = TestEnv::new().await;
+    fleet_on(TestEnv::new().await).await
+}
+
+/// [`fleet`] on a test slice of the test's own.
+async fn fleet_on(env: TestEnv) -> Fleet {
     env.init_db().await;
     let runs = Runs::default();
     let mut registry = Registry::with_builtin_tasks();
@@ -110,6 +117,27 @@ impl Fleet {
             .json()
             .await
             .unwrap()
+    }
+
+    /// Reruns a failed step, as an operator would.
+    async fn rerun(&self, task_id: &str) {
+        let retried = self
+            .api
+            .client
+            .post(format!("{}/task/{task_id}/retry", self.api.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(retried.status(), 202, "{:?}", retried.text().await);
+    }
+
+    /// Waits until the step's task is final; returns its state.
+    async fn step_final(&self, task_id: &str) -> String {
+        let (status, _) = self
+            .api
+            .wait_for_final(task_id, Duration::from_secs(30))
+            .await;
+        status["state"].as_str().unwrap_or_default().to_owned()
     }
 
     /// Waits until the workflow ended; returns it.
@@ -363,7 +391,8 @@ async fn a_finished_step_delivered_again_hands_on_again_and_the_next_step_still_
     for step in &steps {
         assert_eq!(fleet.runs_of(step), 1, "{step} ran once");
     }
-    assert_eq!(fleet.show(&id).await["state"], "SUCCESS");
+    let shown = fleet.show(&id).await;
+    assert_eq!(shown["state"], "SUCCESS", "{shown}");
     fleet.stop().await;
 }
 
@@ -628,5 +657,188 @@ async fn a_celery_clients_chain_and_link_run_on_kobe_workers_once_with_the_resul
     for task in [&a, &b, &c, &link] {
         assert_eq!(fleet.runs_of(task), 1, "{task} ran once");
     }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_reopens_a_workflow_whose_other_steps_ended_meanwhile_and_it_ends_by_them() {
+    let fleet = fleet().await;
+    // A fails; B succeeds after the workflow failed. Rerunning A ends it SUCCESS (B's success
+    // was counted while the workflow was FAILURE).
+    let id = fleet
+        .started(json!({"workflow": {"group": [
+            {"task_name": "wf_add", "args": [1], "kwargs": {"fail_once": true}},
+            {"task_name": "wf_add", "args": [2], "kwargs": {"sleep_ms": 1500}},
+        ]}}))
+        .await;
+    let (a, b) = (format!("{id}:0"), format!("{id}:1"));
+    assert_eq!(fleet.ended(&id).await["state"], "FAILURE");
+    assert_eq!(fleet.step_final(&b).await, "SUCCESS");
+    fleet.rerun(&a).await;
+    common::eventually(Duration::from_secs(30), "the workflow succeeds", || async {
+        (fleet.show(&id).await["state"] == "SUCCESS").then_some(())
+    })
+    .await;
+    assert_eq!((fleet.runs_of(&a), fleet.runs_of(&b)), (2, 1));
+
+    // Both fail: rerunning A fails the workflow again at once for B (its on_failure runs for
+    // that failure too), and rerunning B then ends it.
+    let id = fleet
+        .started(json!({
+            "workflow": {"group": [
+                {"task_name": "wf_add", "args": [1], "kwargs": {"fail_once": true}},
+                {"task_name": "wf_add", "args": [2], "kwargs": {"fail_once": true, "sleep_ms": 500}},
+            ]},
+            "on_failure": {"task_name": "wf_add", "args": [7]},
+        }))
+        .await;
+    let (a, b) = (format!("{id}:0"), format!("{id}:1"));
+    assert_eq!(fleet.step_final(&b).await, "FAILURE");
+    assert_eq!(fleet.ended(&id).await["failed_step"], a.as_str());
+    fleet.rerun(&a).await;
+    common::eventually(Duration::from_secs(30), "failed again for B", || async {
+        let view = fleet.show(&id).await;
+        (view["state"] == "FAILURE" && view["failed_step"] == b.as_str()).then_some(())
+    })
+    .await;
+    assert_eq!(fleet.step_final(&a).await, "SUCCESS");
+    fleet.rerun(&b).await;
+    common::eventually(Duration::from_secs(30), "the workflow succeeds", || async {
+        (fleet.show(&id).await["state"] == "SUCCESS").then_some(())
+    })
+    .await;
+    let (first, second) = (format!("{id}:on_failure"), format!("{id}:on_failure:1"));
+    common::eventually(
+        Duration::from_secs(20),
+        "on_failure ran per failure",
+        || async { (fleet.runs_of(&first) == 1 && fleet.runs_of(&second) == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!((fleet.runs_of(&a), fleet.runs_of(&b)), (2, 2));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_can_never_be_submitted_fails_its_workflow_instead_of_cycling() {
+    let fleet = fleet().await;
+    // Two members of 9 MB each: the callback's arguments (18 MB) are more than any MongoDB
+    // document may hold, now or later.
+    let nine_mb = 9 * 1024 * 1024;
+    let id = fleet
+        .started(json!({
+            "workflow": {"chain": [
+                {"group": [
+                    {"task_name": "wf_add", "kwargs": {"bytes": nine_mb}},
+                    {"task_name": "wf_add", "kwargs": {"bytes": nine_mb}},
+                ]},
+                {"task_name": "wf_add"},
+            ]},
+            "on_failure": {"task_name": "wf_add", "args": [7]},
+        }))
+        .await;
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "FAILURE", "{view}");
+    let callback = format!("{id}:2");
+    assert_eq!(view["failed_step"], callback.as_str());
+    assert!(
+        view["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be submitted"),
+        "{view}"
+    );
+    // The members' deliveries were acked once: each ran once and none is delivered again.
+    fleet
+        .env
+        .wait_queue_empty("default", "nothing handed back")
+        .await;
+    for member in [format!("{id}:0"), format!("{id}:1")] {
+        let task = fleet.env.tasks().get(&member).await.unwrap().unwrap();
+        assert_eq!((fleet.runs_of(&member), task.deliveries), (1, 1));
+    }
+    assert_eq!(fleet.runs_of(&callback), 0);
+    let on_failure = format!("{id}:on_failure");
+    common::eventually(Duration::from_secs(20), "on_failure ran", || async {
+        (fleet.runs_of(&on_failure) == 1).then_some(())
+    })
+    .await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_handed_on_after_its_workflow_was_cancelled_never_runs() {
+    let fleet = fleet().await;
+    let id = fleet
+        .started(json!({"workflow": {"chain": [
+            {"task_name": "wf_add", "args": [1], "kwargs": {"sleep_ms": 2000}},
+            {"task_name": "wf_add", "args": [2]},
+        ]}}))
+        .await;
+    let (first, second) = (format!("{id}:0"), format!("{id}:1"));
+    fleet
+        .api
+        .wait_for_state(&first, Duration::from_secs(20), |b| b["state"] == "STARTED")
+        .await;
+    let cancelled = fleet
+        .api
+        .client
+        .post(format!("{}/workflow/{id}/cancel", fleet.api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    // A hand-on that checked the workflow just before the cancel submits the next step now.
+    let submitter = fleet.env.submitter();
+    let mut late = kobe::submit::NewTask::new(
+        kobe::domain::TaskId::parse(&second).unwrap(),
+        "wf_add",
+        "default",
+    );
+    late.workflow_id = Some(id.clone());
+    late.args = vec![json!(1), json!(2)];
+    submitter.submit_child(late).await.unwrap();
+    assert_eq!(fleet.step_final(&second).await, "REVOKED");
+    assert_eq!(fleet.runs_of(&second), 0);
+    assert_eq!(fleet.show(&id).await["state"], "REVOKED");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_answered_503_runs_nothing_and_the_same_start_again_resumes_it() {
+    let rabbit = common::PrivateRabbit::start();
+    let env = TestEnv::with(&[
+        ("RABBITMQ_URL", &rabbit.url()),
+        ("KOBE_PUBLISH_TIMEOUT_MS", "800"),
+    ])
+    .await;
+    let fleet = fleet_on(env).await;
+    let body = json!({
+        "workflow": {"chain": [{"task_name": "wf_add", "args": [1]}, {"task_name": "wf_add", "args": [2]}]},
+        "on_failure": {"task_name": "wf_add", "args": [7]},
+    });
+    let start = || {
+        fleet
+            .api
+            .client
+            .post(format!("{}/workflow/start", fleet.api.address))
+            .header("Idempotency-Key", "resume-me")
+            .json(&body)
+            .send()
+    };
+    // The broker takes no publish: the first step is not confirmed.
+    rabbit.memory_alarm(true);
+    let refused = start().await.unwrap();
+    assert_eq!(refused.status(), 503, "{:?}", refused.text().await);
+    rabbit.memory_alarm(false);
+    // Nothing of it ran, its on_failure included: the start sent again runs it to its end.
+    let accepted = start().await.unwrap();
+    assert_eq!(accepted.status(), 202);
+    let accepted: Value = accepted.json().await.unwrap();
+    let id = accepted["workflow_id"].as_str().unwrap().to_owned();
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "SUCCESS", "{view}");
+    assert_eq!(fleet.result(&format!("{id}:1")).await, json!(3));
+    assert_eq!(fleet.runs_of(&format!("{id}:0")), 1);
+    assert_eq!(fleet.runs_of(&format!("{id}:on_failure")), 0);
     fleet.stop().await;
 }

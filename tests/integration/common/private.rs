@@ -102,6 +102,23 @@ impl PrivateRabbit {
 
     /// Kills the node with SIGKILL, as a crash or the OOM killer would: no goodbye to its
     /// clients, whose sockets the kernel closes.
+    /// Sets the node's memory high watermark: on (0) raises the memory alarm, which blocks every
+    /// publisher while consumers go on.
+    pub fn memory_alarm(&self, on: bool) {
+        let watermark = if on { "0" } else { "0.4" };
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "-n",
+                &self.node,
+                "set_vm_memory_high_watermark",
+                watermark,
+            ])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(status.success());
+    }
+
     pub fn kill(&self) {
         let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
         signal(pid.trim().parse().expect("a pid"), libc::SIGKILL);
