@@ -46,7 +46,13 @@ pub struct Tracking {
     pub workflows: crate::workflow::Workflows,
     /// The Celery workers' result backend, where a success's result is read as JSON.
     pub results: Option<CeleryResults>,
+    /// With `results`: how long a task may stay unfinished before its outcome is looked for
+    /// there (its events may be lost).
+    pub reconcile_after: Duration,
 }
+
+/// Tasks looked for in the result backend per round, at most.
+const RECONCILE_BATCH: i64 = 200;
 
 impl Tracking {
     /// Takes the events on the shared events queue until `shutdown` resolves.
@@ -69,9 +75,18 @@ impl Tracking {
         )?;
         tracing::info!(tasks = ?self.names, "tracking Celery workers' task events");
         tokio::pin!(shutdown);
+        let every =
+            (self.reconcile_after / 2).clamp(Duration::from_millis(200), Duration::from_secs(60));
+        let mut reconcile = tokio::time::interval(every);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = reconcile.tick(), if self.results.is_some() => {
+                    if let Err(error) = self.reconcile().await {
+                        tracing::warn!(error = %error, "cannot reconcile Celery tasks with their result backend now");
+                    }
+                }
                 delivery = deliveries.recv() => match delivery {
                     Some(delivery) => {
                         let settlement = self.take(&delivery).await;
@@ -107,6 +122,12 @@ impl Tracking {
             return Ok(());
         };
         if let Reported::Outcome(Transition::Success { result }) = &mut reported {
+            // The whole Celery fleet's events come here: a result is read (and perhaps kept)
+            // only for a task of ours.
+            let ours = self.tasks.name_of(&event.uuid).await?;
+            if !ours.is_some_and(|name| self.names.contains(&name)) {
+                return Ok(());
+            }
             *result = self.result_of(event).await?;
         }
         let finished = matches!(&reported, Reported::Outcome(t) if t.target().is_final());
@@ -130,9 +151,117 @@ impl Tracking {
             None => None,
         };
         if let (Some(workflow), true) = (workflow, finished) {
-            self.workflows.advance(&workflow, &event.uuid).await?;
+            self.hand_on(&workflow, &event.uuid).await?;
         }
         Ok(())
+    }
+
+    /// Hands a workflow on after its step's outcome; an error trying again cannot mend is said,
+    /// and the event taken, rather than sent back for ever.
+    async fn hand_on(&self, workflow: &str, task_id: &str) -> anyhow::Result<()> {
+        match self.workflows.advance(workflow, task_id).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_permanent() => {
+                tracing::error!(error = %error, workflow_id = %workflow, "the workflow cannot be handed on, now or later");
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Records the outcome the result backend holds for each of our tasks unfinished for
+    /// `reconcile_after`: an event lost (sent transient during a broker restart, dropped from a
+    /// full queue, a worker without `-E`) must not leave a task, and its workflow, unfinished.
+    /// Returns how many it recorded.
+    pub async fn reconcile(&self) -> anyhow::Result<usize> {
+        let Some(results) = &self.results else {
+            return Ok(0);
+        };
+        let after = i64::try_from(self.reconcile_after.as_millis()).unwrap_or(i64::MAX);
+        let before = mongodb::bson::DateTime::now()
+            .timestamp_millis()
+            .saturating_sub(after);
+        let stale = self
+            .tasks
+            .unfinished_of(
+                &self.names,
+                mongodb::bson::DateTime::from_millis(before),
+                RECONCILE_BATCH,
+            )
+            .await?;
+        let mut recorded = 0;
+        for (id, workflow) in stale {
+            let Some(meta) = results.meta(&id).await? else {
+                continue;
+            };
+            let Some(outcome) = self.outcome_in(&id, &meta).await? else {
+                continue;
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let reported = Reported::Outcome(outcome);
+            if self
+                .tasks
+                .celery_report(&id, &self.names, &reported, now)
+                .await?
+                .is_some()
+            {
+                recorded += 1;
+                self.cache.invalidate_status(&id).await.ok();
+                tracing::warn!(task_id = %id, "a Celery task's outcome was read from its result backend: its event never came");
+                if let Some(workflow) = workflow {
+                    self.hand_on(&workflow, &id).await?;
+                }
+            }
+        }
+        Ok(recorded)
+    }
+
+    /// The final outcome a Celery meta says, if it says one.
+    async fn outcome_in(&self, id: &str, meta: &Value) -> Result<Option<Transition>, StoreError> {
+        Ok(match meta["status"].as_str() {
+            Some("SUCCESS") => Some(Transition::Success {
+                result: self.kept(id, meta["result"].clone()).await?,
+            }),
+            Some("FAILURE") => {
+                let result = &meta["result"];
+                let cause = match (
+                    result["exc_type"].as_str(),
+                    result["exc_message"].as_array(),
+                ) {
+                    (Some(kind), Some(message)) => format!(
+                        "{kind}({})",
+                        message
+                            .iter()
+                            .map(|m| m
+                                .as_str()
+                                .map_or_else(|| m.to_string(), |s| format!("'{s}'")))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    _ => result.to_string(),
+                };
+                Some(Transition::Failure {
+                    root_cause: cause,
+                    dead_letter: false,
+                })
+            }
+            Some("REVOKED") => Some(Transition::Revoked {
+                root_cause: "revoked (read from Celery's result backend)".into(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// A result as it is recorded: in `RawPayload` when large.
+    async fn kept(&self, id: &str, result: Value) -> Result<Value, StoreError> {
+        let size = serde_json::to_vec(&result).map_or(0, |v| v.len());
+        if size > self.inline_limit {
+            let reference = self.payloads.put(id, "result", &result).await?;
+            return Ok(reference_value(&reference));
+        }
+        Ok(result)
     }
 
     /// A success's result: from the Celery workers' result backend when Kobe reads it (as JSON),
@@ -152,11 +281,6 @@ impl Tracking {
         }
         let result =
             result.unwrap_or_else(|| value_of_repr(event.result.as_deref().unwrap_or("None")));
-        let size = serde_json::to_vec(&result).map_or(0, |v| v.len());
-        if size > self.inline_limit {
-            let reference = self.payloads.put(&event.uuid, "result", &result).await?;
-            return Ok(reference_value(&reference));
-        }
-        Ok(result)
+        self.kept(&event.uuid, result).await
     }
 }

@@ -139,6 +139,7 @@ pub fn spawn_celery_tracking(
         inline_limit: settings.submit.payload_inline_limit,
         workflows: state.workflows.clone(),
         results,
+        reconcile_after: settings.celery.reconcile_after,
     };
     let settings = settings.clone();
     Ok(Some(tokio::spawn(async move {

@@ -243,6 +243,9 @@ pub struct CelerySettings {
     pub result_expires: Duration,
     /// Workers send Celery's worker and task events and answer Celery's remote control.
     pub events: bool,
+    /// How long a `kind = "celery"` task may stay unfinished before `serve` looks for its
+    /// outcome in the result backend (an event may have been lost).
+    pub reconcile_after: Duration,
 }
 
 /// The HTTP API of `kobe serve`.
@@ -464,6 +467,7 @@ impl Settings {
                 results: read.optional_url("KOBE_CELERY_RESULTS", &["redis", "rediss"])?,
                 result_expires: read.seconds("KOBE_CELERY_RESULT_EXPIRES")?,
                 events: read.flag("KOBE_CELERY_EVENTS")?,
+                reconcile_after: read.millis("KOBE_CELERY_RECONCILE_AFTER_MS")?,
             },
             log_level,
             log_format: read.parsed("KOBE_LOG_FORMAT")?,

@@ -264,6 +264,51 @@ impl TaskRepository {
         })
     }
 
+    /// Tasks of `names` not finished and unchanged since `before`, oldest first, at most
+    /// `limit`: their ids and workflows.
+    #[tracing::instrument(name = "store.tasks.unfinished_of", skip(self, names))]
+    pub async fn unfinished_of(
+        &self,
+        names: &[String],
+        before: DateTime,
+        limit: i64,
+    ) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        use futures_util::TryStreamExt;
+        let unfinished = [TaskState::Pending, TaskState::Started, TaskState::Retry];
+        let cursor = self
+            .collection
+            .clone_with_type::<Document>()
+            .find(doc! {
+                "state": {"$in": unfinished.iter().map(|s| s.as_str()).collect::<Vec<_>>()},
+                "updated_at": {"$lt": before},
+                "task_name": {"$in": names},
+            })
+            .projection(doc! {"_id": 1, "workflow_id": 1})
+            .sort(doc! {"updated_at": 1})
+            .limit(limit)
+            .await?;
+        let found: Vec<Document> = cursor.try_collect().await?;
+        Ok(found
+            .into_iter()
+            .filter_map(|task| {
+                let id = task.get_str("_id").ok()?.to_owned();
+                Some((id, task.get_str("workflow_id").ok().map(str::to_owned)))
+            })
+            .collect())
+    }
+
+    /// The name of task `id`, if it is recorded.
+    #[tracing::instrument(name = "store.tasks.name_of", skip(self))]
+    pub async fn name_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .collection
+            .clone_with_type::<Document>()
+            .find_one(doc! {"_id": id})
+            .projection(doc! {"task_name": 1})
+            .await?
+            .and_then(|task| task.get_str("task_name").ok().map(str::to_owned)))
+    }
+
     /// Whether a task is recorded, and if so whether it was refused ([`TaskRepository::refuse`]:
     /// recorded only so that it never runs).
     #[tracing::instrument(name = "store.tasks.recorded", skip(self))]

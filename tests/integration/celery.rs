@@ -527,3 +527,89 @@ async fn flower_lists_a_kobe_worker_and_its_tasks_and_celerys_revoke_cancels_a_r
     worker.stop().await;
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_celery_task_whose_events_were_lost_gets_its_outcome_from_the_result_backend() {
+    let env = TestEnv::with(&[
+        ("KOBE_CELERY_RESULTS", RESULTS),
+        ("KOBE_TASK_ROUTES", "py_mul=py,py_fail=py"),
+        ("KOBE_CELERY_RECONCILE_AFTER_MS", "500"),
+        ("KOBE_RESULT_BACKEND", "redis"),
+    ])
+    .await;
+    env.init_db().await;
+    let file = std::env::temp_dir().join(format!("{}.toml", common::unique("kobe-celery-tasks")));
+    std::fs::write(&file, TASKS_FILE).unwrap();
+    let mut registry = kobe::tasks::Registry::with_builtin_tasks();
+    for task in kobe::tasks::declared::load(&file, &|_| None).unwrap().tasks {
+        registry.register_shared(task).unwrap();
+    }
+    std::fs::remove_file(&file).unwrap();
+    let api = env.spawn_api_with(registry.clone()).await;
+    common::eventually(common::startup_deadline(), "API ready", || async {
+        (api.get("/ready").await.status() == 200).then_some(())
+    })
+    .await;
+    let state = kobe::commands::serve::state(&env.settings, registry)
+        .await
+        .unwrap();
+    let (stop_tracking, stopped) = tokio::sync::oneshot::channel::<()>();
+    let tracking = kobe::commands::serve::spawn_celery_tracking(&env.settings, &state, async {
+        let _ = stopped.await;
+    })
+    .unwrap()
+    .expect("celery tasks are declared: their events are tracked");
+    let product = api
+        .submit(json!({"task_name": "py_mul", "args": [6, 7]}))
+        .await;
+    let failing = api.submit(json!({"task_name": "py_fail"})).await;
+    // A Python worker ran both and wrote their metas, but no event of theirs ever came.
+    use deadpool_redis::redis;
+    let redis = redis::Client::open(RESULTS).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let metas = [
+        (
+            &product,
+            json!({"status": "SUCCESS", "result": 42, "task_id": product, "traceback": null}),
+        ),
+        (
+            &failing,
+            json!({"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": ["no such page"]}, "task_id": failing, "traceback": "Traceback …"}),
+        ),
+    ];
+    for (id, meta) in &metas {
+        let _: () = redis::cmd("SET")
+            .arg(format!("celery-task-meta-{id}"))
+            .arg(meta.to_string())
+            .arg("EX")
+            .arg(600)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    let (done, _) = api.wait_for_final(&product, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "SUCCESS", "{done}");
+    let answer: Value = api
+        .get(&format!("/task/result/{product}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["result"], json!(42), "{answer}");
+    let (failed, _) = api.wait_for_final(&failing, Duration::from_secs(30)).await;
+    assert_eq!(failed["state"], "FAILURE", "{failed}");
+    assert_eq!(
+        failed["root_cause"], "ValueError('no such page')",
+        "{failed}"
+    );
+    for (id, _) in &metas {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("celery-task-meta-{id}"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    let _ = stop_tracking.send(());
+    let _ = tracking.await;
+    api.stop().await;
+}
