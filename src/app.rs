@@ -250,7 +250,9 @@ async fn dispatch(
         Command::InitDb => commands::init_db::run(&settings).await,
         Command::Healthcheck => commands::healthcheck::run(&settings).await,
         Command::Task(TaskCommand::Retry { id }) => operations::retry(&settings, &id).await,
-        Command::Task(TaskCommand::Cancel { id }) => operations::cancel(&settings, &id).await,
+        Command::Task(TaskCommand::Cancel { id }) => {
+            operations::cancel(&settings, &registry, &id).await
+        }
         Command::Task(TaskCommand::Show { id }) => operations::show_task(&settings, &id).await,
         Command::Task(TaskCommand::List(query)) => operations::list_tasks(&settings, query).await,
         Command::Task(TaskCommand::StartMany { file }) => {

@@ -108,6 +108,7 @@ pub fn operations(
     db: &mongodb::Database,
     submitter: crate::submit::Submitter,
     cache: crate::store::Cache,
+    celery_tasks: Vec<String>,
 ) -> crate::operate::Operations {
     crate::operate::Operations {
         url: settings.broker.url.clone(),
@@ -121,6 +122,7 @@ pub fn operations(
         submitter,
         cache,
         broker_timeout: settings.dependency_timeout,
+        celery_tasks,
     }
 }
 

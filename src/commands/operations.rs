@@ -48,7 +48,13 @@ fn row(letter: &LetterSummary) -> String {
 /// The clients an operator's command needs, with the publisher connected (or given up on).
 pub async fn operations(settings: &Settings) -> anyhow::Result<Operations> {
     let (db, cache, submitter) = connected_submitter(settings).await?;
-    Ok(super::operations(settings, &db, submitter, cache))
+    Ok(super::operations(
+        settings,
+        &db,
+        submitter,
+        cache,
+        Vec::new(),
+    ))
 }
 
 /// A command's submitter, its publisher connected (or given up on), with the database and cache
@@ -107,12 +113,17 @@ pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
 }
 
 /// `kobe task cancel ID`; `Ok(Ended::Refused)` when there was nothing to cancel (exit 1).
-pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
+pub async fn cancel(
+    settings: &Settings,
+    registry: &crate::tasks::Registry,
+    id: &str,
+) -> anyhow::Result<Ended> {
     use crate::store::attempts::Cancelled;
     let db = super::database(settings).await?;
     let cache = super::cache(settings)?;
     let tasks = crate::store::TaskRepository::new(&db);
-    let answer = crate::operate::cancel::cancel(&tasks, &cache, id, &operator())
+    let python_run = registry.celery_tasks();
+    let answer = crate::operate::cancel::cancel(&tasks, &cache, &python_run, id, &operator())
         .await
         .context("failed to cancel the task")?;
     Ok(match answer {
@@ -130,6 +141,10 @@ pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<Ended> {
         }
         Cancelled::Finished(state) => {
             eprintln!("kobe: task {id} is {state}; a finished task cannot be cancelled");
+            Ended::Refused
+        }
+        Cancelled::RunByCelery(name) => {
+            eprintln!("kobe: task {id} ({name}) runs on Python Celery workers, which Kobe cannot stop; revoke it with Celery's own control: celery control revoke {id}");
             Ended::Refused
         }
         Cancelled::Missing => {

@@ -19,7 +19,13 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
     let publisher = super::publisher(settings)?;
     let writer = super::writer(settings, &db);
     let submitter = super::submitter(settings, &db, cache.clone(), publisher, writer);
-    let operations = super::operations(settings, &db, submitter.clone(), cache.clone());
+    let operations = super::operations(
+        settings,
+        &db,
+        submitter.clone(),
+        cache.clone(),
+        registry.celery_tasks(),
+    );
     // This replica competes for the schedules' lead when it has schedules and may fire them.
     let beat_holder =
         (settings.beat.enabled && !registry.schedules().is_empty()).then(crate::beat::holder_name);

@@ -140,11 +140,35 @@ async fn revoke_on_request(
     tasks: crate::store::TaskRepository,
     cache: crate::store::Cache,
 ) {
+    let by = "celery control revoke";
     while let Some(id) = revokes.recv().await {
-        if let Err(error) =
-            crate::operate::cancel::cancel(&tasks, &cache, &id, "celery control revoke").await
-        {
-            tracing::warn!(error = %error, task_id = %id, "cannot cancel the task Celery's tools revoked");
+        match crate::operate::cancel::cancel(&tasks, &cache, &[], &id, by).await {
+            // A Celery client's task not received yet: Kobe knows nothing of it but its id.
+            // Its first attempt is closed as cancelled, so when it comes it is not run, as a
+            // Celery worker keeps a revoked id.
+            Ok(crate::store::attempts::Cancelled::Missing) => {
+                let request = crate::store::tasks::OperatorRequest {
+                    at: mongodb::bson::DateTime::now(),
+                    by: by.to_owned(),
+                };
+                let closed = tasks
+                    .leases()
+                    .close(
+                        &id,
+                        "",
+                        0,
+                        crate::domain::TaskState::Revoked,
+                        Some(&request),
+                    )
+                    .await;
+                if let Err(error) = closed {
+                    tracing::warn!(error = %error, task_id = %id, "cannot keep the revoked id of a task not received yet");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(error = %error, task_id = %id, "cannot cancel the task Celery's tools revoked")
+            }
         }
     }
 }

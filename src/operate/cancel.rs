@@ -11,19 +11,28 @@ use crate::store::attempts::Cancelled;
 use crate::store::{Cache, StoreError, TaskRepository};
 use crate::telemetry::metrics::metrics;
 
-/// Cancels task `id` for `by` (who asked, for its history and the log).
+/// Cancels task `id` for `by` (who asked, for its history and the log). A task of
+/// `python_run` (declared `kind = "celery"`) is left alone: Python workers run it.
 pub async fn cancel(
     tasks: &TaskRepository,
     cache: &Cache,
+    python_run: &[String],
     id: &str,
     by: &str,
 ) -> Result<Cancelled, StoreError> {
-    let answer = tasks.cancel(id, by).await?;
+    let answer = match python_run.is_empty() {
+        true => tasks.cancel(id, by).await?,
+        false => match tasks.name_of(id).await? {
+            Some(name) if python_run.contains(&name) => Cancelled::RunByCelery(name),
+            _ => tasks.cancel(id, by).await?,
+        },
+    };
     let outcome = match &answer {
         Cancelled::Revoked => "revoked",
         Cancelled::Requested => "requested",
         Cancelled::AlreadyRevoked => "already_revoked",
         Cancelled::Finished(_) => "finished",
+        Cancelled::RunByCelery(_) => "run_by_celery",
         Cancelled::Missing => "missing",
     };
     if matches!(answer, Cancelled::Revoked) {
@@ -52,7 +61,7 @@ pub async fn workflow(
         return Ok(None);
     };
     for task_id in &running {
-        cancel(tasks, cache, task_id, by).await?;
+        cancel(tasks, cache, &[], task_id, by).await?;
     }
     Ok(Some((state.as_str().to_owned(), running.len())))
 }

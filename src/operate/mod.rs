@@ -30,12 +30,14 @@ pub struct Operations {
     pub cache: Cache,
     /// How long the broker may take to report the queues for the overview.
     pub broker_timeout: Duration,
+    /// The tasks Python Celery workers run (`kind = "celery"`): a cancel leaves them alone.
+    pub celery_tasks: Vec<String>,
 }
 
 impl Operations {
     /// Cancels task `id` for `by` (who asked, for its history and the log).
     pub async fn cancel(&self, id: &str, by: &str) -> Result<Cancelled, StoreError> {
-        cancel::cancel(&self.tasks, &self.cache, id, by).await
+        cancel::cancel(&self.tasks, &self.cache, &self.celery_tasks, id, by).await
     }
 
     /// Runs failed task `id` again as its next attempt, for `by`.

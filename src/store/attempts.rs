@@ -329,6 +329,9 @@ pub enum Cancelled {
     AlreadyRevoked,
     /// It finished (`SUCCESS`, `FAILURE`): nothing to cancel.
     Finished(TaskState),
+    /// Python Celery workers run it (`kind = "celery"`): Kobe cannot stop it, and changes
+    /// nothing rather than answer `REVOKED` for a task that runs.
+    RunByCelery(String),
     Missing,
 }
 

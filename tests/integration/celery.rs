@@ -524,6 +524,36 @@ async fn flower_lists_a_kobe_worker_and_its_tasks_and_celerys_revoke_cancels_a_r
     );
     let (ended, _) = api.wait_for_final(&long, Duration::from_secs(30)).await;
     assert_eq!(ended["state"], "REVOKED", "{ended}");
+
+    // A Celery client's task revoked before any worker received it is not run when it comes,
+    // as a Celery worker keeps a revoked id.
+    let early = kobe::domain::TaskId::generate();
+    let revoke = tokio::task::block_in_place(|| {
+        Command::new(celery_venv().join("bin/celery"))
+            .arg(format!("--broker={}", env.settings.broker.url.expose()))
+            .args(["control", "--timeout=5", "revoke", early.as_str()])
+            .output()
+            .unwrap()
+    });
+    assert!(revoke.status.success());
+    let closed = common::eventually(Duration::from_secs(10), "the revoked id kept", || async {
+        let lease = env.tasks().leases().get(early.as_str(), 0).await.ok()??;
+        lease.closed
+    })
+    .await;
+    assert_eq!(closed, kobe::domain::TaskState::Revoked);
+    let message = kobe::amqp::TaskMessage::new(
+        early.clone(),
+        "demo_long_io",
+        vec![],
+        json!({"duration_ms": 1}).as_object().cloned().unwrap(),
+    );
+    env.publish_message(&env.publisher(), &message).await;
+    let task = env
+        .wait_final(early.as_str(), Duration::from_secs(30))
+        .await;
+    assert_eq!(task.state, kobe::domain::TaskState::Revoked, "{task:?}");
+    assert!(task.started_at.is_none(), "it never ran: {task:?}");
     worker.stop().await;
     api.stop().await;
 }
@@ -563,6 +593,22 @@ async fn a_celery_task_whose_events_were_lost_gets_its_outcome_from_the_result_b
         .submit(json!({"task_name": "py_mul", "args": [6, 7]}))
         .await;
     let failing = api.submit(json!({"task_name": "py_fail"})).await;
+    // Python runs it: Kobe cannot stop it, and does not say it did.
+    let cancel = api
+        .client
+        .post(format!("{}/task/{product}/cancel", api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 409);
+    let problem: Value = cancel.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("celery control revoke"),
+        "{problem}"
+    );
     // A Python worker ran both and wrote their metas, but no event of theirs ever came.
     use deadpool_redis::redis;
     let redis = redis::Client::open(RESULTS).unwrap();

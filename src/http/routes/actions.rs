@@ -32,7 +32,7 @@ pub(crate) struct CancelAnswer {
 /// Cancels a task. A `PENDING` or `RETRY` task becomes `REVOKED` (200) and its message is acked
 /// without running when it arrives; a `STARTED` task's handler is asked to stop (202) and the task
 /// ends `REVOKED` if it stops, or with its own outcome if it does not. Asking again is harmless;
-/// a finished task (`SUCCESS`, `FAILURE`) is a 409 and is not touched.
+/// a finished task (`SUCCESS`, `FAILURE`), or one Python Celery workers run, is a 409 and is not touched.
 #[utoipa::path(
     post,
     path = "/task/{id}/cancel",
@@ -42,7 +42,7 @@ pub(crate) struct CancelAnswer {
         (status = 200, description = "The task is REVOKED (now, or already)", body = CancelAnswer),
         (status = 202, description = "The task is running; its handler is asked to stop", body = CancelAnswer),
         (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The task finished (SUCCESS or FAILURE)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The task finished (SUCCESS or FAILURE), or Python Celery workers run it (kind = \"celery\"; revoke it with Celery's control)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong bearer token (with KOBE_API_TOKENS set)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Over the rate limit (with KOBE_RATE_LIMIT set); see Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "MongoDB unavailable; nothing was changed, or ask again to be sure", body = Problem, content_type = "application/problem+json"),
@@ -74,6 +74,9 @@ pub async fn cancel(
         Cancelled::Requested => Ok(HttpResponse::Accepted().json(answer(TaskState::Started))),
         Cancelled::Finished(task_state) => Err(ApiError::Conflict(format!(
             "task `{id}` is {task_state}; a finished task cannot be cancelled"
+        ))),
+        Cancelled::RunByCelery(name) => Err(ApiError::Conflict(format!(
+            "task `{id}` ({name}) runs on Python Celery workers, which Kobe cannot stop; revoke it with Celery's own control (celery control revoke {id})"
         ))),
         Cancelled::Missing => Err(not_found()),
     }
