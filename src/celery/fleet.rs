@@ -45,7 +45,19 @@ pub struct FleetConfig {
     pub queues: Vec<String>,
     /// The tasks it runs.
     pub registered: Vec<String>,
+    /// `KOBE_LOG_PAYLOADS`: arguments and results go into the events (cut, as Celery cuts
+    /// them) only when payloads may be shown; else each is sent as `…`.
+    pub show_payloads: bool,
 }
+
+/// Longest `repr` an event carries, as Celery's own (`argsrepr` and `resultrepr` are cut there).
+const MAX_REPR: usize = 1024;
+/// Notes waiting for the thread at most: past that, events are dropped (they are best effort, as
+/// Celery's are) rather than held in memory.
+const MAX_NOTES: usize = 10_000;
+/// Tasks kept for `active` at most; no attempt runs longer than the longest time limit either,
+/// so an attempt whose end never came (a lost lease, a stop) is forgotten then.
+const MAX_ACTIVE: usize = 10_000;
 
 /// One task's start, as `task-received` and `task-started` tell it: what its Celery meta says
 /// of it, and the workflow it belongs to.
@@ -72,7 +84,7 @@ pub struct Announcer {
 impl Announcer {
     /// Starts the thread; revokes asked for by Celery's tools come out of the receiver.
     pub fn start(config: FleetConfig) -> (Self, mpsc::UnboundedReceiver<String>) {
-        let (notes, inbox) = crossbeam_channel::unbounded();
+        let (notes, inbox) = crossbeam_channel::bounded(MAX_NOTES);
         let (revokes, revoked) = mpsc::unbounded_channel();
         let spawned = thread::Builder::new()
             .name("kobe-celery-events".into())
@@ -84,12 +96,12 @@ impl Announcer {
     }
 
     pub fn started(&self, started: Started) {
-        let _ = self.notes.send(Note::Started(started));
+        let _ = self.notes.try_send(Note::Started(started));
     }
 
     /// How an attempt ended, as its Celery meta says it (`Started` is no end, and sends nothing).
     pub fn ended(&self, task_id: &str, ended: Meta) {
-        let _ = self.notes.send(Note::Ended {
+        let _ = self.notes.try_send(Note::Ended {
             task_id: task_id.to_owned(),
             ended,
         });
@@ -126,9 +138,17 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// JSON text standing in for a Python `repr` (Flower shows it as it is).
-fn repr(value: &Value) -> String {
-    value.to_string()
+/// JSON text standing in for a Python `repr` (Flower shows it as it is), cut as Celery cuts its
+/// own; `…` when payloads are not to be shown.
+fn repr(value: &Value, show: bool) -> String {
+    if !show {
+        return "…".to_owned();
+    }
+    let text = value.to_string();
+    match text.char_indices().nth(MAX_REPR) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
 }
 
 impl Fleet {
@@ -280,6 +300,18 @@ impl Fleet {
             Note::Started(started) => {
                 let at = now();
                 let about = &started.about;
+                let longest = crate::domain::MAX_TIME_LIMIT.as_secs_f64();
+                self.active.retain(|_, active| at - active.at <= longest);
+                if self.active.len() >= MAX_ACTIVE {
+                    let oldest = self
+                        .active
+                        .iter()
+                        .min_by(|a, b| a.1.at.total_cmp(&b.1.at))
+                        .map(|(id, _)| id.clone());
+                    if let Some(oldest) = oldest {
+                        self.active.remove(&oldest);
+                    }
+                }
                 self.active.insert(
                     about.task_id.clone(),
                     Active {
@@ -289,8 +321,8 @@ impl Fleet {
                 );
                 let received = json!({
                     "uuid": about.task_id, "name": about.name,
-                    "args": repr(&Value::Array(about.args.clone())),
-                    "kwargs": repr(&Value::Object(about.kwargs.clone())),
+                    "args": repr(&Value::Array(about.args.clone()), self.config.show_payloads),
+                    "kwargs": repr(&Value::Object(about.kwargs.clone()), self.config.show_payloads),
                     "root_id": started.root_id, "parent_id": started.parent_id,
                     "retries": about.retries, "eta": null, "expires": null,
                 });
@@ -317,7 +349,7 @@ impl Fleet {
                     Meta::Started => unreachable!("answered above"),
                     Meta::Success { result } => (
                         "task-succeeded",
-                        json!({"uuid": task_id, "result": repr(result), "runtime": runtime}),
+                        json!({"uuid": task_id, "result": repr(result, self.config.show_payloads), "runtime": runtime}),
                     ),
                     Meta::Failure { cause } => (
                         "task-failed",
@@ -425,9 +457,13 @@ impl Fleet {
                     .values()
                     .map(|active| {
                         let s = &active.started.about;
+                        let (args, kwargs) = match self.config.show_payloads {
+                            true => (json!(s.args), json!(s.kwargs)),
+                            false => (json!("…"), json!("…")),
+                        };
                         json!({
                             "id": s.task_id, "name": s.name, "type": s.name,
-                            "args": s.args, "kwargs": s.kwargs, "hostname": self.hostname,
+                            "args": args, "kwargs": kwargs, "hostname": self.hostname,
                             "time_start": active.at, "acknowledged": false,
                             "delivery_info": {"routing_key": s.queue, "redelivered": false},
                             "worker_pid": std::process::id(),
@@ -509,6 +545,7 @@ mod tests {
             prefetch: 16,
             queues: vec!["kobe.default".into()],
             registered: vec!["wordcount".into()],
+            show_payloads: true,
         };
         (Fleet::new(config, inbox, revokes), revoked)
     }
@@ -548,6 +585,37 @@ mod tests {
         assert_eq!(stats["total"]["wordcount"], 1);
         assert_eq!(stats["pool"]["max-concurrency"], 4);
         assert_eq!(fleet.answer("active", &Value::Null).unwrap(), json!([]));
+    }
+
+    #[test]
+    fn payloads_go_into_events_only_when_they_may_be_shown_and_cut_as_celery_cuts_them() {
+        let (mut fleet, _) = fleet();
+        let mut long = started("t1");
+        long.about.args = vec![json!("x".repeat(5_000))];
+        let events = fleet.account(&Note::Started(long.clone()));
+        let args = events[0].1["args"].as_str().unwrap();
+        assert_eq!(args.chars().count(), MAX_REPR + 1);
+        assert!(args.ends_with('…'));
+        fleet.config.show_payloads = false;
+        let events = fleet.account(&Note::Started(started("t2")));
+        assert_eq!(
+            (events[0].1["args"].as_str(), events[0].1["kwargs"].as_str()),
+            (Some("…"), Some("…"))
+        );
+        let events = fleet.account(&Note::Ended {
+            task_id: "t2".into(),
+            ended: Meta::Success {
+                result: json!("secret"),
+            },
+        });
+        assert_eq!(events[0].1["result"], "…");
+        let active = fleet.answer("active", &Value::Null).unwrap();
+        assert_eq!(active[0]["args"], "…");
+        // Starts whose end never comes are not kept without bound.
+        for i in 0..MAX_ACTIVE + 5 {
+            fleet.account(&Note::Started(started(&format!("lost-{i}"))));
+        }
+        assert_eq!(fleet.active.len(), MAX_ACTIVE);
     }
 
     #[test]

@@ -89,6 +89,7 @@ pub async fn run(
             prefetch,
             queues: queues.clone(),
             registered: registry.names().iter().map(|n| (*n).to_owned()).collect(),
+            show_payloads: settings.worker.log_payloads,
         });
         services.celery_events = Some(announcer.clone());
         let revoking = tokio::spawn(revoke_on_request(
