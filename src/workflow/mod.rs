@@ -430,11 +430,17 @@ impl Workflows {
         for next in next {
             let id =
                 TaskId::parse(&next.id).map_err(|_| SubmitError::InvalidId(next.id.clone()))?;
-            let route = self
-                .submitter
-                .topology()
-                .route_of(&next.task_name)
-                .to_owned();
+            // The signature's own queue, as Celery would send it, where it is one of Kobe's
+            // routes (named as the route or as its queue); else the task's configured route.
+            let topology = self.submitter.topology();
+            let route = match next.queue.as_deref().map(|q| topology.route_for_key(q)) {
+                Some(route) if topology.routes().iter().any(|r| r == route) => route.to_owned(),
+                Some(unknown) => {
+                    tracing::warn!(queue = unknown, task = %next.task_name, "a Celery signature names a queue Kobe has no route for; sent on the task's own route");
+                    topology.route_of(&next.task_name).to_owned()
+                }
+                None => topology.route_of(&next.task_name).to_owned(),
+            };
             let mut task = NewTask::new(id, &next.task_name, &route);
             task.args = next.args;
             task.kwargs = next.kwargs;

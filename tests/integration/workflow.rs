@@ -842,3 +842,64 @@ async fn a_start_answered_503_runs_nothing_and_the_same_start_again_resumes_it()
     assert_eq!(fleet.runs_of(&format!("{id}:on_failure")), 0);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_celery_links_queue_is_honoured_and_a_link_that_can_never_be_submitted_does_not_cycle() {
+    let common::Running {
+        env,
+        api: _api,
+        worker,
+    } = TestEnv::with_worker(&[("KOBE_TASK_ROUTES", "demo_long_io=io")], 4).await;
+    let publisher = env.publisher();
+    let id = |name: &str| format!("{name}-{}", uuid::Uuid::new_v4());
+    let (first, link) = (id("first"), id("link"));
+    let signature = |id: &str, options: Value| {
+        let mut options = options;
+        options["task_id"] = json!(id);
+        json!({"task": "demo_long_io", "args": [], "kwargs": {"duration_ms": 1},
+               "options": options, "subtask_type": null, "immutable": true, "chord_size": null})
+    };
+    // Its link names the default queue, not the task's configured route.
+    let mut message = kobe::amqp::TaskMessage::new(
+        kobe::domain::TaskId::parse(&first).unwrap(),
+        "demo_long_io",
+        vec![],
+        json!({"duration_ms": 1}).as_object().cloned().unwrap(),
+    );
+    message.embed = Some(json!({
+        "callbacks": [signature(&link, json!({"queue": env.topology.queue("default")}))],
+        "errbacks": null, "chain": null, "chord": null,
+    }));
+    env.publish_message(&publisher, &message).await;
+    let linked = env.wait_final(&link, Duration::from_secs(30)).await;
+    assert_eq!(linked.route, "default", "{linked:?}");
+
+    // A link whose id is over the bound can never be submitted: the finished delivery is acked
+    // once, not handed back for ever.
+    let doomed = id("doomed");
+    let mut message = kobe::amqp::TaskMessage::new(
+        kobe::domain::TaskId::parse(&doomed).unwrap(),
+        "demo_long_io",
+        vec![],
+        json!({"duration_ms": 1}).as_object().cloned().unwrap(),
+    );
+    message.embed = Some(json!({
+        "callbacks": [signature(&"b".repeat(130), json!({}))],
+        "errbacks": null, "chain": null, "chord": null,
+    }));
+    env.publish_message(&publisher, &message).await;
+    let task = env.wait_final(&doomed, Duration::from_secs(30)).await;
+    assert_eq!(task.state, kobe::domain::TaskState::Success);
+    env.wait_queue_empty("io", "the delivery settled").await;
+    // Handed back, it would come again within the outage pause (1–15 s) as a duplicate of a
+    // finished task, and again after that.
+    let again = "kobe_duplicate_deliveries_total{reason=\"finished\"}";
+    let before = common::metric(again);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(common::metric(again), before, "the finished delivery came back");
+    assert_eq!(
+        env.tasks().get(&doomed).await.unwrap().unwrap().deliveries,
+        1
+    );
+    worker.stop().await;
+}
