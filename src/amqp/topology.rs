@@ -34,9 +34,11 @@ pub const DEFAULT_ROUTE: &str = "default";
 
 use super::wire::RETRY_LEVEL_HEADER;
 
-/// Delays of the retry levels. A retry waits in the smallest level at least as long as its
-/// (jittered) delay, with its own per-message TTL, so the wait is exact up to head-of-line
-/// effects within one level.
+/// Delays of the delay levels. A message waits in the longest level not longer than what is
+/// left of its delay, for exactly that level's time: every message of one level expires in the
+/// order it came, so none waits behind another's longer TTL (a broker expires only a queue's
+/// head). What is left when it arrives (its `eta`) sends it through the levels again: a wait is
+/// a few hops, each exact, and is late by less than the shortest level.
 pub const RETRY_LEVELS_MS: [u64; 16] = [
     100, 250, 500, 1_000, 2_000, 4_000, 8_000, 15_000, 30_000, 60_000, 120_000, 300_000, 600_000,
     1_200_000, 3_600_000, 21_600_000,
@@ -148,13 +150,15 @@ impl Topology {
         routes
     }
 
-    /// The retry level for a delay: the smallest level that is not shorter.
+    /// The delay level for a delay: the longest level not longer than it (the shortest for a
+    /// delay below every level).
     pub fn retry_level_for(delay: Duration) -> u64 {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         RETRY_LEVELS_MS
             .into_iter()
-            .find(|level| *level >= ms)
-            .unwrap_or(RETRY_LEVELS_MS[RETRY_LEVELS_MS.len() - 1])
+            .rev()
+            .find(|level| *level <= ms)
+            .unwrap_or(RETRY_LEVELS_MS[0])
     }
 
     /// The same message, routed through the delay queues so it reaches its queue after `delay`
@@ -170,10 +174,10 @@ impl Topology {
         outgoing.properties = outgoing
             .properties
             .with_headers(headers)
-            // Never past the level's own TTL, which the queue applies anyway: a delay longer
-            // than the longest level is held in hops (the worker delays a task that is not due
-            // yet again), and no expiration exceeds what the broker accepts.
-            .with_expiration(delay.as_millis().clamp(1, u128::from(level)).to_string());
+            // The level's own TTL, as every message of the level has: the level's queue then
+            // expires its messages in order. The rest of a longer delay is held in further hops
+            // (the worker delays a task that is not due yet again).
+            .with_expiration(level.to_string());
         outgoing
     }
 
@@ -467,14 +471,16 @@ mod tests {
         );
         assert!(far.check().is_ok());
         let near = outgoing(Duration::from_millis(1_500));
-        assert_eq!(near.properties.expiration().as_deref(), Some("1500"));
+        assert_eq!(near.properties.expiration().as_deref(), Some("1000"));
     }
 
     #[test]
-    fn retry_level_is_the_smallest_not_shorter() {
+    fn a_delay_waits_in_the_longest_level_not_longer_than_it() {
         assert_eq!(Topology::retry_level_for(Duration::from_millis(1)), 100);
         assert_eq!(Topology::retry_level_for(Duration::from_millis(100)), 100);
-        assert_eq!(Topology::retry_level_for(Duration::from_millis(101)), 250);
+        assert_eq!(Topology::retry_level_for(Duration::from_millis(249)), 100);
+        assert_eq!(Topology::retry_level_for(Duration::from_millis(250)), 250);
+        assert_eq!(Topology::retry_level_for(Duration::from_secs(119)), 60_000);
         assert_eq!(
             Topology::retry_level_for(Duration::from_secs(86_400)),
             21_600_000

@@ -387,7 +387,9 @@ pub(crate) fn on_unknown(task: &str, hops: i64, most_hops: i64) -> Verdict {
 /// not due yet, or expired. [`Verdict::Takeable`]: nothing.
 pub(crate) fn on_arrival(message: &crate::amqp::TaskMessage, now: i64) -> Verdict {
     if let Some(eta) = message.eta.as_deref().and_then(millis_of) {
-        if eta - now > 100 {
+        // Never before its time ("run no earlier than"): the delay levels bring it close, and
+        // what is left, however little, is one more short hop.
+        if eta > now {
             let wait = Duration::from_millis(u64::try_from(eta - now).unwrap_or(u64::MAX));
             return Verdict::Dispose(Disposal::SendBack { wait, hops: None });
         }

@@ -289,6 +289,14 @@ impl Worker {
     fn next_attempt(&self, job: &Job<'_>, delay: Duration) -> Option<Outgoing> {
         let mut next = job.message?.clone();
         next.retries = next.retries.saturating_add(1);
+        // Its due time rides with it: the delay levels take it there in exact hops, however
+        // long the delay (a retry without one ran after the longest level at most).
+        let due = mongodb::bson::DateTime::from_millis(
+            mongodb::bson::DateTime::now()
+                .timestamp_millis()
+                .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        );
+        next.eta = due.try_to_rfc3339_string().ok();
         let mut properties = next.properties();
         if let Some(original) = job.delivery.properties.headers() {
             let mut headers = properties.headers().clone().unwrap_or_default();

@@ -896,7 +896,11 @@ async fn a_celery_links_queue_is_honoured_and_a_link_that_can_never_be_submitted
     let again = "kobe_duplicate_deliveries_total{reason=\"finished\"}";
     let before = common::metric(again);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(common::metric(again), before, "the finished delivery came back");
+    assert_eq!(
+        common::metric(again),
+        before,
+        "the finished delivery came back"
+    );
     assert_eq!(
         env.tasks().get(&doomed).await.unwrap().unwrap().deliveries,
         1

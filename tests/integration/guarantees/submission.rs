@@ -298,3 +298,32 @@ async fn a_task_an_old_worker_does_not_know_waits_for_one_that_does() {
     assert_eq!(super::runs_of(&runs, message.id.as_str()).len(), 1);
     new.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_countdown_behind_a_longer_one_in_the_same_level_runs_on_time() {
+    let common::Running { env, api, worker } = TestEnv::with_worker(&[], 2).await;
+    // 14 s and then 9 s: both once waited in the 15 s level, where the 9 s one expired only
+    // after the 14 s one ahead of it.
+    let long = api
+        .submit(json!({"task_name": "demo_long_io", "countdown": 14, "kwargs": {"duration_ms": 1}}))
+        .await;
+    let submitted = mongodb::bson::DateTime::now().timestamp_millis();
+    let short = api
+        .submit(json!({"task_name": "demo_long_io", "countdown": 9, "kwargs": {"duration_ms": 1}}))
+        .await;
+    let started_after = |task: kobe::store::TaskDocument| {
+        task.started_at.expect("it ran").timestamp_millis() - submitted
+    };
+    let short_ran = started_after(env.wait_final(&short, Duration::from_secs(40)).await);
+    let long_ran = started_after(env.wait_final(&long, Duration::from_secs(40)).await);
+    eprintln!("due after 9 s: ran after {short_ran} ms; due after 14 s: after {long_ran} ms");
+    assert!(
+        (9_000..10_500).contains(&short_ran),
+        "the 9 s countdown ran after {short_ran} ms"
+    );
+    assert!(
+        (14_000..15_500).contains(&long_ran),
+        "the 14 s countdown ran after {long_ran} ms"
+    );
+    worker.stop().await;
+}
