@@ -845,3 +845,45 @@ async fn a_command_dies_with_a_worker_killed_by_sigkill_and_runs_once_at_a_time(
     replacement.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_task_goes_straight_to_its_address_whatever_proxy_the_environment_names() {
+    let receiver = Receiver::start().await;
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let dir = std::env::temp_dir().join(common::unique("kobe-no-proxy"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tasks.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[task]]\nname = \"direct\"\nkind = \"http\"\nurl = \"{}/ok\"\n",
+            receiver.base
+        ),
+    )
+    .unwrap();
+    // A proxy would resolve names itself, past the check of every address: none is used, even
+    // one the environment names (here one that answers nothing).
+    let worker = env
+        .kobe_command(&["worker"])
+        .env("KOBE_TASKS_FILE", &file)
+        .env("KOBE_TASK_SIGNING_SECRET", SECRET)
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("http_proxy", "http://127.0.0.1:9")
+        .env("ALL_PROXY", "http://127.0.0.1:9")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(common::Process::new)
+        .unwrap();
+    let message = message("direct", json!({}));
+    env.publish_message(&env.publisher(), &message).await;
+    let task = env
+        .wait_final(message.id.as_str(), Duration::from_secs(60))
+        .await;
+    assert_eq!(task.state, TaskState::Success, "{task:?}");
+    assert_eq!(receiver.calls("/ok").len(), 1);
+    worker.stop();
+    receiver.handle.stop(false).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,12 +1,19 @@
 //! Where an http task may connect: the networks its declaration allows and denies, and never a
-//! loopback, link-local or private address reached through a name unless its URL names one. The
-//! check runs on every resolved address, so a name that changes its answer cannot lead
-//! elsewhere.
+//! loopback, link-local or unspecified address, nor a cloud metadata service, reached through a
+//! name unless its URL names one. The check runs on every resolved address, so a name that
+//! changes its answer cannot lead elsewhere; the client uses no proxy, which would resolve
+//! names itself, past the check.
 
 use super::fields::{field, FieldError};
 
+/// The IPv6 address of a cloud metadata service outside the link-local range (AWS's).
+const METADATA_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
 /// Whether `ip` is of the kinds a request is kept from unless declared: loopback, link-local
-/// (169.254.0.0/16 holds cloud metadata services), unspecified.
+/// (169.254.0.0/16 and fe80::/10 hold cloud metadata services), unspecified, and AWS's IPv6
+/// metadata address (fd00:ec2::254). Private networks (10/8, fc00::/7 …) are where services
+/// live: narrow them with `deny_networks`.
 fn guarded(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
@@ -14,6 +21,7 @@ fn guarded(ip: std::net::IpAddr) -> bool {
             v6.is_loopback()
                 || v6.is_unspecified()
                 || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6 == METADATA_V6
                 || v6.to_ipv4_mapped().is_some_and(|v4| guarded(v4.into()))
         }
     }
@@ -184,10 +192,11 @@ mod tests {
             "fe80::1",
             "0.0.0.0",
             "::ffff:127.0.0.1",
+            "fd00:ec2::254",
         ] {
             assert!(guarded(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["10.1.2.3", "93.184.216.34", "2001:db8::1"] {
+        for ip in ["10.1.2.3", "93.184.216.34", "2001:db8::1", "fd12::1"] {
             assert!(!guarded(ip.parse().unwrap()), "{ip}");
         }
     }

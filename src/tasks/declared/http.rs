@@ -223,6 +223,9 @@ impl HttpCall {
         let destinations = destinations(&url, networks)?;
         install_tls_provider();
         let client = reqwest::Client::builder()
+            // A proxy from the environment (HTTPS_PROXY …) would resolve the name itself, past
+            // the resolver that checks every address.
+            .no_proxy()
             .user_agent(concat!("kobe/", env!("CARGO_PKG_VERSION")))
             .redirect(redirects)
             .dns_resolver(std::sync::Arc::new(GuardedResolver(std::sync::Arc::new(
