@@ -267,6 +267,11 @@ impl Worker {
     /// leaving a reference in its place. The backend copy is written first, so a client who sees
     /// `SUCCESS` finds the result.
     async fn keep_result(&self, task_id: &str, result: &mut Value) -> Result<(), StoreError> {
+        if reference_in(result).is_some() {
+            // Kept already, by a first try of this record: the backend has the value, and the
+            // reference must not replace it there.
+            return Ok(());
+        }
         if let Some(ttl) = self.config.result_ttl {
             if let Err(error) = self
                 .cache

@@ -214,6 +214,30 @@ async fn with_redis_down_status_still_answers_and_ready_names_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_a_result_is_read_from_mongodb() {
+    let redis = PrivateRedis::start();
+    let env = TestEnv::with(&[
+        ("REDIS_URL", &redis.url()),
+        ("KOBE_RESULT_BACKEND", "redis"),
+        ("KOBE_DEPENDENCY_TIMEOUT_MS", "500"),
+    ])
+    .await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(1);
+    let id = api.submit(common::quick_task(1)).await;
+    let (done, _) = api.wait_for_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "SUCCESS");
+    redis.stop();
+    let response = api.get(&format!("/task/result/{id}")).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["result"]["slept_ms"], 1, "{body}");
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_result_backend_serves_results_until_their_ttl() {
     let env = TestEnv::with(&[("KOBE_RESULT_BACKEND", "redis"), ("KOBE_RESULT_TTL", "2")]).await;
     env.init_db().await;

@@ -321,11 +321,14 @@ pub async fn result(
         serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string()))?;
     match status["state"].as_str() {
         Some("SUCCESS") => {
-            let stored = state
-                .cache
-                .result(id.as_str())
-                .await
-                .map_err(ApiError::store)?;
+            // Redis is a cache: when it cannot answer, MongoDB can.
+            let stored = match state.cache.result(id.as_str()).await {
+                Ok(stored) => stored,
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot read the result from Redis; reading it from MongoDB");
+                    None
+                }
+            };
             let result: Value = match stored {
                 Some(stored) => {
                     serde_json::from_str(&stored).map_err(|e| ApiError::Internal(e.to_string()))?
