@@ -52,6 +52,7 @@ pub async fn state(settings: &Settings, registry: Registry) -> anyhow::Result<Ap
         rate_window: settings.api.rate_window,
         api_tokens: settings.api.tokens.clone(),
         metrics_auth: settings.api.metrics_auth,
+        trusted_proxies: settings.api.trusted_proxies.clone(),
         db,
         cache,
         dependency_timeout: settings.dependency_timeout,

@@ -264,6 +264,8 @@ pub struct ApiSettings {
     pub tokens: Secret<Vec<String>>,
     /// Whether `/metrics` needs a token too.
     pub metrics_auth: bool,
+    /// Proxies whose `X-Forwarded-For` names the client (rate limits, sign-in tries).
+    pub trusted_proxies: Vec<crate::domain::network::Network>,
 }
 
 /// How `kobe worker` runs tasks.
@@ -435,6 +437,7 @@ impl Settings {
                 rate_window: read.millis("KOBE_RATE_WINDOW_MS")?,
                 tokens: Secret::new(api_tokens),
                 metrics_auth: read.flag("KOBE_METRICS_AUTH")?,
+                trusted_proxies: read.networks("KOBE_TRUSTED_PROXIES")?,
             },
             worker: WorkerSettings {
                 execution_lease,

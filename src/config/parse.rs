@@ -27,6 +27,25 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
             .filter(|v| !v.is_empty())
     }
 
+    /// A comma-separated list of networks (`10.0.0.0/8, 127.0.0.1`); empty when unset.
+    pub(super) fn networks(
+        &self,
+        var: &'static str,
+    ) -> Result<Vec<crate::domain::network::Network>, ConfigError> {
+        let value = self.value(var);
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                crate::domain::network::Network::parse(part).ok_or_else(|| ConfigError {
+                    var,
+                    reason: format!("`{part}` is not an address or a network (10.0.0.0/8, ::1)"),
+                })
+            })
+            .collect()
+    }
+
     /// The value, or the variable's default.
     pub(super) fn value(&self, var: &'static str) -> String {
         self.optional(var)

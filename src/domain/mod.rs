@@ -2,6 +2,7 @@
 
 pub mod document;
 pub mod fingerprint;
+pub mod network;
 pub mod schedule;
 pub mod shard;
 

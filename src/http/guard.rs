@@ -147,10 +147,20 @@ async fn admit(request: &ServiceRequest) -> Result<(), ApiError> {
     let tokens = state.api_tokens.expose();
     // Who the request is, and the name the rate limit counts it under.
     let mut limited_as = None;
+    let address = || {
+        format!(
+            "ip:{}",
+            client_address(request.request(), &state.trusted_proxies)
+        )
+    };
     if !tokens.is_empty() {
-        let (caller, key) = identify(request, &state)
-            .await?
-            .ok_or(ApiError::Unauthorized)?;
+        let Some((caller, key)) = identify(request, &state).await? else {
+            // Wrong tokens count against the sender's address: guessing is limited too.
+            if state.rate_limit > 0 {
+                count(&state, address(), 1).await?;
+            }
+            return Err(ApiError::Unauthorized);
+        };
         request.extensions_mut().insert(caller);
         limited_as = Some(key);
     }
@@ -162,19 +172,40 @@ async fn admit(request: &ServiceRequest) -> Result<(), ApiError> {
     if state.rate_limit > 0 {
         // Per token (or page session) when there is one — it names a client better than an
         // address — else per peer address.
-        let client = limited_as.unwrap_or_else(|| {
-            format!(
-                "ip:{}",
-                request
-                    .peer_addr()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_else(|| "unknown".into())
-            )
-        });
+        let client = limited_as.unwrap_or_else(address);
         request.extensions_mut().insert(RateKey(client.clone()));
         count(&state, client, 1).await?;
     }
     Ok(())
+}
+
+/// The address a request came from: its connection's, or — when that is a trusted proxy — the
+/// last one its `X-Forwarded-For` names that is not itself a trusted proxy (what a client puts
+/// first in the header is its own say, and not believed).
+pub(crate) fn client_address(
+    request: &actix_web::HttpRequest,
+    trusted: &[crate::domain::network::Network],
+) -> String {
+    let Some(peer) = request.peer_addr().map(|a| a.ip()) else {
+        return "unknown".into();
+    };
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(peer) {
+        return peer.to_string();
+    }
+    let forwarded: Vec<std::net::IpAddr> = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|part| part.trim().parse().ok())
+        .collect();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|ip| !is_trusted(*ip))
+        .unwrap_or(peer)
+        .to_string()
 }
 
 /// The name the rate limit counted a request under, for a handler that counts more.

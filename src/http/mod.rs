@@ -51,6 +51,8 @@ pub struct AppState {
     /// Accepted bearer tokens; empty: no authentication.
     pub api_tokens: Secret<Vec<String>>,
     pub metrics_auth: bool,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<crate::domain::network::Network>,
     pub db: Database,
     pub cache: Cache,
     /// Bound on each readiness probe.

@@ -103,7 +103,11 @@ async fn no_spelling_of_a_protected_route_is_served_without_a_token_or_past_the_
             } else {
                 401
             };
-            assert_eq!(status, expected, "{method} {spelled} without a token");
+            // Past the limit (wrong and missing tokens count against the address): 429.
+            assert!(
+                status == expected || status == 429,
+                "{method} {spelled} without a token: {status}"
+            );
         }
     }
     // Past the limit whatever the spelling: the token is counted, not the path.
@@ -350,5 +354,93 @@ async fn ready_tells_the_unauthenticated_only_what_is_up() {
         detailed["checks"]["redis"]["error"].is_string(),
         "{detailed}"
     );
+    api.handle.stop(false).await;
+}
+
+/// `count` sign-in tries with a wrong token, each said to be forwarded for `forwarded(i)`.
+async fn wrong_sign_ins(
+    client: &reqwest::Client,
+    api: &common::TestApi,
+    count: usize,
+    forwarded: impl Fn(usize) -> String,
+) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for i in 0..count {
+        let answer = client
+            .post(format!("{}/ui/login", api.address))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-forwarded-for", forwarded(i))
+            .body("token=guessing-0123456789")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(answer.status().as_u16());
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_tries_are_limited_per_client_and_a_forged_header_changes_nothing() {
+    // Behind the proxy (this test's connections come from 127.0.0.1): one client's guessing
+    // locks that client out, not every operator behind the same proxy.
+    let env = TestEnv::with(&[
+        ("KOBE_API_TOKENS", TOKEN),
+        ("KOBE_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8"),
+    ])
+    .await;
+    let api = env.spawn_api_unready().await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // What a client says before the proxy's own entry is not believed: the proxy appends the
+    // address it saw last.
+    let statuses = wrong_sign_ins(&client, &api, 11, |i| {
+        format!("198.51.100.{i}, 203.0.113.5, 10.1.2.3")
+    })
+    .await;
+    assert_eq!(&statuses[..10], &[401; 10], "{statuses:?}");
+    assert_eq!(statuses[10], 429, "{statuses:?}");
+    let other = client
+        .post(format!("{}/ui/login", api.address))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", "203.0.113.6")
+        .body(format!("token={TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 303, "another client signs in");
+    api.handle.stop(false).await;
+
+    // Not behind a trusted proxy: the header is anyone's to send, and ignored.
+    let env = TestEnv::with(&[("KOBE_API_TOKENS", TOKEN)]).await;
+    let api = env.spawn_api_unready().await;
+    let statuses = wrong_sign_ins(&client, &api, 11, |i| format!("203.0.113.{i}")).await;
+    assert_eq!(statuses[10], 429, "{statuses:?}");
+    api.handle.stop(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_bearer_tokens_is_rate_limited() {
+    let env = TestEnv::with(&[
+        ("KOBE_API_TOKENS", TOKEN),
+        ("KOBE_RATE_LIMIT", "5"),
+        ("KOBE_RATE_WINDOW_MS", "60000"),
+    ])
+    .await;
+    let api = env.spawn_api_unready().await;
+    let mut statuses = Vec::new();
+    for i in 0..7 {
+        let answer = api
+            .client
+            .get(format!("{}/task/status/x", api.address))
+            .bearer_auth(format!("guess-{i}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(answer.status().as_u16());
+    }
+    assert_eq!(&statuses[..5], &[401; 5], "{statuses:?}");
+    assert_eq!(&statuses[5..], &[429, 429], "{statuses:?}");
     api.handle.stop(false).await;
 }

@@ -63,10 +63,7 @@ pub async fn login(
             .insert_header(("Location", "/ui"))
             .finish();
     }
-    let address = request
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| "unknown".into());
+    let address = crate::http::guard::client_address(&request, &state.trusted_proxies);
     match state
         .cache
         .over_rate_limit(

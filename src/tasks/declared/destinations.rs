@@ -5,6 +5,7 @@
 //! names itself, past the check.
 
 use super::fields::{field, FieldError};
+use crate::domain::network::Network;
 
 /// The IPv6 address of a cloud metadata service outside the link-local range (AWS's).
 const METADATA_V6: std::net::Ipv6Addr =
@@ -24,43 +25,6 @@ fn guarded(ip: std::net::IpAddr) -> bool {
                 || v6 == METADATA_V6
                 || v6.to_ipv4_mapped().is_some_and(|v4| guarded(v4.into()))
         }
-    }
-}
-
-/// A network written `address/prefix` (or one address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Network {
-    address: std::net::IpAddr,
-    prefix: u8,
-}
-
-impl Network {
-    fn parse(text: &str) -> Option<Self> {
-        let (address, prefix) = match text.trim().split_once('/') {
-            Some((address, prefix)) => (address.parse().ok()?, Some(prefix.parse::<u8>().ok()?)),
-            None => (text.trim().parse().ok()?, None),
-        };
-        let most = match address {
-            std::net::IpAddr::V4(_) => 32,
-            std::net::IpAddr::V6(_) => 128,
-        };
-        let prefix = prefix.unwrap_or(most);
-        (prefix <= most).then_some(Self { address, prefix })
-    }
-
-    fn contains(&self, ip: std::net::IpAddr) -> bool {
-        let bits = |ip: std::net::IpAddr| -> (u128, u32) {
-            match ip {
-                std::net::IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
-                std::net::IpAddr::V6(v6) => (u128::from(v6), 128),
-            }
-        };
-        let ((net, width), (addr, other)) = (bits(self.address), bits(ip));
-        if width != other {
-            return false;
-        }
-        let shift = width - u32::from(self.prefix);
-        shift >= width || (net >> shift) == (addr >> shift)
     }
 }
 
