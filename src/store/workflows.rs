@@ -72,6 +72,13 @@ pub struct StepTask {
     pub eta: Option<DateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<DateTime>,
+    /// A countdown (seconds), counted from when the step is submitted, as Celery counts a
+    /// signature's: a later step's countdown does not run out while the steps before it run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub countdown_s: Option<f64>,
+    /// `expires` given in seconds, counted from when the step is submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_s: Option<f64>,
 }
 
 /// One step as stored.

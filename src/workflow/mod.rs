@@ -657,7 +657,10 @@ fn new_task(id: TaskId, workflow_id: &str, step: &StepTask, trace: TraceContext)
     task.workflow_id = Some(workflow_id.to_owned());
     task.hard_time_limit = step.hard_time_limit.map(std::time::Duration::from_secs_f64);
     task.soft_time_limit = step.soft_time_limit.map(std::time::Duration::from_secs_f64);
-    task.eta = step.eta;
-    task.expires = step.expires;
+    let from_now = |seconds: f64| {
+        DateTime::from_millis(DateTime::now().timestamp_millis() + (seconds * 1000.0) as i64)
+    };
+    task.eta = step.eta.or(step.countdown_s.map(from_now));
+    task.expires = step.expires.or(step.expires_in_s.map(from_now));
     task
 }

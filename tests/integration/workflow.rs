@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 type Runs = Arc<Mutex<HashMap<String, u32>>>;
 
 /// `wf_add`: the sum of every number in its arguments (lists included), after `sleep_ms`;
-/// fails for good with `fail: true`, or on its first run with `fail_once: true`. Counts its
-/// runs.
+/// then fails for good with `fail: true`, or on its first run with `fail_once: true`. Counts
+/// its runs.
 struct Add {
     runs: Runs,
 }
@@ -43,11 +43,11 @@ impl Task for Add {
             *count
         };
         Box::pin(async move {
-            if runs == 1 && invocation.kwargs.get("fail_once") == Some(&json!(true)) {
-                return Err(TaskError::Permanent("failed its first run".into()));
-            }
             if let Some(ms) = invocation.kwargs.get("sleep_ms").and_then(Value::as_u64) {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if runs == 1 && invocation.kwargs.get("fail_once") == Some(&json!(true)) {
+                return Err(TaskError::Permanent("failed its first run".into()));
             }
             if invocation.kwargs.get("fail") == Some(&json!(true)) {
                 return Err(TaskError::Permanent("asked to fail".into()));
@@ -906,4 +906,28 @@ async fn a_celery_links_queue_is_honoured_and_a_link_that_can_never_be_submitted
         1
     );
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_steps_countdown_and_expiry_count_from_when_it_is_submitted() {
+    let fleet = fleet().await;
+    // The second step waits 1 s after the first ends, and is not expired for the first's 1.5 s.
+    let id = fleet
+        .started(json!({"workflow": {"chain": [
+            {"task_name": "wf_add", "args": [1], "kwargs": {"sleep_ms": 1500}},
+            {"task_name": "wf_add", "args": [2], "countdown": 1, "expires": 1.2},
+        ]}}))
+        .await;
+    let view = fleet.ended(&id).await;
+    assert_eq!(view["state"], "SUCCESS", "{view}");
+    let tasks = fleet.env.tasks();
+    let first = tasks.get(&format!("{id}:0")).await.unwrap().unwrap();
+    let second = tasks.get(&format!("{id}:1")).await.unwrap().unwrap();
+    let waited = second.started_at.unwrap().timestamp_millis()
+        - first.finished_at.unwrap().timestamp_millis();
+    assert!(
+        waited >= 1_000,
+        "the second step started {waited} ms after the first ended"
+    );
+    fleet.stop().await;
 }

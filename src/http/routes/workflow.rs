@@ -186,6 +186,9 @@ fn step_task(
             "a step is deduplicated with its workflow: send an Idempotency-Key with the start",
         ));
     }
+    // Times given relative are kept relative: they count from when the step is submitted.
+    let countdown_s = submission.countdown.filter(|c| *c > 0.0);
+    let expires_in_s = submission.expires.as_ref().and_then(Value::as_f64);
     let task = prepare(registry, topology, submission, None, *trace)
         .map_err(at)?
         .into_task();
@@ -197,8 +200,10 @@ fn step_task(
         priority: task.priority,
         hard_time_limit: task.hard_time_limit.map(|d| d.as_secs_f64()),
         soft_time_limit: task.soft_time_limit.map(|d| d.as_secs_f64()),
-        eta: task.eta,
-        expires: task.expires,
+        eta: task.eta.filter(|_| countdown_s.is_none()),
+        expires: task.expires.filter(|_| expires_in_s.is_none()),
+        countdown_s,
+        expires_in_s,
     })
 }
 
