@@ -68,11 +68,6 @@ impl Cache {
         })
     }
 
-    /// How long a cached status lives (a state change's marker lives twice as long).
-    pub(crate) fn status_ttl(&self) -> Duration {
-        self.status_ttl
-    }
-
     /// With a status TTL other than the default 2 s.
     pub(crate) fn with_status_ttl(mut self, ttl: Duration) -> Self {
         self.status_ttl = ttl;

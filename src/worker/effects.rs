@@ -59,6 +59,7 @@ impl Effects for Worker {
             Err(error) => return Stored::Rejected(error.to_string()),
         };
         let error_record = error_record(job, plan);
+        let had_error = error_record.is_some();
         let written = self.writer.submit(write);
         let logged =
             error_record.map(|record| self.writer.submit(self.errors.record_write(&record)));
@@ -81,7 +82,12 @@ impl Effects for Worker {
         }
         if stored == Stored::Applied {
             self.pause.recovered();
-            self.invalidator.invalidate(&job.attempt.task_id).await;
+            // A final status may be cached as soon as the outcome is in: one read between the
+            // outcome and its TaskErrorLog record would cache it without its last error, so a
+            // failure clears it once the record is written. A success is whole in its one write.
+            if had_error {
+                self.invalidator.invalidate(&job.attempt.task_id).await;
+            }
         }
         stored
     }

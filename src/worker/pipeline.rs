@@ -154,11 +154,9 @@ impl Worker {
         );
         let mut job = Job::new(delivery, attempt).reading(&message);
         loop {
-            // Readers stop being served a cached status before the claim can land (the marker
-            // keeps them from caching the old one again), so none is told PENDING once MongoDB
-            // says STARTED; the invalidation after the claim covers a claim slower than the
-            // marker. Done before the slot is held, so it costs no run time.
-            self.invalidator.invalidate(&job.attempt.task_id).await;
+            // No cached status to clear: readers cache only final states (see
+            // `http::routes::status`), and what moves a task on from one is an operator's
+            // rerun, which clears it. A claim and a success cost Redis nothing.
             // A run slot before the claim: waiting for one is not a start, so a backlog never
             // counts towards the delivery cap nor shows the task STARTED while it waits.
             let Some(slot) = self.slot().await else {
@@ -319,7 +317,6 @@ impl Worker {
                 .with_label_values(&[self.task_label(&job.attempt.task_name)])
                 .inc();
         }
-        self.invalidate_if_slow(&job.attempt.task_id, claimed_at);
         if let Some(results) = &self.celery_results {
             results.put_soon(super::effects::celery_about(job), Meta::Started);
         }
@@ -416,17 +413,6 @@ impl Worker {
                 Some(Next::Settled)
             }
             Verdict::Takeable | Verdict::Wait { .. } => None,
-        }
-    }
-
-    /// Invalidates the cached status again after a claim that took so long (with the slot wait
-    /// before it) that the marker set before it may have expired; a claim answered in time needs
-    /// no second round trip.
-    fn invalidate_if_slow(&self, task_id: &str, claimed_at: Instant) {
-        if self.config.slot_wait + claimed_at.elapsed() >= self.cache.status_ttl() {
-            let invalidator = self.invalidator.clone();
-            let task_id = task_id.to_owned();
-            tokio::spawn(async move { invalidator.invalidate(&task_id).await });
         }
     }
 

@@ -497,3 +497,87 @@ async fn a_countdown_delays_the_start_and_an_expired_task_never_runs() {
     worker.stop().await;
     api.stop().await;
 }
+
+/// Redis commands this process has sent, of any kind.
+fn redis_commands() -> f64 {
+    kobe::telemetry::metrics::metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("kobe_redis_command_duration_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_runs_tasks_to_success_without_a_call_to_redis() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let worker = env.spawn_worker(4);
+    let publisher = env.publisher();
+    let before = redis_commands();
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let message = kobe::amqp::TaskMessage::new(
+            kobe::domain::TaskId::generate(),
+            "demo_long_io",
+            vec![],
+            json!({"duration_ms": 1}).as_object().cloned().unwrap(),
+        );
+        env.publish_message(&publisher, &message).await;
+        ids.push(message.id.to_string());
+    }
+    for id in &ids {
+        let task = env.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(task.state, kobe::domain::TaskState::Success);
+    }
+    assert_eq!(
+        redis_commands(),
+        before,
+        "Redis commands for 30 claims and successes"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_final_status_is_whole_and_gives_way_to_a_rerun_at_once() {
+    let env = TestEnv::with(&[
+        ("KOBE_STATUS_CACHE_TTL_MS", "60000"),
+        ("KOBE_TASK_RETRY", "demo_long_io:max=0"),
+    ])
+    .await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker(2);
+    let id = api
+        .submit(
+            json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 1, "fail_attempts": 1}}),
+        )
+        .await;
+    // Polled as it fails: the FAILURE first served (and cached) already lists its error.
+    let failed = common::eventually(Duration::from_secs(20), "failed", || async {
+        let body: Value = api.status(&id).await.json().await.ok()?;
+        (body["state"] == "FAILURE").then_some(body)
+    })
+    .await;
+    assert_eq!(
+        failed["errors"].as_array().map(Vec::len),
+        Some(1),
+        "{failed}"
+    );
+    let cached: Value = api.status(&id).await.json().await.unwrap();
+    assert_eq!(cached, failed);
+    // The rerun clears it: the next read is not the cached FAILURE.
+    let retried = api
+        .client
+        .post(format!("{}/task/{id}/retry", api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 202);
+    let body: Value = api.status(&id).await.json().await.unwrap();
+    assert_ne!(body["state"], "FAILURE", "{body}");
+    let (done, _) = api.wait_for_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "SUCCESS", "{done}");
+    worker.stop().await;
+    api.stop().await;
+}

@@ -200,8 +200,10 @@ async fn status_json(state: &AppState, id: &TaskId) -> Result<Option<String>, Ap
         return Ok(None);
     };
     let json = serde_json::to_string(&status).map_err(|e| ApiError::Internal(e.to_string()))?;
-    // Job progress moves with other tasks' states, which do not invalidate this key.
-    if status.job.is_none() {
+    // Only a final state is cached: it changes only by an operator's rerun, which clears the
+    // key first, so the workers' claims and outcomes need no Redis call to keep readers right.
+    // Job progress moves with other tasks' states, which do not clear this key.
+    if status.job.is_none() && status.state.is_final() {
         if let Err(error) = state
             .cache
             .put_status(id.as_str(), &json, read_started)
