@@ -286,10 +286,14 @@ impl Worker {
         job.claimed = true;
         job.deliveries = deliveries;
         if let Some(next) = self.not_to_run(job, stored).await {
-            // Ours, but the task says it must not run: let the lease go as done.
+            // Ours, but the task says it must not run: let the lease go as done. The lease is
+            // this copy's own, so there is no other to close before the outcome (closing it
+            // again would be refused by itself, over and over: a cancel mark met by a retry's
+            // attempt livelocked so).
             drop(slot);
             let _ = self.writer.submit(self.leases.done_write(&job.attempt));
             job.claimed = false;
+            job.lease_found = true;
             return next;
         }
         // Arguments kept in RawPayload are loaded only now, in a run slot and under a claim

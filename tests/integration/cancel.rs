@@ -187,3 +187,37 @@ async fn a_running_task_is_asked_to_stop_and_ends_revoked_unless_it_runs_on() {
     worker.stop().await;
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_lands_after_a_retry_revokes_the_next_attempt_once() {
+    let common::Running { env, api, worker } =
+        TestEnv::with_worker(&[("KOBE_TASK_RETRY", "demo_long_io:max=3,base_ms=2000")], 2).await;
+    let id = api
+        .submit(json!({"task_name": "demo_long_io", "kwargs": {"fail_attempts": 1, "duration_ms": 100}}))
+        .await;
+    api.wait_for_state(&id, Duration::from_secs(20), |b| b["state"] == "RETRY")
+        .await;
+    // What a cancel racing the first attempt's RETRY leaves: its mark on the task, after the
+    // RETRY was recorded.
+    env.db
+        .collection::<mongodb::bson::Document>("Tasks")
+        .update_one(
+            mongodb::bson::doc! {"_id": &id},
+            mongodb::bson::doc! {"$set": {"cancel_requested": {"at": mongodb::bson::DateTime::now(), "by": "race"}}},
+        )
+        .await
+        .unwrap();
+    let closes = || common::metric("kobe_mongo_statements_total{purpose=\"lease_close\"}");
+    let before = closes();
+    let (done, _) = api.wait_for_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "REVOKED", "{done}");
+    assert_eq!(done["retries"], 1, "{done}");
+    // Settled once, not by closing its own lease again and again.
+    assert!(
+        closes() - before <= 1.0,
+        "{} lease closes",
+        closes() - before
+    );
+    worker.stop().await;
+    api.stop().await;
+}
