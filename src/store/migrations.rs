@@ -24,7 +24,7 @@ use super::StoreError;
 use crate::cause::Cause;
 
 /// The spec files, in the order they are applied.
-const SPEC_FILES: [(&str, &str); 13] = [
+const SPEC_FILES: [(&str, &str); 14] = [
     ("Tasks.json", include_str!("../../migrations/Tasks.json")),
     (
         "TaskLeases.json",
@@ -73,6 +73,10 @@ const SPEC_FILES: [(&str, &str); 13] = [
     (
         "WorkflowJoins.json",
         include_str!("../../migrations/WorkflowJoins.json"),
+    ),
+    (
+        "Workers.json",
+        include_str!("../../migrations/Workers.json"),
     ),
 ];
 
@@ -446,14 +450,21 @@ mod tests {
                 "ScheduleState",
                 "Workflows",
                 "WorkflowSteps",
-                "WorkflowJoins"
+                "WorkflowJoins",
+                "Workers",
             ]
         );
         for spec in &specs {
             // Collections of a few documents, or written only by `_id` (the leases), need no
             // index of their own.
-            let small = ["Leaders", "ScheduleState", "TaskLeases", "WorkflowJoins"]
-                .contains(&spec.collection.as_str());
+            let small = [
+                "Leaders",
+                "ScheduleState",
+                "TaskLeases",
+                "WorkflowJoins",
+                "Workers",
+            ]
+            .contains(&spec.collection.as_str());
             assert_eq!(
                 spec.indexes().unwrap().is_empty(),
                 small,

@@ -19,6 +19,7 @@ pub mod shards;
 pub mod task_leases;
 pub mod tasks;
 pub(crate) mod view;
+pub mod workers;
 pub mod workflows;
 
 use std::time::Duration;

@@ -429,12 +429,14 @@ impl LeaseRepository {
         Ok(found.into_iter().max_by_key(|l| l.retries))
     }
 
-    /// Every open lease: the running attempts (the collection holds little else).
-    pub async fn open(&self, limit: u32) -> Result<Vec<AttemptLease>, StoreError> {
+    /// The leases of `ids` (lease ids) still held: not done, not closed. One query by `_id`.
+    pub async fn held_of(&self, ids: &[String]) -> Result<Vec<AttemptLease>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         Ok(self
             .collection
-            .find(doc! {"done_at": null, "closed": null})
-            .limit(i64::from(limit))
+            .find(doc! {"_id": {"$in": ids}, "done_at": null, "closed": null})
             .await?
             .try_collect()
             .await?)

@@ -234,6 +234,8 @@ pub struct TaskRepository {
     pub(super) collection: Collection<TaskDocument>,
     /// Where the running attempts are (read model, cancels, refusals).
     pub(super) leases: super::task_leases::LeaseRepository,
+    /// Which attempts run now, by the workers' own word (the read model's `STARTED`).
+    pub(super) workers: super::workers::WorkerRepository,
 }
 
 pub(super) fn states(states: &[TaskState]) -> Vec<&'static str> {
@@ -245,6 +247,7 @@ impl TaskRepository {
         Self {
             collection: db.collection(COLLECTION),
             leases: super::task_leases::LeaseRepository::new(db),
+            workers: super::workers::WorkerRepository::new(db),
         }
     }
 
@@ -331,6 +334,11 @@ impl TaskRepository {
     /// The execution leases of these tasks' attempts.
     pub fn leases(&self) -> &super::task_leases::LeaseRepository {
         &self.leases
+    }
+
+    /// The workers' own lists of what runs on them.
+    pub fn workers(&self) -> &super::workers::WorkerRepository {
+        &self.workers
     }
 
     /// The document as stored, without the running attempt laid over it (readers use

@@ -107,7 +107,7 @@ impl TaskRepository {
             }
             return Ok((tasks, next));
         }
-        let running = self.leases.open(MAX_PAGE * 4).await?;
+        let running = self.running_leases().await?;
         let ids: Vec<&str> = running.iter().map(|l| l.task_id.as_str()).collect();
         let (mut tasks, next) = self.search(search, Some(&ids)).await?;
         self.overlay_all(&mut tasks).await?;
@@ -130,6 +130,15 @@ impl TaskRepository {
         Ok((tasks, next))
     }
 
+    /// The leases of the attempts running now: those the live workers list (each writes its
+    /// list every couple of seconds), still held. No scan: one read of the few worker documents,
+    /// one of these leases by `_id`.
+    async fn running_leases(&self) -> Result<Vec<AttemptLease>, StoreError> {
+        let mut ids = self.workers.running().await?;
+        ids.truncate(MAX_PAGE as usize * 20);
+        self.leases.held_of(&ids).await
+    }
+
     /// How many tasks each state has that changed since `since`, as the read model counts them:
     /// the running attempts move their tasks from waiting to `STARTED`.
     pub(crate) async fn state_counts(
@@ -137,7 +146,7 @@ impl TaskRepository {
         since: DateTime,
     ) -> Result<Vec<(TaskState, u64)>, StoreError> {
         let mut counts = self.counts_since(since).await?;
-        let running = self.leases.open(MAX_PAGE * 4).await?;
+        let running = self.running_leases().await?;
         let ids: Vec<String> = running.iter().map(|l| l.task_id.clone()).collect();
         let stored = self.states(&ids).await?;
         let mut add = |state: TaskState, n: i64| {

@@ -127,6 +127,8 @@ pub struct Worker {
     active: Active,
     /// Set once the worker is stopping: held deliveries give up instead of trying again.
     stopping: std::sync::atomic::AtomicBool,
+    /// Its name in `Workers`, unique among the workers running (several may share a process).
+    id: String,
 }
 
 impl Worker {
@@ -154,6 +156,11 @@ impl Worker {
             pause: Pause::default(),
             active: Active::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                format!("{}/{n}", crate::config::celery_hostname())
+            },
         })
     }
 
@@ -170,6 +177,7 @@ impl Worker {
         let cancels = tokio::spawn(self.clone().watch_cancels());
         let _keep_leases = AbortOnDrop(tokio::spawn(self.clone().keep_leases()));
         let _collect = AbortOnDrop(tokio::spawn(self.clone().collect_leases()));
+        let beat = AbortOnDrop(tokio::spawn(self.clone().beat()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -222,6 +230,12 @@ impl Worker {
                     }
                 }
             }
+        }
+        // Nothing runs here any more: said at once, not left to the beat's lapse.
+        drop(beat);
+        let gone = self.tasks.workers().gone(&self.id);
+        if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(2), gone).await {
+            tracing::debug!(error = %error, "cannot remove this worker's document; it lapses on its own");
         }
     }
 

@@ -71,6 +71,36 @@ impl Worker {
         }
     }
 
+    /// Says what runs here, every [`BEAT`](crate::store::workers::BEAT) and soon after a change:
+    /// one small write, so
+    /// "what is running now" is read from the workers' own lists, exactly and without a scan.
+    pub(super) async fn beat(self: Arc<Self>) {
+        use crate::store::workers::{WorkerBeat, BEAT};
+        let started_at = mongodb::bson::DateTime::now();
+        let host = crate::config::host_name().unwrap_or_else(|| "unknown".into());
+        loop {
+            // Every BEAT, and soon after an attempt starts or ends — at most every
+            // BEAT_SPACING, so a busy worker writes a few times a second, not once per task.
+            let _ = tokio::time::timeout(BEAT, self.active.1.notified()).await;
+            let beat = WorkerBeat {
+                id: self.id.clone(),
+                host: host.clone(),
+                pid: std::process::id(),
+                concurrency: self.config.concurrency,
+                running: self
+                    .active
+                    .held()
+                    .into_iter()
+                    .map(|(lease, _)| lease)
+                    .collect(),
+            };
+            if let Err(error) = self.tasks.workers().beat(&beat, started_at).await {
+                tracing::debug!(error = %error, "cannot say what runs here; trying at the next beat");
+            }
+            tokio::time::sleep(crate::store::workers::BEAT_SPACING).await;
+        }
+    }
+
     /// Removes leases no late copy can need any more (every worker does, about hourly: a scan of
     /// a narrow collection).
     pub(super) async fn collect_leases(self: Arc<Self>) {
@@ -104,7 +134,11 @@ struct RunningAttempt {
 /// the trust in its lease: the lease keeper renews them together, a stopping worker lets them
 /// go, and the cancel watch tells them of a cancel.
 #[derive(Default)]
-pub(super) struct Active(Mutex<HashMap<String, RunningAttempt>>);
+pub(super) struct Active(
+    Mutex<HashMap<String, RunningAttempt>>,
+    /// Told when an attempt starts or ends, so the worker's beat says so soon.
+    tokio::sync::Notify,
+);
 
 impl Active {
     pub(super) fn register(
@@ -127,6 +161,7 @@ impl Active {
                 },
             );
         }
+        self.1.notify_one();
         let registration = Registration {
             active: self,
             token: attempt.token.clone(),
@@ -217,5 +252,6 @@ impl Drop for Registration<'_> {
         if let Ok(mut active) = self.active.0.lock() {
             active.remove(&self.token);
         }
+        self.active.1.notify_one();
     }
 }

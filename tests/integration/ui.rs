@@ -316,3 +316,59 @@ async fn behind_tokens_a_browser_signs_in_once_and_its_buttons_work() {
     assert!(by.starts_with("api:token-") && !by.contains(token), "{by}");
     api.handle.stop(false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_tasks_are_listed_exactly_after_thousands_have_finished() {
+    let common::Running { env, api, worker } = TestEnv::with_worker(&[], 10).await;
+    // Thousands of finished attempts first: their leases once crowded the running ones out.
+    for _ in 0..3 {
+        let tasks: Vec<Value> = (0..700).map(|_| common::quick_task(0)).collect();
+        let response = api
+            .client
+            .post(format!("{}/task/start_many", api.address))
+            .json(&json!({ "tasks": tasks }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let done = || async {
+        env.db
+            .collection::<mongodb::bson::Document>("Tasks")
+            .count_documents(mongodb::bson::doc! {"state": "SUCCESS"})
+            .await
+            .unwrap()
+    };
+    common::eventually(Duration::from_secs(120), "2,100 tasks done", || async {
+        (done().await == 2_100).then_some(())
+    })
+    .await;
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        running.push(api.submit(common::quick_task(6_000)).await);
+    }
+    running.sort();
+    let listed = common::eventually(Duration::from_secs(10), "the three listed", || async {
+        let response = api.get("/task?state=STARTED").await;
+        let body: Value = response.json().await.ok()?;
+        let mut ids: Vec<String> = body["tasks"]
+            .as_array()?
+            .iter()
+            .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
+            .collect();
+        ids.sort();
+        (ids == running).then_some(ids)
+    })
+    .await;
+    assert_eq!(listed.len(), 3);
+    for id in &running {
+        api.wait_for_final(id, Duration::from_secs(30)).await;
+    }
+    // Finished, they are listed no more.
+    common::eventually(Duration::from_secs(10), "none listed", || async {
+        let body: Value = api.get("/task?state=STARTED").await.json().await.ok()?;
+        body["tasks"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    worker.stop().await;
+}

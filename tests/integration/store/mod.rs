@@ -465,16 +465,18 @@ async fn running_tasks_are_started_to_every_reader_and_renewed_together() {
         assert_eq!(read.state, TaskState::Started);
         assert!(read.worker.is_some(), "{read:?}");
     }
-    let found: Value = api.get("/task?state=STARTED").await.json().await.unwrap();
-    let listed: Vec<&str> = found["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|t| t["task_id"].as_str())
-        .collect();
-    for id in &ids {
-        assert!(listed.contains(&id.as_str()), "{id} not in {found}");
-    }
+    // The search reads the workers' own running lists, which follow a start within a beat's
+    // spacing (0.1 s) and its write.
+    common::eventually(Duration::from_secs(2), "all three listed", || async {
+        let found: Value = api.get("/task?state=STARTED").await.json().await.ok()?;
+        let listed: Vec<String> = found["tasks"]
+            .as_array()?
+            .iter()
+            .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
+            .collect();
+        ids.iter().all(|id| listed.contains(id)).then_some(())
+    })
+    .await;
     let shown = env
         .kobe_command(&["task", "show", &ids[0]])
         .output()
