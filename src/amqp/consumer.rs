@@ -67,16 +67,7 @@ pub struct Delivery {
     pub properties: AmqpProperties,
 }
 
-/// How a delivery ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Settlement {
-    /// Done: remove it from the queue.
-    Ack,
-    /// `basic.nack(requeue=false)`: the broker dead-letters it.
-    DeadLetter,
-    /// Put it back for another consumer.
-    Requeue,
-}
+pub use super::held::Settlement;
 
 enum Command {
     Settle(DeliveryTag, Settlement),

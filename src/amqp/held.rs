@@ -12,7 +12,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::consumer::Settlement;
+/// How a delivery ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: remove it from the queue.
+    Ack,
+    /// `basic.nack(requeue=false)`: the broker dead-letters it.
+    DeadLetter,
+    /// Put it back for another consumer.
+    Requeue,
+}
 
 /// The unsettled deliveries of one channel, by tag, with what has been received so far.
 pub(crate) struct Held<T> {

@@ -170,13 +170,7 @@ impl Workflows {
             // A start sent again: finish what the first one may have left, one idempotent
             // submission at a time, and run again a first step the broker did not take then.
             let ids: Vec<String> = first.clone().map(|s| s.task_id.clone()).collect();
-            let outcomes: HashMap<String, StepOutcome> = self
-                .repository
-                .outcomes(&ids)
-                .await?
-                .into_iter()
-                .map(|o| (o.task_id.clone(), o))
-                .collect();
+            let outcomes = self.outcomes_by_id(&ids).await?;
             for step in first {
                 match outcomes.get(&step.task_id) {
                     Some(refused) if refused.state == TaskState::Failure && refused.refused => {
@@ -218,6 +212,20 @@ impl Workflows {
         self.submitter.republish(&task).await
     }
 
+    /// The tasks of these steps as stored now, by task id (steps not submitted are missing).
+    async fn outcomes_by_id(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, StepOutcome>, StoreError> {
+        Ok(self
+            .repository
+            .outcomes(ids)
+            .await?
+            .into_iter()
+            .map(|o| (o.task_id.clone(), o))
+            .collect())
+    }
+
     /// The workflows changed last, newest first (for the page).
     pub async fn recent(&self, limit: i64) -> Result<Vec<WorkflowDocument>, StoreError> {
         self.repository.recent(limit).await
@@ -230,13 +238,7 @@ impl Workflows {
         };
         let steps = self.repository.steps(id).await?;
         let ids: Vec<String> = steps.iter().map(|s| s.task_id.clone()).collect();
-        let outcomes: HashMap<String, StepOutcome> = self
-            .repository
-            .outcomes(&ids)
-            .await?
-            .into_iter()
-            .map(|o| (o.task_id.clone(), o))
-            .collect();
+        let outcomes = self.outcomes_by_id(&ids).await?;
         let ended = workflow.state != TaskState::Pending;
         let state = if ended {
             workflow.state
