@@ -55,13 +55,15 @@ pub struct Tracking {
 const RECONCILE_BATCH: i64 = 200;
 
 impl Tracking {
-    /// Takes the events on the shared events queue until `shutdown` resolves.
+    /// Takes the events on the shared events queue (declared in `topology`) until `shutdown`
+    /// resolves.
     pub async fn run(
         self,
         settings: &Settings,
+        topology: crate::amqp::Topology,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let topology = crate::commands::topology(settings).with_celery_events();
+        let topology = topology.with_celery_events();
         let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
         let consumer = Consumer::start(
             ConsumerConfig {

@@ -150,7 +150,8 @@ pub fn spawn_celery_tracking(
     };
     let settings = settings.clone();
     Ok(Some(tokio::spawn(async move {
-        if let Err(error) = tracking.run(&settings, shutdown).await {
+        let topology = super::topology(&settings);
+        if let Err(error) = tracking.run(&settings, topology, shutdown).await {
             tracing::error!(error = %error, "cannot track Celery workers' task events");
         }
     })))

@@ -213,7 +213,7 @@ pub struct MongoSettings {
     /// The database holding Kobe's collections.
     pub db: String,
     /// How `init-db` creates indexes.
-    pub index_type: crate::store::migrations::IndexChoice,
+    pub index_type: crate::domain::IndexChoice,
     /// How long the first write of a group-commit batch waits for others.
     pub batch_linger: Duration,
     /// Statements per group-commit command at most.

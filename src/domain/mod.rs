@@ -280,6 +280,32 @@ pub fn time_limit(seconds: Option<f64>) -> Option<Duration> {
     )
 }
 
+/// How secondary indexes are created (`KOBE_MONGODB_INDEX_TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IndexChoice {
+    /// Composite where the engine is DocumentDB, the engine's own default elsewhere.
+    #[default]
+    Auto,
+    /// The engine's default type (MongoDB's only one).
+    Standard,
+    /// DocumentDB's composite type (`enableCompositeTerm: true`).
+    Composite,
+}
+
+impl std::str::FromStr for IndexChoice {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "standard" => Ok(Self::Standard),
+            "composite" => Ok(Self::Composite),
+            other => Err(format!(
+                "`{other}` is not an index type: auto, standard or composite"
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
