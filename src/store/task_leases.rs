@@ -362,6 +362,41 @@ impl LeaseRepository {
         }
     }
 
+    /// [`LeaseRepository::close`] for the first attempts of many tasks (`(task id, task name)`)
+    /// in one command; the ids whose attempt was held already (no close).
+    #[tracing::instrument(name = "store.leases.close_first", skip_all, fields(count = tasks.len()))]
+    pub async fn close_first(
+        &self,
+        tasks: &[(&str, &str)],
+        state: TaskState,
+        request: &OperatorRequest,
+    ) -> Result<Vec<String>, StoreError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let leases: Vec<Document> = tasks
+            .iter()
+            .map(|(id, name)| {
+                let mut closed = closed_lease(id, name, 0, CLOSED_TOKEN, state);
+                closed.insert("cancel", doc! {"at": request.at, "by": &request.by});
+                closed
+            })
+            .collect();
+        match self.documents().insert_many(leases).ordered(false).await {
+            Ok(_) => Ok(Vec::new()),
+            Err(error) => {
+                let mongodb::error::ErrorKind::InsertMany(ref failed) = *error.kind else {
+                    return Err(error.into());
+                };
+                let held = failed.write_errors.iter().flatten();
+                if held.clone().any(|e| e.code != 11000) || failed.write_concern_error.is_some() {
+                    return Err(error.into());
+                }
+                Ok(held.map(|e| tasks[e.index].0.to_owned()).collect())
+            }
+        }
+    }
+
     /// Asks the running attempt `retries` of a task to stop; `true` when it is running (asked now
     /// or before).
     #[tracing::instrument(name = "store.leases.ask_to_stop", skip(self, request))]

@@ -323,17 +323,26 @@ impl Submitter {
     /// (they will be kept in `RawPayload`), dropping the values; small ones stay as they are.
     /// Idempotent.
     pub(crate) fn pack(&self, task: &mut NewTask) {
+        #[derive(serde::Serialize)]
+        struct Arguments<'a> {
+            args: &'a [Value],
+            kwargs: &'a Map<String, Value>,
+        }
+        /// What the text adds around the arguments themselves: `{"args":,"kwargs":}`.
+        const WRAPPING: usize = 19;
         if task.packed_arguments.is_some() {
             return;
         }
-        let size = serde_json::to_vec(&task.args).map_or(0, |v| v.len())
-            + serde_json::to_vec(&task.kwargs).map_or(0, |v| v.len());
-        if size > self.inline_limit {
-            let value = serde_json::json!({
-                "args": std::mem::take(&mut task.args),
-                "kwargs": std::mem::take(&mut task.kwargs),
-            });
-            task.packed_arguments = Some(value.to_string());
+        // One pass: the text that measures them is the text kept when they are large.
+        let text = serde_json::to_string(&Arguments {
+            args: &task.args,
+            kwargs: &task.kwargs,
+        })
+        .unwrap_or_default();
+        if text.len().saturating_sub(WRAPPING) > self.inline_limit {
+            task.args = Vec::new();
+            task.kwargs = Map::new();
+            task.packed_arguments = Some(text);
         }
     }
 

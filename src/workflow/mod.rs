@@ -320,24 +320,16 @@ impl Workflows {
                 at: DateTime::now(),
                 by: by.to_owned(),
             };
-            for step in steps
+            let unsubmitted: Vec<(&str, &str)> = steps
                 .iter()
                 .filter(|s| !submitted.contains(s.task_id.as_str()))
-            {
-                let closed = self
-                    .leases
-                    .close(
-                        &step.task_id,
-                        &step.task.task_name,
-                        0,
-                        TaskState::Revoked,
-                        Some(&request),
-                    )
-                    .await?;
-                if !closed {
-                    running.push(step.task_id.clone());
-                }
-            }
+                .map(|s| (s.task_id.as_str(), s.task.task_name.as_str()))
+                .collect();
+            running.extend(
+                self.leases
+                    .close_first(&unsubmitted, TaskState::Revoked, &request)
+                    .await?,
+            );
         }
         Ok(Some((state, running)))
     }

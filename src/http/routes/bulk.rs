@@ -140,15 +140,8 @@ pub async fn start_many(
                 .tasks
                 .into_iter()
                 .map(|item| {
-                    let item = item_of(&item, item_max)?;
-                    submit::prepare(
-                        &checking.registry,
-                        checking.submitter.topology(),
-                        item,
-                        None,
-                        trace,
-                    )
-                    .map(|prepared| prepared.pack(&checking.submitter))
+                    let item = item_of(&item, item_max);
+                    prepare_item(&checking.registry, &checking.submitter, item, trace)
                 })
                 .collect::<Vec<_>>())
         })
@@ -180,13 +173,22 @@ pub(crate) async fn submit_items(
 ) -> Vec<Result<Submitted, ApiError>> {
     let prepared = items
         .into_iter()
-        .map(|item| {
-            item.and_then(|submission| {
-                submit::prepare(registry, submitter.topology(), submission, None, trace)
-            })
-        })
+        .map(|item| prepare_item(registry, submitter, item, trace))
         .collect();
     submit_prepared_items(submitter, dedup_window, prepared).await
+}
+
+/// One bulk item checked as `/task/start` checks a body, its large arguments kept as text.
+fn prepare_item(
+    registry: &Registry,
+    submitter: &Submitter,
+    item: Result<TaskStart, ApiError>,
+    trace: TraceContext,
+) -> Result<submit::Prepared, ApiError> {
+    item.and_then(|submission| {
+        submit::prepare(registry, submitter.topology(), submission, None, trace)
+    })
+    .map(|prepared| prepared.pack(submitter))
 }
 
 /// One item of a bulk body: at most `max_bytes` as sent (413 for that item alone, as
