@@ -284,7 +284,10 @@ fn main() {
         let outcomes: Vec<_> = attempts
             .iter()
             .map(|a| {
-                let write = tasks.outcome_write(a, &success, holding).expect("outcome");
+                let write = tasks
+                    .outcomes()
+                    .write(a, &success, holding)
+                    .expect("outcome");
                 writer.submit(write)
             })
             .collect();

@@ -46,6 +46,19 @@ pub(crate) fn payload_reference(properties: &AmqpProperties) -> Option<String> {
     text(properties.headers().as_ref()?, PAYLOAD_HEADER)
 }
 
+/// On a message Kobe's submitter published: a `Tasks` document records the task and its
+/// arguments, so its worker keeps no copy of them with its outcomes (a Celery client's task,
+/// without one, is rerun from what its outcome keeps).
+pub(crate) const RECORDED_HEADER: &str = "kobe-recorded";
+
+/// Whether a `Tasks` document records the message's task ([`RECORDED_HEADER`]).
+pub(crate) fn is_recorded(properties: &AmqpProperties) -> bool {
+    properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.contains_key(RECORDED_HEADER))
+}
+
 /// When the message was dead-lettered (milliseconds since the epoch), for `kobe dlq purge`.
 pub(crate) const DEAD_LETTERED_AT_HEADER: &str = "x-kobe-dead-lettered-at";
 

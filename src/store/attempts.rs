@@ -7,12 +7,10 @@
 //! earlier attempt from recording anything.
 
 use mongodb::bson::{doc, DateTime, Document};
-use mongodb::options::ReturnDocument;
 use serde_json::Value;
 
-use super::batch::{Write, WriteOp};
 pub use super::task_leases::{Attempt, Origin};
-use super::tasks::{states, to_bson, DeadLetterState, PublishState, TaskRepository, COLLECTION};
+use super::tasks::{states, to_bson, DeadLetterState, PublishState, TaskRepository};
 use super::StoreError;
 use crate::domain::TaskState;
 
@@ -64,37 +62,23 @@ pub enum Holding {
     Nothing { deliveries: u32 },
 }
 
-/// `$set` fields of an outcome.
+/// `$set` fields of an outcome reported by a Celery worker's event (tasks Python runs are
+/// recorded on their `Tasks` document).
 fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, StoreError> {
-    // A worker holding the message knows the broker has it: an outcome marks the publish
-    // confirmed too, so the outbox never sends it again (a retry owed to the outbox aside).
     let mut set = doc! {
         "state": transition.target().as_str(),
         "updated_at": now,
         "publish_state": PublishState::Confirmed.as_str(),
     };
     match transition {
-        Transition::Retry { root_cause, owed } => {
+        Transition::Retry { root_cause, .. } => {
             set.insert("root_cause", root_cause);
-            if *owed {
-                set.insert("publish_state", PublishState::Pending.as_str());
-            }
         }
         Transition::Success { result } => {
             set.insert("finished_at", now);
             set.insert("result", to_bson(result)?);
         }
-        Transition::Failure {
-            root_cause,
-            dead_letter,
-        } => {
-            set.insert("finished_at", now);
-            set.insert("root_cause", root_cause);
-            if *dead_letter {
-                set.insert("dead_letter", DeadLetterState::Pending.as_str());
-            }
-        }
-        Transition::Revoked { root_cause } => {
+        Transition::Failure { root_cause, .. } | Transition::Revoked { root_cause } => {
             set.insert("finished_at", now);
             set.insert("root_cause", root_cause);
         }
@@ -103,84 +87,50 @@ fn outcome_fields(transition: &Transition, now: DateTime) -> Result<Document, St
 }
 
 impl TaskRepository {
-    /// Records an outcome as a batched write. With [`Holding::Lease`] the write is refused
-    /// unless the attempt still holds the task's lease; otherwise ([`Holding::Nothing`]: a task
-    /// closed without running — expired, unknown, poison) it carries the claim's conditions
-    /// itself.
-    pub fn outcome_write(
-        &self,
-        attempt: &Attempt,
-        transition: &Transition,
-        holding: Holding,
-    ) -> Result<Write, StoreError> {
-        let now = DateTime::now();
-        let mut set = outcome_fields(transition, now)?;
-        // A retry counts its failure at once: a stale copy of this attempt (redelivered after a
-        // lost ack) then finds a later attempt due and is acked without running.
-        let retries = match transition {
-            Transition::Retry { .. } => attempt.retries.saturating_add(1),
-            _ => attempt.retries,
+    /// Notes that the dead letter owed for attempt `retries` of task `id` was confirmed: on its
+    /// outcome, or on the task's document where an earlier version recorded the failure.
+    pub(crate) async fn dead_letter_sent(&self, id: &str, retries: u32) -> Result<(), StoreError> {
+        let pending = DeadLetterState::Pending.as_str();
+        let sent = doc! {"$set": {"dead_letter": DeadLetterState::Sent.as_str()}};
+        let on_outcome = self.outcomes.dead_letter_sent(id, retries);
+        let on_document = async {
+            self.collection
+                .update_one(doc! {"_id": id, "dead_letter": pending}, sent.clone())
+                .await?;
+            Ok::<_, StoreError>(())
         };
-        if matches!(transition, Transition::Retry { .. }) {
-            set.insert("retries", i64::from(retries));
-        }
-        // Waiting for this attempt (or for an earlier one whose outcome was lost); `STARTED` is
-        // what documents of older versions hold while an attempt runs.
-        let waiting = doc! {
-            "retries": {"$not": {"$gt": i64::from(attempt.retries)}},
-            "state": {"$in": states(&[TaskState::Pending, TaskState::Retry, TaskState::Started])},
-        };
-        let mut filter = match holding {
-            Holding::Lease {
-                started_at,
-                deliveries,
-            } => {
-                set.insert("started_at", started_at);
-                set.insert("worker", crate::config::worker_name());
-                set.insert("attempt_token", &attempt.token);
-                set.insert("deliveries", i64::from(deliveries));
-                // Its own outcome again (sent twice after an ambiguous failure) is not a
-                // refusal.
-                let again =
-                    doc! {"attempt_token": &attempt.token, "state": transition.target().as_str()};
-                doc! {"_id": &attempt.task_id, "$or": [waiting, again]}
-            }
-            Holding::Nothing { deliveries } => {
-                if deliveries > 0 {
-                    set.insert("deliveries", i64::from(deliveries));
-                }
-                let mut filter = doc! {"_id": &attempt.task_id};
-                filter.extend(waiting);
-                filter
-            }
-        };
-        let update = doc! {"$set": set, "$setOnInsert": on_insert(attempt, now)};
-        if matches!(transition, Transition::Retry { .. }) {
-            // No next attempt (nor a start) after an operator asked the task to stop: the write
-            // is refused, and looking at the task finds the cancel.
-            filter.insert("cancel_requested", mongodb::bson::Bson::Null);
-        }
-        Ok(Write {
-            collection: COLLECTION,
-            op: WriteOp::Upsert { filter, update },
-            purpose: match transition {
-                Transition::Retry { .. } => "retry",
-                Transition::Success { .. } => "success",
-                Transition::Failure { .. } => "failure",
-                Transition::Revoked { .. } => "revoked",
-            },
-        })
+        tokio::try_join!(on_outcome, on_document)?;
+        Ok(())
     }
 
-    /// Notes that the dead letter owed for a finished task was confirmed.
-    pub(crate) fn dead_letter_sent_write(&self, task_id: &str) -> Write {
-        Write {
-            collection: COLLECTION,
-            op: WriteOp::Upsert {
-                filter: doc! {"_id": task_id, "dead_letter": DeadLetterState::Pending.as_str()},
-                update: doc! {"$set": {"dead_letter": DeadLetterState::Sent.as_str()}},
-            },
-            purpose: "dead_letter_sent",
+    /// Notes in `Tasks` that the attempt after `attempt` is owed to the outbox: its `RETRY` is
+    /// recorded, and its publish was in doubt when the delivery was lost. A rare rewrite; the
+    /// outbox sends what a document says is pending, and the read model takes the document's
+    /// word for an attempt later than the latest outcome.
+    pub(crate) async fn owe_next_attempt(&self, attempt: &Attempt) -> Result<(), StoreError> {
+        let now = DateTime::now();
+        let next = i64::from(attempt.retries.saturating_add(1));
+        let written = self
+            .collection
+            .update_one(
+                doc! {"_id": &attempt.task_id, "retries": {"$not": {"$gte": next}}},
+                doc! {
+                    "$set": {
+                        "state": TaskState::Retry.as_str(),
+                        "retries": next,
+                        "publish_state": PublishState::Pending.as_str(),
+                        "updated_at": now,
+                    },
+                    "$setOnInsert": on_insert(attempt, now),
+                },
+            )
+            .upsert(true)
+            .await;
+        match written {
+            Ok(_) => Ok(()),
+            // A later attempt is recorded already: nothing is owed.
+            Err(e) if super::is_duplicate_key(&e) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -219,37 +169,60 @@ impl TaskRepository {
     /// interrupted in between is finished by the next one.
     #[tracing::instrument(name = "store.tasks.reopen", skip(self))]
     pub async fn reopen(&self, id: &str, replayed_by: &str) -> Result<Reopened, StoreError> {
+        let Some(task) = self.stored(id).await? else {
+            return Ok(Reopened::Missing);
+        };
+        if !TaskState::RERUNNABLE.contains(&task.state) {
+            return Ok(
+                if task.state == TaskState::Retry
+                    && task.publish_state == Some(PublishState::Pending)
+                {
+                    Reopened::Unpublished(Box::new(task))
+                } else {
+                    Reopened::MovedOn(task.state)
+                },
+            );
+        }
+        // The document waits for the next attempt from now on; the latest outcome is of an
+        // earlier one, so the read model takes the document's word. A rerun that raced this
+        // one moved `retries` past the filter first.
         let now = DateTime::now();
         let reopened = self
             .collection
-            .find_one_and_update(
-                doc! {"_id": id, "state": {"$in": states(&TaskState::RERUNNABLE)}},
+            .update_one(
+                doc! {"_id": id, "retries": {"$not": {"$gt": i64::from(task.retries)}}},
                 doc! {
                     "$set": {
                         "state": TaskState::Retry.as_str(),
+                        "retries": i64::from(task.retries.saturating_add(1)),
                         "publish_state": PublishState::Pending.as_str(),
                         "updated_at": now,
                         "deliveries": 0_i64,
                     },
-                    "$inc": {"retries": 1_i64},
+                    "$setOnInsert": {
+                        "task_name": &task.task_name,
+                        "created_at": task.created_at,
+                        "args": to_bson(&serde_json::Value::Array(task.args.clone()))?,
+                        "kwargs": to_bson(&serde_json::Value::Object(task.kwargs.clone()))?,
+                        "route": &task.route,
+                        "priority": i32::from(task.priority.value()),
+                    },
                     "$unset": {"finished_at": "", "dead_letter": "", "attempt_token": "", "lease_until": "", "cancel_requested": ""},
                     "$push": {"replays": {"at": now, "by": replayed_by}},
                 },
             )
-            .return_document(ReturnDocument::After)
-            .await?;
-        if let Some(task) = reopened {
-            return Ok(Reopened::Now(Box::new(task)));
-        }
-        Ok(match self.collection.find_one(doc! {"_id": id}).await? {
-            None => Reopened::Missing,
-            Some(task)
-                if task.state == TaskState::Retry
-                    && task.publish_state == Some(super::tasks::PublishState::Pending) =>
-            {
-                Reopened::Unpublished(Box::new(task))
+            .upsert(true)
+            .await;
+        match reopened {
+            Ok(_) => {}
+            Err(e) if super::is_duplicate_key(&e) => {
+                return Ok(Reopened::MovedOn(TaskState::Retry));
             }
-            Some(task) => Reopened::MovedOn(task.state),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(match self.stored(id).await? {
+            Some(task) => Reopened::Now(Box::new(task)),
+            None => Reopened::Missing,
         })
     }
 }
@@ -434,11 +407,12 @@ impl TaskRepository {
             .update_one(
                 doc! {
                     "_id": id,
-                    "retries": i64::from(retries),
+                    "retries": {"$not": {"$gt": i64::from(retries)}},
                     "state": {"$in": states(&[TaskState::Pending, TaskState::Retry, TaskState::Started])},
                 },
                 doc! {"$set": {
                     "state": TaskState::Revoked.as_str(),
+                    "retries": i64::from(retries),
                     "updated_at": now,
                     "finished_at": now,
                     "root_cause": format!("cancelled by {by} before it ran"),

@@ -24,11 +24,15 @@ use super::StoreError;
 use crate::cause::Cause;
 
 /// The spec files, in the order they are applied.
-const SPEC_FILES: [(&str, &str); 14] = [
+const SPEC_FILES: [(&str, &str); 15] = [
     ("Tasks.json", include_str!("../../migrations/Tasks.json")),
     (
         "TaskLeases.json",
         include_str!("../../migrations/TaskLeases.json"),
+    ),
+    (
+        "TaskOutcomes.json",
+        include_str!("../../migrations/TaskOutcomes.json"),
     ),
     (
         "TaskDedup.json",
@@ -416,6 +420,7 @@ mod tests {
             [
                 "Tasks",
                 "TaskLeases",
+                "TaskOutcomes",
                 "TaskDedup",
                 "TaskCheckpoint",
                 "PendingTasks",

@@ -12,6 +12,7 @@ pub(crate) mod leaders;
 pub mod leases;
 pub mod lookup;
 pub mod migrations;
+pub mod outcomes;
 pub mod payloads;
 pub mod search;
 pub mod shape;

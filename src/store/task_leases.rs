@@ -215,7 +215,6 @@ impl LeaseRepository {
             .find_one_and_update(
                 doc! {
                     "_id": &id,
-                    "done_at": null,
                     "closed": null,
                     "cancel": null,
                     "deliveries": {"$lt": i64::from(max_deliveries)},
@@ -243,21 +242,6 @@ impl LeaseRepository {
         })
     }
 
-    /// Marks the attempt done, as a batched write (refused when another attempt holds it now).
-    pub(crate) fn done_write(&self, attempt: &Attempt) -> Write {
-        Write {
-            collection: COLLECTION,
-            op: WriteOp::Upsert {
-                filter: doc! {
-                    "_id": lease_id(&attempt.task_id, attempt.retries),
-                    "token": &attempt.token,
-                },
-                update: doc! {"$set": {"done_at": DateTime::now()}},
-            },
-            purpose: "lease_done",
-        }
-    }
-
     /// Extends the leases of all `running` attempts (lease id, token) in one command; the tokens
     /// still held. A second command, to find which, only when some were lost.
     #[tracing::instrument(name = "store.leases.renew", skip_all, fields(running = running.len()))]
@@ -267,7 +251,7 @@ impl LeaseRepository {
         lease: Duration,
     ) -> Result<Vec<String>, StoreError> {
         let (ids, tokens) = split(running);
-        let filter = doc! {"_id": {"$in": &ids}, "token": {"$in": &tokens}, "done_at": null};
+        let filter = doc! {"_id": {"$in": &ids}, "token": {"$in": &tokens}};
         let renewed = self
             .collection
             .update_many(
@@ -296,6 +280,20 @@ impl LeaseRepository {
             )
             .await?;
         Ok(released.matched_count == 1)
+    }
+
+    /// Takes back a claim whose attempt never started (what it was looked up beside could not be
+    /// read): the lease is removed, so the next copy claims afresh.
+    #[tracing::instrument(name = "store.leases.forget", skip_all, fields(task_id = %attempt.task_id))]
+    pub(crate) async fn forget(&self, attempt: &Attempt) -> Result<(), StoreError> {
+        self.collection
+            .delete_one(doc! {
+                "_id": lease_id(&attempt.task_id, attempt.retries),
+                "token": &attempt.token,
+                "deliveries": 1_i64,
+            })
+            .await?;
+        Ok(())
     }
 
     /// Of the `running` attempts (lease id, token), the tokens of those an operator asked to stop.
@@ -477,13 +475,19 @@ impl LeaseRepository {
             .await?)
     }
 
-    /// Removes leases not held for `RETENTION`; how many.
+    /// Removes leases not held for `RETENTION`; how many. A lease closed before any worker took
+    /// its attempt (a cancel, a refused submission, a task closed unrun) stays: the task's
+    /// original message may still be waiting (a far eta, a queue without consumers), and
+    /// finding its attempt closed is what keeps it from running. Those are few.
     #[tracing::instrument(name = "store.leases.collect", skip(self))]
     pub async fn collect(&self) -> Result<u64, StoreError> {
         let cutoff = DateTime::now().timestamp_millis() - RETENTION.as_millis() as i64;
         let collected = self
             .collection
-            .delete_many(doc! {"lease_until": {"$lt": DateTime::from_millis(cutoff)}})
+            .delete_many(doc! {
+                "lease_until": {"$lt": DateTime::from_millis(cutoff)},
+                "closed": null,
+            })
             .await?;
         Ok(collected.deleted_count)
     }

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
 use mongodb::bson::{self, doc, Bson, DateTime, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
@@ -166,6 +165,10 @@ pub struct TaskDocument {
     /// handler. Cleared when the task is run again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_requested: Option<OperatorRequest>,
+    /// Its submission was answered "not accepted" ([`TaskRepository::refuse`]): recorded only
+    /// so that it never runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_at: Option<DateTime>,
 }
 
 impl TaskDocument {
@@ -206,6 +209,7 @@ impl TaskDocument {
             dead_letter: None,
             replays: Vec::new(),
             cancel_requested: None,
+            refused_at: None,
         }
     }
 }
@@ -234,6 +238,8 @@ pub struct TaskRepository {
     pub(super) collection: Collection<TaskDocument>,
     /// Where the running attempts are (read model, cancels, refusals).
     pub(super) leases: super::task_leases::LeaseRepository,
+    /// What each attempt came to (the read model lays the latest over the document).
+    pub(super) outcomes: super::outcomes::OutcomeRepository,
     /// Which attempts run now, by the workers' own word (the read model's `STARTED`).
     pub(super) workers: super::workers::WorkerRepository,
 }
@@ -247,6 +253,7 @@ impl TaskRepository {
         Self {
             collection: db.collection(COLLECTION),
             leases: super::task_leases::LeaseRepository::new(db),
+            outcomes: super::outcomes::OutcomeRepository::new(db),
             workers: super::workers::WorkerRepository::new(db),
         }
     }
@@ -341,35 +348,26 @@ impl TaskRepository {
         &self.workers
     }
 
-    /// The document as stored, without the running attempt laid over it (readers use
+    /// The `Tasks` document as stored, without its outcomes (readers use
     /// [`TaskRepository::get`]).
-    #[tracing::instrument(name = "store.tasks.stored", skip(self))]
-    pub async fn stored(&self, id: &str) -> Result<Option<TaskDocument>, StoreError> {
+    pub(crate) async fn document(&self, id: &str) -> Result<Option<TaskDocument>, StoreError> {
         Ok(self.collection.find_one(doc! {"_id": id}).await?)
     }
 
-    /// States of many tasks at once (shards of a job).
+    /// The attempts' outcomes.
+    pub fn outcomes(&self) -> &super::outcomes::OutcomeRepository {
+        &self.outcomes
+    }
+
+    /// States of many tasks at once (shards of a job), as the read model has them but for the
+    /// running attempts.
     pub async fn states(&self, ids: &[String]) -> Result<Vec<(String, TaskState)>, StoreError> {
-        let cursor = self
-            .collection
-            .clone_with_type::<Document>()
-            .find(doc! {"_id": {"$in": ids}})
-            .projection(doc! {"state": 1})
-            .await?;
-        let docs: Vec<Document> = cursor.try_collect().await?;
-        docs.into_iter()
-            .map(|d| {
-                let id = d
-                    .get_str("_id")
-                    .map_err(|e| StoreError::Malformed(Cause::of(e)))?;
-                let state = d
-                    .get_str("state")
-                    .map_err(|e| StoreError::Malformed(Cause::of(e)))?
-                    .parse::<TaskState>()
-                    .map_err(|e| StoreError::Malformed(e.into()))?;
-                Ok((id.to_owned(), state))
-            })
-            .collect()
+        Ok(self
+            .current_of(ids)
+            .await?
+            .into_iter()
+            .map(|t| (t.id.to_string(), t.state))
+            .collect())
     }
 
     /// Makes sure task `id` never runs, for a submission about to be answered "not accepted":
@@ -507,7 +505,7 @@ impl TaskRepository {
     }
 }
 
-pub(super) fn to_bson(value: &Value) -> Result<Bson, StoreError> {
+pub(crate) fn to_bson(value: &Value) -> Result<Bson, StoreError> {
     bson::to_bson(value)
         .map_err(|e| StoreError::Rejected(Cause::context("the value cannot be stored in BSON", e)))
 }

@@ -1,13 +1,18 @@
-//! The one read model of "where is this task": the `Tasks` document with the running attempt's
-//! lease laid over it. Status, search, the page and `kobe task show` all read through here, so
-//! they give one answer.
+//! The one read model of "where is this task": the `Tasks` document (what was submitted, and what
+//! operators did since), the latest outcome from [`TaskOutcomes`](super::outcomes) laid over it,
+//! and the running attempt's lease over that. Status, search, the page, workflows, Celery's
+//! results and `kobe task show` all read through here, so they give one answer.
 //!
-//! `Tasks` holds `PENDING` or `RETRY` while an attempt runs (the claim writes only
-//! [`TaskLeases`](super::task_leases)); an open lease of the attempt the document waits for makes
-//! it `STARTED`, with the lease's start, worker and deliveries. A task no client recorded (a
-//! Celery client's) is known only by its lease until its outcome is written.
+//! Workers write no `Tasks` document: a claim is an insert into
+//! [`TaskLeases`](super::task_leases), an outcome an insert into `TaskOutcomes`. An open lease of
+//! the attempt the task waits for makes it `STARTED`, with the lease's start, worker and
+//! deliveries. A task no client recorded (a Celery client's) is known by its lease while it
+//! runs and by its outcomes after.
 
+use futures_util::TryStreamExt;
 use mongodb::bson::{doc, DateTime};
+
+use super::outcomes::{compose, from_outcome, Outcome};
 
 use super::search::{Cursor, Search, MAX_PAGE};
 use super::task_leases::AttemptLease;
@@ -38,6 +43,30 @@ pub(crate) fn overlay(task: &mut TaskDocument, lease: &AttemptLease) {
     task.deliveries = lease.deliveries;
 }
 
+fn is_waiting(task: &TaskDocument) -> bool {
+    matches!(
+        task.state,
+        TaskState::Pending | TaskState::Retry | TaskState::Started
+    )
+}
+
+/// `documents` with their latest outcomes laid over them, and the tasks known only by an
+/// outcome (a Celery client's).
+fn composed(
+    documents: Vec<TaskDocument>,
+    mut latest: std::collections::HashMap<String, Outcome>,
+) -> Vec<TaskDocument> {
+    let mut tasks = Vec::with_capacity(documents.len() + latest.len());
+    for mut task in documents {
+        if let Some(outcome) = latest.remove(task.id.as_str()) {
+            compose(&mut task, &outcome);
+        }
+        tasks.push(task);
+    }
+    tasks.extend(latest.values().map(from_outcome));
+    tasks
+}
+
 /// A task known only by its running attempt's lease.
 fn from_lease(lease: &AttemptLease) -> TaskDocument {
     let id = TaskId::stored(lease.task_id.clone());
@@ -51,15 +80,13 @@ fn from_lease(lease: &AttemptLease) -> TaskDocument {
 }
 
 impl TaskRepository {
-    /// Where task `id` is: its document with its running attempt laid over it.
+    /// Where task `id` is: its document with its latest outcome and its running attempt laid
+    /// over it.
     #[tracing::instrument(name = "store.tasks.get", skip(self))]
     pub async fn get(&self, id: &str) -> Result<Option<TaskDocument>, StoreError> {
         match self.stored(id).await? {
             Some(mut task) => {
-                if matches!(
-                    task.state,
-                    TaskState::Pending | TaskState::Retry | TaskState::Started
-                ) {
+                if is_waiting(&task) {
                     if let Some(lease) = self.leases.get(id, task.retries).await? {
                         overlay(&mut task, &lease);
                     }
@@ -70,16 +97,62 @@ impl TaskRepository {
         }
     }
 
-    /// Lays the running attempts over `tasks`: one query for the page.
+    /// Task `id` as its document and its latest outcome say (the running attempt aside; readers
+    /// use [`TaskRepository::get`]).
+    #[tracing::instrument(name = "store.tasks.stored", skip(self))]
+    pub async fn stored(&self, id: &str) -> Result<Option<TaskDocument>, StoreError> {
+        let ids = [id];
+        let (task, latest) = tokio::try_join!(self.document(id), self.outcomes.latest_of(&ids))?;
+        Ok(composed(task.into_iter().collect(), latest).pop())
+    }
+
+    /// [`TaskRepository::stored`] of many tasks: two queries (missing ones left out).
+    pub(crate) async fn current_of(&self, ids: &[String]) -> Result<Vec<TaskDocument>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let documents = async {
+            let found: Vec<TaskDocument> = self
+                .collection
+                .find(doc! {"_id": {"$in": ids}})
+                .await?
+                .try_collect()
+                .await?;
+            Ok::<_, StoreError>(found)
+        };
+        let (documents, latest) = tokio::try_join!(documents, self.outcomes.latest_of(&refs))?;
+        Ok(composed(documents, latest))
+    }
+
+    /// [`TaskRepository::get`] of many tasks: their documents and latest outcomes, and the
+    /// running attempts laid over them.
+    pub(crate) async fn read_model_of(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<TaskDocument>, StoreError> {
+        let mut tasks = self.current_of(ids).await?;
+        self.overlay_leases(&mut tasks).await?;
+        Ok(tasks)
+    }
+
+    /// Lays the latest outcomes and the running attempts over `tasks` (documents as stored).
     pub(crate) async fn overlay_all(&self, tasks: &mut [TaskDocument]) -> Result<(), StoreError> {
+        let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+        let latest = self.outcomes.latest_of(&ids).await?;
+        for task in tasks.iter_mut() {
+            if let Some(outcome) = latest.get(task.id.as_str()) {
+                compose(task, outcome);
+            }
+        }
+        self.overlay_leases(tasks).await
+    }
+
+    /// Lays the running attempts over `tasks`: one query for the page.
+    async fn overlay_leases(&self, tasks: &mut [TaskDocument]) -> Result<(), StoreError> {
         let waiting: Vec<(&str, u32)> = tasks
             .iter()
-            .filter(|t| {
-                matches!(
-                    t.state,
-                    TaskState::Pending | TaskState::Retry | TaskState::Started
-                )
-            })
+            .filter(|t| is_waiting(t))
             .map(|t| (t.id.as_str(), t.retries))
             .collect();
         let open = self.leases.open_for(&waiting).await?;
@@ -92,42 +165,34 @@ impl TaskRepository {
     }
 
     /// Tasks matching `search` as the read model has them, most recently changed first, and the
-    /// cursor of the next page. `STARTED` is looked for among the open leases; a waiting task that
-    /// turns out to run is left out of a search for its stored state.
+    /// cursor of the next page. `STARTED` is looked for in the live workers' lists of what they
+    /// run.
     #[tracing::instrument(name = "store.tasks.find", skip(self))]
     pub async fn find(
         &self,
         search: &Search,
     ) -> Result<(Vec<TaskDocument>, Option<Cursor>), StoreError> {
         if search.state != Some(TaskState::Started) {
-            let (mut tasks, next) = self.search(search, None).await?;
-            self.overlay_all(&mut tasks).await?;
-            if let Some(state) = search.state {
-                tasks.retain(|t| t.state == state);
-            }
-            return Ok((tasks, next));
+            return self.search(search).await;
+        }
+        // Every running attempt is on the first page: the workers' lists are bounded.
+        if search.after.is_some() {
+            return Ok((Vec::new(), None));
         }
         let running = self.running_leases().await?;
-        let ids: Vec<&str> = running.iter().map(|l| l.task_id.as_str()).collect();
-        let (mut tasks, next) = self.search(search, Some(&ids)).await?;
-        self.overlay_all(&mut tasks).await?;
-        tasks.retain(|t| t.state == TaskState::Started);
-        // Running tasks no client recorded, on the first page (one query says which are).
-        if search.after.is_none() && search.parent_id.is_none() {
-            let ids: Vec<String> = running.iter().map(|l| l.task_id.clone()).collect();
-            let recorded = self.states(&ids).await?;
-            for lease in &running {
-                let known = recorded.iter().any(|(id, _)| *id == lease.task_id);
-                let named = search
-                    .task_name
-                    .as_ref()
-                    .is_none_or(|n| *n == lease.task_name);
-                if !known && named {
-                    tasks.push(from_lease(lease));
-                }
+        let ids: Vec<String> = running.iter().map(|l| l.task_id.clone()).collect();
+        let mut tasks = self.current_of(&ids).await?;
+        for lease in &running {
+            match tasks.iter_mut().find(|t| t.id.as_str() == lease.task_id) {
+                Some(task) => overlay(task, lease),
+                // Running tasks no client recorded.
+                None => tasks.push(from_lease(lease)),
             }
         }
-        Ok((tasks, next))
+        tasks.retain(|t| search.matches(t));
+        tasks.sort_by(|a, b| (b.updated_at, b.id.as_str()).cmp(&(a.updated_at, a.id.as_str())));
+        tasks.truncate(search.limit.clamp(1, MAX_PAGE) as usize);
+        Ok((tasks, None))
     }
 
     /// The leases of the attempts running now: those the live workers list (each writes its
@@ -148,7 +213,12 @@ impl TaskRepository {
         let mut counts = self.counts_since(since).await?;
         let running = self.running_leases().await?;
         let ids: Vec<String> = running.iter().map(|l| l.task_id.clone()).collect();
-        let stored = self.states(&ids).await?;
+        let stored: Vec<(String, TaskState)> = self
+            .current_of(&ids)
+            .await?
+            .into_iter()
+            .map(|t| (t.id.to_string(), t.state))
+            .collect();
         let mut add = |state: TaskState, n: i64| {
             if let Some((_, count)) = counts.iter_mut().find(|(s, _)| *s == state) {
                 *count = count.saturating_add_signed(n);

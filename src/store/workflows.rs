@@ -127,7 +127,7 @@ pub struct WorkflowRepository {
     workflows: Collection<WorkflowDocument>,
     steps: Collection<StepDocument>,
     joins: Collection<Document>,
-    tasks: Collection<Document>,
+    tasks: super::TaskRepository,
 }
 
 impl WorkflowRepository {
@@ -136,7 +136,7 @@ impl WorkflowRepository {
             workflows: db.collection(WORKFLOWS),
             steps: db.collection(WORKFLOW_STEPS),
             joins: db.collection(WORKFLOW_JOINS),
-            tasks: db.collection(super::tasks::COLLECTION),
+            tasks: super::TaskRepository::new(db),
         }
     }
 
@@ -335,26 +335,22 @@ impl WorkflowRepository {
         Ok(reopened.modified_count == 1)
     }
 
-    /// The tasks of `ids` as stored now (missing ones left out).
+    /// The tasks of `ids` as the read model has them now, the running attempts aside (missing
+    /// ones left out).
     pub async fn outcomes(&self, ids: &[String]) -> Result<Vec<StepOutcome>, StoreError> {
-        let cursor = self
+        Ok(self
             .tasks
-            .find(doc! {"_id": {"$in": ids}})
-            .projection(doc! {"state": 1, "result": 1, "root_cause": 1, "refused_at": 1})
-            .await?;
-        let found: Vec<Document> = cursor.try_collect().await?;
-        Ok(found
+            .current_of(ids)
+            .await?
             .into_iter()
-            .filter_map(|task| {
-                Some(StepOutcome {
-                    task_id: task.get_str("_id").ok()?.to_owned(),
-                    state: task.get_str("state").ok()?.parse().ok()?,
-                    result: task.get("result").map(|r| r.clone().into_relaxed_extjson()),
-                    root_cause: task.get_str("root_cause").ok().map(str::to_owned),
-                    // Closed by the submitter, or by a worker that met its closed lease first.
-                    refused: task.contains_key("refused_at")
-                        || task.get_str("root_cause") == Ok(super::tasks::REFUSED),
-                })
+            .map(|task| StepOutcome {
+                task_id: task.id.to_string(),
+                state: task.state,
+                // Closed by the submitter, or by a worker that met its closed lease first.
+                refused: task.refused_at.is_some()
+                    || task.root_cause.as_deref() == Some(super::tasks::REFUSED),
+                result: task.result,
+                root_cause: task.root_cause,
             })
             .collect())
     }

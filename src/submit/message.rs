@@ -7,7 +7,7 @@ use mongodb::bson::DateTime;
 use serde_json::Map;
 
 use super::{SubmitError, Submitter};
-use crate::amqp::wire::PAYLOAD_HEADER;
+use crate::amqp::wire::{PAYLOAD_HEADER, RECORDED_HEADER};
 use crate::amqp::{Outgoing, TaskMessage};
 use crate::store::TaskDocument;
 
@@ -38,6 +38,7 @@ impl Submitter {
         // A replayed task's next attempt (0 for a task never run).
         message.retries = document.retries;
         let mut headers = message.headers();
+        headers.insert(RECORDED_HEADER.into(), amiquip::AmqpValue::Boolean(true));
         if let Some(reference) = &document.payload_ref {
             headers.insert(
                 PAYLOAD_HEADER.into(),

@@ -23,6 +23,7 @@ const RELEASE_BOUND: Duration = Duration::from_secs(2);
 
 impl Effects for Worker {
     async fn record(&self, job: &Job<'_>, plan: &mut Plan) -> Stored {
+        let error_record = error_record(job, plan);
         let Some(transition) = plan.record.as_mut() else {
             return Stored::Applied;
         };
@@ -54,18 +55,26 @@ impl Effects for Worker {
                 Err(error) => return Stored::Rejected(error.to_string()),
             }
         }
-        let write = match self.tasks.outcome_write(&job.attempt, transition, holding) {
+        if let Some(stored) = self.before_outcome(job, transition).await {
+            return stored;
+        }
+        let write = match self
+            .tasks
+            .outcomes()
+            .write(&job.attempt, transition, holding)
+        {
             Ok(write) => write,
             Err(error) => return Stored::Rejected(error.to_string()),
         };
-        let error_record = error_record(job, plan);
         let had_error = error_record.is_some();
         let written = self.writer.submit(write);
         let logged =
             error_record.map(|record| self.writer.submit(self.errors.record_write(&record)));
         let stored = match written.result().await {
             Ok(Written::Applied) => Stored::Applied,
-            Ok(Written::Refused) => Stored::Refused,
+            // The attempt has an outcome: this one's own, sent again after a lost answer, or
+            // another party's, which decided first.
+            Ok(Written::Refused) => self.own_outcome(job, transition).await,
             Err(error) if error.is_transient() => {
                 tracing::warn!(error = %error, "cannot record the outcome now");
                 Stored::Unavailable
@@ -82,6 +91,13 @@ impl Effects for Worker {
         }
         if stored == Stored::Applied {
             self.pause.recovered();
+            if let Transition::Retry { owed: true, .. } = transition {
+                // Rare: the outbox sends what `Tasks` says is owed.
+                if let Err(error) = self.tasks.owe_next_attempt(&job.attempt).await {
+                    tracing::warn!(error = %error, "cannot note the next attempt owed to the outbox");
+                    return Stored::Unavailable;
+                }
+            }
             // A final status may be cached as soon as the outcome is in: one read between the
             // outcome and its TaskErrorLog record would cache it without its last error, so a
             // failure clears it once the record is written. A success is whole in its one write.
@@ -206,9 +222,15 @@ impl Effects for Worker {
     }
 
     fn dead_letter_paid(&self, job: &Job<'_>) {
-        let _ = self
-            .writer
-            .submit(self.tasks.dead_letter_sent_write(&job.attempt.task_id));
+        // Rare (a failure that dead-letters): plain updates, not upserts, since the debt may be
+        // on the attempt's outcome or on a document an earlier version wrote.
+        let tasks = self.tasks.clone();
+        let (id, retries) = (job.attempt.task_id.clone(), job.attempt.retries);
+        tokio::spawn(async move {
+            if let Err(error) = tasks.dead_letter_sent(&id, retries).await {
+                tracing::debug!(error = %error, "cannot note the dead letter as sent");
+            }
+        });
     }
 
     fn may_continue(&self, job: &Job<'_>) -> bool {
@@ -403,4 +425,73 @@ fn error_record(job: &Job<'_>, plan: &Plan) -> Option<ErrorRecord> {
             .map(|_| crate::config::worker_name().to_owned()),
         started_at: job.started_at,
     })
+}
+
+impl Worker {
+    /// What must be checked before an outcome is written, where the insert alone cannot say:
+    /// a handler whose lease may have lapsed while it ran (a paused or starved worker) records
+    /// only while the lease is still its own — another attempt took it over otherwise, and this
+    /// one's outcome is kept as history beside it; and no retry follows a cancel.
+    async fn before_outcome(&self, job: &Job<'_>, transition: &Transition) -> Option<Stored> {
+        let lapsed = job.claimed
+            && job
+                .trusted_until
+                .is_some_and(|until| std::time::Instant::now() > until);
+        if lapsed {
+            let lease = self
+                .leases
+                .get(&job.attempt.task_id, job.attempt.retries)
+                .await;
+            match lease {
+                Ok(Some(lease)) if lease.token == job.attempt.token => {}
+                Ok(_) => {
+                    tracing::warn!(
+                        "the lease lapsed while the handler ran and another attempt took it over: this outcome is kept as history only"
+                    );
+                    if let Err(error) = self
+                        .tasks
+                        .outcomes()
+                        .superseded(&job.attempt, transition)
+                        .await
+                    {
+                        tracing::debug!(error = %error, "cannot keep the superseded outcome");
+                    }
+                    return Some(Stored::Refused);
+                }
+                Err(error) if error.is_transient() => return Some(Stored::Unavailable),
+                Err(error) => return Some(Stored::Rejected(error.to_string())),
+            }
+        }
+        if matches!(transition, Transition::Retry { .. }) {
+            // Retries are rare: one read of the document says whether an operator asked the
+            // task to stop (then the refusal is looked into, and the task revoked).
+            match self.tasks.document(&job.attempt.task_id).await {
+                Ok(Some(task)) if task.cancel_requested.is_some() => return Some(Stored::Refused),
+                Ok(_) => {}
+                Err(error) if error.is_transient() => return Some(Stored::Unavailable),
+                Err(error) => return Some(Stored::Rejected(error.to_string())),
+            }
+        }
+        None
+    }
+
+    /// After a refused outcome insert: `Applied` when the attempt's outcome is this one's own
+    /// (sent again after an answer was lost), `Refused` when another party decided first.
+    async fn own_outcome(&self, job: &Job<'_>, transition: &Transition) -> Stored {
+        match self
+            .tasks
+            .outcomes()
+            .get(&job.attempt.task_id, job.attempt.retries)
+            .await
+        {
+            Ok(Some(outcome))
+                if outcome.token == job.attempt.token && outcome.state == transition.target() =>
+            {
+                Stored::Applied
+            }
+            Ok(_) => Stored::Refused,
+            Err(error) if error.is_transient() => Stored::Unavailable,
+            Err(error) => Stored::Rejected(error.to_string()),
+        }
+    }
 }

@@ -27,6 +27,9 @@ pub(super) struct Job<'a> {
     pub(super) deliveries: u32,
     /// Another copy's lease of this attempt was found: closing it unrun is not this copy's call.
     pub(super) lease_found: bool,
+    /// Until when its handler's run could trust the lease (the last renewal, less the margin):
+    /// an outcome recorded later first checks the lease is still its own.
+    pub(super) trusted_until: Option<std::time::Instant>,
 }
 
 impl<'a> Job<'a> {
@@ -40,6 +43,7 @@ impl<'a> Job<'a> {
             started_at: None,
             deliveries: 0,
             lease_found: false,
+            trusted_until: None,
         }
     }
 

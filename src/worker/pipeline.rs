@@ -177,7 +177,11 @@ impl Worker {
 
     /// The attempt a message asks for, with what a document its claim creates needs.
     fn attempt_of(&self, delivery: &Delivery, message: &TaskMessage) -> Attempt {
-        Attempt::new(message.id.as_str(), &message.task, message.retries).with_origin(Origin {
+        let attempt = Attempt::new(message.id.as_str(), &message.task, message.retries);
+        if crate::amqp::wire::is_recorded(&delivery.properties) {
+            return attempt;
+        }
+        attempt.with_origin(Origin {
             args: message.args.clone(),
             kwargs: message.kwargs.clone(),
             route: self
@@ -271,7 +275,7 @@ impl Worker {
     ) -> Next {
         // The lease the claim asks for is counted from before it is sent.
         let claimed_at = Instant::now();
-        let (taken_over, deliveries, started_at, stored) = match self.claim(job).await {
+        let (taken_over, deliveries, started_at, looked) = match self.claim(job).await {
             Ok(Some(claimed)) => claimed,
             // Held by another copy, or not to be run: looked at, settled or retaken.
             Ok(None) => {
@@ -285,13 +289,11 @@ impl Worker {
         };
         job.claimed = true;
         job.deliveries = deliveries;
-        if let Some(next) = self.not_to_run(job, stored).await {
-            // Ours, but the task says it must not run: let the lease go as done. The lease is
-            // this copy's own, so there is no other to close before the outcome (closing it
-            // again would be refused by itself, over and over: a cancel mark met by a retry's
-            // attempt livelocked so).
+        if let Some(next) = self.not_to_run(job, looked).await {
+            // Ours, but the task says it must not run. The lease is this copy's own, so there
+            // is no other to close before the outcome (closing it again would be refused by
+            // itself, over and over: a cancel mark met by a retry's attempt livelocked so).
             drop(slot);
-            let _ = self.writer.submit(self.leases.done_write(&job.attempt));
             job.claimed = false;
             job.lease_found = true;
             return next;
@@ -354,16 +356,30 @@ impl Worker {
         // published by one whose outcome was then refused (a cancel that came meanwhile).
         let looked_up = async {
             if job.delivery.redelivered || job.attempt.retries > 0 {
-                self.reader
-                    .get(crate::store::tasks::COLLECTION, &job.attempt.task_id)
-                    .await
+                self.look_up(job).await
             } else {
-                Ok(None)
+                Ok(Looked::default())
             }
         };
-        let (claimed, stored) = tokio::join!(claim.result(), looked_up);
+        let (claimed, looked) = tokio::join!(claim.result(), looked_up);
         match claimed? {
-            Written::Applied => Ok(Some((None, 1, now, stored?))),
+            Written::Applied => match looked {
+                Ok(looked) => Ok(Some((None, 1, now, looked))),
+                // The claim is ours but what it was looked up beside is not known: it is taken
+                // back, so the copy that comes back after the pause claims afresh — without
+                // waiting for the lease to lapse, and without a start counted against it.
+                Err(error) => {
+                    let forgotten = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        self.leases.forget(&job.attempt),
+                    )
+                    .await;
+                    if !matches!(forgotten, Ok(Ok(()))) {
+                        tracing::debug!("cannot take the claim back; its lease lapses on its own");
+                    }
+                    Err(error)
+                }
+            },
             Written::Refused => {
                 job.lease_found = true;
                 self.take_over(job).await
@@ -384,29 +400,52 @@ impl Worker {
                 deliveries,
                 started_at,
             } => {
-                let stored = self
-                    .reader
-                    .get(crate::store::tasks::COLLECTION, &job.attempt.task_id)
-                    .await?;
-                Ok(Some((previous, deliveries, started_at, stored)))
+                let looked = self.look_up(job).await?;
+                Ok(Some((previous, deliveries, started_at, looked)))
             }
             TakeOver::Held => Ok(None),
         }
     }
 
-    /// What the task's document says against running this attempt, carried out where that
-    /// settles it; `None`: run it.
-    async fn not_to_run(
-        &self,
-        job: &Job<'_>,
-        stored: Option<mongodb::bson::Document>,
-    ) -> Option<Next> {
-        let task: TaskDocument = match stored.map(mongodb::bson::from_document) {
-            None => return None,
-            Some(Ok(task)) => task,
-            Some(Err(error)) => {
+    /// The task's document, this attempt's outcome and the one before it (a retry's, or what
+    /// ended the task meanwhile), each read in a batch with other workers' lookups.
+    async fn look_up(&self, job: &Job<'_>) -> Result<Looked, StoreError> {
+        use crate::store::{outcomes, task_leases::lease_id};
+        let id = &job.attempt.task_id;
+        let retries = job.attempt.retries;
+        let previous = async {
+            match retries.checked_sub(1) {
+                Some(before) => {
+                    self.reader
+                        .get(outcomes::COLLECTION, &lease_id(id, before))
+                        .await
+                }
+                None => Ok(None),
+            }
+        };
+        let this = lease_id(id, retries);
+        let (task, outcome, previous) = tokio::try_join!(
+            self.reader.get(crate::store::tasks::COLLECTION, id),
+            self.reader.get(outcomes::COLLECTION, &this),
+            previous,
+        )?;
+        Ok(Looked {
+            task,
+            outcome: outcome.or(previous),
+        })
+    }
+
+    /// What the task's document and this attempt's outcome say against running this attempt,
+    /// carried out where that settles it; `None`: run it.
+    async fn not_to_run(&self, job: &Job<'_>, looked: Looked) -> Option<Next> {
+        let task = match looked.read() {
+            Ok(None) => return None,
+            Ok(Some(task)) => task,
+            // Unreadable: trying again reads the same bytes. It ends here, said, with the
+            // delivery dead-lettered by the plan for an internal error.
+            Err(error) => {
                 return Some(Next::Conclude(Happened::Internal(format!(
-                    "the task's document cannot be read: {error}"
+                    "the task's stored record cannot be read: {error}"
                 ))))
             }
         };
@@ -479,11 +518,33 @@ impl Worker {
     }
 }
 
-/// A claim taken: whose lapsed lease it replaced, the attempt's starts, when it started, and the
-/// task's document as it was looked up.
-type Claimed = (
-    Option<String>,
-    u32,
-    DateTime,
-    Option<mongodb::bson::Document>,
-);
+/// A claim taken: whose lapsed lease it replaced, the attempt's starts, when it started, and
+/// what was looked up beside it.
+type Claimed = (Option<String>, u32, DateTime, Looked);
+
+/// The task's `Tasks` document and the latest of this attempt's outcome and the one before, as
+/// looked up beside a claim (raw: read only when a verdict needs them).
+#[derive(Debug, Default)]
+struct Looked {
+    task: Option<mongodb::bson::Document>,
+    outcome: Option<mongodb::bson::Document>,
+}
+
+impl Looked {
+    /// The task as the read model has it, the running attempt aside; `None` when neither is
+    /// recorded.
+    fn read(self) -> Result<Option<TaskDocument>, mongodb::bson::de::Error> {
+        let task: Option<TaskDocument> = self.task.map(mongodb::bson::from_document).transpose()?;
+        let outcome: Option<crate::store::outcomes::Outcome> =
+            self.outcome.map(mongodb::bson::from_document).transpose()?;
+        Ok(match (task, outcome) {
+            (Some(mut task), Some(outcome)) => {
+                crate::store::outcomes::compose(&mut task, &outcome);
+                Some(task)
+            }
+            (Some(task), None) => Some(task),
+            (None, Some(outcome)) => Some(crate::store::outcomes::from_outcome(&outcome)),
+            (None, None) => None,
+        })
+    }
+}

@@ -19,7 +19,7 @@ impl Worker {
     /// never run beside the other. The hard time limit holds meanwhile.
     pub(super) async fn supervise(
         &self,
-        job: &Job<'_>,
+        job: &mut Job<'_>,
         mut running: Running,
         claimed_at: Instant,
     ) -> Next {
@@ -79,6 +79,7 @@ impl Worker {
                 }
             }
         };
+        job.trusted_until = Some(trust.borrow().until);
         drop(registration);
         Next::Conclude(Happened::Ran(outcome))
     }

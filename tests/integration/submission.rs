@@ -23,14 +23,23 @@ async fn a_task_travels_from_the_api_through_the_worker_to_success() {
     assert!(status["finished_at"].is_string(), "{status}");
     assert_eq!(seen.last().map(String::as_str), Some("SUCCESS"));
 
-    // The document holds the result the handler returned.
+    // The attempt's outcome holds the result the handler returned: one insert, keyed by the
+    // attempt; the submitted document is not rewritten.
     let stored = env
+        .db
+        .collection::<mongodb::bson::Document>("TaskOutcomes")
+        .find_one(doc! {"_id": format!("{id}:0")})
+        .await
+        .unwrap()
+        .unwrap();
+    let submitted = env
         .db
         .collection::<mongodb::bson::Document>("Tasks")
         .find_one(doc! {"_id": &id})
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(submitted.get_str("state"), Ok("PENDING"));
     assert_eq!(
         stored
             .get_document("result")

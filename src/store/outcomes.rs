@@ -1,0 +1,441 @@
+//! `TaskOutcomes`: what each attempt came to, one document per attempt, written once.
+//!
+//! `_id` = `<task id>:<retries>`, the key of the attempt's lease. An outcome is an insert, and
+//! the first insert for an attempt decides it: a duplicate key means another party (the same
+//! worker after a lost answer, a takeover, a cancel) decided first. Nothing here is rewritten on
+//! the hot path — an insert into a narrow collection costs the store a fraction of an update of a
+//! wide document — and an attempt with an outcome is over: its lease needs no release.
+//!
+//! `Tasks` keeps what was submitted and what operators did (a rerun, a cancel of a waiting task, a
+//! refused submission); [`compose`] lays the latest outcome over it, and every reader goes through
+//! that (see [`TaskRepository::get`](super::TaskRepository)).
+
+use std::collections::HashMap;
+
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, DateTime, Document};
+use mongodb::{Collection, Database};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::attempts::{Holding, Transition};
+use super::batch::{Write, WriteOp};
+use super::task_leases::{lease_id, Attempt};
+use super::tasks::{to_bson, DeadLetterState, PublishState, TaskDocument};
+use super::StoreError;
+use crate::domain::{TaskId, TaskState};
+
+pub const COLLECTION: &str = "TaskOutcomes";
+
+/// What a task no `Tasks` document records (a Celery client's) was sent with, kept on its
+/// outcomes: its status shows its arguments, and a rerun runs it with them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sent {
+    #[serde(default)]
+    pub args: Vec<Value>,
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+    #[serde(default)]
+    pub route: String,
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// One attempt's outcome, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub task_id: String,
+    pub task_name: String,
+    /// Failed attempts before this one.
+    pub retries: u32,
+    pub state: TaskState,
+    /// When it was recorded.
+    pub at: DateTime,
+    /// The attempt's token (`closed` for an attempt no worker took).
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime>,
+    #[serde(default)]
+    pub deliveries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_cause: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterState>,
+    /// A retry whose next attempt's publish was in doubt: the outbox sends it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub owed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent: Option<Sent>,
+    /// The outcome of a holder whose lease lapsed and was taken over before it recorded: kept
+    /// as history (`_id` = `<task id>:<retries>~<token>`), never the task's word.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
+}
+
+impl Outcome {
+    /// The attempt the task is at after this outcome: the next one after a retry.
+    pub(crate) fn attempt_after(&self) -> u32 {
+        match self.state {
+            TaskState::Retry => self.retries.saturating_add(1),
+            _ => self.retries,
+        }
+    }
+}
+
+/// The outcome document of `transition` for `attempt`.
+pub(crate) fn outcome_document(
+    attempt: &Attempt,
+    transition: &Transition,
+    holding: Holding,
+) -> Result<Document, StoreError> {
+    let now = DateTime::now();
+    let mut outcome = doc! {
+        "_id": lease_id(&attempt.task_id, attempt.retries),
+        "task_id": &attempt.task_id,
+        "task_name": &attempt.task_name,
+        "retries": i64::from(attempt.retries),
+        "state": transition.target().as_str(),
+        "at": now,
+        "token": &attempt.token,
+    };
+    match holding {
+        Holding::Lease {
+            started_at,
+            deliveries,
+        } => {
+            outcome.insert("worker", crate::config::worker_name());
+            outcome.insert("started_at", started_at);
+            outcome.insert("deliveries", i64::from(deliveries));
+        }
+        Holding::Nothing { deliveries } => {
+            outcome.insert("deliveries", i64::from(deliveries));
+        }
+    }
+    match transition {
+        Transition::Retry { root_cause, owed } => {
+            outcome.insert("root_cause", root_cause);
+            if *owed {
+                outcome.insert("owed", true);
+            }
+        }
+        Transition::Success { result } => {
+            outcome.insert("result", to_bson(result)?);
+        }
+        Transition::Failure {
+            root_cause,
+            dead_letter,
+        } => {
+            outcome.insert("root_cause", root_cause);
+            if *dead_letter {
+                outcome.insert("dead_letter", DeadLetterState::Pending.as_str());
+            }
+        }
+        Transition::Revoked { root_cause } => {
+            outcome.insert("root_cause", root_cause);
+        }
+    }
+    // A task no `Tasks` document records (a Celery client's) keeps what it was sent with.
+    if *attempt.origin != super::task_leases::Origin::default() {
+        let origin = &attempt.origin;
+        let sent = Sent {
+            args: origin.args.clone(),
+            kwargs: origin.kwargs.clone(),
+            route: origin.route.clone(),
+            priority: i32::from(origin.priority),
+        };
+        outcome.insert(
+            "sent",
+            mongodb::bson::to_bson(&sent)
+                .map_err(|e| StoreError::Rejected(crate::cause::Cause::of(e)))?,
+        );
+    }
+    Ok(outcome)
+}
+
+/// Lays `outcome` over `task` when it is the latest word on it: an outcome of the attempt the
+/// document waits for or of a later one. A document an operator moved past it (a rerun, a cancel
+/// of the next attempt) keeps its own word.
+pub(crate) fn compose(task: &mut TaskDocument, outcome: &Outcome) {
+    if outcome.retries < task.retries {
+        return;
+    }
+    task.state = outcome.state;
+    task.retries = outcome.attempt_after();
+    task.updated_at = outcome.at;
+    task.worker = outcome.worker.clone();
+    task.attempt_token = Some(outcome.token.clone());
+    task.deliveries = outcome.deliveries;
+    task.lease_until = None;
+    if let Some(started) = outcome.started_at {
+        task.started_at = Some(started);
+    }
+    task.root_cause = outcome.root_cause.clone().or(task.root_cause.take());
+    task.publish_state = Some(if outcome.owed {
+        PublishState::Pending
+    } else {
+        PublishState::Confirmed
+    });
+    if outcome.state.is_final() {
+        task.finished_at = Some(outcome.at);
+        task.result = outcome.result.clone();
+        task.dead_letter = outcome.dead_letter;
+    } else {
+        task.finished_at = None;
+    }
+}
+
+/// A task known only by its outcome (a Celery client's: no `Tasks` document).
+pub(crate) fn from_outcome(outcome: &Outcome) -> TaskDocument {
+    let id = TaskId::stored(outcome.task_id.clone());
+    let mut task = TaskDocument::pending(&id, &outcome.task_name, "");
+    if let Some(sent) = &outcome.sent {
+        task.args = sent.args.clone();
+        task.kwargs = sent.kwargs.clone();
+        task.route = sent.route.clone();
+        task.priority = crate::domain::Priority::new(i64::from(sent.priority)).unwrap_or_default();
+    }
+    task.created_at = outcome.started_at.unwrap_or(outcome.at);
+    task.retries = 0;
+    compose(&mut task, outcome);
+    task
+}
+
+/// Repository of `TaskOutcomes`.
+#[derive(Clone)]
+pub struct OutcomeRepository {
+    collection: Collection<Outcome>,
+}
+
+impl OutcomeRepository {
+    pub fn new(db: &Database) -> Self {
+        Self {
+            collection: db.collection(COLLECTION),
+        }
+    }
+
+    /// `transition` of `attempt` as a batched insert: refused when the attempt has an outcome.
+    pub fn write(
+        &self,
+        attempt: &Attempt,
+        transition: &Transition,
+        holding: Holding,
+    ) -> Result<Write, StoreError> {
+        Ok(Write {
+            collection: COLLECTION,
+            op: WriteOp::Insert(outcome_document(attempt, transition, holding)?),
+            purpose: match transition {
+                Transition::Retry { .. } => "retry",
+                Transition::Success { .. } => "success",
+                Transition::Failure { .. } => "failure",
+                Transition::Revoked { .. } => "revoked",
+            },
+        })
+    }
+
+    /// Keeps the outcome of a holder that lost its lease to a takeover, as history beside the
+    /// attempt's own.
+    pub(crate) async fn superseded(
+        &self,
+        attempt: &Attempt,
+        transition: &Transition,
+    ) -> Result<(), StoreError> {
+        let mut outcome =
+            outcome_document(attempt, transition, Holding::Nothing { deliveries: 0 })?;
+        let id = format!(
+            "{}~{}",
+            lease_id(&attempt.task_id, attempt.retries),
+            attempt.token
+        );
+        outcome.insert("_id", id);
+        outcome.insert("superseded", true);
+        outcome.insert("worker", crate::config::worker_name());
+        match self
+            .collection
+            .clone_with_type::<Document>()
+            .insert_one(outcome)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if super::is_duplicate_key(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The outcome of attempt `retries` of task `task_id`.
+    pub async fn get(&self, task_id: &str, retries: u32) -> Result<Option<Outcome>, StoreError> {
+        Ok(self
+            .collection
+            .find_one(doc! {"_id": lease_id(task_id, retries)})
+            .await?)
+    }
+
+    /// The latest outcome of each of `ids` that has one: one query, ranges of `_id`.
+    pub async fn latest_of(&self, ids: &[&str]) -> Result<HashMap<String, Outcome>, StoreError> {
+        let mut latest: HashMap<String, Outcome> = HashMap::new();
+        for chunk in ids.chunks(200) {
+            let ranges: Vec<Document> = chunk
+                .iter()
+                .map(|id| doc! {"_id": {"$gt": format!("{id}:"), "$lt": format!("{id};")}})
+                .collect();
+            let filter = match ranges.len() {
+                0 => continue,
+                1 => ranges.into_iter().next().unwrap_or_default(),
+                _ => doc! {"$or": ranges},
+            };
+            let found: Vec<Outcome> = self.collection.find(filter).await?.try_collect().await?;
+            for outcome in found {
+                // A range of `a:` also holds the outcomes of task `a:b`.
+                if outcome.superseded || !chunk.contains(&outcome.task_id.as_str()) {
+                    continue;
+                }
+                match latest.get(&outcome.task_id) {
+                    Some(kept) if kept.retries >= outcome.retries => {}
+                    _ => {
+                        latest.insert(outcome.task_id.clone(), outcome);
+                    }
+                }
+            }
+        }
+        Ok(latest)
+    }
+
+    /// Outcomes in `state`, latest first, narrowed by `filter` (fields of the outcome), after the
+    /// cursor `(at, id)` when given: a range of the `state_at` index.
+    pub(crate) async fn in_state(
+        &self,
+        state: TaskState,
+        mut filter: Document,
+        after: Option<(DateTime, &str)>,
+        limit: i64,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        filter.insert("state", state.as_str());
+        filter.insert("superseded", mongodb::bson::Bson::Null);
+        if let Some((at, id)) = after {
+            let before = doc! {"$or": [
+                {"at": {"$lt": at}},
+                {"at": at, "_id": {"$lt": id}},
+            ]};
+            filter = doc! {"$and": [filter, before]};
+        }
+        Ok(self
+            .collection
+            .find(filter)
+            .sort(doc! {"at": -1, "_id": -1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// How many outcomes each state has since `since`, and how many of them are of a first
+    /// attempt.
+    pub(crate) async fn counts_since(
+        &self,
+        since: DateTime,
+    ) -> Result<(Vec<(TaskState, u64)>, u64), StoreError> {
+        let mut counts = Vec::new();
+        for state in [
+            TaskState::Retry,
+            TaskState::Success,
+            TaskState::Failure,
+            TaskState::Revoked,
+        ] {
+            let n = self
+                .collection
+                .count_documents(doc! {"state": state.as_str(), "at": {"$gte": since}})
+                .await?;
+            counts.push((state, n));
+        }
+        let states = [
+            TaskState::Retry.as_str(),
+            TaskState::Success.as_str(),
+            TaskState::Failure.as_str(),
+            TaskState::Revoked.as_str(),
+        ];
+        let first = self
+            .collection
+            .count_documents(
+                doc! {"state": {"$in": states.to_vec()}, "at": {"$gte": since}, "retries": 0_i64},
+            )
+            .await?;
+        Ok((counts, first))
+    }
+
+    /// Notes that the dead letter owed for attempt `retries` of a task was confirmed: a rare
+    /// rewrite (a failure that dead-letters).
+    pub(crate) async fn dead_letter_sent(
+        &self,
+        task_id: &str,
+        retries: u32,
+    ) -> Result<(), StoreError> {
+        self.collection
+            .update_one(
+                doc! {
+                    "_id": lease_id(task_id, retries),
+                    "dead_letter": DeadLetterState::Pending.as_str(),
+                },
+                doc! {"$set": {"dead_letter": DeadLetterState::Sent.as_str()}},
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(retries: u32, state: TaskState) -> Outcome {
+        Outcome {
+            id: format!("t:{retries}"),
+            task_id: "t".into(),
+            task_name: "n".into(),
+            retries,
+            state,
+            at: DateTime::now(),
+            token: "tok".into(),
+            worker: Some("host:1".into()),
+            started_at: Some(DateTime::now()),
+            deliveries: 1,
+            result: Some(serde_json::json!(3)),
+            root_cause: None,
+            dead_letter: None,
+            owed: false,
+            sent: None,
+            superseded: false,
+        }
+    }
+
+    #[test]
+    fn the_outcome_of_the_awaited_attempt_decides_and_a_retry_moves_to_the_next() {
+        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
+        compose(&mut task, &outcome(0, TaskState::Success));
+        assert_eq!(task.state, TaskState::Success);
+        assert_eq!(task.result, Some(serde_json::json!(3)));
+        assert!(task.finished_at.is_some());
+
+        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
+        compose(&mut task, &outcome(0, TaskState::Retry));
+        assert_eq!((task.state, task.retries), (TaskState::Retry, 1));
+        assert_eq!(task.finished_at, None);
+    }
+
+    #[test]
+    fn an_operator_who_moved_the_task_past_an_outcome_keeps_the_word() {
+        // Rerun after a failure of attempt 0: the document waits for attempt 1.
+        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
+        task.state = TaskState::Retry;
+        task.retries = 1;
+        compose(&mut task, &outcome(0, TaskState::Failure));
+        assert_eq!((task.state, task.retries), (TaskState::Retry, 1));
+        // Its outcome decides again.
+        compose(&mut task, &outcome(1, TaskState::Success));
+        assert_eq!((task.state, task.retries), (TaskState::Success, 1));
+    }
+}
