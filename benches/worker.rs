@@ -296,7 +296,7 @@ fn main() {
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
         // Out of the way of the drain, which counts its tasks' outcomes.
-        for collection in ["Tasks", "TaskLeases"] {
+        for collection in ["Tasks", "TaskLeases", "TaskOutcomes"] {
             db.collection::<Document>(collection)
                 .delete_many(doc! {})
                 .await
@@ -342,14 +342,21 @@ fn main() {
         .expect("start kobe worker");
     let worker = KillOnDrop(worker);
     let (span_ms, peak, commands) = runtime.block_on(async {
+        // Outcomes are inserts into TaskOutcomes; a binary of an earlier version (an A/B run)
+        // wrote them on the Tasks documents.
         let tasks = db.collection::<Document>("Tasks");
+        let outcomes = db.collection::<Document>("TaskOutcomes");
         let mut peak = 0;
         loop {
             peak = peak.max(peak_rss_kib(worker.id()).unwrap_or(0));
             let done = tasks
                 .count_documents(doc! {"state": "SUCCESS"})
                 .await
-                .unwrap_or(0);
+                .unwrap_or(0)
+                + outcomes
+                    .count_documents(doc! {"state": "SUCCESS"})
+                    .await
+                    .unwrap_or(0);
             if done as usize >= n {
                 break;
             }
@@ -370,18 +377,26 @@ fn main() {
             let _ = std::fs::write(path, &metrics);
         }
         // The drain's span, from the tasks' own times.
-        let span: Vec<Document> = tasks
-            .aggregate([
-                doc! {"$match": {"state": "SUCCESS"}},
-                doc! {"$group": {"_id": null, "first": {"$min": "$finished_at"}, "last": {"$max": "$finished_at"}}},
-            ])
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        let first = span[0].get_datetime("first").unwrap().timestamp_millis();
-        let last = span[0].get_datetime("last").unwrap().timestamp_millis();
+        let mut first = i64::MAX;
+        let mut last = i64::MIN;
+        for (collection, field) in [(&tasks, "$finished_at"), (&outcomes, "$at")] {
+            let span: Vec<Document> = collection
+                .aggregate([
+                    doc! {"$match": {"state": "SUCCESS"}},
+                    doc! {"$group": {"_id": null, "first": {"$min": field}, "last": {"$max": field}}},
+                ])
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            if let Some(span) = span.first() {
+                if let (Ok(a), Ok(b)) = (span.get_datetime("first"), span.get_datetime("last")) {
+                    first = first.min(a.timestamp_millis());
+                    last = last.max(b.timestamp_millis());
+                }
+            }
+        }
         (last - first, peak, commands)
     });
     let peak = peak.max(peak_rss_kib(worker.id()).unwrap_or(0));

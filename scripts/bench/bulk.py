@@ -2,7 +2,7 @@
 
 Posts N no-op tasks to POST /task/start_many in batches (two clients at once), with no worker
 consuming, and reports accepted tasks/s; then starts `kobe worker` and reports the drain of those
-tasks from their own finished_at times (as the worker benchmark does).
+tasks from their outcomes' own times (as the worker benchmark does).
 
 Usage: bulk.py BASE_URL MONGODB_URI DB N BATCH -- WORKER_COMMAND...
 """
@@ -57,7 +57,8 @@ def main():
     print(f"bulk_accepted_per_s={accepted[0] / elapsed:.0f}")
     print(f"bulk_refused={refused[0]}")
 
-    tasks = pymongo.MongoClient(uri)[db_name]["Tasks"]
+    # Each attempt's outcome is an insert into TaskOutcomes (`at`: when it was recorded).
+    tasks = pymongo.MongoClient(uri)[db_name]["TaskOutcomes"]
     worker = subprocess.Popen(worker_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         total = accepted[0] + 1
@@ -68,7 +69,7 @@ def main():
             time.sleep(0.5)
         span = list(tasks.aggregate([
             {"$match": {"state": "SUCCESS"}},
-            {"$group": {"_id": None, "first": {"$min": "$finished_at"}, "last": {"$max": "$finished_at"}}},
+            {"$group": {"_id": None, "first": {"$min": "$at"}, "last": {"$max": "$at"}}},
         ]))[0]
         seconds = max((span["last"] - span["first"]).total_seconds(), 1e-3)
         print(f"bulk_drain_per_s={(total - 1) / seconds:.0f}")

@@ -221,3 +221,58 @@ async fn a_cancel_that_lands_after_a_retry_revokes_the_next_attempt_once() {
     worker.stop().await;
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_stays_final_when_the_message_comes_after_the_lease_retention() {
+    let env = TestEnv::new().await;
+    env.init_db().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let api = env.spawn_api_with(registry(&runs)).await;
+    // Cancelled while its message waits (no worker yet).
+    let id = api.submit(json!({"task_name": "cancellable"})).await;
+    let (status, body) = post(&api, format!("/task/{id}/cancel")).await;
+    assert_eq!((status, &body["state"]), (200, &json!("REVOKED")), "{body}");
+    // A finished attempt's lease of another task, to show collection still runs.
+    let ran = api.submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 0}})).await;
+
+    // Eight days pass before the message reaches a worker: every lease is past the retention.
+    let worker = env.spawn_worker_on(2, Vec::new(), registry(&runs));
+    env.wait_final(&ran, Duration::from_secs(20)).await;
+    worker.stop().await;
+    let leases = env
+        .db
+        .collection::<mongodb::bson::Document>(kobe::store::task_leases::COLLECTION);
+    let long_ago = mongodb::bson::DateTime::from_millis(0);
+    leases
+        .update_many(
+            mongodb::bson::doc! {},
+            mongodb::bson::doc! {"$set": {"lease_until": long_ago, "started_at": long_ago}},
+        )
+        .await
+        .unwrap();
+    // The cancelled task's message is still queued: put it back as if the worker never saw it.
+    let collected = env.tasks().leases().collect().await.unwrap();
+    assert_eq!(collected, 1, "the finished attempt's lease is collected");
+    assert!(
+        env.tasks().leases().get(&id, 0).await.unwrap().is_some(),
+        "the closed lease stays"
+    );
+
+    // The original message, arriving now, still finds its attempt closed.
+    let runs_before = runs.load(Ordering::SeqCst);
+    let message = kobe::amqp::TaskMessage::new(
+        TaskId::parse(&id).unwrap(),
+        "cancellable",
+        vec![],
+        serde_json::Map::new(),
+    );
+    let publisher = env.publisher();
+    env.publish_message(&publisher, &message).await;
+    let worker = env.spawn_worker_on(2, Vec::new(), registry(&runs));
+    env.wait_queue_empty("default", "the late message settled").await;
+    worker.stop().await;
+    assert_eq!(runs.load(Ordering::SeqCst), runs_before, "it never runs");
+    let task = env.tasks().get(&id).await.unwrap().unwrap();
+    assert_eq!(task.state, TaskState::Revoked);
+    api.stop().await;
+}

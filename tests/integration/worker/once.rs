@@ -475,3 +475,35 @@ async fn a_stale_copy_of_a_failed_attempt_waiting_for_its_retry_is_acked_without
     assert!(common::metric("kobe_duplicate_deliveries_total{reason=\"stale_attempt\"}") >= 1.0);
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_document_cannot_be_read_is_dead_lettered_not_cycled() {
+    let env = TestEnv::new().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = env.worker_with(2, Counted(runs.clone()));
+    let publisher = env.publisher();
+    // A hand-edited document: its state is not a state. Its second attempt's message looks it up.
+    let mut message = TaskMessage::new(TaskId::generate(), "counted", vec![], Map::new());
+    message.retries = 1;
+    record(&env, &message, mongodb::bson::doc! {"state": 42_i64}).await;
+    env.publish_message(&publisher, &message).await;
+    let dead = env.dead_letters(1).await;
+    assert_eq!(
+        dead[0].header_text("id").as_deref(),
+        Some(message.id.as_str())
+    );
+    let reason = dead[0].header_text("x-kobe-reason").unwrap_or_default();
+    assert!(reason.contains("cannot be read"), "{reason}");
+    env.wait_queue_empty("default", "the delivery settled").await;
+    worker.stop().await;
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    // Its attempt's outcome says why, beside the unreadable document.
+    let outcome = env
+        .tasks()
+        .outcomes()
+        .get(message.id.as_str(), 1)
+        .await
+        .unwrap()
+        .expect("an outcome");
+    assert_eq!(outcome.state, TaskState::Failure);
+}
