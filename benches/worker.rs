@@ -296,7 +296,7 @@ fn main() {
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
         // Out of the way of the drain, which counts its tasks' outcomes.
-        for collection in ["Tasks", "TaskLeases", "TaskOutcomes"] {
+        for collection in ["Tasks", "TaskLeases"] {
             db.collection::<Document>(collection)
                 .delete_many(doc! {})
                 .await
@@ -342,10 +342,10 @@ fn main() {
         .expect("start kobe worker");
     let worker = KillOnDrop(worker);
     let (span_ms, peak, commands) = runtime.block_on(async {
-        // Outcomes are inserts into TaskOutcomes; a binary of an earlier version (an A/B run)
+        // Outcomes are inserts beside the leases; a binary of an earlier version (an A/B run)
         // wrote them on the Tasks documents.
         let tasks = db.collection::<Document>("Tasks");
-        let outcomes = db.collection::<Document>("TaskOutcomes");
+        let outcomes = db.collection::<Document>("TaskLeases");
         let mut peak = 0;
         loop {
             peak = peak.max(peak_rss_kib(worker.id()).unwrap_or(0));

@@ -57,8 +57,8 @@ def main():
     print(f"bulk_accepted_per_s={accepted[0] / elapsed:.0f}")
     print(f"bulk_refused={refused[0]}")
 
-    # Each attempt's outcome is an insert into TaskOutcomes (`at`: when it was recorded).
-    tasks = pymongo.MongoClient(uri)[db_name]["TaskOutcomes"]
+    # Each attempt's outcome is an insert beside its lease (`at`: when it was recorded).
+    tasks = pymongo.MongoClient(uri)[db_name]["TaskLeases"]
     worker = subprocess.Popen(worker_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         total = accepted[0] + 1

@@ -58,10 +58,10 @@ def main():
     args = parser.parse_args()
     noop = {"task_name": "demo_long_io", "kwargs": {"duration_ms": 0}}
     chord_s, view = run(args.base, {"chain": [{"group": [noop] * args.members}, noop]})
-    # Each attempt's outcome is an insert into TaskOutcomes (`_id` = task id:attempt).
-    outcomes = pymongo.MongoClient(args.mongodb_uri)[args.db]["TaskOutcomes"]
+    # Each attempt's outcome is an insert beside its lease (`_id` = task id:attempt/outcome).
+    outcomes = pymongo.MongoClient(args.mongodb_uri)[args.db]["TaskLeases"]
     ids = [s["task_id"] for s in view["steps"]]
-    found = {o["task_id"]: o for o in outcomes.find({"_id": {"$in": [f"{i}:0" for i in ids]}}, {"task_id": 1, "at": 1, "started_at": 1})}
+    found = {o["task_id"]: o for o in outcomes.find({"_id": {"$in": [f"{i}:0/outcome" for i in ids]}}, {"task_id": 1, "at": 1, "started_at": 1})}
     last_member = max(found[i]["at"] for i in ids[:-1])
     callback = found[ids[-1]]["started_at"]
     print(f"kobe_chord_s={chord_s:.3f}")

@@ -24,15 +24,11 @@ use super::StoreError;
 use crate::cause::Cause;
 
 /// The spec files, in the order they are applied.
-const SPEC_FILES: [(&str, &str); 15] = [
+const SPEC_FILES: [(&str, &str); 14] = [
     ("Tasks.json", include_str!("../../migrations/Tasks.json")),
     (
         "TaskLeases.json",
         include_str!("../../migrations/TaskLeases.json"),
-    ),
-    (
-        "TaskOutcomes.json",
-        include_str!("../../migrations/TaskOutcomes.json"),
     ),
     (
         "TaskDedup.json",
@@ -420,7 +416,6 @@ mod tests {
             [
                 "Tasks",
                 "TaskLeases",
-                "TaskOutcomes",
                 "TaskDedup",
                 "TaskCheckpoint",
                 "PendingTasks",
@@ -436,16 +431,10 @@ mod tests {
             ]
         );
         for spec in &specs {
-            // Collections of a few documents, or written only by `_id` (the leases), need no
-            // index of their own.
-            let small = [
-                "Leaders",
-                "ScheduleState",
-                "TaskLeases",
-                "WorkflowJoins",
-                "Workers",
-            ]
-            .contains(&spec.collection.as_str());
+            // Collections of a few documents, or written only by `_id`, need no index of their
+            // own.
+            let small = ["Leaders", "ScheduleState", "WorkflowJoins", "Workers"]
+                .contains(&spec.collection.as_str());
             assert_eq!(
                 spec.indexes().unwrap().is_empty(),
                 small,

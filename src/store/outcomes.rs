@@ -1,10 +1,14 @@
-//! `TaskOutcomes`: what each attempt came to, one document per attempt, written once.
+//! Outcomes: what each attempt came to, one document per attempt, written once.
 //!
-//! `_id` = `<task id>:<retries>`, the key of the attempt's lease. An outcome is an insert, and
-//! the first insert for an attempt decides it: a duplicate key means another party (the same
-//! worker after a lost answer, a takeover, a cancel) decided first. Nothing here is rewritten on
-//! the hot path — an insert into a narrow collection costs the store a fraction of an update of a
-//! wide document — and an attempt with an outcome is over: its lease needs no release.
+//! An outcome lives beside its attempt's lease in `TaskLeases`, `_id` = `<task id>:<retries>/outcome`
+//! (the lease's key and a suffix). An outcome is an insert, and the first insert for an attempt
+//! decides it: a duplicate key means another party (the same worker after a lost answer, a
+//! cancel) decided first. Nothing here is rewritten on the hot path — an insert into a narrow
+//! collection costs the store a fraction of an update of a wide document — and an attempt with an
+//! outcome is over: its lease needs no release. Claims and outcomes share the collection so that
+//! the group-commit writer sends both in one insert command: the store's cost of a command is
+//! most of its cost of a small batch. Only outcomes carry `state`, so the partial `state_at`
+//! index leaves the claims as cheap as an `_id`-only insert.
 //!
 //! `Tasks` keeps what was submitted and what operators did (a rerun, a cancel of a waiting task, a
 //! refused submission); [`compose`] lays the latest outcome over it, and every reader goes through
@@ -25,7 +29,12 @@ use super::tasks::{to_bson, DeadLetterState, PublishState, TaskDocument};
 use super::StoreError;
 use crate::domain::{TaskId, TaskState};
 
-pub const COLLECTION: &str = "TaskOutcomes";
+pub const COLLECTION: &str = super::task_leases::COLLECTION;
+
+/// The `_id` of attempt `retries`'s outcome.
+pub fn outcome_id(task_id: &str, retries: u32) -> String {
+    format!("{}/outcome", lease_id(task_id, retries))
+}
 
 /// What a task no `Tasks` document records (a Celery client's) was sent with, kept on its
 /// outcomes: its status shows its arguments, and a rerun runs it with them.
@@ -73,7 +82,7 @@ pub struct Outcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent: Option<Sent>,
     /// The outcome of a holder whose lease lapsed and was taken over before it recorded: kept
-    /// as history (`_id` = `<task id>:<retries>~<token>`), never the task's word.
+    /// as history (`_id` = `<task id>:<retries>/superseded/<token>`), never the task's word.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub superseded: bool,
 }
@@ -96,7 +105,7 @@ pub(crate) fn outcome_document(
 ) -> Result<Document, StoreError> {
     let now = DateTime::now();
     let mut outcome = doc! {
-        "_id": lease_id(&attempt.task_id, attempt.retries),
+        "_id": outcome_id(&attempt.task_id, attempt.retries),
         "task_id": &attempt.task_id,
         "task_name": &attempt.task_name,
         "retries": i64::from(attempt.retries),
@@ -206,7 +215,7 @@ pub(crate) fn from_outcome(outcome: &Outcome) -> TaskDocument {
     task
 }
 
-/// Repository of `TaskOutcomes`.
+/// Repository of the attempts' outcomes (in `TaskLeases`).
 #[derive(Clone)]
 pub struct OutcomeRepository {
     collection: Collection<Outcome>,
@@ -248,7 +257,7 @@ impl OutcomeRepository {
         let mut outcome =
             outcome_document(attempt, transition, Holding::Nothing { deliveries: 0 })?;
         let id = format!(
-            "{}~{}",
+            "{}/superseded/{}",
             lease_id(&attempt.task_id, attempt.retries),
             attempt.token
         );
@@ -271,7 +280,7 @@ impl OutcomeRepository {
     pub async fn get(&self, task_id: &str, retries: u32) -> Result<Option<Outcome>, StoreError> {
         Ok(self
             .collection
-            .find_one(doc! {"_id": lease_id(task_id, retries)})
+            .find_one(doc! {"_id": outcome_id(task_id, retries)})
             .await?)
     }
 
@@ -281,7 +290,12 @@ impl OutcomeRepository {
         for chunk in ids.chunks(200) {
             let ranges: Vec<Document> = chunk
                 .iter()
-                .map(|id| doc! {"_id": {"$gt": format!("{id}:"), "$lt": format!("{id};")}})
+                .map(|id| {
+                    doc! {
+                        "_id": {"$gt": format!("{id}:"), "$lt": format!("{id};")},
+                        "state": {"$exists": true},
+                    }
+                })
                 .collect();
             let filter = match ranges.len() {
                 0 => continue,
@@ -377,7 +391,7 @@ impl OutcomeRepository {
         self.collection
             .update_one(
                 doc! {
-                    "_id": lease_id(task_id, retries),
+                    "_id": outcome_id(task_id, retries),
                     "dead_letter": DeadLetterState::Pending.as_str(),
                 },
                 doc! {"$set": {"dead_letter": DeadLetterState::Sent.as_str()}},

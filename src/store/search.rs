@@ -281,7 +281,7 @@ impl Search {
         filter
     }
 
-    /// The filter of a `TaskOutcomes` query for this search (its state and cursor aside).
+    /// The filter of a query of the outcomes for this search (its state and cursor aside).
     fn outcomes_filter(&self) -> mongodb::bson::Document {
         let mut filter = doc! {};
         let mut range = doc! {};

@@ -1,17 +1,19 @@
-//! `TaskLeases`: the execution lease of each attempt, in a collection whose only index is `_id`.
+//! `TaskLeases`: the execution lease of each attempt, and beside it the attempt's outcome
+//! ([`outcomes`](super::outcomes)).
 //!
-//! One document per attempt, `_id` = `<task id>:<retries>`. Whoever inserts it first holds that
+//! One lease per attempt, `_id` = `<task id>:<retries>`. Whoever inserts it first holds that
 //! attempt: a worker's claim is that insert (batched through the group-commit writer), and a
 //! duplicate key means another copy holds or held the attempt. The other writes are to the same
 //! narrow document: takeover of a lapsed lease, renewal (one command per worker for all its
-//! running attempts), release, the mark that the attempt is done, an operator's request to stop.
-//! An operator or a refused submission closes an attempt no worker has taken by inserting it
-//! first ([`LeaseRepository::close`]), so no claim can follow.
+//! running attempts), release, an operator's request to stop. An operator or a refused
+//! submission closes an attempt no worker has taken by inserting it first
+//! ([`LeaseRepository::close`]), so no claim can follow. An attempt with an outcome is over: its
+//! lease is never marked so.
 //!
-//! `Tasks` is written at submission and at each outcome; while an attempt runs, `STARTED`, its
-//! start and its worker come from here (see [`TaskRepository::get`](super::TaskRepository)).
-//! A lease stays after its attempt ran, so a copy of the message that comes late still finds it
-//! taken; [`LeaseRepository::collect`] removes leases not held for `RETENTION`.
+//! While an attempt runs, `STARTED`, its start and its worker come from here (see
+//! [`TaskRepository::get`](super::TaskRepository)). A lease stays after its attempt ran, so a
+//! copy of the message that comes late still finds it taken; [`LeaseRepository::collect`]
+//! removes leases not held for `RETENTION`, but never a closed one (nor an outcome).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -453,6 +455,7 @@ impl LeaseRepository {
             .collection
             .find(doc! {
                 "_id": {"$gt": format!("{task_id}:"), "$lt": format!("{task_id};")},
+                "lease_until": {"$exists": true},
                 "done_at": null,
                 "closed": null,
             })

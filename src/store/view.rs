@@ -1,10 +1,10 @@
 //! The one read model of "where is this task": the `Tasks` document (what was submitted, and what
-//! operators did since), the latest outcome from [`TaskOutcomes`](super::outcomes) laid over it,
+//! operators did since), the latest outcome ([`outcomes`](super::outcomes)) laid over it,
 //! and the running attempt's lease over that. Status, search, the page, workflows, Celery's
 //! results and `kobe task show` all read through here, so they give one answer.
 //!
 //! Workers write no `Tasks` document: a claim is an insert into
-//! [`TaskLeases`](super::task_leases), an outcome an insert into `TaskOutcomes`. An open lease of
+//! [`TaskLeases`](super::task_leases), an outcome an insert beside it. An open lease of
 //! the attempt the task waits for makes it `STARTED`, with the lease's start, worker and
 //! deliveries. A task no client recorded (a Celery client's) is known by its lease while it
 //! runs and by its outcomes after.

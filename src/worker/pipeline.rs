@@ -410,20 +410,20 @@ impl Worker {
     /// The task's document, this attempt's outcome and the one before it (a retry's, or what
     /// ended the task meanwhile), each read in a batch with other workers' lookups.
     async fn look_up(&self, job: &Job<'_>) -> Result<Looked, StoreError> {
-        use crate::store::{outcomes, task_leases::lease_id};
+        use crate::store::outcomes::{self, outcome_id};
         let id = &job.attempt.task_id;
         let retries = job.attempt.retries;
         let previous = async {
             match retries.checked_sub(1) {
                 Some(before) => {
                     self.reader
-                        .get(outcomes::COLLECTION, &lease_id(id, before))
+                        .get(outcomes::COLLECTION, &outcome_id(id, before))
                         .await
                 }
                 None => Ok(None),
             }
         };
-        let this = lease_id(id, retries);
+        let this = outcome_id(id, retries);
         let (task, outcome, previous) = tokio::try_join!(
             self.reader.get(crate::store::tasks::COLLECTION, id),
             self.reader.get(outcomes::COLLECTION, &this),

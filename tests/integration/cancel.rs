@@ -233,7 +233,9 @@ async fn a_cancel_stays_final_when_the_message_comes_after_the_lease_retention()
     let (status, body) = post(&api, format!("/task/{id}/cancel")).await;
     assert_eq!((status, &body["state"]), (200, &json!("REVOKED")), "{body}");
     // A finished attempt's lease of another task, to show collection still runs.
-    let ran = api.submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 0}})).await;
+    let ran = api
+        .submit(json!({"task_name": "demo_long_io", "kwargs": {"duration_ms": 0}}))
+        .await;
 
     // Eight days pass before the message reaches a worker: every lease is past the retention.
     let worker = env.spawn_worker_on(2, Vec::new(), registry(&runs));
@@ -245,14 +247,15 @@ async fn a_cancel_stays_final_when_the_message_comes_after_the_lease_retention()
     let long_ago = mongodb::bson::DateTime::from_millis(0);
     leases
         .update_many(
-            mongodb::bson::doc! {},
+            mongodb::bson::doc! {"state": {"$exists": false}},
             mongodb::bson::doc! {"$set": {"lease_until": long_ago, "started_at": long_ago}},
         )
         .await
         .unwrap();
-    // The cancelled task's message is still queued: put it back as if the worker never saw it.
     let collected = env.tasks().leases().collect().await.unwrap();
     assert_eq!(collected, 1, "the finished attempt's lease is collected");
+    let ran_task = env.tasks().get(&ran).await.unwrap().unwrap();
+    assert_eq!(ran_task.state, TaskState::Success, "its outcome stays");
     assert!(
         env.tasks().leases().get(&id, 0).await.unwrap().is_some(),
         "the closed lease stays"
@@ -269,7 +272,8 @@ async fn a_cancel_stays_final_when_the_message_comes_after_the_lease_retention()
     let publisher = env.publisher();
     env.publish_message(&publisher, &message).await;
     let worker = env.spawn_worker_on(2, Vec::new(), registry(&runs));
-    env.wait_queue_empty("default", "the late message settled").await;
+    env.wait_queue_empty("default", "the late message settled")
+        .await;
     worker.stop().await;
     assert_eq!(runs.load(Ordering::SeqCst), runs_before, "it never runs");
     let task = env.tasks().get(&id).await.unwrap().unwrap();

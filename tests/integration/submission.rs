@@ -27,8 +27,8 @@ async fn a_task_travels_from_the_api_through_the_worker_to_success() {
     // attempt; the submitted document is not rewritten.
     let stored = env
         .db
-        .collection::<mongodb::bson::Document>("TaskOutcomes")
-        .find_one(doc! {"_id": format!("{id}:0")})
+        .collection::<mongodb::bson::Document>("TaskLeases")
+        .find_one(doc! {"_id": format!("{id}:0/outcome")})
         .await
         .unwrap()
         .unwrap();

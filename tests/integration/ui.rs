@@ -334,7 +334,7 @@ async fn the_running_tasks_are_listed_exactly_after_thousands_have_finished() {
     }
     let done = || async {
         env.db
-            .collection::<mongodb::bson::Document>("TaskOutcomes")
+            .collection::<mongodb::bson::Document>("TaskLeases")
             .count_documents(mongodb::bson::doc! {"state": "SUCCESS"})
             .await
             .unwrap()

@@ -494,7 +494,8 @@ async fn a_task_whose_document_cannot_be_read_is_dead_lettered_not_cycled() {
     );
     let reason = dead[0].header_text("x-kobe-reason").unwrap_or_default();
     assert!(reason.contains("cannot be read"), "{reason}");
-    env.wait_queue_empty("default", "the delivery settled").await;
+    env.wait_queue_empty("default", "the delivery settled")
+        .await;
     worker.stop().await;
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     // Its attempt's outcome says why, beside the unreadable document.
