@@ -108,7 +108,9 @@ impl Cache {
         query: Query,
         timeout: Duration,
     ) -> Result<T, StoreError> {
-        let attempt = async {
+        // Boxed: the pool's and the connection's futures are tens of kilobytes, and every caller's
+        // own future (a submission, a status, an outcome) would carry and copy them inline.
+        let attempt = Box::pin(async {
             let mut conn = self
                 .pool
                 .get()
@@ -119,7 +121,7 @@ impl Cache {
                 Query::Pipeline(pipe) => pipe.query_async::<T>(&mut conn).await,
             }
             .map_err(|e| StoreError::Redis(Cause::of(e)))
-        };
+        });
         let bounded = async {
             tokio::time::timeout(timeout, attempt)
                 .await

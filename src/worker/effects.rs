@@ -144,7 +144,8 @@ impl Effects for Worker {
 
     async fn hand_on(&self, job: &Job<'_>, outcome: Option<&Transition>) -> bool {
         if let Some(results) = &self.celery_results {
-            if let Err(error) = self.celery_outcome(results, job, outcome).await {
+            // Boxed, as the rare branches below: a task's common path never moves their states.
+            if let Err(error) = Box::pin(self.celery_outcome(results, job, outcome)).await {
                 tracing::warn!(error = %error, "cannot write the outcome to Celery's result backend");
                 return false;
             }
@@ -156,7 +157,7 @@ impl Effects for Worker {
         // An error that trying again cannot mend (an id over the bound, arguments no store
         // takes) is said and the delivery acked: handing it back would cycle it for ever.
         if let Some(workflow) = &message.workflow_id {
-            match self.workflows.advance(workflow, task_id).await {
+            match Box::pin(self.workflows.advance(workflow, task_id)).await {
                 Ok(()) => {}
                 Err(error) if error.is_permanent() => {
                     tracing::error!(error = %error, workflow_id = %workflow, "the workflow cannot be handed on, now or later");
@@ -168,7 +169,7 @@ impl Effects for Worker {
             }
         }
         if let Some(embed) = &message.embed {
-            match self.workflows.celery_canvas(task_id, embed).await {
+            match Box::pin(self.workflows.celery_canvas(task_id, embed)).await {
                 Ok(()) => {}
                 Err(error) if error.is_permanent() => {
                     tracing::error!(error = %error, "what the message's Celery canvas asks for can never be submitted; it is dropped");

@@ -44,13 +44,15 @@ impl Worker {
     /// Handles one delivery to the end, settling it — also when Kobe's own code panics.
     pub(super) async fn handle(self: Arc<Self>, delivery: Delivery) {
         let cell: AttemptCell = Arc::default();
-        let handled = AssertUnwindSafe(self.deliver(&delivery, &cell))
+        // The futures of a delivery's steps are boxed where they nest: spawned or awaited
+        // inline, a state machine this large is copied whole each time it moves.
+        let handled = AssertUnwindSafe(Box::pin(self.deliver(&delivery, &cell)))
             .catch_unwind()
             .await;
         if let Err(payload) = handled {
             let cause = panic_message(payload.as_ref());
             tracing::error!(cause = %cause, "delivery handling panicked; dead-lettering the message");
-            self.after_panic(&delivery, &cell, cause).await;
+            Box::pin(self.after_panic(&delivery, &cell, cause)).await;
         }
     }
 
@@ -75,7 +77,7 @@ impl Worker {
         if let Some(parent) = &parent {
             crate::telemetry::otel::adopt(&span, parent);
         }
-        self.run_message(delivery, message, cell)
+        Box::pin(self.run_message(delivery, message, cell))
             .instrument(span)
             .await;
     }
@@ -163,12 +165,11 @@ impl Worker {
                 return carry::dispose(self, &job, Disposal::Return).await;
             };
             *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), false));
-            let next = self
-                .run_claimed(&mut job, slot, (task.as_ref(), &message), limits)
-                .await;
+            let next =
+                Box::pin(self.run_claimed(&mut job, slot, (task.as_ref(), &message), limits)).await;
             *cell.lock().expect("attempt cell") = Some((job.attempt.clone(), job.claimed));
             match next {
-                Next::Conclude(happened) => return self.conclude(job, happened).await,
+                Next::Conclude(happened) => return Box::pin(self.conclude(job, happened)).await,
                 Next::Settled => return,
                 Next::Retake => continue,
             }
