@@ -237,6 +237,7 @@ fn main() {
             &ServiceUrl::new(mongodb.clone()),
             &db_name,
             Duration::from_secs(10),
+            kobe::store::Monitoring::Driver,
         )
         .await
         .unwrap();

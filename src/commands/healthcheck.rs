@@ -104,9 +104,14 @@ async fn rabbitmq(settings: &Settings, budget: Duration) -> Result<String, Strin
 }
 
 async fn mongodb(settings: &Settings, budget: Duration) -> Result<String, String> {
-    let db = store::connect(&settings.mongo.uri, &settings.mongo.db, budget)
-        .await
-        .map_err(|e| e.to_string())?;
+    let db = store::connect(
+        &settings.mongo.uri,
+        &settings.mongo.db,
+        budget,
+        store::Monitoring::Driver,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     store::ping(&db)
         .await
         .map_err(|e| format!("{} does not answer ping: {e}", settings.mongo.uri))?;

@@ -32,13 +32,23 @@ impl From<bool> for Ended {
     }
 }
 
-/// The MongoDB database of the settings (nothing is contacted until the first command).
+/// The MongoDB database of the settings (nothing is contacted until the first command); the
+/// driver counts its commands.
 pub async fn database(settings: &Settings) -> anyhow::Result<mongodb::Database> {
+    database_counted(settings, crate::store::Monitoring::Driver).await
+}
+
+/// [`database`], its commands counted as `monitoring` says.
+pub async fn database_counted(
+    settings: &Settings,
+    monitoring: crate::store::Monitoring,
+) -> anyhow::Result<mongodb::Database> {
     use anyhow::Context;
     crate::store::connect(
         &settings.mongo.uri,
         &settings.mongo.db,
         settings.dependency_timeout,
+        monitoring,
     )
     .await
     .context("failed to configure the MongoDB client")
@@ -68,13 +78,24 @@ pub fn publisher(settings: &Settings) -> anyhow::Result<crate::amqp::Publisher> 
     .context("failed to start the publisher")
 }
 
-/// The group-commit writer of a process, tuned by the settings.
+/// The group-commit writer of a process, tuned by the settings (for a client the driver counts).
 pub fn writer(settings: &Settings, db: &mongodb::Database) -> crate::store::batch::BatchWriter {
+    writer_counted(settings, db, crate::store::Monitoring::Driver)
+}
+
+/// [`writer`] for a client whose commands are counted as `monitoring` says: under
+/// [`Monitoring::Own`](crate::store::Monitoring::Own) the writer counts its commands.
+pub fn writer_counted(
+    settings: &Settings,
+    db: &mongodb::Database,
+    monitoring: crate::store::Monitoring,
+) -> crate::store::batch::BatchWriter {
     crate::store::batch::BatchWriter::start(
         db.clone(),
         crate::store::batch::BatchConfig {
             linger: settings.mongo.batch_linger,
             max_statements: settings.mongo.batch_max,
+            count_commands: monitoring == crate::store::Monitoring::Own,
             ..Default::default()
         },
     )

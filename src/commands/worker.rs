@@ -49,7 +49,8 @@ pub async fn run(
     registry: Registry,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<super::Ended> {
-    let db = super::database(&settings).await?;
+    // A worker counts its own commands: the driver's events would copy every batch it sends.
+    let db = super::database_counted(&settings, crate::store::Monitoring::Own).await?;
     let topology = super::topology(&settings);
     // Celery workers take what is theirs; a message of theirs that reaches a Kobe worker all the
     // same (on a queue it was told to consume) is handed on as a task it does not know.
@@ -211,7 +212,7 @@ fn services(
     consumer: &Consumer,
 ) -> anyhow::Result<Services> {
     let cache = super::cache(settings)?;
-    let writer = super::writer(settings, db);
+    let writer = super::writer_counted(settings, db, crate::store::Monitoring::Own);
     let submitter = super::submitter(
         settings,
         db,
@@ -236,6 +237,7 @@ fn services(
             db.clone(),
             settings.mongo.batch_linger,
             std::time::Duration::from_secs(10),
+            true,
         ),
         writer,
         cache,

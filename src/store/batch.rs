@@ -75,6 +75,8 @@ pub struct BatchConfig {
     pub max_in_flight: usize,
     /// A command that takes longer fails its writes as unavailable.
     pub command_timeout: Duration,
+    /// Count and time each command here (the client's driver events do not).
+    pub count_commands: bool,
 }
 
 impl Default for BatchConfig {
@@ -84,6 +86,7 @@ impl Default for BatchConfig {
             max_statements: 500,
             max_in_flight: 4,
             command_timeout: Duration::from_secs(10),
+            count_commands: false,
         }
     }
 }
@@ -273,6 +276,7 @@ async fn run(db: Database, config: BatchConfig, mut inbox: mpsc::Receiver<Entry>
                 key,
                 entries,
                 config.command_timeout,
+                config.count_commands,
                 permit,
             ));
         }
@@ -317,6 +321,7 @@ async fn send(
     key: Key,
     entries: Vec<Entry>,
     timeout: Duration,
+    count: bool,
     _permit: OwnedSemaphorePermit,
 ) {
     let m = metrics();
@@ -328,7 +333,12 @@ async fn send(
             .with_label_values(&[entry.write.purpose])
             .inc();
     }
+    let sent = std::time::Instant::now();
     let results = execute(&db, key, &entries, timeout).await;
+    if count {
+        let kind = if key.insert { "insert" } else { "update" };
+        super::note_command(kind, key.collection, sent.elapsed(), results.is_err());
+    }
     let results = match results {
         // Refused as a whole for a reason of its own making: one statement is at fault, so
         // send each alone to find it and let the others through.

@@ -34,9 +34,10 @@ const MAX_IDS: usize = 500;
 
 impl BatchReader {
     /// Starts the reader on the current tokio runtime.
-    pub fn start(db: Database, linger: Duration, timeout: Duration) -> Self {
+    /// `count`: count and time each `find` here (the client's driver events do not).
+    pub fn start(db: Database, linger: Duration, timeout: Duration, count: bool) -> Self {
         let (requests, inbox) = mpsc::channel(super::batch::MAX_QUEUED_WRITES);
-        tokio::spawn(run(db, linger, timeout, inbox));
+        tokio::spawn(run(db, linger, timeout, count, inbox));
         Self { requests }
     }
 
@@ -59,7 +60,13 @@ impl BatchReader {
     }
 }
 
-async fn run(db: Database, linger: Duration, timeout: Duration, mut inbox: mpsc::Receiver<Lookup>) {
+async fn run(
+    db: Database,
+    linger: Duration,
+    timeout: Duration,
+    count: bool,
+    mut inbox: mpsc::Receiver<Lookup>,
+) {
     let slots = Arc::new(Semaphore::new(4));
     while let Some(first) = inbox.recv().await {
         let mut batch = vec![first];
@@ -84,14 +91,24 @@ async fn run(db: Database, linger: Duration, timeout: Duration, mut inbox: mpsc:
         let db = db.clone();
         tokio::spawn(async move {
             for (collection, lookups) in by_collection {
-                answer(&db, collection, lookups, timeout).await;
+                let sent = std::time::Instant::now();
+                let failed = !answer(&db, collection, lookups, timeout).await;
+                if count {
+                    super::note_command("find", collection, sent.elapsed(), failed);
+                }
             }
             drop(permit);
         });
     }
 }
 
-async fn answer(db: &Database, collection: &'static str, lookups: Vec<Lookup>, timeout: Duration) {
+/// Answers `lookups` with one `find`; `false` when it failed.
+async fn answer(
+    db: &Database,
+    collection: &'static str,
+    lookups: Vec<Lookup>,
+    timeout: Duration,
+) -> bool {
     let ids: Vec<&str> = lookups.iter().map(|l| l.id.as_str()).collect();
     let found = tokio::time::timeout(timeout, async {
         let cursor = db
@@ -113,12 +130,14 @@ async fn answer(db: &Database, collection: &'static str, lookups: Vec<Lookup>, t
             for lookup in lookups {
                 let _ = lookup.reply.send(Ok(by_id.get(&lookup.id).cloned()));
             }
+            true
         }
         Ok(Err(error)) => {
             let error = StoreError::from(error);
             for lookup in lookups {
                 let _ = lookup.reply.send(Err(error.clone()));
             }
+            false
         }
         Err(_) => {
             for lookup in lookups {
@@ -126,6 +145,7 @@ async fn answer(db: &Database, collection: &'static str, lookups: Vec<Lookup>, t
                     format!("no answer within {timeout:?}").into(),
                 )));
             }
+            false
         }
     }
 }

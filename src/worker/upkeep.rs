@@ -22,7 +22,11 @@ impl Worker {
             if running.is_empty() {
                 continue;
             }
-            match self.leases.cancel_requests(&running).await {
+            let sent = std::time::Instant::now();
+            let asked = self.leases.cancel_requests(&running).await;
+            // The worker counts its own commands (see `store::Monitoring::Own`).
+            note_command("find", sent, asked.is_err());
+            match asked {
                 Ok(tokens) => tokens.iter().for_each(|token| self.active.cancel(token)),
                 Err(error) => tracing::debug!(error = %error, "cannot look for cancel requests"),
             }
@@ -46,7 +50,9 @@ impl Worker {
                 continue;
             }
             let sent = std::time::Instant::now();
-            match tokio::time::timeout(every, self.leases.renew(&held, lease)).await {
+            let renewed = tokio::time::timeout(every, self.leases.renew(&held, lease)).await;
+            note_command("update", sent, !matches!(renewed, Ok(Ok(_))));
+            match renewed {
                 Ok(Ok(tokens)) => {
                     let m = crate::telemetry::metrics::metrics();
                     m.lease_renewals.inc();
@@ -94,7 +100,15 @@ impl Worker {
                     .map(|(lease, _)| lease)
                     .collect(),
             };
-            if let Err(error) = self.tasks.workers().beat(&beat, started_at).await {
+            let sent = std::time::Instant::now();
+            let beaten = self.tasks.workers().beat(&beat, started_at).await;
+            crate::store::note_command(
+                "update",
+                crate::store::workers::COLLECTION,
+                sent.elapsed(),
+                beaten.is_err(),
+            );
+            if let Err(error) = beaten {
                 tracing::debug!(error = %error, "cannot say what runs here; trying at the next beat");
             }
             tokio::time::sleep(crate::store::workers::BEAT_SPACING).await;
@@ -254,4 +268,14 @@ impl Drop for Registration<'_> {
         }
         self.active.1.notify_one();
     }
+}
+
+/// Counts a command of the lease keeper or the cancel watch on `TaskLeases`.
+fn note_command(command: &str, sent: std::time::Instant, failed: bool) {
+    crate::store::note_command(
+        command,
+        crate::store::task_leases::COLLECTION,
+        sent.elapsed(),
+        failed,
+    );
 }

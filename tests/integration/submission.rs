@@ -40,6 +40,12 @@ async fn a_task_travels_from_the_api_through_the_worker_to_success() {
         .unwrap()
         .unwrap();
     assert_eq!(submitted.get_str("state"), Ok("PENDING"));
+    // The worker counts its own commands (the driver's events would copy each batch): its
+    // claim and its outcome went out as inserts into TaskLeases.
+    assert!(
+        common::metric("kobe_mongo_commands_total{purpose=\"insert:TaskLeases\"}") >= 1.0,
+        "the worker's inserts are counted"
+    );
     assert_eq!(
         stored
             .get_document("result")

@@ -141,6 +141,7 @@ impl TestEnv {
             &settings.mongo.uri,
             &settings.mongo.db,
             Duration::from_secs(5),
+            kobe::store::Monitoring::Driver,
         )
         .await
         .expect("MongoDB client");
@@ -293,6 +294,7 @@ impl Drop for TestEnv {
                                 &kobe::config::ServiceUrl::new(mongodb_uri()),
                                 &name,
                                 Duration::from_secs(5),
+                                kobe::store::Monitoring::Driver,
                             )
                             .await
                             {

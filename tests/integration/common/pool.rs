@@ -49,9 +49,14 @@ pub async fn acquire(uri: &str) -> Lease {
         let uri = kobe::config::ServiceUrl::new(uri);
         let name = name.to_owned();
         async move {
-            kobe::store::connect(&uri, &name, Duration::from_secs(10))
-                .await
-                .expect("MongoDB client")
+            kobe::store::connect(
+                &uri,
+                &name,
+                Duration::from_secs(10),
+                kobe::store::Monitoring::Driver,
+            )
+            .await
+            .expect("MongoDB client")
         }
     };
     let control = client_db(CONTROL_DB).await;
@@ -135,6 +140,7 @@ impl Lease {
             &kobe::config::ServiceUrl::new(uri),
             CONTROL_DB,
             Duration::from_secs(5),
+            kobe::store::Monitoring::Driver,
         )
         .await
         {

@@ -27,6 +27,7 @@ async fn submitter_through(
         &settings.mongo.uri,
         &settings.mongo.db,
         Duration::from_secs(5),
+        kobe::store::Monitoring::Driver,
     )
     .await
     .expect("MongoDB through the proxy");
