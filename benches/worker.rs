@@ -32,11 +32,17 @@ fn noop(topology: &Topology) -> (TaskId, Outgoing) {
         .unwrap();
     let id = TaskId::generate();
     let m = TaskMessage::new(id.clone(), "demo_long_io", vec![], kwargs);
+    // As Kobe's submitter sends it: a Tasks document records the task (see insert_pending).
+    let mut headers = m.headers();
+    headers.insert(
+        kobe::amqp::RECORDED_HEADER.into(),
+        amiquip::AmqpValue::Boolean(true),
+    );
     let outgoing = Outgoing {
         exchange: topology.tasks_exchange(),
         routing_key: "default".into(),
         body: m.body(),
-        properties: m.properties(),
+        properties: m.properties().with_headers(headers),
     };
     (id, outgoing)
 }

@@ -23,6 +23,7 @@ pub use message::{MessageError, TaskMessage};
 pub use outgoing::Outgoing;
 pub use publisher::Publisher;
 pub use topology::Topology;
+pub use wire::RECORDED_HEADER;
 
 use crate::cause::Cause;
 use crate::config::ServiceUrl;

@@ -49,7 +49,7 @@ pub(crate) fn payload_reference(properties: &AmqpProperties) -> Option<String> {
 /// On a message Kobe's submitter published: a `Tasks` document records the task and its
 /// arguments, so its worker keeps no copy of them with its outcomes (a Celery client's task,
 /// without one, is rerun from what its outcome keeps).
-pub(crate) const RECORDED_HEADER: &str = "kobe-recorded";
+pub const RECORDED_HEADER: &str = "kobe-recorded";
 
 /// Whether a `Tasks` document records the message's task ([`RECORDED_HEADER`]).
 pub(crate) fn is_recorded(properties: &AmqpProperties) -> bool {

@@ -319,6 +319,43 @@ impl OutcomeRepository {
         Ok(latest)
     }
 
+    /// The latest outcome of each task of `from` (task id, the attempt its document waits for,
+    /// 0 when it has none) that has one: point reads by `_id`, one query a round — the
+    /// outcomes of those attempts, then of the attempts after each `RETRY` found, and so on.
+    /// (A rerun moves the document's attempt past a final outcome, so nothing can follow one.)
+    pub(crate) async fn latest_from(
+        &self,
+        from: &[(&str, u32)],
+    ) -> Result<HashMap<String, Outcome>, StoreError> {
+        let mut latest: HashMap<String, Outcome> = HashMap::new();
+        let mut next: Vec<String> = from.iter().map(|(id, r)| outcome_id(id, *r)).collect();
+        // A task retries at most a few dozen times; the rounds are bounded all the same.
+        for _ in 0..64 {
+            if next.is_empty() {
+                break;
+            }
+            let mut found: Vec<Outcome> = Vec::new();
+            for chunk in next.chunks(500) {
+                let page: Vec<Outcome> = self
+                    .collection
+                    .find(doc! {"_id": {"$in": chunk}})
+                    .await?
+                    .try_collect()
+                    .await?;
+                found.extend(page);
+            }
+            next = found
+                .iter()
+                .filter(|o| o.state == TaskState::Retry)
+                .map(|o| outcome_id(&o.task_id, o.attempt_after()))
+                .collect();
+            for outcome in found {
+                latest.insert(outcome.task_id.clone(), outcome);
+            }
+        }
+        Ok(latest)
+    }
+
     /// Outcomes in `state`, latest first, narrowed by `filter` (fields of the outcome), after the
     /// cursor `(at, id)` when given: a range of the `state_at` index.
     pub(crate) async fn in_state(

@@ -111,17 +111,23 @@ impl TaskRepository {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let documents = async {
-            let found: Vec<TaskDocument> = self
-                .collection
-                .find(doc! {"_id": {"$in": ids}})
-                .await?
-                .try_collect()
-                .await?;
-            Ok::<_, StoreError>(found)
-        };
-        let (documents, latest) = tokio::try_join!(documents, self.outcomes.latest_of(&refs))?;
+        let documents: Vec<TaskDocument> = self
+            .collection
+            .find(doc! {"_id": {"$in": ids}})
+            .await?
+            .try_collect()
+            .await?;
+        // Outcomes by `_id` from the attempt each document waits for (0 for a task known only
+        // by its outcomes): point reads, not ranges.
+        let waiting: std::collections::HashMap<&str, u32> = documents
+            .iter()
+            .map(|d| (d.id.as_str(), d.retries))
+            .collect();
+        let from: Vec<(&str, u32)> = ids
+            .iter()
+            .map(|id| (id.as_str(), waiting.get(id.as_str()).copied().unwrap_or(0)))
+            .collect();
+        let latest = self.outcomes.latest_from(&from).await?;
         Ok(composed(documents, latest))
     }
 
@@ -138,8 +144,8 @@ impl TaskRepository {
 
     /// Lays the latest outcomes and the running attempts over `tasks` (documents as stored).
     pub(crate) async fn overlay_all(&self, tasks: &mut [TaskDocument]) -> Result<(), StoreError> {
-        let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
-        let latest = self.outcomes.latest_of(&ids).await?;
+        let from: Vec<(&str, u32)> = tasks.iter().map(|t| (t.id.as_str(), t.retries)).collect();
+        let latest = self.outcomes.latest_from(&from).await?;
         for task in tasks.iter_mut() {
             if let Some(outcome) = latest.get(task.id.as_str()) {
                 compose(task, outcome);
