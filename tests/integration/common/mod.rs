@@ -551,6 +551,23 @@ impl TestEnv {
     }
 
     /// Messages ready in `queue`, as the broker reports them.
+    /// How many consumers `queue` has.
+    pub async fn consumer_count(&self, queue: String) -> Option<u32> {
+        let url = self.settings.broker.url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = kobe::amqp::connect(&url, Duration::from_secs(5)).ok()?;
+            let channel = connection.open_channel(None).ok()?;
+            let consumers = channel
+                .queue_declare_passive(queue)
+                .ok()?
+                .declared_consumer_count();
+            let _ = connection.close();
+            consumers
+        })
+        .await
+        .ok()?
+    }
+
     pub async fn queue_depth(&self, queue: String) -> Option<u32> {
         let url = self.settings.broker.url.clone();
         tokio::task::spawn_blocking(move || {

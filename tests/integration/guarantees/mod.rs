@@ -588,3 +588,93 @@ async fn a_task_cancelled_while_it_runs_is_not_retried_when_its_attempt_then_fai
     );
     worker.stop().await;
 }
+
+/// Signals process `pid` (`SIGSTOP`, `SIGCONT`): a worker paused as `docker pause` pauses one.
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: a plain kill(2) of a child process this test started.
+    let sent = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(sent, 0, "kill({pid}, {signal})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_its_lease_cannot_change_what_the_status_says() {
+    let env = TestEnv::with(&[("KOBE_EXECUTION_LEASE_MS", "3000")]).await;
+    env.init_db().await;
+    let api = env.spawn_api().await;
+    common::wait_ready(&api.client, &api.address).await;
+    // Worker A runs in a process of its own, so that it can be paused whole.
+    let mut a = env
+        .kobe_command(&["worker", "--concurrency", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start worker A");
+    let a_name = format!(":{}", a.id());
+    let kwargs = json!({"duration_ms": 4000});
+    let id = api
+        .submit(json!({"task_name": "demo_long_io", "kwargs": kwargs}))
+        .await;
+    let tasks = env.tasks();
+    common::eventually(Duration::from_secs(20), "running on A", || async {
+        let task = tasks.get(&id).await.ok()??;
+        (task.state == TaskState::Started && task.worker.as_deref()?.ends_with(&a_name))
+            .then_some(())
+    })
+    .await;
+
+    // A stops dead, and its lease lapses.
+    signal(a.id(), libc::SIGSTOP);
+    common::eventually(Duration::from_secs(10), "A's lease lapsed", || async {
+        let lease = tasks.leases().get(&id, 0).await.ok()??;
+        (lease.lease_until < mongodb::bson::DateTime::now()).then_some(())
+    })
+    .await;
+    // Copies of the task (a redelivery, a duplicate publish) reach worker B, which takes the
+    // lapsed lease over and runs the task. (The broker still hands some to paused A, which has
+    // room in its prefetch: a few copies make sure B gets one.)
+    let b = env.spawn_worker(2);
+    common::eventually(Duration::from_secs(10), "B consuming beside A", || async {
+        let consumers = env.consumer_count(env.topology.queue("default")).await?;
+        (consumers >= 2).then_some(())
+    })
+    .await;
+    let message = TaskMessage::new(
+        TaskId::parse(&id).unwrap(),
+        "demo_long_io",
+        vec![],
+        kwargs.as_object().cloned().unwrap(),
+    );
+    let publisher = env.publisher();
+    for _ in 0..4 {
+        env.publish_message(&publisher, &message).await;
+    }
+    let b_name = kobe::config::worker_name();
+    common::eventually(Duration::from_secs(20), "taken over by B", || async {
+        let task = tasks.get(&id).await.ok()??;
+        (task.state == TaskState::Started && task.worker.as_deref()? == b_name).then_some(())
+    })
+    .await;
+
+    // A wakes up with its handler done: what it says is not the task's word.
+    signal(a.id(), libc::SIGCONT);
+    let task = env.wait_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(task.state, TaskState::Success);
+    assert_eq!(task.worker.as_deref(), Some(b_name), "{task:?}");
+    let outcome = tasks
+        .outcomes()
+        .get(&id, 0)
+        .await
+        .unwrap()
+        .expect("an outcome");
+    assert_eq!(
+        outcome.worker.as_deref(),
+        Some(b_name),
+        "B's outcome decides"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &a.id().to_string()])
+        .status();
+    let _ = a.wait();
+    b.stop().await;
+    api.stop().await;
+}
