@@ -9,58 +9,11 @@
 use mongodb::bson::{doc, DateTime, Document};
 use serde_json::Value;
 
+pub use super::outcomes::{Holding, Transition};
 pub use super::task_leases::{Attempt, Origin};
 use super::tasks::{states, to_bson, DeadLetterState, PublishState, TaskRepository};
 use super::StoreError;
 use crate::domain::TaskState;
-
-/// An outcome to record for an attempt.
-#[derive(Debug, Clone)]
-pub enum Transition {
-    /// The attempt failed and another will follow: its message is confirmed, or — `owed` — its
-    /// publish is in doubt and the outbox sends it (`publish_state: pending`).
-    Retry {
-        root_cause: String,
-        owed: bool,
-    },
-    Success {
-        result: Value,
-    },
-    /// `dead_letter`: a dead letter is owed for this task and not yet confirmed; a redelivery that
-    /// finds the task finished with one pending publishes it.
-    Failure {
-        root_cause: String,
-        dead_letter: bool,
-    },
-    /// The attempt stopped because an operator cancelled the task.
-    Revoked {
-        root_cause: String,
-    },
-}
-
-impl Transition {
-    pub fn target(&self) -> TaskState {
-        match self {
-            Self::Retry { .. } => TaskState::Retry,
-            Self::Success { .. } => TaskState::Success,
-            Self::Failure { .. } => TaskState::Failure,
-            Self::Revoked { .. } => TaskState::Revoked,
-        }
-    }
-}
-
-/// What an attempt recording an outcome holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Holding {
-    /// The attempt's lease: it ran, from `started_at`, started `deliveries` times.
-    Lease {
-        started_at: DateTime,
-        deliveries: u32,
-    },
-    /// Nothing, and it did not run here; `deliveries`: starts of the attempt seen on its lease
-    /// (a poison message's), 0 when none.
-    Nothing { deliveries: u32 },
-}
 
 /// `$set` fields of an outcome reported by a Celery worker's event (tasks Python runs are
 /// recorded on their `Tasks` document).

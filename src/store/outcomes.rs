@@ -22,18 +22,84 @@ use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::attempts::{Holding, Transition};
 use super::batch::{Write, WriteOp};
+use super::shape::to_bson;
 use super::task_leases::{lease_id, Attempt};
-use super::tasks::{to_bson, DeadLetterState, PublishState, TaskDocument};
 use super::StoreError;
-use crate::domain::{TaskId, TaskState};
+use crate::domain::TaskState;
 
 pub const COLLECTION: &str = super::task_leases::COLLECTION;
 
 /// The `_id` of attempt `retries`'s outcome.
 pub fn outcome_id(task_id: &str, retries: u32) -> String {
     format!("{}/outcome", lease_id(task_id, retries))
+}
+
+/// Whether a dead letter owed for a failed task has been published (`dead_letter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterState {
+    /// Owed and not yet confirmed: a redelivery that finds the task finished publishes it.
+    Pending,
+    /// The broker confirmed it.
+    Sent,
+}
+
+impl DeadLetterState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+        }
+    }
+}
+
+/// An outcome to record for an attempt.
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// The attempt failed and another will follow: its message is confirmed, or — `owed` — its
+    /// publish is in doubt and the outbox sends it (`publish_state: pending`).
+    Retry {
+        root_cause: String,
+        owed: bool,
+    },
+    Success {
+        result: Value,
+    },
+    /// `dead_letter`: a dead letter is owed for this task and not yet confirmed; a redelivery that
+    /// finds the task finished with one pending publishes it.
+    Failure {
+        root_cause: String,
+        dead_letter: bool,
+    },
+    /// The attempt stopped because an operator cancelled the task.
+    Revoked {
+        root_cause: String,
+    },
+}
+
+impl Transition {
+    pub fn target(&self) -> TaskState {
+        match self {
+            Self::Retry { .. } => TaskState::Retry,
+            Self::Success { .. } => TaskState::Success,
+            Self::Failure { .. } => TaskState::Failure,
+            Self::Revoked { .. } => TaskState::Revoked,
+        }
+    }
+}
+
+/// What an attempt recording an outcome holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// The attempt's lease: it ran, from `started_at`, started `deliveries` times.
+    Lease {
+        started_at: DateTime,
+        deliveries: u32,
+    },
+    /// Nothing, and it did not run here; `deliveries`: starts of the attempt seen on its lease
+    /// (a poison message's), 0 when none.
+    Nothing { deliveries: u32 },
 }
 
 /// What a task no `Tasks` document records (a Celery client's) was sent with, kept on its
@@ -165,54 +231,6 @@ pub(crate) fn outcome_document(
         );
     }
     Ok(outcome)
-}
-
-/// Lays `outcome` over `task` when it is the latest word on it: an outcome of the attempt the
-/// document waits for or of a later one. A document an operator moved past it (a rerun, a cancel
-/// of the next attempt) keeps its own word.
-pub(crate) fn compose(task: &mut TaskDocument, outcome: &Outcome) {
-    if outcome.retries < task.retries {
-        return;
-    }
-    task.state = outcome.state;
-    task.retries = outcome.attempt_after();
-    task.updated_at = outcome.at;
-    task.worker = outcome.worker.clone();
-    task.attempt_token = Some(outcome.token.clone());
-    task.deliveries = outcome.deliveries;
-    task.lease_until = None;
-    if let Some(started) = outcome.started_at {
-        task.started_at = Some(started);
-    }
-    task.root_cause = outcome.root_cause.clone().or(task.root_cause.take());
-    task.publish_state = Some(if outcome.owed {
-        PublishState::Pending
-    } else {
-        PublishState::Confirmed
-    });
-    if outcome.state.is_final() {
-        task.finished_at = Some(outcome.at);
-        task.result = outcome.result.clone();
-        task.dead_letter = outcome.dead_letter;
-    } else {
-        task.finished_at = None;
-    }
-}
-
-/// A task known only by its outcome (a Celery client's: no `Tasks` document).
-pub(crate) fn from_outcome(outcome: &Outcome) -> TaskDocument {
-    let id = TaskId::stored(outcome.task_id.clone());
-    let mut task = TaskDocument::pending(&id, &outcome.task_name, "");
-    if let Some(sent) = &outcome.sent {
-        task.args = sent.args.clone();
-        task.kwargs = sent.kwargs.clone();
-        task.route = sent.route.clone();
-        task.priority = crate::domain::Priority::new(i64::from(sent.priority)).unwrap_or_default();
-    }
-    task.created_at = outcome.started_at.unwrap_or(outcome.at);
-    task.retries = 0;
-    compose(&mut task, outcome);
-    task
 }
 
 /// Repository of the attempts' outcomes (in `TaskLeases`).
@@ -435,58 +453,5 @@ impl OutcomeRepository {
             )
             .await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn outcome(retries: u32, state: TaskState) -> Outcome {
-        Outcome {
-            id: format!("t:{retries}"),
-            task_id: "t".into(),
-            task_name: "n".into(),
-            retries,
-            state,
-            at: DateTime::now(),
-            token: "tok".into(),
-            worker: Some("host:1".into()),
-            started_at: Some(DateTime::now()),
-            deliveries: 1,
-            result: Some(serde_json::json!(3)),
-            root_cause: None,
-            dead_letter: None,
-            owed: false,
-            sent: None,
-            superseded: false,
-        }
-    }
-
-    #[test]
-    fn the_outcome_of_the_awaited_attempt_decides_and_a_retry_moves_to_the_next() {
-        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
-        compose(&mut task, &outcome(0, TaskState::Success));
-        assert_eq!(task.state, TaskState::Success);
-        assert_eq!(task.result, Some(serde_json::json!(3)));
-        assert!(task.finished_at.is_some());
-
-        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
-        compose(&mut task, &outcome(0, TaskState::Retry));
-        assert_eq!((task.state, task.retries), (TaskState::Retry, 1));
-        assert_eq!(task.finished_at, None);
-    }
-
-    #[test]
-    fn an_operator_who_moved_the_task_past_an_outcome_keeps_the_word() {
-        // Rerun after a failure of attempt 0: the document waits for attempt 1.
-        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
-        task.state = TaskState::Retry;
-        task.retries = 1;
-        compose(&mut task, &outcome(0, TaskState::Failure));
-        assert_eq!((task.state, task.retries), (TaskState::Retry, 1));
-        // Its outcome decides again.
-        compose(&mut task, &outcome(1, TaskState::Success));
-        assert_eq!((task.state, task.retries), (TaskState::Success, 1));
     }
 }

@@ -58,3 +58,12 @@ pub mod time {
         }
     }
 }
+
+pub(crate) fn to_bson(value: &serde_json::Value) -> Result<mongodb::bson::Bson, super::StoreError> {
+    mongodb::bson::to_bson(value).map_err(|e| {
+        super::StoreError::Rejected(crate::cause::Cause::context(
+            "the value cannot be stored in BSON",
+            e,
+        ))
+    })
+}

@@ -5,13 +5,15 @@
 
 use std::time::Duration;
 
-use mongodb::bson::{self, doc, Bson, DateTime, Document};
+use mongodb::bson::{self, doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::batch::{Write, WriteOp};
+pub use super::outcomes::DeadLetterState;
+pub(crate) use super::shape::to_bson;
 pub use super::task_leases::OperatorRequest;
 use super::StoreError;
 use crate::cause::Cause;
@@ -38,25 +40,6 @@ impl PublishState {
         match self {
             Self::Pending => "pending",
             Self::Confirmed => "confirmed",
-        }
-    }
-}
-
-/// Whether a dead letter owed for a failed task has been published (`dead_letter`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeadLetterState {
-    /// Owed and not yet confirmed: a redelivery that finds the task finished publishes it.
-    Pending,
-    /// The broker confirmed it.
-    Sent,
-}
-
-impl DeadLetterState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Sent => "sent",
         }
     }
 }
@@ -505,14 +488,10 @@ impl TaskRepository {
     }
 }
 
-pub(crate) fn to_bson(value: &Value) -> Result<Bson, StoreError> {
-    bson::to_bson(value)
-        .map_err(|e| StoreError::Rejected(Cause::context("the value cannot be stored in BSON", e)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mongodb::bson::Bson;
 
     #[test]
     fn states_are_stored_as_the_filters_write_them() {

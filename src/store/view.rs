@@ -12,7 +12,8 @@
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, DateTime};
 
-use super::outcomes::{compose, from_outcome, Outcome};
+use super::outcomes::Outcome;
+use super::tasks::PublishState;
 
 use super::search::{Cursor, Search, MAX_PAGE};
 use super::task_leases::AttemptLease;
@@ -65,6 +66,54 @@ fn composed(
     }
     tasks.extend(latest.values().map(from_outcome));
     tasks
+}
+
+/// Lays `outcome` over `task` when it is the latest word on it: an outcome of the attempt the
+/// document waits for or of a later one. A document an operator moved past it (a rerun, a cancel
+/// of the next attempt) keeps its own word.
+pub(crate) fn compose(task: &mut TaskDocument, outcome: &Outcome) {
+    if outcome.retries < task.retries {
+        return;
+    }
+    task.state = outcome.state;
+    task.retries = outcome.attempt_after();
+    task.updated_at = outcome.at;
+    task.worker = outcome.worker.clone();
+    task.attempt_token = Some(outcome.token.clone());
+    task.deliveries = outcome.deliveries;
+    task.lease_until = None;
+    if let Some(started) = outcome.started_at {
+        task.started_at = Some(started);
+    }
+    task.root_cause = outcome.root_cause.clone().or(task.root_cause.take());
+    task.publish_state = Some(if outcome.owed {
+        PublishState::Pending
+    } else {
+        PublishState::Confirmed
+    });
+    if outcome.state.is_final() {
+        task.finished_at = Some(outcome.at);
+        task.result = outcome.result.clone();
+        task.dead_letter = outcome.dead_letter;
+    } else {
+        task.finished_at = None;
+    }
+}
+
+/// A task known only by its outcome (a Celery client's: no `Tasks` document).
+pub(crate) fn from_outcome(outcome: &Outcome) -> TaskDocument {
+    let id = TaskId::stored(outcome.task_id.clone());
+    let mut task = TaskDocument::pending(&id, &outcome.task_name, "");
+    if let Some(sent) = &outcome.sent {
+        task.args = sent.args.clone();
+        task.kwargs = sent.kwargs.clone();
+        task.route = sent.route.clone();
+        task.priority = crate::domain::Priority::new(i64::from(sent.priority)).unwrap_or_default();
+    }
+    task.created_at = outcome.started_at.unwrap_or(outcome.at);
+    task.retries = 0;
+    compose(&mut task, outcome);
+    task
 }
 
 /// A task known only by its running attempt's lease.
@@ -287,5 +336,53 @@ mod tests {
         task.state = TaskState::Success;
         overlay(&mut task, &lease(0));
         assert_eq!(task.state, TaskState::Success);
+    }
+
+    fn outcome(retries: u32, state: TaskState) -> Outcome {
+        Outcome {
+            id: format!("t:{retries}"),
+            task_id: "t".into(),
+            task_name: "n".into(),
+            retries,
+            state,
+            at: DateTime::now(),
+            token: "tok".into(),
+            worker: Some("host:1".into()),
+            started_at: Some(DateTime::now()),
+            deliveries: 1,
+            result: Some(serde_json::json!(3)),
+            root_cause: None,
+            dead_letter: None,
+            owed: false,
+            sent: None,
+            superseded: false,
+        }
+    }
+
+    #[test]
+    fn the_outcome_of_the_awaited_attempt_decides_and_a_retry_moves_to_the_next() {
+        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
+        compose(&mut task, &outcome(0, TaskState::Success));
+        assert_eq!(task.state, TaskState::Success);
+        assert_eq!(task.result, Some(serde_json::json!(3)));
+        assert!(task.finished_at.is_some());
+
+        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
+        compose(&mut task, &outcome(0, TaskState::Retry));
+        assert_eq!((task.state, task.retries), (TaskState::Retry, 1));
+        assert_eq!(task.finished_at, None);
+    }
+
+    #[test]
+    fn an_operator_who_moved_the_task_past_an_outcome_keeps_the_word() {
+        // Rerun after a failure of attempt 0: the document waits for attempt 1.
+        let mut task = TaskDocument::pending(&TaskId::generate(), "n", "default");
+        task.state = TaskState::Retry;
+        task.retries = 1;
+        compose(&mut task, &outcome(0, TaskState::Failure));
+        assert_eq!((task.state, task.retries), (TaskState::Retry, 1));
+        // Its outcome decides again.
+        compose(&mut task, &outcome(1, TaskState::Success));
+        assert_eq!((task.state, task.retries), (TaskState::Success, 1));
     }
 }

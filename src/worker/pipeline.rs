@@ -540,11 +540,11 @@ impl Looked {
             self.outcome.map(mongodb::bson::from_document).transpose()?;
         Ok(match (task, outcome) {
             (Some(mut task), Some(outcome)) => {
-                crate::store::outcomes::compose(&mut task, &outcome);
+                crate::store::view::compose(&mut task, &outcome);
                 Some(task)
             }
             (Some(task), None) => Some(task),
-            (None, Some(outcome)) => Some(crate::store::outcomes::from_outcome(&outcome)),
+            (None, Some(outcome)) => Some(crate::store::view::from_outcome(&outcome)),
             (None, None) => None,
         })
     }
