@@ -11,7 +11,7 @@
 //! index leaves the claims as cheap as an `_id`-only insert.
 //!
 //! `Tasks` keeps what was submitted and what operators did (a rerun, a cancel of a waiting task, a
-//! refused submission); [`compose`] lays the latest outcome over it, and every reader goes through
+//! refused submission); the read model (`store/view.rs`) lays the latest outcome over it, and every reader goes through
 //! that (see [`TaskRepository::get`](super::TaskRepository)).
 
 use std::collections::HashMap;
