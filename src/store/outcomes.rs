@@ -302,39 +302,23 @@ impl OutcomeRepository {
             .await?)
     }
 
-    /// The latest outcome of each of `ids` that has one: one query, ranges of `_id`.
-    pub async fn latest_of(&self, ids: &[&str]) -> Result<HashMap<String, Outcome>, StoreError> {
-        let mut latest: HashMap<String, Outcome> = HashMap::new();
-        for chunk in ids.chunks(200) {
-            let ranges: Vec<Document> = chunk
-                .iter()
-                .map(|id| {
-                    doc! {
-                        "_id": {"$gt": format!("{id}:"), "$lt": format!("{id};")},
-                        "state": {"$exists": true},
-                    }
-                })
-                .collect();
-            let filter = match ranges.len() {
-                0 => continue,
-                1 => ranges.into_iter().next().unwrap_or_default(),
-                _ => doc! {"$or": ranges},
-            };
-            let found: Vec<Outcome> = self.collection.find(filter).await?.try_collect().await?;
-            for outcome in found {
-                // A range of `a:` also holds the outcomes of task `a:b`.
-                if outcome.superseded || !chunk.contains(&outcome.task_id.as_str()) {
-                    continue;
-                }
-                match latest.get(&outcome.task_id) {
-                    Some(kept) if kept.retries >= outcome.retries => {}
-                    _ => {
-                        latest.insert(outcome.task_id.clone(), outcome);
-                    }
-                }
-            }
-        }
-        Ok(latest)
+    /// The latest outcome of task `id`: one query, a range of `_id` (for one task; lists use
+    /// [`OutcomeRepository::latest_from`]).
+    pub async fn latest(&self, id: &str) -> Result<Option<Outcome>, StoreError> {
+        let found: Vec<Outcome> = self
+            .collection
+            .find(doc! {
+                "_id": {"$gt": format!("{id}:"), "$lt": format!("{id};")},
+                "state": {"$exists": true},
+            })
+            .await?
+            .try_collect()
+            .await?;
+        // The range of `a:` also holds the outcomes of task `a:b`.
+        Ok(found
+            .into_iter()
+            .filter(|o| !o.superseded && o.task_id == id)
+            .max_by_key(|o| o.retries))
     }
 
     /// The latest outcome of each task of `from` (task id, the attempt its document waits for,

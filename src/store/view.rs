@@ -58,14 +58,28 @@ fn composed(
     mut latest: std::collections::HashMap<String, Outcome>,
 ) -> Vec<TaskDocument> {
     let mut tasks = Vec::with_capacity(documents.len() + latest.len());
-    for mut task in documents {
-        if let Some(outcome) = latest.remove(task.id.as_str()) {
-            compose(&mut task, &outcome);
-        }
-        tasks.push(task);
+    for task in documents {
+        let outcome = latest.remove(task.id.as_str());
+        tasks.extend(compose_one(Some(task), outcome.as_ref()));
     }
     tasks.extend(latest.values().map(from_outcome));
     tasks
+}
+
+/// A task as its document (if any) and its latest outcome (if any) say, the running attempt
+/// aside; `None` when neither is recorded.
+pub(crate) fn compose_one(
+    task: Option<TaskDocument>,
+    outcome: Option<&Outcome>,
+) -> Option<TaskDocument> {
+    match (task, outcome) {
+        (Some(mut task), Some(outcome)) => {
+            compose(&mut task, outcome);
+            Some(task)
+        }
+        (task, None) => task,
+        (None, Some(outcome)) => Some(from_outcome(outcome)),
+    }
 }
 
 /// Lays `outcome` over `task` when it is the latest word on it: an outcome of the attempt the
@@ -150,9 +164,8 @@ impl TaskRepository {
     /// use [`TaskRepository::get`]).
     #[tracing::instrument(name = "store.tasks.stored", skip(self))]
     pub async fn stored(&self, id: &str) -> Result<Option<TaskDocument>, StoreError> {
-        let ids = [id];
-        let (task, latest) = tokio::try_join!(self.document(id), self.outcomes.latest_of(&ids))?;
-        Ok(composed(task.into_iter().collect(), latest).pop())
+        let (task, latest) = tokio::try_join!(self.document(id), self.outcomes.latest(id))?;
+        Ok(compose_one(task, latest.as_ref()))
     }
 
     /// [`TaskRepository::stored`] of many tasks: two queries (missing ones left out).

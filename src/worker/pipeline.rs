@@ -538,14 +538,6 @@ impl Looked {
         let task: Option<TaskDocument> = self.task.map(mongodb::bson::from_document).transpose()?;
         let outcome: Option<crate::store::outcomes::Outcome> =
             self.outcome.map(mongodb::bson::from_document).transpose()?;
-        Ok(match (task, outcome) {
-            (Some(mut task), Some(outcome)) => {
-                crate::store::view::compose(&mut task, &outcome);
-                Some(task)
-            }
-            (Some(task), None) => Some(task),
-            (None, Some(outcome)) => Some(crate::store::view::from_outcome(&outcome)),
-            (None, None) => None,
-        })
+        Ok(crate::store::view::compose_one(task, outcome.as_ref()))
     }
 }

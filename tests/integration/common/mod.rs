@@ -553,32 +553,26 @@ impl TestEnv {
     /// Messages ready in `queue`, as the broker reports them.
     /// How many consumers `queue` has.
     pub async fn consumer_count(&self, queue: String) -> Option<u32> {
-        let url = self.settings.broker.url.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut connection = kobe::amqp::connect(&url, Duration::from_secs(5)).ok()?;
-            let channel = connection.open_channel(None).ok()?;
-            let consumers = channel
-                .queue_declare_passive(queue)
-                .ok()?
-                .declared_consumer_count();
-            let _ = connection.close();
-            consumers
-        })
-        .await
-        .ok()?
+        self.declared(queue, |q| q.declared_consumer_count()).await
     }
 
     pub async fn queue_depth(&self, queue: String) -> Option<u32> {
+        self.declared(queue, |q| q.declared_message_count()).await
+    }
+
+    /// What a passive declare of `queue` says, read by `read`.
+    async fn declared(
+        &self,
+        queue: String,
+        read: fn(&amiquip::Queue) -> Option<u32>,
+    ) -> Option<u32> {
         let url = self.settings.broker.url.clone();
         tokio::task::spawn_blocking(move || {
             let mut connection = kobe::amqp::connect(&url, Duration::from_secs(5)).ok()?;
             let channel = connection.open_channel(None).ok()?;
-            let depth = channel
-                .queue_declare_passive(queue)
-                .ok()?
-                .declared_message_count();
+            let value = read(&channel.queue_declare_passive(queue).ok()?);
             let _ = connection.close();
-            depth
+            value
         })
         .await
         .ok()?
